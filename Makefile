@@ -1,0 +1,47 @@
+# The single entry point for people and CI. Everything installs into .venv; nothing by hand.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+.PHONY: install run test test-unit test-integration lint format bench clean dev-down
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## make run: local Kafka + Postgres, migrate, a demo stream through the usage consumer, a summary.
+run: install
+	$(BIN)/llm-usage demo
+
+## make test: unit and integration tests against a real Kafka broker and a real PostgreSQL.
+test: install
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-integration: install
+	$(PY) -m pytest tests/integration
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/llm-usage bench ingest --events 200000 --dup-rate 0.1
+
+dev-down: install
+	$(BIN)/llm-usage dev down
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,56 @@
+"""Creating and starting aiokafka clients, with one clear line when Kafka is not there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from llm_usage.errors import MissingTopicError, ServiceUnreachableError
+from llm_usage.settings import Settings
+
+
+def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKafkaConsumer:
+    """A group member that commits by hand and starts from the earliest retained event."""
+    return AIOKafkaConsumer(
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_batch,
+        # A big fetch keeps a replica busy between round trips; records stay bounded by max_batch.
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        **settings.kafka_client_options(),
+    )
+
+
+def new_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all): a retried send never writes a record twice."""
+    options: dict[str, Any] = {"enable_idempotence": True, "acks": "all", "linger_ms": 5}
+    options.update(overrides)
+    return AIOKafkaProducer(**settings.kafka_client_options(), **options)
+
+
+async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, settings: Settings) -> None:
+    """Start `client`, turning "no broker answers" into a person-fixable error."""
+    try:
+        await client.start()
+    except (KafkaConnectionError, KafkaError, OSError) as error:
+        await client.stop()
+        raise ServiceUnreachableError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({error}); "
+            "start it (`llm-usage dev up`) or set KAFKA_BOOTSTRAP_SERVERS"
+        ) from None
+
+
+async def require_topics(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> None:
+    """Fail at once for a topic that does not exist, instead of waiting for it forever."""
+    existing = await consumer.topics()
+    missing = sorted(set(topics) - set(existing))
+    if missing:
+        raise MissingTopicError(
+            f"topic {', '.join(missing)} does not exist on the broker; "
+            "create it with `llm-usage topics ensure` (or fix USAGE_TOPIC / DLQ_TOPIC)"
+        )

@@ -1,0 +1,90 @@
+"""Pure decisions of the usage consumer: decode a batch, then settle it against what was stored."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiokafka.structs import ConsumerRecord
+
+from consumers.runtime.dead_letters import DeadLetter
+from consumers.runtime.loop import BatchOutcome
+from schemas.dead_letter import DeadLetterReason, Rejection
+from schemas.decoding import decode_usage_event
+from schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
+
+Record = ConsumerRecord[bytes, bytes]
+
+
+@dataclass
+class DecodedBatch:
+    """A batch after decoding: valid events grouped by id (first seen first), and the rejects."""
+
+    occurrences: dict[str, list[tuple[Record, UsageEvent]]] = field(default_factory=dict)
+    rejected: list[DeadLetter] = field(default_factory=list)
+
+    def first_occurrences(self) -> list[UsageEvent]:
+        """One event per id: the one to try to insert."""
+        return [found[0][1] for found in self.occurrences.values()]
+
+
+def decode_batch(records: Sequence[Record], *, now: datetime) -> DecodedBatch:
+    """Decode every record; a record that breaks a rule becomes a dead letter, never an error."""
+    batch = DecodedBatch()
+    for record in records:
+        decoded = decode_usage_event(record.value, now=now)
+        if isinstance(decoded, Rejection):
+            batch.rejected.append(DeadLetter(record, decoded.reason, decoded.detail))
+        else:
+            batch.occurrences.setdefault(decoded.gateway_request_id, []).append((record, decoded))
+    return batch
+
+
+def conflict_view(event: UsageEvent) -> dict[str, Any]:
+    """The fields of `event` that must match the stored row for it to be a plain duplicate."""
+    return {name: getattr(event, name) for name in CONFLICT_FIELDS}
+
+
+def settle_batch(
+    batch: DecodedBatch,
+    *,
+    inserted: set[str],
+    stored: Mapping[str, Mapping[str, Any]],
+) -> BatchOutcome:
+    """Classify every occurrence once the database has answered.
+
+    For each id the truth is what is stored: the batch's first occurrence if it was inserted now,
+    otherwise the row stored before. Every other occurrence is a duplicate when it agrees with the
+    truth and a conflicting duplicate (dead-lettered, never written) when it does not.
+    """
+    counts: Counter[str] = Counter()
+    dead_letters = list(batch.rejected)
+    counts["dead_lettered"] += len(batch.rejected)
+    for gateway_request_id, found in batch.occurrences.items():
+        if gateway_request_id in inserted:
+            counts["recorded"] += 1
+            truth: Mapping[str, Any] = conflict_view(found[0][1])
+            others = found[1:]
+        else:
+            if gateway_request_id not in stored:
+                raise LookupError(
+                    f"{gateway_request_id!r} was neither inserted nor found stored; "
+                    "was it deleted while the batch was written?"
+                )
+            truth = stored[gateway_request_id]
+            others = found
+        for record, event in others:
+            differing = conflicting_fields(truth, conflict_view(event))
+            if not differing:
+                counts["duplicate"] += 1
+                continue
+            counts["conflict"] += 1
+            detail = (
+                f"gateway_request_id {gateway_request_id!r} is already stored with a different "
+                + ", ".join(differing)
+            )
+            dead_letters.append(DeadLetter(record, DeadLetterReason.CONFLICTING_DUPLICATE, detail))
+    return BatchOutcome(counts, dead_letters)

@@ -1,0 +1,5 @@
+"""`python -m llm_usage` is the same as the `llm-usage` command."""
+
+from llm_usage.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""`llm-usage`: the one entry point. Person-fixable errors end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from llm_usage.errors import UserFacingError
+from llm_usage.logs import configure_logging
+from llm_usage.settings import Settings, load_settings
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-usage",
+        description="LLM usage pipeline: exactly-once usage ingestion from Kafka into Postgres.",
+        epilog="Configuration comes from environment variables; see README.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("migrate", help="apply database migrations (safe to run twice)")
+
+    consume = commands.add_parser("consume", help="run a consumer until SIGTERM/SIGINT")
+    consume.add_argument("worker", choices=["usage"], help="which consumer to run")
+    consume.add_argument(
+        "--exit-when-idle",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="stop once at the end of every held partition for this long",
+    )
+
+    topics = commands.add_parser("topics", help="manage the pipeline's Kafka topics")
+    topics_commands = topics.add_subparsers(dest="topics_command", required=True)
+    ensure = topics_commands.add_parser("ensure", help="create missing topics, grow small ones")
+    ensure.add_argument("--partitions", type=_positive_int, default=6)
+    ensure.add_argument(
+        "--replication-factor",
+        type=_positive_int,
+        help="default: min(3, number of brokers)",
+    )
+
+    dev = commands.add_parser("dev", help="a local Kafka and PostgreSQL for development")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True)
+    up = dev_commands.add_parser("up", help="start them (idempotent), create topics, migrate")
+    up.add_argument("--kafka-port", type=_positive_int, default=9092)
+    up.add_argument("--partitions", type=_positive_int, default=6)
+    dev_commands.add_parser("down", help="stop them")
+    dev_commands.add_parser("env", help="print the export lines that reach them")
+
+    commands.add_parser("demo", help="run a short demo stream through the pipeline (make run)")
+
+    bench = commands.add_parser("bench", help="measure throughput against baselines")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    ingest = bench_commands.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
+    ingest.add_argument("--events", type=_positive_int, default=200_000)
+    ingest.add_argument("--dup-rate", type=_fraction, default=0.1)
+    ingest.add_argument(
+        "--naive-events",
+        type=_positive_int,
+        default=5_000,
+        help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
+    )
+    return parser
+
+
+async def _migrate(settings: Settings) -> None:
+    from storage.migrate import migrate
+    from storage.pool import create_pool
+
+    pool = await create_pool(settings.database_url, size=1)
+    try:
+        async with pool.acquire() as connection:
+            applied = await migrate(connection)
+    finally:
+        await pool.close()
+    print(f"applied {', '.join(applied)}" if applied else "database is up to date")
+
+
+async def _topics_ensure(settings: Settings, args: argparse.Namespace) -> None:
+    from deploy.topics import ensure_topics, pipeline_topics
+
+    states = await ensure_topics(
+        settings,
+        pipeline_topics(settings),
+        partitions=args.partitions,
+        replication_factor=args.replication_factor,
+    )
+    for state in states:
+        verb = "created" if state.created else "exists"
+        print(f"{state.name}: {verb}, {state.partitions} partitions")
+
+
+def _dev(args: argparse.Namespace) -> None:
+    from llm_usage import dev
+
+    if args.dev_command == "up":
+        environment = dev.dev_up(kafka_port=args.kafka_port)
+        settings = load_settings(
+            kafka_bootstrap_servers=environment.kafka_bootstrap_servers,
+            database_url=environment.database_url,
+        )
+        asyncio.run(_migrate(settings))
+        asyncio.run(
+            _topics_ensure(
+                settings, argparse.Namespace(partitions=args.partitions, replication_factor=None)
+            )
+        )
+        print("local Kafka and PostgreSQL are up; to reach them:")
+        print(environment.export_lines())
+        print('eval "$(llm-usage dev env)"   # in your shell, then e.g. llm-usage consume usage')
+    elif args.dev_command == "down":
+        dev.dev_down()
+        print("local Kafka and PostgreSQL are stopped")
+    else:
+        print(dev.dev_env().export_lines())
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the command, and return the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "dev":
+            configure_logging(log_format="console", level="WARNING")
+            _dev(args)
+            return 0
+        settings = load_settings()
+        configure_logging(log_format=settings.log_format, level=settings.log_level)
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        elif args.command == "consume":
+            from consumers.usage import run_usage_consumer
+
+            asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
+        elif args.command == "topics":
+            asyncio.run(_topics_ensure(settings, args))
+        elif args.command == "demo":
+            from llm_usage.demo import run_demo
+
+            run_demo()
+        elif args.command == "bench":
+            from llm_usage.bench import run_ingest_benchmark
+
+            asyncio.run(
+                run_ingest_benchmark(
+                    events=args.events,
+                    dup_rate=args.dup_rate,
+                    naive_events=args.naive_events,
+                )
+            )
+    except UserFacingError as error:
+        print(f"llm-usage: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,79 @@
+"""Configuration, read once from the environment (names and defaults from the contract)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+from aiokafka.helpers import create_ssl_context
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llm_usage.errors import ConfigurationError
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+
+def _default_log_format() -> Literal["json", "console"]:
+    return "console" if sys.stderr.isatty() else "json"
+
+
+class Settings(BaseSettings):
+    """Everything a worker needs to reach Kafka and PostgreSQL, plus tuning knobs."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    database_url: str = "postgresql://localhost/llm_usage"
+
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None
+
+    usage_topic: str = Field(default="llm_usage_recorded", min_length=1)
+    alerts_topic: str = Field(default="llm_budget_alerts", min_length=1)
+    dlq_topic: str = Field(default="llm_usage_recorded.dlq", min_length=1)
+
+    usage_group_id: str = Field(default="llm-usage-ingest", min_length=1)
+
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Tuning. Defaults suit a few thousand events a second per replica.
+    consumer_max_batch: int = Field(default=5000, ge=1, le=100_000)
+    consumer_poll_timeout_ms: int = Field(default=500, ge=10)
+    # Retries of one batch stop well before max_poll_interval_ms (300 s) so the member is never
+    # evicted; the batch is then fetched again from its first offset.
+    batch_retry_seconds: float = Field(default=60.0, gt=0, le=240)
+    database_pool_size: int = Field(default=4, ge=1, le=100)
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka client we create."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return options
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; a bad value ends in one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        variable = "_".join(str(part) for part in first["loc"]).upper() or "configuration"
+        raise ConfigurationError(
+            f"{variable}: {first['msg']} (got {first.get('input')!r}); "
+            f"fix the environment variable {variable} and try again"
+        ) from None

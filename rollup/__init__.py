@@ -1,0 +1,1 @@
+"""Monthly invoice lines from stored usage (built in its own issue)."""

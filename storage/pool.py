@@ -1,0 +1,49 @@
+"""The asyncpg pool every worker shares, and the one clear line when it cannot be had."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from llm_usage.errors import ServiceUnreachableError
+
+# Errors that mean "the database is not there (yet)", as opposed to "your query is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable host, missing unix socket
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08: the connection broke
+    asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    TimeoutError,
+)
+
+
+async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
+    """Open a pool of `size` connections; an unreachable database is a person-fixable error."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, timeout=10)
+    except asyncpg.exceptions.InvalidCatalogNameError as error:
+        raise ServiceUnreachableError(
+            f"database does not exist ({error}); create it or fix DATABASE_URL"
+        ) from None
+    except asyncpg.exceptions.InvalidAuthorizationSpecificationError as error:
+        raise ServiceUnreachableError(
+            f"database refused the login ({error}); fix the user or password in DATABASE_URL"
+        ) from None
+    except (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as error:
+        raise ServiceUnreachableError(
+            f"cannot reach PostgreSQL at {_redacted(dsn)} ({error or type(error).__name__}); "
+            "start it (`llm-usage dev up`) or point DATABASE_URL at a running server"
+        ) from None
+    if pool is None:  # asyncpg types the result as optional
+        raise ServiceUnreachableError(f"cannot open a pool to {_redacted(dsn)}")
+    return pool
+
+
+def _redacted(dsn: str) -> str:
+    """The DSN without its password, for error messages."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{location}"

@@ -1,0 +1,87 @@
+"""Writing usage events to `llm_usage_events`: one statement per batch, duplicates untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from schemas.usage_event import CONFLICT_FIELDS, UsageEvent
+
+# Column name → PostgreSQL type, in table order; `received_at` is filled in by the database.
+USAGE_EVENT_COLUMNS: Mapping[str, str] = {
+    "gateway_request_id": "text",
+    "tenant_id": "text",
+    "deployment_id": "text",
+    "user_id": "text",
+    "agent_id": "text",
+    "channel": "text",
+    "feature": "text",
+    "provider": "text",
+    "model": "text",
+    "request_kind": "text",
+    "input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cached_input_tokens": "bigint",
+    "reasoning_tokens": "bigint",
+    "total_tokens": "bigint",
+    "upstream_cost_usd": "numeric",
+    "customer_charge_usd": "numeric",
+    "customer_charge_cents": "bigint",
+    "markup_mode": "text",
+    "occurred_at": "timestamptz",
+}
+
+_COLUMN_LIST = ", ".join(USAGE_EVENT_COLUMNS)
+_UNNEST_ARGS = ", ".join(
+    f"${position}::{pg_type}[]" for position, pg_type in enumerate(USAGE_EVENT_COLUMNS.values(), 1)
+)
+# One round trip for the whole batch: arrays in, the ids that were new out.
+_INSERT_NEW = f"""
+    INSERT INTO llm_usage_events ({_COLUMN_LIST})
+    SELECT * FROM unnest({_UNNEST_ARGS})
+    ON CONFLICT (gateway_request_id) DO NOTHING
+    RETURNING gateway_request_id
+"""
+_SELECT_STORED = f"""
+    SELECT gateway_request_id, {", ".join(CONFLICT_FIELDS)}
+    FROM llm_usage_events
+    WHERE gateway_request_id = ANY($1::text[])
+"""
+
+
+def usage_event_row(event: UsageEvent) -> tuple[Any, ...]:
+    """The event's values in `USAGE_EVENT_COLUMNS` order."""
+    return tuple(getattr(event, column) for column in USAGE_EVENT_COLUMNS)
+
+
+async def insert_new_usage_events(
+    connection: asyncpg.Connection, events: Sequence[UsageEvent]
+) -> set[str]:
+    """Insert the events whose `gateway_request_id` is not stored yet; return the ids inserted.
+
+    Ids must be unique within `events`. A stored row is never touched. When another transaction
+    is inserting the same id, PostgreSQL waits for it, so an id not returned here is committed.
+    """
+    if not events:
+        return set()
+    columns = [list(values) for values in zip(*map(usage_event_row, events), strict=True)]
+    rows = await connection.fetch(_INSERT_NEW, *columns)
+    return {row["gateway_request_id"] for row in rows}
+
+
+async def stored_conflict_fields(
+    connection: asyncpg.Connection, gateway_request_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """For stored ids, the fields that tell a duplicate from a conflicting one."""
+    if not gateway_request_ids:
+        return {}
+    rows = await connection.fetch(_SELECT_STORED, list(gateway_request_ids))
+    return {row["gateway_request_id"]: {f: row[f] for f in CONFLICT_FIELDS} for row in rows}
+
+
+async def usage_table_exists(connection: asyncpg.Connection) -> bool:
+    """True when the migrations that create `llm_usage_events` have run."""
+    found = await connection.fetchval("SELECT to_regclass('llm_usage_events') IS NOT NULL")
+    return bool(found)

@@ -1,0 +1,252 @@
+"""Helpers for integration tests: unique topics, producing events, reading the DLQ and the table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from deploy.topics import ensure_topics
+from llm_usage.settings import Settings
+
+
+class RestartablePostgres(Protocol):
+    """What the session's `postgres` fixture offers to tests that restart the database."""
+
+    can_restart: bool
+
+    def restart(self) -> None: ...
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def usage_event(tenant_id: str, **fields: Any) -> dict[str, Any]:
+    """A valid v1 usage event for `tenant_id`; `fields` override or add to it."""
+    event: dict[str, Any] = {
+        "event_type": "llm_usage_recorded",
+        "schema_version": 1,
+        "gateway_request_id": unique("req"),
+        "tenant_id": tenant_id,
+        "deployment_id": "dep-1",
+        "user_id": "user-1",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "input_tokens": 1200,
+        "output_tokens": 300,
+        "customer_charge_usd": "0.0054",
+        "customer_charge_cents": 1,
+        "markup_mode": "flat_percent",
+        "occurred_at": "2026-11-14T09:12:03.120Z",
+    }
+    event.update(fields)
+    return event
+
+
+def encode(event: Mapping[str, Any]) -> bytes:
+    return json.dumps(event).encode()
+
+
+@dataclass(frozen=True)
+class PipelineTopics:
+    """One test's own topics and consumer group, and Settings that point at them."""
+
+    settings: Settings
+
+    @property
+    def usage(self) -> str:
+        return self.settings.usage_topic
+
+    @property
+    def dlq(self) -> str:
+        return self.settings.dlq_topic
+
+    def environment(self) -> dict[str, str]:
+        """Environment for a `llm-usage` subprocess that uses these topics."""
+        s = self.settings
+        return {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
+            "DATABASE_URL": s.database_url,
+            "USAGE_TOPIC": s.usage_topic,
+            "DLQ_TOPIC": s.dlq_topic,
+            "ALERTS_TOPIC": s.alerts_topic,
+            "USAGE_GROUP_ID": s.usage_group_id,
+            "METRICS_PORT": "0",
+            "LOG_FORMAT": "json",
+            "CONSUMER_MAX_BATCH": str(s.consumer_max_batch),
+            "CONSUMER_POLL_TIMEOUT_MS": str(s.consumer_poll_timeout_ms),
+            "BATCH_RETRY_SECONDS": str(s.batch_retry_seconds),
+        }
+
+
+async def create_pipeline_topics(
+    *, bootstrap_servers: str, database_url: str, partitions: int = 3, **settings: Any
+) -> PipelineTopics:
+    base = unique("it")
+    topics = PipelineTopics(
+        Settings(
+            kafka_bootstrap_servers=bootstrap_servers,
+            database_url=database_url,
+            usage_topic=f"{base}.usage",
+            dlq_topic=f"{base}.usage.dlq",
+            alerts_topic=f"{base}.alerts",
+            usage_group_id=f"{base}.group",
+            metrics_port=0,
+            log_format="json",
+            consumer_poll_timeout_ms=100,
+            **settings,
+        )
+    )
+    await ensure_topics(
+        topics.settings, [topics.usage, topics.dlq], partitions=partitions, replication_factor=1
+    )
+    return topics
+
+
+async def produce(
+    bootstrap_servers: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]
+) -> int:
+    """Publish (key, value) pairs with an idempotent producer; return how many were sent."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers, enable_idempotence=True, linger_ms=5
+    )
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, key=key, value=value) for key, value in records]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    return len(sent)
+
+
+async def read_topic(
+    bootstrap_servers: str, topic: str, *, expected: int, within: float = 30
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read a topic from the start until `expected` records arrived (or the deadline passed)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        assignment = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(assignment)
+        await consumer.seek_to_beginning(*assignment)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + within
+        while len(records) < expected and time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=200)
+            records.extend(r for batch in fetched.values() for r in batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def stored_for(
+    pool: asyncpg.Pool, gateway_request_ids: Sequence[str]
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT * FROM llm_usage_events WHERE gateway_request_id = ANY($1::text[])",
+        list(gateway_request_ids),
+    )
+
+
+async def tenant_totals(pool: asyncpg.Pool, tenant_id: str) -> tuple[int, Decimal]:
+    row = await pool.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(customer_charge_usd), 0) AS total "
+        "FROM llm_usage_events WHERE tenant_id = $1",
+        tenant_id,
+    )
+    assert row is not None
+    return int(row["n"]), Decimal(row["total"])
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, within: float, message: str
+) -> None:
+    """Poll `condition` until it holds; fail with `message` at the deadline."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {within}s: {message}")
+
+
+def header(record: ConsumerRecord[bytes, bytes], name: str) -> str:
+    for key, value in record.headers:
+        if key == name:
+            return bytes(value).decode()
+    raise KeyError(name)
+
+
+@dataclass
+class RunningConsumer:
+    """A `llm-usage consume usage` process whose JSON log lines are collected as they come."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str]
+    reader: asyncio.Task[None]
+
+    async def finished(self, *, within: float) -> int:
+        """Wait for the process to exit by itself; return its exit code."""
+        await asyncio.wait_for(self.process.wait(), within)
+        await self.reader
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    async def killed(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+        await self.reader
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        """The structured log entries whose message is `event`."""
+        found = []
+        for line in self.lines:
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    found.append(entry)
+        return found
+
+    def log_tail(self) -> str:
+        return "\n".join(self.lines[-30:])
+
+
+async def spawn_consumer(
+    topics: PipelineTopics, *extra_args: str, env: Mapping[str, str] | None = None
+) -> RunningConsumer:
+    """Start `llm-usage consume usage` as a real process for these topics."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llm_usage",
+        "consume",
+        "usage",
+        *extra_args,
+        env=dict(env or topics.environment()),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    lines: list[str] = []
+
+    async def collect() -> None:
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    return RunningConsumer(process, lines, asyncio.create_task(collect()))

@@ -1,0 +1,331 @@
+"""The usage consumer against a real Kafka broker and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from consumers.usage import run_usage_consumer
+from storage.migrate import migrate
+from tests.integration.pipeline import (
+    PipelineTopics,
+    RestartablePostgres,
+    create_pipeline_topics,
+    encode,
+    header,
+    produce,
+    read_topic,
+    spawn_consumer,
+    stored_for,
+    tenant_totals,
+    unique,
+    usage_event,
+    wait_until,
+)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    assert pool is not None
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def topics(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> PipelineTopics:
+    return await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
+    )
+
+
+async def consume_until_idle(topics: PipelineTopics, idle_seconds: float = 1.5) -> None:
+    await asyncio.wait_for(
+        run_usage_consumer(topics.settings, exit_when_idle=idle_seconds), timeout=120
+    )
+
+
+async def test_exact_and_reserialised_duplicates_change_nothing(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    original = usage_event(tenant, customer_charge_usd="0.0054", occurred_at="2026-11-14T09:12:03Z")
+    # Same event written differently: a JSON number for the charge, other key order, other offset.
+    reserialised = {
+        **{k: original[k] for k in reversed(list(original))},
+        "customer_charge_usd": "CHARGE",
+        "occurred_at": "2026-11-14T10:12:03+01:00",
+    }
+    raw_reserialised = json.dumps(reserialised).replace('"CHARGE"', "0.00540")
+    key = tenant.encode()
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(key, encode(original)), (key, encode(original)), (key, raw_reserialised.encode())],
+    )
+    await consume_until_idle(topics)
+    # The same three records again, as a gateway retry storm would send them.
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(key, encode(original)), (key, raw_reserialised.encode())],
+    )
+    await consume_until_idle(topics)
+
+    rows = await stored_for(pool, [original["gateway_request_id"]])
+    assert len(rows) == 1
+    assert rows[0]["customer_charge_usd"] == Decimal("0.0054")
+    assert await tenant_totals(pool, tenant) == (1, Decimal("0.0054"))
+    dead = await read_topic(
+        topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1, within=2
+    )
+    assert dead == []
+
+
+async def test_conflicting_duplicate_keeps_first_and_dead_letters(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    first = usage_event(tenant, customer_charge_usd="1.25", customer_charge_cents=125)
+    conflicting = {**first, "customer_charge_usd": "9.99", "customer_charge_cents": 999}
+    key = tenant.encode()
+    await produce(topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(first))])
+    await consume_until_idle(topics)
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(conflicting))]
+    )
+    await consume_until_idle(topics)
+
+    rows = await stored_for(pool, [first["gateway_request_id"]])
+    assert [row["customer_charge_usd"] for row in rows] == [Decimal("1.25")]
+    [dead] = await read_topic(topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1)
+    assert header(dead, "dlq.reason") == "conflicting_duplicate"
+    assert "customer_charge_usd" in header(dead, "dlq.detail")
+    assert dead.key == key
+    assert dead.value == encode(conflicting)
+
+
+async def test_conflicting_duplicate_within_one_batch_keeps_the_first(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    first = usage_event(tenant, input_tokens=10)
+    conflicting = {**first, "input_tokens": 11}
+    key = tenant.encode()
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(key, encode(first)), (key, encode(conflicting))],
+    )
+    await consume_until_idle(topics)
+
+    rows = await stored_for(pool, [first["gateway_request_id"]])
+    assert [row["input_tokens"] for row in rows] == [10]
+    [dead] = await read_topic(topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1)
+    assert header(dead, "dlq.reason") == "conflicting_duplicate"
+    assert "input_tokens" in header(dead, "dlq.detail")
+
+
+async def test_each_malformed_kind_is_dead_lettered_while_good_events_around_it_are_stored(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    key = tenant.encode()
+    bad: dict[str, bytes] = {
+        "invalid_json": b'{"gateway_request_id": "x", ',
+        "too_large": encode(usage_event(tenant, feature="x" * 70_000)),
+        "schema_violation": encode(usage_event(tenant, occurred_at="2026-11-14T09:12:03")),
+    }
+    good = [usage_event(tenant, customer_charge_usd=f"0.{i:04d}") for i in range(1, 31)]
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for index, event in enumerate(good):
+        records.append((key, encode(event)))
+        if index % 10 == 5:
+            records.append((key, list(bad.values())[index // 10]))
+    records.append((key, b"[1, 2, 3]"))  # JSON, but not an object
+    await produce(topics.settings.kafka_bootstrap_servers, topics.usage, records)
+    await consume_until_idle(topics)
+
+    count, total = await tenant_totals(pool, tenant)
+    assert count == len(good)
+    assert total == sum(Decimal(e["customer_charge_usd"]) for e in good)
+    dead = await read_topic(topics.settings.kafka_bootstrap_servers, topics.dlq, expected=4)
+    by_value = {record.value: record for record in dead}
+    assert len(dead) == 4
+    for reason, value in bad.items():
+        record = by_value[value]
+        assert header(record, "dlq.reason") == reason
+        assert record.key == key
+        assert header(record, "dlq.topic") == topics.usage
+        assert int(header(record, "dlq.offset")) >= 0
+        assert header(record, "dlq.failed_at").endswith("Z")
+    assert "occurred_at" in header(by_value[bad["schema_violation"]], "dlq.detail")
+    assert header(by_value[b"[1, 2, 3]"], "dlq.reason") == "schema_violation"
+
+
+async def test_consumer_killed_mid_stream_and_restarted_stores_every_event_once(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    events = [usage_event(tenant, customer_charge_usd=f"0.{i:06d}") for i in range(1, 6001)]
+    expected_total = sum(Decimal(e["customer_charge_usd"]) for e in events)
+    key = tenant.encode()
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(e)) for e in events]
+    )
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "200"}
+    first = await spawn_consumer(topics, env=env)
+
+    async def some_landed() -> bool:
+        return (await tenant_totals(pool, tenant))[0] > 500
+
+    await wait_until(some_landed, within=60, message="the first consumer stored nothing")
+    await first.killed()  # SIGKILL: no shutdown, no final commit
+    assert (await tenant_totals(pool, tenant))[0] < len(events), "killed too late to prove much"
+
+    restarted = await spawn_consumer(topics, "--exit-when-idle", "2", env=env)
+    assert await restarted.finished(within=120) == 0, restarted.log_tail()
+    assert await tenant_totals(pool, tenant) == (len(events), expected_total)
+    # The restart re-read what was stored but not committed, and dropped it as duplicates.
+    [stopped] = restarted.logged("Consumer stopped.")
+    assert stopped.get("recorded", 0) + stopped.get("duplicate", 0) >= len(events) - 500
+
+
+async def test_two_consumer_processes_split_six_partitions_with_exact_totals(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> None:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=6
+    )
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "100"}
+    members = [await spawn_consumer(topics, "--exit-when-idle", "8", env=env) for _ in range(2)]
+
+    def holding() -> list[set[str]]:
+        held = []
+        for member in members:
+            assigned = member.logged("Partitions assigned.")
+            held.append(set(assigned[-1]["partitions"]) if assigned else set())
+        return held
+
+    async def split() -> bool:
+        held = holding()
+        return all(held) and len(held[0] | held[1]) == 6 and not held[0] & held[1]
+
+    await wait_until(split, within=60, message=f"the group never split the partitions: {holding()}")
+
+    tenants = [unique("tenant") for _ in range(6)]
+    events = [
+        usage_event(tenants[i % 6], customer_charge_usd=f"{i}.{i:03d}") for i in range(1, 3001)
+    ]
+    await produce(
+        kafka_bootstrap_servers,
+        topics.usage,
+        [(e["tenant_id"].encode(), encode(e)) for e in events],
+    )
+    for member in members:
+        assert await member.finished(within=120) == 0, member.log_tail()
+    for tenant in tenants:
+        mine = [e for e in events if e["tenant_id"] == tenant]
+        assert await tenant_totals(pool, tenant) == (
+            len(mine),
+            sum(Decimal(e["customer_charge_usd"]) for e in mine),
+        )
+    recorded = [member.logged("Consumer stopped.")[0].get("recorded", 0) for member in members]
+    assert sum(recorded) == len(events)
+    assert all(count > 0 for count in recorded), recorded
+
+
+async def test_database_restart_during_consumption_loses_nothing(
+    topics: PipelineTopics, pool: asyncpg.Pool, postgres: RestartablePostgres
+) -> None:
+    if not postgres.can_restart:
+        pytest.skip("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
+    tenant = unique("tenant")
+    events = [usage_event(tenant, customer_charge_usd=f"0.{i:05d}") for i in range(1, 4001)]
+    key = tenant.encode()
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(e)) for e in events]
+    )
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "50"}
+    consumer = await spawn_consumer(topics, "--exit-when-idle", "3", env=env)
+
+    async def some_landed() -> bool:
+        return (await tenant_totals(pool, tenant))[0] > 300
+
+    await wait_until(some_landed, within=60, message="the consumer stored nothing")
+    await asyncio.to_thread(postgres.restart)
+    assert await consumer.finished(within=150) == 0, consumer.log_tail()
+    assert consumer.logged("Retrying after a transient failure."), consumer.log_tail()
+    fresh = await asyncpg.connect(topics.settings.database_url)
+    try:
+        row = await fresh.fetchrow(
+            "SELECT count(*) AS n, sum(customer_charge_usd) AS total "
+            "FROM llm_usage_events WHERE tenant_id = $1",
+            tenant,
+        )
+    finally:
+        await fresh.close()
+    assert row is not None
+    assert (row["n"], row["total"]) == (
+        len(events),
+        sum(Decimal(e["customer_charge_usd"]) for e in events),
+    )
+
+
+async def test_sigterm_lands_the_batch_commits_and_exits_zero(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    events = [usage_event(tenant) for _ in range(3000)]
+    key = tenant.encode()
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(e)) for e in events]
+    )
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "20"}
+    consumer = await spawn_consumer(topics, env=env)
+
+    async def some_landed() -> bool:
+        return (await tenant_totals(pool, tenant))[0] > 100
+
+    await wait_until(some_landed, within=60, message="the consumer stored nothing")
+    consumer.process.send_signal(signal.SIGTERM)
+    assert await consumer.finished(within=60) == 0, consumer.log_tail()
+    stored_at_stop = (await tenant_totals(pool, tenant))[0]
+    [stopped] = consumer.logged("Consumer stopped.")
+    assert stopped["recorded"] == stored_at_stop
+
+    # Everything stored was committed: the restart finds only the rest, and no duplicates.
+    restarted = await spawn_consumer(topics, "--exit-when-idle", "2", env=env)
+    assert await restarted.finished(within=120) == 0, restarted.log_tail()
+    assert (await tenant_totals(pool, tenant))[0] == len(events)
+    [stopped] = restarted.logged("Consumer stopped.")
+    assert stopped.get("recorded") == len(events) - stored_at_stop
+    assert "duplicate" not in stopped
+
+
+async def test_missing_topic_stops_at_once_with_one_clear_line(topics: PipelineTopics) -> None:
+    env = {**topics.environment(), "USAGE_TOPIC": unique("no-such-topic")}
+    consumer = await spawn_consumer(topics, env=env)
+    assert await consumer.finished(within=60) == 2
+    last = consumer.lines[-1]
+    assert last.startswith("llm-usage: error: topic no-such-topic-")
+    assert "llm-usage topics ensure" in last
+    assert not any("Traceback" in line for line in consumer.lines)
+
+
+async def test_unreachable_broker_stops_with_one_clear_line(topics: PipelineTopics) -> None:
+    env = {**topics.environment(), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
+    consumer = await spawn_consumer(topics, env=env)
+    assert await consumer.finished(within=90) == 2
+    assert consumer.lines[-1].startswith("llm-usage: error: cannot reach Kafka at 127.0.0.1:9")
+    assert not any("Traceback" in line for line in consumer.lines)

@@ -1,0 +1,69 @@
+"""Configuration: contract defaults, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_usage.errors import ConfigurationError
+from llm_usage.settings import load_settings
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "USAGE_TOPIC", "DLQ_TOPIC"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.kafka_bootstrap_servers == "localhost:9092"
+    assert settings.database_url == "postgresql://localhost/llm_usage"
+    assert settings.usage_topic == "llm_usage_recorded"
+    assert settings.dlq_topic == "llm_usage_recorded.dlq"
+    assert settings.alerts_topic == "llm_budget_alerts"
+    assert settings.usage_group_id == "llm-usage-ingest"
+    assert settings.kafka_client_options() == {
+        "bootstrap_servers": "localhost:9092",
+        "security_protocol": "PLAINTEXT",
+    }
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USAGE_TOPIC", "usage.v1")
+    monkeypatch.setenv("METRICS_PORT", "9999")
+    monkeypatch.setenv("LOG_FORMAT", "console")
+    settings = load_settings()
+    assert (settings.usage_topic, settings.metrics_port, settings.log_format) == (
+        "usage.v1",
+        9999,
+        "console",
+    )
+
+
+def test_sasl_settings_reach_the_kafka_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "secret")
+    options = load_settings().kafka_client_options()
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "svc"
+    assert options["sasl_plain_password"] == "secret"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("METRICS_PORT", "not-a-port"),
+        ("METRICS_PORT", "70000"),
+        ("LOG_FORMAT", "xml"),
+        ("KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("CONSUMER_MAX_BATCH", "0"),
+    ],
+)
+def test_bad_value_names_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert variable in message
+    assert value in message
+    assert "\n" not in message
