@@ -8,15 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aiokafka.structs import ConsumerRecord
-
 from consumers.runtime.dead_letters import DeadLetter
-from consumers.runtime.loop import BatchOutcome
+from consumers.runtime.loop import BatchOutcome, Record
 from schemas.dead_letter import DeadLetterReason, Rejection
 from schemas.decoding import decode_usage_event
 from schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
-
-Record = ConsumerRecord[bytes, bytes]
 
 
 @dataclass

@@ -129,7 +129,11 @@ async def _dead_lettered_by_tenant(settings: Settings, run_id: str) -> Counter[s
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        while any(await consumer.position(tp) < ends[tp] for tp in partitions):
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
+
+        while await behind():
             for batch in (await consumer.getmany(timeout_ms=500)).values():
                 for record in batch:
                     if record.value and f"demo-{run_id}-".encode() in record.value:

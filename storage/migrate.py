@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
+from storage.pool import Connection
 
 # Any constant works; it only has to be the same in every process that migrates this database.
 _MIGRATION_LOCK_KEY = 0x6C6C6D5F75736167  # "llm_usag"
@@ -27,7 +27,7 @@ def bundled_migrations() -> list[Migration]:
     return [Migration(version=f.name.removesuffix(".sql"), sql=f.read_text("utf-8")) for f in files]
 
 
-async def migrate(connection: asyncpg.Connection) -> list[str]:
+async def migrate(connection: Connection) -> list[str]:
     """Apply the migrations this database has not seen; return the versions applied now.
 
     A transaction-level advisory lock serialises concurrent migrators: the second one waits,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from llm_usage.errors import ServiceUnreachableError
+
+# What query functions accept: a plain connection or one borrowed from the pool.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 # Errors that mean "the database is not there (yet)", as opposed to "your query is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -14,6 +20,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     TimeoutError,
+)
+_UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.exceptions.PostgresError,
 )
 
 
@@ -29,7 +39,7 @@ async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
         raise ServiceUnreachableError(
             f"database refused the login ({error}); fix the user or password in DATABASE_URL"
         ) from None
-    except (*CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as error:
+    except _UNREACHABLE_ERRORS as error:
         raise ServiceUnreachableError(
             f"cannot reach PostgreSQL at {_redacted(dsn)} ({error or type(error).__name__}); "
             "start it (`llm-usage dev up`) or point DATABASE_URL at a running server"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import asyncpg
-
 from schemas.usage_event import CONFLICT_FIELDS, UsageEvent
+from storage.pool import Connection
 
 # Column name → PostgreSQL type, in table order; `received_at` is filled in by the database.
 USAGE_EVENT_COLUMNS: Mapping[str, str] = {
@@ -56,9 +55,7 @@ def usage_event_row(event: UsageEvent) -> tuple[Any, ...]:
     return tuple(getattr(event, column) for column in USAGE_EVENT_COLUMNS)
 
 
-async def insert_new_usage_events(
-    connection: asyncpg.Connection, events: Sequence[UsageEvent]
-) -> set[str]:
+async def insert_new_usage_events(connection: Connection, events: Sequence[UsageEvent]) -> set[str]:
     """Insert the events whose `gateway_request_id` is not stored yet; return the ids inserted.
 
     Ids must be unique within `events`. A stored row is never touched. When another transaction
@@ -72,7 +69,7 @@ async def insert_new_usage_events(
 
 
 async def stored_conflict_fields(
-    connection: asyncpg.Connection, gateway_request_ids: Sequence[str]
+    connection: Connection, gateway_request_ids: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """For stored ids, the fields that tell a duplicate from a conflicting one."""
     if not gateway_request_ids:
@@ -81,7 +78,7 @@ async def stored_conflict_fields(
     return {row["gateway_request_id"]: {f: row[f] for f in CONFLICT_FIELDS} for row in rows}
 
 
-async def usage_table_exists(connection: asyncpg.Connection) -> bool:
+async def usage_table_exists(connection: Connection) -> bool:
     """True when the migrations that create `llm_usage_events` have run."""
     found = await connection.fetchval("SELECT to_regclass('llm_usage_events') IS NOT NULL")
     return bool(found)

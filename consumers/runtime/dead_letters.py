@@ -17,7 +17,7 @@ from schemas.dead_letter import DeadLetterReason, dead_letter_headers
 class DeadLetter:
     """A consumed record that will not be stored, and why."""
 
-    record: ConsumerRecord[bytes, bytes]
+    record: ConsumerRecord  # aiokafka ships no types
     reason: DeadLetterReason
     detail: str
 

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import asyncpg
 import structlog
@@ -29,14 +29,15 @@ from schemas.dead_letter import DeadLetterReason
 
 log = structlog.get_logger(__name__)
 
-Record = ConsumerRecord[bytes, bytes]
+# aiokafka ships no types: a record is whatever its ConsumerRecord is (bytes key and value).
+Record: TypeAlias = ConsumerRecord
 
 # Errors where PostgreSQL refused a value, not the batch: the offending record is found by
 # splitting the batch and is dead-lettered alone, so one bad row never stops a partition.
 _ROW_REJECTED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DataError,  # SQLSTATE class 22, raised by the server
     asyncpg.exceptions.IntegrityConstraintViolationError,
-    asyncpg.exceptions._base.DataError,  # a value asyncpg could not encode  # noqa: SLF001
+    asyncpg.exceptions._base.DataError,  # a value asyncpg could not encode
 )
 
 
