@@ -58,7 +58,8 @@ def settle_batch(
     """
     counts: Counter[str] = Counter()
     dead_letters = list(batch.rejected)
-    counts["dead_lettered"] += len(batch.rejected)
+    if batch.rejected:
+        counts["dead_lettered"] = len(batch.rejected)
     for gateway_request_id, found in batch.occurrences.items():
         if gateway_request_id in inserted:
             counts["recorded"] += 1

@@ -118,28 +118,32 @@ async def _summarise(settings: Settings, run_id: str, published: Counter[str]) -
 
 async def _dead_lettered_by_tenant(settings: Settings, run_id: str) -> Counter[str]:
     """Count this run's records on the DLQ, by key (the tenant)."""
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    # Without a group, a subscription gets every partition, read from the earliest offset.
+    consumer = AIOKafkaConsumer(
+        settings.dlq_topic,
+        **settings.kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await start_client(consumer, settings)
     counts: Counter[str] = Counter()
+    marker = f"demo-{run_id}-".encode()
+    ends: dict[TopicPartition, int] | None = None
     try:
-        partitions = [
-            TopicPartition(settings.dlq_topic, p)
-            for p in consumer.partitions_for_topic(settings.dlq_topic) or ()
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
-
-        while await behind():
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
+        while True:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
                 for record in batch:
-                    if record.value and f"demo-{run_id}-".encode() in record.value:
+                    if record.value and marker in record.value:
                         reason = dict(record.headers).get("dlq.reason", b"?").decode()
                         counts[(record.key or b"").decode()] += 1
                         print(f"  dead letter: key={record.key!r} reason={reason}")
+            assigned = list(consumer.assignment())
+            if assigned and ends is None:
+                ends = await consumer.end_offsets(assigned)
+            if ends is not None and all(
+                [await consumer.position(tp) >= end for tp, end in ends.items()]
+            ):
+                break
     finally:
         await consumer.stop()
     return counts

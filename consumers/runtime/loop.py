@@ -232,7 +232,8 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         for tp in revoked:
             with contextlib.suppress(KeyError):  # no lag was reported for it yet
                 self._metrics.lag.remove(self._name, tp.topic, str(tp.partition))
-        log.info("Partitions revoked.", consumer=self._name, partitions=_names(revoked))
+        if revoked:
+            log.info("Partitions revoked.", consumer=self._name, partitions=_names(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("Partitions assigned.", consumer=self._name, partitions=_names(assigned))

@@ -28,6 +28,9 @@ _TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # Raised when the pool resets a connection whose query the server's shutdown cut off; the
+    # pool has already terminated that connection and the next attempt gets a fresh one.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -82,9 +85,14 @@ async def retry_transient(
 
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.5),
+        wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
         stop=stop_after_delay(give_up_after) | _StopWhenSet(stopping),
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(operation)
+
+    async def attempt() -> T:
+        # tenacity awaits only what is declared `async def`; a lambda's coroutine would leak.
+        return await operation()
+
+    return await retrying(attempt)

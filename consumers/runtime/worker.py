@@ -81,10 +81,10 @@ async def _consume(
     exit_when_idle: float | None,
 ) -> BatchConsumer:
     consumer = new_consumer(settings, group_id=group_id, max_batch=settings.consumer_max_batch)
-    producer = new_producer(settings)
     await start_client(consumer, settings)
     try:
         await require_topics(consumer, [topic, settings.dlq_topic])
+        producer = new_producer(settings)
         await start_client(producer, settings)
         try:
             batch_consumer = BatchConsumer(

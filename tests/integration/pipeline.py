@@ -14,10 +14,11 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from deploy.topics import ensure_topics
+from schemas.money import usd_to_cents
 from llm_usage.settings import Settings
 
 
@@ -47,11 +48,12 @@ def usage_event(tenant_id: str, **fields: Any) -> dict[str, Any]:
         "input_tokens": 1200,
         "output_tokens": 300,
         "customer_charge_usd": "0.0054",
-        "customer_charge_cents": 1,
         "markup_mode": "flat_percent",
         "occurred_at": "2026-11-14T09:12:03.120Z",
     }
     event.update(fields)
+    # The gateway's own rounding, as it would send it, unless the test says otherwise.
+    event.setdefault("customer_charge_cents", usd_to_cents(Decimal(event["customer_charge_usd"])))
     return event
 
 
@@ -136,15 +138,15 @@ async def read_topic(
     bootstrap_servers: str, topic: str, *, expected: int, within: float = 30
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Read a topic from the start until `expected` records arrived (or the deadline passed)."""
+    # Without a group, a subscription gets every partition, read from the earliest offset.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        assignment = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(assignment)
-        await consumer.seek_to_beginning(*assignment)
         records: list[ConsumerRecord[bytes, bytes]] = []
         deadline = time.monotonic() + within
         while len(records) < expected and time.monotonic() < deadline:
@@ -224,7 +226,7 @@ class RunningConsumer:
         return found
 
     def log_tail(self) -> str:
-        return "\n".join(self.lines[-30:])
+        return "\n".join(self.lines[-120:])
 
 
 async def spawn_consumer(
