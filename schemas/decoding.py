@@ -1,0 +1,112 @@
+"""From a Kafka record's bytes to a `UsageEvent`, or to why it goes to the dead-letter topic."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import NoReturn
+
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from schemas.dead_letter import DeadLetterReason, Rejection
+from schemas.usage_event import NO_NUL_PATTERN, UsageEvent, json_kind
+
+MAX_EVENT_BYTES = 64 * 1024
+MAX_DETAIL_CHARS = 500
+
+# pydantic's own wording, said the way a gateway author reads the contract. Errors the model
+# raises itself are already worded so, and pass through unchanged.
+_EXPLANATIONS = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "string_too_short": "must have at least {min_length} character",
+    "string_too_long": "at most {max_length} characters",
+    "string_unicode": "must be valid Unicode text (no lone surrogate such as \\ud800)",
+    "int_type": "must be a whole number (not a boolean, a fraction or a string)",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "literal_error": "must be {expected}",
+}
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# One decoder for every call: `json.loads(text, parse_float=...)` would build a new one each time.
+_JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_refuse_constant)
+
+
+def _explain(error: ErrorDetails) -> str:
+    """One error as `field: why`; errors between fields name their fields themselves."""
+    kind = error["type"]
+    context = error.get("ctx", {})
+    if kind == "string_pattern_mismatch" and context.get("pattern") == NO_NUL_PATTERN:
+        why = "must not contain the NUL character (\\u0000)"
+    elif kind in _EXPLANATIONS:
+        why = _EXPLANATIONS[kind].format(**context)
+    else:
+        why = error["msg"]
+    field = ".".join(str(part) for part in error["loc"])
+    return f"{field}: {why}" if field else why
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Every broken rule as `field: why`, joined with `; `, at most `MAX_DETAIL_CHARS` long."""
+    detail = "; ".join(_explain(each) for each in error.errors(include_url=False))
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[: MAX_DETAIL_CHARS - 1] + "…"
+    return detail
+
+
+def _json_object(value: bytes | None) -> dict[str, object] | Rejection:
+    """The JSON object in `value`, or why there is none."""
+    if value is None:
+        return Rejection(
+            DeadLetterReason.INVALID_JSON,
+            "the record has no value (a tombstone); a usage event is a JSON object",
+        )
+    if len(value) > MAX_EVENT_BYTES:
+        return Rejection(
+            DeadLetterReason.TOO_LARGE,
+            f"the value is {len(value)} bytes; at most {MAX_EVENT_BYTES} are accepted",
+        )
+    data = _parse_json(value)
+    if isinstance(data, dict | Rejection):
+        return data
+    return Rejection(
+        DeadLetterReason.SCHEMA_VIOLATION,
+        f"the JSON value is {json_kind(data)}; a usage event is a JSON object",
+    )
+
+
+def _parse_json(value: bytes) -> object:
+    """The JSON value in UTF-8 `value`, or a `Rejection` (`invalid_json`) saying why it is not."""
+    try:
+        return _JSON.decode(value.decode())
+    except UnicodeDecodeError as error:
+        return Rejection(
+            DeadLetterReason.INVALID_JSON, f"not UTF-8: {error.reason} at byte {error.start}"
+        )
+    except ValueError as error:  # JSONDecodeError, NaN / Infinity, an int of over 4300 digits
+        return Rejection(DeadLetterReason.INVALID_JSON, f"not JSON: {error}")
+    except RecursionError:
+        return Rejection(DeadLetterReason.INVALID_JSON, "not JSON: nested too deeply to read")
+
+
+def decode_usage_event(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:
+    """The event in `value`, validated against `now`, or the `Rejection` saying why not.
+
+    Never raises for bad input. JSON numbers are read from their literal digits into `Decimal`
+    (never through a binary float), and NaN / Infinity, which Python's `json` accepts, are not
+    JSON. A tombstone (no value) is `invalid_json`.
+    """
+    data = _json_object(value)
+    if isinstance(data, Rejection):
+        return data
+    try:
+        return UsageEvent.model_validate(data, context={"now": now})
+    except ValidationError as error:
+        return Rejection(DeadLetterReason.SCHEMA_VIOLATION, describe_validation_error(error))

@@ -1,0 +1,63 @@
+"""The published JSON Schema is the model's, byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas import json_schema
+from schemas.json_schema import SCHEMA_PATH, render_usage_event_json_schema, usage_event_json_schema
+from schemas.usage_event import UsageEvent
+
+
+def test_the_committed_schema_file_matches_the_model() -> None:
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == render_usage_event_json_schema(), (
+        "schemas/usage_event.v1.schema.json is stale: run `python -m schemas.json_schema`"
+    )
+
+
+def test_main_writes_sorted_indented_json_with_a_trailing_newline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "usage_event.v1.schema.json"
+    monkeypatch.setattr(json_schema, "SCHEMA_PATH", target)
+    json_schema.main()
+    text = target.read_text(encoding="utf-8")
+    assert text.endswith("}\n")
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_the_schema_describes_every_field_and_what_is_required() -> None:
+    schema = usage_event_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert set(schema["properties"]) == set(UsageEvent.model_fields)
+    assert schema["required"] == ["gateway_request_id", "tenant_id", "occurred_at"]
+    assert schema["anyOf"] == [
+        {"required": ["customer_charge_usd"]},
+        {"required": ["customer_charge_cents"]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "constraint", "value"),
+    [
+        ("gateway_request_id", "maxLength", 200),
+        ("tenant_id", "minLength", 1),
+        ("input_tokens", "minimum", 0),
+        ("total_tokens", "maximum", 2**63 - 1),
+        ("schema_version", "const", 1),
+        ("event_type", "const", "llm_usage_recorded"),
+        ("occurred_at", "format", "date-time"),
+    ],
+)
+def test_the_schema_states_the_contract_constraints(
+    field: str, constraint: str, value: object
+) -> None:
+    assert usage_event_json_schema()["properties"][field][constraint] == value
+
+
+@pytest.mark.parametrize("field", ["total_tokens", "customer_charge_usd"])
+def test_fields_derived_when_absent_claim_no_default(field: str) -> None:
+    assert "default" not in usage_event_json_schema()["properties"][field]
