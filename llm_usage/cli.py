@@ -151,12 +151,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the command, and return the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "dev":
+        if args.command in ("dev", "demo"):
             configure_logging(log_format="console", level="WARNING")
             _dev(args)
             return 0
         settings = load_settings()
-        configure_logging(log_format=settings.log_format, level=settings.log_level)
+        if args.command != "demo":
+            configure_logging(log_format=settings.log_format, level=settings.log_level)
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "consume":

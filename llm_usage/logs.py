@@ -35,7 +35,14 @@ def configure_logging(*, log_format: Literal["json", "console"], level: str = "I
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
+    handler.addFilter(_drop_startup_noise)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # aiokafka and asyncpg are chatty at INFO (every rebalance step); their warnings matter.
     root.setLevel(logging.WARNING)
+
+
+def _drop_startup_noise(record: logging.LogRecord) -> bool:
+    """aiokafka logs at ERROR while a fresh broker elects its group coordinator, then retries
+    by itself; operators learned to ignore it, which hides the errors that matter."""
+    return "GroupCoordinatorNotAvailableError" not in record.getMessage()
