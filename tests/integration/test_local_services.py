@@ -1,0 +1,160 @@
+"""The local launchers behind `llm-usage dev` and the test fixtures, against themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
+
+from deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
+from deploy.local.paths import state_dir
+from deploy.local.postgres import LocalPostgres
+from llm_usage.errors import LocalServiceError
+
+
+def service_unavailable(reason: str) -> NoReturn:
+    """Skip when a tool the launcher needs is missing; under CI=true, fail instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+async def create_topic(bootstrap_servers: str, *, partitions: int, replication_factor: int) -> str:
+    topic = f"local-services-{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, replication_factor)])
+    finally:
+        await admin.close()
+    return topic
+
+
+async def read_back(
+    bootstrap_servers: str, topic: str, *, partitions: int, expected: int, within: float = 30
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read `topic` from the start until `expected` records came or `within` seconds passed."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        # Assigned by number: a consumer started before the topic existed has no metadata for it.
+        assignment = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(assignment)
+        await consumer.seek_to_beginning(*assignment)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + within
+        while len(records) < expected and time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=200)
+            records.extend(record for batch in fetched.values() for record in batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_single_broker_creates_a_topic_and_returns_what_was_produced(
+    kafka_bootstrap_servers: str,
+) -> None:
+    topic = await create_topic(kafka_bootstrap_servers, partitions=2, replication_factor=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers, enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, key=b"tenant-1", value=b"hello")
+    finally:
+        await producer.stop()
+
+    [record] = await read_back(kafka_bootstrap_servers, topic, partitions=2, expected=1)
+
+    assert (record.key, record.value) == (b"tenant-1", b"hello")
+
+
+@pytest.fixture
+async def three_brokers(tmp_path: Path) -> AsyncIterator[KafkaCluster]:
+    try:
+        libs = await asyncio.to_thread(ensure_kafka_jars)
+    except LocalServiceError as error:
+        service_unavailable(f"cannot run a local Kafka cluster: {error}")
+    cluster = KafkaCluster(
+        state_dir=tmp_path / "kafka", nodes=3, port=free_port_block(6), heap_mb=384, libs=libs
+    )
+    try:
+        await asyncio.to_thread(cluster.start)
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_three_brokers_keep_accepting_idempotent_writes_after_one_is_killed(
+    three_brokers: KafkaCluster,
+) -> None:
+    servers = three_brokers.bootstrap_servers
+    topic = await create_topic(servers, partitions=3, replication_factor=3)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=servers, enable_idempotence=True, request_timeout_ms=30_000
+    )
+    await producer.start()
+    try:
+        before = [await producer.send(topic, value=f"before-{i}".encode()) for i in range(60)]
+        await asyncio.gather(*before)
+        # Kill the leader of partition 0, so at least one partition has to move.
+        leader = producer.client.cluster.leader_for_partition(TopicPartition(topic, 0))
+        assert isinstance(leader, int)
+        await asyncio.to_thread(three_brokers.kill_node, leader - 1)
+        assert not await asyncio.to_thread(three_brokers.is_running)
+
+        after = [await producer.send(topic, value=f"after-{i}".encode()) for i in range(60)]
+        await asyncio.wait_for(asyncio.gather(*after), timeout=60)
+    finally:
+        await producer.stop()
+
+    survivors = ",".join(address for i, address in enumerate(servers.split(",")) if i != leader - 1)
+    records = await read_back(survivors, topic, partitions=3, expected=120)
+    assert sorted(r.value for r in records) == sorted(
+        [f"before-{i}".encode() for i in range(60)] + [f"after-{i}".encode() for i in range(60)]
+    )
+
+    await asyncio.to_thread(three_brokers.start_node, leader - 1)
+    assert await asyncio.to_thread(three_brokers.is_running)
+
+
+@pytest.fixture
+def scratch_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL of this test's own, so restarting it disturbs no other test."""
+    home = Path(tempfile.mkdtemp(prefix="pytest-restart-", dir=state_dir()))
+    server = LocalPostgres(data_dir=home / "data", database="restart_check")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def test_local_postgres_restart_keeps_the_dsn_and_answers_after(
+    scratch_postgres: LocalPostgres,
+) -> None:
+    dsn = await asyncio.to_thread(scratch_postgres.start)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (42)")
+    finally:
+        await connection.close()
+
+    await asyncio.to_thread(scratch_postgres.restart)
+
+    assert scratch_postgres.dsn == dsn
+    connection = await asyncpg.connect(dsn)
+    try:
+        assert await connection.fetchval("SELECT n FROM kept") == 42
+    finally:
+        await connection.close()
