@@ -13,6 +13,7 @@ from consumers.usage_batch import decode_batch, settle_batch
 from llm_usage.errors import ConfigurationError
 from llm_usage.settings import Settings
 from storage.usage_events import (
+    copy_usage_events,
     insert_new_usage_events,
     stored_conflict_fields,
     usage_table_exists,
@@ -20,7 +21,12 @@ from storage.usage_events import (
 
 
 class UsageRecorder:
-    """The usage consumer's batch handler: one INSERT for the batch, one look-up for the rest."""
+    """The usage consumer's batch handler: one look-up and one COPY per batch.
+
+    The look-up finds the ids already stored (duplicates and conflicts are settled against them);
+    the rest are COPYed straight into the table. Should a concurrent replica store one of them
+    in between, the COPY fails whole and the race-proof INSERT ... ON CONFLICT path takes over.
+    """
 
     def __init__(
         self, *, pool: asyncpg.Pool, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -31,10 +37,18 @@ class UsageRecorder:
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         batch = decode_batch(records, now=self._clock())
         async with self._pool.acquire() as connection:
-            # A single INSERT is its own transaction: the batch lands whole or not at all.
-            inserted = await insert_new_usage_events(connection, batch.first_occurrences())
-            not_inserted = [i for i in batch.occurrences if i not in inserted]
-            stored = await stored_conflict_fields(connection, not_inserted)
+            # Ids already stored come back with the fields that tell a duplicate from a conflict.
+            stored = await stored_conflict_fields(connection, list(batch.occurrences))
+            fresh = [e for e in batch.first_occurrences() if e.gateway_request_id not in stored]
+            try:
+                await copy_usage_events(connection, fresh)
+                inserted = {event.gateway_request_id for event in fresh}
+            except asyncpg.exceptions.UniqueViolationError:
+                # Another replica stored one of these ids after our look-up; the COPY kept
+                # nothing. INSERT ... ON CONFLICT DO NOTHING settles the race row by row.
+                inserted = await insert_new_usage_events(connection, fresh)
+                lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
+                stored |= await stored_conflict_fields(connection, lost)
         return settle_batch(batch, inserted=inserted, stored=stored)
 
 

@@ -41,7 +41,7 @@ def decode_batch(records: Sequence[Record], *, now: datetime) -> DecodedBatch:
 
 def conflict_view(event: UsageEvent) -> dict[str, Any]:
     """The fields of `event` that must match the stored row for it to be a plain duplicate."""
-    return {name: getattr(event, name) for name in CONFLICT_FIELDS}
+    return {name: event.__dict__[name] for name in CONFLICT_FIELDS}
 
 
 def settle_batch(

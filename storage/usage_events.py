@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,9 +51,27 @@ _SELECT_STORED = f"""
 """
 
 
+# A validated model keeps its fields in __dict__; one C-level lookup beats 20 getattr calls.
+_ROW_VALUES = operator.itemgetter(*USAGE_EVENT_COLUMNS)
+
+
 def usage_event_row(event: UsageEvent) -> tuple[Any, ...]:
     """The event's values in `USAGE_EVENT_COLUMNS` order."""
-    return tuple(getattr(event, column) for column in USAGE_EVENT_COLUMNS)
+    return _ROW_VALUES(event.__dict__)  # type: ignore[no-any-return]
+
+
+async def copy_usage_events(connection: Connection, events: Sequence[UsageEvent]) -> None:
+    """COPY `events` straight into the table: the fastest path, for ids known to be new.
+
+    All or nothing: if another transaction stored one of these ids meanwhile, PostgreSQL raises
+    `UniqueViolationError` and none of the rows is kept.
+    """
+    if events:
+        await connection.copy_records_to_table(
+            "llm_usage_events",
+            records=[_ROW_VALUES(event.__dict__) for event in events],
+            columns=list(USAGE_EVENT_COLUMNS),
+        )
 
 
 async def insert_new_usage_events(connection: Connection, events: Sequence[UsageEvent]) -> set[str]:

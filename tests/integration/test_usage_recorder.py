@@ -1,0 +1,103 @@
+"""The usage consumer's batch handler against a real PostgreSQL (no Kafka needed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+import consumers.usage
+from consumers.usage import UsageRecorder
+from storage.migrate import migrate
+from tests.integration.pipeline import stored_for, unique, usage_event
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    assert pool is not None
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield pool
+    await pool.close()
+
+
+def records(events: list[dict[str, Any]]) -> list[ConsumerRecord]:
+    return [
+        ConsumerRecord(
+            topic="usage",
+            partition=0,
+            offset=offset,
+            timestamp=0,
+            timestamp_type=0,
+            key=None,
+            value=json.dumps(event).encode(),
+            checksum=None,
+            serialized_key_size=0,
+            serialized_value_size=0,
+            headers=(),
+        )
+        for offset, event in enumerate(events)
+    ]
+
+
+async def test_rows_hold_exactly_what_the_gateway_sent(pool: asyncpg.Pool) -> None:
+    event = usage_event(
+        unique("tenant"),
+        deployment_id=None,
+        customer_charge_usd="12345678901.234567891",
+        upstream_cost_usd="0.000000000000000001",
+        occurred_at="2026-11-14T14:42:03.5+05:30",
+        cached_input_tokens=7,
+    )
+    outcome = await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([event]))
+    assert outcome.counts == {"recorded": 1}
+    [row] = await stored_for(pool, [event["gateway_request_id"]])
+    assert row["customer_charge_usd"] == Decimal("12345678901.234567891")
+    assert str(row["upstream_cost_usd"]) == "1E-18"
+    assert row["occurred_at"] == datetime(2026, 11, 14, 9, 12, 3, 500000, tzinfo=UTC)
+    assert row["deployment_id"] is None
+    assert row["total_tokens"] == event["input_tokens"] + event["output_tokens"]
+    assert row["cached_input_tokens"] == 7
+    assert row["received_at"] is not None
+
+
+async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = unique("tenant")
+    theirs = usage_event(tenant)
+    conflicting = {**theirs, "output_tokens": theirs["output_tokens"] + 1}
+    mine = [usage_event(tenant) for _ in range(3)]
+    # Another replica stores `theirs` first ...
+    await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([theirs]))
+
+    # ... but our look-up ran before its commit, so it found nothing stored.
+    real_lookup = consumers.usage.stored_conflict_fields
+    lookups: list[int] = []
+
+    async def lookup_that_lost_the_race(
+        connection: Any, ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        lookups.append(len(ids))
+        return {} if len(lookups) == 1 else await real_lookup(connection, ids)
+
+    monkeypatch.setattr(consumers.usage, "stored_conflict_fields", lookup_that_lost_the_race)
+    batch = records([*mine[:2], conflicting, mine[2]])
+    outcome = await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(batch)
+
+    assert outcome.counts == {"recorded": 3, "conflict": 1}
+    assert [letter.record.offset for letter in outcome.dead_letters] == [2]
+    assert len(lookups) == 2, "the fallback must look up the ids it could not insert"
+    stored = await stored_for(pool, [e["gateway_request_id"] for e in [theirs, *mine]])
+    assert len(stored) == 4
+    [kept] = [row for row in stored if row["gateway_request_id"] == theirs["gateway_request_id"]]
+    assert kept["output_tokens"] == theirs["output_tokens"]
