@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from deploy.topics import ensure_topics
-from schemas.money import usd_to_cents
 from llm_usage.settings import Settings
+from schemas.money import usd_to_cents
 
 
 class RestartablePostgres(Protocol):

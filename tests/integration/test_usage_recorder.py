@@ -13,6 +13,7 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 import consumers.usage
+import storage.usage_events
 from consumers.usage import UsageRecorder
 from storage.migrate import migrate
 from tests.integration.pipeline import stored_for, unique, usage_event
@@ -81,7 +82,7 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
     await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([theirs]))
 
     # ... but our look-up ran before its commit, so it found nothing stored.
-    real_lookup = consumers.usage.stored_conflict_fields
+    real_lookup = storage.usage_events.stored_conflict_fields
     lookups: list[int] = []
 
     async def lookup_that_lost_the_race(

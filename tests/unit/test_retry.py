@@ -81,4 +81,4 @@ async def test_retrying_stops_when_shutdown_is_asked() -> None:
 
 def test_a_closed_connection_is_transient_but_a_value_asyncpg_cannot_encode_is_not() -> None:
     assert is_transient(asyncpg.InterfaceError("connection is closed"))
-    assert not is_transient(asyncpg.exceptions._base.DataError("invalid input for $1"))  # noqa: SLF001
+    assert not is_transient(asyncpg.exceptions._base.DataError("invalid input for $1"))
