@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
+import structlog
 
 from consumers.runtime.loop import BatchOutcome, Record
 from consumers.runtime.worker import run_consumer
-from consumers.usage_batch import decode_batch, settle_batch
+from consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
 from llm_usage.errors import ConfigurationError
 from llm_usage.settings import Settings
+from storage.pool import Connection
 from storage.usage_events import (
     copy_usage_events,
     insert_new_usage_events,
@@ -19,37 +23,92 @@ from storage.usage_events import (
     usage_table_exists,
 )
 
+log = structlog.get_logger(__name__)
+
+
+# A batch is landed in chunks so that decoding the next chunk (Python) overlaps with PostgreSQL
+# storing the previous one; decoding yields to the event loop every slice so the write (and the
+# consumer's heartbeats) keep moving meanwhile.
+CHUNK_RECORDS = 1000
+_DECODE_SLICE = 200
+
 
 class UsageRecorder:
-    """The usage consumer's batch handler: one look-up and one COPY per batch.
+    """The usage consumer's batch handler: per chunk, one look-up and one COPY, one transaction.
 
     The look-up finds the ids already stored (duplicates and conflicts are settled against them);
     the rest are COPYed straight into the table. Should a concurrent replica store one of them
-    in between, the COPY fails whole and the race-proof INSERT ... ON CONFLICT path takes over.
+    in between, the COPY fails, the transaction rolls back, and the batch is landed again with
+    the race-proof INSERT ... ON CONFLICT DO NOTHING.
     """
 
     def __init__(
-        self, *, pool: asyncpg.Pool, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        *,
+        pool: asyncpg.Pool,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        chunk_records: int = CHUNK_RECORDS,
     ) -> None:
         self._pool = pool
         self._clock = clock
+        self._chunk_records = chunk_records
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
-        batch = decode_batch(records, now=self._clock())
+        now = self._clock()
         async with self._pool.acquire() as connection:
-            # Ids already stored come back with the fields that tell a duplicate from a conflict.
-            stored = await stored_conflict_fields(connection, list(batch.occurrences))
-            fresh = [e for e in batch.first_occurrences() if e.gateway_request_id not in stored]
             try:
-                await copy_usage_events(connection, fresh)
-                inserted = {event.gateway_request_id for event in fresh}
+                return await self._land(connection, records, now=now, copy=True)
             except asyncpg.exceptions.UniqueViolationError:
-                # Another replica stored one of these ids after our look-up; the COPY kept
-                # nothing. INSERT ... ON CONFLICT DO NOTHING settles the race row by row.
-                inserted = await insert_new_usage_events(connection, fresh)
-                lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
-                stored |= await stored_conflict_fields(connection, lost)
-        return settle_batch(batch, inserted=inserted, stored=stored)
+                log.info("Another replica stored some of these ids meanwhile; landing again.")
+                return await self._land(connection, records, now=now, copy=False)
+
+    async def _land(
+        self, connection: Connection, records: Sequence[Record], *, now: datetime, copy: bool
+    ) -> BatchOutcome:
+        outcome = BatchOutcome()
+        writing: asyncio.Task[BatchOutcome] | None = None
+        async with connection.transaction():
+            try:
+                for start in range(0, len(records), self._chunk_records):
+                    chunk = await _decode_yielding(
+                        records[start : start + self._chunk_records], now
+                    )
+                    if writing is not None:
+                        outcome = outcome.merge(await writing)
+                    writing = asyncio.create_task(_write_chunk(connection, chunk, copy=copy))
+                if writing is not None:
+                    outcome = outcome.merge(await writing)
+                    writing = None
+            finally:
+                if writing is not None:  # an error before the last chunk was awaited
+                    writing.cancel()
+                    with contextlib.suppress(BaseException):
+                        await writing
+        return outcome
+
+
+async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedBatch:
+    batch = DecodedBatch()
+    for start in range(0, len(records), _DECODE_SLICE):
+        decode_batch(records[start : start + _DECODE_SLICE], now=now, into=batch)
+        await asyncio.sleep(0)
+    return batch
+
+
+async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: bool) -> BatchOutcome:
+    """Store the chunk's new ids and settle every record against what is stored."""
+    # Ids already stored come back with the fields that tell a duplicate from a conflict; this
+    # sees earlier chunks of the same batch, since they are in the same transaction.
+    stored = await stored_conflict_fields(connection, list(batch.occurrences))
+    fresh = [e for e in batch.first_occurrences() if e.gateway_request_id not in stored]
+    if copy:
+        await copy_usage_events(connection, fresh)
+        inserted = {event.gateway_request_id for event in fresh}
+    else:
+        inserted = await insert_new_usage_events(connection, fresh)
+        lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
+        stored |= await stored_conflict_fields(connection, lost)
+    return settle_batch(batch, inserted=inserted, stored=stored)
 
 
 async def require_migrated(pool: asyncpg.Pool) -> None:

@@ -27,9 +27,12 @@ class DecodedBatch:
         return [found[0][1] for found in self.occurrences.values()]
 
 
-def decode_batch(records: Sequence[Record], *, now: datetime) -> DecodedBatch:
-    """Decode every record; a record that breaks a rule becomes a dead letter, never an error."""
-    batch = DecodedBatch()
+def decode_batch(
+    records: Sequence[Record], *, now: datetime, into: DecodedBatch | None = None
+) -> DecodedBatch:
+    """Decode every record (adding to `into`, if given); a record that breaks a rule becomes a
+    dead letter, never an error."""
+    batch = DecodedBatch() if into is None else into
     for record in records:
         decoded = decode_usage_event(record.value, now=now)
         if isinstance(decoded, Rejection):
