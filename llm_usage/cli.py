@@ -152,12 +152,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("dev", "demo"):
+            # Commands for people at a terminal: only warnings, readable.
             configure_logging(log_format="console", level="WARNING")
+        if args.command == "dev":
             _dev(args)
             return 0
+        if args.command == "demo":
+            from llm_usage.demo import run_demo
+
+            run_demo()
+            return 0
         settings = load_settings()
-        if args.command != "demo":
-            configure_logging(log_format=settings.log_format, level=settings.log_level)
+        configure_logging(log_format=settings.log_format, level=settings.log_level)
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "consume":
@@ -166,10 +172,6 @@ def run(argv: Sequence[str] | None = None) -> int:
             asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
         elif args.command == "topics":
             asyncio.run(_topics_ensure(settings, args))
-        elif args.command == "demo":
-            from llm_usage.demo import run_demo
-
-            run_demo()
         elif args.command == "bench":
             from llm_usage.bench import run_ingest_benchmark
 

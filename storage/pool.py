@@ -7,7 +7,7 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from llm_usage.errors import ServiceUnreachableError
+from llm_usage.errors import ConfigurationError, ServiceUnreachableError
 
 # What query functions accept: a plain connection or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -30,7 +30,20 @@ _UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
 async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
     """Open a pool of `size` connections; an unreachable database is a person-fixable error."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, timeout=10)
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=size,
+            timeout=10,
+            # A server that stops answering becomes a retried TimeoutError, not a hung batch.
+            command_timeout=60,
+            server_settings={"application_name": "llm-usage"},
+        )
+    except (ValueError, asyncpg.exceptions.ClientConfigurationError) as error:
+        raise ConfigurationError(
+            f"DATABASE_URL is not a usable PostgreSQL URL ({error}); "
+            "expected postgresql://user:password@host:port/database"
+        ) from None
     except asyncpg.exceptions.InvalidCatalogNameError as error:
         raise ServiceUnreachableError(
             f"database does not exist ({error}); create it or fix DATABASE_URL"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
 from schemas.dead_letter import DeadLetterReason, dead_letter_headers
@@ -30,22 +31,37 @@ async def publish_dead_letters(
     failed_at: datetime,
 ) -> None:
     """Send every dead letter and wait until the broker has acknowledged all of them."""
-    if not dead_letters:
-        return
-    deliveries = [
-        await producer.send(
-            topic,
-            key=letter.record.key,
-            value=letter.record.value,
-            headers=dead_letter_headers(
-                reason=letter.reason,
-                detail=letter.detail,
-                topic=letter.record.topic,
-                partition=letter.record.partition,
-                offset=letter.record.offset,
-                failed_at=failed_at,
-            ),
+    if dead_letters:
+        await asyncio.gather(
+            *(_deliver(producer, topic, letter, failed_at) for letter in dead_letters)
         )
-        for letter in dead_letters
-    ]
-    await asyncio.gather(*deliveries)
+
+
+async def _deliver(
+    producer: AIOKafkaProducer, topic: str, letter: DeadLetter, failed_at: datetime
+) -> None:
+    record = letter.record
+    headers = _headers(letter, letter.detail, failed_at)
+    try:
+        await producer.send_and_wait(topic, key=record.key, value=record.value, headers=headers)
+    except MessageSizeTooLargeError:
+        # The original is larger than the dead-letter topic accepts. Retrying cannot help and
+        # failing would stop the partition: keep the key and the headers (they say where the
+        # original still is), drop the value.
+        detail = (
+            f"{letter.detail} [value of {len(record.value or b'')} bytes not copied: too large "
+            "for the dead-letter topic; read it at dlq.topic/dlq.partition/dlq.offset]"
+        )
+        headers = _headers(letter, detail, failed_at)
+        await producer.send_and_wait(topic, key=record.key, value=None, headers=headers)
+
+
+def _headers(letter: DeadLetter, detail: str, failed_at: datetime) -> list[tuple[str, bytes]]:
+    return dead_letter_headers(
+        reason=letter.reason,
+        detail=detail,
+        topic=letter.record.topic,
+        partition=letter.record.partition,
+        offset=letter.record.offset,
+        failed_at=failed_at,
+    )

@@ -133,7 +133,7 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._batch_done.clear()
         try:
             outcome = await retry_transient(
-                lambda: self._record_isolating_bad_rows(records),
+                lambda: self._record_or_isolate(records),
                 name="database",
                 give_up_after=self._options.retry_seconds,
                 stopping=self._stopping,
@@ -163,26 +163,44 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._health.set_ready(True)
         self._observe(outcome, len(records), time.perf_counter() - started)
 
-    async def _record_isolating_bad_rows(self, records: Sequence[Record]) -> BatchOutcome:
-        """Land `records`; if PostgreSQL refuses a row, split until the bad record stands alone."""
+    async def _record_or_isolate(self, records: Sequence[Record]) -> BatchOutcome:
+        """Land `records`; a row PostgreSQL refuses is dead-lettered alone. If it refuses every
+        row of a batch, the cause is not the data (a new constraint, a broken schema): stop
+        instead of dead-lettering the whole stream."""
         try:
             return await self._handler.record_batch(records)
         except _ROW_REJECTED_ERRORS as error:
-            if len(records) == 1:
-                record = records[0]
-                detail = f"rejected by the database: {type(error).__name__}: {error}"
-                log.error(
-                    "The database refused a record that passed validation; dead-lettering it.",
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    detail=detail,
-                )
-                letter = DeadLetter(record, DeadLetterReason.SCHEMA_VIOLATION, detail[:500])
-                return BatchOutcome(Counter({"dead_lettered": 1}), [letter])
-            middle = len(records) // 2
-            first = await self._record_isolating_bad_rows(records[:middle])
-            return first.merge(await self._record_isolating_bad_rows(records[middle:]))
+            outcome = await self._isolate(records, error)
+        if outcome.counts.pop("rejected_by_database", 0) == len(records) > 1:
+            raise RuntimeError(
+                f"PostgreSQL refused every one of {len(records)} records; "
+                "this is not bad input: check the table's constraints and migrations"
+            )
+        return outcome
+
+    async def _isolate(self, records: Sequence[Record], error: BaseException) -> BatchOutcome:
+        """`records` failed with `error`: dead-letter a lone record, else land each half."""
+        if len(records) == 1:
+            record = records[0]
+            detail = f"rejected by the database: {type(error).__name__}: {error}"
+            log.error(
+                "The database refused a record that passed validation; dead-lettering it.",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                detail=detail,
+            )
+            letter = DeadLetter(record, DeadLetterReason.SCHEMA_VIOLATION, detail[:500])
+            return BatchOutcome(Counter({"dead_lettered": 1, "rejected_by_database": 1}), [letter])
+        outcome = BatchOutcome()
+        middle = len(records) // 2
+        for half in (records[:middle], records[middle:]):
+            try:
+                landed = await self._handler.record_batch(half)
+            except _ROW_REJECTED_ERRORS as half_error:
+                landed = await self._isolate(half, half_error)
+            outcome = outcome.merge(landed)
+        return outcome
 
     def _rewind(self, fetched: Mapping[TopicPartition, list[Record]], error: BaseException) -> None:
         """A batch that did not land is fetched again from its first offset, never committed."""
@@ -203,6 +221,10 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     async def _commit_landed(self) -> None:
         """Commit the offsets of every landed batch. A lost race with a rebalance is harmless:
         the new owner re-reads those records and the idempotent write drops them as duplicates."""
+        held = self._consumer.assignment()
+        for tp in [tp for tp in self._landed if tp not in held]:
+            # Revoked: its new owner re-reads from the last commit; the rows are deduplicated.
+            del self._landed[tp]
         if not self._landed:
             return
         offsets = dict(self._landed)
@@ -244,10 +266,13 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         assigned = self._consumer.assignment()
         if not assigned:
             return False
-        for tp in assigned:
-            highwater = self._consumer.highwater(tp)
-            if highwater is None or await self._consumer.position(tp) < highwater:
-                return False
+        try:
+            for tp in assigned:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None or await self._consumer.position(tp) < highwater:
+                    return False
+        except (IllegalStateError, AssertionError):  # revoked while we looked: not idle yet
+            return False
         return True
 
     async def _idle_long_enough(self) -> bool:
@@ -263,12 +288,12 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
 
     async def _update_lag(self) -> None:
         for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                continue
             try:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:
+                    continue
                 position = await self._consumer.position(tp)
-            except IllegalStateError:
+            except (IllegalStateError, AssertionError):  # revoked while we looked
                 continue
             self._metrics.lag.labels(self._name, tp.topic, str(tp.partition)).set(
                 max(highwater - position, 0)
@@ -276,6 +301,7 @@ class BatchConsumer(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
 
     def _count_retry(self, operation: str) -> None:
         self._metrics.retries.labels(self._name, operation).inc()
+        self._health.progressed()  # waiting out an outage is not a stalled loop
         self._health.set_ready(False, f"retrying {operation}")
 
     def _observe(self, outcome: BatchOutcome, size: int, seconds: float) -> None:

@@ -26,6 +26,10 @@ log = structlog.get_logger(__name__)
 _TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
     asyncpg.exceptions.SerializationError,
+    # 57xxx: shutdown, a cancelled statement, a crash of another backend.
+    asyncpg.exceptions.OperatorInterventionError,
+    # A failover briefly leaves clients connected to a read-only standby.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
     # Raised when the pool resets a connection whose query the server's shutdown cut off; the
@@ -40,7 +44,7 @@ def is_transient(error: BaseException) -> bool:
         return True
     # asyncpg raises the bare InterfaceError for "connection is closed" once the server went away;
     # its subclasses (client-side data errors, configuration) are not transient.
-    if type(error) is asyncpg.InterfaceError:
+    if type(error) is asyncpg.InterfaceError and "closed" in str(error):
         return True
     if isinstance(error, KafkaConnectionError | KafkaTimeoutError):
         return True

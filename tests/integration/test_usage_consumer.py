@@ -74,7 +74,7 @@ async def test_exact_and_reserialised_duplicates_change_nothing(
         [(key, encode(original)), (key, encode(original)), (key, raw_reserialised.encode())],
     )
     await consume_until_idle(topics)
-    # The same three records again, as a gateway retry storm would send them.
+    # Two of them again, as a gateway retry storm would send them.
     await produce(
         topics.settings.kafka_bootstrap_servers,
         topics.usage,
@@ -191,6 +191,15 @@ async def test_consumer_killed_mid_stream_and_restarted_stores_every_event_once(
 
     await wait_until(some_landed, within=60, message="the first consumer stored nothing")
     await first.killed()  # SIGKILL: no shutdown, no final commit
+
+    async def its_sessions_are_gone() -> bool:
+        # A COMMIT already sent may still be applied; count only once its backend has ended.
+        count = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'llm-usage'"
+        )
+        return bool(count == 0)
+
+    await wait_until(its_sessions_are_gone, within=30, message="the killed consumer's sessions")
     stored_at_kill = (await tenant_totals(pool, tenant))[0]
     assert stored_at_kill < len(events), "killed too late to prove much"
 
@@ -210,7 +219,8 @@ async def test_two_consumer_processes_split_six_partitions_with_exact_totals(
         bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=6
     )
     env = {**topics.environment(), "CONSUMER_MAX_BATCH": "100"}
-    members = [await spawn_consumer(topics, "--exit-when-idle", "8", env=env) for _ in range(2)]
+    # Idle time counts from the split; it must outlast producing the events on a slow machine.
+    members = [await spawn_consumer(topics, "--exit-when-idle", "15", env=env) for _ in range(2)]
 
     def holding() -> list[set[str]]:
         held = []
@@ -253,7 +263,7 @@ async def test_database_restart_during_consumption_loses_nothing(
     if not postgres.can_restart:
         pytest.skip("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
     tenant = unique("tenant")
-    events = [usage_event(tenant, customer_charge_usd=f"0.{i:05d}") for i in range(1, 4001)]
+    events = [usage_event(tenant, customer_charge_usd=f"0.{i:05d}") for i in range(1, 12001)]
     key = tenant.encode()
     await produce(
         topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(e)) for e in events]
@@ -266,6 +276,14 @@ async def test_database_restart_during_consumption_loses_nothing(
 
     await wait_until(some_landed, within=60, message="the consumer stored nothing")
     await asyncio.to_thread(postgres.restart)
+    fresh = await asyncpg.connect(topics.settings.database_url)
+    try:
+        stored_at_restart = await fresh.fetchval(
+            "SELECT count(*) FROM llm_usage_events WHERE tenant_id = $1", tenant
+        )
+    finally:
+        await fresh.close()
+    assert stored_at_restart < len(events), "restarted too late to prove much"
     assert await consumer.finished(within=150) == 0, consumer.log_tail()
     assert consumer.logged("Retrying after a transient failure."), consumer.log_tail()
     fresh = await asyncpg.connect(topics.settings.database_url)
@@ -288,7 +306,7 @@ async def test_sigterm_lands_the_batch_commits_and_exits_zero(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
     tenant = unique("tenant")
-    events = [usage_event(tenant) for _ in range(3000)]
+    events = [usage_event(tenant) for _ in range(5000)]
     key = tenant.encode()
     await produce(
         topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(e)) for e in events]
@@ -303,6 +321,7 @@ async def test_sigterm_lands_the_batch_commits_and_exits_zero(
     consumer.process.send_signal(signal.SIGTERM)
     assert await consumer.finished(within=60) == 0, consumer.log_tail()
     stored_at_stop = (await tenant_totals(pool, tenant))[0]
+    assert stored_at_stop < len(events), "stopped too late to prove much"
     [stopped] = consumer.logged("Consumer stopped.")
     assert stopped["recorded"] == stored_at_stop
 
@@ -311,7 +330,7 @@ async def test_sigterm_lands_the_batch_commits_and_exits_zero(
     assert await restarted.finished(within=120) == 0, restarted.log_tail()
     assert (await tenant_totals(pool, tenant))[0] == len(events)
     [stopped] = restarted.logged("Consumer stopped.")
-    assert stopped.get("recorded") == len(events) - stored_at_stop
+    assert stopped.get("recorded", 0) == len(events) - stored_at_stop
     assert "duplicate" not in stopped
 
 
