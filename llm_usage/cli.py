@@ -7,6 +7,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+
 from llm_usage.errors import UserFacingError
 from llm_usage.logs import configure_logging
 from llm_usage.settings import Settings, load_settings
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)
     up = dev_commands.add_parser("up", help="start them (idempotent), create topics, migrate")
     up.add_argument("--kafka-port", type=_positive_int, default=9092)
+    up.add_argument(
+        "--nodes", type=int, choices=[1, 3], default=1, help="brokers (3: a cluster on one host)"
+    )
     up.add_argument("--partitions", type=_positive_int, default=6)
     dev_commands.add_parser("down", help="stop them")
     dev_commands.add_parser("env", help="print the export lines that reach them")
@@ -103,6 +108,11 @@ async def _migrate(settings: Settings) -> None:
     try:
         async with pool.acquire() as connection:
             applied = await migrate(connection)
+    except asyncpg.exceptions.InsufficientPrivilegeError as error:
+        raise UserFacingError(
+            f"the database user may not change the schema ({error}); "
+            "run `llm-usage migrate` as the schema owner"
+        ) from None
     finally:
         await pool.close()
     print(f"applied {', '.join(applied)}" if applied else "database is up to date")
@@ -126,7 +136,7 @@ def _dev(args: argparse.Namespace) -> None:
     from llm_usage import dev
 
     if args.dev_command == "up":
-        environment = dev.dev_up(kafka_port=args.kafka_port)
+        environment = dev.dev_up(kafka_port=args.kafka_port, nodes=args.nodes)
         settings = load_settings(
             kafka_bootstrap_servers=environment.kafka_bootstrap_servers,
             database_url=environment.database_url,

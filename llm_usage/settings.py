@@ -6,7 +6,7 @@ import sys
 from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_usage.errors import ConfigurationError
@@ -51,6 +51,18 @@ class Settings(BaseSettings):
     batch_retry_seconds: float = Field(default=60.0, gt=0, le=240)
     database_pool_size: int = Field(default=4, ge=1, le=100)
 
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL_") and self.kafka_sasl_mechanism is None:
+            raise ValueError("KAFKA_SASL_MECHANISM is required with a SASL_* protocol")
+        needs_password = self.kafka_sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+        if needs_password and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required with "
+                f"KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism}"
+            )
+        return self
+
     def kafka_client_options(self) -> dict[str, Any]:
         """Connection options shared by every aiokafka client we create."""
         options: dict[str, Any] = {
@@ -62,7 +74,13 @@ class Settings(BaseSettings):
             options["sasl_plain_username"] = self.kafka_sasl_username
             options["sasl_plain_password"] = self.kafka_sasl_password
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+            try:
+                options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+            except (OSError, ValueError) as error:
+                raise ConfigurationError(
+                    f"KAFKA_SSL_CAFILE={self.kafka_ssl_cafile!r} cannot be used ({error}); "
+                    "point it at a readable PEM file of the broker's CA"
+                ) from None
         return options
 
 
@@ -72,7 +90,11 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as error:
         first = error.errors()[0]
-        variable = "_".join(str(part) for part in first["loc"]).upper() or "configuration"
+        variable = "_".join(str(part) for part in first["loc"]).upper()
+        if not variable:  # a rule between variables; its message names them
+            raise ConfigurationError(
+                f"{first['msg'].removeprefix('Value error, ')}; fix the environment and try again"
+            ) from None
         raise ConfigurationError(
             f"{variable}: {first['msg']} (got {first.get('input')!r}); "
             f"fix the environment variable {variable} and try again"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llm_usage.errors import ConfigurationError
@@ -67,3 +69,24 @@ def test_bad_value_names_the_variable_in_one_line(
     assert variable in message
     assert value in message
     assert "\n" not in message
+
+
+def test_sasl_without_a_password_is_one_line_naming_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.delenv("KAFKA_SASL_PASSWORD", raising=False)
+    with pytest.raises(ConfigurationError, match="KAFKA_SASL_PASSWORD are required"):
+        load_settings()
+
+
+def test_an_unreadable_ca_file_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("KAFKA_SSL_CAFILE", "/nonexistent/ca.pem")
+    settings = load_settings()
+    with pytest.raises(
+        ConfigurationError, match=re.escape("KAFKA_SSL_CAFILE='/nonexistent/ca.pem'")
+    ):
+        settings.kafka_client_options()
