@@ -148,6 +148,7 @@ async def _measure_consumer(
     # one batch. Freezing them keeps the garbage collector from rescanning them during (a).
     gc.collect()
     gc.freeze()
+    cpu_before = time.process_time()
     consumer = await run_consumer(
         bench,
         name="usage",
@@ -160,6 +161,11 @@ async def _measure_consumer(
     )
     assert consumer.first_fetch_at is not None
     assert consumer.last_commit_at is not None
+    busy = consumer.last_commit_at - consumer.first_fetch_at
+    print(
+        f"consumer CPU {time.process_time() - cpu_before:.1f} s (whole run, with start and idle "
+        f"exit) for {busy:.1f} s from first fetch to last commit"
+    )
     return Measurement(
         "(a) usage consumer, Kafka to Postgres",
         len(stream),
