@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import structlog
+from prometheus_client import CollectorRegistry
 
 from consumers.runtime.loop import BatchOutcome, Record
 from consumers.runtime.worker import run_consumer
@@ -121,7 +122,12 @@ async def require_migrated(pool: asyncpg.Pool) -> None:
             )
 
 
-async def run_usage_consumer(settings: Settings, *, exit_when_idle: float | None = None) -> None:
+async def run_usage_consumer(
+    settings: Settings,
+    *,
+    exit_when_idle: float | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
     """`llm-usage consume usage`: run until SIGTERM/SIGINT, or until idle that long."""
     await run_consumer(
         settings,
@@ -131,4 +137,5 @@ async def run_usage_consumer(settings: Settings, *, exit_when_idle: float | None
         make_handler=lambda pool: UsageRecorder(pool=pool),
         check_database=require_migrated,
         exit_when_idle=exit_when_idle,
+        registry=registry,
     )

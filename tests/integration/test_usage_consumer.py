@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from consumers.usage import run_usage_consumer
 from storage.migrate import migrate
@@ -49,9 +50,21 @@ async def topics(
     )
 
 
-async def consume_until_idle(topics: PipelineTopics, idle_seconds: float = 1.5) -> None:
+async def consume_until_idle(
+    topics: PipelineTopics, idle_seconds: float = 1.5
+) -> CollectorRegistry:
+    """Run the consumer in this process until it is idle; return the metrics it recorded."""
+    registry = CollectorRegistry()
     await asyncio.wait_for(
-        run_usage_consumer(topics.settings, exit_when_idle=idle_seconds), timeout=120
+        run_usage_consumer(topics.settings, exit_when_idle=idle_seconds, registry=registry),
+        timeout=120,
+    )
+    return registry
+
+
+def events_counted(registry: CollectorRegistry, result: str) -> float | None:
+    return registry.get_sample_value(
+        "llm_usage_consumer_events_total", {"consumer": "usage", "result": result}
     )
 
 
@@ -104,7 +117,9 @@ async def test_conflicting_duplicate_keeps_first_and_dead_letters(
     await produce(
         topics.settings.kafka_bootstrap_servers, topics.usage, [(key, encode(conflicting))]
     )
-    await consume_until_idle(topics)
+    metrics = await consume_until_idle(topics)
+    assert events_counted(metrics, "conflict") == 1
+    assert events_counted(metrics, "recorded") is None
 
     rows = await stored_for(pool, [first["gateway_request_id"]])
     assert [row["customer_charge_usd"] for row in rows] == [Decimal("1.25")]
@@ -154,7 +169,13 @@ async def test_each_malformed_kind_is_dead_lettered_while_good_events_around_it_
             records.append((key, list(bad.values())[index // 10]))
     records.append((key, b"[1, 2, 3]"))  # JSON, but not an object
     await produce(topics.settings.kafka_bootstrap_servers, topics.usage, records)
-    await consume_until_idle(topics)
+    metrics = await consume_until_idle(topics)
+    assert events_counted(metrics, "recorded") == len(good)
+    assert events_counted(metrics, "dead_lettered") == 4
+    for reason in ("invalid_json", "too_large", "schema_violation"):
+        assert metrics.get_sample_value(
+            "llm_usage_consumer_dead_letters_total", {"consumer": "usage", "reason": reason}
+        ) == (2 if reason == "schema_violation" else 1)
 
     count, total = await tenant_totals(pool, tenant)
     assert count == len(good)
