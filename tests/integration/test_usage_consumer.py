@@ -371,3 +371,38 @@ async def test_unreachable_broker_stops_with_one_clear_line(topics: PipelineTopi
     assert await consumer.finished(within=90) == 2
     assert consumer.lines[-1].startswith("llm-usage: error: cannot reach Kafka at 127.0.0.1:9")
     assert not any("Traceback" in line for line in consumer.lines)
+
+
+async def test_a_member_joining_mid_stream_neither_loses_nor_doubles_anything(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> None:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=6
+    )
+    tenant = unique("tenant")
+    events = [usage_event(tenant, customer_charge_usd=f"0.{i:06d}") for i in range(1, 20001)]
+    await produce(
+        kafka_bootstrap_servers,
+        topics.usage,
+        [(f"k{i % 12}".encode(), encode(e)) for i, e in enumerate(events)],
+    )
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "50"}
+    first = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
+
+    async def under_way() -> bool:
+        return (await tenant_totals(pool, tenant))[0] > 1000
+
+    await wait_until(under_way, within=60, message="the first member stored nothing")
+    # Joining forces a rebalance while the first member holds a batch in flight.
+    second = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
+    for member in (first, second):
+        assert await member.finished(within=150) == 0, member.log_tail()
+
+    assert await tenant_totals(pool, tenant) == (
+        len(events),
+        sum(Decimal(e["customer_charge_usd"]) for e in events),
+    )
+    assert first.logged("Partitions revoked."), "no rebalance happened"
+    recorded = [m.logged("Consumer stopped.")[0].get("recorded", 0) for m in (first, second)]
+    assert sum(recorded) == len(events)
+    assert recorded[1] > 0, "the joining member never took over any work"
