@@ -66,8 +66,10 @@ def settle_batch(
     for gateway_request_id, found in batch.occurrences.items():
         if gateway_request_id in inserted:
             counts["recorded"] += 1
-            truth: Mapping[str, Any] = conflict_view(found[0][1])
             others = found[1:]
+            if not others:  # the common case: nothing to compare
+                continue
+            truth: Mapping[str, Any] = conflict_view(found[0][1])
         else:
             if gateway_request_id not in stored:
                 raise LookupError(
