@@ -186,7 +186,7 @@ async def test_consumer_killed_mid_stream_and_restarted_stores_every_event_once(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
     tenant = unique("tenant")
-    events = [usage_event(tenant, customer_charge_usd=f"0.{i:06d}") for i in range(1, 6001)]
+    events = [usage_event(tenant, customer_charge_usd=f"0.{i:06d}") for i in range(1, 20001)]
     expected_total = sum(Decimal(e["customer_charge_usd"]) for e in events)
     key = tenant.encode()
     await produce(
