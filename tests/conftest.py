@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
@@ -24,13 +23,7 @@ from deploy.local.kafka import KafkaCluster, free_port_block
 from deploy.local.paths import state_dir
 from deploy.local.postgres import LocalPostgres
 from llm_usage.errors import LocalServiceError
-
-
-def service_unavailable(reason: str) -> NoReturn:
-    """Skip the test that needs a missing service; under CI=true, fail it instead."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+from tests.unavailable import service_unavailable
 
 
 @dataclass

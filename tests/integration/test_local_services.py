@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import asyncpg
 import pytest
@@ -22,13 +20,7 @@ from deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
 from deploy.local.paths import state_dir
 from deploy.local.postgres import LocalPostgres
 from llm_usage.errors import LocalServiceError
-
-
-def service_unavailable(reason: str) -> NoReturn:
-    """Skip when a tool the launcher needs is missing; under CI=true, fail instead."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+from tests.unavailable import service_unavailable
 
 
 async def create_topic(bootstrap_servers: str, *, partitions: int, replication_factor: int) -> str:
