@@ -5,21 +5,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.structs import ConsumerRecord
 
 from deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
 from deploy.local.paths import state_dir
 from deploy.local.postgres import LocalPostgres
 from llm_usage.errors import LocalServiceError
+from tests.integration.pipeline import read_topic
 from tests.unavailable import service_unavailable
 
 
@@ -34,27 +33,6 @@ async def create_topic(bootstrap_servers: str, *, partitions: int, replication_f
     return topic
 
 
-async def read_back(
-    bootstrap_servers: str, topic: str, *, partitions: int, expected: int, within: float = 30
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read `topic` from the start until `expected` records came or `within` seconds passed."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        # Assigned by number: a consumer started before the topic existed has no metadata for it.
-        assignment = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(assignment)
-        await consumer.seek_to_beginning(*assignment)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + within
-        while len(records) < expected and time.monotonic() < deadline:
-            fetched = await consumer.getmany(timeout_ms=200)
-            records.extend(record for batch in fetched.values() for record in batch)
-        return records
-    finally:
-        await consumer.stop()
-
-
 async def test_single_broker_creates_a_topic_and_returns_what_was_produced(
     kafka_bootstrap_servers: str,
 ) -> None:
@@ -66,7 +44,7 @@ async def test_single_broker_creates_a_topic_and_returns_what_was_produced(
     finally:
         await producer.stop()
 
-    [record] = await read_back(kafka_bootstrap_servers, topic, partitions=2, expected=1)
+    [record] = await read_topic(kafka_bootstrap_servers, topic, expected=1)
 
     assert (record.key, record.value) == (b"tenant-1", b"hello")
 
@@ -111,7 +89,7 @@ async def test_three_brokers_keep_accepting_idempotent_writes_after_one_is_kille
         await producer.stop()
 
     survivors = ",".join(address for i, address in enumerate(servers.split(",")) if i != leader - 1)
-    records = await read_back(survivors, topic, partitions=3, expected=120)
+    records = await read_topic(survivors, topic, expected=120)
     assert sorted(r.value for r in records) == sorted(
         [f"before-{i}".encode() for i in range(60)] + [f"after-{i}".encode() for i in range(60)]
     )
