@@ -11,13 +11,13 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.loop import BatchOutcome, Record
-from consumers.runtime.worker import run_consumer
-from consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
-from llm_usage.errors import ConfigurationError
-from llm_usage.settings import Settings
-from storage.pool import Connection
-from storage.usage_events import (
+from llm_usage.consumers.runtime.loop import BatchOutcome, Record
+from llm_usage.consumers.runtime.worker import run_consumer
+from llm_usage.consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
+from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.settings import Settings
+from llm_usage.storage.pool import Connection
+from llm_usage.storage.usage_events import (
     copy_usage_events,
     insert_new_usage_events,
     stored_conflict_fields,

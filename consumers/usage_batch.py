@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from consumers.runtime.dead_letters import DeadLetter
-from consumers.runtime.loop import BatchOutcome, Record
-from schemas.dead_letter import DeadLetterReason, Rejection
-from schemas.decoding import decode_usage_event
-from schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
+from llm_usage.consumers.runtime.dead_letters import DeadLetter
+from llm_usage.consumers.runtime.loop import BatchOutcome, Record
+from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
+from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
 
 
 @dataclass

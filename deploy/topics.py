@@ -8,8 +8,8 @@ import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from llm_usage.errors import ServiceUnreachableError
-from llm_usage.settings import Settings
+from llm_usage.core.errors import ServiceUnreachableError
+from llm_usage.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 

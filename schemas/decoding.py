@@ -10,8 +10,8 @@ from typing import NoReturn
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from schemas.dead_letter import DeadLetterReason, Rejection
-from schemas.usage_event import NO_NUL_PATTERN, UsageEvent, json_kind
+from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
+from llm_usage.schemas.usage_event import NO_NUL_PATTERN, UsageEvent, json_kind
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_DETAIL_CHARS = 500

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageEvent
 
 SCHEMA_PATH = Path(__file__).with_name("usage_event.v1.schema.json")
 

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-from schemas.money import cents_to_usd, usd_to_cents
+from llm_usage.schemas.money import cents_to_usd, usd_to_cents
 
 EVENT_TYPE: Final = "llm_usage_recorded"
 SCHEMA_VERSION: Final = 1

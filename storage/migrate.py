@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from storage.pool import Connection
+from llm_usage.storage.pool import Connection
 
 # Any constant works; it only has to be the same in every process that migrates this database.
 _MIGRATION_LOCK_KEY = 0x6C6C6D5F75736167  # "llm_usag"
@@ -19,7 +19,7 @@ class Migration:
 
 def bundled_migrations() -> list[Migration]:
     """The `storage/migrations/*.sql` files shipped with the package, in the order to apply them."""
-    folder = resources.files("storage") / "migrations"
+    folder = resources.files("llm_usage.storage") / "migrations"
     files = sorted(
         (entry for entry in folder.iterdir() if entry.name.endswith(".sql")),
         key=lambda entry: entry.name,

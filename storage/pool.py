@@ -7,7 +7,7 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from llm_usage.errors import ConfigurationError, ServiceUnreachableError
+from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError
 
 # What query functions accept: a plain connection or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"

@@ -6,8 +6,8 @@ import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.usage_event import CONFLICT_FIELDS, UsageEvent
-from storage.pool import Connection
+from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageEvent
+from llm_usage.storage.pool import Connection
 
 # Column name → PostgreSQL type, in table order; `received_at` is filled in by the database.
 USAGE_EVENT_COLUMNS: Mapping[str, str] = {

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.kafka import KafkaCluster, free_port_block
-from deploy.local.paths import state_dir
-from deploy.local.postgres import LocalPostgres
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.local.kafka import KafkaCluster, free_port_block
+from llm_usage.deploy.local.paths import state_dir
+from llm_usage.deploy.local.postgres import LocalPostgres
 from tests.unavailable import service_unavailable
 
 

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
-from schemas.dead_letter import DeadLetterReason, dead_letter_headers
+from llm_usage.schemas.dead_letter import DeadLetterReason, dead_letter_headers
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from llm_usage.errors import ConfigurationError
+from llm_usage.core.errors import ConfigurationError
 
 StartResponse = Callable[..., Any]
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from llm_usage.errors import ConfigurationError, MissingTopicError, ServiceUnreachableError
-from llm_usage.settings import Settings
+from llm_usage.core.errors import ConfigurationError, MissingTopicError, ServiceUnreachableError
+from llm_usage.core.settings import Settings
 
 T = TypeVar("T")
 
@@ -21,6 +21,8 @@ def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKaf
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # Records of a transaction the gateway aborted (or has not committed yet) are never usage.
+        isolation_level="read_committed",
         max_poll_records=max_batch,
         # A big fetch keeps a replica busy between round trips; records stay bounded by max_batch.
         fetch_max_bytes=64 * 1024 * 1024,

@@ -21,11 +21,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from consumers.runtime.dead_letters import DeadLetter, publish_dead_letters
-from consumers.runtime.health import HealthState
-from consumers.runtime.metrics import ConsumerMetrics
-from consumers.runtime.retry import is_transient, retry_transient
-from schemas.dead_letter import DeadLetterReason
+from llm_usage.consumers.runtime.dead_letters import DeadLetter, publish_dead_letters
+from llm_usage.consumers.runtime.health import HealthState
+from llm_usage.consumers.runtime.metrics import ConsumerMetrics
+from llm_usage.consumers.runtime.retry import is_transient, retry_transient
+from llm_usage.schemas.dead_letter import DeadLetterReason
 
 log = structlog.get_logger(__name__)
 

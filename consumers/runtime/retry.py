@@ -18,7 +18,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from storage.pool import CONNECTION_ERRORS
+from llm_usage.storage.pool import CONNECTION_ERRORS
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)

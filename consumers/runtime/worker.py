@@ -11,12 +11,17 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.health import HealthState, serve_probes
-from consumers.runtime.kafka_clients import new_consumer, new_producer, require_topics, start_client
-from consumers.runtime.loop import BatchConsumer, BatchHandler, LoopOptions
-from consumers.runtime.metrics import ConsumerMetrics
-from llm_usage.settings import Settings
-from storage.pool import create_pool
+from llm_usage.consumers.runtime.health import HealthState, serve_probes
+from llm_usage.consumers.runtime.kafka_clients import (
+    new_consumer,
+    new_producer,
+    require_topics,
+    start_client,
+)
+from llm_usage.consumers.runtime.loop import BatchConsumer, BatchHandler, LoopOptions
+from llm_usage.consumers.runtime.metrics import ConsumerMetrics
+from llm_usage.core.settings import Settings
+from llm_usage.storage.pool import create_pool
 
 log = structlog.get_logger(__name__)
 

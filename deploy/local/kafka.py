@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.local.paths import cache_dir
-from deploy.local.processes import runs_with
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.local.paths import cache_dir
+from llm_usage.deploy.local.processes import runs_with
 
 _KAFKA_DIR = Path(__file__).resolve().parent.parent / "kafka"
 POM = _KAFKA_DIR / "pom.xml"

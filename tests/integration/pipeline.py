@@ -17,9 +17,9 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from deploy.topics import ensure_topics
-from llm_usage.settings import Settings
-from schemas.money import usd_to_cents
+from llm_usage.core.settings import Settings
+from llm_usage.deploy.topics import ensure_topics
+from llm_usage.schemas.money import usd_to_cents
 
 
 class RestartablePostgres(Protocol):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import asyncpg
 
-from consumers.usage import run_usage_consumer
-from storage.migrate import migrate
+from llm_usage.consumers.usage import run_usage_consumer
+from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import create_pipeline_topics, stored_for
 
 EXAMPLE = Path(__file__).parents[2] / "docs" / "examples" / "publish_usage_event.py"

@@ -14,10 +14,10 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
-from deploy.local.paths import state_dir
-from deploy.local.postgres import LocalPostgres
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
+from llm_usage.deploy.local.paths import state_dir
+from llm_usage.deploy.local.postgres import LocalPostgres
 from tests.integration.pipeline import read_topic
 from tests.unavailable import service_unavailable
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from storage.migrate import bundled_migrations, migrate
+from llm_usage.storage.migrate import bundled_migrations, migrate
 from tests.integration.pipeline import unique
 
 

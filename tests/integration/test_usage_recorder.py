@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-import consumers.usage
-import storage.usage_events
-from consumers.runtime.loop import Record
-from consumers.usage import UsageRecorder
+import llm_usage.consumers.usage
+import llm_usage.storage.usage_events
+from llm_usage.consumers.runtime.loop import Record
+from llm_usage.consumers.usage import UsageRecorder
 from tests.integration.pipeline import stored_for, unique, usage_event
 from tests.records import consumer_record
 
@@ -59,7 +59,7 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
     await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([theirs]))
 
     # ... but our look-up ran before its commit, so it found nothing stored.
-    real_lookup = storage.usage_events.stored_conflict_fields
+    real_lookup = llm_usage.storage.usage_events.stored_conflict_fields
     lookups: list[int] = []
 
     async def lookup_that_lost_the_race(
@@ -68,7 +68,9 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
         lookups.append(len(ids))
         return {} if len(lookups) == 1 else await real_lookup(connection, ids)
 
-    monkeypatch.setattr(consumers.usage, "stored_conflict_fields", lookup_that_lost_the_race)
+    monkeypatch.setattr(
+        llm_usage.consumers.usage, "stored_conflict_fields", lookup_that_lost_the_race
+    )
     batch = records([*mine[:2], conflicting, mine[2]])
     outcome = await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(batch)
 

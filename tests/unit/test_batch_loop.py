@@ -17,9 +17,9 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.health import HealthState
-from consumers.runtime.loop import BatchConsumer, BatchOutcome, LoopOptions, Record
-from consumers.runtime.metrics import ConsumerMetrics
+from llm_usage.consumers.runtime.health import HealthState
+from llm_usage.consumers.runtime.loop import BatchConsumer, BatchOutcome, LoopOptions, Record
+from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from tests.records import consumer_record
 
 TP = TopicPartition("usage", 0)  # where tests.records puts its records

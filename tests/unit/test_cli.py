@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_usage.cli import run
+from llm_usage.cli.main import run
 
 
 def test_bad_configuration_is_one_line_and_exit_2(

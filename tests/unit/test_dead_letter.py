@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from schemas.dead_letter import (
+from llm_usage.schemas.dead_letter import (
     DLQ_HEADER_NAMES,
     DeadLetterReason,
     Rejection,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.dead_letter import DeadLetterReason, Rejection
-from schemas.decoding import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, decode_usage_event
-from schemas.usage_event import UsageEvent
+from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
+from llm_usage.schemas.decoding import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, decode_usage_event
+from llm_usage.schemas.usage_event import UsageEvent
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 BASE_EVENT = (

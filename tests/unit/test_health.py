@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from consumers.runtime.health import HealthState, ProbeServer, serve_probes
+from llm_usage.consumers.runtime.health import HealthState, ProbeServer, serve_probes
 
 
 @pytest.fixture

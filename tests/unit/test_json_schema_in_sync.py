@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas import json_schema
-from schemas.json_schema import SCHEMA_PATH, render_usage_event_json_schema, usage_event_json_schema
-from schemas.usage_event import UsageEvent
+from llm_usage.schemas import json_schema
+from llm_usage.schemas.json_schema import (
+    SCHEMA_PATH,
+    render_usage_event_json_schema,
+    usage_event_json_schema,
+)
+from llm_usage.schemas.usage_event import UsageEvent
 
 
 def test_the_committed_schema_file_matches_the_model() -> None:

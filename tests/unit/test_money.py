@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.money import cents_to_usd, round_half_up, sum_exact, usd_to_cents
+from llm_usage.schemas.money import cents_to_usd, round_half_up, sum_exact, usd_to_cents
 
 # Every value a decimal field of the usage event can carry: 12 digits before the point, 18 after.
 EVENT_DECIMALS = st.decimals(

@@ -12,7 +12,7 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from consumers.runtime.retry import is_transient, retry_transient
+from llm_usage.consumers.runtime.retry import is_transient, retry_transient
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from llm_usage.errors import ConfigurationError
-from llm_usage.settings import load_settings
+from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.settings import load_settings
 
 
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:

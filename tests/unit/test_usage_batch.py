@@ -9,8 +9,8 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumers.usage_batch import conflict_view, decode_batch, settle_batch
-from schemas.dead_letter import DeadLetterReason
+from llm_usage.consumers.usage_batch import conflict_view, decode_batch, settle_batch
+from llm_usage.schemas.dead_letter import DeadLetterReason
 from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas.usage_event import (
+from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
     CONFLICT_FIELDS,
     MissingNowError,

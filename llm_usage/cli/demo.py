@@ -16,12 +16,12 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from tqdm import tqdm
 
-from consumers.runtime.kafka_clients import new_producer, start_client
-from llm_usage.local_run import prepare, settings_for_local_run
-from llm_usage.sample_events import sample_stream
-from llm_usage.settings import Settings
-from schemas.money import usd_to_cents
-from storage.pool import create_pool
+from llm_usage.cli.local_run import prepare, settings_for_local_run
+from llm_usage.cli.sample_events import sample_stream
+from llm_usage.consumers.runtime.kafka_clients import new_producer, start_client
+from llm_usage.core.settings import Settings
+from llm_usage.schemas.money import usd_to_cents
+from llm_usage.storage.pool import create_pool
 
 DEMO_EVENTS = 600
 DEMO_DUP_RATE = 0.05

@@ -21,19 +21,19 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.kafka_clients import new_producer, start_client
-from consumers.runtime.worker import run_consumer
-from consumers.usage import UsageRecorder, require_migrated
-from deploy.topics import ensure_topics
-from llm_usage.local_run import settings_for_local_run
-from llm_usage.logs import configure_logging
-from llm_usage.sample_events import sample_stream
-from llm_usage.settings import Settings
-from schemas.dead_letter import Rejection
-from schemas.decoding import decode_usage_event
-from schemas.usage_event import UsageEvent
-from storage.migrate import migrate
-from storage.usage_events import USAGE_EVENT_COLUMNS, usage_event_row
+from llm_usage.cli.local_run import settings_for_local_run
+from llm_usage.cli.sample_events import sample_stream
+from llm_usage.consumers.runtime.kafka_clients import new_producer, start_client
+from llm_usage.consumers.runtime.worker import run_consumer
+from llm_usage.consumers.usage import UsageRecorder, require_migrated
+from llm_usage.core.logs import configure_logging
+from llm_usage.core.settings import Settings
+from llm_usage.deploy.topics import ensure_topics
+from llm_usage.schemas.dead_letter import Rejection
+from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.storage.migrate import migrate
+from llm_usage.storage.usage_events import USAGE_EVENT_COLUMNS, usage_event_row
 
 BENCH_DATABASE = "llm_usage_bench"
 _NAIVE_INSERT = (

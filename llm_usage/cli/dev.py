@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.local.kafka import KafkaCluster
-from deploy.local.paths import state_dir
-from deploy.local.postgres import LocalPostgres
-from llm_usage.errors import LocalServiceError
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.local.kafka import KafkaCluster
+from llm_usage.deploy.local.paths import state_dir
+from llm_usage.deploy.local.postgres import LocalPostgres
 
 _RECORD = "dev.json"
 _NOTHING_RUNNING = "nothing is running; run `llm-usage dev up`"

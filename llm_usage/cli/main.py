@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from llm_usage.errors import UserFacingError
-from llm_usage.logs import configure_logging
-from llm_usage.settings import Settings, load_settings
+from llm_usage.core.errors import UserFacingError
+from llm_usage.core.logs import configure_logging
+from llm_usage.core.settings import Settings, load_settings
 
 
 def _positive_seconds(text: str) -> float:
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(settings: Settings) -> None:
-    from storage.migrate import migrate
-    from storage.pool import create_pool
+    from llm_usage.storage.migrate import migrate
+    from llm_usage.storage.pool import create_pool
 
     pool = await create_pool(settings.database_url, size=1)
     try:
@@ -119,7 +119,7 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _topics_ensure(settings: Settings, args: argparse.Namespace) -> None:
-    from deploy.topics import ensure_topics, pipeline_topics
+    from llm_usage.deploy.topics import ensure_topics, pipeline_topics
 
     states = await ensure_topics(
         settings,
@@ -133,7 +133,7 @@ async def _topics_ensure(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _dev(args: argparse.Namespace) -> None:
-    from llm_usage import dev
+    from llm_usage.cli import dev
 
     if args.dev_command == "up":
         environment = dev.dev_up(kafka_port=args.kafka_port, nodes=args.nodes)
@@ -168,7 +168,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             _dev(args)
             return 0
         if args.command == "demo":
-            from llm_usage.demo import run_demo
+            from llm_usage.cli.demo import run_demo
 
             run_demo()
             return 0
@@ -177,13 +177,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "consume":
-            from consumers.usage import run_usage_consumer
+            from llm_usage.consumers.usage import run_usage_consumer
 
             asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
         elif args.command == "topics":
             asyncio.run(_topics_ensure(settings, args))
         elif args.command == "bench":
-            from llm_usage.bench import run_ingest_benchmark
+            from llm_usage.cli.bench import run_ingest_benchmark
 
             asyncio.run(
                 run_ingest_benchmark(

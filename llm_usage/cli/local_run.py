@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from deploy.topics import ensure_topics, pipeline_topics
-from llm_usage.dev import dev_up
-from llm_usage.settings import Settings, load_settings
-from storage.migrate import migrate
-from storage.pool import create_pool
+from llm_usage.cli.dev import dev_up
+from llm_usage.core.settings import Settings, load_settings
+from llm_usage.deploy.topics import ensure_topics, pipeline_topics
+from llm_usage.storage.migrate import migrate
+from llm_usage.storage.pool import create_pool
 
 
 def settings_for_local_run() -> Settings:
