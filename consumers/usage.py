@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -11,12 +10,13 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.runtime.loop import BatchOutcome, Record
+from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
+from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec
 from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
-from llm_usage.storage.pool import Connection
+from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.usage_events import (
     copy_usage_events,
     insert_new_usage_events,
@@ -56,7 +56,7 @@ class UsageRecorder:
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         now = self._clock()
-        async with self._pool.acquire() as connection:
+        async with connection_from(self._pool) as connection:
             try:
                 return await self._land(connection, records, now=now, copy=True)
             except asyncpg.exceptions.UniqueViolationError:
@@ -82,10 +82,22 @@ class UsageRecorder:
                     writing = None
             finally:
                 if writing is not None:  # an error before the last chunk was awaited
-                    writing.cancel()
-                    with contextlib.suppress(BaseException):
-                        await writing
+                    await _cancel_quietly(writing)
         return outcome
+
+
+async def _cancel_quietly(task: asyncio.Task[BatchOutcome]) -> None:
+    """Cancel a chunk write whose batch already failed; its own error adds nothing. A
+    cancellation of *this* task (shutdown) still propagates."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # noqa: BLE001, S110 - the batch's first error is the one raised
+        pass
 
 
 async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedBatch:
@@ -130,12 +142,21 @@ async def run_usage_consumer(
 ) -> None:
     """`llm-usage consume usage`: run until SIGTERM/SIGINT, or until idle that long."""
     await run_consumer(
-        settings,
+        settings, usage_consumer_spec(settings), exit_when_idle=exit_when_idle, registry=registry
+    )
+
+
+def usage_consumer_spec(settings: Settings) -> ConsumerSpec:
+    """The usage consumer as the runtime runs it: its topic, group, handler and DLQ."""
+
+    def make_handler(context: ConsumerContext) -> UsageRecorder:
+        return UsageRecorder(pool=context.pool)
+
+    return ConsumerSpec(
         name="usage",
         topic=settings.usage_topic,
         group_id=settings.usage_group_id,
-        make_handler=lambda pool: UsageRecorder(pool=pool),
+        make_handler=make_handler,
+        dead_letter_topic=settings.dlq_topic,
         check_database=require_migrated,
-        exit_when_idle=exit_when_idle,
-        registry=registry,
     )

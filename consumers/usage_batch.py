@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from llm_usage.consumers.runtime.dead_letters import DeadLetter
-from llm_usage.consumers.runtime.loop import BatchOutcome, Record
+from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
+from llm_usage.core.errors import TransientError
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
@@ -25,6 +25,10 @@ class DecodedBatch:
     def first_occurrences(self) -> list[UsageEvent]:
         """One event per id: the one to try to insert."""
         return [found[0][1] for found in self.occurrences.values()]
+
+
+class StoredRowVanishedError(TransientError):
+    """A row the batch relied on was gone by the time it was settled: land the batch again."""
 
 
 def decode_batch(
@@ -59,31 +63,31 @@ def settle_batch(
     otherwise the row stored before. Every other occurrence is a duplicate when it agrees with the
     truth and a conflicting duplicate (dead-lettered, never written) when it does not.
     """
-    counts: Counter[str] = Counter()
+    counts: Counter[BatchResult] = Counter()
     dead_letters = list(batch.rejected)
     if batch.rejected:
-        counts["dead_lettered"] = len(batch.rejected)
+        counts[BatchResult.DEAD_LETTERED] = len(batch.rejected)
     for gateway_request_id, found in batch.occurrences.items():
         if gateway_request_id in inserted:
-            counts["recorded"] += 1
+            counts[BatchResult.RECORDED] += 1
             others = found[1:]
             if not others:  # the common case: nothing to compare
                 continue
             truth: Mapping[str, Any] = conflict_view(found[0][1])
         else:
             if gateway_request_id not in stored:
-                raise LookupError(
+                raise StoredRowVanishedError(
                     f"{gateway_request_id!r} was neither inserted nor found stored; "
-                    "was it deleted while the batch was written?"
+                    "was it deleted while the batch was written? landing the batch again"
                 )
             truth = stored[gateway_request_id]
             others = found
         for record, event in others:
             differing = conflicting_fields(truth, conflict_view(event))
             if not differing:
-                counts["duplicate"] += 1
+                counts[BatchResult.DUPLICATE] += 1
                 continue
-            counts["conflict"] += 1
+            counts[BatchResult.CONFLICT] += 1
             detail = (
                 f"gateway_request_id {gateway_request_id!r} is already stored with a different "
                 + ", ".join(differing)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError
+from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError, TransientError
 
 # What query functions accept: a plain connection or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -25,6 +27,28 @@ _UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
     asyncpg.exceptions.PostgresError,
 )
+
+
+class DatabaseUnavailableError(TransientError):
+    """No connection could be had: the server is restarting, failing over, or unreachable."""
+
+
+@asynccontextmanager
+async def connection_from(
+    pool: asyncpg.Pool,
+) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+    """Borrow a connection; failing to open one (any socket error, e.g. a unix socket that is
+    gone while the server restarts) is a DatabaseUnavailableError, which workers retry."""
+    try:
+        connection = await pool.acquire()
+    except _UNREACHABLE_ERRORS as error:
+        raise DatabaseUnavailableError(
+            f"cannot open a database connection: {type(error).__name__}: {error}"
+        ) from error
+    try:
+        yield connection
+    finally:
+        await pool.release(connection)
 
 
 async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:

@@ -1,4 +1,5 @@
-"""Publishing rejected records to the dead-letter topic: original key and bytes, reason headers."""
+"""The dead-letter sink: rejected records go to a topic with their original key and bytes, and
+headers that say why and where they came from."""
 
 from __future__ import annotations
 
@@ -6,21 +7,34 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.structs import ConsumerRecord
 
-from llm_usage.schemas.dead_letter import DeadLetterReason, dead_letter_headers
+from llm_usage.consumers.runtime.outcome import DeadLetter
+from llm_usage.schemas.dead_letter import dead_letter_headers
+
+
+class DeadLetterSink(Protocol):
+    """Where a consumer's rejected records go. A consumer without one never rejects a record."""
+
+    @property
+    def topic(self) -> str: ...
+
+    async def publish(self, dead_letters: Sequence[DeadLetter], *, failed_at: datetime) -> None:
+        """Return once every dead letter is acknowledged; raise if any was not."""
 
 
 @dataclass(frozen=True)
-class DeadLetter:
-    """A consumed record that will not be stored, and why."""
+class KafkaDeadLetterSink:
+    """Dead letters on a Kafka topic, sent with the worker's idempotent producer."""
 
-    record: ConsumerRecord  # aiokafka ships no types
-    reason: DeadLetterReason
-    detail: str
+    producer: AIOKafkaProducer
+    topic: str
+
+    async def publish(self, dead_letters: Sequence[DeadLetter], *, failed_at: datetime) -> None:
+        await publish_dead_letters(self.producer, self.topic, dead_letters, failed_at=failed_at)
 
 
 async def publish_dead_letters(

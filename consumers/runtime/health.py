@@ -1,4 +1,5 @@
-"""`/metrics`, `/healthz` and `/readyz` on METRICS_PORT, served from a daemon thread."""
+"""`/metrics`, `/healthz` and `/readyz` on METRICS_PORT, served by a thread per request (so one
+slow client cannot block the kubelet's probes)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from llm_usage.core.errors import ConfigurationError
 
@@ -18,23 +20,40 @@ StartResponse = Callable[..., Any]
 
 @dataclass
 class HealthState:
-    """What the probes report. Written by the event loop, read by the HTTP thread.
+    """What the probes report. Written by the event loop, read by the HTTP threads.
 
-    Plain attribute writes are atomic under the GIL, which is all the sharing this needs.
+    Ready means: the member has joined its group and nothing is holding work back (a batch being
+    retried, a partition stopped at a batch it cannot decode). Each hold has a name, so that one
+    clearing does not hide another. Dict writes and reads are atomic under the GIL.
     """
 
     stall_after_seconds: float = 120.0
-    ready: bool = False
-    reason: str = "starting"
+    has_joined: bool = False
+    holds: dict[str, str] = field(default_factory=dict)
     last_progress: float = field(default_factory=time.monotonic)
 
     def progressed(self) -> None:
         """The loop is alive: it finished a poll or a batch."""
         self.last_progress = time.monotonic()
 
-    def set_ready(self, ready: bool, reason: str = "") -> None:
-        self.ready = ready
-        self.reason = reason
+    def joined_group(self) -> None:
+        self.has_joined = True
+
+    def hold(self, name: str, reason: str) -> None:
+        self.holds[name] = reason
+
+    def release(self, name: str) -> None:
+        self.holds.pop(name, None)
+
+    @property
+    def ready(self) -> bool:
+        return self.has_joined and not self.holds
+
+    @property
+    def reason(self) -> str:
+        if not self.has_joined:
+            return "not in the consumer group yet"
+        return "; ".join(sorted(dict(self.holds).values()))
 
     def is_alive(self) -> bool:
         return time.monotonic() - self.last_progress < self.stall_after_seconds
@@ -85,7 +104,13 @@ def serve_probes(*, port: int, registry: CollectorRegistry, state: HealthState) 
     """Serve the registry and the probes on `port` (0 picks a free one)."""
     app = _probe_app(state, make_wsgi_app(registry))
     try:
-        server = make_server("0.0.0.0", port, app, handler_class=_QuietHandler)  # noqa: S104
+        server = make_server(
+            "0.0.0.0",  # noqa: S104 - probes come from the kubelet and Prometheus, not loopback
+            port,
+            app,
+            server_class=ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
     except OSError as error:
         raise ConfigurationError(
             f"cannot serve metrics on port {port} ({error.strerror}); "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -17,13 +19,16 @@ class ConsumerMetrics:
     batch_duration: Histogram
     lag: Gauge
     retries: Counter
+    undecodable_batches: Counter
+    stopped_partitions: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
         return cls(
             events=Counter(
                 "llm_usage_consumer_events_total",
-                "Records handled, by result: recorded, duplicate, conflict, dead_lettered.",
+                "Records handled, by result: recorded, duplicate, conflict, dead_lettered, "
+                "refused_by_database.",
                 ["consumer", "result"],
                 registry=registry,
             ),
@@ -49,7 +54,8 @@ class ConsumerMetrics:
             ),
             lag=Gauge(
                 "llm_usage_consumer_lag",
-                "Records between the committed offset and the partition's high watermark.",
+                "Records between this member's last committed offset (its fetch position until "
+                "its first commit) and the partition's high watermark.",
                 ["consumer", "topic", "partition"],
                 registry=registry,
             ),
@@ -59,4 +65,23 @@ class ConsumerMetrics:
                 ["consumer", "operation"],
                 registry=registry,
             ),
+            undecodable_batches=Counter(
+                "llm_usage_consumer_undecodable_batches_total",
+                "Fetches that hit a record batch the consumer cannot decode (corrupt, or a codec "
+                "it lacks); the partition stops there until it can be read.",
+                ["consumer", "topic", "partition"],
+                registry=registry,
+            ),
+            stopped_partitions=Gauge(
+                "llm_usage_consumer_stopped_partitions",
+                "Partitions this member holds but does not read: stopped at a batch it cannot "
+                "decode. Anything above 0 needs a person (see docs/operations.md).",
+                ["consumer"],
+                registry=registry,
+            ),
         )
+
+    def forget_partition(self, consumer: str, tp: TopicPartition) -> None:
+        """A revoked partition's lag is its next owner's to report."""
+        with contextlib.suppress(KeyError):  # no lag was reported for it yet
+            self.lag.remove(consumer, tp.topic, str(tp.partition))

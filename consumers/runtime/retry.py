@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
 import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 from tenacity.stop import stop_base
 
-from llm_usage.storage.pool import CONNECTION_ERRORS
+from llm_usage.core.errors import TransientError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
-_TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
+# Matched by type, never by message text: what a restarting database, a failover or a dropped
+# socket raise. A client-side encoding error or a bug in a query is none of these.
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientError,
+    ConnectionError,  # refused, reset, aborted, broken pipe
+    TimeoutError,
+    socket.gaierror,  # a name that does not resolve yet (a pod or service being replaced)
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08: the connection broke
+    asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
     asyncpg.exceptions.SerializationError,
     # 57xxx: shutdown, a cancelled statement, a crash of another backend.
     asyncpg.exceptions.OperatorInterventionError,
@@ -35,44 +39,53 @@ _TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     # Raised when the pool resets a connection whose query the server's shutdown cut off; the
     # pool has already terminated that connection and the next attempt gets a fresh one.
     asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
 )
 
 
 def is_transient(error: BaseException) -> bool:
     """True for failures that go away by themselves: a restarting database, a moving leader."""
-    if isinstance(error, _TRANSIENT_DATABASE_ERRORS):
-        return True
-    # asyncpg raises the bare InterfaceError for "connection is closed" once the server went away;
-    # its subclasses (client-side data errors, configuration) are not transient.
-    if type(error) is asyncpg.InterfaceError and "closed" in str(error):
-        return True
-    if isinstance(error, KafkaConnectionError | KafkaTimeoutError):
+    if isinstance(error, _TRANSIENT_ERRORS):
         return True
     return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
 
 
-class _StopWhenSet(stop_base):
-    """Stop retrying once shutdown was asked for: an unlanded batch is abandoned, not forced."""
+class _StopAtDeadline(stop_base):
+    """Stop at a monotonic deadline shared by every retried step of one batch, or on shutdown:
+    an unlanded batch is abandoned (and fetched again), never forced."""
 
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
+    def __init__(self, deadline: float, stopping: asyncio.Event) -> None:
+        self._deadline = deadline
+        self._stopping = stopping
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._event.is_set()
+        return self._stopping.is_set() or time.monotonic() >= self._deadline
+
+
+def sleep_unless_stopping(stopping: asyncio.Event) -> Callable[[float], Awaitable[None]]:
+    """A sleep for tenacity that SIGTERM wakes at once (asyncio.sleep cannot be woken)."""
+
+    async def sleep(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=seconds)
+
+    return sleep
 
 
 async def retry_transient(
     operation: Callable[[], Awaitable[T]],
     *,
     name: str,
-    give_up_after: float,
+    deadline: float,
     stopping: asyncio.Event,
     on_retry: Callable[[str], None],
 ) -> T:
     """Run `operation`, retrying transient failures with jittered exponential backoff.
 
-    Gives up (re-raising the last error) after `give_up_after` seconds or once `stopping` is set.
-    Anything not transient is raised at once: a bug or a bad row is never retried.
+    Gives up (re-raising the last error) at `deadline` (a `time.monotonic()` value) or once
+    `stopping` is set. Anything not transient is raised at once: a bug is never retried.
     """
 
     def before_sleep(state: RetryCallState) -> None:
@@ -90,7 +103,8 @@ async def retry_transient(
     retrying = AsyncRetrying(
         retry=retry_if_exception(is_transient),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
-        stop=stop_after_delay(give_up_after) | _StopWhenSet(stopping),
+        stop=_StopAtDeadline(deadline, stopping),
+        sleep=sleep_unless_stopping(stopping),
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -1,16 +1,17 @@
-"""Wiring one consumer process: clients, pool, probes, signals, and a shutdown in order."""
+"""Running one consumer process: clients, pool, probes, signals, side tasks, and a shutdown in
+order. Every consumer (usage, budget) is a ConsumerSpec run by `run_consumer`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
 
-import asyncpg
 import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.runtime.dead_letters import KafkaDeadLetterSink
 from llm_usage.consumers.runtime.health import HealthState, serve_probes
 from llm_usage.consumers.runtime.kafka_clients import (
     new_consumer,
@@ -18,29 +19,36 @@ from llm_usage.consumers.runtime.kafka_clients import (
     require_topics,
     start_client,
 )
-from llm_usage.consumers.runtime.loop import BatchConsumer, BatchHandler, LoopOptions
+from llm_usage.consumers.runtime.loop import BatchConsumer, LoopOptions
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
+from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec, SideTask
+from llm_usage.core.errors import PipelineError
 from llm_usage.core.settings import Settings
 from llm_usage.storage.pool import create_pool
 
 log = structlog.get_logger(__name__)
 
+# Leaving the group and flushing are bounded: a broker that does not answer must not keep a
+# pod past its termination grace period.
+_CLIENT_STOP_SECONDS = 10.0
+_SIDE_TASK_STOP_SECONDS = 10.0
+
+
+class WorkerFailedError(PipelineError):
+    """A side task of a worker died; the worker stopped in order because of it."""
+
 
 async def run_consumer(
     settings: Settings,
+    spec: ConsumerSpec,
     *,
-    name: str,
-    topic: str,
-    group_id: str,
-    make_handler: Callable[[asyncpg.Pool], BatchHandler],
-    check_database: Callable[[asyncpg.Pool], Awaitable[None]] | None = None,
     exit_when_idle: float | None = None,
     registry: CollectorRegistry | None = None,
 ) -> BatchConsumer:
-    """Run a consumer until SIGTERM/SIGINT (or idle); return it so callers can read its totals.
+    """Run `spec` until SIGTERM/SIGINT (or idle); return the loop so callers can read totals.
 
-    Shutdown: the batch in hand lands or is abandoned, landed offsets are committed, the group
-    is left, the producer flushed, the pool closed — in that order.
+    Shutdown: the batch in hand lands or is abandoned, landed offsets are committed, side tasks
+    stop, the group is left, the producer flushed, the pool closed — in that order.
     """
     registry = registry or CollectorRegistry()
     health = HealthState()
@@ -52,19 +60,32 @@ async def run_consumer(
     try:
         pool = await create_pool(settings.database_url, size=settings.database_pool_size)
         try:
-            if check_database is not None:
-                await check_database(pool)
-            return await _consume(
-                settings,
-                name=name,
-                topic=topic,
-                group_id=group_id,
-                handler=make_handler(pool),
-                registry=registry,
-                health=health,
-                stopping=stopping,
-                exit_when_idle=exit_when_idle,
+            if spec.check_database is not None:
+                await spec.check_database(pool)
+            consumer = new_consumer(
+                settings, group_id=spec.group_id, max_batch=settings.consumer_max_batch
             )
+            await start_client(consumer, settings)
+            try:
+                topics = [spec.topic, *([spec.dead_letter_topic] if spec.dead_letter_topic else [])]
+                await require_topics(consumer, topics)
+                producer = new_producer(settings)
+                await start_client(producer, settings)
+                try:
+                    context = ConsumerContext(
+                        settings=settings,
+                        pool=pool,
+                        producer=producer,
+                        metrics=ConsumerMetrics.create(registry),
+                        registry=registry,
+                        health=health,
+                        stopping=stopping,
+                    )
+                    return await _consume(spec, consumer, context, exit_when_idle=exit_when_idle)
+                finally:
+                    await _stop_client(producer, "producer")
+            finally:
+                await _stop_client(consumer, "consumer")  # leaves the group: partitions move on
         finally:
             await pool.close()
     finally:
@@ -74,47 +95,86 @@ async def run_consumer(
 
 
 async def _consume(
-    settings: Settings,
+    spec: ConsumerSpec,
+    consumer: AIOKafkaConsumer,
+    context: ConsumerContext,
     *,
-    name: str,
-    topic: str,
-    group_id: str,
-    handler: BatchHandler,
-    registry: CollectorRegistry,
-    health: HealthState,
-    stopping: asyncio.Event,
     exit_when_idle: float | None,
 ) -> BatchConsumer:
-    consumer = new_consumer(settings, group_id=group_id, max_batch=settings.consumer_max_batch)
-    await start_client(consumer, settings)
+    settings = context.settings
+    sink = (
+        KafkaDeadLetterSink(context.producer, spec.dead_letter_topic)
+        if spec.dead_letter_topic
+        else None
+    )
+    batch_consumer = BatchConsumer(
+        name=spec.name,
+        consumer=consumer,
+        handler=spec.make_handler(context),
+        dead_letters=sink,
+        metrics=context.metrics,
+        health=context.health,
+        stopping=context.stopping,
+        options=LoopOptions(
+            max_batch=settings.consumer_max_batch,
+            poll_timeout_ms=settings.consumer_poll_timeout_ms,
+            retry_seconds=settings.batch_retry_seconds,
+            exit_when_idle=exit_when_idle,
+        ),
+    )
+    consumer.subscribe([spec.topic], listener=batch_consumer.listener)
+    log.info("Consumer started.", consumer=spec.name, topic=spec.topic, group_id=spec.group_id)
+    main = asyncio.create_task(batch_consumer.run(), name=f"{spec.name}-loop")
+    sides = {
+        asyncio.create_task(_run_side_task(task, context), name=getattr(task, "__name__", "side"))
+        for task in spec.side_tasks
+    }
+    failed: BaseException | None = None
     try:
-        await require_topics(consumer, [topic, settings.dlq_topic])
-        producer = new_producer(settings)
-        await start_client(producer, settings)
-        try:
-            batch_consumer = BatchConsumer(
-                name=name,
-                consumer=consumer,
-                producer=producer,
-                handler=handler,
-                dlq_topic=settings.dlq_topic,
-                metrics=ConsumerMetrics.create(registry),
-                health=health,
-                stopping=stopping,
-                options=LoopOptions(
-                    max_batch=settings.consumer_max_batch,
-                    poll_timeout_ms=settings.consumer_poll_timeout_ms,
-                    retry_seconds=settings.batch_retry_seconds,
-                    exit_when_idle=exit_when_idle,
-                ),
+        done, _ = await asyncio.wait({main, *sides}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {main}:
+            failed = task.exception() or WorkerFailedError(f"{task.get_name()} returned early")
+            log.error(
+                "A side task stopped; stopping the worker.",
+                consumer=spec.name,
+                task=task.get_name(),
+                error=f"{type(failed).__name__}: {failed}",
             )
-            consumer.subscribe([topic], listener=batch_consumer)
-            log.info("Consumer started.", consumer=name, topic=topic, group_id=group_id)
-            await batch_consumer.run()
-            log.info("Consumer stopped.", consumer=name, **dict(batch_consumer.totals))
-            return batch_consumer
-        finally:
-            with contextlib.suppress(Exception):  # already shutting down; nothing left to lose
-                await producer.stop()
+        context.stopping.set()
+        await main  # lands or abandons the batch in hand, commits what landed
     finally:
-        await consumer.stop()  # leaves the group so the partitions move on at once
+        context.stopping.set()
+        await _stop_side_tasks(sides)
+    if failed is not None:
+        raise WorkerFailedError(
+            f"the {spec.name} consumer stopped because a side task failed: "
+            f"{type(failed).__name__}: {failed}"
+        ) from failed
+    log.info("Consumer stopped.", consumer=spec.name, **dict(batch_consumer.totals))
+    return batch_consumer
+
+
+async def _run_side_task(task: SideTask, context: ConsumerContext) -> None:
+    await task(context)
+    if not context.stopping.is_set():
+        raise WorkerFailedError("returned before the worker was asked to stop")
+
+
+async def _stop_side_tasks(sides: set[asyncio.Task[None]]) -> None:
+    if not sides:
+        return
+    _, pending = await asyncio.wait(sides, timeout=_SIDE_TASK_STOP_SECONDS)
+    for task in pending:
+        task.cancel()
+    for task in sides:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -> None:
+    try:
+        await asyncio.wait_for(client.stop(), _CLIENT_STOP_SECONDS)
+    except TimeoutError:
+        log.warning(f"Kafka {what} did not stop in time; exiting anyway.")
+    except Exception as error:  # noqa: BLE001 - already shutting down; nothing left to lose
+        log.warning(f"Kafka {what} stopped with an error.", error=f"{type(error).__name__}")

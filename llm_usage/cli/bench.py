@@ -25,7 +25,7 @@ from llm_usage.cli.local_run import settings_for_local_run
 from llm_usage.cli.sample_events import sample_stream
 from llm_usage.consumers.runtime.kafka_clients import new_producer, start_client
 from llm_usage.consumers.runtime.worker import run_consumer
-from llm_usage.consumers.usage import UsageRecorder, require_migrated
+from llm_usage.consumers.usage import usage_consumer_spec
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
 from llm_usage.deploy.topics import ensure_topics
@@ -150,14 +150,7 @@ async def _measure_consumer(
     gc.freeze()
     cpu_before = time.process_time()
     consumer = await run_consumer(
-        bench,
-        name="usage",
-        topic=bench.usage_topic,
-        group_id=bench.usage_group_id,
-        make_handler=lambda p: UsageRecorder(pool=p),
-        check_database=require_migrated,
-        exit_when_idle=1.0,
-        registry=CollectorRegistry(),
+        bench, usage_consumer_spec(bench), exit_when_idle=1.0, registry=CollectorRegistry()
     )
     assert consumer.first_fetch_at is not None
     assert consumer.last_commit_at is not None

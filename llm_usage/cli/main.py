@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from llm_usage.core.errors import UserFacingError
+from llm_usage.core.errors import PipelineError, UserFacingError
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings, load_settings
 
@@ -195,6 +195,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except UserFacingError as error:
         print(f"llm-usage: error: {error}", file=sys.stderr)
         return 2
+    except PipelineError as error:  # the worker stopped itself in order, and says why
+        print(f"llm-usage: stopped: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

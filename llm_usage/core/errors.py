@@ -26,3 +26,8 @@ class MissingTopicError(UserFacingError):
 
 class LocalServiceError(UserFacingError):
     """The local Kafka or PostgreSQL launched by `llm-usage dev` could not be started or stopped."""
+
+
+class TransientError(PipelineError):
+    """A failure that goes away by itself or once someone fixes a service: the work is retried,
+    never dropped (e.g. the database refusing every new row, a row that vanished mid-batch)."""

@@ -6,13 +6,15 @@ import sys
 from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_usage.core.errors import ConfigurationError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+# GSSAPI (needs the gssapi package and a Kerberos set-up) and OAUTHBEARER (needs a token provider
+# object, which an environment variable cannot carry) are not offered: they could not work here.
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 def _default_log_format() -> Literal["json", "console"]:
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
     kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism | None = None
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = None
+    kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
 
     usage_topic: str = Field(default="llm_usage_recorded", min_length=1)
@@ -55,8 +57,8 @@ class Settings(BaseSettings):
     def _sasl_needs_credentials(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL_") and self.kafka_sasl_mechanism is None:
             raise ValueError("KAFKA_SASL_MECHANISM is required with a SASL_* protocol")
-        needs_password = self.kafka_sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-        if needs_password and not (self.kafka_sasl_username and self.kafka_sasl_password):
+        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        if self.kafka_sasl_mechanism is not None and not (self.kafka_sasl_username and password):
             raise ValueError(
                 f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required with "
                 f"KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism}"
@@ -72,7 +74,9 @@ class Settings(BaseSettings):
         if self.kafka_sasl_mechanism is not None:
             options["sasl_mechanism"] = self.kafka_sasl_mechanism
             options["sasl_plain_username"] = self.kafka_sasl_username
-            options["sasl_plain_password"] = self.kafka_sasl_password
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
             try:
                 options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)

@@ -12,7 +12,7 @@ import pytest
 
 import llm_usage.consumers.usage
 import llm_usage.storage.usage_events
-from llm_usage.consumers.runtime.loop import Record
+from llm_usage.consumers.runtime.outcome import Record
 from llm_usage.consumers.usage import UsageRecorder
 from tests.integration.pipeline import stored_for, unique, usage_event
 from tests.records import consumer_record

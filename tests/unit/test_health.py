@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -32,11 +33,32 @@ def _get(server: ProbeServer, path: str) -> tuple[int, str]:
 
 def test_readyz_follows_the_consumer_state(served: tuple[ProbeServer, HealthState]) -> None:
     server, state = served
-    assert _get(server, "/readyz") == (503, "not ready: starting\n")
-    state.set_ready(True)
+    assert _get(server, "/readyz") == (503, "not ready: not in the consumer group yet\n")
+    state.joined_group()
     assert _get(server, "/readyz") == (200, "ready\n")
-    state.set_ready(False, "retrying database")
-    assert _get(server, "/readyz") == (503, "not ready: retrying database\n")
+    state.hold("batch", "retrying database")
+    state.hold("stopped:usage:1", "usage[1] stopped at offset 7: undecodable")
+    assert _get(server, "/readyz") == (
+        503,
+        "not ready: retrying database; usage[1] stopped at offset 7: undecodable\n",
+    )
+    state.release("batch")
+    assert _get(server, "/readyz") == (
+        503,
+        "not ready: usage[1] stopped at offset 7: undecodable\n",
+    )
+    state.release("stopped:usage:1")
+    assert _get(server, "/readyz") == (200, "ready\n")
+
+
+def test_a_slow_client_does_not_block_the_probes(served: tuple[ProbeServer, HealthState]) -> None:
+    server, state = served
+    state.joined_group()
+    # A client that connects and sends half a request, then waits: a single-threaded server
+    # would sit in its read until it timed out, and the kubelet's probe would fail meanwhile.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        assert _get(server, "/readyz") == (200, "ready\n")
 
 
 def test_healthz_fails_when_the_loop_stalls(served: tuple[ProbeServer, HealthState]) -> None:

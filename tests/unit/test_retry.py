@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import pytest
@@ -12,7 +13,17 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from llm_usage.consumers.runtime.retry import is_transient, retry_transient
+from llm_usage.consumers.runtime.retry import (
+    is_transient,
+    retry_transient,
+    sleep_unless_stopping,
+)
+from llm_usage.core.errors import TransientError
+from llm_usage.storage.pool import DatabaseUnavailableError
+
+
+def in_seconds(seconds: float) -> float:
+    return time.monotonic() + seconds
 
 
 @pytest.mark.parametrize(
@@ -22,6 +33,14 @@ from llm_usage.consumers.runtime.retry import is_transient, retry_transient
         (asyncpg.exceptions.ConnectionDoesNotExistError(), True),
         (asyncpg.exceptions.CannotConnectNowError(), True),
         (asyncpg.exceptions.SerializationError(), True),
+        (DatabaseUnavailableError("no connection"), True),
+        (TransientError("the database refuses every new row"), True),
+        (TimeoutError(), True),
+        # Matched by type: an OSError that is not a connection failure is a bug or a setup error.
+        (FileNotFoundError("/etc/llm-usage/ca.pem"), False),
+        (PermissionError(), False),
+        (asyncpg.InterfaceError("connection is closed"), False),
+        (asyncpg.exceptions._base.DataError("invalid input for $1"), False),
         (KafkaConnectionError(), True),
         (NotLeaderForPartitionError(), True),
         (asyncpg.exceptions.UndefinedTableError(), False),
@@ -45,7 +64,11 @@ async def test_transient_failures_are_retried_until_success() -> None:
         return "landed"
 
     result = await retry_transient(
-        flaky, name="database", give_up_after=10, stopping=asyncio.Event(), on_retry=retried.append
+        flaky,
+        name="database",
+        deadline=in_seconds(10),
+        stopping=asyncio.Event(),
+        on_retry=retried.append,
     )
     assert result == "landed"
     assert len(attempts) == 3
@@ -61,24 +84,55 @@ async def test_a_bug_is_not_retried() -> None:
 
     with pytest.raises(ValueError, match="bug"):
         await retry_transient(
-            broken, name="database", give_up_after=10, stopping=asyncio.Event(), on_retry=print
+            broken,
+            name="database",
+            deadline=in_seconds(10),
+            stopping=asyncio.Event(),
+            on_retry=print,
         )
     assert len(attempts) == 1
 
 
 async def test_retrying_stops_when_shutdown_is_asked() -> None:
     stopping = asyncio.Event()
+    attempts: list[int] = []
 
     async def down() -> None:
+        attempts.append(1)
         stopping.set()
         raise ConnectionRefusedError("database is down")
 
     with pytest.raises(ConnectionRefusedError):
         await retry_transient(
-            down, name="database", give_up_after=60, stopping=stopping, on_retry=lambda _: None
+            down, name="database", deadline=in_seconds(60), stopping=stopping, on_retry=print
         )
+    assert attempts == [1], "no attempt after shutdown was asked for"
 
 
-def test_a_closed_connection_is_transient_but_a_value_asyncpg_cannot_encode_is_not() -> None:
-    assert is_transient(asyncpg.InterfaceError("connection is closed"))
-    assert not is_transient(asyncpg.exceptions._base.DataError("invalid input for $1"))
+async def test_shutdown_wakes_a_backoff_sleep_at_once() -> None:
+    stopping = asyncio.Event()
+    sleep = sleep_unless_stopping(stopping)
+    asyncio.get_running_loop().call_later(0.2, stopping.set)
+    started = time.monotonic()
+    await sleep(30)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_retrying_gives_up_at_the_deadline() -> None:
+    attempts: list[int] = []
+
+    async def down() -> None:
+        attempts.append(1)
+        raise ConnectionRefusedError("database is down")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        await retry_transient(
+            down,
+            name="database",
+            deadline=in_seconds(0.5),
+            stopping=asyncio.Event(),
+            on_retry=lambda _: None,
+        )
+    assert 0.5 <= time.monotonic() - started < 1.5
+    assert len(attempts) >= 2

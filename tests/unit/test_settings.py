@@ -90,3 +90,27 @@ def test_an_unreadable_ca_file_is_a_configuration_error(monkeypatch: pytest.Monk
         ConfigurationError, match=re.escape("KAFKA_SSL_CAFILE='/nonexistent/ca.pem'")
     ):
         settings.kafka_client_options()
+
+
+@pytest.mark.parametrize("mechanism", ["GSSAPI", "OAUTHBEARER"])
+def test_sasl_mechanisms_that_cannot_work_here_are_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, mechanism: str
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", mechanism)
+    with pytest.raises(ConfigurationError, match="KAFKA_SASL_MECHANISM") as raised:
+        load_settings()
+    assert "\n" not in str(raised.value)
+
+
+def test_the_sasl_password_never_shows_in_a_repr_or_a_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2-secret")
+    settings = load_settings()
+    assert "hunter2-secret" not in repr(settings)
+    assert "hunter2-secret" not in str(settings.model_dump())
+    assert settings.kafka_client_options()["sasl_plain_password"] == "hunter2-secret"

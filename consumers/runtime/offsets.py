@@ -1,0 +1,77 @@
+"""Which offsets may be committed: those of batches that landed, in the assignment that
+fetched them. A batch that outlived its assignment never commits or seeks: a partition that came
+back in a newer assignment may already be further on, and its offset must never go back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import TopicPartition
+
+log = structlog.get_logger(__name__)
+
+
+class OffsetLedger:
+    """Landed-but-uncommitted offsets per partition, tagged with the assignment generation."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, *, name: str) -> None:
+        self._consumer = consumer
+        self._name = name
+        self.generation = 0
+        self._landed: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}  # the last offsets this member committed
+
+    def end_generation(self) -> None:
+        """The partitions are being given up (a rebalance): every batch fetched before now is
+        stale, whatever the next assignment holds."""
+        self.generation += 1
+        self._landed.clear()
+
+    def is_current(self, generation: int) -> bool:
+        return generation == self.generation
+
+    def landed(self, next_offsets: Mapping[TopicPartition, int], *, generation: int) -> bool:
+        """Note a batch's next offsets; False (and nothing noted) if its assignment is gone."""
+        if not self.is_current(generation):
+            log.warning(
+                "A batch landed after its partitions were reassigned; its offsets are not "
+                "committed (the new assignment reads those records again as duplicates).",
+                consumer=self._name,
+            )
+            return False
+        self._landed.update(next_offsets)
+        return True
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._landed.pop(tp, None)
+            self.committed.pop(tp, None)
+
+    async def commit(self) -> None:
+        """Commit what landed. A lost race with a rebalance is harmless: the new owner re-reads
+        those records and the idempotent write counts them as duplicates."""
+        held = self._consumer.assignment()
+        offsets = {tp: offset for tp, offset in self._landed.items() if tp in held}
+        self._landed = dict(offsets)
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as error:
+            log.warning(
+                "Offsets not committed after a rebalance; those records will be redelivered "
+                "and counted as duplicates.",
+                consumer=self._name,
+                error=str(error),
+            )
+            return
+        except KafkaError as error:
+            log.warning("Offset commit failed; will retry with the next batch.", error=str(error))
+            return
+        self.committed.update(offsets)
+        for tp, offset in offsets.items():
+            if self._landed.get(tp) == offset:
+                del self._landed[tp]
