@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_usage.core.errors import LocalServiceError
+from llm_usage.core.errors import ConfigurationError, LocalServiceError
 from llm_usage.deploy.local.kafka import (
     KafkaCluster,
     PortTakenError,
@@ -69,6 +69,11 @@ def dev_up(
     Kafka's storage is formatted afresh whenever its JVMs are (re)launched; PostgreSQL keeps its
     data between runs.
     """
+    if kafka_port is not None and not 1 <= kafka_port <= 65536 - 2 * nodes:
+        raise ConfigurationError(
+            f"--kafka-port {kafka_port} is out of range: Kafka needs {2 * nodes} ports from it, "
+            f"all at most 65535; pass a port from 1 to {65536 - 2 * nodes}, or leave it out"
+        )
     root = state_dir()
     previous = _read_record(root)
     running = previous if previous is not None and _kafka(root, previous).is_running() else None
