@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run test test-unit test-integration lint format bench clean dev-down
+.PHONY: install run test test-unit test-integration lint format bench clean dev-down wheel-check
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## make wheel-check: build the wheel, install it into a clean venv, check what ships.
+wheel-check: install
+	PYTHON=$(PYTHON) bash .ci/check-wheel
 
 format: install
 	$(BIN)/ruff check --fix .

