@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -19,13 +18,12 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.paths import cache_dir
+from llm_usage.deploy.local.paths import cache_dir, exclusive_lock
 from llm_usage.deploy.local.processes import runs_with
 
 _KAFKA_DIR = Path(__file__).resolve().parent.parent / "kafka"
@@ -59,7 +57,7 @@ def ensure_kafka_jars(cache: Path | None = None) -> Path:
     _require_tool("java", f"{_INSTALL_JAVA} to run the local Kafka broker")
     mvn = _require_tool("mvn", f"{_INSTALL_MAVEN} to fetch the Kafka jars the first time")
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / ".lock"):
+    with exclusive_lock(root / ".lock"):
         if (root / _COMPLETE).exists():
             return libs
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
@@ -529,13 +527,3 @@ def _first_error(output: str) -> str:
     errors = [line for line in lines if "ERROR" in line or "Exception" in line]
     chosen = (errors or lines or ["no output"])[0]
     return chosen.removeprefix("[ERROR] ").removesuffix(" -> [Help 1]")[:300]
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -28,10 +28,11 @@ from llm_usage.deploy.local.kafka import (
     free_port_block,
     ports_in_use,
 )
-from llm_usage.deploy.local.paths import state_dir
+from llm_usage.deploy.local.paths import exclusive_lock, state_dir
 from llm_usage.deploy.local.postgres import LocalPostgres
 
 _RECORD = "dev.json"
+_LOCK = "dev.lock"
 _NOTHING_RUNNING = "nothing is running; run `llm-usage dev up`"
 DEFAULT_KAFKA_PORT = 9092
 # A free port chosen by us can still be taken before the JVM binds it: choose again this often.
@@ -75,6 +76,15 @@ def dev_up(
             f"all at most 65535; pass a port from 1 to {65536 - 2 * nodes}, or leave it out"
         )
     root = state_dir()
+    # Two `dev up` (two `make run` in two terminals) at once would launch two brokers into one
+    # state dir: the second waits, then finds the first's services running.
+    with exclusive_lock(root / _LOCK):
+        return _dev_up(root, kafka_port, nodes, say)
+
+
+def _dev_up(
+    root: Path, kafka_port: int | None, nodes: int, say: Callable[[str], None]
+) -> DevEnvironment:
     previous = _read_record(root)
     running = previous if previous is not None and _kafka(root, previous).is_running() else None
     reusable = (
@@ -118,10 +128,11 @@ def dev_up(
 def dev_down() -> None:
     """Stop what `dev up` started; harmless when nothing runs."""
     root = state_dir()
-    record = _read_record(root) or {"kafka_port": DEFAULT_KAFKA_PORT, "nodes": 1}
-    _kafka(root, record).stop()
-    _postgres(root).stop()
-    (root / _RECORD).unlink(missing_ok=True)
+    with exclusive_lock(root / _LOCK):
+        record = _read_record(root) or {"kafka_port": DEFAULT_KAFKA_PORT, "nodes": 1}
+        _kafka(root, record).stop()
+        _postgres(root).stop()
+        (root / _RECORD).unlink(missing_ok=True)
 
 
 def dev_env() -> DevEnvironment:

@@ -92,7 +92,7 @@ def processes_naming(marker: str) -> dict[int, str]:
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
             continue
         if marker in command and state != "Z":
-            found[int(entry.name)] = command[:200]
+            found[int(entry.name)] = command
     return found
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,21 @@ def test_dev_up_without_a_port_avoids_a_taken_9092_and_dev_env_prints_the_ports_
     assert down.returncode == 0, down
     assert wait_until_gone(state) == {}
     assert not state.record.exists()
+
+
+def test_two_dev_ups_at_once_in_one_state_dir_share_one_kafka_and_one_postgresql(
+    state: LocalState,
+) -> None:
+    """Two `make run` in two terminals: the second waits for the first and finds it running."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ups = list(pool.map(lambda _: state.python(DEV_UP_WITHOUT_A_PORT), range(2)))
+
+    for up in ups:
+        assert up.returncode == 0, up
+    kafka_lines = sorted(up.stdout.splitlines()[0] for up in ups)
+    port = json.loads(state.record.read_text())["kafka_port"]
+    assert kafka_lines[0] == f"Kafka already runs on 127.0.0.1:{port}", kafka_lines
+    assert kafka_lines[1].startswith(f"Kafka listens on 127.0.0.1:{port}"), kafka_lines
+    commands = list(state.processes().values())
+    assert len([c for c in commands if " kafka.Kafka " in c]) == 1, commands
+    assert len([c for c in commands if "bin/postgres -D " in c]) == 1, commands
