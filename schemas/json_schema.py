@@ -1,6 +1,6 @@
 """The usage event v1 as a JSON Schema for gateway authors, generated from the model.
 
-`python -m schemas.json_schema` rewrites `schemas/usage_event.v1.schema.json`; a unit test fails
+`python -m llm_usage.schemas.json_schema` rewrites `schemas/usage_event.v1.schema.json`; a unit test fails
 when the committed file and the model disagree.
 """
 

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="a local Kafka and PostgreSQL for development")
     dev_commands = dev.add_subparsers(dest="dev_command", required=True)
     up = dev_commands.add_parser("up", help="start them (idempotent), create topics, migrate")
-    up.add_argument("--kafka-port", type=_positive_int, default=9092)
+    up.add_argument(
+        "--kafka-port",
+        type=_positive_int,
+        help="a fixed port for Kafka (fails if taken); default: 9092 if free, else free ports",
+    )
     up.add_argument(
         "--nodes", type=int, choices=[1, 3], default=1, help="brokers (3: a cluster on one host)"
     )

@@ -18,7 +18,7 @@ from llm_usage.schemas.usage_event import UsageEvent
 
 def test_the_committed_schema_file_matches_the_model() -> None:
     assert SCHEMA_PATH.read_text(encoding="utf-8") == render_usage_event_json_schema(), (
-        "schemas/usage_event.v1.schema.json is stale: run `python -m schemas.json_schema`"
+        "schemas/usage_event.v1.schema.json is stale: run `python -m llm_usage.schemas.json_schema`"
     )
 
 
