@@ -53,7 +53,7 @@ def canonical_decimal(value: Decimal) -> str:
 
 
 def threshold_usd(level: AlertLevel, limit_usd: Decimal, warn_threshold_pct: int) -> Decimal:
-    """The spend at which `level` is reached: limit × pct / 100 for a warning, the limit itself
+    """The spend at which `level` is reached: limit * pct / 100 for a warning, the limit itself
     for exceeded. Exact (a percentage of an exact decimal is exact)."""
     if level is AlertLevel.EXCEEDED:
         return limit_usd
