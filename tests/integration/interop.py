@@ -89,13 +89,14 @@ def end_offsets(bootstrap_servers: str, topic: str, *, stable: bool = False) -> 
 
 
 def _high_watermark(consumer: Consumer, partition: TopicPartition, within: float = 30) -> int:
-    # A topic created a moment ago may have no leader yet: that answer is retriable.
+    # A topic created a moment ago may have no leader yet ("not leader for partition", which
+    # librdkafka does not flag as retriable here): ask again until the deadline.
     deadline = time.monotonic() + within
     while True:
         try:
             _, high = consumer.get_watermark_offsets(partition, timeout=within)
-        except KafkaException as error:
-            if not error.args[0].retriable() or time.monotonic() > deadline:
+        except KafkaException:
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
         else:
