@@ -8,14 +8,16 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from llm_usage.core.settings import Settings
 from llm_usage.deploy.topics import ensure_topics
@@ -252,3 +254,147 @@ async def spawn_consumer(
             lines.append(raw.decode(errors="replace").rstrip("\n"))
 
     return RunningConsumer(process, lines, asyncio.create_task(collect()))
+
+
+# --- Offsets, partitions and database locks, for tests that prove absence without waiting. ---
+
+
+async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """The end offset (high watermark) of every partition of `topic`, by partition number."""
+    partitions = await partitions_of(bootstrap_servers, topic)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    await reader.start()
+    try:
+        ends = await reader.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+    finally:
+        await reader.stop()
+
+
+async def topic_record_count(bootstrap_servers: str, topic: str) -> int:
+    """How many records `topic` holds: its end offsets summed (the tests' topics start at 0 and
+    are never truncated, and nothing writes them in transactions, so each offset is a record)."""
+    return sum((await end_offsets(bootstrap_servers, topic)).values())
+
+
+async def partitions_of(bootstrap_servers: str, topic: str) -> list[int]:
+    """The partition numbers of `topic`, from a fresh metadata read; fails if it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    assert described["error_code"] == 0, f"topic {topic}: error code {described['error_code']}"
+    return sorted(int(p["partition"]) for p in described["partitions"])
+
+
+async def topic_exists(bootstrap_servers: str, topic: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def committed_offsets(bootstrap_servers: str, group_id: str, topic: str) -> dict[int, int]:
+    """The offsets `group_id` committed on `topic`, by partition (none: never committed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group_id)
+    finally:
+        await admin.close()
+    return {
+        tp.partition: int(meta.offset)
+        for tp, meta in offsets.items()
+        if tp.topic == topic and meta.offset >= 0
+    }
+
+
+async def produce_to_partitions(
+    bootstrap_servers: str,
+    topic: str,
+    records: Iterable[tuple[int, bytes | None, bytes | None]],
+) -> list[tuple[int, int]]:
+    """Publish (partition, key, value) triples; return each record's (partition, offset)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers, enable_idempotence=True, linger_ms=5
+    )
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, key=key, value=value, partition=partition)
+            for partition, key, value in records
+        ]
+        delivered = await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    return [(int(meta.partition), int(meta.offset)) for meta in delivered]
+
+
+async def produce_one_record_batch(
+    bootstrap_servers: str,
+    topic: str,
+    partition: int,
+    records: Sequence[tuple[bytes | None, bytes | None]],
+) -> list[int]:
+    """Publish `records` as ONE Kafka record batch on `partition`; return their offsets.
+
+    A record batch is stored, fetched and handed to a consumer whole, so a consumer whose batch
+    size is at least len(records) receives all of them in one `getmany`.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=True)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for key, value in records:
+            appended = batch.append(key=key, value=value, timestamp=None)
+            assert appended is not None, "the records do not fit in one record batch"
+        delivered = await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+    first = int(delivered.offset)
+    return [first + index for index in range(len(records))]
+
+
+@asynccontextmanager
+async def writes_held(database_url: str) -> AsyncIterator[int]:
+    """Hold a SHARE lock on `llm_usage_events` until the block ends: reads go on, every INSERT
+    or COPY waits for the release. Yields the holding backend's pid (see `sessions_blocked_by`)."""
+    connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            await connection.execute("LOCK TABLE llm_usage_events IN SHARE MODE")
+            yield int(await connection.fetchval("SELECT pg_backend_pid()"))
+            # Leaving the block commits a transaction that wrote nothing: the lock is released.
+    finally:
+        await connection.close()
+
+
+async def sessions_blocked_by(
+    pool: asyncpg.Pool, blocker_pid: int, *, application_name: str | None = "llm-usage"
+) -> int:
+    """How many sessions (of `application_name`: the consumers' pools) wait for a lock that
+    the backend `blocker_pid` holds."""
+    count = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE $1 = ANY(pg_blocking_pids(pid)) "
+        "AND ($2::text IS NULL OR application_name = $2::text)",
+        blocker_pid,
+        application_name,
+    )
+    return int(count)
+
+
+def logged_matching(consumer: RunningConsumer, prefix: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line index, entry) of the consumer's JSON log entries whose message starts with `prefix`
+    (the libraries' own log lines carry formatted messages, e.g. a group id)."""
+    found = []
+    for index, line in enumerate(consumer.lines):
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if str(entry.get("event", "")).startswith(prefix):
+                found.append((index, entry))
+    return found

@@ -18,14 +18,19 @@ from tests.integration.pipeline import (
     create_pipeline_topics,
     encode,
     header,
+    logged_matching,
     produce,
+    produce_one_record_batch,
     read_topic,
+    sessions_blocked_by,
     spawn_consumer,
     stored_for,
     tenant_totals,
+    topic_record_count,
     unique,
     usage_event,
     wait_until,
+    writes_held,
 )
 
 
@@ -87,10 +92,8 @@ async def test_exact_and_reserialised_duplicates_change_nothing(
     assert len(rows) == 1
     assert rows[0]["customer_charge_usd"] == Decimal("0.0054")
     assert await tenant_totals(pool, tenant) == (1, Decimal("0.0054"))
-    dead = await read_topic(
-        topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1, within=2
-    )
-    assert dead == []
+    # Both runs are over (idle exit): whatever they would ever dead-letter is on the topic.
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 0
 
 
 async def test_conflicting_duplicate_keeps_first_and_dead_letters(
@@ -111,6 +114,7 @@ async def test_conflicting_duplicate_keeps_first_and_dead_letters(
 
     rows = await stored_for(pool, [first["gateway_request_id"]])
     assert [row["customer_charge_usd"] for row in rows] == [Decimal("1.25")]
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 1
     [dead] = await read_topic(topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1)
     assert header(dead, "dlq.reason") == "conflicting_duplicate"
     assert "customer_charge_usd" in header(dead, "dlq.detail")
@@ -121,22 +125,42 @@ async def test_conflicting_duplicate_keeps_first_and_dead_letters(
 async def test_conflicting_duplicate_within_one_batch_keeps_the_first(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
+    bootstrap = topics.settings.kafka_bootstrap_servers
     tenant = unique("tenant")
     first = usage_event(tenant, input_tokens=10)
     conflicting = {**first, "input_tokens": 11}
     key = tenant.encode()
-    await produce(
-        topics.settings.kafka_bootstrap_servers,
+    # One Kafka record batch on one partition, published before the consumer starts: it is
+    # fetched whole, so all three records reach the handler in one batch (proved below).
+    offsets = await produce_one_record_batch(
+        bootstrap,
         topics.usage,
-        [(key, encode(first)), (key, encode(conflicting))],
+        0,
+        [(key, encode(first)), (key, encode(conflicting)), (key, encode(first))],
     )
-    await consume_until_idle(topics)
+    consumer = await spawn_consumer(
+        topics, "--exit-when-idle", "2", env={**topics.environment(), "LOG_LEVEL": "DEBUG"}
+    )
+    assert await consumer.finished(within=120) == 0, consumer.log_tail()
 
+    # The only batch the consumer ever landed held all three records: the conflict and the
+    # duplicate were settled against the first record of the same batch, not a stored row.
+    assert [entry["size"] for entry in consumer.logged("Batch landed.")] == [3]
+    [stopped] = consumer.logged("Consumer stopped.")
+    assert {k: stopped.get(k) for k in ("recorded", "duplicate", "conflict", "dead_lettered")} == {
+        "recorded": 1,
+        "duplicate": 1,
+        "conflict": 1,
+        "dead_lettered": None,
+    }
     rows = await stored_for(pool, [first["gateway_request_id"]])
     assert [row["input_tokens"] for row in rows] == [10]
-    [dead] = await read_topic(topics.settings.kafka_bootstrap_servers, topics.dlq, expected=1)
+    assert await topic_record_count(bootstrap, topics.dlq) == 1
+    [dead] = await read_topic(bootstrap, topics.dlq, expected=1)
     assert header(dead, "dlq.reason") == "conflicting_duplicate"
     assert "input_tokens" in header(dead, "dlq.detail")
+    assert (header(dead, "dlq.partition"), header(dead, "dlq.offset")) == ("0", str(offsets[1]))
+    assert dead.value == encode(conflicting)
 
 
 async def test_each_malformed_kind_is_dead_lettered_while_good_events_around_it_are_stored(
@@ -160,6 +184,7 @@ async def test_each_malformed_kind_is_dead_lettered_while_good_events_around_it_
     metrics = await consume_until_idle(topics)
     assert events_counted(metrics, "recorded") == len(good)
     assert events_counted(metrics, "dead_lettered") == 4
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 4
     for reason in ("invalid_json", "too_large", "schema_violation"):
         assert metrics.get_sample_value(
             "llm_usage_consumer_dead_letters_total", {"consumer": "usage", "reason": reason}
@@ -375,16 +400,49 @@ async def test_a_member_joining_mid_stream_neither_loses_nor_doubles_anything(
         topics.usage,
         [(f"k{i % 12}".encode(), encode(e)) for i, e in enumerate(events)],
     )
-    # Small batches keep the first member busy long enough for the second to join mid-stream.
-    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "10"}
+    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "10", "LOG_LEVEL": "DEBUG"}
     first = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
 
     async def under_way() -> bool:
         return (await tenant_totals(pool, tenant))[0] > 1000
 
     await wait_until(under_way, within=60, message="the first member stored nothing")
-    # Joining forces a rebalance while the first member holds a batch in flight.
-    second = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
+
+    def rebalance_heard(since: int) -> list[int]:
+        """Lines where the first member's heartbeat was answered "the group is rebalancing"."""
+        heard = logged_matching(first, "Heartbeat failed for group")
+        return [i for i, entry in heard if i >= since and "rebalancing" in entry["event"]]
+
+    async with writes_held(database_url) as holder:
+        # The first member's next batch is now in flight and cannot land: its write waits for
+        # the lock this test holds.
+        async def first_member_blocked() -> bool:
+            return await sessions_blocked_by(pool, holder) > 0
+
+        await wait_until(first_member_blocked, within=60, message="the first member never wrote")
+        stored_while_held = (await tenant_totals(pool, tenant))[0]
+        mark = len(first.lines)
+        second = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
+
+        # The join starts a rebalance. The first member hears of it by heartbeat and starts
+        # revoking (aiokafka calls the listener at once); it keeps heartbeating meanwhile, so a
+        # second "rebalancing" answer means the revocation is under way with the batch in flight.
+        async def revoking_with_a_batch_in_flight() -> bool:
+            return len(rebalance_heard(mark)) >= 2
+
+        await wait_until(
+            revoking_with_a_batch_in_flight,
+            within=60,
+            message=f"the first member never heard of the rebalance:\n{first.log_tail()}",
+        )
+        # While that batch is held, the revocation waits for it: nothing revoked, nothing handed
+        # to the newcomer, the batch still blocked, nothing more stored.
+        assert not first.logged("Partitions revoked."), first.log_tail()
+        assert not second.logged("Partitions assigned."), second.log_tail()
+        assert await sessions_blocked_by(pool, holder) > 0
+        assert (await tenant_totals(pool, tenant))[0] == stored_while_held
+    # Released: the batch lands, its offsets are committed, then the partitions move.
+
     for member in (first, second):
         assert await member.finished(within=150) == 0, member.log_tail()
 
@@ -392,7 +450,16 @@ async def test_a_member_joining_mid_stream_neither_loses_nor_doubles_anything(
         len(events),
         sum(Decimal(e["customer_charge_usd"]) for e in events),
     )
+    [heard, *_] = rebalance_heard(mark)
+    landed_after = [i for i, _ in logged_matching(first, "Batch landed.") if i > heard]
+    assert landed_after, "the batch in flight never landed after the rebalance began"
     assert first.logged("Partitions revoked."), "no rebalance happened"
-    recorded = [m.logged("Consumer stopped.")[0].get("recorded", 0) for m in (first, second)]
-    assert sum(recorded) == len(events)
-    assert second.logged("Partitions assigned."), "the joining member never held a partition"
+    assert [e for e in second.logged("Partitions assigned.") if e["partitions"]], (
+        "the joining member never held a partition"
+    )
+    # The batch in flight was committed before its partitions moved: the new owner did not read
+    # any of it again, so nothing was even counted as a duplicate.
+    stopped = [m.logged("Consumer stopped.")[0] for m in (first, second)]
+    assert sum(entry.get("recorded", 0) for entry in stopped) == len(events)
+    assert [entry.get("duplicate", 0) for entry in stopped] == [0, 0], stopped
+    assert await topic_record_count(kafka_bootstrap_servers, topics.dlq) == 0
