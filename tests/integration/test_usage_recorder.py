@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 
-import llm_usage.consumers.usage
-import llm_usage.storage.usage_events
-from llm_usage.consumers.runtime.outcome import Record
+from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
 from llm_usage.consumers.usage import UsageRecorder
-from tests.integration.pipeline import stored_for, unique, usage_event
+from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.storage.usage_events import insert_new_usage_events
+from tests.integration.pipeline import (
+    sessions_blocked_by,
+    stored_for,
+    unique,
+    usage_event,
+    wait_until,
+)
 from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -48,37 +59,85 @@ async def test_rows_hold_exactly_what_the_gateway_sent(pool: asyncpg.Pool) -> No
     assert row["received_at"] is not None
 
 
+@pytest.fixture
+def captured_logs() -> Iterator[structlog.testing.LogCapture]:
+    """Every structlog entry, whatever level an earlier test configured, as dicts."""
+    capture = structlog.testing.LogCapture()
+    saved = structlog.get_config()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture
+    finally:
+        structlog.configure(**saved)
+
+
+LANDING_AGAIN = "Another replica stored some of these ids meanwhile; landing again."
+
+
+@pytest.mark.parametrize("theirs_and_ours", ["duplicate", "conflict"])
 async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
-    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    pool: asyncpg.Pool,
+    database_url: str,
+    captured_logs: structlog.testing.LogCapture,
+    theirs_and_ours: str,
 ) -> None:
     tenant = unique("tenant")
     theirs = usage_event(tenant)
-    conflicting = {**theirs, "output_tokens": theirs["output_tokens"] + 1}
-    mine = [usage_event(tenant) for _ in range(3)]
-    # Another replica stores `theirs` first ...
-    await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([theirs]))
-
-    # ... but our look-up ran before its commit, so it found nothing stored.
-    real_lookup = llm_usage.storage.usage_events.stored_conflict_fields
-    lookups: list[int] = []
-
-    async def lookup_that_lost_the_race(
-        connection: Any, ids: list[str]
-    ) -> dict[str, dict[str, Any]]:
-        lookups.append(len(ids))
-        return {} if len(lookups) == 1 else await real_lookup(connection, ids)
-
-    monkeypatch.setattr(
-        llm_usage.consumers.usage, "stored_conflict_fields", lookup_that_lost_the_race
+    ours = (
+        theirs
+        if theirs_and_ours == "duplicate"
+        else {**theirs, "output_tokens": theirs["output_tokens"] + 1}
     )
-    batch = records([*mine[:2], conflicting, mine[2]])
-    outcome = await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(batch)
+    mine = [usage_event(tenant) for _ in range(3)]
+    batch = records([*mine[:2], ours, mine[2]])
+    stored_by_them = decode_usage_event(json.dumps(theirs).encode(), now=NOW)
+    assert isinstance(stored_by_them, UsageEvent)
 
-    assert outcome.counts == {"recorded": 3, "conflict": 1}
-    assert [letter.record.offset for letter in outcome.dead_letters] == [2]
-    assert len(lookups) >= 2, "after losing the race the batch must be landed again"
+    # Another replica inserts `theirs` in a transaction it has not committed yet.
+    other: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(database_url)
+    landing: asyncio.Task[BatchOutcome] | None = None
+    try:
+        other_pid = int(await other.fetchval("SELECT pg_backend_pid()"))
+        their_transaction = other.transaction()
+        await their_transaction.start()
+        assert await insert_new_usage_events(other, [stored_by_them]) == {
+            theirs["gateway_request_id"]
+        }
+
+        # Our look-up cannot see that row, so the id goes into our COPY, which must wait for
+        # the other transaction's unique key.
+        recorder = UsageRecorder(pool=pool, clock=lambda: NOW)
+        landing = asyncio.create_task(recorder.record_batch(batch))
+
+        async def our_copy_waits_for_theirs() -> bool:
+            return await sessions_blocked_by(pool, other_pid, application_name=None) > 0
+
+        await wait_until(our_copy_waits_for_theirs, within=30, message="our COPY never waited")
+        assert not landing.done()
+        assert not [e for e in captured_logs.entries if e["event"] == LANDING_AGAIN]
+
+        await their_transaction.commit()  # they win the race
+        outcome = await asyncio.wait_for(landing, timeout=60)
+    finally:
+        if landing is not None and not landing.done():
+            landing.cancel()
+        await other.close()
+
+    # The COPY failed on their committed row, the transaction rolled back, and the batch
+    # landed again with INSERT ... ON CONFLICT, settling `ours` against their row.
+    assert [e["event"] for e in captured_logs.entries].count(LANDING_AGAIN) == 1
+    assert outcome.counts == {"recorded": 3, theirs_and_ours: 1}
+    assert [letter.record.offset for letter in outcome.dead_letters] == (
+        [2] if theirs_and_ours == "conflict" else []
+    )
     stored = await stored_for(pool, [e["gateway_request_id"] for e in [theirs, *mine]])
-    assert len(stored) == 4
+    assert sorted(row["gateway_request_id"] for row in stored) == sorted(
+        e["gateway_request_id"] for e in [theirs, *mine]
+    )
     [kept] = [row for row in stored if row["gateway_request_id"] == theirs["gateway_request_id"]]
     assert kept["output_tokens"] == theirs["output_tokens"]
 
