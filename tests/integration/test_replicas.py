@@ -1,0 +1,132 @@
+"""Two replicas of the usage consumer racing to store one gateway_request_id.
+
+The gateway may publish the same event twice and, when its key changes or is missing, the two
+copies land on different partitions, owned by different replicas of the group. Whichever replica
+stores the id first, the other must count its copy as a duplicate (or dead-letter it once as a
+conflicting duplicate), never store it twice. The race is forced, not hoped for: a table lock
+held by the test lets both replicas look the id up (nothing is stored yet) and then holds both
+writes until both wait on it, so both write the id at once and one of them loses.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from tests.integration.pipeline import (
+    RunningConsumer,
+    create_pipeline_topics,
+    encode,
+    header,
+    produce_to_partitions,
+    read_topic,
+    sessions_blocked_by,
+    spawn_consumer,
+    stored_for,
+    topic_record_count,
+    unique,
+    usage_event,
+    wait_until,
+    writes_held,
+)
+
+LANDING_AGAIN = "Another replica stored some of these ids meanwhile; landing again."
+
+
+def held_partitions(replica: RunningConsumer) -> list[int]:
+    """The partitions of the replica's latest assignment."""
+    assigned = replica.logged("Partitions assigned.")
+    if not assigned:
+        return []
+    return sorted(int(name.rsplit("[", 1)[1].rstrip("]")) for name in assigned[-1]["partitions"])
+
+
+@pytest.mark.parametrize("second_copy", ["same content", "conflicting content"])
+async def test_one_id_on_two_partitions_is_stored_once_whichever_replica_wins(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool, second_copy: str
+) -> None:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=2
+    )
+    # Idle time counts from the split; it must outlast publishing two records.
+    replicas = [await spawn_consumer(topics, "--exit-when-idle", "8") for _ in range(2)]
+
+    async def one_partition_each() -> bool:
+        held = [held_partitions(replica) for replica in replicas]
+        return sorted(held) == [[0], [1]]
+
+    await wait_until(
+        one_partition_each,
+        within=90,
+        message="the group never gave each replica one partition:\n"
+        + "\n\n".join(replica.log_tail() for replica in replicas),
+    )
+    owner_of = {held_partitions(replica)[0]: index for index, replica in enumerate(replicas)}
+
+    tenant = unique("tenant")
+    event = usage_event(tenant, customer_charge_usd="0.0054")
+    copy = (
+        event
+        if second_copy == "same content"
+        else {**event, "customer_charge_usd": "0.0099", "customer_charge_cents": 1}
+    )
+    published = {0: encode(event), 1: encode(copy)}
+    key = tenant.encode()
+    async with writes_held(database_url) as holder:
+        placed = await produce_to_partitions(
+            kafka_bootstrap_servers,
+            topics.usage,
+            [(p, key, value) for p, value in published.items()],
+        )
+        assert [partition for partition, _ in placed] == [0, 1]
+
+        # Each replica has looked the id up (reads are not held) and found nothing; both now
+        # wait to write it.
+        async def both_replicas_write_the_id() -> bool:
+            return await sessions_blocked_by(pool, holder) == 2
+
+        await wait_until(
+            both_replicas_write_the_id,
+            within=60,
+            message="\n\n".join(replica.log_tail() for replica in replicas),
+        )
+    # Released: both COPY the id at once; one commits, the other's COPY fails on its key.
+
+    for replica in replicas:
+        assert await replica.finished(within=120) == 0, replica.log_tail()
+
+    [row] = await stored_for(pool, [event["gateway_request_id"]])
+    stopped = [replica.logged("Consumer stopped.")[0] for replica in replicas]
+    recorded = [entry.get("recorded", 0) for entry in stopped]
+    assert sorted(recorded) == [0, 1], stopped
+    winner = recorded.index(1)
+    loser = 1 - winner
+    [won_partition] = held_partitions(replicas[winner])
+    [lost_partition] = held_partitions(replicas[loser])
+    assert owner_of == {won_partition: winner, lost_partition: loser}
+
+    # The loser did lose the race (its COPY failed and it landed again), and only the loser.
+    assert len(replicas[loser].logged(LANDING_AGAIN)) == 1
+    assert not replicas[winner].logged(LANDING_AGAIN)
+
+    # The stored row is the winner's copy.
+    winner_event = event if won_partition == 0 else copy
+    assert row["customer_charge_usd"] == Decimal(winner_event["customer_charge_usd"])
+    assert stopped[winner].get("duplicate", 0) == stopped[winner].get("conflict", 0) == 0
+
+    bootstrap = topics.settings.kafka_bootstrap_servers
+    if second_copy == "same content":
+        assert stopped[loser].get("duplicate") == 1, stopped
+        assert stopped[loser].get("conflict", 0) == 0, stopped
+        assert await topic_record_count(bootstrap, topics.dlq) == 0
+    else:
+        assert stopped[loser].get("conflict") == 1, stopped
+        assert stopped[loser].get("duplicate", 0) == 0, stopped
+        assert await topic_record_count(bootstrap, topics.dlq) == 1
+        [dead] = await read_topic(bootstrap, topics.dlq, expected=1)
+        assert header(dead, "dlq.reason") == "conflicting_duplicate"
+        assert header(dead, "dlq.partition") == str(lost_partition)
+        assert dead.value == published[lost_partition]
+        assert dead.key == key
