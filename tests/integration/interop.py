@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
 import json
 import time
 from collections import Counter
@@ -36,15 +37,21 @@ def exact_charge(index: int) -> str:
     return str((Decimal(index) / 7).quantize(Decimal("1e-18")))
 
 
+def exact_sum(amounts: Iterable[Decimal]) -> Decimal:
+    """The sum, never rounded: Python's default context keeps 28 digits, and a charge may carry
+    30 (12 before the point, 18 after). Any rounding raises instead of passing unnoticed."""
+    with decimal.localcontext() as context:
+        context.prec = 100
+        context.traps[decimal.Inexact] = True
+        return sum(amounts, Decimal(0))
+
+
 def expected_totals(events: Iterable[Event]) -> dict[str, tuple[int, Decimal]]:
     """Per tenant: how many events, and the exact sum of their `customer_charge_usd`."""
-    counts: Counter[str] = Counter()
-    sums: dict[str, Decimal] = {}
+    charges: dict[str, list[Decimal]] = {}
     for event in events:
-        tenant = event["tenant_id"]
-        counts[tenant] += 1
-        sums[tenant] = sums.get(tenant, Decimal(0)) + Decimal(event["customer_charge_usd"])
-    return {tenant: (counts[tenant], sums[tenant]) for tenant in counts}
+        charges.setdefault(event["tenant_id"], []).append(Decimal(event["customer_charge_usd"]))
+    return {tenant: (len(amounts), exact_sum(amounts)) for tenant, amounts in charges.items()}
 
 
 async def assert_stored_exactly_once(pool: asyncpg.Pool, events: Sequence[Event]) -> None:
