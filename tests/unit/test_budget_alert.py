@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -198,6 +199,26 @@ def test_the_committed_schema_requires_every_field(missing: str) -> None:
     value = json.loads(alert().encode())
     del value[missing]
     assert schema_errors(value) == [f"'{missing}' is a required property"]
+
+
+DOC = Path(__file__).parents[2] / "docs" / "consuming-budget-alerts.md"
+
+
+def test_the_payload_in_the_notification_teams_doc_is_a_real_alert() -> None:
+    [payload] = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+    value = json.loads(payload)
+    assert schema_errors(value) == []
+    published = BudgetAlert.model_validate(value)
+    assert published.encode() == json.dumps(value, separators=(",", ":")).encode()
+    assert published.alert_id == alert_id_for(
+        tenant_id=published.tenant_id,
+        scope_type=published.scope_type,
+        scope_id=published.scope_id,
+        window=published.window,
+        period_start=published.period_start,
+        level=published.level,
+        limit_usd=published.limit_usd,
+    )
 
 
 # --- Exact amounts ---
