@@ -7,6 +7,7 @@ take their periods, thresholds and alert ids from here.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -34,6 +35,23 @@ class AlertLevel(StrEnum):
 
     WARNING = "warning"
     EXCEEDED = "exceeded"
+
+
+@dataclass(frozen=True, order=True)
+class CounterKey:
+    """One spend counter. Ordered, so that every replica locks counter rows in the same order
+    (two replicas updating the same counters can then never deadlock)."""
+
+    tenant_id: str
+    scope_type: ScopeType
+    scope_id: str
+    window: BudgetWindow
+    period_start: date
+
+    @property
+    def scope(self) -> tuple[str, str, str]:
+        """The (tenant_id, scope_type, scope_id) a policy is keyed on."""
+        return (self.tenant_id, self.scope_type.value, self.scope_id)
 
 
 def period_start(window: BudgetWindow, moment: datetime) -> date:
@@ -100,6 +118,7 @@ def _utc_rfc3339(moment: datetime) -> str:
 
 ExactAmount = Annotated[
     Decimal,
+    Field(ge=0),
     PlainSerializer(canonical_decimal, return_type=str, when_used="always"),
     Field(json_schema_extra={"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}),
 ]
@@ -139,7 +158,14 @@ class BudgetAlert(BaseModel):
     @classmethod
     def _no_floats(cls, value: object) -> object:
         if isinstance(value, float):
-            raise TypeError("amounts are exact decimals (a string), never a binary float")
+            raise ValueError("amounts are exact decimals (a string), never a binary float")
+        return value
+
+    @field_validator("emitted_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("emitted_at needs a time zone; a naive time is ambiguous")
         return value
 
     def encode(self) -> bytes:

@@ -1,7 +1,7 @@
 """The usage event v1 as a JSON Schema for gateway authors, generated from the model.
 
-`python -m llm_usage.schemas.json_schema` rewrites `schemas/usage_event.v1.schema.json`; a unit test fails
-when the committed file and the model disagree.
+`python -m llm_usage.schemas.json_schema` rewrites `schemas/usage_event.v1.schema.json`; a unit
+test fails when the committed file and the model disagree.
 """
 
 from __future__ import annotations

@@ -51,6 +51,19 @@ async def connection_from(
         await pool.release(connection)
 
 
+async def connect_once(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
+    """A connection of its own (for a lock or LISTEN that must not go back to a pool); failing
+    to open one is a DatabaseUnavailableError, which workers retry."""
+    try:
+        return await asyncpg.connect(
+            dsn, timeout=10, server_settings={"application_name": "llm-usage"}
+        )
+    except _UNREACHABLE_ERRORS as error:
+        raise DatabaseUnavailableError(
+            f"cannot open a database connection: {type(error).__name__}: {error}"
+        ) from error
+
+
 async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
     """Open a pool of `size` connections; an unreachable database is a person-fixable error."""
     try:

@@ -33,6 +33,11 @@ def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKaf
     )
 
 
+def new_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer outside any group, for reading partitions it assigns itself."""
+    return _client(AIOKafkaConsumer, enable_auto_commit=False, **settings.kafka_client_options())
+
+
 def new_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     """An idempotent producer (acks=all): a retried send never writes a record twice."""
     options: dict[str, Any] = {

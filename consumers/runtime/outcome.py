@@ -24,6 +24,7 @@ class BatchResult(StrEnum):
     CONFLICT = "conflict"  # known with different values: dead-lettered, the stored row stays
     DEAD_LETTERED = "dead_lettered"  # not stored; on the dead-letter topic with the reason
     REFUSED_BY_DATABASE = "refused_by_database"  # valid, but PostgreSQL refused the row
+    REJECTED = "rejected"  # invalid, skipped by a consumer without a dead-letter topic
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,9 @@ async def _consume(
     try:
         done, _ = await asyncio.wait({main, *sides}, return_when=asyncio.FIRST_COMPLETED)
         for task in done - {main}:
-            failed = task.exception() or WorkerFailedError(f"{task.get_name()} returned early")
+            failed = task.exception()  # a side task that returned did so because of shutdown
+            if failed is None:
+                continue
             log.error(
                 "A side task stopped; stopping the worker.",
                 consumer=spec.name,

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     dlq_topic: str = Field(default="llm_usage_recorded.dlq", min_length=1)
 
     usage_group_id: str = Field(default="llm-usage-ingest", min_length=1)
+    budget_group_id: str = Field(default="llm-usage-budget", min_length=1)
+
+    # The budget consumer remembers the ids it counted this long: the usage topic's retention
+    # (7 days by default) plus a day's margin, since nothing older can be redelivered.
+    budget_dedup_retention_hours: int = Field(default=192, ge=1)
+    # How often every policy is checked against the current day's and month's spend (a policy
+    # change is noticed at once through LISTEN/NOTIFY; this is the safety net).
+    budget_policy_sweep_seconds: float = Field(default=30.0, gt=0)
 
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)

@@ -88,6 +88,7 @@ class PipelineTopics:
             "DLQ_TOPIC": s.dlq_topic,
             "ALERTS_TOPIC": s.alerts_topic,
             "USAGE_GROUP_ID": s.usage_group_id,
+            "BUDGET_GROUP_ID": s.budget_group_id,
             "METRICS_PORT": "0",
             "LOG_FORMAT": "json",
             "CONSUMER_MAX_BATCH": str(s.consumer_max_batch),
@@ -108,6 +109,7 @@ async def create_pipeline_topics(
             dlq_topic=f"{base}.usage.dlq",
             alerts_topic=f"{base}.alerts",
             usage_group_id=f"{base}.group",
+            budget_group_id=f"{base}.budget",
             metrics_port=0,
             log_format="json",
             consumer_poll_timeout_ms=100,
@@ -232,15 +234,18 @@ class RunningConsumer:
 
 
 async def spawn_consumer(
-    topics: PipelineTopics, *extra_args: str, env: Mapping[str, str] | None = None
+    topics: PipelineTopics,
+    *extra_args: str,
+    env: Mapping[str, str] | None = None,
+    worker: str = "usage",
 ) -> RunningConsumer:
-    """Start `llm-usage consume usage` as a real process for these topics."""
+    """Start `llm-usage consume <worker>` as a real process for these topics."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "llm_usage",
         "consume",
-        "usage",
+        worker,
         *extra_args,
         env=dict(env or topics.environment()),
         stdout=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,137 @@
+"""The budget consumer's batch handler: count each event once, add it to every counter it
+touches, and decide the alerts it crosses — all in one transaction."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import asyncpg
+
+from llm_usage.consumers.budget.counting import contributions_by_counter
+from llm_usage.consumers.budget.crossing import Crossing, crossings_by_events
+from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, Record
+from llm_usage.schemas.budget import BudgetAlert, CounterKey, alert_id_for, alert_threshold_pct
+from llm_usage.schemas.dead_letter import Rejection
+from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.money import sum_exact
+from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.storage.budget_outbox import insert_alerts
+from llm_usage.storage.budget_policies import policies_for
+from llm_usage.storage.budget_spend import add_to_counters, record_counted_ids
+from llm_usage.storage.pool import connection_from
+
+
+def decode_for_counting(
+    records: Sequence[Record], *, now: datetime
+) -> tuple[dict[str, UsageEvent], Counter[BatchResult]]:
+    """The batch's valid events, one per id (the first), and what became of the others.
+
+    The usage consumer's own rules decide validity: what it would dead-letter never counts (the
+    usage consumer, not this one, writes the DLQ).
+    """
+    counts: Counter[BatchResult] = Counter()
+    events: dict[str, UsageEvent] = {}
+    for record in records:
+        decoded = decode_usage_event(record.value, now=now)
+        if isinstance(decoded, Rejection):
+            counts[BatchResult.REJECTED] += 1
+        elif decoded.gateway_request_id in events:
+            counts[BatchResult.DUPLICATE] += 1
+        else:
+            events[decoded.gateway_request_id] = decoded
+    return events, counts
+
+
+def alert_for(
+    key: CounterKey,
+    crossing: Crossing,
+    *,
+    limit_usd: Decimal,
+    warn_threshold_pct: int,
+    emitted_at: datetime,
+) -> BudgetAlert:
+    """The alert v1 for a crossing of `key`'s counter against a limit."""
+    return BudgetAlert(
+        alert_id=alert_id_for(
+            tenant_id=key.tenant_id,
+            scope_type=key.scope_type,
+            scope_id=key.scope_id,
+            window=key.window,
+            period_start=key.period_start,
+            level=crossing.level,
+            limit_usd=limit_usd,
+        ),
+        tenant_id=key.tenant_id,
+        scope_type=key.scope_type,
+        scope_id=key.scope_id,
+        window=key.window,
+        period_start=key.period_start,
+        level=crossing.level,
+        spend_usd=crossing.spend_usd,
+        limit_usd=limit_usd,
+        threshold_pct=alert_threshold_pct(crossing.level, warn_threshold_pct),
+        triggered_by=crossing.triggered_by,
+        emitted_at=emitted_at,
+    )
+
+
+class BudgetCounter:
+    """Lands a batch in one transaction: the new ids, the counters, the alerts they cross."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+
+    async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+        now = self._clock()
+        events, counts = decode_for_counting(records, now=now)
+        if not events:
+            return BatchOutcome(counts)
+        async with connection_from(self._pool) as connection, connection.transaction():
+            new_ids = await record_counted_ids(connection, list(events))
+            counts[BatchResult.RECORDED] += len(new_ids)
+            counts[BatchResult.DUPLICATE] += len(events) - len(new_ids)
+            if not new_ids:
+                return BatchOutcome(counts)
+            contributions = contributions_by_counter(
+                event for request_id, event in events.items() if request_id in new_ids
+            )
+            before = await add_to_counters(
+                connection,
+                {
+                    key: sum_exact(c.amount_usd for c in found)
+                    for key, found in contributions.items()
+                },
+            )
+            policies = await policies_for(connection, sorted({key.scope for key in contributions}))
+            alerts: list[BudgetAlert] = []
+            for key in sorted(contributions):
+                policy = policies.get(key.scope)
+                limit = policy.limit_for(key.window) if policy is not None else None
+                if policy is None or limit is None:
+                    continue
+                for crossing in crossings_by_events(
+                    before[key],
+                    contributions[key],
+                    limit_usd=limit,
+                    warn_threshold_pct=policy.warn_threshold_pct,
+                ):
+                    alerts.append(
+                        alert_for(
+                            key,
+                            crossing,
+                            limit_usd=limit,
+                            warn_threshold_pct=policy.warn_threshold_pct,
+                            emitted_at=now,
+                        )
+                    )
+            await insert_alerts(connection, alerts)
+        return BatchOutcome(counts)

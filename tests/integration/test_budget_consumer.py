@@ -1,0 +1,413 @@
+"""The budget consumer against a real Kafka broker and a real PostgreSQL: spend counted once,
+and each alert key on the alerts topic exactly once, whatever happens to the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+from collections.abc import Sequence
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jsonschema
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
+from llm_usage.deploy.topics import ensure_topics
+from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
+from tests.integration.pipeline import (
+    PipelineTopics,
+    RunningConsumer,
+    create_pipeline_topics,
+    encode,
+    end_offsets,
+    partitions_of,
+    produce,
+    spawn_consumer,
+    unique,
+    usage_event,
+    wait_until,
+)
+
+SCHEMA = json.loads(
+    (Path(__file__).parents[2] / "schemas" / "budget_alert.v1.schema.json").read_text()
+)
+NOVEMBER = "2026-11-14T09:12:03.120Z"
+
+
+@pytest.fixture
+async def topics(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> PipelineTopics:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
+    )
+    await ensure_topics(
+        topics.settings, [topics.settings.alerts_topic], partitions=2, replication_factor=1
+    )
+    return topics
+
+
+def budget_env(topics: PipelineTopics, **extra: str) -> dict[str, str]:
+    return {**topics.environment(), "BUDGET_POLICY_SWEEP_SECONDS": "2", **extra}
+
+
+async def run_until_idle(topics: PipelineTopics, **env: str) -> RunningConsumer:
+    consumer = await spawn_consumer(
+        topics, "--exit-when-idle", "3", env=budget_env(topics, **env), worker="budget"
+    )
+    assert await consumer.finished(within=120) == 0, consumer.log_tail()
+    return consumer
+
+
+async def set_policy(
+    pool: asyncpg.Pool,
+    tenant: str,
+    scope_type: str,
+    scope_id: str,
+    *,
+    monthly: str | None = None,
+    daily: str | None = None,
+    pct: int = 80,
+) -> None:
+    """What `llm-usage policy set` stores and announces, in one transaction."""
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute(
+            "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, daily_limit_usd, "
+            "monthly_limit_usd, warn_threshold_pct) VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (tenant_id, scope_type, scope_id) DO UPDATE SET "
+            "daily_limit_usd = EXCLUDED.daily_limit_usd, "
+            "monthly_limit_usd = EXCLUDED.monthly_limit_usd, "
+            "warn_threshold_pct = EXCLUDED.warn_threshold_pct",
+            tenant,
+            scope_type,
+            scope_id,
+            Decimal(daily) if daily else None,
+            Decimal(monthly) if monthly else None,
+            pct,
+        )
+        await connection.execute("SELECT pg_notify('budget_policies', $1)", tenant)
+
+
+async def alerts_on(topics: PipelineTopics) -> list[dict[str, Any]]:
+    """Every alert on the topic, in offset order per partition; each validated by the schema."""
+    bootstrap = topics.settings.kafka_bootstrap_servers
+    ends = await end_offsets(bootstrap, topics.settings.alerts_topic)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await reader.start()
+    try:
+        partitions = [TopicPartition(topics.settings.alerts_topic, p) for p in ends]
+        reader.assign(partitions)
+        await reader.seek_to_beginning(*partitions)
+        found: list[dict[str, Any]] = []
+        while [tp for tp in partitions if await reader.position(tp) < ends[tp.partition]]:
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    alert = json.loads(record.value)
+                    jsonschema.validate(alert, SCHEMA)
+                    assert record.key == alert["tenant_id"].encode()
+                    found.append(alert)
+        return found
+    finally:
+        await reader.stop()
+
+
+def keys(alerts: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return sorted(
+        (a["scope_type"], a["scope_id"], a["window"], a["period_start"], a["level"], a["limit_usd"])
+        for a in alerts
+    )
+
+
+async def spend(pool: asyncpg.Pool, tenant: str, scope_type: str, scope_id: str) -> Decimal:
+    value = await pool.fetchval(
+        "SELECT spend_usd FROM budget_spend WHERE tenant_id = $1 AND scope_type = $2 "
+        "AND scope_id = $3 AND \"window\" = 'monthly' AND period_start = '2026-11-01'",
+        tenant,
+        scope_type,
+        scope_id,
+    )
+    return Decimal(value) if value is not None else Decimal(0)
+
+
+async def test_each_level_alerts_once_with_the_event_that_crossed_it(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    await set_policy(pool, tenant, "deployment", "dep-1", monthly="1.00")
+    events = [
+        usage_event(tenant, customer_charge_usd="0.10", occurred_at=NOVEMBER) for _ in range(10)
+    ]
+    resent = [
+        json.dumps(events[2], indent=2).encode(),  # a re-serialised duplicate
+        # a conflicting duplicate: the same id with another charge
+        encode({**events[3], "customer_charge_usd": "0.90", "customer_charge_cents": 90}),
+        encode(usage_event(tenant, customer_charge_usd="-5", occurred_at=NOVEMBER)),  # invalid
+    ]
+    values = [encode(e) for e in events[:5]] + resent + [encode(e) for e in events]
+    # One key, one partition: the order of the events, and so which one crosses, is fixed.
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(tenant.encode(), v) for v in values],
+    )
+
+    consumer = await run_until_idle(topics)
+
+    assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
+    assert await spend(pool, tenant, "tenant", tenant) == Decimal("1.00")
+    alerts = await alerts_on(topics)
+    assert keys(alerts) == [
+        ("deployment", "dep-1", "monthly", "2026-11-01", "exceeded", "1"),
+        ("deployment", "dep-1", "monthly", "2026-11-01", "warning", "1"),
+    ]
+    by_level = {a["level"]: a for a in alerts}
+    assert by_level["warning"]["triggered_by"] == events[7]["gateway_request_id"]
+    assert Decimal(by_level["warning"]["spend_usd"]) == Decimal("0.80")
+    assert by_level["warning"]["threshold_pct"] == 80
+    assert by_level["exceeded"]["triggered_by"] == events[9]["gateway_request_id"]
+    assert by_level["exceeded"]["threshold_pct"] == 100
+    assert by_level["warning"]["alert_id"] == alert_id_for(
+        tenant_id=tenant,
+        scope_type=ScopeType.DEPLOYMENT,
+        scope_id="dep-1",
+        window=BudgetWindow.MONTHLY,
+        period_start=date(2026, 11, 1),
+        level=AlertLevel.WARNING,
+        limit_usd=Decimal("1.00"),
+    )
+    [stopped] = consumer.logged("Consumer stopped.")
+    assert (stopped["recorded"], stopped["duplicate"], stopped["rejected"]) == (10, 7, 1)
+
+    # A replay of the whole topic (the group's offsets reset to 0) counts and alerts nothing.
+    await reset_group_offsets(topics)
+    replayed = await run_until_idle(topics)
+    [stopped] = replayed.logged("Consumer stopped.")
+    assert stopped.get("recorded", 0) == 0
+    assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
+    assert keys(await alerts_on(topics)) == keys(alerts)
+
+
+async def reset_group_offsets(topics: PipelineTopics) -> None:
+    """Commit offset 0 on every partition for the budget group, as an operator's reset would."""
+    bootstrap = topics.settings.kafka_bootstrap_servers
+    partitions = [
+        TopicPartition(topics.usage, p) for p in await partitions_of(bootstrap, topics.usage)
+    ]
+    member = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=topics.settings.budget_group_id,
+        enable_auto_commit=False,
+    )
+    await member.start()
+    try:
+        member.assign(partitions)
+        await member.commit({tp: 0 for tp in partitions})
+    finally:
+        await member.stop()
+
+
+async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    events = [
+        usage_event(tenant, customer_charge_usd="2.50", occurred_at=NOVEMBER) for _ in range(4)
+    ]
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in events]
+    )
+    consumer = await spawn_consumer(topics, env=budget_env(topics), worker="budget")
+    try:
+
+        async def counted() -> bool:
+            return await spend(pool, tenant, "tenant", tenant) == Decimal("10.00")
+
+        await wait_until(counted, within=60, message="the events were not counted")
+        # Spend is 10.00; a limit of 8 is already exceeded: both levels, warning first, no event.
+        await set_policy(pool, tenant, "tenant", tenant, monthly="8", daily=None)
+
+        async def alerted() -> bool:
+            return len(await alerts_on(topics)) == 2
+
+        await wait_until(alerted, within=20, message="the policy change did not alert")
+        alerts = await alerts_on(topics)
+        assert [a["level"] for a in alerts] == ["warning", "exceeded"]
+        assert all(a["triggered_by"] is None for a in alerts)
+        assert all(Decimal(a["spend_usd"]) == Decimal("10.00") for a in alerts)
+
+        # Raising the limit re-arms both levels for the new limit only; the old ones stay once.
+        await set_policy(pool, tenant, "tenant", tenant, monthly="20")
+        more = [
+            usage_event(tenant, customer_charge_usd="3", occurred_at=NOVEMBER) for _ in range(2)
+        ]
+        await produce(
+            topics.settings.kafka_bootstrap_servers,
+            topics.usage,
+            [(tenant.encode(), encode(e)) for e in more],
+        )
+
+        async def rearmed() -> bool:
+            return len(await alerts_on(topics)) == 3
+
+        await wait_until(rearmed, within=30, message="the raised limit did not re-arm")
+        newest = (await alerts_on(topics))[-1]
+        assert (newest["level"], newest["limit_usd"]) == ("warning", "20")
+        assert newest["triggered_by"] == more[1]["gateway_request_id"]  # 16.00 = 80 % of 20
+
+        # A deleted policy alerts no more, even past its old limit.
+        await pool.execute("DELETE FROM budget_policies WHERE tenant_id = $1", tenant)
+        past = [usage_event(tenant, customer_charge_usd="10", occurred_at=NOVEMBER)]
+        await produce(
+            topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in past]
+        )
+
+        async def counted_past() -> bool:
+            return await spend(pool, tenant, "tenant", tenant) == Decimal("26.00")
+
+        await wait_until(counted_past, within=30, message="the last event was not counted")
+    finally:
+        consumer.process.send_signal(signal.SIGTERM)
+        assert await consumer.finished(within=30) == 0, consumer.log_tail()
+    assert len(await alerts_on(topics)) == 3
+
+
+async def test_a_crash_between_publish_and_marking_never_publishes_twice(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    scopes = [f"dep-{n}" for n in range(5)]
+    for scope in scopes:
+        await set_policy(pool, tenant, "deployment", scope, monthly="1")
+    events = [
+        usage_event(tenant, deployment_id=scope, customer_charge_usd="1", occurred_at=NOVEMBER)
+        for scope in scopes
+    ]
+    await produce(
+        topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in events]
+    )
+    crashing = await spawn_consumer(
+        topics,
+        env=budget_env(topics, **{FAULT_VARIABLE: "crash_after_alert_publish"}),
+        worker="budget",
+    )
+    assert await crashing.finished(within=60) == FAULT_EXIT_CODE, crashing.log_tail()
+    published = await alerts_on(topics)
+    assert published, "the crash came before anything was published"
+    unmarked = await pool.fetchval(
+        "SELECT count(*) FROM budget_alert_outbox WHERE tenant_id = $1 AND published_at IS NULL",
+        tenant,
+    )
+    assert unmarked == len(published), "the crash should leave the published alerts unmarked"
+
+    restarted = await run_until_idle(topics)
+    alerts = await alerts_on(topics)
+    assert len(alerts) == len({a["alert_id"] for a in alerts}) == 2 * len(scopes)
+    assert restarted.logged(
+        "Alerts a previous relay published but did not mark are marked now, not sent again."
+    )
+    unmarked = await pool.fetchval(
+        "SELECT count(*) FROM budget_alert_outbox WHERE tenant_id = $1 AND published_at IS NULL",
+        tenant,
+    )
+    assert unmarked == 0
+
+
+@pytest.mark.parametrize(
+    ("occurred_at", "day", "month"),
+    [
+        ("2026-10-31T23:30:00-01:00", "2026-11-01", "2026-11-01"),  # past midnight in UTC
+        ("2026-11-01T00:30:00+01:00", "2026-10-31", "2026-10-01"),  # still October in UTC
+        ("2026-10-31T23:59:59.999Z", "2026-10-31", "2026-10-01"),
+        ("2026-11-01T00:00:00Z", "2026-11-01", "2026-11-01"),
+    ],
+)
+async def test_events_count_toward_their_own_utc_day_and_month(
+    topics: PipelineTopics, pool: asyncpg.Pool, occurred_at: str, day: str, month: str
+) -> None:
+    tenant = unique("tenant")
+    event = usage_event(tenant, customer_charge_usd="0.25", occurred_at=occurred_at)
+    await produce(topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(event))])
+    await run_until_idle(topics)
+    rows = await pool.fetch(
+        'SELECT "window", period_start::text AS start, spend_usd FROM budget_spend '
+        "WHERE tenant_id = $1 AND scope_type = 'tenant'",
+        tenant,
+    )
+    assert sorted((r["window"], r["start"], r["spend_usd"]) for r in rows) == [
+        ("daily", day, Decimal("0.25")),
+        ("monthly", month, Decimal("0.25")),
+    ]
+
+
+async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> None:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=6
+    )
+    await ensure_topics(
+        topics.settings, [topics.settings.alerts_topic], partitions=3, replication_factor=1
+    )
+    tenant = unique("tenant")
+    deployments = [f"dep-{n}" for n in range(6)]
+    for deployment in deployments:
+        await set_policy(pool, tenant, "deployment", deployment, monthly="5")
+    events = [
+        usage_event(
+            tenant,
+            deployment_id=deployments[n % 6],
+            customer_charge_usd=f"0.0{n % 9 + 1}",
+            occurred_at=NOVEMBER,
+        )
+        for n in range(3000)
+    ]
+    await produce(
+        kafka_bootstrap_servers,
+        topics.usage,
+        [(e["deployment_id"].encode(), encode(e)) for e in events],
+    )
+    env = budget_env(topics, CONSUMER_MAX_BATCH="100")
+    seed = random.randrange(1_000_000)
+    print(f"kill schedule seed: {seed}")  # noqa: T201 - shown on failure, to replay it
+    schedule = random.Random(seed)
+    replicas = [await spawn_consumer(topics, env=env, worker="budget") for _ in range(2)]
+    for _ in range(4):
+        await asyncio.sleep(schedule.uniform(0.5, 3.0))
+        victim = schedule.randrange(2)
+        await replicas[victim].killed()
+        replicas[victim] = await spawn_consumer(topics, env=env, worker="budget")
+    for replica in replicas:
+
+        async def started(replica: RunningConsumer = replica) -> bool:
+            return bool(replica.logged("Consumer started."))
+
+        # SIGTERM before the handler is installed would kill it as surely as SIGKILL.
+        await wait_until(started, within=60, message="a replica did not start")
+        replica.process.send_signal(signal.SIGTERM)
+        assert await replica.finished(within=60) == 0, replica.log_tail()
+    await run_until_idle(topics)
+
+    for deployment in deployments:
+        expected = sum(
+            (Decimal(e["customer_charge_usd"]) for e in events if e["deployment_id"] == deployment),
+            Decimal(0),
+        )
+        assert await spend(pool, tenant, "deployment", deployment) == expected
+    assert await spend(pool, tenant, "tenant", tenant) == sum(
+        (Decimal(e["customer_charge_usd"]) for e in events), Decimal(0)
+    )
+    alerts = await alerts_on(topics)
+    assert keys(alerts) == sorted(
+        ("deployment", d, "monthly", "2026-11-01", level, "5")
+        for d in deployments
+        for level in ("warning", "exceeded")
+    )
+    assert len({a["alert_id"] for a in alerts}) == len(alerts)

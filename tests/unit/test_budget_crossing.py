@@ -1,0 +1,132 @@
+"""Threshold crossing and counter contributions: exact boundaries, both levels at once."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from llm_usage.consumers.budget.counting import contributions_by_counter, scopes_of
+from llm_usage.consumers.budget.crossing import (
+    Contribution,
+    Crossing,
+    crossings_at_rest,
+    crossings_by_events,
+)
+from llm_usage.schemas.budget import AlertLevel, BudgetWindow, CounterKey, ScopeType
+from llm_usage.schemas.usage_event import UsageEvent
+
+D = Decimal
+WARNING, EXCEEDED = AlertLevel.WARNING, AlertLevel.EXCEEDED
+
+
+def events(*amounts: str) -> list[Contribution]:
+    return [Contribution(f"r{i}", D(amount)) for i, amount in enumerate(amounts, 1)]
+
+
+@pytest.mark.parametrize(
+    ("before", "amounts", "expected"),
+    [
+        pytest.param("0", ["79.99"], [], id="just below the warning"),
+        pytest.param("0", ["80"], [(WARNING, "80", "r1")], id="exactly at the warning"),
+        pytest.param("79.99", ["0.01"], [(WARNING, "80.00", "r1")], id="reached by a cent"),
+        pytest.param(
+            "0", ["100"], [(WARNING, "100", "r1"), (EXCEEDED, "100", "r1")], id="both by one"
+        ),
+        pytest.param(
+            "50",
+            ["20", "15", "20"],
+            [(WARNING, "85", "r2"), (EXCEEDED, "105", "r3")],
+            id="each by its own event",
+        ),
+        pytest.param("80", ["5"], [], id="warning reached before the batch"),
+        pytest.param("80", ["20"], [(EXCEEDED, "100", "r1")], id="only exceeded is left"),
+        pytest.param("100", ["1"], [], id="both reached before"),
+        pytest.param("0", ["0", "0"], [], id="free requests cross nothing"),
+        pytest.param(
+            "79.999999999999999999",
+            ["0.000000000000000001"],
+            [(WARNING, "80.000000000000000000", "r1")],
+            id="exact at 18 decimal places",
+        ),
+    ],
+)
+def test_crossings_by_events(
+    before: str, amounts: list[str], expected: list[tuple[AlertLevel, str, str]]
+) -> None:
+    found = crossings_by_events(
+        D(before), events(*amounts), limit_usd=D("100"), warn_threshold_pct=80
+    )
+    assert found == [Crossing(level, D(spend), by) for level, spend, by in expected]
+
+
+def test_a_threshold_that_is_not_a_round_number_is_compared_exactly() -> None:
+    # 33 % of 0.03 is 0.0099: a float would say 0.009899999...
+    assert crossings_by_events(
+        D("0"), events("0.0099"), limit_usd=D("0.03"), warn_threshold_pct=33
+    ) == [Crossing(WARNING, D("0.0099"), "r1")]
+    assert (
+        crossings_by_events(D("0"), events("0.0098"), limit_usd=D("0.03"), warn_threshold_pct=33)
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("spend", "limit", "levels"),
+    [
+        ("50", "100", []),
+        ("80", "100", [WARNING]),
+        ("99.99", "100", [WARNING]),
+        ("100", "100", [WARNING, EXCEEDED]),
+        ("150", "40", [WARNING, EXCEEDED]),  # a limit lowered far below the spend
+        ("0", "100", []),
+    ],
+)
+def test_crossings_at_rest_for_a_policy_set_below_the_spend(
+    spend: str, limit: str, levels: list[AlertLevel]
+) -> None:
+    found = crossings_at_rest(D(spend), limit_usd=D(limit), warn_threshold_pct=80)
+    assert [c.level for c in found] == levels
+    assert all(c.triggered_by is None and c.spend_usd == D(spend) for c in found)
+
+
+def usage(**fields: object) -> UsageEvent:
+    base: dict[str, object] = {
+        "gateway_request_id": "r1",
+        "tenant_id": "t1",
+        "customer_charge_usd": "0.5",
+        "occurred_at": "2026-11-30T23:30:00-01:00",
+    }
+    base.update(fields)
+    return UsageEvent.model_validate(base, context={"now": datetime(2026, 12, 2, tzinfo=UTC)})
+
+
+def test_an_event_counts_toward_every_scope_it_names_and_its_own_utc_periods() -> None:
+    event = usage(deployment_id="dep-7", agent_id="agent-1")
+    assert scopes_of(event) == [
+        (ScopeType.TENANT, "t1"),
+        (ScopeType.DEPLOYMENT, "dep-7"),
+        (ScopeType.AGENT, "agent-1"),
+    ]
+    counters = contributions_by_counter([event])
+    # 23:30 at -01:00 is 00:30 UTC on 1 December: December's day and month, not November's.
+    assert sorted(counters) == sorted(
+        CounterKey("t1", scope_type, scope_id, window, start)
+        for scope_type, scope_id in scopes_of(event)
+        for window, start in (
+            (BudgetWindow.DAILY, date(2026, 12, 1)),
+            (BudgetWindow.MONTHLY, date(2026, 12, 1)),
+        )
+    )
+    assert all(c == [Contribution("r1", D("0.5"))] for c in counters.values())
+
+
+def test_contributions_keep_the_events_order_per_counter() -> None:
+    first = usage(gateway_request_id="a", customer_charge_usd="1")
+    second = usage(gateway_request_id="b", customer_charge_usd="2", user_id="u")
+    counters = contributions_by_counter([first, second])
+    tenant_month = CounterKey("t1", ScopeType.TENANT, "t1", BudgetWindow.MONTHLY, date(2026, 12, 1))
+    assert counters[tenant_month] == [Contribution("a", D("1")), Contribution("b", D("2"))]
+    user_day = CounterKey("t1", ScopeType.USER, "u", BudgetWindow.DAILY, date(2026, 12, 1))
+    assert counters[user_day] == [Contribution("b", D("2"))]
