@@ -1,0 +1,60 @@
+"""A tenant's budgets in their current periods: policies joined to the spend counters.
+
+Spend comes from `budget_spend`, the counters the budget consumer keeps; events are never
+summed here. One query for the whole tenant, whatever the number of policies.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from llm_usage.schemas.budget import BudgetWindow, ScopeType, period_start
+from llm_usage.schemas.budget_policy import BudgetStatus, budget_status
+from llm_usage.storage.pool import Connection
+
+# Each policy once per window it has a limit for, with that window's current period; the
+# counter of exactly that period, or 0 when nothing has been counted in it yet.
+_SELECT_STATUS = """
+    SELECT p.scope_type, p.scope_id, w."window", w.period_start, w.limit_usd,
+           p.warn_threshold_pct, coalesce(s.spend_usd, 0) AS spend_usd
+    FROM budget_policies AS p
+    CROSS JOIN LATERAL (
+        VALUES ('daily', $2::date, p.daily_limit_usd),
+               ('monthly', $3::date, p.monthly_limit_usd)
+    ) AS w ("window", period_start, limit_usd)
+    LEFT JOIN budget_spend AS s
+        ON s.tenant_id = p.tenant_id
+        AND s.scope_type = p.scope_type
+        AND s.scope_id = p.scope_id
+        AND s."window" = w."window"
+        AND s.period_start = w.period_start
+    WHERE p.tenant_id = $1 AND w.limit_usd IS NOT NULL
+    ORDER BY array_position(ARRAY['tenant', 'deployment', 'user', 'agent'], p.scope_type),
+             p.scope_id,
+             w."window"
+"""
+
+
+async def tenant_budget_status(
+    connection: Connection, tenant_id: str, *, now: datetime
+) -> list[BudgetStatus]:
+    """Every policy window of the tenant in the UTC day or month that `now` (aware) falls in:
+    scopes in the order tenant, deployment, user, agent, then by id; daily before monthly."""
+    rows = await connection.fetch(
+        _SELECT_STATUS,
+        tenant_id,
+        period_start(BudgetWindow.DAILY, now),
+        period_start(BudgetWindow.MONTHLY, now),
+    )
+    return [
+        budget_status(
+            scope_type=ScopeType(row["scope_type"]),
+            scope_id=row["scope_id"],
+            window=BudgetWindow(row["window"]),
+            period_start=row["period_start"],
+            spend_usd=row["spend_usd"],
+            limit_usd=row["limit_usd"],
+            warn_threshold_pct=row["warn_threshold_pct"],
+        )
+        for row in rows
+    ]
