@@ -24,6 +24,7 @@ from llm_usage.deploy.topics import ensure_topics
 from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from tests.integration.pipeline import (
     PipelineTopics,
+    RestartablePostgres,
     RunningConsumer,
     create_pipeline_topics,
     encode,
@@ -411,3 +412,50 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
         for level in ("warning", "exceeded")
     )
     assert len({a["alert_id"] for a in alerts}) == len(alerts)
+
+
+async def test_a_database_restart_mid_stream_loses_and_doubles_nothing(
+    topics: PipelineTopics, pool: asyncpg.Pool, postgres: RestartablePostgres
+) -> None:
+    if not postgres.can_restart:
+        pytest.skip("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
+    tenant = unique("tenant")
+    await set_policy(pool, tenant, "tenant", tenant, monthly="30")
+    events = [
+        usage_event(tenant, customer_charge_usd="0.01", occurred_at=NOVEMBER) for _ in range(4000)
+    ]
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(tenant.encode(), encode(e)) for e in events],
+    )
+    consumer = await spawn_consumer(
+        topics,
+        "--exit-when-idle",
+        "3",
+        env=budget_env(topics, CONSUMER_MAX_BATCH="50"),
+        worker="budget",
+    )
+
+    async def some_counted() -> bool:
+        return await spend(pool, tenant, "tenant", tenant) > Decimal("3")
+
+    await wait_until(some_counted, within=60, message="the consumer counted nothing")
+    await asyncio.to_thread(postgres.restart)
+    assert await consumer.finished(within=150) == 0, consumer.log_tail()
+    assert consumer.logged("Retrying after a transient failure."), consumer.log_tail()
+    fresh = await asyncpg.connect(topics.settings.database_url)
+    try:
+        total = await fresh.fetchval(
+            "SELECT spend_usd FROM budget_spend WHERE tenant_id = $1 AND scope_type = 'tenant' "
+            "AND \"window\" = 'monthly'",
+            tenant,
+        )
+    finally:
+        await fresh.close()
+    assert total == Decimal("40.00")
+    alerts = await alerts_on(topics)
+    assert [(a["level"], a["spend_usd"]) for a in alerts] == [
+        ("warning", "24"),
+        ("exceeded", "30"),
+    ]
