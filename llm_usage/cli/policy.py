@@ -1,0 +1,329 @@
+"""`llm-usage policy set|list|delete|history` and `llm-usage budget status`.
+
+Arguments are checked before the database is touched; a bad one, a database that cannot be
+reached or is not migrated, and deleting a policy that does not exist each end in one line and
+exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, NoReturn, TextIO
+
+import asyncpg
+
+from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError, UserFacingError
+from llm_usage.core.settings import Settings
+from llm_usage.schemas.budget import ScopeType, canonical_decimal
+from llm_usage.schemas.budget_policy import (
+    BudgetPolicy,
+    InvalidPolicyError,
+    check_tenant_id,
+    parse_scope_type,
+    policy_from_text,
+    scope_id_for,
+)
+from llm_usage.storage.pool import CONNECTION_ERRORS, Connection
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A parser whose mistakes end in one line on stderr and exit 2, like every other
+    person-fixable error of these commands (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"llm-usage: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Left to the top-level parser, arguments this one does not know would be reported
+        # with the whole usage of `llm-usage`; as a sub-command, say it here, in one line.
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+
+# Every scope type, for help texts.
+SCOPE_CHOICES = "|".join(scope.value for scope in ScopeType)
+
+# The command-line spelling of each policy field, for error messages.
+_FLAGS = {
+    "tenant_id": "--tenant",
+    "scope_type": "--scope",
+    "scope_id": "--scope-id",
+    "daily_limit_usd": "--daily-limit-usd",
+    "monthly_limit_usd": "--monthly-limit-usd",
+    "warn_threshold_pct": "--warn-pct",
+    "actor": "--actor",
+}
+
+
+def _argument_error(error: InvalidPolicyError) -> ConfigurationError:
+    if error.field is None:
+        return ConfigurationError(
+            f"{error.problem}: give --daily-limit-usd, --monthly-limit-usd or both "
+            "(`llm-usage policy delete` removes a policy)"
+        )
+    return ConfigurationError(f"{_FLAGS.get(error.field, error.field)} {error.problem}")
+
+
+def default_actor() -> str:
+    """Who is changing a policy when `--actor` is not given: the OS user, else "unknown"."""
+    try:
+        return getpass.getuser() or "unknown"
+    except (OSError, KeyError, ImportError):  # no user name in the environment or passwd
+        return "unknown"
+
+
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[Connection]:
+    """One connection; what a person can fix about the database becomes one line."""
+    from llm_usage.storage.pool import create_pool  # noqa: PLC0415 - the database stack, late
+
+    pool = await create_pool(settings.database_url, size=1)
+    try:
+        async with pool.acquire() as connection:
+            yield connection
+    except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedColumnError):
+        raise UserFacingError(
+            "the database has no budget tables yet; run `llm-usage migrate` first"
+        ) from None
+    except asyncpg.exceptions.InsufficientPrivilegeError as error:
+        raise UserFacingError(
+            f"the database user may not do this ({error}); use a user that may read and "
+            "change the budget tables"
+        ) from None
+    except asyncpg.exceptions.ReadOnlySQLTransactionError:
+        raise UserFacingError(
+            "the database is read-only (a standby?); point DATABASE_URL at the primary"
+        ) from None
+    except CONNECTION_ERRORS as error:
+        raise ServiceUnreachableError(
+            f"lost the connection to PostgreSQL ({error or type(error).__name__}); try again "
+            "once it is back (nothing was changed unless the command said so)"
+        ) from None
+    finally:
+        await pool.close()
+
+
+def _tenant(text: str) -> str:
+    try:
+        return check_tenant_id(text)
+    except InvalidPolicyError as error:
+        raise _argument_error(error) from None
+
+
+def _amount(value: Decimal | None) -> str:
+    return "-" if value is None else canonical_decimal(value)
+
+
+def _scope(policy: BudgetPolicy) -> str:
+    return f"{policy.scope_type.value} {policy.scope_id!r} of tenant {policy.tenant_id!r}"
+
+
+def _limit(value: Decimal | None) -> str:
+    return "-" if value is None else f"{canonical_decimal(value)} USD"
+
+
+def describe_policy(policy: BudgetPolicy) -> str:
+    """`daily 100 USD, monthly -, warning at 80%` (`-`: no limit for that window)."""
+    return (
+        f"daily {_limit(policy.daily_limit_usd)}, monthly {_limit(policy.monthly_limit_usd)}, "
+        f"warning at {policy.warn_threshold_pct}%"
+    )
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[int]) -> str:
+    """An aligned table; columns in `right` are aligned right (numbers)."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for cells in (headers, *rows):
+        padded = [
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def policy_set(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+    from llm_usage.storage.budget_policies import check_actor, set_policy  # noqa: PLC0415
+
+    try:
+        policy = policy_from_text(
+            tenant_id=args.tenant,
+            scope_type=args.scope,
+            scope_id=args.scope_id,
+            daily_limit_usd=args.daily_limit_usd,
+            monthly_limit_usd=args.monthly_limit_usd,
+            warn_threshold_pct=args.warn_pct,
+        )
+        actor = check_actor(default_actor() if args.actor is None else args.actor)
+    except InvalidPolicyError as error:
+        raise _argument_error(error) from None
+    async with _database(settings) as connection:
+        change = await set_policy(connection, policy, actor=actor)
+    if not change.changed:
+        print(f"unchanged {_scope(policy)}: {describe_policy(policy)} (nothing audited)", file=out)
+    elif change.old is None:
+        print(f"created {_scope(policy)}: {describe_policy(policy)}", file=out)
+    else:
+        print(
+            f"replaced {_scope(policy)}: {describe_policy(policy)} "
+            f"(was: {describe_policy(change.old)})",
+            file=out,
+        )
+
+
+async def policy_delete(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+    from llm_usage.storage.budget_policies import check_actor, delete_policy  # noqa: PLC0415
+
+    tenant_id = _tenant(args.tenant)
+    try:
+        scope_type = parse_scope_type(args.scope)
+        scope_id = scope_id_for(tenant_id, scope_type, args.scope_id)
+        actor = check_actor(default_actor() if args.actor is None else args.actor)
+    except InvalidPolicyError as error:
+        raise _argument_error(error) from None
+    async with _database(settings) as connection:
+        change = await delete_policy(
+            connection, tenant_id=tenant_id, scope_type=scope_type, scope_id=scope_id, actor=actor
+        )
+    if change.old is None:
+        raise UserFacingError(
+            f"tenant {tenant_id!r} has no {scope_type.value} policy for {scope_id!r}; nothing "
+            f"deleted (`llm-usage policy list --tenant {tenant_id}` shows its policies)"
+        )
+    print(f"deleted {_scope(change.old)} (was: {describe_policy(change.old)})", file=out)
+
+
+async def policy_list(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+    from llm_usage.storage.budget_policies import tenant_policies  # noqa: PLC0415
+
+    tenant_id = _tenant(args.tenant)
+    async with _database(settings) as connection:
+        policies = await tenant_policies(connection, tenant_id)
+    if args.json:
+        for policy in policies:
+            print(json.dumps(policy.to_json()), file=out)
+    elif not policies:
+        print(f"tenant {tenant_id!r} has no budget policies", file=out)
+    else:
+        rows = [
+            [
+                policy.scope_type.value,
+                policy.scope_id,
+                _amount(policy.daily_limit_usd),
+                _amount(policy.monthly_limit_usd),
+                str(policy.warn_threshold_pct),
+            ]
+            for policy in policies
+        ]
+        headers = ["SCOPE_TYPE", "SCOPE_ID", "DAILY_LIMIT_USD", "MONTHLY_LIMIT_USD", "WARN_PCT"]
+        print(_table(headers, rows, right={2, 3, 4}), file=out)
+
+
+def _describe_audited(policy: Mapping[str, Any] | None) -> str:
+    if policy is None:
+        return "-"
+    try:
+        return describe_policy(BudgetPolicy.from_json(policy))
+    except (InvalidPolicyError, KeyError, TypeError):  # an older or foreign shape: as stored
+        return json.dumps(policy)
+
+
+async def policy_history(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+    from llm_usage.storage.budget_policies import policy_history  # noqa: PLC0415
+
+    tenant_id = _tenant(args.tenant)
+    async with _database(settings) as connection:
+        entries = await policy_history(connection, tenant_id)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry.to_json()), file=out)
+    elif not entries:
+        print(f"tenant {tenant_id!r} has no policy changes", file=out)
+    else:
+        rows = [
+            [
+                _utc(entry.changed_at),
+                entry.actor,
+                f"{entry.scope_type.value} {entry.scope_id}",
+                _describe_audited(entry.old_policy),
+                _describe_audited(entry.new_policy),
+            ]
+            for entry in entries
+        ]
+        print(_table(["CHANGED_AT", "ACTOR", "SCOPE", "OLD", "NEW"], rows, right=set()), file=out)
+
+
+async def budget_status(
+    settings: Settings, args: argparse.Namespace, out: TextIO, *, now: datetime
+) -> None:
+    from llm_usage.storage.budget_status import tenant_budget_status  # noqa: PLC0415
+
+    tenant_id = _tenant(args.tenant)
+    async with _database(settings) as connection:
+        statuses = await tenant_budget_status(connection, tenant_id, now=now)
+    if args.json:
+        for status in statuses:
+            print(json.dumps(status.to_json()), file=out)
+        return
+    if not statuses:
+        print(
+            f"tenant {tenant_id!r} has no budget policies; set one with `llm-usage policy set`",
+            file=out,
+        )
+        return
+    headers = [
+        "SCOPE_TYPE",
+        "SCOPE_ID",
+        "WINDOW",
+        "PERIOD_START",
+        "SPEND_USD",
+        "LIMIT_USD",
+        "PERCENT",
+        "LEVEL",
+    ]
+    rows = [
+        [
+            status.scope_type.value,
+            status.scope_id,
+            status.window.value,
+            status.period_start.isoformat(),
+            canonical_decimal(status.spend_usd),
+            canonical_decimal(status.limit_usd),
+            format(status.percent, "f"),
+            status.level.value,
+        ]
+        for status in statuses
+    ]
+    print(_table(headers, rows, right={4, 5, 6}), file=out)
+
+
+async def run_policy_command(settings: Settings, args: argparse.Namespace) -> None:
+    """`llm-usage policy <action>`, printing to stdout."""
+    action = {
+        "set": policy_set,
+        "delete": policy_delete,
+        "list": policy_list,
+        "history": policy_history,
+    }[args.policy_command]
+    await action(settings, args, sys.stdout)
+
+
+async def run_budget_command(settings: Settings, args: argparse.Namespace) -> None:
+    """`llm-usage budget status`, for the UTC day and month of now."""
+    await budget_status(settings, args, sys.stdout, now=datetime.now(UTC))
