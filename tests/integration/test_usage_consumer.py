@@ -244,6 +244,7 @@ async def test_consumer_killed_mid_stream_and_restarted_stores_every_event_once(
     # kill was read again and dropped as a duplicate.
     [stopped] = restarted.logged("Consumer stopped.")
     assert stopped["recorded"] == len(events) - stored_at_kill
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 0
 
 
 async def test_two_consumer_processes_split_six_partitions_with_exact_totals(
@@ -290,6 +291,7 @@ async def test_two_consumer_processes_split_six_partitions_with_exact_totals(
     recorded = [member.logged("Consumer stopped.")[0].get("recorded", 0) for member in members]
     assert sum(recorded) == len(events)
     assert all(count > 0 for count in recorded), recorded
+    assert await topic_record_count(kafka_bootstrap_servers, topics.dlq) == 0
 
 
 async def test_database_restart_during_consumption_loses_nothing(
@@ -335,6 +337,8 @@ async def test_database_restart_during_consumption_loses_nothing(
         len(events),
         sum(Decimal(e["customer_charge_usd"]) for e in events),
     ), consumer.log_tail()
+    # No valid event was dead-lettered because the database was away.
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 0
 
 
 async def test_sigterm_lands_the_batch_commits_and_exits_zero(
@@ -367,6 +371,7 @@ async def test_sigterm_lands_the_batch_commits_and_exits_zero(
     [stopped] = restarted.logged("Consumer stopped.")
     assert stopped.get("recorded", 0) == len(events) - stored_at_stop
     assert "duplicate" not in stopped
+    assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 0
 
 
 async def test_missing_topic_stops_at_once_with_one_clear_line(topics: PipelineTopics) -> None:
