@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply database migrations (safe to run twice)")
 
     consume = commands.add_parser("consume", help="run a consumer until SIGTERM/SIGINT")
-    consume.add_argument("worker", choices=["usage"], help="which consumer to run")
+    consume.add_argument("worker", choices=["usage", "budget"], help="which consumer to run")
     consume.add_argument(
         "--exit-when-idle",
         type=_positive_seconds,
@@ -181,6 +181,10 @@ def _dispatch(args: argparse.Namespace) -> None:
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     if args.command == "migrate":
         asyncio.run(_migrate(settings))
+    elif args.command == "consume" and args.worker == "budget":
+        from llm_usage.consumers.budget.consumer import run_budget_consumer
+
+        asyncio.run(run_budget_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "consume":
         from llm_usage.consumers.usage import run_usage_consumer
 
