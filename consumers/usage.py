@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -16,6 +17,7 @@ from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
+from llm_usage.schemas.usage_event import UsageEvent
 from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.usage_events import (
     copy_usage_events,
@@ -23,6 +25,7 @@ from llm_usage.storage.usage_events import (
     stored_conflict_fields,
     usage_table_exists,
 )
+from llm_usage.storage.usage_totals import add_to_daily_totals, daily_totals
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +70,8 @@ class UsageRecorder:
         self, connection: Connection, records: Sequence[Record], *, now: datetime, copy: bool
     ) -> BatchOutcome:
         outcome = BatchOutcome()
-        writing: asyncio.Task[BatchOutcome] | None = None
+        stored_now: list[UsageEvent] = []
+        writing: asyncio.Task[ChunkWritten] | None = None
         async with connection.transaction():
             try:
                 for start in range(0, len(records), self._chunk_records):
@@ -75,18 +79,25 @@ class UsageRecorder:
                         records[start : start + self._chunk_records], now
                     )
                     if writing is not None:
-                        outcome = outcome.merge(await writing)
+                        outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = asyncio.create_task(_write_chunk(connection, chunk, copy=copy))
                 if writing is not None:
-                    outcome = outcome.merge(await writing)
+                    outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = None
             finally:
                 if writing is not None:  # an error before the last chunk was awaited
                     await _cancel_quietly(writing)
+            # Once per batch, in key order: the rollup's pre-aggregate moves with the rows.
+            await add_to_daily_totals(connection, daily_totals(stored_now))
         return outcome
 
 
-async def _cancel_quietly(task: asyncio.Task[BatchOutcome]) -> None:
+def _collect(written: ChunkWritten, stored_now: list[UsageEvent]) -> BatchOutcome:
+    stored_now.extend(written.stored)
+    return written.outcome
+
+
+async def _cancel_quietly(task: asyncio.Task[ChunkWritten]) -> None:
     """Cancel a chunk write whose batch already failed; its own error adds nothing. A
     cancellation of *this* task (shutdown) still propagates."""
     task.cancel()
@@ -108,7 +119,13 @@ async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedB
     return batch
 
 
-async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: bool) -> BatchOutcome:
+@dataclass(frozen=True)
+class ChunkWritten:
+    outcome: BatchOutcome
+    stored: list[UsageEvent]  # the events this chunk inserted
+
+
+async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: bool) -> ChunkWritten:
     """Store the chunk's new ids and settle every record against what is stored."""
     # Ids already stored come back with the fields that tell a duplicate from a conflict; this
     # sees earlier chunks of the same batch, since they are in the same transaction.
@@ -121,7 +138,10 @@ async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: boo
         inserted = await insert_new_usage_events(connection, fresh)
         lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
         stored |= await stored_conflict_fields(connection, lost)
-    return settle_batch(batch, inserted=inserted, stored=stored)
+    return ChunkWritten(
+        settle_batch(batch, inserted=inserted, stored=stored),
+        [e for e in fresh if e.gateway_request_id in inserted],
+    )
 
 
 async def require_migrated(pool: asyncpg.Pool) -> None:

@@ -37,8 +37,9 @@ class DatabaseUnavailableError(TransientError):
 async def connection_from(
     pool: asyncpg.Pool,
 ) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
-    """Borrow a connection; failing to open one (any socket error, e.g. a unix socket that is
-    gone while the server restarts) is a DatabaseUnavailableError, which workers retry."""
+    """Borrow a connection. Failing to open one (any socket error, e.g. a unix socket that is
+    gone while the server restarts) or losing it mid-use is a DatabaseUnavailableError, which
+    workers retry."""
     try:
         connection = await pool.acquire()
     except _UNREACHABLE_ERRORS as error:
@@ -47,6 +48,15 @@ async def connection_from(
         ) from error
     try:
         yield connection
+    except asyncpg.InterfaceError as error:
+        # The server went away mid-transaction: asyncpg then reports the transaction's exit
+        # ("the underlying connection is closed"), not the loss itself. The connection's own
+        # state, not the message, says which it is.
+        if connection.is_closed():
+            raise DatabaseUnavailableError(
+                f"the database connection was lost: {type(error).__name__}: {error}"
+            ) from error
+        raise
     finally:
         await pool.release(connection)
 

@@ -18,6 +18,7 @@ from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
 from llm_usage.storage.budget_spend import prune_counted_ids
+from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +28,7 @@ _PRUNE_BATCH = 10_000
 
 async def require_budget_tables(pool: asyncpg.Pool) -> None:
     """Refuse to start against a database without the budget tables."""
-    async with pool.acquire() as connection:
+    async with connection_from(pool) as connection:
         if await connection.fetchval("SELECT to_regclass('budget_spend')") is None:
             raise ConfigurationError(
                 "table budget_spend does not exist in DATABASE_URL's database; "
@@ -44,7 +45,7 @@ def counted_id_pruner(metrics: BudgetMetrics) -> SideTask:
         while not context.stopping.is_set():
             try:
                 while not context.stopping.is_set():
-                    async with context.pool.acquire() as connection:
+                    async with connection_from(context.pool) as connection:
                         pruned = await prune_counted_ids(
                             connection, older_than_hours=hours, limit=_PRUNE_BATCH
                         )

@@ -34,7 +34,7 @@ from llm_usage.storage.budget_outbox import (
     pending_alerts,
     relay_positions,
 )
-from llm_usage.storage.pool import connect_once
+from llm_usage.storage.pool import connect_once, connection_from
 
 log = structlog.get_logger(__name__)
 
@@ -125,7 +125,7 @@ class AlertRelay:
 
     async def _publish_pending(self) -> int:
         pool = self._context.pool
-        async with pool.acquire() as connection:
+        async with connection_from(pool) as connection:
             pending = await pending_alerts(connection, limit=PUBLISH_BATCH)
             count, oldest = await outbox_backlog(connection)
         self._metrics.outbox_backlog.set(count)
@@ -136,7 +136,7 @@ class AlertRelay:
             return 0
         next_offsets = await self._publish(pending)
         crash_here(FAULT_AFTER_PUBLISH)
-        async with pool.acquire() as connection:
+        async with connection_from(pool) as connection:
             await mark_published(
                 connection,
                 [alert.alert_id for alert in pending],
@@ -169,7 +169,7 @@ class AlertRelay:
 
     async def _mark_what_is_already_on_the_topic(self) -> None:
         """Read the topic from where the last marked publish ended; mark the alerts found."""
-        async with self._context.pool.acquire() as connection:
+        async with connection_from(self._context.pool) as connection:
             positions = await relay_positions(connection, self._topic)
         partitions = sorted(await self._context.producer.partitions_for(self._topic))
         reader = new_reader(self._settings)
@@ -181,7 +181,7 @@ class AlertRelay:
         finally:
             await reader.stop()
         if found or ends != positions:
-            async with self._context.pool.acquire() as connection:
+            async with connection_from(self._context.pool) as connection:
                 await mark_published(connection, found, topic=self._topic, next_offsets=ends)
         if found:
             log.warning(

@@ -25,7 +25,7 @@ from llm_usage.consumers.runtime.spec import ConsumerContext, SideTask
 from llm_usage.schemas.budget import BudgetAlert, BudgetWindow, CounterKey, period_start
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import PolicySpend, current_spend_against_policies
-from llm_usage.storage.pool import connect_once
+from llm_usage.storage.pool import connect_once, connection_from
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +123,7 @@ class PolicyWatcher:
     async def check(self, *, tenant_id: str | None) -> list[str]:
         """Alert every policy (of one tenant, or all) whose current spend is past a level."""
         now = self._clock()
-        async with self._context.pool.acquire() as connection, connection.transaction():
+        async with connection_from(self._context.pool) as connection, connection.transaction():
             policies = await current_spend_against_policies(
                 connection, today=now.astimezone(UTC).date(), tenant_id=tenant_id
             )

@@ -23,10 +23,10 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
-from llm_usage.consumers.runtime.health import HealthState
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.outcome import Record
 from llm_usage.consumers.runtime.retry import is_transient, sleep_unless_stopping
+from llm_usage.core.health import HealthState
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,6 @@ from aiokafka import AIOKafkaConsumer
 
 from llm_usage.consumers.runtime.dead_letters import DeadLetterSink
 from llm_usage.consumers.runtime.fetching import Fetched, Fetcher
-from llm_usage.consumers.runtime.health import HealthState
 from llm_usage.consumers.runtime.idle import IdleDetector
 from llm_usage.consumers.runtime.isolation import RefusalGuard, record_isolating_refusals
 from llm_usage.consumers.runtime.lag import report_lag
@@ -31,6 +30,7 @@ from llm_usage.consumers.runtime.outcome import BatchHandler, BatchOutcome, Reco
 from llm_usage.consumers.runtime.rebalance import RebalanceListener
 from llm_usage.consumers.runtime.retry import is_transient, retry_transient
 from llm_usage.core.errors import TransientError
+from llm_usage.core.health import HealthState
 
 log = structlog.get_logger(__name__)
 

@@ -11,9 +11,9 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from llm_usage.consumers.runtime.health import HealthState
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.offsets import OffsetLedger
+from llm_usage.core.health import HealthState
 
 log = structlog.get_logger(__name__)
 
@@ -69,5 +69,5 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # aio
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         # An empty assignment is a standby replica (more replicas than partitions): it has joined
         # the group and is ready to take partitions over.
-        self._health.joined_group()
+        self._health.started()
         log.info("Partitions assigned.", consumer=self._name, partitions=partition_names(assigned))

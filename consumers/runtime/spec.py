@@ -10,9 +10,9 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.runtime.health import HealthState
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.outcome import BatchHandler
+from llm_usage.core.health import HealthState
 from llm_usage.core.settings import Settings
 
 

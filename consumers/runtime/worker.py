@@ -12,7 +12,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.runtime.dead_letters import KafkaDeadLetterSink
-from llm_usage.consumers.runtime.health import HealthState, serve_probes
 from llm_usage.consumers.runtime.kafka_clients import (
     new_consumer,
     new_producer,
@@ -23,6 +22,7 @@ from llm_usage.consumers.runtime.loop import BatchConsumer, LoopOptions
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec, SideTask
 from llm_usage.core.errors import PipelineError
+from llm_usage.core.health import HealthState, serve_probes
 from llm_usage.core.settings import Settings
 from llm_usage.storage.pool import create_pool
 

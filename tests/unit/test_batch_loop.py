@@ -20,10 +20,10 @@ from aiokafka.errors import KafkaConnectionError, UnsupportedCodecError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.runtime.health import HealthState
 from llm_usage.consumers.runtime.loop import BatchConsumer, LoopOptions
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
+from llm_usage.core.health import HealthState
 from tests.records import consumer_record
 
 TP = TopicPartition("usage", 0)  # where tests.records puts its records
@@ -308,7 +308,7 @@ async def test_an_undecodable_partition_stops_at_its_offset_while_the_others_mov
         {TP: [record(7, b"ok")], TP1: [record(3, b"ok", partition=1)]},
     ]
     loop, consumer = loop_for(polls, RefusesBadRows(), StandInSink(), health=health)
-    health.joined_group()
+    health.started()
     consumer.held = {TP, TP1}
     consumer.failing = {TP1}
     await loop.run()

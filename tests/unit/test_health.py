@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from llm_usage.consumers.runtime.health import HealthState, ProbeServer, serve_probes
+from llm_usage.core.health import HealthState, ProbeServer, serve_probes
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _get(server: ProbeServer, path: str) -> tuple[int, str]:
 def test_readyz_follows_the_consumer_state(served: tuple[ProbeServer, HealthState]) -> None:
     server, state = served
     assert _get(server, "/readyz") == (503, "not ready: not in the consumer group yet\n")
-    state.joined_group()
+    state.started()
     assert _get(server, "/readyz") == (200, "ready\n")
     state.hold("batch", "retrying database")
     state.hold("stopped:usage:1", "usage[1] stopped at offset 7: undecodable")
@@ -53,7 +53,7 @@ def test_readyz_follows_the_consumer_state(served: tuple[ProbeServer, HealthStat
 
 def test_a_slow_client_does_not_block_the_probes(served: tuple[ProbeServer, HealthState]) -> None:
     server, state = served
-    state.joined_group()
+    state.started()
     # A client that connects and sends half a request, then waits: a single-threaded server
     # would sit in its read until it timed out, and the kubelet's probe would fail meanwhile.
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:

@@ -22,13 +22,16 @@ StartResponse = Callable[..., Any]
 class HealthState:
     """What the probes report. Written by the event loop, read by the HTTP threads.
 
-    Ready means: the member has joined its group and nothing is holding work back (a batch being
-    retried, a partition stopped at a batch it cannot decode). Each hold has a name, so that one
-    clearing does not hide another. Dict writes and reads are atomic under the GIL.
+    Ready means: the worker has started (a consumer: joined its group) and nothing holds work
+    back (a batch being retried, a partition stopped at a batch it cannot decode). Each hold has
+    a name, so that one clearing does not hide another. Dict writes and reads are atomic under
+    the GIL.
     """
 
     stall_after_seconds: float = 120.0
-    has_joined: bool = False
+    # What readiness waits for first: a consumer joining its group, a scheduler its first run.
+    starting_reason: str = "not in the consumer group yet"
+    has_started: bool = False
     holds: dict[str, str] = field(default_factory=dict)
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -36,8 +39,8 @@ class HealthState:
         """The loop is alive: it finished a poll or a batch."""
         self.last_progress = time.monotonic()
 
-    def joined_group(self) -> None:
-        self.has_joined = True
+    def started(self) -> None:
+        self.has_started = True
 
     def hold(self, name: str, reason: str) -> None:
         self.holds[name] = reason
@@ -47,12 +50,12 @@ class HealthState:
 
     @property
     def ready(self) -> bool:
-        return self.has_joined and not self.holds
+        return self.has_started and not self.holds
 
     @property
     def reason(self) -> str:
-        if not self.has_joined:
-            return "not in the consumer group yet"
+        if not self.has_started:
+            return self.starting_reason
         return "; ".join(sorted(dict(self.holds).values()))
 
     def is_alive(self) -> bool:
