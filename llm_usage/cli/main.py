@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="run a short demo stream through the pipeline (make run)")
 
+    from llm_usage.cli.rollup import add_rollup_commands
+
+    add_rollup_commands(commands)
+
     bench = commands.add_parser("bench", help="measure throughput against baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     ingest = bench_commands.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
@@ -238,6 +242,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "topics":
         asyncio.run(_topics_ensure(settings, args))
+    elif args.command == "rollup":
+        from llm_usage.cli.rollup import run_rollup_command
+
+        asyncio.run(run_rollup_command(settings, args))
     elif args.command == "policy":
         from llm_usage.cli.policy import run_policy_command
 

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # change is noticed at once through LISTEN/NOTIFY; this is the safety net).
     budget_policy_sweep_seconds: float = Field(default=30.0, gt=0)
 
+    # The rollup schedule: how often the current month's preview lines are refreshed, and how
+    # long after a month ends it is run for the last time and closed.
+    rollup_preview_minutes: float = Field(default=15.0, gt=0)
+    rollup_close_grace_hours: float = Field(default=48.0, ge=0)
+
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

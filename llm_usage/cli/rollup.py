@@ -1,0 +1,87 @@
+"""`llm-usage rollup run | close | schedule`: invoice lines for people and for finance's tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.settings import Settings
+from llm_usage.rollup.lines import InvoiceLine
+from llm_usage.rollup.periods import InvalidPeriodError, parse_period
+from llm_usage.rollup.run import RollupResult, close_month, run_rollup
+from llm_usage.storage.pool import create_pool
+
+
+def add_rollup_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rollup = commands.add_parser("rollup", help="monthly invoice lines: run, close, schedule")
+    actions = rollup.add_subparsers(dest="rollup_command", required=True, metavar="ACTION")
+    run = actions.add_parser("run", help="compute and store a month's lines (idempotent)")
+    run.add_argument("--period", required=True, metavar="YYYY-MM")
+    run.add_argument("--tenant", metavar="ID", help="only this tenant's lines")
+    run.add_argument("--json", action="store_true", help="one JSON object a line")
+    close = actions.add_parser("close", help="run a past month one last time and close it")
+    close.add_argument("--period", required=True, metavar="YYYY-MM")
+    close.add_argument("--json", action="store_true", help="one JSON object a line")
+    actions.add_parser("schedule", help="refresh previews and close months, until SIGTERM")
+
+
+def _period(text: str) -> str:
+    try:
+        parse_period(text)
+    except InvalidPeriodError as error:
+        raise ConfigurationError(f"--period: {error}") from None
+    return text
+
+
+async def run_rollup_command(settings: Settings, args: argparse.Namespace) -> None:
+    if args.rollup_command == "schedule":
+        from llm_usage.rollup.schedule import run_schedule  # noqa: PLC0415
+
+        await run_schedule(settings)
+        return
+    period = _period(args.period)
+    pool = await create_pool(settings.database_url, size=1)
+    try:
+        if args.rollup_command == "close":
+            result = await close_month(pool, period=period, now=datetime.now(UTC))
+        else:
+            result = await run_rollup(pool, period=period, tenant_id=args.tenant)
+    finally:
+        await pool.close()
+    print_result(result, as_json=args.json)
+
+
+def print_result(result: RollupResult, *, as_json: bool) -> None:
+    if as_json:
+        for line in result.lines:
+            print(json.dumps(line.as_json(), ensure_ascii=False, sort_keys=False))
+        return
+    state = "closed" if result.closed else "open (preview; lines change until it is closed)"
+    print(f"{result.period}: {len(result.lines)} lines, {state}")
+    if result.lines:
+        print(_table(result.lines))
+
+
+def _table(lines: Sequence[InvoiceLine]) -> str:
+    rows = [("tenant", "deployment", "kind", "qty", "amount", "description")]
+    rows += [
+        (
+            line.tenant_id,
+            line.deployment_id if line.deployment_id is not None else "(none)",
+            line.kind,
+            str(line.qty),
+            f"{line.amount_cents // 100}.{line.amount_cents % 100:02d} USD",
+            line.description,
+        )
+        for line in lines
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        for row in rows
+    )

@@ -1,0 +1,214 @@
+"""`rollup run` and `rollup close`: a month's lines computed from the daily pre-aggregate and
+stored in one transaction, so a failed run leaves the month as it was."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import asyncpg
+
+from llm_usage.core.errors import UserFacingError
+from llm_usage.rollup.lines import (
+    Billed,
+    InvoiceLine,
+    Usage,
+    adjustment_line,
+    billed_so_far,
+    usage_lines,
+)
+from llm_usage.rollup.periods import (
+    current_period,
+    first_open_after,
+    following_period,
+    month_has_ended,
+    next_month,
+    parse_period,
+)
+from llm_usage.storage.invoice_lines import (
+    MonthlyUsage,
+    StoredLine,
+    close_period,
+    closed_periods,
+    lines_for,
+    lock_rollup,
+    monthly_usage,
+    months_with_usage_before,
+    periods_with_late_usage,
+    replace_open_lines,
+)
+from llm_usage.storage.pool import Connection, connection_from
+
+# A batch of the usage consumer writes its daily totals seconds before it commits; a month
+# closed in between would miss them without this margin.
+LATE_USAGE_MARGIN_SECONDS = 3600
+
+
+class PeriodNotClosableError(UserFacingError):
+    """Closing the current or a future month, or one after a month still open."""
+
+
+@dataclass(frozen=True)
+class RollupResult:
+    period: str
+    lines: list[InvoiceLine]
+    closed: bool
+
+
+def _usage(found: MonthlyUsage) -> Usage:
+    return Usage(found.charge_usd, found.input_tokens, found.output_tokens, found.requests)
+
+
+def _from_stored(line: StoredLine, *, closed: bool) -> InvoiceLine:
+    return InvoiceLine(
+        tenant_id=line.tenant_id,
+        period=line.period,
+        deployment_id=line.deployment_id,
+        kind=line.kind,
+        qty=line.qty,
+        amount_cents=line.amount_cents,
+        description=line.description,
+        meta=line.meta,
+        closed=closed,
+        resource_kind=line.resource_kind,
+        unit=line.unit,
+        unit_price_cents=line.unit_price_cents,
+    )
+
+
+def _to_stored(line: InvoiceLine) -> StoredLine:
+    return StoredLine(
+        tenant_id=line.tenant_id,
+        period=line.period,
+        deployment_id=line.deployment_id,
+        kind=line.kind,
+        resource_kind=line.resource_kind,
+        unit=line.unit,
+        unit_price_cents=line.unit_price_cents,
+        qty=line.qty,
+        amount_cents=line.amount_cents,
+        description=line.description,
+        meta=dict(line.meta),
+        original_period=line.original_period,
+    )
+
+
+async def _compute_lines(
+    connection: Connection, period: str, tenant_id: str | None, closed: set[str]
+) -> list[InvoiceLine]:
+    first_day = parse_period(period)
+    lines: list[InvoiceLine] = []
+    by_tenant: dict[str, dict[str | None, Usage]] = {}
+    for found in await monthly_usage(
+        connection, first_day=first_day, next_month=next_month(first_day), tenant_id=tenant_id
+    ):
+        by_tenant.setdefault(found.tenant_id, {})[found.deployment_id] = _usage(found)
+    for tenant in sorted(by_tenant):
+        lines.extend(usage_lines(tenant, period, by_tenant[tenant]))
+
+    # True-ups for closed months whose late events are billed in this month.
+    late_months = [
+        month
+        for month in await periods_with_late_usage(
+            connection, margin_seconds=LATE_USAGE_MARGIN_SECONDS
+        )
+        if month < period and first_open_after(month, closed) == period
+    ]
+    for month in late_months:
+        month_first = parse_period(month)
+        totals = {
+            (found.tenant_id, found.deployment_id): _usage(found)
+            for found in await monthly_usage(
+                connection,
+                first_day=month_first,
+                next_month=next_month(month_first),
+                tenant_id=tenant_id,
+            )
+        }
+        billed = billed_so_far(
+            _from_stored(line, closed=True)
+            for line in await lines_for(
+                connection, original_periods=[month], tenant_id=tenant_id, closed_only=True
+            )
+        )
+        for tenant, deployment in sorted(
+            totals.keys() | {(t, d) for t, d, _ in billed},
+            key=lambda k: (k[0], k[1] is not None, k[1] or ""),
+        ):
+            line = adjustment_line(
+                tenant_id=tenant,
+                period=period,
+                deployment_id=deployment,
+                original_period=month,
+                total_now=totals.get((tenant, deployment), Usage()),
+                billed=billed.get((tenant, deployment, month), Billed()),
+            )
+            if line is not None:
+                lines.append(line)
+    return lines
+
+
+async def run_rollup(
+    pool: asyncpg.Pool, *, period: str, tenant_id: str | None = None
+) -> RollupResult:
+    """Compute and store the open month's lines (replacing its earlier ones), or return a
+    closed month's frozen lines unchanged."""
+    parse_period(period)
+    async with connection_from(pool) as connection, connection.transaction():
+        await lock_rollup(connection)
+        closed = set(await closed_periods(connection))
+        if period in closed:
+            frozen = await lines_for(connection, period=period, tenant_id=tenant_id)
+            return RollupResult(period, [_from_stored(line, closed=True) for line in frozen], True)
+        lines = await _compute_lines(connection, period, tenant_id, closed)
+        await replace_open_lines(
+            connection,
+            period=period,
+            tenant_id=tenant_id,
+            lines=[_to_stored(line) for line in lines],
+        )
+    return RollupResult(period, lines, False)
+
+
+async def close_month(pool: asyncpg.Pool, *, period: str, now: datetime) -> RollupResult:
+    """Run the month one last time and close it: its lines are final from then on."""
+    first_day = parse_period(period)
+    if not month_has_ended(period, now):
+        raise PeriodNotClosableError(
+            f"{period} has not ended yet (it is {current_period(now)} in UTC); only a past month "
+            "can be closed"
+        )
+    async with connection_from(pool) as connection, connection.transaction():
+        await lock_rollup(connection)
+        closed = set(await closed_periods(connection))
+        if period in closed:
+            frozen = await lines_for(connection, period=period)
+            return RollupResult(period, [_from_stored(line, closed=True) for line in frozen], True)
+        still_open = _open_months_before(
+            await months_with_usage_before(connection, first_day), period, closed
+        )
+        if still_open:
+            raise PeriodNotClosableError(
+                f"{still_open[0]} is still open; close the months in order "
+                f"(`llm-usage rollup close --period {still_open[0]}` first)"
+            )
+        lines = await _compute_lines(connection, period, None, closed)
+        await replace_open_lines(
+            connection, period=period, tenant_id=None, lines=[_to_stored(line) for line in lines]
+        )
+        await close_period(connection, period)
+    return RollupResult(period, [replace(line, closed=True) for line in lines], True)
+
+
+def _open_months_before(with_usage: list[str], period: str, closed: set[str]) -> list[str]:
+    """Months from the first with usage up to `period` (excluded) that are not closed, with or
+    without usage: months close in order, so that a late event's month is always followed by
+    the open month that bills it."""
+    if not with_usage:
+        return []
+    months, month = [], with_usage[0]
+    while month < period:
+        if month not in closed:
+            months.append(month)
+        month = following_period(month)
+    return months

@@ -1,0 +1,304 @@
+"""The rollup against a real PostgreSQL: lines from the pre-aggregate the usage consumer keeps,
+idempotent runs, closed months frozen by the database, late events billed as true-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llm_usage.consumers.usage import UsageRecorder
+from llm_usage.core.health import HealthState
+from llm_usage.core.settings import Settings
+from llm_usage.rollup.run import PeriodNotClosableError, close_month, run_rollup
+from llm_usage.rollup.schedule import RollupScheduler, ScheduleMetrics
+from llm_usage.schemas.money import usd_to_cents
+from llm_usage.storage.migrate import migrate
+from tests.integration.pipeline import encode, unique, usage_event
+from tests.records import consumer_record
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def rollup_db(database_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A database of the test's own: which months are closed is global to a database."""
+    name = f"rollup_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = _with_database(database_url, name)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    assert pool is not None
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield url, pool
+    await pool.close()
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+def _with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (works for host:port and unix-socket URLs)."""
+    scheme, _, rest = url.partition("://")
+    authority, _, tail = rest.partition("/")
+    _, query_mark, query = tail.partition("?")
+    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query_mark else "")
+
+
+async def store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
+    """Through the usage consumer's own handler: the real path that keeps the aggregate."""
+    records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
+    await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records)
+
+
+def event(tenant: str, day: str, charge: str, deployment: str | None = "dep-1") -> dict[str, Any]:
+    return usage_event(
+        tenant,
+        deployment_id=deployment,
+        customer_charge_usd=charge,
+        occurred_at=f"{day}T12:00:00Z",
+        input_tokens=100,
+        output_tokens=10,
+    )
+
+
+async def test_a_month_s_lines_are_exact_and_a_second_run_is_the_same(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    tenant = unique("tenant")
+    # 0.0025 + 0.0025 = 0.005: half a cent only when summed exactly.
+    events = [
+        event(tenant, "2026-10-03", "0.0025"),
+        event(tenant, "2026-10-30", "0.0025"),
+        event(tenant, "2026-10-05", "1.00", deployment=None),
+        event(tenant, "2026-10-06", "0.001", deployment="dep-tiny"),  # rounds to 0: left out
+        event(tenant, "2026-09-30", "5"),  # another month
+    ]
+    await store(pool, events)
+    first = await run_rollup(pool, period="2026-10", tenant_id=tenant)
+    again = await run_rollup(pool, period="2026-10", tenant_id=tenant)
+    assert first.lines == again.lines
+    assert [(line.deployment_id, line.amount_cents, line.qty) for line in first.lines] == [
+        (None, 100, 110),
+        ("dep-1", 1, 220),
+    ]
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM invoice_lines WHERE tenant_id = $1 AND period = '2026-10'", tenant
+    )
+    assert stored == 2, "a second run replaces, never copies"
+    assert first.lines[1].description == "LLM tokens \u2014 200 in / 20 out (2 requests)"
+
+
+async def test_closed_months_are_final_in_the_database_itself(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    tenant = unique("tenant")
+    await store(pool, [event(tenant, "2026-10-03", "2.50")])
+    with pytest.raises(PeriodNotClosableError, match="2026-11 has not ended yet"):
+        await close_month(pool, period="2026-11", now=NOW)
+    closed = await close_month(pool, period="2026-10", now=NOW)
+    assert closed.closed
+    assert [line.amount_cents for line in closed.lines] == [250]
+    again = await close_month(pool, period="2026-10", now=NOW)  # harmless
+    assert again.lines == closed.lines
+    frozen = await run_rollup(pool, period="2026-10")
+    assert frozen.closed
+    assert [line.as_json() for line in frozen.lines] == [line.as_json() for line in closed.lines]
+
+    for statement in (
+        "UPDATE invoice_lines SET amount_cents = 1 WHERE period = '2026-10'",
+        "DELETE FROM invoice_lines WHERE period = '2026-10'",
+        "INSERT INTO invoice_lines (tenant_id, period, kind, resource_kind, unit, qty, "
+        "amount_cents, description, meta, original_period) VALUES ('x', '2026-10', "
+        "'llm_usage', 'llm_tokens', 'token', 1, 1, 'd', '{}', '2026-10')",
+        "TRUNCATE invoice_lines",
+        "DELETE FROM invoice_periods WHERE period = '2026-10'",
+    ):
+        with pytest.raises(asyncpg.exceptions.RestrictViolationError):
+            await pool.execute(statement)
+
+
+async def test_months_close_in_order(rollup_db: tuple[str, asyncpg.Pool]) -> None:
+    _, pool = rollup_db
+    tenant = unique("tenant")
+    await store(pool, [event(tenant, "2026-08-03", "1"), event(tenant, "2026-10-03", "1")])
+    # September has no usage, but late August events would be billed in it: it closes too.
+    with pytest.raises(PeriodNotClosableError, match="2026-08 is still open"):
+        await close_month(pool, period="2026-10", now=NOW)
+    await close_month(pool, period="2026-08", now=NOW)
+    with pytest.raises(PeriodNotClosableError, match="2026-09 is still open"):
+        await close_month(pool, period="2026-10", now=NOW)
+    await close_month(pool, period="2026-09", now=NOW)
+    assert (await close_month(pool, period="2026-10", now=NOW)).closed
+
+
+async def test_late_events_are_trued_up_so_every_month_bills_its_exact_total_once(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    rng = random.Random(11)
+    tenants = [unique("tenant") for _ in range(3)]
+    deployments: list[str | None] = ["dep-a", "dep-b", None]
+    stored: list[dict[str, Any]] = []
+
+    async def add(month: str, count: int) -> None:
+        batch = [
+            event(
+                rng.choice(tenants),
+                f"{month}-{rng.randint(1, 28):02d}",
+                f"0.{rng.randint(0, 99999):05d}",
+                deployment=rng.choice(deployments),
+            )
+            for _ in range(count)
+        ]
+        await store(pool, batch)
+        stored.extend(batch)
+
+    await add("2026-07", 60)
+    await close_month(pool, period="2026-07", now=NOW)
+    for round_, month in enumerate(["2026-08", "2026-09", "2026-10"]):
+        await add(month, 40)
+        await add("2026-07", 5 + round_)  # late for a closed month
+        if round_:
+            await add("2026-08", 7)  # late for the month closed last round
+        await close_month(pool, period=month, now=NOW)
+    await add("2026-09", 9)  # late again, billed in the open November
+    await add("2026-07", 3)
+    await run_rollup(pool, period="2026-11")
+
+    lines = await pool.fetch(
+        "SELECT tenant_id, deployment_id, amount_cents, original_period, kind FROM invoice_lines"
+    )
+    billed: dict[tuple[str, str | None, str], int] = defaultdict(int)
+    for line in lines:
+        billed[(line["tenant_id"], line["deployment_id"], line["original_period"])] += line[
+            "amount_cents"
+        ]
+    exact: dict[tuple[str, str | None, str], Decimal] = defaultdict(Decimal)
+    for e in stored:
+        exact[(e["tenant_id"], e["deployment_id"], e["occurred_at"][:7])] += Decimal(
+            e["customer_charge_usd"]
+        )
+    expected = {key: usd_to_cents(total) for key, total in exact.items()}
+    assert {k: v for k, v in billed.items() if v} == {k: v for k, v in expected.items() if v}
+    adjustments = [line for line in lines if line["kind"] == "llm_usage_adjustment"]
+    assert adjustments, "the late events produced no true-up at all"
+    assert {line["original_period"] for line in adjustments} <= {"2026-07", "2026-08", "2026-09"}
+
+
+async def test_the_aggregate_equals_the_raw_events_after_duplicates_and_racing_replicas(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    tenant = unique("tenant")
+    events = [event(tenant, f"2026-10-{n % 28 + 1:02d}", f"0.{n:04d}") for n in range(1, 600)]
+    halves = [events[:400], events[200:]]  # overlapping: duplicates across "replicas"
+    await asyncio.gather(*(store(pool, half) for half in halves))
+    await store(pool, events[::7])  # redelivered
+    raw = await pool.fetch(
+        "SELECT deployment_id, (occurred_at AT TIME ZONE 'UTC')::date AS day, "
+        "sum(customer_charge_usd) AS charge, sum(input_tokens) AS input_tokens, "
+        "sum(output_tokens) AS output_tokens, count(*) AS requests "
+        "FROM llm_usage_events WHERE tenant_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+        tenant,
+    )
+    aggregate = await pool.fetch(
+        "SELECT deployment_id, day, charge_usd AS charge, input_tokens, output_tokens, requests "
+        "FROM usage_daily_totals WHERE tenant_id = $1 ORDER BY 1, 2",
+        tenant,
+    )
+    assert [tuple(r) for r in aggregate] == [tuple(r) for r in raw]
+    assert sum(r["requests"] for r in aggregate) == len(events)
+
+
+async def test_rollup_commands_print_json_and_refuse_in_one_line(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    url, pool = rollup_db
+    tenant = unique("tenant")
+    await store(pool, [event(tenant, "2026-10-03", "0.125", deployment=None)])
+    env = {"DATABASE_URL": url, "LOG_FORMAT": "json"}
+    printed = _cli(env, "rollup", "run", "--period", "2026-10", "--tenant", tenant, "--json")
+    assert printed.returncode == 0, printed.stderr
+    [line] = [json.loads(text) for text in printed.stdout.splitlines()]
+    assert line == {
+        "tenant_id": tenant,
+        "period": "2026-10",
+        "deployment_id": None,
+        "kind": "llm_usage",
+        "resource_kind": "llm_tokens",
+        "unit": "token",
+        "unit_price_cents": None,
+        "qty": 110,
+        "amount_cents": 13,
+        "description": "LLM tokens \u2014 100 in / 10 out (1 requests)",
+        "meta": {"input_tokens": 100, "output_tokens": 10, "requests": 1},
+        "closed": False,
+    }
+    for args, expected in (
+        (("rollup", "close", "--period", "2099-01"), "has not ended yet"),
+        (("rollup", "run", "--period", "2026-13"), "--period"),
+    ):
+        refused = _cli(env, *args)
+        assert refused.returncode == 2
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert expected in refused.stderr
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import os  # noqa: PLC0415
+
+    return subprocess.run(
+        [sys.executable, "-m", "llm_usage", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_schedule_closes_a_month_only_after_its_grace(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    url, pool = rollup_db
+    tenant = unique("tenant")
+    await store(pool, [event(tenant, "2026-10-30", "1"), event(tenant, "2026-11-02", "2")])
+    clock = [datetime(2026, 10, 31, 23, 0, tzinfo=UTC)]
+    settings = Settings(database_url=url, rollup_close_grace_hours=48, rollup_preview_minutes=15)
+    scheduler = RollupScheduler(
+        settings=settings,
+        pool=pool,
+        metrics=ScheduleMetrics.create(CollectorRegistry()),
+        health=HealthState(),
+        clock=lambda: clock[0],
+    )
+
+    async def closed() -> set[str]:
+        return {row["period"] for row in await pool.fetch("SELECT period FROM invoice_periods")}
+
+    await scheduler.tick()  # October is still the current month: a preview of it
+    assert await closed() == set()
+    assert await pool.fetchval("SELECT count(*) FROM invoice_lines WHERE period = '2026-10'") == 1
+    for hours, expected in ((1, set()), (47, set()), (49, {"2026-10"})):
+        clock[0] = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(hours=hours)
+        await scheduler.tick()
+        assert await closed() == expected, f"{hours} h after the month ended"
+    # November's preview was refreshed meanwhile.
+    assert await pool.fetchval("SELECT count(*) FROM invoice_lines WHERE period = '2026-11'") == 1
