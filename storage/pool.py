@@ -52,13 +52,21 @@ async def connection_from(
         # The server went away mid-transaction: asyncpg then reports the transaction's exit
         # ("the underlying connection is closed"), not the loss itself. The connection's own
         # state, not the message, says which it is.
-        if connection.is_closed():
+        if _is_gone(connection):
             raise DatabaseUnavailableError(
                 f"the database connection was lost: {type(error).__name__}: {error}"
             ) from error
         raise
     finally:
         await pool.release(connection)
+
+
+def _is_gone(connection: PoolConnectionProxy[asyncpg.Record]) -> bool:
+    """Closed, or already detached from its proxy by the pool because it was lost."""
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:  # "released back to the pool": the pool dropped it
+        return True
 
 
 async def connect_once(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
