@@ -7,8 +7,6 @@ them in the same order and cannot deadlock.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import date
 from decimal import Decimal
 
 from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType
@@ -42,23 +40,6 @@ _PRUNE_COUNTED = """
         WHERE counted_at < now() - make_interval(hours => $1)
         LIMIT $2
     )
-"""
-
-# Each policy with the spend of its current day and month (0 where nothing was counted yet).
-_CURRENT_SPEND_AGAINST_POLICIES = """
-    SELECT p.tenant_id, p.scope_type, p.scope_id, p.daily_limit_usd, p.monthly_limit_usd,
-           p.warn_threshold_pct,
-           coalesce(d.spend_usd, 0) AS daily_spend_usd,
-           coalesce(m.spend_usd, 0) AS monthly_spend_usd
-    FROM budget_policies p
-    LEFT JOIN budget_spend d
-        ON d.tenant_id = p.tenant_id AND d.scope_type = p.scope_type
-       AND d.scope_id = p.scope_id AND d."window" = 'daily' AND d.period_start = $1
-    LEFT JOIN budget_spend m
-        ON m.tenant_id = p.tenant_id AND m.scope_type = p.scope_type
-       AND m.scope_id = p.scope_id AND m."window" = 'monthly' AND m.period_start = $2
-    WHERE $3::text IS NULL OR p.tenant_id = $3
-    ORDER BY p.tenant_id, p.scope_type, p.scope_id
 """
 
 
@@ -101,45 +82,3 @@ async def prune_counted_ids(connection: Connection, *, older_than_hours: int, li
     """Forget up to `limit` counted ids older than the retention; return how many."""
     status = await connection.execute(_PRUNE_COUNTED, older_than_hours, limit)
     return int(status.rsplit(" ", 1)[-1])
-
-
-@dataclass(frozen=True)
-class PolicySpend:
-    """A policy and what its scope spent in the current day and month."""
-
-    tenant_id: str
-    scope_type: ScopeType
-    scope_id: str
-    daily_limit_usd: Decimal | None
-    monthly_limit_usd: Decimal | None
-    warn_threshold_pct: int
-    daily_spend_usd: Decimal
-    monthly_spend_usd: Decimal
-
-    def limit_and_spend(self, window: BudgetWindow) -> tuple[Decimal | None, Decimal]:
-        if window is BudgetWindow.DAILY:
-            return self.daily_limit_usd, self.daily_spend_usd
-        return self.monthly_limit_usd, self.monthly_spend_usd
-
-
-async def current_spend_against_policies(
-    connection: Connection, *, today: date, tenant_id: str | None = None
-) -> list[PolicySpend]:
-    """Every policy (of one tenant, or all) with its scope's spend today and this month, read
-    from the counters: one query, never a sum over events."""
-    rows = await connection.fetch(
-        _CURRENT_SPEND_AGAINST_POLICIES, today, today.replace(day=1), tenant_id
-    )
-    return [
-        PolicySpend(
-            tenant_id=row["tenant_id"],
-            scope_type=ScopeType(row["scope_type"]),
-            scope_id=row["scope_id"],
-            daily_limit_usd=row["daily_limit_usd"],
-            monthly_limit_usd=row["monthly_limit_usd"],
-            warn_threshold_pct=row["warn_threshold_pct"],
-            daily_spend_usd=row["daily_spend_usd"],
-            monthly_spend_usd=row["monthly_spend_usd"],
-        )
-        for row in rows
-    ]

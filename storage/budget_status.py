@@ -6,16 +6,18 @@ summed here. One query for the whole tenant, whatever the number of policies.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
-from llm_usage.schemas.budget import BudgetWindow, ScopeType, period_start
+from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType, period_start
 from llm_usage.schemas.budget_policy import BudgetStatus, budget_status
 from llm_usage.storage.pool import Connection
 
 # Each policy once per window it has a limit for, with that window's current period; the
 # counter of exactly that period, or 0 when nothing has been counted in it yet.
 _SELECT_STATUS = """
-    SELECT p.scope_type, p.scope_id, w."window", w.period_start, w.limit_usd,
+    SELECT p.tenant_id, p.scope_type, p.scope_id, w."window", w.period_start, w.limit_usd,
            p.warn_threshold_pct, coalesce(s.spend_usd, 0) AS spend_usd
     FROM budget_policies AS p
     CROSS JOIN LATERAL (
@@ -28,18 +30,30 @@ _SELECT_STATUS = """
         AND s.scope_id = p.scope_id
         AND s."window" = w."window"
         AND s.period_start = w.period_start
-    WHERE p.tenant_id = $1 AND w.limit_usd IS NOT NULL
-    ORDER BY array_position(ARRAY['tenant', 'deployment', 'user', 'agent'], p.scope_type),
+    WHERE ($1::text IS NULL OR p.tenant_id = $1) AND w.limit_usd IS NOT NULL
+    ORDER BY p.tenant_id,
+             array_position(ARRAY['tenant', 'deployment', 'user', 'agent'], p.scope_type),
              p.scope_id,
              w."window"
 """
 
 
-async def tenant_budget_status(
-    connection: Connection, tenant_id: str, *, now: datetime
-) -> list[BudgetStatus]:
-    """Every policy window of the tenant in the UTC day or month that `now` (aware) falls in:
-    scopes in the order tenant, deployment, user, agent, then by id; daily before monthly."""
+@dataclass(frozen=True)
+class PolicyWindow:
+    """One window of a policy in its current period, with the spend counted in it."""
+
+    counter: CounterKey
+    limit_usd: Decimal
+    warn_threshold_pct: int
+    spend_usd: Decimal
+
+
+async def current_policy_windows(
+    connection: Connection, *, now: datetime, tenant_id: str | None = None
+) -> list[PolicyWindow]:
+    """Every policy window (of one tenant, or all) in the UTC day or month that `now` (aware)
+    falls in, with its counter's spend: scopes in the order tenant, deployment, user, agent,
+    then by id; daily before monthly. One query; events are never summed."""
     rows = await connection.fetch(
         _SELECT_STATUS,
         tenant_id,
@@ -47,14 +61,35 @@ async def tenant_budget_status(
         period_start(BudgetWindow.MONTHLY, now),
     )
     return [
-        budget_status(
-            scope_type=ScopeType(row["scope_type"]),
-            scope_id=row["scope_id"],
-            window=BudgetWindow(row["window"]),
-            period_start=row["period_start"],
-            spend_usd=row["spend_usd"],
+        PolicyWindow(
+            counter=CounterKey(
+                row["tenant_id"],
+                ScopeType(row["scope_type"]),
+                row["scope_id"],
+                BudgetWindow(row["window"]),
+                row["period_start"],
+            ),
             limit_usd=row["limit_usd"],
             warn_threshold_pct=row["warn_threshold_pct"],
+            spend_usd=row["spend_usd"],
         )
         for row in rows
+    ]
+
+
+async def tenant_budget_status(
+    connection: Connection, tenant_id: str, *, now: datetime
+) -> list[BudgetStatus]:
+    """The tenant's budgets as `budget status` and the portals show them."""
+    return [
+        budget_status(
+            scope_type=window.counter.scope_type,
+            scope_id=window.counter.scope_id,
+            window=window.counter.window,
+            period_start=window.counter.period_start,
+            spend_usd=window.spend_usd,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+        )
+        for window in await current_policy_windows(connection, now=now, tenant_id=tenant_id)
     ]

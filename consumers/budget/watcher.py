@@ -22,9 +22,9 @@ from llm_usage.consumers.budget.crossing import crossings_at_rest
 from llm_usage.consumers.budget.handler import alert_for
 from llm_usage.consumers.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.consumers.runtime.spec import ConsumerContext, SideTask
-from llm_usage.schemas.budget import BudgetAlert, BudgetWindow, CounterKey, period_start
+from llm_usage.schemas.budget import BudgetAlert
 from llm_usage.storage.budget_outbox import insert_alerts
-from llm_usage.storage.budget_spend import PolicySpend, current_spend_against_policies
+from llm_usage.storage.budget_status import PolicyWindow, current_policy_windows
 from llm_usage.storage.pool import connect_once, connection_from
 
 log = structlog.get_logger(__name__)
@@ -32,34 +32,23 @@ log = structlog.get_logger(__name__)
 POLICIES_CHANNEL = "budget_policies"
 
 
-def alerts_at_rest(policies: list[PolicySpend], *, now: datetime) -> list[BudgetAlert]:
-    """The alerts every policy's current spend has reached (warning first), no trigger."""
-    alerts = []
-    for policy in policies:
-        for window in BudgetWindow:
-            limit, spend = policy.limit_and_spend(window)
-            if limit is None:
-                continue
-            key = CounterKey(
-                policy.tenant_id,
-                policy.scope_type,
-                policy.scope_id,
-                window,
-                period_start(window, now),
-            )
-            for crossing in crossings_at_rest(
-                spend, limit_usd=limit, warn_threshold_pct=policy.warn_threshold_pct
-            ):
-                alerts.append(
-                    alert_for(
-                        key,
-                        crossing,
-                        limit_usd=limit,
-                        warn_threshold_pct=policy.warn_threshold_pct,
-                        emitted_at=now,
-                    )
-                )
-    return alerts
+def alerts_at_rest(windows: list[PolicyWindow], *, now: datetime) -> list[BudgetAlert]:
+    """The alerts every policy window's current spend has reached (warning first), no trigger."""
+    return [
+        alert_for(
+            window.counter,
+            crossing,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+            emitted_at=now,
+        )
+        for window in windows
+        for crossing in crossings_at_rest(
+            window.spend_usd,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+        )
+    ]
 
 
 def policy_watcher(clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> SideTask:
@@ -124,10 +113,8 @@ class PolicyWatcher:
         """Alert every policy (of one tenant, or all) whose current spend is past a level."""
         now = self._clock()
         async with connection_from(self._context.pool) as connection, connection.transaction():
-            policies = await current_spend_against_policies(
-                connection, today=now.astimezone(UTC).date(), tenant_id=tenant_id
-            )
-            added = await insert_alerts(connection, alerts_at_rest(policies, now=now))
+            windows = await current_policy_windows(connection, now=now, tenant_id=tenant_id)
+            added = await insert_alerts(connection, alerts_at_rest(windows, now=now))
         if added:
             log.info("Policies already past a level alerted.", tenant=tenant_id, alerts=len(added))
         return added
