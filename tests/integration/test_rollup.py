@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -262,8 +266,6 @@ async def test_rollup_commands_print_json_and_refuse_in_one_line(
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    import os  # noqa: PLC0415
-
     return subprocess.run(
         [sys.executable, "-m", "llm_usage", *args],
         env={**os.environ, **env},
@@ -302,3 +304,75 @@ async def test_the_schedule_closes_a_month_only_after_its_grace(
         assert await closed() == expected, f"{hours} h after the month ended"
     # November's preview was refreshed meanwhile.
     assert await pool.fetchval("SELECT count(*) FROM invoice_lines WHERE period = '2026-11'") == 1
+
+
+async def test_one_schedule_replica_works_and_another_takes_over_when_it_dies(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    url, pool = rollup_db
+    await store(pool, [event(unique("tenant"), "2026-11-02", "1")])
+    ports = [_free_port(), _free_port()]
+    replicas = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "llm_usage", "rollup", "schedule"),
+            env={**os.environ, "DATABASE_URL": url, "METRICS_PORT": str(port)},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+
+        async def leaders() -> list[int]:
+            return [n for n, port in enumerate(ports) if _leader_gauge(port) == 1.0]
+
+        async def exactly_one_leads() -> bool:
+            return len(await leaders()) == 1
+
+        await _wait(exactly_one_leads, "no single leader")
+        [leader] = await leaders()
+        # The leader refreshed this month's preview: the lines exist.
+        assert await pool.fetchval("SELECT count(*) FROM invoice_lines") == 1
+        replicas[leader].kill()
+        await asyncio.wait_for(replicas[leader].wait(), 30)
+        other = 1 - leader
+
+        async def other_leads() -> bool:
+            return _leader_gauge(ports[other]) == 1.0
+
+        await _wait(other_leads, "the standby never took over")
+    finally:
+        for replica in replicas:
+            if replica.returncode is None:
+                replica.terminate()
+        for replica in replicas:
+            await asyncio.wait_for(replica.wait(), 30)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _leader_gauge(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("llm_usage_rollup_scheduler_leader "):
+            return float(line.split()[1])
+    return None
+
+
+async def _wait(condition: Any, message: str, within: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(message)
