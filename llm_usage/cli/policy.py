@@ -327,3 +327,51 @@ async def run_policy_command(settings: Settings, args: argparse.Namespace) -> No
 async def run_budget_command(settings: Settings, args: argparse.Namespace) -> None:
     """`llm-usage budget status`, for the UTC day and month of now."""
     await budget_status(settings, args, sys.stdout, now=datetime.now(UTC))
+
+
+def add_policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`policy set|list|delete|history` and `budget status`: every mistake in their arguments is
+    one line and exit 2."""
+    policy = commands.add_parser("policy", help="budget policies: set, list, delete, history")
+    policy_commands = policy.add_subparsers(
+        dest="policy_command",
+        required=True,
+        metavar="ACTION",
+        parser_class=OneLineArgumentParser,
+    )
+    policy_set = policy_commands.add_parser(
+        "set", help="create or replace a scope's whole policy (a limit left out is removed)"
+    )
+    policy_delete = policy_commands.add_parser("delete", help="delete a scope's policy")
+    for scoped in (policy_set, policy_delete):
+        scoped.add_argument("--tenant", required=True, metavar="ID")
+        scoped.add_argument("--scope", required=True, metavar=SCOPE_CHOICES)
+        scoped.add_argument(
+            "--scope-id",
+            metavar="ID",
+            help="required unless --scope tenant, whose scope id is the tenant id",
+        )
+    policy_set.add_argument("--daily-limit-usd", metavar="X", help="exact USD, more than 0")
+    policy_set.add_argument("--monthly-limit-usd", metavar="Y", help="exact USD, more than 0")
+    policy_set.add_argument("--warn-pct", metavar="N", help="warn at N%% of a limit (1-99) [80]")
+    for scoped in (policy_set, policy_delete):
+        scoped.add_argument(
+            "--actor", metavar="NAME", help="who, for the audit [the OS user, else unknown]"
+        )
+    for name, text in (("list", "the tenant's policies"), ("history", "the audit, oldest first")):
+        listing = policy_commands.add_parser(name, help=text)
+        listing.add_argument("--tenant", required=True, metavar="ID")
+        listing.add_argument("--json", action="store_true", help="one JSON object a line")
+
+    budget = commands.add_parser("budget", help="spend against the budget policies")
+    budget_commands = budget.add_subparsers(
+        dest="budget_command",
+        required=True,
+        metavar="ACTION",
+        parser_class=OneLineArgumentParser,
+    )
+    status = budget_commands.add_parser(
+        "status", help="this UTC day's and month's spend, limit, percent and level per policy"
+    )
+    status.add_argument("--tenant", required=True, metavar="ID")
+    status.add_argument("--json", action="store_true", help="one JSON object a line")
