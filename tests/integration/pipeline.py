@@ -98,7 +98,12 @@ class PipelineTopics:
 
 
 async def create_pipeline_topics(
-    *, bootstrap_servers: str, database_url: str, partitions: int = 3, **settings: Any
+    *,
+    bootstrap_servers: str,
+    database_url: str,
+    partitions: int = 3,
+    replication_factor: int = 1,
+    **settings: Any,
 ) -> PipelineTopics:
     base = unique("it")
     topics = PipelineTopics(
@@ -117,7 +122,10 @@ async def create_pipeline_topics(
         )
     )
     await ensure_topics(
-        topics.settings, [topics.usage, topics.dlq], partitions=partitions, replication_factor=1
+        topics.settings,
+        [topics.usage, topics.dlq],
+        partitions=partitions,
+        replication_factor=replication_factor,
     )
     return topics
 

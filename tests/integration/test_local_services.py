@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +20,17 @@ from llm_usage.core.errors import LocalServiceError
 from llm_usage.deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
 from llm_usage.deploy.local.paths import state_dir
 from llm_usage.deploy.local.postgres import LocalPostgres
-from tests.integration.pipeline import read_topic
+from tests.integration.pipeline import (
+    create_pipeline_topics,
+    encode,
+    produce,
+    read_topic,
+    spawn_consumer,
+    tenant_totals,
+    unique,
+    usage_event,
+    wait_until,
+)
 from tests.unavailable import service_unavailable
 
 
@@ -128,3 +140,47 @@ async def test_local_postgres_restart_keeps_the_dsn_and_answers_after(
         assert await connection.fetchval("SELECT n FROM kept") == 42
     finally:
         await connection.close()
+
+
+async def test_a_dead_broker_is_a_few_log_lines_not_a_storm(
+    three_brokers: KafkaCluster, database_url: str, pool: asyncpg.Pool
+) -> None:
+    topics = await create_pipeline_topics(
+        bootstrap_servers=three_brokers.bootstrap_servers,
+        database_url=database_url,
+        partitions=3,
+        replication_factor=3,
+    )
+    tenant = unique("tenant")
+    servers = three_brokers.bootstrap_servers
+    await produce(servers, topics.usage, [(None, encode(usage_event(tenant))) for _ in range(50)])
+    consumer = await spawn_consumer(topics, env={**topics.environment(), "LOG_LEVEL": "INFO"})
+    try:
+
+        async def first_stored() -> bool:
+            return (await tenant_totals(pool, tenant))[0] == 50
+
+        await wait_until(first_stored, within=60, message="nothing stored before the outage")
+        await asyncio.to_thread(three_brokers.kill_node, 2)
+        survivors = ",".join(servers.split(",")[:2])
+        for _ in range(10):  # 20 s of outage, with traffic
+            batch = [(None, encode(usage_event(tenant))) for _ in range(5)]
+            await produce(survivors, topics.usage, batch)
+            await asyncio.sleep(2)
+
+        async def all_stored() -> bool:
+            return (await tenant_totals(pool, tenant))[0] == 100
+
+        await wait_until(all_stored, within=60, message="the outage stopped the consumer")
+    finally:
+        consumer.process.send_signal(signal.SIGTERM)
+        await consumer.finished(within=60)
+        print(consumer.log_tail())  # noqa: T201 - shown when the test fails
+    library_lines = [
+        line
+        for line in consumer.lines
+        if line.startswith("{") and json.loads(line).get("logger", "").startswith("aiokafka")
+    ]
+    # aiokafka alone logs an error every ~100 ms per connection while a broker is down: about
+    # 200 lines here. Each distinct error is its first line, a summary a minute, an end line.
+    assert len(library_lines) <= 12, "\n".join(library_lines)
