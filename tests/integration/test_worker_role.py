@@ -1,0 +1,66 @@
+"""The workers' role can do their work and nothing else: no DDL, no deleting usage."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from llm_usage.consumers.usage import UsageRecorder
+from tests.integration.pipeline import encode, unique, usage_event
+from tests.records import consumer_record
+
+
+@pytest.fixture
+async def worker(pool: asyncpg.Pool, database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as a login user that has only the `llm_usage_worker` role."""
+    name = f"worker_{uuid.uuid4().hex[:10]}"
+    await pool.execute(f"CREATE ROLE {name} LOGIN IN ROLE llm_usage_worker")
+    connection = await asyncpg.connect(database_url, user=name)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+        await pool.execute(f"DROP ROLE {name}")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TABLE llm_usage_events",
+        "ALTER TABLE llm_usage_events ADD COLUMN x int",
+        "DELETE FROM llm_usage_events",
+        "UPDATE llm_usage_events SET customer_charge_usd = 0",
+        "TRUNCATE llm_usage_events",
+        "CREATE TABLE sneaky (id int)",
+        "DELETE FROM budget_policy_audit",
+        "DELETE FROM invoice_periods",
+    ],
+)
+async def test_a_worker_cannot_change_the_schema_or_remove_usage(
+    worker: asyncpg.Connection, statement: str
+) -> None:
+    with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+        await worker.execute(statement)
+
+
+async def test_a_worker_can_store_usage_with_its_role(
+    worker: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+) -> None:
+    user = await worker.fetchval("SELECT current_user")
+    worker_pool = await asyncpg.create_pool(database_url, user=user, min_size=1, max_size=1)
+    assert worker_pool is not None
+    try:
+        tenant = unique("tenant")
+        events = [usage_event(tenant) for _ in range(3)]
+        records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
+        outcome = await UsageRecorder(pool=worker_pool).record_batch(records)
+    finally:
+        await worker_pool.close()
+    assert outcome.counts == {"recorded": 3}
+    assert (
+        await pool.fetchval("SELECT requests FROM usage_daily_totals WHERE tenant_id = $1", tenant)
+        == 3
+    )
