@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from llm_usage.storage.migrate import migrate
+from tests.integration.pipeline import kill_leftovers
 
 _HERE = Path(__file__).parent
 
@@ -28,3 +29,10 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         await migrate(connection)
     yield pool
     await pool.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_process_outlives_its_test() -> AsyncIterator[None]:
+    """A consumer a failing test left running would keep reading, and loading the machine."""
+    yield
+    await kill_leftovers()

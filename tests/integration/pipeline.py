@@ -266,7 +266,20 @@ async def spawn_consumer(
         async for raw in process.stderr:
             lines.append(raw.decode(errors="replace").rstrip("\n"))
 
-    return RunningConsumer(process, lines, asyncio.create_task(collect()))
+    running = RunningConsumer(process, lines, asyncio.create_task(collect()))
+    SPAWNED.append(running)
+    return running
+
+
+# Every process spawned by a test, so that one a failing test left running is killed after it.
+SPAWNED: list[RunningConsumer] = []
+
+
+async def kill_leftovers() -> None:
+    while SPAWNED:
+        running = SPAWNED.pop()
+        if running.process.returncode is None:
+            await running.killed()
 
 
 # --- Offsets, partitions and database locks, for tests that prove absence without waiting. ---
