@@ -3,8 +3,10 @@ stored in one transaction, so a failed run leaves the month as it was."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import TypeAlias
 
 import asyncpg
 
@@ -36,8 +38,15 @@ from llm_usage.storage.invoice_lines import (
     months_with_usage_before,
     periods_with_late_usage,
     replace_open_lines,
+    tenants_with_usage,
 )
 from llm_usage.storage.pool import Connection, connection_from
+
+# Tenants computed per step: the progress a long run reports, one query each.
+TENANTS_PER_STEP = 200
+
+# Told (done, total) tenants as a run goes.
+Progress: TypeAlias = Callable[[int, int], None]
 
 # A batch of the usage consumer writes its daily totals seconds before it commits; a month
 # closed in between would miss them without this margin.
@@ -94,17 +103,31 @@ def _to_stored(line: InvoiceLine) -> StoredLine:
 
 
 async def _compute_lines(
-    connection: Connection, period: str, tenant_id: str | None, closed: set[str]
+    connection: Connection,
+    period: str,
+    tenant_id: str | None,
+    closed: set[str],
+    progress: Progress | None = None,
 ) -> list[InvoiceLine]:
     first_day = parse_period(period)
+    after = next_month(first_day)
+    tenants = (
+        [tenant_id]
+        if tenant_id is not None
+        else await tenants_with_usage(connection, first_day=first_day, next_month=after)
+    )
     lines: list[InvoiceLine] = []
-    by_tenant: dict[str, dict[str | None, Usage]] = {}
-    for found in await monthly_usage(
-        connection, first_day=first_day, next_month=next_month(first_day), tenant_id=tenant_id
-    ):
-        by_tenant.setdefault(found.tenant_id, {})[found.deployment_id] = _usage(found)
-    for tenant in sorted(by_tenant):
-        lines.extend(usage_lines(tenant, period, by_tenant[tenant]))
+    for start in range(0, len(tenants), TENANTS_PER_STEP):
+        chunk = tenants[start : start + TENANTS_PER_STEP]
+        by_tenant: dict[str, dict[str | None, Usage]] = {}
+        for found in await monthly_usage(
+            connection, first_day=first_day, next_month=after, tenant_ids=chunk
+        ):
+            by_tenant.setdefault(found.tenant_id, {})[found.deployment_id] = _usage(found)
+        for tenant in sorted(by_tenant):
+            lines.extend(usage_lines(tenant, period, by_tenant[tenant]))
+        if progress is not None:
+            progress(min(start + TENANTS_PER_STEP, len(tenants)), len(tenants))
 
     # True-ups for closed months whose late events are billed in this month.
     late_months = [
@@ -122,7 +145,7 @@ async def _compute_lines(
                 connection,
                 first_day=month_first,
                 next_month=next_month(month_first),
-                tenant_id=tenant_id,
+                tenant_ids=[tenant_id] if tenant_id is not None else None,
             )
         }
         billed = billed_so_far(
@@ -149,7 +172,11 @@ async def _compute_lines(
 
 
 async def run_rollup(
-    pool: asyncpg.Pool, *, period: str, tenant_id: str | None = None
+    pool: asyncpg.Pool,
+    *,
+    period: str,
+    tenant_id: str | None = None,
+    progress: Progress | None = None,
 ) -> RollupResult:
     """Compute and store the open month's lines (replacing its earlier ones), or return a
     closed month's frozen lines unchanged."""
@@ -160,7 +187,7 @@ async def run_rollup(
         if period in closed:
             frozen = await lines_for(connection, period=period, tenant_id=tenant_id)
             return RollupResult(period, [_from_stored(line, closed=True) for line in frozen], True)
-        lines = await _compute_lines(connection, period, tenant_id, closed)
+        lines = await _compute_lines(connection, period, tenant_id, closed, progress)
         await replace_open_lines(
             connection,
             period=period,
@@ -170,7 +197,9 @@ async def run_rollup(
     return RollupResult(period, lines, False)
 
 
-async def close_month(pool: asyncpg.Pool, *, period: str, now: datetime) -> RollupResult:
+async def close_month(
+    pool: asyncpg.Pool, *, period: str, now: datetime, progress: Progress | None = None
+) -> RollupResult:
     """Run the month one last time and close it: its lines are final from then on."""
     first_day = parse_period(period)
     if not month_has_ended(period, now):
@@ -192,7 +221,7 @@ async def close_month(pool: asyncpg.Pool, *, period: str, now: datetime) -> Roll
                 f"{still_open[0]} is still open; close the months in order "
                 f"(`llm-usage rollup close --period {still_open[0]}` first)"
             )
-        lines = await _compute_lines(connection, period, None, closed)
+        lines = await _compute_lines(connection, period, None, closed, progress)
         await replace_open_lines(
             connection, period=period, tenant_id=None, lines=[_to_stored(line) for line in lines]
         )

@@ -64,22 +64,40 @@ async def lock_rollup(connection: Connection) -> None:
     await connection.execute("SELECT pg_advisory_xact_lock($1)", ROLLUP_LOCK_KEY)
 
 
+async def tenants_with_usage(
+    connection: Connection, *, first_day: date, next_month: date
+) -> list[str]:
+    """The tenants with any usage in [first_day, next_month), sorted."""
+    rows = await connection.fetch(
+        "SELECT DISTINCT tenant_id FROM usage_daily_totals WHERE day >= $1 AND day < $2 "
+        "ORDER BY tenant_id",
+        first_day,
+        next_month,
+    )
+    return [row["tenant_id"] for row in rows]
+
+
 async def monthly_usage(
-    connection: Connection, *, first_day: date, next_month: date, tenant_id: str | None
+    connection: Connection,
+    *,
+    first_day: date,
+    next_month: date,
+    tenant_ids: Sequence[str] | None,
 ) -> list[MonthlyUsage]:
-    """Exact usage per tenant and deployment over [first_day, next_month), from daily totals."""
+    """Exact usage per tenant and deployment over [first_day, next_month), from daily totals,
+    for these tenants (all when None)."""
     rows = await connection.fetch(
         """
         SELECT tenant_id, deployment_id, sum(charge_usd) AS charge_usd,
                sum(input_tokens)::bigint AS input_tokens,
                sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests
         FROM usage_daily_totals
-        WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR tenant_id = $3)
+        WHERE day >= $1 AND day < $2 AND ($3::text[] IS NULL OR tenant_id = ANY($3::text[]))
         GROUP BY tenant_id, deployment_id
         """,
         first_day,
         next_month,
-        tenant_id,
+        list(tenant_ids) if tenant_ids is not None else None,
     )
     return [
         MonthlyUsage(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TextIO
 
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
 from llm_usage.rollup.lines import InvoiceLine
 from llm_usage.rollup.periods import InvalidPeriodError, parse_period
-from llm_usage.rollup.run import RollupResult, close_month, run_rollup
+from llm_usage.rollup.run import TENANTS_PER_STEP, RollupResult, close_month, run_rollup
 from llm_usage.storage.pool import create_pool
 
 
@@ -43,15 +45,43 @@ async def run_rollup_command(settings: Settings, args: argparse.Namespace) -> No
         await run_schedule(settings)
         return
     period = _period(args.period)
+    progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     pool = await create_pool(settings.database_url, size=1)
     try:
         if args.rollup_command == "close":
-            result = await close_month(pool, period=period, now=datetime.now(UTC))
+            result = await close_month(
+                pool, period=period, now=datetime.now(UTC), progress=progress
+            )
         else:
-            result = await run_rollup(pool, period=period, tenant_id=args.tenant)
+            result = await run_rollup(pool, period=period, tenant_id=args.tenant, progress=progress)
     finally:
         await pool.close()
+        if progress is not None:
+            progress.finish()
     print_result(result, as_json=args.json)
+
+
+class ProgressBar:
+    """Tenants done so far, redrawn in place on a terminal (long runs only: from 2 steps)."""
+
+    def __init__(self, stream: TextIO, width: int = 30) -> None:
+        self._stream = stream
+        self._width = width
+        self._drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= TENANTS_PER_STEP:
+            return
+        filled = self._width * done // total
+        bar = "#" * filled + "." * (self._width - filled)
+        self._stream.write(f"\rtenants [{bar}] {done}/{total}")
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def print_result(result: RollupResult, *, as_json: bool) -> None:

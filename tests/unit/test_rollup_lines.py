@@ -180,3 +180,19 @@ def test_periods() -> None:
 
     assert month_has_ended("2026-10", datetime(2026, 11, 1, tzinfo=UTC))
     assert not month_has_ended("2026-11", datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
+
+
+def test_the_progress_bar_draws_in_place_and_only_for_long_runs() -> None:
+    import io  # noqa: PLC0415
+
+    from llm_usage.cli.rollup import ProgressBar  # noqa: PLC0415
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream, width=10)
+    bar(100, 100)  # a short run: nothing drawn
+    bar.finish()
+    assert stream.getvalue() == ""
+    bar(200, 1000)
+    bar(1000, 1000)
+    bar.finish()
+    assert stream.getvalue() == "\rtenants [##........] 200/1000\rtenants [##########] 1000/1000\n"
