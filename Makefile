@@ -4,15 +4,27 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install run test test-unit test-integration lint format bench clean dev-down wheel-check
+.PHONY: install lock run test test-unit test-integration lint format bench clean dev-down wheel-check
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The versions in requirements/dev.lock first (what passed CI), then the project itself; the
+# second step only adds what the lock lacks, and a unit test then says to run `make lock`.
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.lock
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+
+## make lock: pin what pyproject.toml added or changed, keeping every other pin;
+## make lock LOCK_FLAGS=--upgrade: move every pin to the newest allowed (monthly, for fixes).
+LOCK_FLAGS ?=
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra local --python-version 3.11 \
+		--quiet $(LOCK_FLAGS) -o requirements/dev.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 \
+		--quiet $(LOCK_FLAGS) -o requirements/runtime.lock
 
 ## make run: local Kafka + Postgres, migrate, a demo stream through the usage consumer, a summary.
 run: install
