@@ -1,0 +1,303 @@
+"""The alerting rules (deploy/prometheus) and the dashboard (deploy/grafana), checked by a real
+promtool: the rules load and pass every lint, each alert's unit tests pass (it fires on series that
+should page and stays silent on series that should not), and every dashboard query parses.
+
+promtool is built from the Prometheus Go module, pinned, once per machine
+(`llm_usage.deploy.promtool`): the first build takes ~7-10 minutes, later sessions reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_usage.core.errors import LocalServiceError
+from llm_usage.deploy.promtool import BUILD_TIMEOUT_SECONDS, GoMissingError, ensure_promtool
+from tests.unavailable import service_unavailable
+
+ROOT = Path(__file__).parents[2]
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yaml"))
+RULE_TESTS = sorted((ROOT / "deploy" / "prometheus" / "tests").glob("*.yaml"))
+# For compose (the scrape jobs by name), and for Kubernetes (jobs from the pods' labels).
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+PROMETHEUS_CONFIGS = [PROMETHEUS_CONFIG, PROMETHEUS_CONFIG.with_name("prometheus-kubernetes.yml")]
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+OPERATIONS = ROOT / "docs" / "operations.md"
+SEVERITIES = {"critical", "warning"}
+# Grafana's own variables, replaced by values of the same kind to check the PromQL around them.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$consumer": ".+",
+}
+# The first test that asks for promtool may build it.
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 300)
+
+
+# --- Reading the rule files: our own layout, without a YAML library (the project has none). ---
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str
+    path: Path
+    block: str  # the rule's lines, from `- alert:` to the next rule or group
+    expr: str
+
+    def field(self, key: str) -> str | None:
+        """A `key: value` line's value inside the rule (labels and annotations included)."""
+        found = re.search(rf"^\s+{re.escape(key)}:\s*(.+?)\s*$", self.block, re.MULTILINE)
+        return found.group(1).strip("\"'") if found else None
+
+
+_RULE_START = re.compile(r"^(?P<indent>\s*)- (?:alert|record): (?P<name>\S+)\s*$", re.MULTILINE)
+
+
+def alert_rules(paths: list[Path] = RULES) -> list[AlertRule]:
+    return [rule for path in paths for rule in alert_rules_of_text(path.read_text(), path)]
+
+
+def alert_rules_of_text(text: str, path: Path = Path()) -> list[AlertRule]:
+    """The alerting rules (not recording rules) of one rules file's text."""
+    starts = list(_RULE_START.finditer(text))
+    rules = []
+    for index, start in enumerate(starts):
+        end = starts[index + 1].start() if index + 1 < len(starts) else len(text)
+        # A rule's block ends where the next rule, or the next group, begins.
+        block = re.split(r"^\s*- name: ", text[start.start() : end], maxsplit=1, flags=re.M)[0]
+        if block.lstrip().startswith("- alert:"):
+            rules.append(AlertRule(start["name"], path, block, _expr_of(block)))
+    return rules
+
+
+def _expr_of(block: str) -> str:
+    """The rule's `expr`: one line, or a `|` block scalar (its more-indented lines)."""
+    lines = block.splitlines()
+    for index, line in enumerate(lines):
+        found = re.match(r"^(\s+)expr:\s*(.*)$", line)
+        if found is None:
+            continue
+        indent, value = len(found.group(1)), found.group(2).strip()
+        if value not in ("|", "|-", ">", ">-"):
+            return value
+        body = []
+        for following in lines[index + 1 :]:
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            body.append(following.strip())
+        return "\n".join(body).strip()
+    raise AssertionError(f"a rule without expr:\n{block}")
+
+
+def with_expr(text: str, alert: str, expr: str) -> str:
+    """The rules file `text` with the expr of `alert` replaced by a one-line `expr`."""
+    [rule] = [r for r in alert_rules_of_text(text) if r.name == alert]
+    lines = rule.block.splitlines(keepends=True)
+    out: list[str] = []
+    skipping_indent: int | None = None
+    for line in lines:
+        if skipping_indent is not None:
+            if line.strip() and len(line) - len(line.lstrip()) <= skipping_indent:
+                skipping_indent = None
+            else:
+                continue
+        found = re.match(r"^(\s+)expr:", line)
+        if found is not None:
+            out.append(f"{found.group(1)}expr: {expr}\n")
+            skipping_indent = len(found.group(1))
+            continue
+        out.append(line)
+    return text.replace(rule.block, "".join(out), 1)
+
+
+def dashboard_queries(path: Path) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every query in a Grafana dashboard: panel targets and annotations."""
+    dashboard = json.loads(path.read_text())
+    for panel in _panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            yield f"panel {panel['id']} ({panel['title']}) {target['refId']}", target["expr"]
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if "expr" in annotation:
+            yield f"annotation {annotation['name']}", annotation["expr"]
+
+
+def dashboard_variable_queries(path: Path) -> Iterator[str]:
+    """The queries of the dashboard's query variables (Grafana's label_values(...), not PromQL)."""
+    for variable in json.loads(path.read_text()).get("templating", {}).get("list", []):
+        if variable.get("type") == "query":
+            query = variable["query"]
+            yield query["query"] if isinstance(query, dict) else str(query)
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown page."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, re.MULTILINE):
+        text = unicodedata.normalize("NFKC", heading).lower()
+        text = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+        anchors.add(text)
+    return anchors
+
+
+# --- promtool. ---
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """The pinned promtool, built once per machine (a first build takes ~7-10 minutes)."""
+    try:
+        return ensure_promtool(progress=True)
+    except GoMissingError as error:
+        service_unavailable(str(error))
+    except LocalServiceError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+def run_promtool(promtool: Path, *args: str | Path, cwd: Path = ROOT) -> tuple[int, str]:
+    result = subprocess.run(
+        [str(promtool), *map(str, args)],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_there_are_rules_tests_and_a_dashboard() -> None:
+    assert RULES, "no rule files in deploy/prometheus/rules"
+    assert RULE_TESTS, "no promtool tests in deploy/prometheus/tests"
+    assert DASHBOARDS, "no dashboard in deploy/grafana/dashboards"
+    assert len(alert_rules()) >= 10
+
+
+def test_the_rules_load_and_pass_every_lint(promtool: Path) -> None:
+    code, output = run_promtool(promtool, "check", "rules", "--lint=all", "--lint-fatal", *RULES)
+    assert code == 0, output
+    assert f"SUCCESS: {len(alert_rules())} rules found" in output, output
+
+
+@pytest.mark.parametrize("config", PROMETHEUS_CONFIGS, ids=[p.name for p in PROMETHEUS_CONFIGS])
+def test_the_prometheus_configs_load_the_rules(promtool: Path, config: Path) -> None:
+    code, output = run_promtool(promtool, "check", "config", config)
+    assert code == 0, output
+    assert f"SUCCESS: {len(alert_rules())} rules found" in output, output
+
+
+@pytest.mark.parametrize("test_file", RULE_TESTS, ids=[p.stem for p in RULE_TESTS])
+def test_promtool_unit_tests_pass(promtool: Path, test_file: Path) -> None:
+    code, output = run_promtool(promtool, "test", "rules", test_file)
+    assert code == 0, output
+    assert "SUCCESS" in output, output
+
+
+def test_every_alert_is_tested_firing_and_silent() -> None:
+    """Each alert has an evaluation that expects it firing and one that expects silence."""
+    tests = "\n".join(path.read_text() for path in RULE_TESTS)
+    checks = re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:\s*(\[\])?", tests)
+    firing = {name for name, empty in checks if not empty}
+    silent = {name for name, empty in checks if empty}
+    names = {rule.name for rule in alert_rules()}
+    assert names - firing == set(), "alerts never tested firing"
+    assert names - silent == set(), "alerts never tested silent"
+    assert (firing | silent) - names == set(), "tests of alerts that do not exist"
+
+
+@pytest.mark.parametrize("alert", [rule.name for rule in alert_rules()])
+def test_each_alert_unit_test_fails_when_the_alert_never_fires(
+    promtool: Path, alert: str, tmp_path: Path
+) -> None:
+    """The unit tests really hold the alert to firing: with an expr that never returns a series
+    (and with one that always does, labelled like nothing real), some unit test fails."""
+    [rule] = [rule for rule in alert_rules() if rule.name == alert]
+    for broken in ("vector(1) == 0", "vector(1)"):
+        rules = tmp_path / "rules"
+        rules.mkdir(exist_ok=True)
+        (rules / rule.path.name).write_text(with_expr(rule.path.read_text(), alert, broken))
+        tests = tmp_path / "tests"
+        tests.mkdir(exist_ok=True)
+        for test_file in RULE_TESTS:
+            (tests / test_file.name).write_text(test_file.read_text())
+        code, output = run_promtool(promtool, "test", "rules", *sorted(tests.glob("*.yaml")))
+        assert code != 0, f"with `expr: {broken}` every unit test still passes:\n{output}"
+        assert alert in output, output
+
+
+def test_each_alert_has_a_severity_a_summary_a_description_and_a_runbook() -> None:
+    anchors = github_anchors(OPERATIONS.read_text())
+    for rule in alert_rules():
+        assert rule.field("severity") in SEVERITIES, rule.block
+        for annotation in ("summary", "description"):
+            assert rule.field(annotation), f"{rule.name} has no {annotation}"
+        runbook = rule.field("runbook")
+        assert runbook is not None, f"{rule.name} has no runbook"
+        page, _, anchor = runbook.partition("#")
+        assert page == "docs/operations.md", runbook
+        assert anchor in anchors, f"{rule.name}: docs/operations.md has no section #{anchor}"
+
+
+def test_every_dashboard_query_is_valid_promql(promtool: Path, tmp_path: Path) -> None:
+    """Each panel's query, Grafana's variables filled in, as a recording rule promtool parses."""
+    lines = ["groups:", "  - name: dashboard-queries", "    rules:"]
+    count = 0
+    for dashboard in DASHBOARDS:
+        for where, query in dashboard_queries(dashboard):
+            expr = query
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{dashboard.name} {where}: an unknown variable in {expr}"
+            count += 1
+            lines += [
+                f"      - record: dashboard:query_{count}",
+                f"        expr: {json.dumps(expr)}",  # a JSON string is a YAML string
+            ]
+    rules = tmp_path / "dashboard-queries.yaml"
+    rules.write_text("\n".join(lines) + "\n")
+    code, output = run_promtool(promtool, "check", "rules", rules)
+    assert code == 0, output
+    assert f"SUCCESS: {count} rules found" in output, output
+
+
+def test_the_dashboard_is_well_formed() -> None:
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        panels = list(_panels(dashboard["panels"]))
+        ids = [panel["id"] for panel in panels]
+        assert len(ids) == len(set(ids)), f"{path.name}: panel ids repeat"
+        assert dashboard["uid"], path.name
+        for panel in panels:
+            if panel["type"] == "row":
+                continue
+            assert panel["targets"], f"{path.name}: panel {panel['title']!r} has no query"
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            refs = [target["refId"] for target in panel["targets"]]
+            assert len(refs) == len(set(refs)), panel["title"]
+        _assert_no_overlap(path.name, [p for p in panels if "gridPos" in p])
+
+
+def _assert_no_overlap(name: str, panels: list[dict[str, Any]]) -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, f"{name}: {panel['title']!r} is wider than the grid"
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                other = taken.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{name}: {panel['title']!r} covers {other!r}"
