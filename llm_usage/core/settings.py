@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     rollup_close_grace_hours: float = Field(default=48.0, ge=0)
 
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+    # `llm-usage serve api`. Exactly one key source: a shared secret (HS256, development) or a
+    # JWKS file of public keys (RS256/ES256); checked when the API starts, not by the workers.
+    api_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - a service's default
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_jwt_secret: SecretStr | None = None
+    api_jwt_jwks_file: str | None = None
+    api_jwt_audience: str = Field(default="llm-usage-pipeline", min_length=1)
+
     log_format: Literal["json", "console"] = Field(default_factory=_default_log_format)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

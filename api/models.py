@@ -1,0 +1,161 @@
+"""The API's answers as pydantic models: what `/openapi.json` documents and what is sent.
+
+Money is an exact decimal string (never a JSON number), counts are integers, times RFC 3339 in
+UTC with `Z`, days `YYYY-MM-DD`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MONEY_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+
+
+def Money(description: str = "exact USD as a decimal string") -> Any:  # noqa: N802 - a field type
+    return Field(description=description, pattern=MONEY_PATTERN, examples=["12.0054"])
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UsageSummaryAnswer(_Answer):
+    tenant_id: str
+    from_: str = Field(alias="from", description="RFC 3339, UTC; included")
+    to: str = Field(description="RFC 3339, UTC; excluded")
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    customer_charge_usd: str = Money()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class BreakdownItemAnswer(_Answer):
+    key: str | None = Field(description="the attribute's value; null for events without one")
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    customer_charge_usd: str = Money()
+
+
+class UsageBreakdownAnswer(_Answer):
+    by: Literal["deployment", "model", "provider", "user", "agent", "channel", "feature"]
+    from_: str = Field(alias="from", description="RFC 3339, UTC; included")
+    to: str = Field(description="RFC 3339, UTC; excluded")
+    items: list[BreakdownItemAnswer] = Field(description="highest charge first")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class DailyItemAnswer(_Answer):
+    date: str = Field(description="the UTC day, YYYY-MM-DD")
+    requests: int
+    customer_charge_usd: str = Money()
+
+
+class UsageDailyAnswer(_Answer):
+    items: list[DailyItemAnswer] = Field(description="oldest first, today last, every day")
+
+
+class BudgetAnswer(_Answer):
+    scope_type: Literal["tenant", "deployment", "user", "agent"]
+    scope_id: str
+    window: Literal["daily", "monthly"]
+    period_start: str = Field(description="the first day of the current UTC day or month")
+    spend_usd: str = Money()
+    limit_usd: str = Money()
+    percent: str = Field(description="spend / limit * 100, rounded half up to 2 places")
+    level: Literal["ok", "warning", "exceeded"]
+
+
+class BudgetsAnswer(_Answer):
+    items: list[BudgetAnswer]
+
+
+class AlertsAnswer(_Answer):
+    items: list[dict[str, Any]] = Field(
+        description="budget alerts v1, each exactly as on the alerts topic, newest first"
+    )
+
+
+class PolicyAnswer(_Answer):
+    tenant_id: str
+    scope_type: Literal["tenant", "deployment", "user", "agent"]
+    scope_id: str
+    daily_limit_usd: str | None = Money("exact USD, or null: no daily limit")
+    monthly_limit_usd: str | None = Money("exact USD, or null: no monthly limit")
+    warn_threshold_pct: int
+
+
+class PoliciesAnswer(_Answer):
+    items: list[PolicyAnswer]
+
+
+class PolicyChangeAnswer(_Answer):
+    result: Literal["created", "replaced", "unchanged", "deleted"] = Field(
+        description="`unchanged`: equal to the current policy, nothing audited"
+    )
+    policy: PolicyAnswer | None = Field(description="the scope's policy now (null once deleted)")
+    previous: PolicyAnswer | None = Field(description="the policy before (null: there was none)")
+
+
+class PolicyBody(BaseModel):
+    """The body of `PUT …/budget-policies`: the scope's whole new policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope_type: Literal["tenant", "deployment", "user", "agent"]
+    scope_id: str | None = Field(
+        default=None, description="required unless scope_type is tenant (then the tenant id)"
+    )
+    daily_limit_usd: str | None = Field(
+        default=None, description="exact USD > 0 as a string (`100`, `12.50`); null: no limit"
+    )
+    monthly_limit_usd: str | None = Field(
+        default=None, description="exact USD > 0 as a string (`100`, `12.50`); null: no limit"
+    )
+    warn_threshold_pct: int = Field(default=80, ge=1, le=99)
+
+
+class InvoiceLineAnswer(_Answer):
+    tenant_id: str
+    period: str
+    deployment_id: str | None
+    kind: Literal["llm_usage", "llm_usage_adjustment"]
+    resource_kind: str
+    unit: str
+    unit_price_cents: int | None
+    qty: int
+    amount_cents: int
+    description: str
+    meta: dict[str, Any]
+    closed: bool
+
+
+class InvoiceLinesAnswer(_Answer):
+    period: str
+    closed: bool = Field(description="true: the month is closed and these lines are final")
+    items: list[InvoiceLineAnswer]
+
+
+class IngestResult(_Answer):
+    gateway_request_id: str | None = Field(description="null when the event did not name one")
+    status: Literal["accepted", "rejected"]
+    reason: Literal["invalid_json", "schema_violation", "too_large"] | None = Field(
+        description="why it was rejected, as the dead-letter topic would say"
+    )
+    detail: str | None
+
+
+class IngestAnswer(_Answer):
+    results: list[IngestResult] = Field(description="one per event, in the order sent")
+
+
+class ErrorAnswer(BaseModel):
+    detail: str

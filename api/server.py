@@ -1,0 +1,108 @@
+"""`llm-usage serve api`: the app on uvicorn, on API_HOST:API_PORT, until SIGTERM or SIGINT.
+
+Everything a person can get wrong (no key, a bad JWKS file, a taken port, an unreachable
+database) ends in one line before the first request is taken. SIGTERM/SIGINT stop taking new
+connections, let requests in flight finish (up to 10 s) and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Generator
+from contextlib import contextmanager
+
+import structlog
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from llm_usage.api.app import create_app
+from llm_usage.api.auth import TokenVerifier
+from llm_usage.api.context import ApiContext, ApiMetrics
+from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.settings import Settings
+from llm_usage.storage.pool import create_pool
+
+GRACEFUL_SHUTDOWN_SECONDS = 10
+_log = structlog.get_logger("llm_usage.api")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a stop signal ends the process with 0 instead of re-raising the signal."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        stop_signals = (signal.SIGTERM, signal.SIGINT)
+        for each in stop_signals:
+            loop.add_signal_handler(each, self._stop, each)
+        try:
+            yield
+        finally:
+            for each in stop_signals:
+                loop.remove_signal_handler(each)
+
+    def _stop(self, received: signal.Signals) -> None:
+        _log.info("api_stopping", signal=received.name)
+        if self.should_exit and received is signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port; a taken port or an unknown host is one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigurationError(
+            f"API_HOST={host!r} is not an address to listen on ({error.strerror}); "
+            "use e.g. 0.0.0.0 or 127.0.0.1"
+        ) from None
+    family, kind, protocol, _, address = infos[0]
+    listener = socket.socket(family, kind, protocol)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port} ({error.strerror}); set API_PORT to a free port "
+            "(0 picks one) or API_HOST to an address of this machine"
+        ) from None
+    listener.setblocking(False)
+    return listener
+
+
+async def serve_api(settings: Settings) -> None:
+    verifier = TokenVerifier.from_settings(settings)
+    listener = bind(settings.api_host, settings.api_port)
+    try:
+        pool = await create_pool(settings.database_url, size=settings.database_pool_size)
+    except BaseException:
+        listener.close()
+        raise
+    context = ApiContext(
+        settings=settings,
+        pool=pool,
+        verifier=verifier,
+        metrics=ApiMetrics(CollectorRegistry()),
+    )
+    config = uvicorn.Config(
+        create_app(context),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+    host, port = listener.getsockname()[:2]
+    _log.info("api_listening", host=host, port=port, usage_topic=settings.usage_topic)
+    try:
+        await _Server(config).serve(sockets=[listener])
+    finally:
+        await context.close()
+        await pool.close()
+        listener.close()
+    _log.info("api_stopped")

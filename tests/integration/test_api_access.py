@@ -1,0 +1,320 @@
+"""Every route of the OpenAPI document, with every role, a foreign tenant's token and each kind
+of bad token: 401 before 403 before 422, never another tenant's data, never a 500.
+
+A route added later must be added to ROUTES below, with the least role it needs, or this test
+fails; so does a route served outside the document that is not one of the public probes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+from fastapi.routing import APIRoute
+
+from llm_usage.api.app import create_app
+from llm_usage.api.openapi import openapi_document
+from tests.api_support import AUDIENCE, SECRET, api_client, bearer, token, unsigned_token
+from tests.integration.pipeline import unique
+
+MEMBER, ADMIN, PLATFORM = "tenant-member", "tenant-admin", "platform-admin"
+RANK = {MEMBER: 1, ADMIN: 2, PLATFORM: 3}
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose one fault is the parameter at `loc`."""
+
+    loc: list[str]
+    query: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    tenant: str | None = None  # a path tenant id of its own (only a platform admin gets past 403)
+
+
+@dataclass(frozen=True)
+class Route:
+    least_role: str
+    ok_status: int
+    query: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    malformed: tuple[Malformed, ...] = ()
+
+
+_BAD_TENANT = Malformed(["path", "tenant_id"], tenant=" padded")
+ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/v1/tenants/{tenant_id}/usage/summary"): Route(
+        MEMBER,
+        200,
+        {"from": "2026-11-01", "to": "2026-11-02T00:00:00Z"},
+        malformed=(
+            Malformed(["query", "from"], {"from": "yesterday"}),
+            Malformed(["query", "from"], {"from": "2016-01-01", "to": "2026-01-01"}),
+            Malformed(["query", "to"], {"from": "2026-11-02", "to": "2026-11-01"}),
+            Malformed(["query", "to"], {"to": "2026-11-01T00:00:00"}),
+            _BAD_TENANT,
+        ),
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/usage/breakdown"): Route(
+        MEMBER,
+        200,
+        {"by": "model"},
+        malformed=(
+            Malformed(["query", "by"], {"by": "colour"}),
+            Malformed(["query", "by"], {}),
+            Malformed(["query", "limit"], {"by": "user", "limit": str(10**9)}),
+            Malformed(["query", "limit"], {"by": "user", "limit": "0"}),
+            Malformed(["query", "from"], {"by": "user", "from": "2016-01-01"}),
+        ),
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/usage/daily"): Route(
+        MEMBER,
+        200,
+        {"days": "7"},
+        malformed=(
+            Malformed(["query", "days"], {"days": "0"}),
+            Malformed(["query", "days"], {"days": "3650"}),
+            Malformed(["query", "days"], {"days": "seven"}),
+        ),
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/budgets"): Route(
+        MEMBER, 200, malformed=(Malformed(["path", "tenant_id"], tenant="x" * 201),)
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/alerts"): Route(
+        MEMBER,
+        200,
+        {"since": "2026-11-01"},
+        malformed=(
+            Malformed(["query", "since"], {"since": "last week"}),
+            Malformed(["query", "limit"], {"limit": "-1"}),
+        ),
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/budget-policies"): Route(
+        MEMBER, 200, malformed=(_BAD_TENANT,)
+    ),
+    ("PUT", "/v1/tenants/{tenant_id}/budget-policies"): Route(
+        ADMIN,
+        200,
+        body=json.dumps({"scope_type": "tenant", "monthly_limit_usd": "100"}).encode(),
+        malformed=(
+            Malformed(
+                ["body", "daily_limit_usd"],
+                body=json.dumps(
+                    {"scope_type": "deployment", "scope_id": "d", "daily_limit_usd": "-1"}
+                ).encode(),
+            ),
+            Malformed(
+                ["body", "daily_limit_usd"],
+                body=json.dumps({"scope_type": "tenant", "daily_limit_usd": 100}).encode(),
+            ),
+            Malformed(
+                ["body", "scope_id"],
+                body=json.dumps({"scope_type": "user", "daily_limit_usd": "1"}).encode(),
+            ),
+            Malformed(
+                ["body", "warn_threshold_pct"],
+                body=json.dumps(
+                    {"scope_type": "tenant", "daily_limit_usd": "1", "warn_threshold_pct": 100}
+                ).encode(),
+            ),
+            Malformed(["body"], body=json.dumps({"scope_type": "tenant"}).encode()),
+            Malformed(["body"], body=b"{not json"),
+            Malformed(["body", "colour"], body=b'{"scope_type": "tenant", "colour": "red"}'),
+        ),
+    ),
+    ("DELETE", "/v1/tenants/{tenant_id}/budget-policies"): Route(
+        ADMIN,
+        404,  # past every guard and check: this tenant has no such policy
+        {"scope_type": "deployment", "scope_id": "nowhere"},
+        malformed=(
+            Malformed(["query", "scope_type"], {"scope_type": "planet"}),
+            Malformed(["query", "scope_id"], {"scope_type": "agent"}),
+        ),
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/invoice-lines"): Route(
+        ADMIN,
+        200,
+        {"period": "2026-11"},
+        malformed=(
+            Malformed(["query", "period"], {"period": "2026-13"}),
+            Malformed(["query", "period"], {}),
+        ),
+    ),
+    ("POST", "/v1/usage-events"): Route(
+        PLATFORM,
+        200,
+        body=b"[]",
+        malformed=(
+            Malformed(["body"], body=b"[{"),
+            Malformed(["body"], body=json.dumps([{}] * 1001).encode()),
+        ),
+    ),
+}
+
+
+def _bad_tokens(tenant: str) -> dict[str, dict[str, str]]:
+    """Authorization headers that must each get a 401, whatever else the request says."""
+    now = int(time.time())
+    valid_claims = {"aud": AUDIENCE, "exp": now + 300, "sub": "mallory", "role": PLATFORM}
+    return {
+        "no header": {},
+        "not a bearer": {"Authorization": f"Basic {SECRET}"},
+        "not a JWT": bearer("garbage"),
+        "empty bearer": {"Authorization": "Bearer "},
+        "bad signature": bearer(token(PLATFORM, key="another-secret-of-at-least-32-bytes!!")),
+        "expired": bearer(token(PLATFORM, expires_in=-60)),
+        "wrong audience": bearer(token(PLATFORM, aud="another-service")),
+        "no audience": bearer(token(PLATFORM, aud=None)),
+        "alg none": bearer(unsigned_token(valid_claims)),
+        "alg none, tenant role": bearer(
+            unsigned_token({**valid_claims, "role": MEMBER, "tenant_id": tenant})
+        ),
+        "HS512 with the secret": bearer(token(PLATFORM, algorithm="HS512")),
+        "no exp": bearer(
+            jwt.encode({k: v for k, v in valid_claims.items() if k != "exp"}, SECRET, "HS256")
+        ),
+        "no sub": bearer(token(PLATFORM, sub=None)),
+        "unknown role": bearer(token("superuser", tenant)),
+        "no role": bearer(token(None, tenant)),
+        "tenant admin without tenant_id": bearer(token(ADMIN)),
+        "tenant member with an empty tenant_id": bearer(token(MEMBER, "")),
+        "tenant_id not a string": bearer(token(MEMBER, 7)),
+    }
+
+
+def _url(path: str, tenant: str) -> str:
+    return path.replace("{tenant_id}", quote(tenant, safe=""))
+
+
+Call = Callable[..., Any]
+
+
+async def _call(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    tenant: str,
+    headers: dict[str, str],
+    query: dict[str, str],
+    body: bytes | None,
+) -> httpx.Response:
+    return await client.request(
+        method,
+        _url(path, tenant),
+        params=query,
+        content=body,
+        headers={**headers, "Content-Type": "application/json"},
+    )
+
+
+def test_every_served_route_is_in_the_document_or_a_public_probe() -> None:
+    served = {
+        (method, route.path)
+        for route in create_app(None).routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    documented = {
+        (method.upper(), path)
+        for path, item in openapi_document()["paths"].items()
+        for method in item
+    }
+    assert served - documented == {("GET", path) for path in PUBLIC - {"/openapi.json"}}
+    assert documented == set(ROUTES), "every documented route needs a row in ROUTES"
+
+
+async def test_every_route_answers_each_caller_as_the_contract_says(pool: asyncpg.Pool) -> None:
+    tenant, foreign = unique("tenant"), unique("tenant")
+    roles = {
+        MEMBER: bearer(token(MEMBER, tenant)),
+        ADMIN: bearer(token(ADMIN, tenant)),
+        PLATFORM: bearer(token(PLATFORM)),
+    }
+    foreign_tokens = {
+        "foreign member": bearer(token(MEMBER, foreign)),
+        "foreign admin": bearer(token(ADMIN, foreign)),
+    }
+    bad_tokens = _bad_tokens(tenant)
+    checked = 0
+    async with api_client(pool) as (client, _):
+        for (method, path), route in ROUTES.items():
+            tenant_scoped = "{tenant_id}" in path
+            requests = [(route.query, route.body, tenant)] + [
+                (bad.query, bad.body, bad.tenant or tenant) for bad in route.malformed
+            ]
+            for name, headers in bad_tokens.items():
+                for query, body, path_tenant in requests:
+                    answer = await _call(
+                        client, method, path, tenant=path_tenant, headers=headers,
+                        query=query, body=body,
+                    )  # fmt: skip
+                    assert answer.status_code == 401, (method, path, name, query, answer.text)
+                    assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+                    checked += 1
+            for name, headers in foreign_tokens.items():
+                for query, body, path_tenant in requests:
+                    answer = await _call(
+                        client, method, path, tenant=path_tenant, headers=headers,
+                        query=query, body=body,
+                    )  # fmt: skip
+                    assert answer.status_code == 403, (method, path, name, query, answer.text)
+                    checked += 1
+            for role, headers in roles.items():
+                allowed = RANK[role] >= RANK[route.least_role]
+                answer = await _call(
+                    client, method, path, tenant=tenant, headers=headers,
+                    query=route.query, body=route.body,
+                )  # fmt: skip
+                expected = route.ok_status if allowed else 403
+                assert answer.status_code == expected, (method, path, role, answer.text)
+                checked += 1
+                for bad in route.malformed:
+                    answer = await _call(
+                        client, method, path, tenant=bad.tenant or tenant, headers=headers,
+                        query=bad.query, body=bad.body,
+                    )  # fmt: skip
+                    # A tenant role on a path tenant that is not its own: 403 before 422.
+                    foreign_path = bad.tenant is not None and role != PLATFORM and tenant_scoped
+                    if not allowed or foreign_path:
+                        assert answer.status_code == 403, (method, path, role, bad, answer.text)
+                    else:
+                        assert answer.status_code == 422, (method, path, role, bad, answer.text)
+                        locations = [error["loc"] for error in answer.json()["detail"]]
+                        assert bad.loc in locations, (method, path, bad, answer.text)
+                    checked += 1
+    assert checked > 700
+
+
+async def test_public_probes_and_the_document_need_no_token(pool: asyncpg.Pool) -> None:
+    async with api_client(pool) as (client, _):
+        for path in sorted(PUBLIC):
+            answer = await client.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+        assert (await client.get("/openapi.json")).json() == openapi_document()
+        assert (
+            await client.get("/v2/anything", headers=bearer(token(PLATFORM)))
+        ).status_code == 404
+
+
+@pytest.mark.parametrize("role", [MEMBER, ADMIN])
+async def test_a_tenant_token_never_reads_another_tenants_usage(
+    pool: asyncpg.Pool, role: str
+) -> None:
+    tenant, other = unique("tenant"), unique("tenant")
+    async with api_client(pool) as (client, _):
+        answer = await client.get(
+            f"/v1/tenants/{other}/usage/summary", headers=bearer(token(role, tenant))
+        )
+        assert answer.status_code == 403
+        assert other not in answer.text
+        assert answer.json() == {"detail": "this token does not give access to this tenant"}
