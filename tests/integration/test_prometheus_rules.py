@@ -9,8 +9,11 @@ promtool is built from the Prometheus Go module, pinned, once per machine
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import threading
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +23,13 @@ from typing import Any
 import pytest
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.promtool import BUILD_TIMEOUT_SECONDS, GoMissingError, ensure_promtool
+from llm_usage.deploy.promtool import (
+    BUILD_TIMEOUT_SECONDS,
+    PROMTOOL_VERSION,
+    GoMissingError,
+    ensure_promtool,
+    promtool_path,
+)
 from tests.unavailable import service_unavailable
 
 ROOT = Path(__file__).parents[2]
@@ -163,9 +172,12 @@ def promtool() -> Path:
     try:
         return ensure_promtool(progress=True)
     except GoMissingError as error:
-        service_unavailable(str(error))
+        missing, problem = True, str(error)
     except LocalServiceError as error:
-        pytest.fail(str(error), pytrace=False)
+        missing, problem = False, str(error)
+    if missing:
+        service_unavailable(problem)
+    pytest.fail(problem, pytrace=False)
 
 
 def run_promtool(promtool: Path, *args: str | Path, cwd: Path = ROOT) -> tuple[int, str]:
@@ -301,3 +313,102 @@ def _assert_no_overlap(name: str, panels: list[dict[str, Any]]) -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 other = taken.setdefault((x, y), panel["title"])
                 assert other == panel["title"], f"{name}: {panel['title']!r} covers {other!r}"
+
+
+# --- The build helper itself, with a stand-in `go` (seconds, not the real 10-minute build). ---
+
+FAKE_GO = """#!/bin/sh
+# A stand-in for `go install ...@version`: counts its runs, then does what $FAKE_GO_MODE says.
+echo run >> "$FAKE_GO_RUNS"
+case "$FAKE_GO_MODE" in
+  fail) echo "go: downloading example.com/mod v1.0.0"; echo "go: example.com/mod: 404 Not Found"
+        exit 1 ;;
+  hang) echo $$ > "$FAKE_GO_RUNS.pid"; sleep 600 ;;
+esac
+sleep 0.5
+printf '#!/bin/sh\\necho "promtool, version fake"\\n' > "$GOBIN/promtool"
+chmod +x "$GOBIN/promtool"
+"""
+
+
+@pytest.fixture
+def fake_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `go` on PATH that 'builds' a promtool; returns the file that counts its runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    go = bin_dir / "go"
+    go.write_text(FAKE_GO)
+    go.chmod(0o755)
+    runs = tmp_path / "go-runs"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GO_RUNS", str(runs))
+    monkeypatch.setenv("FAKE_GO_MODE", "build")
+    return runs
+
+
+def go_runs(runs: Path) -> int:
+    return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+
+def test_promtool_is_built_once_into_the_cache_by_two_callers_at_once(
+    fake_go: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    built: list[Path] = []
+    callers = [
+        threading.Thread(target=lambda: built.append(ensure_promtool(cache))) for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    binary = cache / "promtool" / PROMTOOL_VERSION / "promtool"
+    assert built == [binary, binary]
+    assert binary == promtool_path(cache)
+    assert go_runs(fake_go) == 1
+    assert subprocess.run([binary], capture_output=True, text=True, check=True).stdout == (
+        "promtool, version fake\n"
+    )
+    # Nothing half-built is left beside it, and later calls never run `go`.
+    assert sorted(p.name for p in binary.parent.iterdir()) == [".lock", "promtool"]
+    assert ensure_promtool(cache) == binary
+    assert go_runs(fake_go) == 1
+
+
+def test_a_failed_build_says_why_in_one_line_and_leaves_nothing(
+    fake_go: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_GO_MODE", "fail")
+    cache = tmp_path / "cache"
+    with pytest.raises(LocalServiceError, match=r"example.com/mod: 404 Not Found") as failed:
+        ensure_promtool(cache)
+    assert "downloading" not in str(failed.value)
+    assert "\n" not in str(failed.value)
+    assert sorted(p.name for p in promtool_path(cache).parent.iterdir()) == [".lock"]
+    # The next call tries again.
+    monkeypatch.setenv("FAKE_GO_MODE", "build")
+    assert ensure_promtool(cache).exists()
+    assert go_runs(fake_go) == 2
+
+
+def test_a_build_past_its_timeout_is_stopped_with_everything_it_started(
+    fake_go: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_GO_MODE", "hang")
+    cache = tmp_path / "cache"
+    started = time.monotonic()
+    with pytest.raises(LocalServiceError, match="took longer than 2 s"):
+        ensure_promtool(cache, timeout=2)
+    assert time.monotonic() - started < 30
+    pid = int(Path(f"{fake_go}.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not promtool_path(cache).exists()
+
+
+def test_without_go_the_error_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(GoMissingError, match=r"`go` is not on PATH: install Go 1\.26"):
+        ensure_promtool(tmp_path / "cache")
