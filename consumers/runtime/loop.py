@@ -26,11 +26,12 @@ from llm_usage.consumers.runtime.isolation import RefusalGuard, record_isolating
 from llm_usage.consumers.runtime.lag import report_lag
 from llm_usage.consumers.runtime.metrics import ConsumerMetrics
 from llm_usage.consumers.runtime.offsets import OffsetLedger
-from llm_usage.consumers.runtime.outcome import BatchHandler, BatchOutcome, Record
+from llm_usage.consumers.runtime.outcome import BatchHandler, BatchOutcome, BatchResult, Record
 from llm_usage.consumers.runtime.rebalance import RebalanceListener
 from llm_usage.consumers.runtime.retry import is_transient, retry_transient
 from llm_usage.core.errors import TransientError
 from llm_usage.core.health import HealthState
+from llm_usage.schemas.dead_letter import DeadLetterReason
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,12 @@ class BatchConsumer:
             revoke_wait_seconds=options.revoke_wait_seconds,
         )
         self.listener.revoked_listeners.append(self._fetcher.forget)
+        # Every result and reason exists at 0 from the start: increase() then sees the first one.
+        for result in BatchResult:
+            metrics.events.labels(name, result.value)
+        if dead_letters is not None:
+            for reason in DeadLetterReason:
+                metrics.dead_letters.labels(name, reason.value)
         self.totals: Counter[str] = Counter()
         # perf_counter() of the first batch fetched and of the last commit (for benchmarks).
         self.first_fetch_at: float | None = None
