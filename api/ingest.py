@@ -91,7 +91,7 @@ def split_events(body: bytes) -> list[object]:
         raise MalformedBodyError(f"not JSON: {error}") from None
     except RecursionError:
         raise MalformedBodyError("not JSON: nested too deeply to read") from None
-    if isinstance(value, list):
+    if isinstance(value, list) and not isinstance(value, _Members):
         if len(value) > MAX_EVENTS:
             raise MalformedBodyError(
                 f"an array of {len(value)} events; at most {MAX_EVENTS} are accepted at once"
