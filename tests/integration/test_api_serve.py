@@ -1,0 +1,151 @@
+"""`llm-usage serve api` as a real process: configured from the environment, probes and metrics,
+one line for what a person got wrong, exit 0 on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api_support import AUDIENCE, SECRET, bearer, token
+from tests.integration.pipeline import unique
+
+
+def _environment(database_url: str, **extra: str) -> dict[str, str]:
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("API_", "KAFKA_", "DATABASE_"))
+    }
+    return {
+        **environment,
+        "DATABASE_URL": database_url,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": "0",
+        "API_JWT_AUDIENCE": AUDIENCE,
+        "LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+async def _run(*args: str, environment: dict[str, str]) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llm_usage", *args,
+        env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode()
+
+
+@pytest.fixture
+async def server(
+    database_url: str, pool: asyncpg.Pool
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llm_usage", "serve", "api",
+        env=_environment(database_url, API_JWT_SECRET=SECRET),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    port = None
+    deadline = time.monotonic() + 60
+    while port is None and time.monotonic() < deadline:
+        line = await asyncio.wait_for(process.stderr.readline(), 60)
+        assert line, "the API exited before it listened"
+        if line.startswith(b"{") and json.loads(line).get("event") == "api_listening":
+            port = json.loads(line)["port"]
+    assert port is not None
+    try:
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_it_serves_probes_metrics_and_v1_then_stops_on_sigterm(
+    server: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    process, base = server
+    tenant = unique("tenant")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        assert (await client.get("/healthz")).text == "ok\n"
+        assert (await client.get("/readyz")).text == "ready\n"
+        answer = await client.get(
+            f"/v1/tenants/{tenant}/budgets", headers=bearer(token("tenant-member", tenant))
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"items": []}
+        assert (await client.get(f"/v1/tenants/{tenant}/budgets")).status_code == 401
+        assert (await client.get("/openapi.json")).json()["info"]["title"]
+        metrics = (await client.get("/metrics")).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    route = "/v1/tenants/{tenant_id}/budgets"
+    for status in ("200", "401"):
+        labels = (("method", "GET"), ("route", route), ("status", status))
+        assert samples[("llm_usage_api_requests_total", labels)] == 1, status
+    assert (
+        samples[
+            ("llm_usage_api_request_duration_seconds_count", (("method", "GET"), ("route", route)))
+        ]
+        == 2
+    )
+
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "no key to check API tokens with"),
+        ({"API_JWT_SECRET": "short"}, "needs at least 32"),
+        ({"API_JWT_JWKS_FILE": "/nonexistent.json"}, "API_JWT_JWKS_FILE"),
+        ({"API_JWT_SECRET": SECRET, "API_PORT": "70000"}, "API_PORT"),
+        ({"API_JWT_SECRET": SECRET, "API_HOST": "no-such-host.invalid"}, "API_HOST"),
+    ],
+)
+async def test_configuration_mistakes_end_in_one_line(
+    database_url: str, extra: dict[str, str], message: str
+) -> None:
+    code, stderr = await _run("serve", "api", environment=_environment(database_url, **extra))
+    assert code == 2
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+async def test_a_taken_port_ends_in_one_line(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr = await _run(
+            "serve", "api",
+            environment=_environment(database_url, API_JWT_SECRET=SECRET, API_PORT=str(port)),
+        )  # fmt: skip
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+async def test_an_unreachable_database_ends_in_one_line() -> None:
+    environment = _environment("postgresql://nobody@127.0.0.1:1/none", API_JWT_SECRET=SECRET)
+    code, stderr = await _run("serve", "api", environment=environment)
+    assert code == 2
+    assert "cannot reach PostgreSQL" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
