@@ -8,23 +8,24 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import platform
 import random
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from prometheus_client import CollectorRegistry
 
+from llm_usage.cli.bench_support import (
+    Measurement,
+    bench_database,
+    freeze_harness_objects,
+    publish_backlog,
+    time_consumer,
+)
 from llm_usage.cli.local_run import settings_for_local_run
 from llm_usage.cli.sample_events import sample_stream
-from llm_usage.consumers.runtime.kafka_clients import new_producer, start_client
-from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.consumers.usage import usage_consumer_spec
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
@@ -42,22 +43,11 @@ _NAIVE_INSERT = (
 )
 
 
-@dataclass(frozen=True)
-class Measurement:
-    name: str
-    events: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds
-
-
 async def run_ingest_benchmark(*, events: int, dup_rate: float, naive_events: int) -> None:
     """Measure (a), (b) and (c) on the same machine, database and data; print the ratios."""
     configure_logging(log_format="console", level="WARNING")
     settings = await asyncio.to_thread(settings_for_local_run)
-    database_url = await _bench_database(settings.database_url)
+    database_url = await bench_database(settings.database_url, BENCH_DATABASE)
     run_id = uuid.uuid4().hex[:8]
     now = datetime.now(UTC)
     stream = sample_stream(
@@ -101,22 +91,6 @@ def _unique_events(values: list[bytes], *, now: datetime) -> list[UsageEvent]:
     return list(seen.values())
 
 
-async def _bench_database(database_url: str) -> str:
-    """A database of its own on the same server, so the benchmark never touches real usage."""
-    parts = urlsplit(database_url)
-    bench_url = urlunsplit(parts._replace(path=f"/{BENCH_DATABASE}"))
-    connection = await asyncpg.connect(database_url)
-    try:
-        exists = await connection.fetchval(
-            "SELECT 1 FROM pg_database WHERE datname = $1", BENCH_DATABASE
-        )
-        if not exists:
-            await connection.execute(f"CREATE DATABASE {BENCH_DATABASE}")
-    finally:
-        await connection.close()
-    return bench_url
-
-
 async def _measure_consumer(
     settings: Settings,
     database_url: str,
@@ -134,36 +108,16 @@ async def _measure_consumer(
         }
     )
     await ensure_topics(bench, [bench.usage_topic, bench.dlq_topic], partitions=6)
-    producer = new_producer(bench, linger_ms=20, max_batch_size=256 * 1024)
-    await start_client(producer, bench)
-    started = time.perf_counter()
-    try:
-        sent = [await producer.send(bench.usage_topic, key=k, value=v) for k, v, _ in stream]
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
-    print(f"published {len(stream)} events in {time.perf_counter() - started:.1f} s (not timed)")
+    seconds = await publish_backlog(bench, bench.usage_topic, [(k, v) for k, v, _ in stream])
+    print(f"published {len(stream)} events in {seconds:.1f} s (not timed)")
     await pool.execute("TRUNCATE llm_usage_events")
-    # The harness holds every event for the other measurements; a real consumer process holds
-    # one batch. Freezing them keeps the garbage collector from rescanning them during (a).
-    gc.collect()
-    gc.freeze()
-    cpu_before = time.process_time()
-    consumer = await run_consumer(
-        bench, usage_consumer_spec(bench), exit_when_idle=1.0, registry=CollectorRegistry()
-    )
-    assert consumer.first_fetch_at is not None
-    assert consumer.last_commit_at is not None
-    busy = consumer.last_commit_at - consumer.first_fetch_at
+    freeze_harness_objects()
+    run = await time_consumer(bench, usage_consumer_spec(bench))
     print(
-        f"consumer CPU {time.process_time() - cpu_before:.1f} s (whole run, with start and idle "
-        f"exit) for {busy:.1f} s from first fetch to last commit"
+        f"consumer CPU {run.cpu_seconds:.1f} s (whole run, with start and idle "
+        f"exit) for {run.seconds:.1f} s from first fetch to last commit"
     )
-    return Measurement(
-        "(a) usage consumer, Kafka to Postgres",
-        len(stream),
-        consumer.last_commit_at - consumer.first_fetch_at,
-    )
+    return Measurement("(a) usage consumer, Kafka to Postgres", len(stream), run.seconds)
 
 
 async def _verify_stored(pool: asyncpg.Pool, expected: int) -> None:
