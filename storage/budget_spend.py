@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
-from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType
+from llm_usage.schemas.budget import CounterKey
 from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.storage.pool import Connection
 
@@ -55,7 +55,7 @@ async def add_to_counters(
     connection: Connection, increments: Mapping[CounterKey, Decimal]
 ) -> dict[CounterKey, Decimal]:
     """Add each increment to its counter (creating it at 0); return each counter's value before."""
-    keys = sorted(increments)
+    keys = sorted(increments, key=CounterKey.sort_key)
     rows = await connection.fetch(
         _ADD_TO_COUNTERS,
         [k.tenant_id for k in keys],
@@ -65,15 +65,18 @@ async def add_to_counters(
         [k.period_start for k in keys],
         [increments[k] for k in keys],
     )
+    by_sort_key = {key.sort_key(): key for key in keys}
     before: dict[CounterKey, Decimal] = {}
     for row in rows:
-        key = CounterKey(
-            row["tenant_id"],
-            ScopeType(row["scope_type"]),
-            row["scope_id"],
-            BudgetWindow(row["window"]),
-            row["period_start"],
-        )
+        key = by_sort_key[
+            (
+                row["tenant_id"],
+                row["scope_type"],
+                row["scope_id"],
+                row["window"],
+                row["period_start"],
+            )
+        ]
         before[key] = EXACT_CONTEXT.subtract(row["spend_usd"], increments[key])
     return before
 

@@ -3,6 +3,7 @@ touches, and decide the alerts it crosses — all in one transaction."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -23,17 +24,23 @@ from llm_usage.storage.budget_policies import policies_for
 from llm_usage.storage.budget_spend import add_to_counters, record_counted_ids
 from llm_usage.storage.pool import connection_from
 
+# Records decoded between two yields to the event loop.
+_DECODE_SLICE = 250
+
 
 def decode_for_counting(
-    records: Sequence[Record], *, now: datetime
-) -> tuple[dict[str, UsageEvent], Counter[BatchResult]]:
-    """The batch's valid events, one per id (the first), and what became of the others.
+    records: Sequence[Record],
+    *,
+    now: datetime,
+    events: dict[str, UsageEvent],
+    counts: Counter[BatchResult],
+) -> None:
+    """Add the records' valid events to `events`, one per id (the first), and count what
+    became of the others.
 
     The usage consumer's own rules decide validity: what it would dead-letter never counts (the
     usage consumer, not this one, writes the DLQ).
     """
-    counts: Counter[BatchResult] = Counter()
-    events: dict[str, UsageEvent] = {}
     for record in records:
         decoded = decode_usage_event(record.value, now=now)
         if isinstance(decoded, Rejection):
@@ -42,7 +49,6 @@ def decode_for_counting(
             counts[BatchResult.DUPLICATE] += 1
         else:
             events[decoded.gateway_request_id] = decoded
-    return events, counts
 
 
 def alert_for(
@@ -92,7 +98,13 @@ class BudgetCounter:
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         now = self._clock()
-        events, counts = decode_for_counting(records, now=now)
+        events: dict[str, UsageEvent] = {}
+        counts: Counter[BatchResult] = Counter()
+        for start in range(0, len(records), _DECODE_SLICE):
+            decode_for_counting(
+                records[start : start + _DECODE_SLICE], now=now, events=events, counts=counts
+            )
+            await asyncio.sleep(0)  # the alert relay and heartbeats share this event loop
         if not events:
             return BatchOutcome(counts)
         async with connection_from(self._pool) as connection, connection.transaction():
@@ -113,7 +125,7 @@ class BudgetCounter:
             )
             policies = await policies_for(connection, sorted({key.scope for key in contributions}))
             alerts: list[BudgetAlert] = []
-            for key in sorted(contributions):
+            for key in sorted(contributions, key=CounterKey.sort_key):
                 policy = policies.get(key.scope)
                 limit = policy.limit_for(key.window) if policy is not None else None
                 if policy is None or limit is None:

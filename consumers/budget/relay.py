@@ -117,7 +117,9 @@ class AlertRelay:
         stop = asyncio.ensure_future(self._stopping.wait())
         wake = asyncio.ensure_future(self._wake.wait())
         try:
-            await asyncio.wait({stop, wake}, timeout=_IDLE_POLL_SECONDS)
+            await asyncio.wait(
+                {stop, wake}, timeout=_IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stop.cancel()
             wake.cancel()
