@@ -27,6 +27,7 @@ from llm_usage.schemas.budget import BudgetWindow, ScopeType, canonical_decimal,
 from llm_usage.schemas.budget_policy import BudgetPolicy, budget_status
 from llm_usage.storage.budget_outbox import pending_alerts
 from llm_usage.storage.budget_policies import set_policy
+from llm_usage.storage.usage_reports import SUMMARY_QUERY, Dimension, breakdown_query
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
@@ -398,3 +399,26 @@ async def test_equal_charges_are_ordered_by_requests_then_key_null_first(
         ("w", 1, "1"),
         ("x", 1, "1"),
     ]
+
+
+@pytest.mark.parametrize("by", [None, *Dimension])
+async def test_reports_on_raw_events_are_answered_from_the_index_alone(
+    pool: asyncpg.Pool, by: Dimension | None
+) -> None:
+    """Every column a raw-event report reads is in the covering index: a column added to a
+    query but not to the index would make each event cost a heap page again."""
+    query = SUMMARY_QUERY if by is None else breakdown_query(by)
+    async with pool.acquire() as connection, connection.transaction():
+        # Forbid the other plans, so that the plan shows what the index can do on its own.
+        await connection.execute("SET LOCAL enable_seqscan = off")
+        await connection.execute("SET LOCAL enable_bitmapscan = off")
+        plan = await connection.fetchval(
+            f"EXPLAIN (FORMAT JSON) {query}",
+            "t",
+            NOW - timedelta(days=30),
+            NOW,
+            *([10] if by else []),
+        )
+    text = str(plan)  # EXPLAIN's JSON, as text
+    assert '"Index Only Scan"' in text, text
+    assert "llm_usage_events_tenant_occurred_at" in text, text
