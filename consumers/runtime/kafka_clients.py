@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from llm_usage.core.errors import ConfigurationError, MissingTopicError, ServiceUnreachableError
 from llm_usage.core.settings import Settings
@@ -75,10 +82,86 @@ async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, settings: Se
         ) from None
     except (KafkaConnectionError, KafkaError, OSError) as error:
         await client.stop()
+        refused = await _security_refusal(settings)
+        if refused is not None:
+            raise ConfigurationError(refused) from None
         raise ServiceUnreachableError(
             f"cannot reach Kafka at {settings.kafka_bootstrap_servers} ({error}); "
             "start it (`llm-usage dev up`) or set KAFKA_BOOTSTRAP_SERVERS"
         ) from None
+
+
+async def _security_refusal(settings: Settings) -> str | None:
+    """If a broker answers but refuses our TLS or SASL settings, the line that says what to fix.
+
+    aiokafka turns every failed bootstrap into "Unable to bootstrap" and only logs the cause, so
+    after a failed start one connection per bootstrap server is tried again, alone, to learn it.
+    """
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    options = settings.kafka_client_options()
+    for address in (part.strip() for part in settings.kafka_bootstrap_servers.split(",")):
+        error = await _connect_once(address, options)
+        line = None if error is None else _refusal_line(error, address, settings)
+        if line is not None:
+            return line
+    return None
+
+
+async def _connect_once(address: str, options: dict[str, Any]) -> BaseException | None:
+    """Why one connection (with its TLS handshake and SASL login) to `address` fails, if it does."""
+    host, _, port = address.rpartition(":")
+    try:
+        connection = await create_conn(
+            host,
+            int(port),
+            request_timeout_ms=10_000,
+            security_protocol=options["security_protocol"],
+            ssl_context=options.get("ssl_context"),
+            sasl_mechanism=options.get("sasl_mechanism"),
+            sasl_plain_username=options.get("sasl_plain_username"),
+            sasl_plain_password=options.get("sasl_plain_password"),
+        )
+    except (TimeoutError, KafkaError, OSError, ValueError) as error:
+        return error
+    connection.close()
+    return None
+
+
+def _refusal_line(error: BaseException, address: str, settings: Settings) -> str | None:
+    """The line for a broker at `address` that answered and refused us; None if it did not."""
+    if isinstance(error, SaslAuthenticationFailed):
+        return (
+            f"Kafka at {address} refused the login of KAFKA_SASL_USERNAME="
+            f"{settings.kafka_sasl_username!r}: authentication failed ({error}); "
+            "fix KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD (or KAFKA_SASL_MECHANISM)"
+        )
+    if isinstance(error, UnsupportedSaslMechanismError):
+        return (
+            f"Kafka at {address} does not enable KAFKA_SASL_MECHANISM="
+            f"{settings.kafka_sasl_mechanism} on that listener; set the mechanism the "
+            "broker's sasl.enabled.mechanisms names"
+        )
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"Kafka at {address} presented a certificate that is not trusted "
+            f"({error.verify_message}); point KAFKA_SSL_CAFILE at the PEM file of the CA "
+            "that signed the broker's certificate"
+        )
+    if isinstance(error, ssl.SSLError):
+        return (
+            f"the TLS handshake with Kafka at {address} failed ({error}); check "
+            "that KAFKA_SECURITY_PROTOCOL matches the broker's listener on that port"
+        )
+    if isinstance(error, ConnectionResetError):
+        # Something listens there, but dropped us mid-handshake: a PLAINTEXT listener does
+        # that to a TLS client (it reads the TLS hello as a request of absurd size).
+        return (
+            f"Kafka at {address} accepted the connection but closed it during the "
+            f"handshake; check that KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}"
+            " matches the broker's listener on that port"
+        )
+    return None  # not there at all, or not answering: "cannot reach Kafka" says it
 
 
 async def require_topics(consumer: AIOKafkaConsumer, topics: Iterable[str]) -> None:
