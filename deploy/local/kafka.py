@@ -2,6 +2,8 @@
 
 One node (combined broker and controller) for development and tests, or three on one host for
 failover tests. Node i (from 0) listens on `port + 2*i` and its controller on `port + 2*i + 1`.
+A single node may also open a SASL_SSL listener (SCRAM-SHA-512 over TLS) on `port + 2`, beside
+its PLAINTEXT one, for tests of the clients' security settings (see `SaslSslListener`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,8 @@ _COMPLETE = ".complete"
 _INSTALL_JAVA = "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)"
 _INSTALL_MAVEN = "install Maven (e.g. `apt-get install maven`)"
 _POLL_SECONDS = 0.25
+# SCRAM user names and passwords go into a `--add-scram` argument and a properties file unquoted.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def kafka_version() -> str:
@@ -126,10 +131,81 @@ def free_port_block(count: int) -> int:
     raise LocalServiceError(f"found no {count} free consecutive ports between 20000 and 32000")
 
 
-def server_properties(*, node_index: int, nodes: int, port: int, data_dir: Path) -> dict[str, str]:
-    """The broker configuration of node `node_index` (from 0) in a cluster of `nodes` (1 or 3)."""
+@dataclass(frozen=True, kw_only=True)
+class SaslSslListener:
+    """A SASL_SSL listener that accepts SCRAM-SHA-512 logins over TLS, for one test broker.
+
+    It opens on `port + 2` beside the PLAINTEXT listener (which the controller, the broker itself
+    and test set-up keep using). `keystore` is a PKCS12 file holding the broker's key and
+    certificate chain, for the name the clients dial (`127.0.0.1`), under `keystore_password`.
+    `scram_users` (name -> password) are created with the StorageTool's `--add-scram` when the
+    storage is formatted, so they exist before the first client connects. Names, passwords and
+    the keystore password are letters, digits, `.`, `_` and `-` only: they are written unquoted
+    into a command line and a properties file. This is a test broker: the passwords are visible
+    in its properties file and, while it formats, in the process list.
+    """
+
+    keystore: Path
+    keystore_password: str
+    scram_users: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        words = [self.keystore_password, *self.scram_users, *self.scram_users.values()]
+        if not self.scram_users or not all(_PLAIN_WORD.fullmatch(word) for word in words):
+            raise ValueError(
+                "a SASL_SSL listener needs at least one SCRAM user, and names and passwords "
+                "made of letters, digits, '.', '_' and '-'"
+            )
+
+    @staticmethod
+    def listener(port: int) -> str:
+        """The entry for `listeners` and `advertised.listeners`."""
+        return f"SASL_SSL://127.0.0.1:{port}"
+
+    def properties(self) -> dict[str, str]:
+        """What the listener adds to a broker's configuration, besides its `listeners` entry."""
+        prefix = "listener.name.sasl_ssl."
+        return {
+            f"{prefix}sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            f"{prefix}scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            f"{prefix}ssl.keystore.type": "PKCS12",
+            f"{prefix}ssl.keystore.location": str(self.keystore.resolve()),
+            f"{prefix}ssl.keystore.password": self.keystore_password,
+            # The clients authenticate with SCRAM; no client certificate is asked for.
+            f"{prefix}ssl.client.auth": "none",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        }
+
+    def format_arguments(self) -> list[str]:
+        """The StorageTool arguments that create the SCRAM users in the bootstrap metadata."""
+        arguments: list[str] = []
+        for name, password in self.scram_users.items():
+            arguments += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
+        return arguments
+
+
+def server_properties(
+    *,
+    node_index: int,
+    nodes: int,
+    port: int,
+    data_dir: Path,
+    sasl_ssl: SaslSslListener | None = None,
+) -> dict[str, str]:
+    """The broker configuration of node `node_index` (from 0) in a cluster of `nodes` (1 or 3),
+    with a SASL_SSL listener on `port + 2` when `sasl_ssl` is given (a single node only)."""
     broker_port, controller_port = port + 2 * node_index, port + 2 * node_index + 1
     listeners = f"PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}"
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    secure: dict[str, str] = {}
+    if sasl_ssl is not None:
+        if nodes != 1:
+            raise ValueError("a SASL_SSL listener is offered on a single-node cluster only")
+        secure = sasl_ssl.properties()
+        listeners += "," + sasl_ssl.listener(port + 2)
+        protocols += ",SASL_SSL:SASL_SSL"
     properties = {
         "process.roles": "broker,controller",
         "node.id": str(node_index + 1),
@@ -137,13 +213,14 @@ def server_properties(*, node_index: int, nodes: int, port: int, data_dir: Path)
         "advertised.listeners": listeners,
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "log.dirs": str(data_dir),
         # Our code creates every topic it uses; a typo must fail, not create a topic.
         "auto.create.topics.enable": "false",
         "group.initial.rebalance.delay.ms": "0",
         # Tests use session timeouts of a few seconds (the default minimum is 6 s).
         "group.min.session.timeout.ms": "1000",
+        **secure,
     }
     if nodes == 1:
         return properties | {
@@ -180,7 +257,8 @@ def server_properties(*, node_index: int, nodes: int, port: int, data_dir: Path)
 class KafkaCluster:
     """One or three local Kafka JVMs under `state_dir`, detached from this process.
 
-    `libs` is the jar directory; by default `ensure_kafka_jars()` provides it.
+    `libs` is the jar directory; by default `ensure_kafka_jars()` provides it. With `sasl_ssl`
+    (one node only) the broker also listens for SCRAM-SHA-512 over TLS on `port + 2`.
     Methods block; from async code call them through `asyncio.to_thread`.
     """
 
@@ -189,16 +267,27 @@ class KafkaCluster:
     port: int = 9092
     heap_mb: int = 512
     libs: Path | None = None
+    sasl_ssl: SaslSslListener | None = None
 
     def __post_init__(self) -> None:
         if self.nodes not in (1, 3):
             raise ValueError(f"a local Kafka cluster has 1 or 3 nodes, not {self.nodes}")
+        if self.sasl_ssl is not None and self.nodes != 1:
+            raise ValueError("a SASL_SSL listener is offered on a single-node cluster only")
         self.state_dir = self.state_dir.resolve()
 
     @property
     def ports(self) -> range:
-        """Every port the cluster listens on: each node's broker and controller port."""
-        return range(self.port, self.port + 2 * self.nodes)
+        """Every port the cluster listens on: each node's broker and controller port, and the
+        SASL_SSL port if there is one."""
+        return range(self.port, self.port + 2 * self.nodes + (self.sasl_ssl is not None))
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """`127.0.0.1:<port + 2>`, the SASL_SSL listener; only with `sasl_ssl`."""
+        if self.sasl_ssl is None:
+            raise LocalServiceError("this Kafka cluster was configured without a SASL_SSL listener")
+        return f"127.0.0.1:{self.port + 2}"
 
     @property
     def bootstrap_servers(self) -> str:
@@ -318,7 +407,11 @@ class KafkaCluster:
             shutil.rmtree(node)
         (node / "data").mkdir(parents=True)
         properties = server_properties(
-            node_index=index, nodes=self.nodes, port=self.port, data_dir=node / "data"
+            node_index=index,
+            nodes=self.nodes,
+            port=self.port,
+            data_dir=node / "data",
+            sasl_ssl=self.sasl_ssl,
         )
         lines = [f"{key}={value}" for key, value in properties.items()]
         self._properties_file(index).write_text("\n".join(lines) + "\n")
@@ -362,6 +455,8 @@ class KafkaCluster:
         # One node bootstraps its quorum from its own checkpoint; static voters take no flag.
         if self.nodes == 1:
             command.append("--standalone")
+        if self.sasl_ssl is not None:
+            command += self.sasl_ssl.format_arguments()
         result = subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
         )
@@ -407,7 +502,10 @@ class KafkaCluster:
                     raise LocalServiceError(
                         f"Kafka node {index} exited while starting: {self._log_hint(index)}"
                     )
-            if all(_accepts(self.port + 2 * i) for i in indexes) and _cluster_answers(
+            listening = [self.port + 2 * i for i in indexes]
+            if self.sasl_ssl is not None:
+                listening.append(self.port + 2)
+            if all(_accepts(port) for port in listening) and _cluster_answers(
                 bootstrap, expect=expect
             ):
                 return
