@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeAlias
@@ -94,22 +96,29 @@ async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
             command_timeout=60,
             server_settings={"application_name": "llm-usage"},
         )
+    except ssl.SSLCertVerificationError as error:  # a ValueError too: caught first
+        raise ConfigurationError(
+            f"PostgreSQL at {_redacted(dsn)} presented a certificate that is not trusted "
+            f"({_one_line(error)}); set sslrootcert in DATABASE_URL to the CA that signed it "
+            "and use the host name its certificate carries"
+        ) from None
     except (ValueError, asyncpg.exceptions.ClientConfigurationError) as error:
         raise ConfigurationError(
-            f"DATABASE_URL is not a usable PostgreSQL URL ({error}); "
+            f"DATABASE_URL is not a usable PostgreSQL URL ({_one_line(error)}); "
             "expected postgresql://user:password@host:port/database"
         ) from None
     except asyncpg.exceptions.InvalidCatalogNameError as error:
         raise ServiceUnreachableError(
-            f"database does not exist ({error}); create it or fix DATABASE_URL"
+            f"database does not exist ({_one_line(error)}); create it or fix DATABASE_URL"
         ) from None
     except asyncpg.exceptions.InvalidAuthorizationSpecificationError as error:
         raise ServiceUnreachableError(
-            f"database refused the login ({error}); fix the user or password in DATABASE_URL"
+            f"database refused the login ({_one_line(error)}); "
+            "fix the user or password in DATABASE_URL"
         ) from None
     except _UNREACHABLE_ERRORS as error:
         raise ServiceUnreachableError(
-            f"cannot reach PostgreSQL at {_redacted(dsn)} ({error or type(error).__name__}); "
+            f"cannot reach PostgreSQL at {_redacted(dsn)} ({_one_line(error)}); "
             "start it (`llm-usage dev up`) or point DATABASE_URL at a running server"
         ) from None
     if pool is None:  # asyncpg types the result as optional
@@ -117,11 +126,20 @@ async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:
     return pool
 
 
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
 def _redacted(dsn: str) -> str:
-    """The DSN without its password, for error messages."""
+    """The DSN without its password (in the user part or as a parameter), for error messages."""
+    dsn = _PASSWORD_PARAMETER.sub(r"\1***", dsn)
     scheme, sep, rest = dsn.partition("://")
     if not sep or "@" not in rest:
         return dsn
     credentials, _, location = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}@{location}"
+
+
+def _one_line(error: BaseException) -> str:
+    """asyncpg's messages may carry a DETAIL or HINT line: one line for people."""
+    return " ".join(str(error).split()) or type(error).__name__

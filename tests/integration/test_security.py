@@ -426,10 +426,6 @@ async def test_wrong_database_tls_settings_stop_the_consumer_with_one_line(
     assert "not-the-db-password-0451" not in finished.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage/pool.py prints asyncpg's two-line message (with a HINT line) unchanged",
-)
 async def test_a_verify_full_url_without_a_root_certificate_stops_with_one_line(
     secure_kafka: SecureKafka, tls_postgres: TlsPostgres, certificates: Certificates
 ) -> None:
@@ -486,10 +482,6 @@ async def test_no_password_appears_in_anything_a_worker_prints(
             assert secret not in run.output, f"{secret!r} was printed:\n{run.output[-3000:]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage/pool.py's _redacted() drops the password from the URL's user part only",
-)
 async def test_a_password_given_as_a_url_parameter_is_not_printed_either(
     secure_kafka: SecureKafka, database_url: str
 ) -> None:
