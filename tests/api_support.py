@@ -51,6 +51,7 @@ def token(
 
 def unsigned_token(payload: dict[str, Any]) -> str:
     """`alg: none`: a token anyone can forge."""
+
     def part(value: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
 
