@@ -18,13 +18,13 @@ import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llm_usage.api import ingest
+from llm_usage.api import ingest, ui
 from llm_usage.api.auth import InvalidTokenError, Principal, Role
 from llm_usage.api.context import ApiContext
 from llm_usage.api.models import (
@@ -65,6 +65,7 @@ MAX_DAYS: Final = 366
 MAX_BREAKDOWN_ITEMS: Final = 1000
 MAX_ALERTS: Final = 1000
 READY_TIMEOUT_SECONDS: Final = 2.0
+UI_TOKEN_COOKIE: Final = "llm_usage_token"  # noqa: S105 - a cookie name
 
 _log = structlog.get_logger("llm_usage.api")
 _NOT_READY: tuple[type[BaseException], ...] = (
@@ -91,15 +92,22 @@ def _context(request: Request) -> ApiContext:
     return context
 
 
-def _guard(role: Role) -> Callable[..., Awaitable[Principal]]:
+def _guard(role: Role, *, cookie: bool = False) -> Callable[..., Awaitable[Principal]]:
+    """The caller, if a valid token gives `role` on the path's tenant; else 401 or 403. With
+    `cookie`, a page for browsers also takes the token from the `UI_TOKEN_COOKIE` cookie (only
+    pages that change nothing: a cookie is sent by the browser whoever made the request)."""
+
     async def authorize(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        if credentials is None:
+        presented = credentials.credentials if credentials is not None else None
+        if presented is None and cookie:
+            presented = request.cookies.get(UI_TOKEN_COOKIE)
+        if presented is None:
             raise HTTPException(401, "send `Authorization: Bearer <JWT>`", headers=_UNAUTHENTICATED)
         try:
-            principal = _context(request).verifier.verify(credentials.credentials)
+            principal = _context(request).verifier.verify(presented)
         except InvalidTokenError as error:
             raise HTTPException(401, str(error), headers=_UNAUTHENTICATED) from None
         tenant_id = request.path_params.get("tenant_id")
@@ -114,6 +122,7 @@ def _guard(role: Role) -> Callable[..., Awaitable[Principal]]:
 
 
 Member = Annotated[Principal, Depends(_guard(Role.TENANT_MEMBER))]
+PageMember = Annotated[Principal, Depends(_guard(Role.TENANT_MEMBER, cookie=True))]
 TenantAdmin = Annotated[Principal, Depends(_guard(Role.TENANT_ADMIN))]
 PlatformAdmin = Annotated[Principal, Depends(_guard(Role.PLATFORM_ADMIN))]
 
@@ -200,6 +209,7 @@ def create_app(context: ApiContext | None) -> FastAPI:
     _add_usage_routes(app)
     _add_budget_routes(app)
     _add_finance_and_ingest_routes(app)
+    _add_ui_routes(app)
     return app
 
 
@@ -609,3 +619,46 @@ def _add_finance_and_ingest_routes(app: FastAPI) -> None:
         context.metrics.ingested.labels("accepted").inc(accepted)
         context.metrics.ingested.labels("rejected").inc(len(checked) - accepted)
         return {"results": [event.as_json() for event in checked]}
+
+
+def _add_ui_routes(app: FastAPI) -> None:
+    @app.get(
+        "/ui/tenants/{tenant_id}",
+        response_class=HTMLResponse,
+        responses=_ERRORS,
+        tags=["ui"],
+        summary="A page for people: budgets, the last 30 days, top models and users",
+        description=(
+            "HTML. The token comes as `Authorization: Bearer` or, from a browser, in the "
+            f"`{UI_TOKEN_COOKIE}` cookie."
+        ),
+    )
+    async def tenant_page(
+        principal: PageMember, request: Request, tenant_id: TenantId
+    ) -> HTMLResponse:
+        context = _context(request)
+        now = context.clock()
+        start, end = ui.month_range(now)
+        first_day, last_day = ui.daily_range(now)
+        async with connection_from(context.pool) as connection:
+            month = await usage_reports.usage_summary(connection, tenant_id, start=start, end=end)
+            budgets = await tenant_budget_status(connection, tenant_id, now=now)
+            daily = await usage_reports.usage_daily(
+                connection, tenant_id, first_day=first_day.date(), last_day=last_day.date()
+            )
+            top = {
+                by: await usage_reports.usage_breakdown(
+                    connection, tenant_id, by=by, start=start, end=end, limit=ui.TOP
+                )
+                for by in (Dimension.MODEL, Dimension.USER)
+            }
+        page = ui.render_page(
+            tenant_id=tenant_id,
+            now=now,
+            month=month,
+            budgets=budgets,
+            daily=daily,
+            models=top[Dimension.MODEL],
+            users=top[Dimension.USER],
+        )
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})

@@ -148,6 +148,7 @@ ROUTES: dict[tuple[str, str], Route] = {
             Malformed(["query", "period"], {}),
         ),
     ),
+    ("GET", "/ui/tenants/{tenant_id}"): Route(MEMBER, 200, malformed=(_BAD_TENANT,)),
     ("POST", "/v1/usage-events"): Route(
         PLATFORM,
         200,
