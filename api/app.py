@@ -40,7 +40,7 @@ from llm_usage.api.models import (
     UsageDailyAnswer,
     UsageSummaryAnswer,
 )
-from llm_usage.api.params import invalid, rfc3339, time_range
+from llm_usage.api.params import invalid, query_instant, rfc3339, time_range
 from llm_usage.rollup.lines import InvoiceLine
 from llm_usage.rollup.periods import InvalidPeriodError, parse_period
 from llm_usage.schemas.budget import ScopeType, canonical_decimal
@@ -395,8 +395,6 @@ def _add_budget_routes(app: FastAPI) -> None:
         ] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_ALERTS, description="at most this many")] = 100,
     ) -> dict[str, Any]:
-        from llm_usage.api.params import query_instant  # noqa: PLC0415 - beside its one use
-
         context = _context(request)
         since_at = None if since is None else query_instant("since", since, context.clock())
         async with connection_from(context.pool) as connection:
@@ -612,8 +610,8 @@ def _add_finance_and_ingest_routes(app: FastAPI) -> None:
                 _log.warning("api_ingest_publish_failed", error=f"{type(error).__name__}: {error}")
                 raise HTTPException(
                     503,
-                    "the events could not be published to the usage topic; nothing was "
-                    "accepted: send them again (their ids make a repeat harmless)",
+                    "the events could not all be published to the usage topic, so none is "
+                    "reported accepted: send them all again (their ids make a repeat harmless)",
                 ) from None
         accepted = sum(event.accepted for event in checked)
         context.metrics.ingested.labels("accepted").inc(accepted)

@@ -133,4 +133,4 @@ async def test_an_unreachable_broker_accepts_nothing(pool: asyncpg.Pool) -> None
             headers=bearer(token("platform-admin")),
         )
     assert answer.status_code == 503
-    assert "send them again" in answer.json()["detail"]
+    assert "send them all again" in answer.json()["detail"]
