@@ -5,6 +5,9 @@
 -- from ~600 ms to ~40 ms on the development machine. It replaces the plain index on the same
 -- key, under the same name, so writes maintain one index for it, not two.
 -- Building it blocks writes to the table (not reads) for as long as the build takes.
+-- Cost to the usage consumer (`bench ingest`, 100k events, alternating runs, 2 busy cores):
+-- ~15 % of its throughput beside the (tenant_id, deployment_id, occurred_at) index; none
+-- measurable once that index, which this one makes redundant for every query here, is gone.
 CREATE INDEX llm_usage_events_tenant_occurred_at_covering
     ON llm_usage_events (tenant_id, occurred_at)
     INCLUDE (customer_charge_usd, input_tokens, output_tokens, cached_input_tokens,
