@@ -11,6 +11,7 @@ matter of `Principal.may` (403).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -26,6 +27,7 @@ from llm_usage.schemas.budget_policy import InvalidPolicyError, check_tenant_id
 MIN_SECRET_BYTES: Final = 32
 MAX_SUBJECT_CHARS: Final = 200
 JWKS_ALGORITHMS: Final = ("RS256", "ES256")
+MAX_VERIFIED_TOKENS: Final = 10_000
 SECRET_ALGORITHM: Final = "HS256"  # noqa: S105 - an algorithm name
 
 
@@ -75,6 +77,9 @@ class TokenVerifier:
         self._audience = audience
         # By `kid`; the key under None is used for a token without `kid` (one key configured).
         self._keys = keys
+        # Tokens already verified, until their `exp`: a portal sends the same token with every
+        # request, and checking a signature costs more than the rest of a small request.
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
     def from_secret(cls, secret: str, *, audience: str) -> TokenVerifier:
@@ -146,6 +151,18 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         """The caller `token` names, or InvalidTokenError."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known[1]:
+                return known[0]
+            del self._verified[token]
+        principal, expires_at = self._verify(token)
+        if len(self._verified) >= MAX_VERIFIED_TOKENS:
+            self._verified.clear()
+        self._verified[token] = (principal, expires_at)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -172,7 +189,7 @@ class TokenVerifier:
             raise InvalidTokenError("the token is not for this audience") from None
         except jwt.PyJWTError as error:
             raise InvalidTokenError(f"invalid token: {error}") from None
-        return _principal(claims)
+        return _principal(claims), float(claims["exp"])
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import jwt
 import pytest
@@ -140,3 +142,19 @@ def test_a_jwks_with_a_private_key_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"keys": [private]}), encoding="utf-8")
     with pytest.raises(ConfigurationError, match="private key"):
         TokenVerifier.from_settings(Settings(api_jwt_jwks_file=str(path)))
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = TokenVerifier.from_secret(SECRET, audience=AUDIENCE)
+    valid = token("tenant-member", "acme", expires_in=60)
+    assert verifier.verify(valid).tenant_id == "acme"
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise jwt.ExpiredSignatureError("expired")
+
+    monkeypatch.setattr(jwt, "decode", refuse)
+    assert verifier.verify(valid).tenant_id == "acme"  # from memory: not decoded again
+    later = time.time() + 61
+    monkeypatch.setattr("llm_usage.api.auth.time.time", lambda: later)
+    with pytest.raises(InvalidTokenError, match="expired"):
+        verifier.verify(valid)  # past its exp: checked again, and refused
