@@ -1,0 +1,25 @@
+"""The API benchmark's arithmetic and its command line."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from llm_usage.cli.bench_api import Latencies, add_bench_api_command
+
+
+def test_percentiles_are_of_the_sorted_latencies_in_milliseconds() -> None:
+    latencies = Latencies([n / 1000 for n in range(100, 0, -1)])  # 1 ms ... 100 ms
+    assert latencies.percentile(0.5) == pytest.approx(51)
+    assert latencies.percentile(0.99) == pytest.approx(100)
+    assert Latencies([0.002]).percentile(0.99) == pytest.approx(2)
+
+
+def test_the_defaults_are_the_issues_load() -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_api_command(parser.add_subparsers(dest="bench_command"))
+    args = parser.parse_args(["api"])
+    assert (args.events, args.tenants, args.clients) == (10_000_000, 1_000, 50)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["api", "--clients", "0"])
