@@ -231,10 +231,13 @@ async def _grow(admin: AIOKafkaAdminClient, name: str, partitions: int, brokers:
         try:
             await admin.create_partitions({name: NewPartitions(partitions)})
         except InvalidPartitionsError as error:
-            # Grown meanwhile by another process to this many or more: done.
-            count = (await _partition_counts(admin, [name])).get(name, 0)
-            if count >= partitions:
-                return count
+            # Grown meanwhile by another process to this many or more: done. Metadata can lag
+            # the controller's answer for a moment, so look a few times before refusing.
+            for _ in range(_ATTEMPTS * 2):
+                count = (await _partition_counts(admin, [name])).get(name, 0)
+                if count >= partitions:
+                    return count
+                await asyncio.sleep(_RETRY_SECONDS)
             raise refusal("grow", _error_of(name, error), brokers=brokers) from None
         except BrokerResponseError as error:
             if not error.retriable or attempt == _ATTEMPTS:

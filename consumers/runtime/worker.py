@@ -119,6 +119,7 @@ async def _consume(
             max_batch=settings.consumer_max_batch,
             poll_timeout_ms=settings.consumer_poll_timeout_ms,
             retry_seconds=settings.batch_retry_seconds,
+            revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             exit_when_idle=exit_when_idle,
         ),
     )

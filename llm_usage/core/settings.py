@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # Retries of one batch stop well before max_poll_interval_ms (300 s) so the member is never
     # evicted; the batch is then fetched again from its first offset.
     batch_retry_seconds: float = Field(default=60.0, gt=0, le=240)
+    # How long a rebalance waits for the batch in flight; below the 60 s rebalance timeout.
+    consumer_revoke_wait_seconds: float = Field(default=20.0, gt=0, le=50)
     database_pool_size: int = Field(default=4, ge=1, le=100)
 
     @model_validator(mode="after")

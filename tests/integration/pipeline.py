@@ -94,6 +94,7 @@ class PipelineTopics:
             "CONSUMER_MAX_BATCH": str(s.consumer_max_batch),
             "CONSUMER_POLL_TIMEOUT_MS": str(s.consumer_poll_timeout_ms),
             "BATCH_RETRY_SECONDS": str(s.batch_retry_seconds),
+            "CONSUMER_REVOKE_WAIT_SECONDS": str(s.consumer_revoke_wait_seconds),
         }
 
 

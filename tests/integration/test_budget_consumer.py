@@ -97,8 +97,10 @@ async def set_policy(
         await connection.execute("SELECT pg_notify('budget_policies', $1)", tenant)
 
 
-async def alerts_on(topics: PipelineTopics) -> list[dict[str, Any]]:
-    """Every alert on the topic, in offset order per partition; each validated by the schema."""
+async def alerts_on(topics: PipelineTopics, tenant: str) -> list[dict[str, Any]]:
+    """Every alert of `tenant` on the topic, in offset order per partition; every alert on it
+    validated by the schema. (The database is shared by the session: a consumer also alerts
+    other tests' tenants whose spend is past their policies.)"""
     bootstrap = topics.settings.kafka_bootstrap_servers
     ends = await end_offsets(bootstrap, topics.settings.alerts_topic)
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -114,7 +116,8 @@ async def alerts_on(topics: PipelineTopics) -> list[dict[str, Any]]:
                     alert = json.loads(record.value)
                     jsonschema.validate(alert, SCHEMA)
                     assert record.key == alert["tenant_id"].encode()
-                    found.append(alert)
+                    if alert["tenant_id"] == tenant:
+                        found.append(alert)
         return found
     finally:
         await reader.stop()
@@ -164,7 +167,7 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
 
     assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
     assert await spend(pool, tenant, "tenant", tenant) == Decimal("1.00")
-    alerts = await alerts_on(topics)
+    alerts = await alerts_on(topics, tenant)
     assert keys(alerts) == [
         ("deployment", "dep-1", "monthly", "2026-11-01", "exceeded", "1"),
         ("deployment", "dep-1", "monthly", "2026-11-01", "warning", "1"),
@@ -193,7 +196,7 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
     [stopped] = replayed.logged("Consumer stopped.")
     assert stopped.get("recorded", 0) == 0
     assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
-    assert keys(await alerts_on(topics)) == keys(alerts)
+    assert keys(await alerts_on(topics, tenant)) == keys(alerts)
 
 
 async def reset_group_offsets(topics: PipelineTopics) -> None:
@@ -236,10 +239,10 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
         await set_policy(pool, tenant, "tenant", tenant, monthly="8", daily=None)
 
         async def alerted() -> bool:
-            return len(await alerts_on(topics)) == 2
+            return len(await alerts_on(topics, tenant)) == 2
 
         await wait_until(alerted, within=20, message="the policy change did not alert")
-        alerts = await alerts_on(topics)
+        alerts = await alerts_on(topics, tenant)
         assert [a["level"] for a in alerts] == ["warning", "exceeded"]
         assert all(a["triggered_by"] is None for a in alerts)
         assert all(Decimal(a["spend_usd"]) == Decimal("10.00") for a in alerts)
@@ -256,10 +259,10 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
         )
 
         async def rearmed() -> bool:
-            return len(await alerts_on(topics)) == 3
+            return len(await alerts_on(topics, tenant)) == 3
 
         await wait_until(rearmed, within=30, message="the raised limit did not re-arm")
-        newest = (await alerts_on(topics))[-1]
+        newest = (await alerts_on(topics, tenant))[-1]
         assert (newest["level"], newest["limit_usd"]) == ("warning", "20")
         assert newest["triggered_by"] == more[1]["gateway_request_id"]  # 16.00 = 80 % of 20
 
@@ -277,7 +280,7 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
     finally:
         consumer.process.send_signal(signal.SIGTERM)
         assert await consumer.finished(within=30) == 0, consumer.log_tail()
-    assert len(await alerts_on(topics)) == 3
+    assert len(await alerts_on(topics, tenant)) == 3
 
 
 async def test_a_crash_between_publish_and_marking_never_publishes_twice(
@@ -300,7 +303,7 @@ async def test_a_crash_between_publish_and_marking_never_publishes_twice(
         worker="budget",
     )
     assert await crashing.finished(within=60) == FAULT_EXIT_CODE, crashing.log_tail()
-    published = await alerts_on(topics)
+    published = await alerts_on(topics, tenant)
     assert published, "the crash came before anything was published"
     unmarked = await pool.fetchval(
         "SELECT count(*) FROM budget_alert_outbox WHERE tenant_id = $1 AND published_at IS NULL",
@@ -309,7 +312,7 @@ async def test_a_crash_between_publish_and_marking_never_publishes_twice(
     assert unmarked == len(published), "the crash should leave the published alerts unmarked"
 
     restarted = await run_until_idle(topics)
-    alerts = await alerts_on(topics)
+    alerts = await alerts_on(topics, tenant)
     assert len(alerts) == len({a["alert_id"] for a in alerts}) == 2 * len(scopes)
     assert restarted.logged(
         "Alerts a previous relay published but did not mark are marked now, not sent again."
@@ -405,7 +408,7 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
     assert await spend(pool, tenant, "tenant", tenant) == sum(
         (Decimal(e["customer_charge_usd"]) for e in events), Decimal(0)
     )
-    alerts = await alerts_on(topics)
+    alerts = await alerts_on(topics, tenant)
     assert keys(alerts) == sorted(
         ("deployment", d, "monthly", "2026-11-01", level, "5")
         for d in deployments
@@ -454,7 +457,7 @@ async def test_a_database_restart_mid_stream_loses_and_doubles_nothing(
     finally:
         await fresh.close()
     assert total == Decimal("40.00")
-    alerts = await alerts_on(topics)
+    alerts = await alerts_on(topics, tenant)
     assert [(a["level"], a["spend_usd"]) for a in alerts] == [
         ("warning", "24"),
         ("exceeded", "30"),

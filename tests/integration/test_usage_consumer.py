@@ -110,7 +110,7 @@ async def test_conflicting_duplicate_keeps_first_and_dead_letters(
     )
     metrics = await consume_until_idle(topics)
     assert events_counted(metrics, "conflict") == 1
-    assert events_counted(metrics, "recorded") is None
+    assert events_counted(metrics, "recorded") == 0
 
     rows = await stored_for(pool, [first["gateway_request_id"]])
     assert [row["customer_charge_usd"] for row in rows] == [Decimal("1.25")]
@@ -405,7 +405,13 @@ async def test_a_member_joining_mid_stream_neither_loses_nor_doubles_anything(
         topics.usage,
         [(f"k{i % 12}".encode(), encode(e)) for i, e in enumerate(events)],
     )
-    env = {**topics.environment(), "CONSUMER_MAX_BATCH": "10", "LOG_LEVEL": "DEBUG"}
+    env = {
+        **topics.environment(),
+        "CONSUMER_MAX_BATCH": "10",
+        "LOG_LEVEL": "DEBUG",
+        # On a loaded machine the heartbeats below take a while: the wait must outlast them.
+        "CONSUMER_REVOKE_WAIT_SECONDS": "50",
+    }
     first = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
 
     async def under_way() -> bool:
@@ -430,16 +436,17 @@ async def test_a_member_joining_mid_stream_neither_loses_nor_doubles_anything(
         second = await spawn_consumer(topics, "--exit-when-idle", "4", env=env)
 
         # The join starts a rebalance. The first member hears of it by heartbeat and starts
-        # revoking (aiokafka calls the listener at once); it keeps heartbeating meanwhile, so a
-        # second "rebalancing" answer means the revocation is under way with the batch in flight.
+        # revoking at once (aiokafka calls the listener as it rejoins), with the batch in
+        # flight. (Repeats of that warning are folded into one line by the log filter.)
         async def revoking_with_a_batch_in_flight() -> bool:
-            return len(rebalance_heard(mark)) >= 2
+            return len(rebalance_heard(mark)) >= 1
 
         await wait_until(
             revoking_with_a_batch_in_flight,
             within=60,
             message=f"the first member never heard of the rebalance:\n{first.log_tail()}",
         )
+        await asyncio.sleep(3)  # a heartbeat interval: the revocation is under way by now
         # While that batch is held, the revocation waits for it: nothing revoked, nothing handed
         # to the newcomer, the batch still blocked, nothing more stored.
         assert not first.logged("Partitions revoked."), first.log_tail()
