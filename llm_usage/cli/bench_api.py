@@ -27,17 +27,14 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg
-import httpx
-import jwt
+# The benchmark's stack is imported when it runs: `llm-usage --help` builds this command's
+# parser, and httpx (a dev dependency) is not in production images.
+if TYPE_CHECKING:
+    import httpx
 
-from llm_usage.cli.bench_support import bench_database, publish_backlog
-from llm_usage.cli.local_run import settings_for_local_run
-from llm_usage.core.settings import Settings
-from llm_usage.deploy.topics import ensure_topics
-from llm_usage.storage.migrate import migrate
+    from llm_usage.core.settings import Settings
 
 BENCH_DATABASE: Final = "llm_usage_bench_api"
 SIZED_TENANTS: Final = {"sized-1k": 1_000, "sized-100k": 100_000, "sized-1m": 1_000_000}
@@ -101,6 +98,8 @@ def _month_start(now: datetime) -> datetime:
 
 
 async def _load(url: str, *, events: int, tenants: int, now: datetime) -> None:
+    import asyncpg  # noqa: PLC0415 - see the imports above
+
     connection = await asyncpg.connect(url)
     try:
         stored = await connection.fetchval("SELECT count(*) FROM llm_usage_events")
@@ -272,6 +271,8 @@ async def _ingest(
         (event["tenant_id"].encode(), json.dumps(event).encode())
         for event in _events(len(batches) * INGEST_BATCH, now)
     ]
+    from llm_usage.cli.bench_support import publish_backlog  # noqa: PLC0415
+
     kafka_seconds = await publish_backlog(settings, settings.usage_topic, records)
     return api_rate, latencies, len(records) / kafka_seconds
 
@@ -286,6 +287,15 @@ def _row(name: str, latencies: Latencies, rate: str = "") -> str:
 async def run_api_benchmark(
     *, events: int, tenants: int, clients: int, seconds: float, ingest_events: int
 ) -> None:
+    import asyncpg  # noqa: PLC0415 - see the imports above
+    import httpx  # noqa: PLC0415
+    import jwt  # noqa: PLC0415
+
+    from llm_usage.cli.bench_support import bench_database  # noqa: PLC0415
+    from llm_usage.cli.local_run import settings_for_local_run  # noqa: PLC0415
+    from llm_usage.deploy.topics import ensure_topics  # noqa: PLC0415
+    from llm_usage.storage.migrate import migrate  # noqa: PLC0415
+
     # Ingested events go to a topic of their own: no consumer of the real one stores them.
     settings = settings_for_local_run().model_copy(
         update={"usage_topic": f"llm_usage_recorded.bench-api-{uuid.uuid4().hex[:8]}"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -23,3 +25,13 @@ def test_the_defaults_are_the_issues_load() -> None:
     assert (args.events, args.tenants, args.clients) == (10_000_000, 1_000, 50)
     with pytest.raises(SystemExit):
         parser.parse_args(["api", "--clients", "0"])
+
+
+def test_building_the_command_line_imports_no_benchmark_stack() -> None:
+    """`llm-usage --help` builds this parser; httpx is a dev dependency only."""
+    code = (
+        "import sys, llm_usage.cli.bench_api; "
+        "heavy = {'httpx', 'asyncpg', 'aiokafka', 'jwt'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
