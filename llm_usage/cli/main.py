@@ -85,6 +85,9 @@ def _add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="FILE",
         help="run the budget consumer under pyinstrument (dev extra); .html or text report",
     )
+    from llm_usage.cli.bench_api import add_bench_api_command
+
+    add_bench_api_command(bench_commands)
 
 
 def _command_groups() -> list[Callable[[Commands], None]]:
@@ -252,6 +255,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "api":
+        from llm_usage.cli.bench_api import run_bench_api
+
+        run_bench_api(args)
+        return
     if args.bench_command == "budget":
         from pathlib import Path
 
