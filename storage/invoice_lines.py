@@ -77,6 +77,9 @@ async def tenants_with_usage(
     return [row["tenant_id"] for row in rows]
 
 
+_TENANTS_FILTER = "AND tenant_id = ANY($3::text[])"
+
+
 async def monthly_usage(
     connection: Connection,
     *,
@@ -86,18 +89,21 @@ async def monthly_usage(
 ) -> list[MonthlyUsage]:
     """Exact usage per tenant and deployment over [first_day, next_month), from daily totals,
     for these tenants (all when None)."""
+    # Two statements, not one with "$3 IS NULL OR …": a prepared statement's generic plan for
+    # that form scans the whole month for every group of tenants (measured: 258 ms instead of
+    # 12 ms a query, 130 s for a month of 10,000 tenants).
     rows = await connection.fetch(
-        """
+        f"""
         SELECT tenant_id, deployment_id, sum(charge_usd) AS charge_usd,
                sum(input_tokens)::bigint AS input_tokens,
                sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests
         FROM usage_daily_totals
-        WHERE day >= $1 AND day < $2 AND ($3::text[] IS NULL OR tenant_id = ANY($3::text[]))
+        WHERE day >= $1 AND day < $2 {_TENANTS_FILTER if tenant_ids is not None else ""}
         GROUP BY tenant_id, deployment_id
         """,
         first_day,
         next_month,
-        list(tenant_ids) if tenant_ids is not None else None,
+        *([list(tenant_ids)] if tenant_ids is not None else []),
     )
     return [
         MonthlyUsage(

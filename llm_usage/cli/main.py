@@ -88,6 +88,38 @@ def _add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     from llm_usage.cli.bench_api import add_bench_api_command
 
     add_bench_api_command(bench_commands)
+    rollup_bench = bench_commands.add_parser(
+        "rollup", help="rollup run for a month vs the raw GROUP BY over its events, 1M to 10M"
+    )
+    rollup_bench.add_argument("--events", type=_positive_int, default=10_000_000)
+    rollup_bench.add_argument("--tenants", type=_positive_int, default=1_000)
+    rollup_bench.add_argument(
+        "--deployments", type=_positive_int, default=3, help="deployments per tenant"
+    )
+    rollup_bench.add_argument(
+        "--sizes",
+        default="1000000,10000000",
+        metavar="N,N,...",
+        help="event counts to measure at, growing (--events is always the last)",
+    )
+    rollup_bench.add_argument(
+        "--batch", type=_positive_int, default=5_000, help="events per load transaction"
+    )
+    rollup_bench.add_argument("--repeats", type=_positive_int, default=3)
+    rollup_bench.add_argument("--seed", default="rollup-bench")
+    rollup_bench.add_argument(
+        "--keep-database", action="store_true", help="keep llm_usage_bench_rollup afterwards"
+    )
+    aggregate = bench_commands.add_parser(
+        "ingest-aggregate", help="usage consumer with vs without the rollup's daily pre-aggregate"
+    )
+    aggregate.add_argument("--events", type=_positive_int, default=200_000)
+    aggregate.add_argument("--dup-rate", type=_fraction, default=0.1)
+    aggregate.add_argument("--tenants", type=_positive_int, default=1_000)
+    aggregate.add_argument("--deployments", type=_positive_int, default=3)
+    aggregate.add_argument(
+        "--rounds", type=_positive_int, default=2, help="pairs of runs, alternating which is first"
+    )
 
 
 def _command_groups() -> list[Callable[[Commands], None]]:
@@ -255,6 +287,35 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.bench_command == "rollup":
+        from llm_usage.cli.bench_rollup import run_rollup_benchmark
+
+        asyncio.run(
+            run_rollup_benchmark(
+                events=args.events,
+                tenants=args.tenants,
+                deployments=args.deployments,
+                sizes=args.sizes,
+                batch=args.batch,
+                repeats=args.repeats,
+                seed=args.seed,
+                keep_database=args.keep_database,
+            )
+        )
+        return
+    if args.bench_command == "ingest-aggregate":
+        from llm_usage.cli.bench_rollup import run_aggregate_cost_benchmark
+
+        asyncio.run(
+            run_aggregate_cost_benchmark(
+                events=args.events,
+                dup_rate=args.dup_rate,
+                tenants=args.tenants,
+                deployments=args.deployments,
+                rounds=args.rounds,
+            )
+        )
+        return
     if args.bench_command == "api":
         from llm_usage.cli.bench_api import run_bench_api
 
