@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
@@ -37,6 +37,12 @@ class AlertLevel(StrEnum):
     EXCEEDED = "exceeded"
 
 
+# A counter as plain values, (tenant_id, scope_type, scope_id, window, period_start): a batch
+# touches thousands of counters, and a tuple of str hashes and sorts in C. Its natural order is
+# the lock order, the same as `CounterKey.sort_key`.
+SpendKey: TypeAlias = tuple[str, str, str, str, date]
+
+
 @dataclass(frozen=True, order=True)
 class CounterKey:
     """One spend counter. Ordered, so that every replica locks counter rows in the same order
@@ -58,6 +64,11 @@ class CounterKey:
             self.window.value,
             self.period_start,
         )
+
+    @classmethod
+    def from_spend_key(cls, key: SpendKey) -> CounterKey:
+        tenant_id, scope_type, scope_id, window, start = key
+        return cls(tenant_id, ScopeType(scope_type), scope_id, BudgetWindow(window), start)
 
     @property
     def scope(self) -> tuple[str, str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
-from llm_usage.schemas.budget import CounterKey
+from llm_usage.schemas.budget import SpendKey
 from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.storage.pool import Connection
 
@@ -52,32 +52,30 @@ async def record_counted_ids(
 
 
 async def add_to_counters(
-    connection: Connection, increments: Mapping[CounterKey, Decimal]
-) -> dict[CounterKey, Decimal]:
-    """Add each increment to its counter (creating it at 0); return each counter's value before."""
-    keys = sorted(increments, key=CounterKey.sort_key)
+    connection: Connection, increments: Mapping[SpendKey, Decimal]
+) -> dict[SpendKey, Decimal]:
+    """Add each increment to its counter (creating it at 0); return each counter's value before.
+
+    A key is (tenant_id, scope_type, scope_id, window, period_start): its natural order is the
+    lock order."""
+    keys = sorted(increments)
+    tenants, scope_types, scope_ids, windows, starts = (
+        zip(*keys, strict=True) if keys else ((),) * 5
+    )
     rows = await connection.fetch(
         _ADD_TO_COUNTERS,
-        [k.tenant_id for k in keys],
-        [k.scope_type.value for k in keys],
-        [k.scope_id for k in keys],
-        [k.window.value for k in keys],
-        [k.period_start for k in keys],
-        [increments[k] for k in keys],
+        tenants,
+        scope_types,
+        scope_ids,
+        windows,
+        starts,
+        [increments[key] for key in keys],
     )
-    by_sort_key = {key.sort_key(): key for key in keys}
-    before: dict[CounterKey, Decimal] = {}
-    for row in rows:
-        key = by_sort_key[
-            (
-                row["tenant_id"],
-                row["scope_type"],
-                row["scope_id"],
-                row["window"],
-                row["period_start"],
-            )
-        ]
-        before[key] = EXACT_CONTEXT.subtract(row["spend_usd"], increments[key])
+    subtract = EXACT_CONTEXT.subtract
+    before: dict[SpendKey, Decimal] = {}
+    for tenant_id, scope_type, scope_id, window, start, spend_usd in rows:
+        key = (tenant_id, scope_type, scope_id, window, start)
+        before[key] = subtract(spend_usd, increments[key])
     return before
 
 

@@ -5,19 +5,26 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import asyncpg
 
 from llm_usage.consumers.budget.counting import contributions_by_counter
-from llm_usage.consumers.budget.crossing import Crossing, crossings_by_events
+from llm_usage.consumers.budget.crossing import Contribution, Crossing, crossings_by_events
 from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, Record
-from llm_usage.schemas.budget import BudgetAlert, CounterKey, alert_id_for, alert_threshold_pct
+from llm_usage.schemas.budget import (
+    BudgetAlert,
+    CounterKey,
+    SpendKey,
+    alert_id_for,
+    alert_threshold_pct,
+)
+from llm_usage.schemas.budget_policy import BudgetPolicy, PolicyKey
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.money import sum_exact
+from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageEvent
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_policies import policies_for
@@ -116,34 +123,53 @@ class BudgetCounter:
             contributions = contributions_by_counter(
                 event for request_id, event in events.items() if request_id in new_ids
             )
-            before = await add_to_counters(
-                connection,
-                {
-                    key: sum_exact(c.amount_usd for c in found)
-                    for key, found in contributions.items()
-                },
-            )
-            policies = await policies_for(connection, sorted({key.scope for key in contributions}))
-            alerts: list[BudgetAlert] = []
-            for key in sorted(contributions, key=CounterKey.sort_key):
-                policy = policies.get(key.scope)
-                limit = policy.limit_for(key.window) if policy is not None else None
-                if policy is None or limit is None:
-                    continue
-                for crossing in crossings_by_events(
-                    before[key],
-                    contributions[key],
-                    limit_usd=limit,
-                    warn_threshold_pct=policy.warn_threshold_pct,
-                ):
-                    alerts.append(
-                        alert_for(
-                            key,
-                            crossing,
-                            limit_usd=limit,
-                            warn_threshold_pct=policy.warn_threshold_pct,
-                            emitted_at=now,
-                        )
-                    )
+            before = await add_to_counters(connection, increments_of(contributions))
+            policies = await policies_for(connection, sorted({key[:3] for key in contributions}))
+            alerts = alerts_crossed(contributions, before, policies, emitted_at=now)
             await insert_alerts(connection, alerts)
         return BatchOutcome(counts)
+
+
+def increments_of(contributions: Mapping[SpendKey, list[Contribution]]) -> dict[SpendKey, Decimal]:
+    """What the batch adds to each counter: the exact sum of its contributions."""
+    add = EXACT_CONTEXT.add
+    increments: dict[SpendKey, Decimal] = {}
+    for key, found in contributions.items():
+        total = found[0].amount_usd
+        for contribution in found[1:]:
+            total = add(total, contribution.amount_usd)
+        increments[key] = total
+    return increments
+
+
+def alerts_crossed(
+    contributions: Mapping[SpendKey, list[Contribution]],
+    before: Mapping[SpendKey, Decimal],
+    policies: Mapping[PolicyKey, BudgetPolicy],
+    *,
+    emitted_at: datetime,
+) -> list[BudgetAlert]:
+    """The alerts the batch's contributions cross, counter by counter in lock order."""
+    alerts: list[BudgetAlert] = []
+    for spend_key in sorted(key for key in contributions if key[:3] in policies):
+        policy = policies[spend_key[:3]]
+        key = CounterKey.from_spend_key(spend_key)
+        limit = policy.limit_for(key.window)
+        if limit is None:
+            continue
+        for crossing in crossings_by_events(
+            before[spend_key],
+            contributions[spend_key],
+            limit_usd=limit,
+            warn_threshold_pct=policy.warn_threshold_pct,
+        ):
+            alerts.append(
+                alert_for(
+                    key,
+                    crossing,
+                    limit_usd=limit,
+                    warn_threshold_pct=policy.warn_threshold_pct,
+                    emitted_at=emitted_at,
+                )
+            )
+    return alerts

@@ -112,12 +112,13 @@ def test_an_event_counts_toward_every_scope_it_names_and_its_own_utc_periods() -
     counters = contributions_by_counter([event])
     # 23:30 at -01:00 is 00:30 UTC on 1 December: December's day and month, not November's.
     assert sorted(counters) == sorted(
-        CounterKey("t1", scope_type, scope_id, window, start)
-        for scope_type, scope_id in scopes_of(event)
-        for window, start in (
-            (BudgetWindow.DAILY, date(2026, 12, 1)),
-            (BudgetWindow.MONTHLY, date(2026, 12, 1)),
+        ("t1", scope_type, scope_id, window, date(2026, 12, 1))
+        for scope_type, scope_id in (
+            ("tenant", "t1"),
+            ("deployment", "dep-7"),
+            ("agent", "agent-1"),
         )
+        for window in ("daily", "monthly")
     )
     assert all(c == [Contribution("r1", D("0.5"))] for c in counters.values())
 
@@ -126,7 +127,18 @@ def test_contributions_keep_the_events_order_per_counter() -> None:
     first = usage(gateway_request_id="a", customer_charge_usd="1")
     second = usage(gateway_request_id="b", customer_charge_usd="2", user_id="u")
     counters = contributions_by_counter([first, second])
-    tenant_month = CounterKey("t1", ScopeType.TENANT, "t1", BudgetWindow.MONTHLY, date(2026, 12, 1))
+    tenant_month = ("t1", "tenant", "t1", "monthly", date(2026, 12, 1))
     assert counters[tenant_month] == [Contribution("a", D("1")), Contribution("b", D("2"))]
-    user_day = CounterKey("t1", ScopeType.USER, "u", BudgetWindow.DAILY, date(2026, 12, 1))
+    user_day = ("t1", "user", "u", "daily", date(2026, 12, 1))
     assert counters[user_day] == [Contribution("b", D("2"))]
+
+
+def test_a_spend_key_is_the_counter_key_in_lock_order() -> None:
+    keys = [
+        ("t1", "user", "u", "daily", date(2026, 12, 1)),
+        ("t1", "deployment", "d", "monthly", date(2026, 12, 1)),
+        ("t0", "tenant", "t0", "daily", date(2026, 12, 2)),
+    ]
+    typed = [CounterKey.from_spend_key(key) for key in keys]
+    assert [key.sort_key() for key in typed] == keys
+    assert sorted(typed) == [CounterKey.from_spend_key(key) for key in sorted(keys)]
