@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from typing import NamedTuple
 
 from llm_usage.schemas.budget import SpendKey
 from llm_usage.schemas.money import EXACT_CONTEXT
@@ -22,15 +23,29 @@ _RECORD_COUNTED = """
 
 # The addition and the value after it come from one statement per row under the row's lock, so
 # `before = after - increment` is exact even while another replica adds to the same counter.
+# Only counters whose scope has a policy with a limit for their window come back, with it: the
+# others cannot alert, and a batch touches thousands of counters.
 _ADD_TO_COUNTERS = """
-    INSERT INTO budget_spend (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
-    SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
-        WITH ORDINALITY AS u(tenant_id, scope_type, scope_id, "window", period_start, spend_usd, n)
-    ORDER BY n
-    ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
-        DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
-    RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd
+    WITH added AS (
+        INSERT INTO budget_spend
+            (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
+        SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
+            WITH ORDINALITY
+            AS u(tenant_id, scope_type, scope_id, "window", period_start, spend_usd, n)
+        ORDER BY n
+        ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
+            DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
+        RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd
+    ), limited AS (
+        SELECT added.*, p.warn_threshold_pct,
+            CASE added."window" WHEN 'daily' THEN p.daily_limit_usd
+                ELSE p.monthly_limit_usd END AS limit_usd
+        FROM added JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
+    )
+    SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd, limit_usd,
+        warn_threshold_pct
+    FROM limited WHERE limit_usd IS NOT NULL
 """
 
 _PRUNE_COUNTED = """
@@ -51,17 +66,27 @@ async def record_counted_ids(
     return {row["gateway_request_id"] for row in rows}
 
 
+class LimitedCounter(NamedTuple):
+    """A counter whose scope has a policy with a limit for its window, around a batch's addition."""
+
+    before_usd: Decimal
+    after_usd: Decimal
+    limit_usd: Decimal
+    warn_threshold_pct: int
+
+
 async def add_to_counters(
     connection: Connection, increments: Mapping[SpendKey, Decimal]
-) -> dict[SpendKey, Decimal]:
-    """Add each increment to its counter (creating it at 0); return each counter's value before.
+) -> dict[SpendKey, LimitedCounter]:
+    """Add each increment to its counter (creating it at 0). Return, for every counter whose
+    scope's policy sets a limit for its window, its value before and after, and that limit.
 
     A key is (tenant_id, scope_type, scope_id, window, period_start): its natural order is the
     lock order."""
     keys = sorted(increments)
-    tenants, scope_types, scope_ids, windows, starts = (
-        zip(*keys, strict=True) if keys else ((),) * 5
-    )
+    if not keys:
+        return {}
+    tenants, scope_types, scope_ids, windows, starts = zip(*keys, strict=True)
     rows = await connection.fetch(
         _ADD_TO_COUNTERS,
         tenants,
@@ -72,11 +97,11 @@ async def add_to_counters(
         [increments[key] for key in keys],
     )
     subtract = EXACT_CONTEXT.subtract
-    before: dict[SpendKey, Decimal] = {}
-    for tenant_id, scope_type, scope_id, window, start, spend_usd in rows:
+    limited: dict[SpendKey, LimitedCounter] = {}
+    for tenant_id, scope_type, scope_id, window, start, after, limit, pct in rows:
         key = (tenant_id, scope_type, scope_id, window, start)
-        before[key] = subtract(spend_usd, increments[key])
-    return before
+        limited[key] = LimitedCounter(subtract(after, increments[key]), after, limit, pct)
+    return limited
 
 
 async def prune_counted_ids(connection: Connection, *, older_than_hours: int, limit: int) -> int:

@@ -4,6 +4,7 @@ touches, and decide the alerts it crosses — all in one transaction."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -15,20 +16,20 @@ from llm_usage.consumers.budget.counting import contributions_by_counter
 from llm_usage.consumers.budget.crossing import Contribution, Crossing, crossings_by_events
 from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, Record
 from llm_usage.schemas.budget import (
+    AlertLevel,
     BudgetAlert,
     CounterKey,
     SpendKey,
     alert_id_for,
     alert_threshold_pct,
+    threshold_usd,
 )
-from llm_usage.schemas.budget_policy import BudgetPolicy, PolicyKey
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageEvent
 from llm_usage.storage.budget_outbox import insert_alerts
-from llm_usage.storage.budget_policies import policies_for
-from llm_usage.storage.budget_spend import add_to_counters, record_counted_ids
+from llm_usage.storage.budget_spend import LimitedCounter, add_to_counters, record_counted_ids
 from llm_usage.storage.pool import connection_from
 
 # Records decoded between two yields to the event loop.
@@ -123,10 +124,8 @@ class BudgetCounter:
             contributions = contributions_by_counter(
                 event for request_id, event in events.items() if request_id in new_ids
             )
-            before = await add_to_counters(connection, increments_of(contributions))
-            policies = await policies_for(connection, sorted({key[:3] for key in contributions}))
-            alerts = alerts_crossed(contributions, before, policies, emitted_at=now)
-            await insert_alerts(connection, alerts)
+            limited = await add_to_counters(connection, increments_of(contributions))
+            await insert_alerts(connection, alerts_crossed(contributions, limited, emitted_at=now))
         return BatchOutcome(counts)
 
 
@@ -144,32 +143,44 @@ def increments_of(contributions: Mapping[SpendKey, list[Contribution]]) -> dict[
 
 def alerts_crossed(
     contributions: Mapping[SpendKey, list[Contribution]],
-    before: Mapping[SpendKey, Decimal],
-    policies: Mapping[PolicyKey, BudgetPolicy],
+    limited: Mapping[SpendKey, LimitedCounter],
     *,
     emitted_at: datetime,
 ) -> list[BudgetAlert]:
     """The alerts the batch's contributions cross, counter by counter in lock order."""
     alerts: list[BudgetAlert] = []
-    for spend_key in sorted(key for key in contributions if key[:3] in policies):
-        policy = policies[spend_key[:3]]
-        key = CounterKey.from_spend_key(spend_key)
-        limit = policy.limit_for(key.window)
-        if limit is None:
+    for spend_key in sorted(limited):
+        counter = limited[spend_key]
+        if not _may_cross(counter):
             continue
+        key = CounterKey.from_spend_key(spend_key)
         for crossing in crossings_by_events(
-            before[spend_key],
+            counter.before_usd,
             contributions[spend_key],
-            limit_usd=limit,
-            warn_threshold_pct=policy.warn_threshold_pct,
+            limit_usd=counter.limit_usd,
+            warn_threshold_pct=counter.warn_threshold_pct,
         ):
             alerts.append(
                 alert_for(
                     key,
                     crossing,
-                    limit_usd=limit,
-                    warn_threshold_pct=policy.warn_threshold_pct,
+                    limit_usd=counter.limit_usd,
+                    warn_threshold_pct=counter.warn_threshold_pct,
                     emitted_at=emitted_at,
                 )
             )
     return alerts
+
+
+@functools.lru_cache(maxsize=4096)
+def _warning_threshold(limit_usd: Decimal, warn_threshold_pct: int) -> Decimal:
+    return threshold_usd(AlertLevel.WARNING, limit_usd, warn_threshold_pct)
+
+
+def _may_cross(counter: LimitedCounter) -> bool:
+    """Whether some level lies in (before, after]: most counters are below the warning after
+    the batch too, or past the limit before it."""
+    return (
+        counter.after_usd >= _warning_threshold(counter.limit_usd, counter.warn_threshold_pct)
+        and counter.before_usd < counter.limit_usd
+    )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from decimal import Decimal as D
+from decimal import Decimal
 
 from llm_usage.consumers.budget.crossing import Contribution
 from llm_usage.consumers.budget.handler import alerts_crossed, increments_of
-from llm_usage.schemas.budget import AlertLevel, ScopeType, SpendKey
-from llm_usage.schemas.budget_policy import BudgetPolicy
+from llm_usage.schemas.budget import AlertLevel, SpendKey
+from llm_usage.storage.budget_spend import LimitedCounter
 
+D = Decimal
 MONTH = date(2026, 12, 1)
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
 TENANT_MONTH: SpendKey = ("t1", "tenant", "t1", "monthly", MONTH)
@@ -35,9 +36,10 @@ def test_alerts_are_crossed_by_the_first_event_reaching_each_level_of_a_counter_
         TENANT_DAY: [Contribution("a", D("0.05"))],  # the policy has no daily limit
         USER_MONTH: [Contribution("a", D("100"))],  # no policy for this user
     }
-    before = {TENANT_MONTH: D("7.9"), TENANT_DAY: D("0"), USER_MONTH: D("0")}
-    policy = BudgetPolicy("t1", ScopeType.TENANT, "t1", monthly_limit_usd=D(10))
-    alerts = alerts_crossed(contributions, before, {policy.key: policy}, emitted_at=NOW)
+    # Only counters whose scope has a policy with a limit for their window come back from the
+    # database: here the tenant's monthly counter, not its daily one, nor the user's.
+    limited = {TENANT_MONTH: LimitedCounter(D("7.9"), D("10.5"), D(10), 80)}
+    alerts = alerts_crossed(contributions, limited, emitted_at=NOW)
     assert [(a.level, a.spend_usd, a.triggered_by, a.window.value) for a in alerts] == [
         (AlertLevel.WARNING, D("8.00"), "b", "monthly"),
         (AlertLevel.EXCEEDED, D("10.50"), "c", "monthly"),
@@ -47,8 +49,23 @@ def test_alerts_are_crossed_by_the_first_event_reaching_each_level_of_a_counter_
 
 def test_a_counter_already_past_a_level_before_the_batch_does_not_cross_it_again() -> None:
     contributions = {TENANT_MONTH: [Contribution("z", D("1"))]}
-    policy = BudgetPolicy("t1", ScopeType.TENANT, "t1", monthly_limit_usd=D(10))
-    alerts = alerts_crossed(
-        contributions, {TENANT_MONTH: D("8.5")}, {policy.key: policy}, emitted_at=NOW
-    )
-    assert alerts == []
+    limited = {TENANT_MONTH: LimitedCounter(D("8.5"), D("9.5"), D(10), 80)}
+    assert alerts_crossed(contributions, limited, emitted_at=NOW) == []
+    past_the_limit = {TENANT_MONTH: LimitedCounter(D("10"), D("11"), D(10), 80)}
+    assert alerts_crossed(contributions, past_the_limit, emitted_at=NOW) == []
+
+
+def test_both_levels_fall_to_one_event_and_an_exact_boundary_counts_as_reached() -> None:
+    contributions = {TENANT_MONTH: [Contribution("y", D("0.5")), Contribution("z", D("2"))]}
+    limited = {TENANT_MONTH: LimitedCounter(D("7.5"), D("10"), D(10), 80)}
+    alerts = alerts_crossed(contributions, limited, emitted_at=NOW)
+    assert [(a.level, a.spend_usd, a.triggered_by) for a in alerts] == [
+        (AlertLevel.WARNING, D("8.0"), "y"),
+        (AlertLevel.EXCEEDED, D("10.0"), "z"),
+    ]
+
+
+def test_a_counter_below_the_warning_after_the_batch_crosses_nothing() -> None:
+    contributions = {TENANT_MONTH: [Contribution("z", D("0.01"))]}
+    limited = {TENANT_MONTH: LimitedCounter(D("7.98"), D("7.99"), D(10), 80)}
+    assert alerts_crossed(contributions, limited, emitted_at=NOW) == []
