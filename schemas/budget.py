@@ -70,6 +70,18 @@ class CounterKey:
         tenant_id, scope_type, scope_id, window, start = key
         return cls(tenant_id, ScopeType(scope_type), scope_id, BudgetWindow(window), start)
 
+    def alert_id(self, level: AlertLevel, limit_usd: Decimal) -> str:
+        """The id of this counter's alert of `level` against `limit_usd`."""
+        return alert_id_for(
+            tenant_id=self.tenant_id,
+            scope_type=self.scope_type,
+            scope_id=self.scope_id,
+            window=self.window,
+            period_start=self.period_start,
+            level=level,
+            limit_usd=limit_usd,
+        )
+
     @property
     def scope(self) -> tuple[str, str, str]:
         """The (tenant_id, scope_type, scope_id) a policy is keyed on."""

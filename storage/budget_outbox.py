@@ -63,6 +63,17 @@ async def insert_alerts(connection: Connection, alerts: Sequence[BudgetAlert]) -
     return added
 
 
+async def known_alert_ids(connection: Connection, alert_ids: Sequence[str]) -> set[str]:
+    """Which of these alerts have been decided already."""
+    if not alert_ids:
+        return set()
+    rows = await connection.fetch(
+        "SELECT alert_id FROM budget_alert_outbox WHERE alert_id = ANY($1::text[])",
+        list(alert_ids),
+    )
+    return {row["alert_id"] for row in rows}
+
+
 async def pending_alerts(connection: Connection, *, limit: int) -> list[PendingAlert]:
     """The oldest alerts not yet published, in the order they were decided."""
     rows = await connection.fetch(

@@ -20,7 +20,6 @@ from llm_usage.schemas.budget import (
     BudgetAlert,
     CounterKey,
     SpendKey,
-    alert_id_for,
     alert_threshold_pct,
     threshold_usd,
 )
@@ -69,15 +68,7 @@ def alert_for(
 ) -> BudgetAlert:
     """The alert v1 for a crossing of `key`'s counter against a limit."""
     return BudgetAlert(
-        alert_id=alert_id_for(
-            tenant_id=key.tenant_id,
-            scope_type=key.scope_type,
-            scope_id=key.scope_id,
-            window=key.window,
-            period_start=key.period_start,
-            level=crossing.level,
-            limit_usd=limit_usd,
-        ),
+        alert_id=key.alert_id(crossing.level, limit_usd),
         tenant_id=key.tenant_id,
         scope_type=key.scope_type,
         scope_id=key.scope_id,

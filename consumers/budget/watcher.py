@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import UTC, datetime
 
 import structlog
 
-from llm_usage.consumers.budget.crossing import crossings_at_rest
+from llm_usage.consumers.budget.crossing import Crossing, crossings_at_rest
 from llm_usage.consumers.budget.handler import alert_for
 from llm_usage.consumers.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.consumers.runtime.spec import ConsumerContext, SideTask
 from llm_usage.schemas.budget import BudgetAlert
-from llm_usage.storage.budget_outbox import insert_alerts
+from llm_usage.storage.budget_outbox import insert_alerts, known_alert_ids
 from llm_usage.storage.budget_status import PolicyWindow, current_policy_windows
 from llm_usage.storage.pool import connect_once, connection_from
 
@@ -32,8 +32,30 @@ log = structlog.get_logger(__name__)
 POLICIES_CHANNEL = "budget_policies"
 
 
-def alerts_at_rest(windows: list[PolicyWindow], *, now: datetime) -> list[BudgetAlert]:
-    """The alerts every policy window's current spend has reached (warning first), no trigger."""
+def crossings_at_rest_of(windows: list[PolicyWindow]) -> list[tuple[PolicyWindow, Crossing]]:
+    """Every level each policy window's current spend has reached (warning first)."""
+    return [
+        (window, crossing)
+        for window in windows
+        for crossing in crossings_at_rest(
+            window.spend_usd,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+        )
+    ]
+
+
+def alert_id_of(window: PolicyWindow, crossing: Crossing) -> str:
+    return window.counter.alert_id(crossing.level, window.limit_usd)
+
+
+def alerts_at_rest(
+    reached: list[tuple[PolicyWindow, Crossing]],
+    *,
+    now: datetime,
+    known_ids: Container[str] = frozenset(),
+) -> list[BudgetAlert]:
+    """The alerts of levels reached at rest (no trigger), leaving out those already decided."""
     return [
         alert_for(
             window.counter,
@@ -42,12 +64,8 @@ def alerts_at_rest(windows: list[PolicyWindow], *, now: datetime) -> list[Budget
             warn_threshold_pct=window.warn_threshold_pct,
             emitted_at=now,
         )
-        for window in windows
-        for crossing in crossings_at_rest(
-            window.spend_usd,
-            limit_usd=window.limit_usd,
-            warn_threshold_pct=window.warn_threshold_pct,
-        )
+        for window, crossing in reached
+        if alert_id_of(window, crossing) not in known_ids
     ]
 
 
@@ -114,7 +132,11 @@ class PolicyWatcher:
         now = self._clock()
         async with connection_from(self._context.pool) as connection, connection.transaction():
             windows = await current_policy_windows(connection, now=now, tenant_id=tenant_id)
-            added = await insert_alerts(connection, alerts_at_rest(windows, now=now))
+            reached = crossings_at_rest_of(windows)
+            # The sweep finds thousands of levels reached long ago: build only the new alerts.
+            known = await known_alert_ids(connection, [alert_id_of(*each) for each in reached])
+            alerts = alerts_at_rest(reached, now=now, known_ids=known)
+            added = await insert_alerts(connection, alerts)
         if added:
             log.info("Policies already past a level alerted.", tenant=tenant_id, alerts=len(added))
         return added

@@ -1,4 +1,5 @@
-"""The budget handler's pure steps: what a batch adds to each counter, and the alerts it crosses."""
+"""The budget consumer's pure steps: what a batch adds to each counter, the alerts it crosses,
+and the alerts the policy watcher finds reached at rest."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from decimal import Decimal
 
 from llm_usage.consumers.budget.crossing import Contribution
 from llm_usage.consumers.budget.handler import alerts_crossed, increments_of
-from llm_usage.schemas.budget import AlertLevel, SpendKey
+from llm_usage.consumers.budget.watcher import alerts_at_rest, crossings_at_rest_of
+from llm_usage.schemas.budget import AlertLevel, CounterKey, SpendKey
 from llm_usage.storage.budget_spend import LimitedCounter
+from llm_usage.storage.budget_status import PolicyWindow
 
 D = Decimal
 MONTH = date(2026, 12, 1)
@@ -69,3 +72,27 @@ def test_a_counter_below_the_warning_after_the_batch_crosses_nothing() -> None:
     contributions = {TENANT_MONTH: [Contribution("z", D("0.01"))]}
     limited = {TENANT_MONTH: LimitedCounter(D("7.98"), D("7.99"), D(10), 80)}
     assert alerts_crossed(contributions, limited, emitted_at=NOW) == []
+
+
+def test_the_watcher_builds_alerts_only_for_levels_reached_at_rest_that_never_alerted() -> None:
+    counter = CounterKey.from_spend_key(TENANT_MONTH)
+    windows = [
+        PolicyWindow(counter, limit_usd=D(10), warn_threshold_pct=80, spend_usd=D("12")),
+        PolicyWindow(
+            CounterKey.from_spend_key(USER_MONTH),
+            limit_usd=D(10),
+            warn_threshold_pct=80,
+            spend_usd=D("7.99"),
+        ),
+    ]
+    reached = crossings_at_rest_of(windows)
+    assert [(window.counter, crossing.level) for window, crossing in reached] == [
+        (counter, AlertLevel.WARNING),
+        (counter, AlertLevel.EXCEEDED),
+    ]
+    known = {counter.alert_id(AlertLevel.WARNING, D("10.00"))}  # the same limit, spelt otherwise
+    alerts = alerts_at_rest(reached, now=NOW, known_ids=known)
+    assert [(a.level, a.spend_usd, a.triggered_by) for a in alerts] == [
+        (AlertLevel.EXCEEDED, D("12"), None)
+    ]
+    assert alerts[0].alert_id == counter.alert_id(AlertLevel.EXCEEDED, D(10))
