@@ -65,7 +65,7 @@ from llm_usage.core.errors import UserFacingError
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
 from llm_usage.deploy.topics import ensure_topics
-from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType, alert_id_for, period_start
+from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType, period_start
 from llm_usage.schemas.budget_policy import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.storage.migrate import migrate
@@ -190,15 +190,7 @@ def predicted_alerts(
                 limit_usd=limit,
                 warn_threshold_pct=policy.warn_threshold_pct,
             ):
-                alert_id = alert_id_for(
-                    tenant_id=key.tenant_id,
-                    scope_type=key.scope_type,
-                    scope_id=key.scope_id,
-                    window=key.window,
-                    period_start=key.period_start,
-                    level=crossing.level,
-                    limit_usd=limit,
-                )
+                alert_id = key.alert_id(crossing.level, limit)
                 assert crossing.triggered_by is not None
                 expected[alert_id] = crossing.triggered_by
     return expected
