@@ -14,9 +14,21 @@ from llm_usage.schemas.budget import SpendKey
 from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.storage.pool import Connection
 
+# A batch's ids and increments reach PostgreSQL by binary COPY into session-local staging
+# tables: as array parameters, asyncpg type-checks every element through Python's ABCs (~30
+# checks an event, ~10 % of the consumer's CPU). The staging tables empty at every commit.
+_STAGING_TABLES = """
+    CREATE TEMP TABLE IF NOT EXISTS budget_counted_batch (n integer, gateway_request_id text)
+        ON COMMIT DELETE ROWS;
+    CREATE TEMP TABLE IF NOT EXISTS budget_spend_batch (
+        n integer, tenant_id text, scope_type text, scope_id text, "window" text,
+        period_start date, spend_usd numeric
+    ) ON COMMIT DELETE ROWS;
+"""
+
 _RECORD_COUNTED = """
     INSERT INTO budget_counted_events (gateway_request_id)
-    SELECT id FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY n
+    SELECT gateway_request_id FROM budget_counted_batch ORDER BY n
     ON CONFLICT (gateway_request_id) DO NOTHING
     RETURNING gateway_request_id
 """
@@ -30,10 +42,7 @@ _ADD_TO_COUNTERS = """
         INSERT INTO budget_spend
             (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
         SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
-            WITH ORDINALITY
-            AS u(tenant_id, scope_type, scope_id, "window", period_start, spend_usd, n)
-        ORDER BY n
+        FROM budget_spend_batch ORDER BY n
         ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
             DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
         RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd
@@ -61,9 +70,16 @@ _PRUNE_COUNTED = """
 async def record_counted_ids(
     connection: Connection, gateway_request_ids: Sequence[str]
 ) -> set[str]:
-    """Remember these ids as counted; return those that were not counted before."""
-    rows = await connection.fetch(_RECORD_COUNTED, sorted(set(gateway_request_ids)))
-    return {row["gateway_request_id"] for row in rows}
+    """Remember these ids as counted; return those that were not counted before. Call it
+    inside a transaction."""
+    await connection.execute(_STAGING_TABLES)
+    await connection.copy_records_to_table(
+        "budget_counted_batch",
+        records=enumerate(sorted(set(gateway_request_ids))),
+        columns=("n", "gateway_request_id"),
+    )
+    rows = await connection.fetch(_RECORD_COUNTED)
+    return {row[0] for row in rows}
 
 
 class LimitedCounter(NamedTuple):
@@ -82,20 +98,16 @@ async def add_to_counters(
     scope's policy sets a limit for its window, its value before and after, and that limit.
 
     A key is (tenant_id, scope_type, scope_id, window, period_start): its natural order is the
-    lock order."""
-    keys = sorted(increments)
-    if not keys:
+    lock order. Call it inside a transaction."""
+    if not increments:
         return {}
-    tenants, scope_types, scope_ids, windows, starts = zip(*keys, strict=True)
-    rows = await connection.fetch(
-        _ADD_TO_COUNTERS,
-        tenants,
-        scope_types,
-        scope_ids,
-        windows,
-        starts,
-        [increments[key] for key in keys],
+    await connection.execute(_STAGING_TABLES)
+    await connection.copy_records_to_table(
+        "budget_spend_batch",
+        records=[(n, *key, increments[key]) for n, key in enumerate(sorted(increments))],
+        columns=("n", "tenant_id", "scope_type", "scope_id", "window", "period_start", "spend_usd"),
     )
+    rows = await connection.fetch(_ADD_TO_COUNTERS)
     subtract = EXACT_CONTEXT.subtract
     limited: dict[SpendKey, LimitedCounter] = {}
     for tenant_id, scope_type, scope_id, window, start, after, limit, pct in rows:
