@@ -120,23 +120,55 @@ class BatchConsumer:
         self.last_commit_at: float | None = None
 
     async def run(self) -> None:
-        """Fetch and land batches until asked to stop; commit what landed before returning."""
-        while not self._stopping.is_set():
-            fetched = await self._fetcher.poll()
-            if fetched is None:
-                break
+        """Fetch and land batches until asked to stop; commit what landed before returning.
+
+        The next batch is fetched while the last one lands (so Kafka's record parsing and the
+        broker round trip overlap PostgreSQL's work): at most two batches are in hand, and the
+        next one's offsets move only once it has landed in turn.
+        """
+        polled = await self._poll()
+        while polled is not None and not self._stopping.is_set():
+            fetched, generation = polled
             self._health.progressed()
             records = [record for batch in fetched.values() for record in batch]
-            if records:
-                self._idle.busy()
-                await self._land(fetched, records, generation=self._ledger.generation)
-            elif await self._idle.idle_long_enough():
-                log.info("Stopping: at the end of every partition.", consumer=self._name)
-                break
+            if not records:
+                if await self._idle.idle_long_enough():
+                    log.info("Stopping: at the end of every partition.", consumer=self._name)
+                    break
+                await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
+                polled = await self._poll()
+                continue
+            self._idle.busy()
+            next_poll = asyncio.create_task(self._poll())
+            try:
+                landed = await self._land(fetched, records, generation=generation)
+            except BaseException:
+                await _cancel_quietly(next_poll)
+                raise
+            polled = await next_poll
+            if not landed:
+                # Both go back to their first offsets, the later batch first, so that where
+                # they share a partition the earlier batch's offset is the one kept.
+                if polled is not None:
+                    self._rewind_if_current(*polled)
+                self._rewind_if_current(fetched, generation)
+                polled = await self._poll()
             await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
         await self._ledger.commit()
 
-    async def _land(self, fetched: Fetched, records: list[Record], *, generation: int) -> None:
+    async def _poll(self) -> tuple[Fetched, int] | None:
+        """The next records with the assignment generation they were fetched in."""
+        fetched = await self._fetcher.poll()
+        return None if fetched is None else (fetched, self._ledger.generation)
+
+    def _rewind_if_current(self, fetched: Fetched, generation: int) -> None:
+        """A batch that did not land is fetched again from its first offset (unless its
+        partitions were reassigned meanwhile: then the new assignment decides)."""
+        if self._ledger.is_current(generation):
+            self._fetcher.rewind(fetched)
+
+    async def _land(self, fetched: Fetched, records: list[Record], *, generation: int) -> bool:
+        """Land a batch and commit its offsets; False when it did not land (transiently)."""
         started = time.perf_counter()
         if self.first_fetch_at is None:
             self.first_fetch_at = started
@@ -149,8 +181,8 @@ class BatchConsumer:
         except Exception as error:
             if not is_transient(error):
                 raise
-            self._give_up_on(fetched, error, generation=generation)
-            return
+            self._give_up_on(error)
+            return False
         else:
             for tp, batch in fetched.items():
                 if batch:
@@ -161,6 +193,7 @@ class BatchConsumer:
         self.last_commit_at = time.perf_counter()
         self._health.release(_BATCH_HOLD)
         self._observe(outcome, len(records), time.perf_counter() - started)
+        return True
 
     async def _unless_shutdown_takes_too_long(
         self, landing: Coroutine[Any, Any, BatchOutcome]
@@ -206,9 +239,7 @@ class BatchConsumer:
             )
         return outcome
 
-    def _give_up_on(self, fetched: Fetched, error: BaseException, *, generation: int) -> None:
-        """A batch that did not land is fetched again from its first offset, never committed
-        (unless its partitions were reassigned meanwhile: then the new assignment decides)."""
+    def _give_up_on(self, error: BaseException) -> None:
         self._health.hold(_BATCH_HOLD, f"batch not landed: {type(error).__name__}")
         log.error(
             "Batch did not land; it will be fetched again.",
@@ -216,8 +247,6 @@ class BatchConsumer:
             error=f"{type(error).__name__}: {error}",
             stopping=self._stopping.is_set(),
         )
-        if self._ledger.is_current(generation):
-            self._fetcher.rewind(fetched)
 
     def _count_retry(self, operation: str) -> None:
         self._metrics.retries.labels(self._name, operation).inc()
@@ -242,3 +271,10 @@ class BatchConsumer:
         self._metrics.batch_size.labels(self._name).observe(size)
         self._metrics.batch_duration.labels(self._name).observe(seconds)
         log.debug("Batch landed.", consumer=self._name, size=size, seconds=round(seconds, 4))
+
+
+async def _cancel_quietly(task: asyncio.Task[Any]) -> None:
+    """Cancel a fetch ahead whose batch will not be landed: uncommitted records are read again."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

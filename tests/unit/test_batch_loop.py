@@ -35,7 +35,8 @@ def record(offset: int, value: bytes, partition: int = 0) -> Record:
 
 
 class StandInConsumer:
-    """Hands out the given polls, then asks the loop to stop; remembers seeks and commits.
+    """Hands out the given polls, then nothing, then asks the loop to stop; remembers seeks and
+    commits.
 
     A poll is a dict of partition to records, or an exception that getmany raises.
     """
@@ -52,6 +53,7 @@ class StandInConsumer:
         self.paused_partitions: set[TopicPartition] = set()
         self.held = {TP}
         self.failing: set[TopicPartition] = set()  # partitions whose lone fetch raises
+        self.drained = False
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int, max_records: int | None = None
@@ -61,7 +63,11 @@ class StandInConsumer:
                 raise UnsupportedCodecError("Unknown compression codec 0x05")
             return {}
         if not self.polls:
-            self.stopping.set()
+            # The loop fetches the next batch while the last one lands: the first poll past the
+            # script finds nothing new (as at the end of a topic), the one after asks to stop.
+            if self.drained:
+                self.stopping.set()
+            self.drained = True
             return {}
         poll = self.polls.pop(0)
         if isinstance(poll, BaseException):
@@ -211,7 +217,9 @@ async def test_refusals_in_a_row_across_batches_stop_the_loop() -> None:
     await loop.run()
     assert [letter.record.offset for letter in sink.sent] == [1, 3, 5]
     assert consumer.commits == [{TP: 2}, {TP: 4}, {TP: 6}]
-    assert consumer.seeks == [(TP, 6), (TP, 8)], "no offset moved past the refusals"
+    # The batch fetched ahead (8) goes back first, then the one that did not land: the position
+    # ends at the first refused batch, and nothing was committed past it.
+    assert consumer.seeks == [(TP, 8), (TP, 6)], "no offset moved past the refusals"
 
 
 async def test_a_consumer_without_a_dead_letter_sink_never_drops_a_refused_row() -> None:
@@ -328,3 +336,49 @@ async def test_shutdown_abandons_a_hanging_batch_after_its_grace() -> None:
     await loop.run()
     assert asyncio.get_running_loop().time() - started < 2
     assert consumer.commits == []
+
+
+async def test_the_next_batch_is_fetched_while_one_lands_and_committed_only_after_it_lands() -> (
+    None
+):
+    polls: list[dict[TopicPartition, list[Record]] | BaseException] = [
+        batch_of([b"ok", b"ok"], first=0),
+        batch_of([b"ok"], first=2),
+    ]
+    events: list[str] = []
+
+    class Recording(RefusesBadRows):
+        async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+            events.append(f"landing {records[0].offset}")
+            await asyncio.sleep(0.05)  # PostgreSQL at work: the loop fetches meanwhile
+            outcome = await super().record_batch(records)
+            events.append(f"landed {records[0].offset}")
+            return outcome
+
+    loop, consumer = loop_for(polls, Recording(), StandInSink())
+    getmany = consumer.getmany
+
+    async def counting_getmany(*partitions: TopicPartition, **kwargs: Any) -> Any:
+        events.append("fetch")
+        return await getmany(*partitions, **kwargs)
+
+    consumer.getmany = counting_getmany  # type: ignore[method-assign]
+    commit = consumer.commit
+
+    async def recording_commit(offsets: dict[TopicPartition, int]) -> None:
+        events.append(f"commit {offsets[TP]}")
+        await commit(offsets)
+
+    consumer.commit = recording_commit  # type: ignore[method-assign]
+    await loop.run()
+    assert events[:7] == [
+        "fetch",
+        "landing 0",
+        "fetch",  # the second batch, fetched while the first lands
+        "landed 0",
+        "commit 2",
+        "landing 2",
+        "fetch",
+    ]
+    assert events.index("commit 3") > events.index("landed 2")
+    assert consumer.commits == [{TP: 2}, {TP: 3}]
