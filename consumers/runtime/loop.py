@@ -122,9 +122,11 @@ class BatchConsumer:
     async def run(self) -> None:
         """Fetch and land batches until asked to stop; commit what landed before returning.
 
-        The next batch is fetched while the last one lands (so Kafka's record parsing and the
-        broker round trip overlap PostgreSQL's work): at most two batches are in hand, and the
-        next one's offsets move only once it has landed in turn.
+        While behind, the next batch is fetched while the last one lands (so Kafka's record
+        parsing and the broker round trip overlap PostgreSQL's work): at most two batches are in
+        hand, and the next one's offsets move only once it has landed in turn. Once caught up,
+        it is fetched after: fetched ahead, a record that arrives during a landing would wait
+        for one more landing before its own (the budget consumer's alert latency).
         """
         polled = await self._poll()
         while polled is not None and not self._stopping.is_set():
@@ -139,22 +141,29 @@ class BatchConsumer:
                 polled = await self._poll()
                 continue
             self._idle.busy()
-            next_poll = asyncio.create_task(self._poll())
+            next_poll = asyncio.create_task(self._poll()) if self._behind(records) else None
             try:
                 landed = await self._land(fetched, records, generation=generation)
             except BaseException:
-                await _cancel_quietly(next_poll)
+                if next_poll is not None:
+                    await _cancel_quietly(next_poll)
                 raise
-            polled = await next_poll
-            if not landed:
-                # Both go back to their first offsets, the later batch first, so that where
-                # they share a partition the earlier batch's offset is the one kept.
-                if polled is not None:
-                    self._rewind_if_current(*polled)
+            if landed:
+                polled = await (next_poll if next_poll is not None else self._poll())
+            else:
+                # Both go back to their first offsets, the batch fetched ahead first, so that
+                # where they share a partition the earlier batch's offset is the one kept.
+                ahead = await next_poll if next_poll is not None else None
+                if ahead is not None:
+                    self._rewind_if_current(*ahead)
                 self._rewind_if_current(fetched, generation)
                 polled = await self._poll()
             await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
         await self._ledger.commit()
+
+    def _behind(self, records: list[Record]) -> bool:
+        """A batch at least half the size asked for says more is waiting."""
+        return 2 * len(records) >= self._options.max_batch
 
     async def _poll(self) -> tuple[Fetched, int] | None:
         """The next records with the assignment generation they were fetched in."""

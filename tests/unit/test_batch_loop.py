@@ -217,9 +217,20 @@ async def test_refusals_in_a_row_across_batches_stop_the_loop() -> None:
     await loop.run()
     assert [letter.record.offset for letter in sink.sent] == [1, 3, 5]
     assert consumer.commits == [{TP: 2}, {TP: 4}, {TP: 6}]
-    # The batch fetched ahead (8) goes back first, then the one that did not land: the position
-    # ends at the first refused batch, and nothing was committed past it.
-    assert consumer.seeks == [(TP, 8), (TP, 6)], "no offset moved past the refusals"
+    assert consumer.seeks == [(TP, 6), (TP, 8)], "no offset moved past the refusals"
+
+
+async def test_a_batch_fetched_ahead_goes_back_before_the_batch_that_did_not_land() -> None:
+    polls: list[dict[TopicPartition, list[Record]] | BaseException] = [
+        batch_of([b"bad", b"bad"], first=0),
+        batch_of([b"ok", b"ok"], first=2),
+    ]
+    loop, consumer = loop_for(polls, RefusesBadRows(), StandInSink(), max_batch=2)
+    await loop.run()
+    assert consumer.commits == []
+    # Fetched while the first batch failed to land, the second goes back first: the position
+    # ends at the first batch's first offset, and nothing after it was skipped or committed.
+    assert consumer.seeks == [(TP, 2), (TP, 0)]
 
 
 async def test_a_consumer_without_a_dead_letter_sink_never_drops_a_refused_row() -> None:
@@ -355,7 +366,8 @@ async def test_the_next_batch_is_fetched_while_one_lands_and_committed_only_afte
             events.append(f"landed {records[0].offset}")
             return outcome
 
-    loop, consumer = loop_for(polls, Recording(), StandInSink())
+    # Batches as large as asked for: the loop is behind, so it fetches ahead.
+    loop, consumer = loop_for(polls, Recording(), StandInSink(), max_batch=2)
     getmany = consumer.getmany
 
     async def counting_getmany(*partitions: TopicPartition, **kwargs: Any) -> Any:
