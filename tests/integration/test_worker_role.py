@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage import UsageRecorder
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
@@ -64,3 +65,31 @@ async def test_a_worker_can_store_usage_with_its_role(
         await pool.fetchval("SELECT requests FROM usage_daily_totals WHERE tenant_id = $1", tenant)
         == 3
     )
+
+
+async def test_a_worker_can_count_budgets_where_public_may_not_create_temporary_tables(
+    worker: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+) -> None:
+    # A hardened database revokes TEMPORARY from PUBLIC; the budget consumer stages its batches
+    # in temporary tables, so the worker role must hold the privilege itself.
+    database = await pool.fetchval("SELECT current_database()")
+    await pool.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    user = await worker.fetchval("SELECT current_user")
+    worker_pool = await asyncpg.create_pool(database_url, user=user, min_size=1, max_size=1)
+    assert worker_pool is not None
+    try:
+        tenant = unique("tenant")
+        events = [usage_event(tenant) for _ in range(3)]
+        records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
+        outcome = await BudgetCounter(pool=worker_pool).record_batch(records)
+    finally:
+        await worker_pool.close()
+        await pool.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
+    assert +outcome.counts == {"recorded": 3}
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM budget_spend WHERE tenant_id = $1 AND scope_type = 'tenant'",
+            tenant,
+        )
+        == 2
+    )  # its day and its month
