@@ -23,6 +23,7 @@ from llm_usage.schemas.budget import (
     threshold_usd,
 )
 from llm_usage.schemas.money import MONEY_PRECISION, round_half_up
+from llm_usage.schemas.usage_event import is_clean_id
 
 DEFAULT_WARN_THRESHOLD_PCT: Final = 80
 MIN_WARN_THRESHOLD_PCT: Final = 1
@@ -39,7 +40,6 @@ PolicyKey: TypeAlias = tuple[str, str, str]
 _DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _WHOLE_NUMBER_TEXT = re.compile(r"[+-]?[0-9]+")
 # The contract's tenant id: no control characters, no leading or trailing whitespace.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class InvalidPolicyError(ValueError):
@@ -57,7 +57,7 @@ def check_tenant_id(value: object) -> str:
         raise InvalidPolicyError("tenant_id", f"must be a string, not {type(value).__name__}")
     if not 1 <= len(value) <= MAX_ID_LENGTH:
         raise InvalidPolicyError("tenant_id", f"must be 1 to {MAX_ID_LENGTH} characters")
-    if value != value.strip() or _CONTROL_CHARACTERS.search(value):
+    if not is_clean_id(value):
         raise InvalidPolicyError(
             "tenant_id", "must have no leading or trailing whitespace and no control characters"
         )

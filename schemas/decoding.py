@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from decimal import Decimal
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
+from llm_usage.schemas.fast_decoding import fast_decode
 from llm_usage.schemas.usage_event import NO_NUL_PATTERN, UsageEvent, json_kind
 
 MAX_EVENT_BYTES = 64 * 1024
@@ -35,8 +36,31 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class DuplicateNameError(ValueError):
+    """A JSON object names a field twice: parsers disagree on which copy wins."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise DuplicateNameError(name)
+            seen.add(name)
+    return found
+
+
 # One decoder for every call: `json.loads(text, parse_float=...)` would build a new one each time.
-_JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_refuse_constant)
+_JSON = json.JSONDecoder(
+    parse_float=Decimal,
+    parse_constant=_refuse_constant,
+    object_pairs_hook=_object_without_duplicates,
+)
 
 
 def _explain(error: ErrorDetails) -> str:
@@ -86,6 +110,11 @@ def _parse_json(value: bytes) -> object:
     """The JSON value in UTF-8 `value`, or a `Rejection` (`invalid_json`) saying why it is not."""
     try:
         return _JSON.decode(value.decode())
+    except DuplicateNameError as error:
+        return Rejection(
+            DeadLetterReason.SCHEMA_VIOLATION,
+            f"{error.name}: is named twice in one object; a field may appear only once",
+        )
     except UnicodeDecodeError as error:
         return Rejection(
             DeadLetterReason.INVALID_JSON, f"not UTF-8: {error.reason} at byte {error.start}"
@@ -98,6 +127,19 @@ def _parse_json(value: bytes) -> object:
 
 def decode_usage_event(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:
     """The event in `value`, validated against `now`, or the `Rejection` saying why not.
+
+    A plainly valid event takes the compiled fast path; anything else is decided and worded by
+    the reference (`decode_usage_event_reference`), so the answer is the reference's either way.
+    """
+    if value is not None and len(value) <= MAX_EVENT_BYTES:
+        event = fast_decode(value, now=now)
+        if event is not None:
+            return event
+    return decode_usage_event_reference(value, now=now)
+
+
+def decode_usage_event_reference(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:
+    """The event in `value` as the pydantic model that states the contract reads it.
 
     Never raises for bad input. JSON numbers are read from their literal digits into `Decimal`
     (never through a binary float), and NaN / Infinity, which Python's `json` accepts, are not

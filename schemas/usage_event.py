@@ -66,6 +66,17 @@ _DECIMAL_TEXT = re.compile(DECIMAL_TEXT_PATTERN.removeprefix("^").removesuffix("
 # The usual case, "0.0054": digits within both limits and no sign, so no counting is needed.
 _PLAIN_DECIMAL_TEXT = re.compile(r"(0|[1-9][0-9]{0,11})(\.[0-9]{1,18})?")
 
+# The contract's ids (`gateway_request_id`, `tenant_id`): no leading or trailing whitespace and
+# no control characters (Unicode category Cc), which no gateway means and every person misreads.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+ID_JSON_PATTERN = r"^(?!\s)[^\u0000-\u001f\u007f-\u009f]*(?<!\s)$"
+
+
+def is_clean_id(value: str) -> bool:
+    """Whether `value` has no leading or trailing whitespace and no control character."""
+    return value == value.strip() and _CONTROL_CHARACTERS.search(value) is None
+
+
 CONFLICT_FIELDS: tuple[str, ...] = (
     "tenant_id",
     "deployment_id",
@@ -188,7 +199,13 @@ def _schema_version_schema(
 
 Id = Annotated[
     str,
-    Field(strict=True, min_length=1, max_length=MAX_TEXT_LENGTH, pattern=NO_NUL_PATTERN),
+    Field(
+        strict=True,
+        min_length=1,
+        max_length=MAX_TEXT_LENGTH,
+        pattern=NO_NUL_PATTERN,
+        json_schema_extra={"pattern": ID_JSON_PATTERN},
+    ),
 ]
 Text = Annotated[str, Field(strict=True, max_length=MAX_TEXT_LENGTH, pattern=NO_NUL_PATTERN)]
 Count = Annotated[int, Field(strict=True, ge=0, le=BIGINT_MAX)]
@@ -288,6 +305,20 @@ class UsageEvent(BaseModel):
     markup_mode: MarkupMode | None = None
     occurred_at: OccurredAt
     """RFC 3339 with an offset, stored as UTC; at most 5 minutes after now."""
+
+    @field_validator("gateway_request_id", "tenant_id")
+    @classmethod
+    def _clean_id(cls, value: str) -> str:
+        if value != value.strip():
+            raise PydanticCustomError(
+                "id_whitespace", "must not begin or end with whitespace (the contract's id rule)"
+            )
+        if _CONTROL_CHARACTERS.search(value) is not None:
+            raise PydanticCustomError(
+                "id_control_character",
+                "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+            )
+        return value
 
     @field_validator("occurred_at")
     @classmethod

@@ -14,7 +14,7 @@ from llm_usage.consumers.budget.crossing import (
     crossings_at_rest,
     crossings_by_events,
 )
-from llm_usage.schemas.budget import AlertLevel, BudgetWindow, CounterKey, ScopeType
+from llm_usage.schemas.budget import AlertLevel, CounterKey, ScopeType
 from llm_usage.schemas.usage_event import UsageEvent
 
 D = Decimal

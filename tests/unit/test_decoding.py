@@ -196,6 +196,33 @@ def test_json_that_is_not_an_object_is_a_schema_violation(value: bytes, kind: st
         (event_json(tenant_id=""), "tenant_id: must have at least 1 character"),
         (event_json(tenant_id=7), "tenant_id: must be a string"),
         (
+            event_json(gateway_request_id="  "),
+            "gateway_request_id: must not begin or end with whitespace (the contract's id rule)",
+        ),
+        (
+            event_json(tenant_id="acme\u00a0"),
+            "tenant_id: must not begin or end with whitespace (the contract's id rule)",
+        ),
+        (
+            event_json(tenant_id="ac\x1bme"),
+            "tenant_id: must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+        ),
+        (
+            event_json(gateway_request_id="r\x85x"),
+            "gateway_request_id: must not contain control characters (U+0000-U+001F, "
+            "U+007F-U+009F)",
+        ),
+        (
+            b'{"gateway_request_id": "r", "tenant_id": "a", "customer_charge_usd": "1", '
+            b'"tenant_id": "b", "occurred_at": "2026-11-14T09:00:00Z"}',
+            "tenant_id: is named twice in one object; a field may appear only once",
+        ),
+        (
+            b'{"gateway_request_id": "r", "tenant_id": "a", "customer_charge_usd": "1", '
+            b'"meta": {"k": 1, "k": 2}, "occurred_at": "2026-11-14T09:00:00Z"}',
+            "k: is named twice in one object; a field may appear only once",
+        ),
+        (
             event_json(tenant_id="a\x00"),
             "tenant_id: must not contain the NUL character (\\u0000)",
         ),
