@@ -54,7 +54,7 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/llm-usage bench ingest --events 200000 --dup-rate 0.1
+	$(BIN)/llm-usage bench ingest --events 200000 --dup-rate 0.1 --runs 3
 
 dev-down: install
 	$(BIN)/llm-usage dev down

@@ -64,6 +64,12 @@ def _add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=5_000,
         help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
     )
+    ingest.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=3,
+        help="rounds of (a), (b), (c), interleaved; medians and spreads over them",
+    )
     budget_bench = bench_commands.add_parser(
         "budget", help="alert latency at a fixed rate; budget vs usage consumer throughput"
     )
@@ -345,6 +351,7 @@ def _bench(args: argparse.Namespace) -> None:
             events=args.events,
             dup_rate=args.dup_rate,
             naive_events=args.naive_events,
+            runs=args.runs,
         )
     )
 
