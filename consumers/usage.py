@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
 from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec
+from llm_usage.consumers.runtime.tasks import cancel_quietly
 from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
 from llm_usage.core.errors import ConfigurationError
@@ -89,7 +90,7 @@ class UsageRecorder:
                     writing = None
             finally:
                 if writing is not None:  # an error before the last chunk was awaited
-                    await _cancel_quietly(writing)
+                    await cancel_quietly(writing)
             # Once per batch, in key order: the rollup's pre-aggregate moves with the rows.
             if self._keep_daily_totals:
                 await add_to_daily_totals(connection, daily_totals(stored_now))
@@ -99,20 +100,6 @@ class UsageRecorder:
 def _collect(written: ChunkWritten, stored_now: list[UsageEvent]) -> BatchOutcome:
     stored_now.extend(written.stored)
     return written.outcome
-
-
-async def _cancel_quietly(task: asyncio.Task[ChunkWritten]) -> None:
-    """Cancel a chunk write whose batch already failed; its own error adds nothing. A
-    cancellation of *this* task (shutdown) still propagates."""
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:  # noqa: BLE001, S110 - the batch's first error is the one raised
-        pass
 
 
 async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedBatch:

@@ -29,6 +29,7 @@ from llm_usage.consumers.runtime.offsets import OffsetLedger
 from llm_usage.consumers.runtime.outcome import BatchHandler, BatchOutcome, BatchResult, Record
 from llm_usage.consumers.runtime.rebalance import RebalanceListener
 from llm_usage.consumers.runtime.retry import is_transient, retry_transient
+from llm_usage.consumers.runtime.tasks import cancel_quietly
 from llm_usage.core.errors import TransientError
 from llm_usage.core.health import HealthState
 from llm_usage.schemas.dead_letter import DeadLetterReason
@@ -146,7 +147,7 @@ class BatchConsumer:
                 landed = await self._land(fetched, records, generation=generation)
             except BaseException:
                 if next_poll is not None:
-                    await _cancel_quietly(next_poll)
+                    await cancel_quietly(next_poll)
                 raise
             if landed:
                 polled = await (next_poll if next_poll is not None else self._poll())
@@ -280,10 +281,3 @@ class BatchConsumer:
         self._metrics.batch_size.labels(self._name).observe(size)
         self._metrics.batch_duration.labels(self._name).observe(seconds)
         log.debug("Batch landed.", consumer=self._name, size=size, seconds=round(seconds, 4))
-
-
-async def _cancel_quietly(task: asyncio.Task[Any]) -> None:
-    """Cancel a fetch ahead whose batch will not be landed: uncommitted records are read again."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

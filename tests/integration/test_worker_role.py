@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
+from llm_usage.consumers.runtime.outcome import Record
 from llm_usage.consumers.usage import UsageRecorder
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
@@ -25,6 +26,22 @@ async def worker(pool: asyncpg.Pool, database_url: str) -> AsyncIterator[asyncpg
     finally:
         await connection.close()
         await pool.execute(f"DROP ROLE {name}")
+
+
+@pytest.fixture
+async def worker_pool(worker: asyncpg.Connection, database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool logged in as the `worker` user, for the consumers' handlers."""
+    user = await worker.fetchval("SELECT current_user")
+    pool = await asyncpg.create_pool(database_url, user=user, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def three_events_of(tenant: str) -> list[Record]:
+    return [consumer_record(encode(usage_event(tenant)), offset=n) for n in range(3)]
 
 
 @pytest.mark.parametrize(
@@ -48,18 +65,10 @@ async def test_a_worker_cannot_change_the_schema_or_remove_usage(
 
 
 async def test_a_worker_can_store_usage_with_its_role(
-    worker: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
-    user = await worker.fetchval("SELECT current_user")
-    worker_pool = await asyncpg.create_pool(database_url, user=user, min_size=1, max_size=1)
-    assert worker_pool is not None
-    try:
-        tenant = unique("tenant")
-        events = [usage_event(tenant) for _ in range(3)]
-        records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
-        outcome = await UsageRecorder(pool=worker_pool).record_batch(records)
-    finally:
-        await worker_pool.close()
+    tenant = unique("tenant")
+    outcome = await UsageRecorder(pool=worker_pool).record_batch(three_events_of(tenant))
     assert outcome.counts == {"recorded": 3}
     assert (
         await pool.fetchval("SELECT requests FROM usage_daily_totals WHERE tenant_id = $1", tenant)
@@ -68,22 +77,16 @@ async def test_a_worker_can_store_usage_with_its_role(
 
 
 async def test_a_worker_can_count_budgets_where_public_may_not_create_temporary_tables(
-    worker: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     # A hardened database revokes TEMPORARY from PUBLIC; the budget consumer stages its batches
     # in temporary tables, so the worker role must hold the privilege itself.
     database = await pool.fetchval("SELECT current_database()")
     await pool.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
-    user = await worker.fetchval("SELECT current_user")
-    worker_pool = await asyncpg.create_pool(database_url, user=user, min_size=1, max_size=1)
-    assert worker_pool is not None
     try:
         tenant = unique("tenant")
-        events = [usage_event(tenant) for _ in range(3)]
-        records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
-        outcome = await BudgetCounter(pool=worker_pool).record_batch(records)
+        outcome = await BudgetCounter(pool=worker_pool).record_batch(three_events_of(tenant))
     finally:
-        await worker_pool.close()
         await pool.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
     assert +outcome.counts == {"recorded": 3}
     assert (
