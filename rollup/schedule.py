@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.health import HealthState, serve_probes
 from llm_usage.core.settings import Settings
 from llm_usage.rollup.periods import current_period, following_period, parse_period
@@ -178,7 +179,9 @@ async def run_schedule(settings: Settings, *, registry: CollectorRegistry | None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     pool = await create_pool(settings.database_url, size=2)
-    scheduler = RollupScheduler(settings=settings, pool=pool, metrics=metrics, health=health)
+    scheduler = RollupScheduler(
+        settings=settings, pool=pool, metrics=metrics, health=health, clock=worker_clock()
+    )
     try:
         while not stopping.is_set():
             health.progressed()

@@ -15,6 +15,7 @@ from llm_usage.consumers.budget.watcher import policy_watcher
 from llm_usage.consumers.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec, SideTask
 from llm_usage.consumers.runtime.worker import run_consumer
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
 from llm_usage.storage.budget_spend import prune_counted_ids
@@ -74,7 +75,11 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
         make_handler=make_handler,
         dead_letter_topic=None,
         check_database=require_budget_tables,
-        side_tasks=(alert_relay(metrics), policy_watcher(), counted_id_pruner(metrics)),
+        side_tasks=(
+            alert_relay(metrics),
+            policy_watcher(worker_clock()),
+            counted_id_pruner(metrics),
+        ),
     )
 
 
