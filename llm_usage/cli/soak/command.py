@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm_usage.core.errors import PipelineError
+from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -64,6 +66,10 @@ class SoakFailedError(PipelineError):
 
 async def run_soak_command(settings: Settings, args: argparse.Namespace) -> None:
     del settings  # the soak starts its own services; nothing of the environment's is used
+    # The soak prints its own progress; clients' reconnect noise during faults goes nowhere.
+    configure_logging(log_format="console", level="WARNING")
+    for noisy in ("aiokafka", "asyncpg"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     from llm_usage.cli.soak.run import SoakOptions, run_soak  # noqa: PLC0415 - heavy, soak only
 
     seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)

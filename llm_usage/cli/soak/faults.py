@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import structlog
 from aiokafka.admin import AIOKafkaAdminClient
 
 from llm_usage.cli.soak.plan import PlannedFault
@@ -17,8 +16,6 @@ from llm_usage.cli.soak.timeline import FaultMark
 from llm_usage.cli.soak.workers import WorkerFleet
 from llm_usage.deploy.local.kafka import KafkaCluster
 from llm_usage.deploy.local.postgres import LocalPostgres
-
-log = structlog.get_logger(__name__)
 
 _SIGNALS = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}
 
@@ -56,7 +53,6 @@ class FaultInjector:
             detail=detail,
         )
         self.marks.append(mark)
-        log.warning("Soak fault.", t=mark.t, kind=mark.kind, target=mark.target, detail=detail)
         print(f"  t={mark.t:7.1f} s  {mark.kind:<16} {mark.target}  {detail}", flush=True)
 
     async def _inject(self, fault: PlannedFault) -> None:
@@ -95,7 +91,8 @@ class FaultInjector:
     async def _restart_broker(self, index: int, hold: float) -> None:
         await asyncio.sleep(hold)
         await asyncio.to_thread(self.cluster.start_node, index)
-        log.warning("Soak broker back.", broker=index + 1)
+        back = time.time() - self.load_started
+        print(f"  t={back:7.1f} s  broker {index + 1} is back", flush=True)
 
     async def _leader_of(self, partition: int) -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.cluster.bootstrap_servers)
