@@ -307,9 +307,10 @@ async def _committed(bootstrap_servers: str, group_id: str, topic: str) -> int:
         offsets = await admin.list_consumer_group_offsets(group_id)
     finally:
         await admin.close()
-    return sum(
-        int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0
-    )
+    committed = [int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic]
+    if not committed:  # a coordinator moving after a broker loss answers with nothing: unknown
+        raise LookupError(f"no committed offsets of {group_id} in this answer")
+    return sum(offset for offset in committed if offset > 0)
 
 
 async def _read_alerts(
