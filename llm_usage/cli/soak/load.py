@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections import deque
@@ -225,8 +226,6 @@ class LoadGenerator:
 
 
 def _tenant_of(value: bytes) -> bytes:
-    import json  # noqa: PLC0415 - only for the rare conflicting record
-
     return str(json.loads(value)["tenant_id"]).encode()
 
 
