@@ -18,7 +18,7 @@ from llm_usage.consumers.runtime.worker import run_consumer
 from llm_usage.consumers.usage_batch import DecodedBatch, decode_batch, settle_batch
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.usage_events import (
     copy_usage_events,
@@ -74,7 +74,7 @@ class UsageRecorder:
         self, connection: Connection, records: Sequence[Record], *, now: datetime, copy: bool
     ) -> BatchOutcome:
         outcome = BatchOutcome()
-        stored_now: list[UsageEvent] = []
+        stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
         async with connection.transaction():
             try:
@@ -97,7 +97,7 @@ class UsageRecorder:
         return outcome
 
 
-def _collect(written: ChunkWritten, stored_now: list[UsageEvent]) -> BatchOutcome:
+def _collect(written: ChunkWritten, stored_now: list[UsageRow]) -> BatchOutcome:
     stored_now.extend(written.stored)
     return written.outcome
 
@@ -113,7 +113,7 @@ async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedB
 @dataclass(frozen=True)
 class ChunkWritten:
     outcome: BatchOutcome
-    stored: list[UsageEvent]  # the events this chunk inserted
+    stored: list[UsageRow]  # the events this chunk inserted
 
 
 async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: bool) -> ChunkWritten:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,17 +13,17 @@ from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, DeadL
 from llm_usage.core.errors import TransientError
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageEvent, conflicting_fields
+from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageRow, conflicting_fields
 
 
 @dataclass
 class DecodedBatch:
     """A batch after decoding: valid events grouped by id (first seen first), and the rejects."""
 
-    occurrences: dict[str, list[tuple[Record, UsageEvent]]] = field(default_factory=dict)
+    occurrences: dict[str, list[tuple[Record, UsageRow]]] = field(default_factory=dict)
     rejected: list[DeadLetter] = field(default_factory=list)
 
-    def first_occurrences(self) -> list[UsageEvent]:
+    def first_occurrences(self) -> list[UsageRow]:
         """One event per id: the one to try to insert."""
         return [found[0][1] for found in self.occurrences.values()]
 
@@ -46,9 +47,12 @@ def decode_batch(
     return batch
 
 
-def conflict_view(event: UsageEvent) -> dict[str, Any]:
+_CONFLICT_VALUES = operator.attrgetter(*CONFLICT_FIELDS)
+
+
+def conflict_view(event: UsageRow) -> dict[str, Any]:
     """The fields of `event` that must match the stored row for it to be a plain duplicate."""
-    return {name: event.__dict__[name] for name in CONFLICT_FIELDS}
+    return dict(zip(CONFLICT_FIELDS, _CONFLICT_VALUES(event), strict=True))
 
 
 def settle_batch(

@@ -12,7 +12,13 @@ from pydantic_core import ErrorDetails
 
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.fast_decoding import fast_decode
-from llm_usage.schemas.usage_event import NO_NUL_PATTERN, UsageEvent, json_kind
+from llm_usage.schemas.usage_event import (
+    NO_NUL_PATTERN,
+    UsageEvent,
+    UsageRow,
+    json_kind,
+    usage_row,
+)
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_DETAIL_CHARS = 500
@@ -125,17 +131,19 @@ def _parse_json(value: bytes) -> object:
         return Rejection(DeadLetterReason.INVALID_JSON, "not JSON: nested too deeply to read")
 
 
-def decode_usage_event(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:
-    """The event in `value`, validated against `now`, or the `Rejection` saying why not.
+def decode_usage_event(value: bytes | None, *, now: datetime) -> UsageRow | Rejection:
+    """The stored values of the event in `value`, validated against `now`, or the `Rejection`
+    saying why it is refused.
 
     A plainly valid event takes the compiled fast path; anything else is decided and worded by
     the reference (`decode_usage_event_reference`), so the answer is the reference's either way.
     """
     if value is not None and len(value) <= MAX_EVENT_BYTES:
-        event = fast_decode(value, now=now)
-        if event is not None:
-            return event
-    return decode_usage_event_reference(value, now=now)
+        row = fast_decode(value, now=now)
+        if row is not None:
+            return row
+    event = decode_usage_event_reference(value, now=now)
+    return event if isinstance(event, Rejection) else usage_row(event)
 
 
 def decode_usage_event_reference(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:

@@ -1,11 +1,14 @@
-"""The hot path of decoding: a usage event that plainly keeps every rule, accepted in a few µs.
+"""The hot path of decoding: a usage event that plainly keeps every rule, read in a few µs.
 
-`msgspec` parses the JSON (numbers read into `Decimal` from their literal digits, never through a
-binary float), then plain checks accept the event only when they are sure the reference model
-(`UsageEvent`, which states the contract) would accept it with the same values. Whatever they
-are not sure of — any broken rule, but also rare valid spellings such as a lower-case `z` in a
-time — returns None, and the caller asks the reference, which also words the DLQ reason. So the
-fast path may only ever say "valid, and these are its values"; a property test holds it to that.
+`msgspec` parses the JSON into a typed struct in C, which already checks most rules (types,
+lengths, token bounds, the fixed values); decimals are kept as their raw JSON text and read from
+their literal digits, never through a binary float. A few plain checks then accept the event
+only when they are sure the reference model (`UsageEvent`, which states the contract) would
+accept it with the same values, and the stored row is built straight from the struct. Whatever
+they are not sure of — any broken rule, but also rare valid spellings such as a lower-case `z`
+in a time, a decimal written `1E+2`, or a field this pipeline does not know — returns None, and
+the caller asks the reference, which also words the DLQ reason. So the fast path may only ever
+say "valid, and these are its values"; a property test holds it to that.
 """
 
 from __future__ import annotations
@@ -13,168 +16,205 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
+from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from pydantic_core import PydanticCustomError
 
 from llm_usage.schemas.money import cents_to_usd, usd_to_cents
 from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
-    EVENT_TYPE,
     FIRST_STORABLE_INSTANT,
     LAST_STORABLE_INSTANT,
     MAX_CENTS_DISAGREEMENT,
     MAX_FUTURE_SKEW,
     MAX_TEXT_LENGTH,
     MAX_WHOLE_DIGITS,
-    SCHEMA_VERSION,
-    UsageEvent,
+    MarkupMode,
+    UsageRow,
     exact_decimal,
 )
 
-_JSON = msgspec.json.Decoder(float_hook=Decimal)
-# Every object key ends with a quote, optional JSON whitespace and a colon. Counting those in the
-# raw bytes and comparing with the keys parsed tells whether a name was given twice (msgspec, like
-# most parsers, keeps the last copy silently). Text inside a string can only add matches, so a
-# mismatch means "ask the reference", never "accept".
+_Id = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_LENGTH)]
+_Text = Annotated[str, Meta(max_length=MAX_TEXT_LENGTH)] | UnsetType | None
+_Count = Annotated[int, Meta(ge=0, le=BIGINT_MAX)] | UnsetType
+
+
+class _Event(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The event as msgspec reads it; `UNSET` marks a field that was not sent. The fields come
+    in `UsageRow`'s order, so the first 20 values of `astuple` are the row's."""
+
+    gateway_request_id: _Id
+    tenant_id: _Id
+    deployment_id: _Text = UNSET
+    user_id: _Text = UNSET
+    agent_id: _Text = UNSET
+    channel: _Text = UNSET
+    feature: _Text = UNSET
+    provider: _Text = UNSET
+    model: _Text = UNSET
+    request_kind: _Text = UNSET
+    input_tokens: _Count = UNSET
+    output_tokens: _Count = UNSET
+    cached_input_tokens: _Count = UNSET
+    reasoning_tokens: _Count = UNSET
+    total_tokens: _Count = UNSET
+    upstream_cost_usd: Raw | UnsetType = UNSET  # msgspec allows no other type beside Raw
+    customer_charge_usd: Raw | UnsetType = UNSET
+    customer_charge_cents: Annotated[int, Meta(ge=0, le=BIGINT_MAX)] | UnsetType | None = UNSET
+    markup_mode: MarkupMode | UnsetType | None = UNSET
+    occurred_at: str
+    # msgspec refuses `true` and `1.0` for these, as the reference does (EVENT_TYPE and
+    # SCHEMA_VERSION; a unit test holds them equal).
+    event_type: Literal["llm_usage_recorded"] | UnsetType = UNSET
+    schema_version: Literal[1] | UnsetType = UNSET
+
+
+_DECODER = msgspec.json.Decoder(_Event)
+_FIELD_COUNT: Final = len(_Event.__struct_fields__)
+_ROW_LENGTH: Final = len(UsageRow._fields)
+# What a field that was not sent stands for; UNSET where it is derived from other fields.
+_ABSENT: Final = (
+    *(UNSET, UNSET),  # the ids are required
+    *(None,) * 8,  # attribution and description texts
+    *(0,) * 4,  # input, output, cached input, reasoning tokens
+    UNSET,  # total_tokens: input + output
+    None,  # upstream_cost_usd
+    UNSET,  # customer_charge_usd: from the cents
+    None,  # customer_charge_cents
+    None,  # markup_mode
+    UNSET,  # occurred_at is required
+)
+_TOTAL, _UPSTREAM, _USD, _CENTS, _MARKUP, _OCCURRED_AT = range(14, 20)
+
+# Every object key ends with a quote, optional JSON whitespace and a colon.
 _KEY_ENDINGS = re.compile(rb'"[ \t\n\r]*:')
 _SPACED_KEY_ENDING = re.compile(rb'"[ \t\n\r]+:')
+# A NUL can reach a string only as this escape (JSON forbids the raw byte): PostgreSQL text
+# cannot hold it. Other escapes are fine: msgspec refuses lone surrogates itself.
+_NUL_ESCAPE = b"\\u0000"
+# A decimal as a JSON string or number in its plain spelling, within both digit limits; the
+# reference decides the rest (exponents, signs, NaN, spaces, 13 whole digits...).
+_PLAIN_DECIMAL = re.compile(rb'"?((?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,18})?)"?')
+_NUMBER_STARTS = frozenset(bytes([first]) for first in b"-0123456789")
 # The usual spelling of RFC 3339 only (upper-case T and Z, at most microseconds): the reference
 # decides the rest.
 _TIME = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
     r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"  # Python reads +05:75; pydantic refuses it
 )
-_ID_FIELDS: Final = ("gateway_request_id", "tenant_id")
-_TEXT_FIELDS: Final = (
-    "deployment_id",
-    "user_id",
-    "agent_id",
-    "channel",
-    "feature",
-    "provider",
-    "model",
-    "request_kind",
-)
-_COUNT_FIELDS: Final = ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
-_MARKUP_MODES: Final = frozenset({"flat_percent", "fixed_per_token", "plan_inclusive"})
-_KNOWN_FIELDS: Final = frozenset(UsageEvent.model_fields)
+_new_row = tuple.__new__
 
 
 class _NotSureError(Exception):
     """The fast path cannot vouch for this event: the reference decides."""
 
 
-def fast_decode(value: bytes, *, now: datetime) -> UsageEvent | None:
-    """The event in `value` if it plainly keeps every rule; None when the reference must decide."""
+def fast_decode(value: bytes, *, now: datetime) -> UsageRow | None:
+    """The stored values of the event in `value` if it plainly keeps every rule; None when the
+    reference must decide."""
     try:
-        data = _JSON.decode(value)
+        event = _DECODER.decode(value)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    if type(data) is not dict or _key_count(data, value) != _key_endings(value):
+    values = msgspec.structs.astuple(event)
+    absent = values.count(UNSET)
+    if not _each_name_once(value, values, _FIELD_COUNT - absent):
         return None
     try:
-        return _event(data, now)
+        return _row(event, values, absent, now)
     except (_NotSureError, PydanticCustomError, ArithmeticError, ValueError, OverflowError):
         return None
 
 
+def _each_name_once(raw: bytes, values: tuple[object, ...], fields: int) -> bool:
+    """Whether the object in `raw` named no field twice (msgspec, like most parsers, keeps the
+    last copy silently), given the values it read for `fields` distinct fields; and whether no
+    text holds a NUL, which PostgreSQL text cannot hold."""
+    if b"\\" not in raw:
+        # No escape anywhere, so every quote opens or closes a string (and no text holds a NUL):
+        # two per name given and two per string value. A value overwritten by a repeated name
+        # or a string nested in an odd decimal only adds quotes, so equality means each name
+        # came once.
+        strings = list(map(type, values)).count(str) + _quoted(values[_UPSTREAM])
+        strings += _quoted(values[_USD])
+        return raw.count(b'"') == 2 * (fields + strings)
+    return _key_endings(raw) == fields and _NUL_ESCAPE not in raw
+
+
+def _quoted(raw: object) -> int:
+    return int(type(raw) is Raw and bytes(raw)[:1] == b'"')
+
+
 def _key_endings(raw: bytes) -> int:
+    # Text inside a string can only add matches, so a mismatch means "ask the reference".
     # Serialisers write `"name":` (no space before the colon): bytes.count is ten times faster.
     if _SPACED_KEY_ENDING.search(raw) is None:
         return raw.count(b'":')
     return len(_KEY_ENDINGS.findall(raw))
 
 
-def _key_count(data: dict[str, Any], raw: bytes) -> int:
-    """How many keys the parsed objects hold (a flat event, the usual case, is not walked)."""
-    if raw.count(b"{") == 1 and b"[" not in raw:
-        return len(data)
-    return _nested_key_count(data)
-
-
-def _nested_key_count(value: Any) -> int:
-    if type(value) is dict:
-        return len(value) + sum(_nested_key_count(item) for item in value.values())
-    if type(value) is list:
-        return sum(_nested_key_count(item) for item in value)
-    return 0
-
-
-def _event(data: dict[str, Any], now: datetime) -> UsageEvent:
-    event_type = data.get("event_type", EVENT_TYPE)
-    if type(event_type) is not str or event_type != EVENT_TYPE:
-        raise _NotSureError
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise _NotSureError
-    values: dict[str, Any] = {"event_type": EVENT_TYPE, "schema_version": SCHEMA_VERSION}
-    for name in _ID_FIELDS:
-        values[name] = _id(data.get(name))
-    for name in _TEXT_FIELDS:
-        values[name] = _text_or_none(data.get(name))
-    for name in _COUNT_FIELDS:
-        values[name] = _count(data.get(name, 0))
-    if "total_tokens" in data:
-        values["total_tokens"] = _count(data["total_tokens"])
-    else:
-        values["total_tokens"] = _count(values["input_tokens"] + values["output_tokens"])
-    upstream = data.get("upstream_cost_usd")
-    values["upstream_cost_usd"] = None if upstream is None else exact_decimal(upstream)
-    cents = data.get("customer_charge_cents")
-    values["customer_charge_cents"] = None if cents is None else _count(cents)
-    values["customer_charge_usd"] = _charge(data, values["customer_charge_cents"])
-    markup = data.get("markup_mode")
-    if markup is not None and (type(markup) is not str or markup not in _MARKUP_MODES):
-        raise _NotSureError
-    values["markup_mode"] = markup
-    values["occurred_at"] = _occurred_at(data.get("occurred_at"), now)
-    return _trusted_event(values, fields_set=set(_KNOWN_FIELDS.intersection(data)))
-
-
-def _trusted_event(values: dict[str, Any], *, fields_set: set[str]) -> UsageEvent:
-    """A `UsageEvent` of values already checked, as `model_construct` builds one (the attributes
-    a pydantic v2 model holds) without its per-field default handling: 2 µs instead of 16."""
-    event = UsageEvent.__new__(UsageEvent)
-    object.__setattr__(event, "__dict__", values)
-    object.__setattr__(event, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(event, "__pydantic_extra__", None)
-    object.__setattr__(event, "__pydantic_private__", None)
-    return event
-
-
-def _id(value: Any) -> str:
-    if (
-        type(value) is not str
-        or not 1 <= len(value) <= MAX_TEXT_LENGTH
-        or not value.isprintable()  # no control character, NUL or lone surrogate
-        or value != value.strip()
-    ):
-        raise _NotSureError
-    return value
-
-
-def _text_or_none(value: Any) -> str | None:
-    if value is None:
-        return None
-    if type(value) is not str or len(value) > MAX_TEXT_LENGTH or not value.isprintable():
-        raise _NotSureError
-    return value
-
-
-def _count(value: Any) -> int:
-    if type(value) is not int or not 0 <= value <= BIGINT_MAX:
-        raise _NotSureError
-    return value
-
-
-def _charge(data: dict[str, Any], cents: int | None) -> Decimal:
-    if "customer_charge_usd" in data:
-        usd = data["customer_charge_usd"]
-        if usd is None:
+def _row(event: _Event, values: tuple[object, ...], absent: int, now: datetime) -> UsageRow:
+    _require_clean_id(event.gateway_request_id)
+    _require_clean_id(event.tenant_id)
+    derived_absent = (
+        (event.total_tokens is UNSET)
+        + (event.customer_charge_usd is UNSET)
+        + (event.event_type is UNSET)
+        + (event.schema_version is UNSET)
+    )
+    row = list(values[:_ROW_LENGTH])
+    if absent != derived_absent:  # some field that stands for null or 0 was left out
+        row = [d if v is UNSET and d is not UNSET else v for v, d in zip(row, _ABSENT, strict=True)]
+    if row[_TOTAL] is UNSET:
+        total = row[10] + row[11]  # type: ignore[operator]
+        if total > BIGINT_MAX:
             raise _NotSureError
-        charge = exact_decimal(usd)
+        row[_TOTAL] = total
+    upstream = row[_UPSTREAM]
+    if upstream is not None:
+        row[_UPSTREAM] = _exact_or_null(upstream)  # type: ignore[arg-type]
+    row[_USD] = _charge(row[_USD], row[_CENTS])  # type: ignore[arg-type]
+    row[_OCCURRED_AT] = _occurred_at(row[_OCCURRED_AT], now)  # type: ignore[arg-type]
+    return _new_row(UsageRow, row)
+
+
+def _require_clean_id(value: str) -> None:
+    # Printable excludes every control character, NUL and lone surrogate (and some rare valid
+    # characters, which the reference then decides).
+    if not value.isprintable() or value != value.strip():
+        raise _NotSureError
+
+
+def _exact(raw: Raw) -> Decimal:
+    found = _PLAIN_DECIMAL.fullmatch(raw)
+    if found is not None:
+        return Decimal(found[1].decode())
+    return _exact_as_spelled(bytes(raw))
+
+
+def _exact_or_null(raw: Raw) -> Decimal | None:
+    found = _PLAIN_DECIMAL.fullmatch(raw)
+    if found is not None:
+        return Decimal(found[1].decode())
+    text = bytes(raw)
+    return None if text == b"null" else _exact_as_spelled(text)
+
+
+def _exact_as_spelled(text: bytes) -> Decimal:
+    """Other spellings (1.5E-7 as a Go float64 writes it, 13 whole digits...) as the reference
+    reads them: a string by the contract's rule, a number from its literal digits."""
+    if text.startswith(b'"') and b"\\" not in text:
+        return exact_decimal(text[1:-1].decode())
+    if text[:1] in _NUMBER_STARTS:
+        return exact_decimal(Decimal(text.decode()))
+    raise _NotSureError
+
+
+def _charge(usd: Raw | UnsetType, cents: int | None) -> Decimal:
+    if usd is not UNSET:
+        charge = _exact(usd)
         if cents is not None and abs(usd_to_cents(charge) - cents) > MAX_CENTS_DISAGREEMENT:
             raise _NotSureError
         return charge
@@ -186,8 +226,8 @@ def _charge(data: dict[str, Any], cents: int | None) -> Decimal:
     return charge
 
 
-def _occurred_at(value: Any, now: datetime) -> datetime:
-    if type(value) is not str or _TIME.fullmatch(value) is None:
+def _occurred_at(value: str, now: datetime) -> datetime:
+    if _TIME.fullmatch(value) is None:
         raise _NotSureError
     utc = datetime.fromisoformat(value).astimezone(UTC)
     if not FIRST_STORABLE_INSTANT <= utc <= LAST_STORABLE_INSTANT or utc - now > MAX_FUTURE_SKEW:

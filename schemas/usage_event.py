@@ -15,12 +15,13 @@ rules that relate two fields. `null` is accepted where the contract says "or nul
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from types import UnionType
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, NamedTuple, Self
 
 from pydantic import (
     BaseModel,
@@ -379,6 +380,43 @@ class UsageEvent(BaseModel):
         # The model is frozen for everyone else; this runs inside validation, before anyone
         # holds the instance.
         self.__dict__[name] = value
+
+
+class UsageRow(NamedTuple):
+    """A valid event as the pipeline keeps it: its stored values, in the table's column order.
+
+    What both decoders hand the consumers: one tuple an event, which `COPY` takes as it is, with
+    the names of `UsageEvent`'s fields. The fixed `event_type` and `schema_version` are not kept.
+    """
+
+    gateway_request_id: str
+    tenant_id: str
+    deployment_id: str | None
+    user_id: str | None
+    agent_id: str | None
+    channel: str | None
+    feature: str | None
+    provider: str | None
+    model: str | None
+    request_kind: str | None
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    upstream_cost_usd: Decimal | None
+    customer_charge_usd: Decimal
+    customer_charge_cents: int | None
+    markup_mode: str | None
+    occurred_at: datetime
+
+
+_ROW_VALUES = operator.itemgetter(*UsageRow._fields)
+
+
+def usage_row(event: UsageEvent) -> UsageRow:
+    """The stored values of a validated `event`."""
+    return UsageRow._make(_ROW_VALUES(event.__dict__))
 
 
 def _now_from(context: object) -> datetime:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date
+from datetime import date
 from decimal import Decimal
 
 from llm_usage.schemas.money import EXACT_CONTEXT
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
 
 TotalsKey = tuple[str, str | None, date]  # tenant_id, deployment_id, UTC day
@@ -22,11 +22,12 @@ class Totals:
     requests: int
 
 
-def daily_totals(events: Iterable[UsageEvent]) -> dict[TotalsKey, Totals]:
+def daily_totals(events: Iterable[UsageRow]) -> dict[TotalsKey, Totals]:
     """Exact sums per (tenant, deployment, UTC day) of `events`."""
     totals: dict[TotalsKey, Totals] = {}
     for event in events:
-        key = (event.tenant_id, event.deployment_id, event.occurred_at.astimezone(UTC).date())
+        # Decoding put occurred_at in UTC already.
+        key = (event.tenant_id, event.deployment_id, event.occurred_at.date())
         found = totals.get(key)
         if found is None:
             totals[key] = Totals(

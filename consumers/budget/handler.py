@@ -26,7 +26,7 @@ from llm_usage.schemas.budget import (
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.money import EXACT_CONTEXT
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import LimitedCounter, add_to_counters, record_counted_ids
 from llm_usage.storage.pool import connection_from
@@ -39,7 +39,7 @@ def decode_for_counting(
     records: Sequence[Record],
     *,
     now: datetime,
-    events: dict[str, UsageEvent],
+    events: dict[str, UsageRow],
     counts: Counter[BatchResult],
 ) -> None:
     """Add the records' valid events to `events`, one per id (the first), and count what
@@ -97,7 +97,7 @@ class BudgetCounter:
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         now = self._clock()
-        events: dict[str, UsageEvent] = {}
+        events: dict[str, UsageRow] = {}
         counts: Counter[BatchResult] = Counter()
         for start in range(0, len(records), _DECODE_SLICE):
             decode_for_counting(

@@ -54,9 +54,9 @@ from llm_usage.core.settings import Settings
 from llm_usage.deploy.topics import ensure_topics
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.migrate import migrate
-from llm_usage.storage.usage_events import USAGE_EVENT_COLUMNS, usage_event_row
+from llm_usage.storage.usage_events import USAGE_EVENT_COLUMNS
 
 BENCH_DATABASE = "llm_usage_bench"
 PARTITIONS = 6
@@ -338,8 +338,8 @@ def _measurement_line(measured: Measurement) -> str:
     )
 
 
-def _unique_events(values: list[bytes], *, now: datetime) -> list[UsageEvent]:
-    seen: dict[str, UsageEvent] = {}
+def _unique_events(values: list[bytes], *, now: datetime) -> list[UsageRow]:
+    seen: dict[str, UsageRow] = {}
     for value in values:
         decoded = decode_usage_event(value, now=now)
         assert not isinstance(decoded, Rejection), decoded
@@ -498,8 +498,7 @@ async def _verify_stored(pool: asyncpg.Pool, expected: int) -> None:
         raise AssertionError(f"the consumer stored {stored} rows, expected {expected}")
 
 
-async def _measure_copy(pool: asyncpg.Pool, events: list[UsageEvent]) -> Measurement:
-    rows = [usage_event_row(event) for event in events]
+async def _measure_copy(pool: asyncpg.Pool, rows: list[UsageRow]) -> Measurement:
     await pool.execute("TRUNCATE llm_usage_events")
     async with pool.acquire() as connection:
         started = time.perf_counter()
@@ -524,7 +523,7 @@ async def _measure_naive(pool: asyncpg.Pool, values: list[bytes], now: datetime)
                     event.gateway_request_id,
                 )
                 if not known:
-                    await connection.execute(_NAIVE_INSERT, *usage_event_row(event))
+                    await connection.execute(_NAIVE_INSERT, *event)
         seconds = time.perf_counter() - started
         stored = await connection.fetchval("SELECT count(*) FROM llm_usage_events")
     return Measurement("(b) naive: check + insert per event, no Kafka", stored, seconds)

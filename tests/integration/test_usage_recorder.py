@@ -17,7 +17,7 @@ import structlog
 from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
 from llm_usage.consumers.usage import UsageRecorder
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.usage_events import insert_new_usage_events
 from tests.integration.pipeline import (
     sessions_blocked_by,
@@ -95,7 +95,7 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
     mine = [usage_event(tenant) for _ in range(3)]
     batch = records([*mine[:2], ours, mine[2]])
     stored_by_them = decode_usage_event(json.dumps(theirs).encode(), now=NOW)
-    assert isinstance(stored_by_them, UsageEvent)
+    assert isinstance(stored_by_them, UsageRow)
 
     # Another replica inserts `theirs` in a transaction it has not committed yet.
     other: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(database_url)

@@ -3,6 +3,7 @@ rollup's lines and the raw query agree (so the benchmark cannot report a fast wr
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,7 +24,7 @@ from llm_usage.core.errors import ConfigurationError
 from llm_usage.rollup.lines import Usage, usage_line, usage_lines
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.money import usd_to_cents
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.usage_totals import daily_totals
 
 D = Decimal
@@ -60,7 +61,7 @@ def test_the_month_billed_is_the_last_whole_one(now: datetime, period: str) -> N
     assert previous_period(now) == period
 
 
-def _month(count: int, seed: int = 7) -> list[UsageEvent]:
+def _month(count: int, seed: int = 7) -> list[UsageRow]:
     return list(
         month_events(
             random.Random(seed),
@@ -75,10 +76,9 @@ def _month(count: int, seed: int = 7) -> list[UsageEvent]:
 
 def test_generated_events_are_valid_as_the_consumer_would_read_them() -> None:
     for event in _month(300):
-        validated = decode_usage_event(event.model_dump_json().encode(), now=NOW)
+        published = {**event._asdict(), "occurred_at": event.occurred_at.isoformat()}
+        validated = decode_usage_event(json.dumps(published, default=str).encode(), now=NOW)
         assert validated == event
-        assert isinstance(validated, UsageEvent)
-        assert validated.model_fields_set == event.model_fields_set
 
 
 def test_generated_events_fill_the_month_in_time_order_with_exact_charges() -> None:

@@ -19,10 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_usage.cli.sample_events import sample_stream
+from llm_usage.schemas import fast_decoding
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event, decode_usage_event_reference
 from llm_usage.schemas.fast_decoding import fast_decode
-from llm_usage.schemas.usage_event import UsageEvent
+from llm_usage.schemas.usage_event import (
+    EVENT_TYPE,
+    SCHEMA_VERSION,
+    UsageEvent,
+    UsageRow,
+    usage_row,
+)
+from llm_usage.storage.usage_events import USAGE_EVENT_COLUMNS
 from tests.unit.test_decoding import NOW, event_json
 
 
@@ -178,17 +186,17 @@ def raw_events(draw: st.DrawFn) -> bytes:
     return ("{" + body + "}").encode("utf-8", "surrogatepass")
 
 
-def assert_same_event(fast: UsageEvent, reference: UsageEvent) -> None:
-    assert fast.__dict__ == reference.__dict__
-    # Equal decimals may still be spelt differently (0.5 and 0.50): the spelling is stored too.
-    assert {k: str(v) for k, v in fast.__dict__.items()} == {
-        k: str(v) for k, v in reference.__dict__.items()
-    }
-    assert fast.occurred_at.tzinfo == reference.occurred_at.tzinfo
-    assert fast.model_fields_set == reference.model_fields_set
+def assert_same_event(row: UsageRow, reference: UsageEvent) -> None:
+    """`row` holds exactly the values the reference model stores."""
+    expected = usage_row(reference)
+    assert row == expected
+    # Equal values may still differ in type (1 and True) or spelling (0.5 and 0.50, which is
+    # stored too).
+    assert [(type(v), str(v)) for v in row] == [(type(v), str(v)) for v in expected]
+    assert row.occurred_at.tzinfo == reference.occurred_at.tzinfo == UTC
 
 
-def assert_agree(raw: bytes) -> UsageEvent | None:
+def assert_agree(raw: bytes) -> UsageRow | None:
     reference = decode_usage_event_reference(raw, now=NOW)
     fast = fast_decode(raw, now=NOW)
     if fast is not None:
@@ -198,7 +206,7 @@ def assert_agree(raw: bytes) -> UsageEvent | None:
     if isinstance(reference, Rejection):
         assert answer == reference
     else:
-        assert isinstance(answer, UsageEvent)
+        assert isinstance(answer, UsageRow)
         assert_same_event(answer, reference)
     return fast
 
@@ -256,19 +264,32 @@ def test_the_fast_path_takes_every_event_a_gateway_usually_sends() -> None:
     "raw",
     [
         event_json(),
-        event_json(customer_charge_cents=1, customer_charge_usd=None),
+        event_json(upstream_cost_usd=None, deployment_id=None, markup_mode=None),
+        event_json(upstream_cost_usd="0.001", customer_charge_usd=5, customer_charge_cents=500),
         b'{"gateway_request_id": "r", "tenant_id": "t", "customer_charge_cents": 250, '
         b'"occurred_at": "2026-11-14T09:00:00+05:30"}',
         b'{"gateway_request_id":"r","tenant_id":"t","customer_charge_usd":1.5E-7,'
         b'"occurred_at":"2026-11-14T09:00:00.5Z","input_tokens":3,"output_tokens":4}',
-        b'{"gateway_request_id": "r", "tenant_id": "t", "customer_charge_usd": "0.5", '
-        b'"occurred_at": "2026-11-14T09:00:00Z", "extra": {"nested": [1, {"deep": true}]}}',
     ],
 )
 def test_plain_valid_events_take_the_fast_path(raw: bytes) -> None:
-    fast = assert_agree(raw)
-    if b"null" not in raw:
-        assert fast is not None
+    assert assert_agree(raw) is not None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"gateway_request_id": "r", "tenant_id": "t", "customer_charge_usd": "0.5", '
+        b'"occurred_at": "2026-11-14T09:00:00Z", "extra": {"nested": [1, {"deep": true}]}}',
+        event_json(trace_id="abc"),
+        event_json(occurred_at="2026-11-14t09:00:00z"),
+        event_json(occurred_at="2026-11-14 09:00:00Z"),
+        event_json(tenant_id="a\u00a0b"),  # valid (no control character), but not printable
+    ],
+)
+def test_rare_valid_spellings_are_accepted_by_the_reference_not_the_fast_path(raw: bytes) -> None:
+    assert assert_agree(raw) is None
+    assert isinstance(decode_usage_event(raw, now=NOW), UsageRow)
 
 
 @pytest.mark.parametrize(
@@ -292,3 +313,15 @@ def test_names_given_twice_unclean_ids_and_key_like_text_never_take_the_fast_pat
 ) -> None:
     assert fast_decode(raw, now=NOW) is None
     assert_agree(raw)
+
+
+def test_the_struct_the_row_and_the_table_list_the_columns_in_one_order() -> None:
+    # The fast path builds a row by position from the struct's values, and COPY writes a row
+    # by position into USAGE_EVENT_COLUMNS.
+    row_length = len(UsageRow._fields)
+    assert fast_decoding._Event.__struct_fields__[:row_length] == UsageRow._fields
+    assert tuple(USAGE_EVENT_COLUMNS) == UsageRow._fields
+    assert set(fast_decoding._Event.__struct_fields__) == set(UsageEvent.model_fields)
+    # Its fixed values are the model's.
+    explicit = event_json(event_type=EVENT_TYPE, schema_version=SCHEMA_VERSION)
+    assert fast_decode(explicit, now=NOW) is not None
