@@ -286,11 +286,15 @@ def _dispatch(args: argparse.Namespace) -> None:
         asyncio.run(_migrate(settings))
     elif args.command == "consume" and args.worker == "budget":
         from llm_usage.consumers.budget.consumer import run_budget_consumer
+        from llm_usage.consumers.runtime.collector import tune_collector_for_batches
 
+        tune_collector_for_batches()
         asyncio.run(run_budget_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "consume":
+        from llm_usage.consumers.runtime.collector import tune_collector_for_batches
         from llm_usage.consumers.usage import run_usage_consumer
 
+        tune_collector_for_batches()
         asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "topics":
         asyncio.run(_topics_ensure(settings, args))
