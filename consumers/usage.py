@@ -11,6 +11,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.runtime.ahead import PreparedAhead
 from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
 from llm_usage.consumers.runtime.spec import ConsumerContext, ConsumerSpec
 from llm_usage.consumers.runtime.tasks import cancel_quietly
@@ -60,28 +61,52 @@ class UsageRecorder:
         self._chunk_records = chunk_records
         # Only the benchmark turns this off, to measure what the rollup's pre-aggregate costs.
         self._keep_daily_totals = keep_daily_totals
+        self._ahead: PreparedAhead[list[DecodedBatch]] = PreparedAhead(self._decode_chunks)
+
+    def prepare_ahead(self, records: Sequence[Record]) -> None:
+        """Decode the next batch while this one lands (the runtime calls it while behind)."""
+        self._ahead.start(records)
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         now = self._clock()
+        # The chunks decoded so far: all of them when the batch was prepared ahead.
+        decoded = await self._ahead.take(records) or []
         async with connection_from(self._pool) as connection:
             try:
-                return await self._land(connection, records, now=now, copy=True)
+                return await self._land(connection, records, decoded, now=now, copy=True)
             except asyncpg.exceptions.UniqueViolationError:
                 log.info("Another replica stored some of these ids meanwhile; landing again.")
-                return await self._land(connection, records, now=now, copy=False)
+                return await self._land(connection, records, decoded, now=now, copy=False)
+
+    async def _decode_chunks(self, records: Sequence[Record]) -> list[DecodedBatch]:
+        now = self._clock()
+        return [
+            await _decode_yielding(records[start : start + self._chunk_records], now)
+            for start in range(0, len(records), self._chunk_records)
+        ]
 
     async def _land(
-        self, connection: Connection, records: Sequence[Record], *, now: datetime, copy: bool
+        self,
+        connection: Connection,
+        records: Sequence[Record],
+        decoded: list[DecodedBatch],
+        *,
+        now: datetime,
+        copy: bool,
     ) -> BatchOutcome:
         outcome = BatchOutcome()
         stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
         async with connection.transaction():
             try:
-                for start in range(0, len(records), self._chunk_records):
-                    chunk = await _decode_yielding(
-                        records[start : start + self._chunk_records], now
-                    )
+                for index, start in enumerate(range(0, len(records), self._chunk_records)):
+                    if index == len(decoded):
+                        decoded.append(
+                            await _decode_yielding(
+                                records[start : start + self._chunk_records], now
+                            )
+                        )
+                    chunk = decoded[index]
                     if writing is not None:
                         outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = asyncio.create_task(_write_chunk(connection, chunk, copy=copy))
@@ -125,14 +150,13 @@ async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: boo
     if copy:
         await copy_usage_events(connection, fresh)
         inserted = {event.gateway_request_id for event in fresh}
+        stored_now = fresh
     else:
         inserted = await insert_new_usage_events(connection, fresh)
         lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
         stored |= await stored_conflict_fields(connection, lost)
-    return ChunkWritten(
-        settle_batch(batch, inserted=inserted, stored=stored),
-        [e for e in fresh if e.gateway_request_id in inserted],
-    )
+        stored_now = [e for e in fresh if e.gateway_request_id in inserted]
+    return ChunkWritten(settle_batch(batch, inserted=inserted, stored=stored), stored_now)
 
 
 async def require_migrated(pool: asyncpg.Pool) -> None:

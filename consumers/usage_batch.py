@@ -71,13 +71,14 @@ def settle_batch(
     dead_letters = list(batch.rejected)
     if batch.rejected:
         counts[BatchResult.DEAD_LETTERED] = len(batch.rejected)
+    recorded = 0
     for gateway_request_id, found in batch.occurrences.items():
         if gateway_request_id in inserted:
-            counts[BatchResult.RECORDED] += 1
-            others = found[1:]
-            if not others:  # the common case: nothing to compare
+            recorded += 1
+            if len(found) == 1:  # the common case: nothing to compare
                 continue
             truth: Mapping[str, Any] = conflict_view(found[0][1])
+            others = found[1:]
         else:
             if gateway_request_id not in stored:
                 raise StoredRowVanishedError(
@@ -97,4 +98,6 @@ def settle_batch(
                 + ", ".join(differing)
             )
             dead_letters.append(DeadLetter(record, DeadLetterReason.CONFLICTING_DUPLICATE, detail))
+    if recorded:
+        counts[BatchResult.RECORDED] = recorded
     return BatchOutcome(counts, dead_letters)

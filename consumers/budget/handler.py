@@ -7,6 +7,7 @@ import asyncio
 import functools
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -14,6 +15,7 @@ import asyncpg
 
 from llm_usage.consumers.budget.counting import contributions_by_counter
 from llm_usage.consumers.budget.crossing import Contribution, Crossing, crossings_by_events
+from llm_usage.consumers.runtime.ahead import PreparedAhead
 from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, Record
 from llm_usage.schemas.budget import (
     AlertLevel,
@@ -83,6 +85,12 @@ def alert_for(
     )
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    events: dict[str, UsageRow]  # the first valid event of each id
+    counts: Counter[BatchResult]  # what became of the others
+
+
 class BudgetCounter:
     """Lands a batch in one transaction: the new ids, the counters, the alerts they cross."""
 
@@ -94,8 +102,13 @@ class BudgetCounter:
     ) -> None:
         self._pool = pool
         self._clock = clock
+        self._ahead: PreparedAhead[_Decoded] = PreparedAhead(self._decode)
 
-    async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+    def prepare_ahead(self, records: Sequence[Record]) -> None:
+        """Decode the next batch while this one lands (the runtime calls it while behind)."""
+        self._ahead.start(records)
+
+    async def _decode(self, records: Sequence[Record]) -> _Decoded:
         now = self._clock()
         events: dict[str, UsageRow] = {}
         counts: Counter[BatchResult] = Counter()
@@ -104,6 +117,12 @@ class BudgetCounter:
                 records[start : start + _DECODE_SLICE], now=now, events=events, counts=counts
             )
             await asyncio.sleep(0)  # the alert relay and heartbeats share this event loop
+        return _Decoded(events, counts)
+
+    async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+        decoded = await self._ahead.take(records) or await self._decode(records)
+        now = self._clock()
+        events, counts = decoded.events, decoded.counts
         if not events:
             return BatchOutcome(counts)
         async with connection_from(self._pool) as connection, connection.transaction():

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer
 
+from llm_usage.consumers.runtime.ahead import PreparesAhead
 from llm_usage.consumers.runtime.dead_letters import DeadLetterSink
 from llm_usage.consumers.runtime.fetching import Fetched, Fetcher
 from llm_usage.consumers.runtime.idle import IdleDetector
@@ -131,9 +132,8 @@ class BatchConsumer:
         """
         polled = await self._poll()
         while polled is not None and not self._stopping.is_set():
-            fetched, generation = polled
+            fetched, generation, records = polled
             self._health.progressed()
-            records = [record for batch in fetched.values() for record in batch]
             if not records:
                 if await self._idle.idle_long_enough():
                     log.info("Stopping: at the end of every partition.", consumer=self._name)
@@ -142,7 +142,7 @@ class BatchConsumer:
                 polled = await self._poll()
                 continue
             self._idle.busy()
-            next_poll = asyncio.create_task(self._poll()) if self._behind(records) else None
+            next_poll = asyncio.create_task(self._poll_ahead()) if self._behind(records) else None
             try:
                 landed = await self._land(fetched, records, generation=generation)
             except BaseException:
@@ -156,7 +156,7 @@ class BatchConsumer:
                 # where they share a partition the earlier batch's offset is the one kept.
                 ahead = await next_poll if next_poll is not None else None
                 if ahead is not None:
-                    self._rewind_if_current(*ahead)
+                    self._rewind_if_current(ahead[0], ahead[1])
                 self._rewind_if_current(fetched, generation)
                 polled = await self._poll()
             await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
@@ -166,10 +166,21 @@ class BatchConsumer:
         """A batch at least half the size asked for says more is waiting."""
         return 2 * len(records) >= self._options.max_batch
 
-    async def _poll(self) -> tuple[Fetched, int] | None:
-        """The next records with the assignment generation they were fetched in."""
+    async def _poll(self) -> tuple[Fetched, int, list[Record]] | None:
+        """The next records by partition with the assignment generation they were fetched in,
+        and all of them in one list."""
         fetched = await self._fetcher.poll()
-        return None if fetched is None else (fetched, self._ledger.generation)
+        if fetched is None:
+            return None
+        records = [record for batch in fetched.values() for record in batch]
+        return fetched, self._ledger.generation, records
+
+    async def _poll_ahead(self) -> tuple[Fetched, int, list[Record]] | None:
+        """`_poll`, while a batch lands; a handler that can starts preparing what came."""
+        polled = await self._poll()
+        if polled is not None and polled[2] and isinstance(self._handler, PreparesAhead):
+            self._handler.prepare_ahead(polled[2])
+        return polled
 
     def _rewind_if_current(self, fetched: Fetched, generation: int) -> None:
         """A batch that did not land is fetched again from its first offset (unless its

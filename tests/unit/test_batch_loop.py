@@ -394,3 +394,50 @@ async def test_the_next_batch_is_fetched_while_one_lands_and_committed_only_afte
     ]
     assert events.index("commit 3") > events.index("landed 2")
     assert consumer.commits == [{TP: 2}, {TP: 3}]
+
+
+class PreparesAheadRecording(RefusesBadRows):
+    """Remembers which record lists it was asked to prepare and which it was asked to land."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.prepared: list[Sequence[Record]] = []
+        self.landed: list[Sequence[Record]] = []
+
+    def prepare_ahead(self, records: Sequence[Record]) -> None:
+        self.prepared.append(records)
+
+    async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+        self.landed.append(records)
+        await asyncio.sleep(0.02)
+        return await super().record_batch(records)
+
+
+async def test_a_batch_fetched_ahead_is_handed_to_the_handler_to_prepare_then_to_land() -> None:
+    polls: list[dict[TopicPartition, list[Record]] | BaseException] = [
+        batch_of([b"ok", b"ok"], first=0),
+        batch_of([b"ok", b"ok"], first=2),
+        batch_of([b"ok"], first=4),
+    ]
+    handler = PreparesAheadRecording()
+    loop, consumer = loop_for(polls, handler, StandInSink(), max_batch=2)
+    await loop.run()
+    # The very lists it prepared are the ones it was then asked to land (first batch: nothing
+    # was in hand, so nothing was fetched ahead of it).
+    assert [[r.offset for r in batch] for batch in handler.landed] == [[0, 1], [2, 3], [4]]
+    assert [id(batch) for batch in handler.prepared] == [id(b) for b in handler.landed[1:]]
+    assert consumer.commits == [{TP: 2}, {TP: 4}, {TP: 5}]
+
+
+async def test_a_batch_prepared_ahead_of_one_that_did_not_land_is_sent_back_not_landed() -> None:
+    polls: list[dict[TopicPartition, list[Record]] | BaseException] = [
+        batch_of([b"ok", b"ok"], first=0),
+        batch_of([b"ok", b"ok"], first=2),
+    ]
+    handler = PreparesAheadRecording(error=asyncpg.exceptions.DeadlockDetectedError("deadlock"))
+    loop, consumer = loop_for(polls, handler, StandInSink(), max_batch=2, retry_seconds=0.05)
+    await loop.run()
+    assert [[r.offset for r in batch] for batch in handler.prepared] == [[2, 3]]
+    assert all(landed is not handler.prepared[0] for landed in handler.landed)
+    assert (TP, 2) in consumer.seeks  # fetched again from its first offset, by a new poll
+    assert consumer.commits == []
