@@ -27,10 +27,15 @@ from llm_usage.schemas.budget import (
 )
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.budget_outbox import insert_alerts
-from llm_usage.storage.budget_spend import LimitedCounter, add_to_counters, record_counted_ids
+from llm_usage.storage.budget_spend import (
+    LimitedCounter,
+    StagedEvent,
+    add_staged_to_counters,
+    count_staged_events,
+    stage_events,
+)
 from llm_usage.storage.pool import connection_from
 
 # Records decoded between two yields to the event loop.
@@ -126,29 +131,39 @@ class BudgetCounter:
         if not events:
             return BatchOutcome(counts)
         async with connection_from(self._pool) as connection, connection.transaction():
-            new_ids = await record_counted_ids(connection, list(events))
-            counts[BatchResult.RECORDED] += len(new_ids)
-            counts[BatchResult.DUPLICATE] += len(events) - len(new_ids)
-            if not new_ids:
+            await stage_events(connection, map(_staged, events.values()))
+            counted_before = await count_staged_events(connection)
+            counts[BatchResult.RECORDED] += len(events) - len(counted_before)
+            counts[BatchResult.DUPLICATE] += len(counted_before)
+            if len(counted_before) == len(events):
                 return BatchOutcome(counts)
-            contributions = contributions_by_counter(
-                event for request_id, event in events.items() if request_id in new_ids
-            )
-            limited = await add_to_counters(connection, increments_of(contributions))
-            await insert_alerts(connection, alerts_crossed(contributions, limited, emitted_at=now))
+            limited = await add_staged_to_counters(connection)
+            crossing = {key: counter for key, counter in limited.items() if _may_cross(counter)}
+            if crossing:
+                # Which event crossed: walk, in order, only the new events of the tenants
+                # concerned (a handful of counters cross in a batch of thousands).
+                tenants = {key[0] for key in crossing}
+                contributions = contributions_by_counter(
+                    event
+                    for request_id, event in events.items()
+                    if event.tenant_id in tenants and request_id not in counted_before
+                )
+                await insert_alerts(
+                    connection, alerts_crossed(contributions, crossing, emitted_at=now)
+                )
         return BatchOutcome(counts)
 
 
-def increments_of(contributions: Mapping[SpendKey, list[Contribution]]) -> dict[SpendKey, Decimal]:
-    """What the batch adds to each counter: the exact sum of its contributions."""
-    add = EXACT_CONTEXT.add
-    increments: dict[SpendKey, Decimal] = {}
-    for key, found in contributions.items():
-        total = found[0].amount_usd
-        for contribution in found[1:]:
-            total = add(total, contribution.amount_usd)
-        increments[key] = total
-    return increments
+def _staged(event: UsageRow) -> StagedEvent:
+    return (
+        event.gateway_request_id,
+        event.tenant_id,
+        event.deployment_id,
+        event.user_id,
+        event.agent_id,
+        event.occurred_at.date(),  # decoding put it in UTC: the event's own UTC day
+        event.customer_charge_usd,
+    )
 
 
 def alerts_crossed(

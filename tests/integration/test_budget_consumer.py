@@ -351,6 +351,35 @@ async def test_events_count_toward_their_own_utc_day_and_month(
     ]
 
 
+async def test_every_scope_of_an_event_adds_exact_sums_however_small_or_large(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    tenant = unique("tenant")
+    charges = ["0.000000000000000001", "999999999999.999999999999999999", "0.000000000000000001"]
+    events = [
+        usage_event(tenant, customer_charge_usd=charge, agent_id="agent-1", user_id=user)
+        for charge, user in zip(charges, ["u1", "u1", None], strict=True)
+    ]
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(None, encode(event)) for event in events],
+    )
+    await run_until_idle(topics)
+    rows = await pool.fetch(
+        "SELECT scope_type, scope_id, spend_usd FROM budget_spend "
+        "WHERE tenant_id = $1 AND \"window\" = 'monthly'",
+        tenant,
+    )
+    exact = Decimal("1000000000000.000000000000000001")  # 999999999999.99...9 + 2e-18
+    assert sorted((r["scope_type"], r["scope_id"], r["spend_usd"]) for r in rows) == [
+        ("agent", "agent-1", exact),
+        ("deployment", "dep-1", exact),
+        ("tenant", tenant, exact),
+        ("user", "u1", Decimal("1000000000000.000000000000000000")),
+    ]
+
+
 async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
     kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
 ) -> None:
