@@ -6,9 +6,9 @@ their literal digits, never through a binary float. A few plain checks then acce
 only when they are sure the reference model (`UsageEvent`, which states the contract) would
 accept it with the same values, and the stored row is built straight from the struct. Whatever
 they are not sure of — any broken rule, but also rare valid spellings such as a lower-case `z`
-in a time, a decimal written `1E+2`, or a field this pipeline does not know — returns None, and
-the caller asks the reference, which also words the DLQ reason. So the fast path may only ever
-say "valid, and these are its values"; a property test holds it to that.
+in a time, an id with a character `str.isprintable` refuses, or a field this pipeline does not
+know — returns None, and the caller asks the reference, which also words the DLQ reason. So the
+fast path may only ever say "valid, and these are its values"; a property test holds it to that.
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ _SPACED_KEY_ENDING = re.compile(rb'"[ \t\n\r]+:')
 # A NUL can reach a string only as this escape (JSON forbids the raw byte): PostgreSQL text
 # cannot hold it. Other escapes are fine: msgspec refuses lone surrogates itself.
 _NUL_ESCAPE = b"\\u0000"
-# A decimal as a JSON string or number in its plain spelling, within both digit limits; the
-# reference decides the rest (exponents, signs, NaN, spaces, 13 whole digits...).
+# A decimal as a JSON string or number in its plain spelling, within both digit limits. Other
+# spellings (exponents, signs, NaN, spaces, 13 whole digits...) go through the reference's own
+# `exact_decimal`.
 _PLAIN_DECIMAL = re.compile(rb'"?((?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,18})?)"?')
 _NUMBER_STARTS = frozenset(bytes([first]) for first in b"-0123456789")
 # The usual spelling of RFC 3339 only (upper-case T and Z, at most microseconds): the reference

@@ -75,6 +75,7 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
         make_handler=make_handler,
         dead_letter_topic=None,
         check_database=require_budget_tables,
+        max_batch=settings.budget_batch(),
         side_tasks=(
             alert_relay(metrics),
             policy_watcher(worker_clock()),

@@ -48,3 +48,5 @@ class ConsumerSpec:
     # Refuse to start against a database that is not ready for this consumer (e.g. unmigrated).
     check_database: Callable[[asyncpg.Pool], Awaitable[None]] | None = None
     side_tasks: Sequence[SideTask] = field(default_factory=tuple)
+    # Records a batch holds at most; None: CONSUMER_MAX_BATCH.
+    max_batch: int | None = None

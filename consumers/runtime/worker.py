@@ -63,7 +63,7 @@ async def run_consumer(
             if spec.check_database is not None:
                 await spec.check_database(pool)
             consumer = new_consumer(
-                settings, group_id=spec.group_id, max_batch=settings.consumer_max_batch
+                settings, group_id=spec.group_id, max_batch=_max_batch(spec, settings)
             )
             await start_client(consumer, settings)
             try:
@@ -116,7 +116,7 @@ async def _consume(
         health=context.health,
         stopping=context.stopping,
         options=LoopOptions(
-            max_batch=settings.consumer_max_batch,
+            max_batch=_max_batch(spec, settings),
             poll_timeout_ms=settings.consumer_poll_timeout_ms,
             retry_seconds=settings.batch_retry_seconds,
             revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
@@ -181,3 +181,7 @@ async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -
         log.warning(f"Kafka {what} did not stop in time; exiting anyway.")
     except Exception as error:  # noqa: BLE001 - already shutting down; nothing left to lose
         log.warning(f"Kafka {what} stopped with an error.", error=f"{type(error).__name__}")
+
+
+def _max_batch(spec: ConsumerSpec, settings: Settings) -> int:
+    return settings.consumer_max_batch if spec.max_batch is None else spec.max_batch

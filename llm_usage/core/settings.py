@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
     # Tuning. Defaults suit a few thousand events a second per replica.
     consumer_max_batch: int = Field(default=5000, ge=1, le=100_000)
+    # The budget consumer's batch; unset, four times CONSUMER_MAX_BATCH. Its counters add up
+    # within a batch, so a larger one upserts fewer counter rows an event.
+    budget_max_batch: int | None = Field(default=None, ge=1, le=100_000)
     consumer_poll_timeout_ms: int = Field(default=500, ge=10)
     # Retries of one batch stop well before max_poll_interval_ms (300 s) so the member is never
     # evicted; the batch is then fetched again from its first offset.
@@ -88,6 +91,12 @@ class Settings(BaseSettings):
                 f"KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism}"
             )
         return self
+
+    def budget_batch(self) -> int:
+        """The budget consumer's batch size: BUDGET_MAX_BATCH, or 4 x CONSUMER_MAX_BATCH."""
+        if self.budget_max_batch is not None:
+            return self.budget_max_batch
+        return min(4 * self.consumer_max_batch, 100_000)
 
     def kafka_client_options(self) -> dict[str, Any]:
         """Connection options shared by every aiokafka client we create."""

@@ -114,3 +114,9 @@ def test_the_sasl_password_never_shows_in_a_repr_or_a_log(
     assert "hunter2-secret" not in repr(settings)
     assert "hunter2-secret" not in str(settings.model_dump())
     assert settings.kafka_client_options()["sasl_plain_password"] == "hunter2-secret"
+
+
+def test_the_budget_batch_is_four_consumer_batches_unless_set() -> None:
+    assert load_settings(consumer_max_batch=100).budget_batch() == 400
+    assert load_settings(consumer_max_batch=50_000).budget_batch() == 100_000
+    assert load_settings(consumer_max_batch=100, budget_max_batch=7).budget_batch() == 7

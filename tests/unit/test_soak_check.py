@@ -85,6 +85,18 @@ def test_counters_must_equal_the_exact_sums_of_raw_events() -> None:
     assert not compare_counters(spend, off).ok
 
 
+def test_sums_keep_every_digit_of_30_digit_charges() -> None:
+    # Decimal's default context keeps 28 digits: these sums would round there.
+    charges = ["999999999999.999999999999999999", "0.000000000000000001"]
+    events = [event("a", charges[0]), event("b", charges[1])]
+    exact = Decimal("1000000000000.000000000000000000")
+    assert spend_from_events(events)[("t1", "tenant", "t1", "monthly", date(2026, 11, 1))] == exact
+    assert exact_cents(events, {"2026-11"}) == {("t1", "d1", "2026-11"): 100_000_000_000_000}
+    odd = [event("a", "0.000000000000000001"), event("b", "123456789012.345678901234567891")]
+    total = spend_from_events(odd)[("t1", "tenant", "t1", "daily", date(2026, 11, 1))]
+    assert total == Decimal("123456789012.345678901234567892")
+
+
 def alert(limit: str, level: AlertLevel, start: date = date(2026, 11, 1)) -> str:
     return alert_id_for(
         tenant_id="t1",

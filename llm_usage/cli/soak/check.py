@@ -31,7 +31,7 @@ from llm_usage.schemas.budget import (
     threshold_usd,
 )
 from llm_usage.schemas.dead_letter import REASON_HEADER
-from llm_usage.schemas.money import usd_to_cents
+from llm_usage.schemas.money import EXACT_CONTEXT, usd_to_cents
 
 # (tenant, scope_type, scope_id, window, period_start)
 SpendKey: TypeAlias = tuple[str, str, str, str, date]
@@ -127,7 +127,7 @@ def spend_from_events(events: Iterable[SentEvent]) -> dict[SpendKey, Decimal]:
             start = period_start(window, event.occurred_at)
             for scope, scope_id in scopes:
                 key = (event.tenant_id, scope, scope_id, window.value, start)
-                sums[key] += event.customer_charge_usd
+                sums[key] = EXACT_CONTEXT.add(sums[key], event.customer_charge_usd)
     return dict(sums)
 
 
@@ -212,9 +212,10 @@ def compare_alerts(
     problems = [f"twice {i}" for i in twice] + [f"missing {i}" for i in missing]
     problems += [f"{'forbidden' if i in forbidden else 'unexpected'} {i}" for i in extra]
     for alert in arrived:
-        if Decimal(alert["spend_usd"]) < Decimal(alert["limit_usd"]) * (
-            Decimal(alert["threshold_pct"]) / 100
-        ):
+        threshold = EXACT_CONTEXT.multiply(
+            Decimal(alert["limit_usd"]), EXACT_CONTEXT.divide(Decimal(alert["threshold_pct"]), 100)
+        )
+        if Decimal(alert["spend_usd"]) < threshold:
             problems.append(f"spend below threshold in {alert['alert_id']}")
     levels = Counter(str(alert.get("level")) for alert in arrived)
     return _row(
@@ -235,7 +236,8 @@ def exact_cents(events: Iterable[SentEvent], months: set[str]) -> dict[InvoiceKe
     for event in events:
         month = event.occurred_at.strftime("%Y-%m")
         if month in months:
-            sums[(event.tenant_id, event.deployment_id, month)] += event.customer_charge_usd
+            key = (event.tenant_id, event.deployment_id, month)
+            sums[key] = EXACT_CONTEXT.add(sums[key], event.customer_charge_usd)
     return {key: usd_to_cents(total) for key, total in sums.items()}
 
 
