@@ -332,8 +332,14 @@ async def test_one_schedule_replica_works_and_another_takes_over_when_it_dies(
 
         await _wait(exactly_one_leads, "no single leader")
         [leader] = await leaders()
-        # The leader refreshed this month's preview: the lines exist.
-        assert await pool.fetchval("SELECT count(*) FROM invoice_lines") == 1
+
+        async def preview_refreshed() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM invoice_lines") == 1)
+
+        # The leader refreshes this month's preview: it reports leading before its first round
+        # has committed, so the lines appear shortly after.
+        await _wait(preview_refreshed, "the leader never refreshed the preview")
+        assert await leaders() == [leader]
         replicas[leader].kill()
         await asyncio.wait_for(replicas[leader].wait(), 30)
         other = 1 - leader
