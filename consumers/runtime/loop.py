@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaConsumer
@@ -38,6 +38,12 @@ from llm_usage.schemas.dead_letter import DeadLetterReason
 log = structlog.get_logger(__name__)
 
 _BATCH_HOLD = "batch"
+
+
+class Polled(NamedTuple):
+    fetched: Fetched  # by partition
+    generation: int  # of the assignment that fetched them
+    records: list[Record]  # all of them, in one list
 
 
 class BatchAbandonedError(TransientError):
@@ -80,6 +86,7 @@ class BatchConsumer:
         self._name = name
         self._consumer = consumer
         self._handler = handler
+        self._prepare_ahead = handler.prepare_ahead if isinstance(handler, PreparesAhead) else None
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._health = health
@@ -156,7 +163,7 @@ class BatchConsumer:
                 # where they share a partition the earlier batch's offset is the one kept.
                 ahead = await next_poll if next_poll is not None else None
                 if ahead is not None:
-                    self._rewind_if_current(ahead[0], ahead[1])
+                    self._rewind_if_current(ahead.fetched, ahead.generation)
                 self._rewind_if_current(fetched, generation)
                 polled = await self._poll()
             await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
@@ -166,20 +173,19 @@ class BatchConsumer:
         """A batch at least half the size asked for says more is waiting."""
         return 2 * len(records) >= self._options.max_batch
 
-    async def _poll(self) -> tuple[Fetched, int, list[Record]] | None:
-        """The next records by partition with the assignment generation they were fetched in,
-        and all of them in one list."""
+    async def _poll(self) -> Polled | None:
+        """The next records with the assignment generation they were fetched in."""
         fetched = await self._fetcher.poll()
         if fetched is None:
             return None
         records = [record for batch in fetched.values() for record in batch]
-        return fetched, self._ledger.generation, records
+        return Polled(fetched, self._ledger.generation, records)
 
-    async def _poll_ahead(self) -> tuple[Fetched, int, list[Record]] | None:
+    async def _poll_ahead(self) -> Polled | None:
         """`_poll`, while a batch lands; a handler that can starts preparing what came."""
         polled = await self._poll()
-        if polled is not None and polled[2] and isinstance(self._handler, PreparesAhead):
-            self._handler.prepare_ahead(polled[2])
+        if polled is not None and polled.records and self._prepare_ahead is not None:
+            self._prepare_ahead(polled.records)
         return polled
 
     def _rewind_if_current(self, fetched: Fetched, generation: int) -> None:
