@@ -1,0 +1,11 @@
+-- The budget consumer adds to the same spend counters all day: every batch updates thousands of
+-- them. With full pages, each update writes the new row version to another page and a new entry
+-- into the primary key. Leaving room on each page lets PostgreSQL put the new version beside the
+-- old one and skip the index (a HOT update: no indexed column changes), and prune the old
+-- versions as it goes. Measured on the development machine, 20,000 staged events of the budget
+-- bench's workload: the counter upsert took 390 ms at fillfactor 100, 283 ms at 70, 255-267 ms
+-- at 50-60. At 50 a page has room for a second version of every row on it: a batch that updates
+-- all of a page's counters (the old versions cannot be pruned before it commits) stays HOT.
+-- The setting applies to pages written from now on; counters of new days and months are new
+-- rows, so an existing table moves onto such pages by itself (no rewrite, no lock held).
+ALTER TABLE budget_spend SET (fillfactor = 50);
