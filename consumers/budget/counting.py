@@ -1,4 +1,4 @@
-"""What a batch of counted events adds to which counters: pure, in the events' order.
+"""What a batch of counted events adds to the counters that matter: pure, in the events' order.
 
 Inside a batch a counter is a plain `SpendKey` tuple, not a `CounterKey`.
 """
@@ -15,12 +15,12 @@ from llm_usage.schemas.budget import BudgetWindow, ScopeType, SpendKey
 
 _TENANT = ScopeType.TENANT.value
 _DAILY = BudgetWindow.DAILY.value
-_MONTHLY = BudgetWindow.MONTHLY.value
 _ATTRIBUTIONS = (
     (ScopeType.DEPLOYMENT.value, "deployment_id"),
     (ScopeType.USER.value, "user_id"),
     (ScopeType.AGENT.value, "agent_id"),
 )
+_FIELD_OF_SCOPE = dict(_ATTRIBUTIONS)
 
 
 class CountedEvent(Protocol):
@@ -52,28 +52,36 @@ def scopes_of(event: CountedEvent) -> list[tuple[str, str]]:
     return scopes
 
 
-def contributions_by_counter(
-    events: Iterable[CountedEvent],
+def contributions_to(
+    counters: Iterable[SpendKey], events: Iterable[CountedEvent]
 ) -> dict[SpendKey, list[Contribution]]:
-    """For every counter the events touch, their charges in the events' order. Each event
-    counts toward its own UTC day and month (a backdated event toward its own period)."""
-    counters: dict[SpendKey, list[Contribution]] = {}
-    months: dict[date, date] = {}
+    """For each of `counters`, the charges of the `events` that add to it, in the events' order.
+
+    An event adds to the counters of every scope it names (`scopes_of`) for its own UTC day and
+    month (a backdated event to its own period). Only the counters asked for are looked at: a
+    batch touches thousands of counters, and only the handful that cross a level need this.
+    """
+    found: dict[SpendKey, list[Contribution]] = {}
+    # Per tenant: the event field naming the scope (None for the tenant itself), the scope id,
+    # whether the window is a day, the period's start, and where its contributions go.
+    wanted: dict[str, list[tuple[str | None, str, bool, date, list[Contribution]]]] = {}
+    for key in counters:
+        tenant, scope_type, scope_id, window, start = key
+        contributions = found[key] = []
+        field = None if scope_type == _TENANT else _FIELD_OF_SCOPE[scope_type]
+        wanted.setdefault(tenant, []).append(
+            (field, scope_id, window == _DAILY, start, contributions)
+        )
     for event in events:
-        contribution = Contribution(event.gateway_request_id, event.customer_charge_usd)
+        of_tenant = wanted.get(event.tenant_id)
+        if of_tenant is None:
+            continue
         day = event.occurred_at.astimezone(UTC).date()
-        month = months.get(day)
-        if month is None:
-            month = months[day] = day.replace(day=1)
-        tenant = event.tenant_id
-        for scope_type, scope_id in scopes_of(event):
-            for key in (
-                (tenant, scope_type, scope_id, _DAILY, day),
-                (tenant, scope_type, scope_id, _MONTHLY, month),
+        month = day.replace(day=1)
+        contribution = Contribution(event.gateway_request_id, event.customer_charge_usd)
+        for field, scope_id, daily, start, contributions in of_tenant:
+            if (day if daily else month) == start and (
+                field is None or getattr(event, field) == scope_id
             ):
-                found = counters.get(key)
-                if found is None:
-                    counters[key] = [contribution]
-                else:
-                    found.append(contribution)
-    return counters
+                contributions.append(contribution)
+    return found

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from llm_usage.consumers.budget.counting import contributions_by_counter
+from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.consumers.budget.crossing import Contribution, Crossing, crossings_by_events
 from llm_usage.consumers.runtime.ahead import PreparedAhead
 from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, Record
@@ -140,13 +140,15 @@ class BudgetCounter:
             limited = await add_staged_to_counters(connection)
             crossing = {key: counter for key, counter in limited.items() if _may_cross(counter)}
             if crossing:
-                # Which event crossed: walk, in order, only the new events of the tenants
-                # concerned (a handful of counters cross in a batch of thousands).
-                tenants = {key[0] for key in crossing}
-                contributions = contributions_by_counter(
-                    event
-                    for request_id, event in events.items()
-                    if event.tenant_id in tenants and request_id not in counted_before
+                # Which event crossed: the batch's new events, in order, on the counters that
+                # cross (a handful in a batch of thousands).
+                contributions = contributions_to(
+                    crossing,
+                    (
+                        event
+                        for request_id, event in events.items()
+                        if request_id not in counted_before
+                    ),
                 )
                 await insert_alerts(
                     connection, alerts_crossed(contributions, crossing, emitted_at=now)

@@ -6,15 +6,17 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from llm_usage.consumers.budget.counting import contributions_by_counter, scopes_of
+from llm_usage.consumers.budget.counting import contributions_to, scopes_of
 from llm_usage.consumers.budget.crossing import (
     Contribution,
     Crossing,
     crossings_at_rest,
     crossings_by_events,
 )
-from llm_usage.schemas.budget import AlertLevel, CounterKey, ScopeType
+from llm_usage.schemas.budget import AlertLevel, CounterKey, ScopeType, SpendKey
 from llm_usage.schemas.usage_event import UsageEvent
 
 D = Decimal
@@ -102,6 +104,17 @@ def usage(**fields: object) -> UsageEvent:
     return UsageEvent.model_validate(base, context={"now": datetime(2026, 12, 2, tzinfo=UTC)})
 
 
+def counters_of(event: UsageEvent) -> list[SpendKey]:
+    """Every counter an event adds to, spelled out: each scope it names, in its UTC day and
+    month."""
+    day = event.occurred_at.astimezone(UTC).date()
+    return [
+        (event.tenant_id, scope_type, scope_id, window, start)
+        for scope_type, scope_id in scopes_of(event)
+        for window, start in (("daily", day), ("monthly", day.replace(day=1)))
+    ]
+
+
 def test_an_event_counts_toward_every_scope_it_names_and_its_own_utc_periods() -> None:
     event = usage(deployment_id="dep-7", agent_id="agent-1")
     assert scopes_of(event) == [
@@ -109,9 +122,8 @@ def test_an_event_counts_toward_every_scope_it_names_and_its_own_utc_periods() -
         (ScopeType.DEPLOYMENT, "dep-7"),
         (ScopeType.AGENT, "agent-1"),
     ]
-    counters = contributions_by_counter([event])
     # 23:30 at -01:00 is 00:30 UTC on 1 December: December's day and month, not November's.
-    assert sorted(counters) == sorted(
+    assert sorted(counters_of(event)) == sorted(
         ("t1", scope_type, scope_id, window, date(2026, 12, 1))
         for scope_type, scope_id in (
             ("tenant", "t1"),
@@ -120,17 +132,66 @@ def test_an_event_counts_toward_every_scope_it_names_and_its_own_utc_periods() -
         )
         for window in ("daily", "monthly")
     )
+    counters = contributions_to(counters_of(event), [event])
+    assert sorted(counters) == sorted(counters_of(event))
     assert all(c == [Contribution("r1", D("0.5"))] for c in counters.values())
 
 
 def test_contributions_keep_the_events_order_per_counter() -> None:
     first = usage(gateway_request_id="a", customer_charge_usd="1")
     second = usage(gateway_request_id="b", customer_charge_usd="2", user_id="u")
-    counters = contributions_by_counter([first, second])
     tenant_month = ("t1", "tenant", "t1", "monthly", date(2026, 12, 1))
-    assert counters[tenant_month] == [Contribution("a", D("1")), Contribution("b", D("2"))]
     user_day = ("t1", "user", "u", "daily", date(2026, 12, 1))
-    assert counters[user_day] == [Contribution("b", D("2"))]
+    counters = contributions_to([tenant_month, user_day], [first, second])
+    assert counters == {
+        tenant_month: [Contribution("a", D("1")), Contribution("b", D("2"))],
+        user_day: [Contribution("b", D("2"))],
+    }
+
+
+_EVENTS = st.lists(
+    st.builds(
+        lambda n, tenant, deployment, user, agent, day, hour, offset: usage(
+            gateway_request_id=f"r{n}",
+            tenant_id=tenant,
+            deployment_id=deployment,
+            user_id=user,
+            agent_id=agent,
+            customer_charge_usd=str(n),
+            occurred_at=f"2026-{day}T{hour:02d}:30:00{offset}",
+        ),
+        st.integers(0, 10**6),
+        st.sampled_from(["t1", "t2"]),
+        st.sampled_from([None, "d1", "d2"]),
+        st.sampled_from([None, "u1"]),
+        st.sampled_from([None, "a1", "t1"]),  # an agent named like a tenant is still an agent
+        st.sampled_from(["10-31", "11-01", "11-30"]),  # offsets carry some across
+        st.integers(0, 23),
+        st.sampled_from(["Z", "+01:00", "-01:00"]),
+    ),
+    max_size=12,
+)
+
+
+@given(events=_EVENTS, data=st.data())
+def test_contributions_to_some_counters_are_those_of_every_counter_restricted_to_them(
+    events: list[UsageEvent], data: st.DataObject
+) -> None:
+    everything: dict[SpendKey, list[Contribution]] = {}
+    for event in events:
+        for key in counters_of(event):
+            everything.setdefault(key, []).append(
+                Contribution(event.gateway_request_id, event.customer_charge_usd)
+            )
+    asked = data.draw(
+        st.lists(
+            st.sampled_from([*everything, ("t1", "deployment", "d9", "daily", date(2026, 11, 1))]),
+            unique=True,
+        )
+        if everything
+        else st.just([])
+    )
+    assert contributions_to(asked, events) == {key: everything.get(key, []) for key in asked}
 
 
 def test_a_spend_key_is_the_counter_key_in_lock_order() -> None:
