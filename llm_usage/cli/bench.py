@@ -43,6 +43,7 @@ from llm_usage.cli.bench_support import (
     bench_database,
     child_consumer,
     freeze_harness_objects,
+    machine_busy_cpu_seconds,
     publish_backlog,
 )
 from llm_usage.cli.local_run import settings_for_local_run
@@ -163,6 +164,9 @@ class ConsumerRun:
     # part of its first batch's work that happened before the clock started.
     clock_late_seconds: float | None
     harness_cpu_seconds: float  # this process meanwhile: polling offsets, sampling memory
+    # Every core of the machine over the same span: the consumer, PostgreSQL, Kafka, this
+    # harness and whatever else runs here.
+    machine_busy_seconds: float
 
     @property
     def rate(self) -> float:
@@ -175,6 +179,20 @@ class ConsumerRun:
     @property
     def core_share(self) -> float:
         return self.cpu_seconds / self.seconds
+
+    @property
+    def machine_cores_busy(self) -> float:
+        return self.machine_busy_seconds / self.seconds
+
+    @property
+    def machine_us_per_event(self) -> float:
+        """The whole machine's CPU per event read: what one event costs beyond the consumer too."""
+        return self.machine_busy_seconds / self.events_read * 1e6
+
+    def rate_bound(self, cores: int) -> float:
+        """The most rows/s this work could reach with every core busy on it and nothing else:
+        the machine's CPU per row, spread over all its cores."""
+        return cores * self.rows / self.machine_busy_seconds
 
     @property
     def measurement(self) -> Measurement:
@@ -197,6 +215,10 @@ class RunFigures:
     def a_over_b(self) -> float:
         return self.consumer.rate / self.naive.rate
 
+    def a_over_c_bound(self, cores: int) -> float:
+        """The a/c this machine could give at most: (a) with all `cores` busy on its work."""
+        return self.consumer.rate_bound(cores) / self.ceiling.rate
+
 
 def _mib(size: float) -> str:
     return f"{size / MIB:.0f}"
@@ -213,6 +235,8 @@ def consumer_line(run: ConsumerRun) -> str:
         f"{run.seconds:.2f} s = {run.rate:,.0f} rows/s; CPU {run.cpu_seconds:.2f} s = "
         f"{run.cpu_us_per_event:.1f} µs/event ({run.core_share:.0%} of a core); RSS at "
         f"0/25/50/75/100 % of the run {profile} MiB, peak {_mib(run.peak_rss_bytes)} MiB; "
+        f"the whole machine meanwhile {run.machine_cores_busy:.2f} cores busy, "
+        f"{run.machine_us_per_event:.1f} µs/event; "
         f"exit {run.exit_code} on SIGTERM; clock started "
         + (
             f"{run.clock_late_seconds * 1000:.0f} ms after the child logged its assignment"
@@ -241,18 +265,23 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
-def summary_lines(runs: Sequence[RunFigures]) -> list[str]:
-    """Median and spread (min-max) of each figure, against its goal."""
+def summary_lines(runs: Sequence[RunFigures], *, cores: int) -> list[str]:
+    """Median and spread (min-max) of each figure, against its goal; and the a/c that the
+    machine's `cores` allow at most, from what the whole machine spent per row during (a)."""
     a_over_c = Spread.of(run.a_over_c for run in runs)
     a_over_b = Spread.of(run.a_over_b for run in runs)
     cpu = Spread.of(run.consumer.cpu_us_per_event for run in runs)
     rss = Spread.of(run.consumer.peak_rss_bytes / MIB for run in runs)
     rate = Spread.of(run.consumer.rate for run in runs)
+    bound = Spread.of(run.a_over_c_bound(cores) for run in runs)
+    machine = Spread.of(run.consumer.machine_us_per_event for run in runs)
     return [
         f"median (min-max) of {len(runs)} run{'s' if len(runs) != 1 else ''}:",
         f"  (a)            {rate.describe(',.0f')} rows/s",
         f"  a/c            {a_over_c.describe('.2f')}   "
         f"target >= {TARGET_A_OVER_C:g}: {_verdict(a_over_c.median >= TARGET_A_OVER_C)}",
+        f"  a/c bound      {bound.describe('.2f')}   with all {cores} cores on (a)'s work: the "
+        f"whole machine spent {machine.describe('.1f')} µs/event during (a)",
         f"  a/b            {a_over_b.describe('.1f')}   "
         f"target >= {TARGET_A_OVER_B:g}: {_verdict(a_over_b.median >= TARGET_A_OVER_B)}",
         f"  consumer CPU   {cpu.describe('.1f')} µs/event   target <= "
@@ -327,7 +356,7 @@ async def run_ingest_benchmark(
         await pool.close()
 
     print(f"\nload average at the end {load_average()}\n")
-    for line in [*run_table(figures), "", *summary_lines(figures)]:
+    for line in [*run_table(figures), "", *summary_lines(figures, cores=os.cpu_count() or 1)]:
         print(line)
 
 
@@ -394,6 +423,7 @@ async def _drain(
 ) -> ConsumerRun:
     async with child_consumer(bench, "usage") as child:
         started, cpu_at_ready = child.ready_at, child.cpu_seconds()
+        machine_at_ready = machine_busy_cpu_seconds()
         ready_wall = time.time() - (time.perf_counter() - started)
         samples: list[tuple[float, int]] = [(0.0, child.memory().rss_bytes)]
         sampling = asyncio.create_task(_sample_rss(child, samples))
@@ -407,6 +437,7 @@ async def _drain(
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
         cpu_seconds = child.cpu_seconds() - cpu_at_ready
+        machine_busy_seconds = machine_busy_cpu_seconds() - machine_at_ready
         harness_cpu_seconds = time.process_time() - harness_cpu_at_ready
         memory = child.memory()
         samples.append((time.perf_counter() - started, memory.rss_bytes))
@@ -431,6 +462,7 @@ async def _drain(
         log_path=child.log_path,
         clock_late_seconds=None if assigned is None else ready_wall - assigned,
         harness_cpu_seconds=harness_cpu_seconds,
+        machine_busy_seconds=machine_busy_seconds,
     )
 
 

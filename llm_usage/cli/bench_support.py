@@ -135,6 +135,24 @@ def memory_from_status(status: str) -> ProcessMemory:
     return ProcessMemory(rss_bytes=values["VmRSS"], peak_bytes=values["VmHWM"])
 
 
+def busy_cpu_seconds_from_stat(stat: str, clock_ticks: int) -> float:
+    """CPU seconds the whole machine spent working, all cores, from the text of /proc/stat.
+
+    Its first line sums every core: user, nice, system, idle, iowait, irq, softirq, steal, ...
+    Busy is user + nice + system + irq + softirq; idle and iowait are not work, and steal is
+    time the hypervisor gave to someone else (guest time is already inside user).
+    """
+    label, *ticks = stat.split("\n", 1)[0].split()
+    if label != "cpu" or len(ticks) < 8:
+        raise ValueError(f"not the summed cpu line of /proc/stat: {stat[:60]!r}")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(t) for t in ticks[:7])
+    return (user + nice + system + irq + softirq) / clock_ticks
+
+
+def machine_busy_cpu_seconds() -> float:
+    return busy_cpu_seconds_from_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
 def process_cpu_seconds(pid: int) -> float:
     return cpu_seconds_from_stat(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from llm_usage.cli.bench import (
 from llm_usage.cli.bench_support import (
     Measurement,
     ProcessMemory,
+    busy_cpu_seconds_from_stat,
     cpu_seconds_from_stat,
+    machine_busy_cpu_seconds,
     memory_from_status,
     process_cpu_seconds,
     process_memory,
@@ -57,6 +60,26 @@ Threads:\t3
 def test_cpu_seconds_are_utime_plus_stime_counted_after_the_name() -> None:
     assert cpu_seconds_from_stat(STAT, 100) == pytest.approx(18.0)
     assert cpu_seconds_from_stat(STAT, 250) == pytest.approx(7.2)
+
+
+def test_the_machines_busy_time_sums_work_but_not_idle_iowait_or_steal() -> None:
+    stat = (
+        "cpu  1000 50 300 9000 400 20 30 700 0 0\n"
+        "cpu0 500 25 150 4500 200 10 15 350 0 0\n"
+        "intr 12345\n"
+    )
+    # user + nice + system + irq + softirq = 1,400 ticks
+    assert busy_cpu_seconds_from_stat(stat, 100) == pytest.approx(14.0)
+    with pytest.raises(ValueError, match="summed cpu line"):
+        busy_cpu_seconds_from_stat(stat.split("\n", 1)[1], 100)
+
+
+def test_the_machines_busy_time_grows_while_this_process_works() -> None:
+    before = machine_busy_cpu_seconds()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    assert machine_busy_cpu_seconds() - before >= 0.2
 
 
 def test_cpu_seconds_of_a_process_named_plainly() -> None:
@@ -165,7 +188,9 @@ def test_assigned_at_is_the_first_assignment_logged() -> None:
     assert assigned_at("\n".join(lines[:2])) is None
 
 
-def _consumer(*, rows: int, seconds: float, cpu: float, peak_mib: int) -> ConsumerRun:
+def _consumer(
+    *, rows: int, seconds: float, cpu: float, peak_mib: int, machine: float | None = None
+) -> ConsumerRun:
     return ConsumerRun(
         rows=rows,
         events_read=200_000,
@@ -178,6 +203,7 @@ def _consumer(*, rows: int, seconds: float, cpu: float, peak_mib: int) -> Consum
         log_path=Path("consumer.log"),
         clock_late_seconds=0.007,
         harness_cpu_seconds=0.3,
+        machine_busy_seconds=3 * cpu if machine is None else machine,
     )
 
 
@@ -217,7 +243,7 @@ def test_run_table_has_a_row_per_run_in_order() -> None:
 
 
 def test_summary_gives_median_and_spread_against_each_goal() -> None:
-    summary = "\n".join(summary_lines(RUNS))
+    summary = "\n".join(summary_lines(RUNS, cores=2))
     assert "of 3 runs" in summary
     assert "(a)            15,000 (10,000-20,000) rows/s" in summary
     # a/c: 0.10, 0.17, 0.25; a/b: 15, 16, 20 -> median 16 is below 20
@@ -230,10 +256,25 @@ def test_summary_gives_median_and_spread_against_each_goal() -> None:
 
 def test_summary_says_met_when_the_medians_meet_the_goals() -> None:
     fast = [_run(3.0, 2_000, 100_000, 3.0, 120), _run(3.6, 2_400, 110_000, 3.6, 130)]
-    summary = "\n".join(summary_lines(fast))
+    summary = "\n".join(summary_lines(fast, cores=2))
     assert "of 2 runs" in summary
     assert "MISSED" not in summary
     assert summary.count(": met") == 4
+
+
+def test_the_a_over_c_bound_spreads_the_machines_cpu_per_row_over_its_cores() -> None:
+    # 180,000 rows in 12 s while the machine was busy 18 s over its cores: 100 µs of CPU a row,
+    # so 2 cores could store at most 20,000 rows/s, and 4 cores 40,000.
+    consumer = _consumer(rows=180_000, seconds=12.0, cpu=8.0, peak_mib=90, machine=18.0)
+    run = RunFigures(consumer, Measurement("(b)", 10, 1.0), Measurement("(c)", 180_000, 2.25))
+    assert consumer.machine_cores_busy == pytest.approx(1.5)
+    assert consumer.machine_us_per_event == pytest.approx(90.0)  # over 200,000 events read
+    assert consumer.rate_bound(2) == pytest.approx(20_000)
+    assert run.a_over_c_bound(2) == pytest.approx(0.25)  # (c) is 80,000 rows/s
+    assert run.a_over_c_bound(4) == pytest.approx(0.5)
+    summary = "\n".join(summary_lines([run], cores=2))
+    assert "a/c bound      0.25 (0.25-0.25)   with all 2 cores on (a)'s work" in summary
+    assert "the whole machine spent 90.0 (90.0-90.0) µs/event during (a)" in summary
 
 
 def test_consumer_line_tells_rate_cpu_memory_profile_and_exit() -> None:
