@@ -200,11 +200,13 @@ async def _alert_ids_after(
     their current ends, and those ends."""
     reader.assign(partitions)
     ends = {tp.partition: offset for tp, offset in (await reader.end_offsets(partitions)).items()}
+    # One request for every partition's first offset, then plain seeks: aiokafka's
+    # seek_to_beginning waits for its fetcher's next round (up to fetch_max_wait_ms, 500 ms)
+    # per call, which held a starting relay's first alerts back by seconds on 6 partitions.
+    # A recorded position that retention has deleted since starts at the first offset kept.
+    starts = await reader.beginning_offsets(partitions)
     for tp in partitions:
-        if tp.partition in positions:
-            reader.seek(tp, positions[tp.partition])
-        else:
-            await reader.seek_to_beginning(tp)
+        reader.seek(tp, max(positions.get(tp.partition, 0), starts[tp]))
     found: list[str] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
