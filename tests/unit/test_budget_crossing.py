@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -146,6 +147,37 @@ def test_contributions_keep_the_events_order_per_counter() -> None:
     assert counters == {
         tenant_month: [Contribution("a", D("1")), Contribution("b", D("2"))],
         user_day: [Contribution("b", D("2"))],
+    }
+
+
+_ONE_USD = D("1")
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """A counted event as another caller could hand it: its time in its own offset."""
+
+    gateway_request_id: str
+    occurred_at: datetime
+    tenant_id: str = "t1"
+    deployment_id: str | None = None
+    user_id: str | None = None
+    agent_id: str | None = None
+    customer_charge_usd: Decimal = _ONE_USD
+
+
+def test_an_event_in_another_offset_counts_toward_its_utc_day_and_month() -> None:
+    minus_one = timezone(timedelta(hours=-1))
+    late = _Counted("late", datetime(2026, 11, 30, 23, 30, tzinfo=minus_one))  # 00:30 UTC, Dec 1
+    early = _Counted("early", datetime(2026, 11, 30, 22, 59, tzinfo=minus_one))  # 23:59 UTC
+    december = ("t1", "tenant", "t1", "monthly", date(2026, 12, 1))
+    november = ("t1", "tenant", "t1", "monthly", date(2026, 11, 1))
+    last_day = ("t1", "tenant", "t1", "daily", date(2026, 11, 30))
+    counters = contributions_to([december, november, last_day], [late, early])
+    assert counters == {
+        december: [Contribution("late", D("1"))],
+        november: [Contribution("early", D("1"))],
+        last_day: [Contribution("early", D("1"))],
     }
 
 
