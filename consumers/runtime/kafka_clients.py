@@ -41,8 +41,17 @@ def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKaf
 
 
 def new_reader(settings: Settings) -> AIOKafkaConsumer:
-    """A consumer outside any group, for reading partitions it assigns itself."""
-    return _client(AIOKafkaConsumer, enable_auto_commit=False, **settings.kafka_client_options())
+    """A consumer outside any group, for reading partitions it assigns itself.
+
+    An offset that retention deleted meanwhile reads on from the first offset kept (aiokafka's
+    default would jump to the end and skip everything there is to read).
+    """
+    return _client(
+        AIOKafkaConsumer,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **settings.kafka_client_options(),
+    )
 
 
 def new_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:

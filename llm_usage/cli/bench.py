@@ -44,6 +44,7 @@ from llm_usage.cli.bench_support import (
     child_consumer,
     freeze_harness_objects,
     machine_busy_cpu_seconds,
+    machine_cores,
     publish_backlog,
 )
 from llm_usage.cli.local_run import settings_for_local_run
@@ -281,7 +282,8 @@ def summary_lines(runs: Sequence[RunFigures], *, cores: int) -> list[str]:
         f"  a/c            {a_over_c.describe('.2f')}   "
         f"target >= {TARGET_A_OVER_C:g}: {_verdict(a_over_c.median >= TARGET_A_OVER_C)}",
         f"  a/c bound      {bound.describe('.2f')}   with all {cores} cores on (a)'s work: the "
-        f"whole machine spent {machine.describe('.1f')} µs/event during (a)",
+        f"whole machine spent {machine.describe('.1f')} µs/event during (a) (an estimate: "
+        "other work on the machine counts too)",
         f"  a/b            {a_over_b.describe('.1f')}   "
         f"target >= {TARGET_A_OVER_B:g}: {_verdict(a_over_b.median >= TARGET_A_OVER_B)}",
         f"  consumer CPU   {cpu.describe('.1f')} µs/event   target <= "
@@ -356,7 +358,7 @@ async def run_ingest_benchmark(
         await pool.close()
 
     print(f"\nload average at the end {load_average()}\n")
-    for line in [*run_table(figures), "", *summary_lines(figures, cores=os.cpu_count() or 1)]:
+    for line in [*run_table(figures), "", *summary_lines(figures, cores=machine_cores())]:
         print(line)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -149,8 +150,17 @@ def busy_cpu_seconds_from_stat(stat: str, clock_ticks: int) -> float:
     return (user + nice + system + irq + softirq) / clock_ticks
 
 
+def cores_from_stat(stat: str) -> int:
+    """How many cores the first line of /proc/stat sums: one `cpuN` line each."""
+    return sum(1 for line in stat.splitlines() if re.match(r"cpu[0-9]+ ", line))
+
+
 def machine_busy_cpu_seconds() -> float:
     return busy_cpu_seconds_from_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def machine_cores() -> int:
+    return cores_from_stat(Path("/proc/stat").read_text())
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -7,5 +7,8 @@
 -- at 50-60. At 50 a page has room for a second version of every row on it: a batch that updates
 -- all of a page's counters (the old versions cannot be pruned before it commits) stays HOT.
 -- The setting applies to pages written from now on; counters of new days and months are new
--- rows, so an existing table moves onto such pages by itself (no rewrite, no lock held).
+-- rows, so an existing table moves onto such pages by itself. No rewrite: the ALTER only takes
+-- a brief SHARE UPDATE EXCLUSIVE lock (it waits for a running autovacuum of the table).
+-- Old versions are pruned once no snapshot needs them: a long-running transaction keeps them,
+-- and then updates leave the page again until it ends.
 ALTER TABLE budget_spend SET (fillfactor = 50);

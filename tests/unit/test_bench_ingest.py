@@ -29,8 +29,10 @@ from llm_usage.cli.bench_support import (
     Measurement,
     ProcessMemory,
     busy_cpu_seconds_from_stat,
+    cores_from_stat,
     cpu_seconds_from_stat,
     machine_busy_cpu_seconds,
+    machine_cores,
     memory_from_status,
     process_cpu_seconds,
     process_memory,
@@ -72,6 +74,14 @@ def test_the_machines_busy_time_sums_work_but_not_idle_iowait_or_steal() -> None
     assert busy_cpu_seconds_from_stat(stat, 100) == pytest.approx(14.0)
     with pytest.raises(ValueError, match="summed cpu line"):
         busy_cpu_seconds_from_stat(stat.split("\n", 1)[1], 100)
+    assert cores_from_stat(stat) == 1
+    assert cores_from_stat(stat.replace("intr", "cpu1 1 2 3 4 5 6 7 8 0 0\nintr")) == 2
+
+
+def test_the_cores_counted_are_this_machines() -> None:
+    assert machine_cores() == len(
+        [line for line in Path("/proc/stat").read_text().splitlines() if line[3:4].isdigit()]
+    )
 
 
 def test_the_machines_busy_time_grows_while_this_process_works() -> None:
