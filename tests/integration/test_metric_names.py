@@ -165,6 +165,16 @@ def scrape(port: int) -> str | None:
         return None
 
 
+async def has_sample(port: int, name: str) -> bool:
+    """Whether the worker at `port` serves at least one sample of `name`."""
+    text = await asyncio.to_thread(scrape, port)
+    return any(
+        sample.name == name
+        for family in text_string_to_metric_families(text or "")
+        for sample in family.samples
+    )
+
+
 async def sample_value(port: int, name: str, **labels: str) -> float:
     """The sum of `name`'s samples with these labels on the worker at `port` (0 when none)."""
     text = await asyncio.to_thread(scrape, port)
@@ -319,7 +329,9 @@ async def test_every_metric_the_rules_and_the_dashboard_use_is_served(workers: W
             )
             if value < least:
                 return False
-        return True
+        # The lag gauge is set after a batch lands, once the next poll returns (up to the poll
+        # timeout later): counted events alone do not mean it has a sample yet.
+        return await has_sample(ports["usage"], "llm_usage_consumer_lag")
 
     await wait_until(
         fed_through,
