@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.kafka import KafkaCluster, free_port_block
-from llm_usage.deploy.local.paths import state_dir
-from llm_usage.deploy.local.postgres import LocalPostgres
+from llm_usage.local.kafka import KafkaCluster, free_port_block
+from llm_usage.local.paths import state_dir
+from llm_usage.local.postgres import LocalPostgres
 from tests.unavailable import service_unavailable
 
 

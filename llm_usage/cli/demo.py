@@ -16,10 +16,10 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from tqdm import tqdm
 
-from llm_usage.cli.local_run import prepare, settings_for_local_run
-from llm_usage.cli.sample_events import sample_stream
-from llm_usage.consumers.runtime.kafka_clients import new_producer, start_client
 from llm_usage.core.settings import Settings
+from llm_usage.kafka.clients import new_producer, start_client
+from llm_usage.local.run import prepare, settings_for_local_run
+from llm_usage.local.sample_events import sample_stream
 from llm_usage.schemas.money import usd_to_cents
 from llm_usage.storage.pool import create_pool
 

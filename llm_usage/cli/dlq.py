@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from llm_usage.consumers.runtime.kafka_clients import new_producer, new_reader, start_client
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
+from llm_usage.kafka.clients import new_producer, new_reader, start_client
 from llm_usage.schemas.dead_letter import (
     DETAIL_HEADER,
     OFFSET_HEADER,

@@ -93,7 +93,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="FILE",
         help="run the budget consumer under pyinstrument (dev extra); .html or text report",
     )
-    from llm_usage.cli.bench_api import add_bench_api_command
+    from llm_usage.bench.api import add_bench_api_command
 
     add_bench_api_command(bench_commands)
     rollup_bench = bench_commands.add_parser(
@@ -136,7 +136,7 @@ def _command_groups() -> list[Callable[[Commands], None]]:
     from llm_usage.cli.policy import add_policy_commands
     from llm_usage.cli.rollup import add_rollup_commands
     from llm_usage.cli.serve import add_serve_commands
-    from llm_usage.cli.soak.command import add_soak_command
+    from llm_usage.soak.cli import add_soak_command
 
     return [
         add_rollup_commands,
@@ -154,7 +154,7 @@ _ASYNC_COMMANDS = {
     "policy": ("llm_usage.cli.policy", "run_policy_command"),
     "budget": ("llm_usage.cli.policy", "run_budget_command"),
     "serve": ("llm_usage.cli.serve", "run_serve_command"),
-    "soak": ("llm_usage.cli.soak.command", "run_soak_command"),
+    "soak": ("llm_usage.soak.cli", "run_soak_command"),
 }
 
 
@@ -230,7 +230,7 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _topics_ensure(settings: Settings, args: argparse.Namespace) -> None:
-    from llm_usage.deploy.topics import ensure_topics, pipeline_topics
+    from llm_usage.kafka.topics import ensure_topics, pipeline_topics
 
     states = await ensure_topics(
         settings,
@@ -244,7 +244,7 @@ async def _topics_ensure(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _dev(args: argparse.Namespace) -> None:
-    from llm_usage.cli import dev
+    from llm_usage.local import dev
 
     if args.dev_command == "up":
         environment = dev.dev_up(kafka_port=args.kafka_port, nodes=args.nodes)
@@ -286,13 +286,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         asyncio.run(_migrate(settings))
     elif args.command == "consume" and args.worker == "budget":
         from llm_usage.consumers.budget.consumer import run_budget_consumer
-        from llm_usage.consumers.runtime.collector import tune_collector_for_batches
+        from llm_usage.runtime.collector import tune_collector_for_batches
 
         tune_collector_for_batches()
         asyncio.run(run_budget_consumer(settings, exit_when_idle=args.exit_when_idle))
     elif args.command == "consume":
-        from llm_usage.consumers.runtime.collector import tune_collector_for_batches
-        from llm_usage.consumers.usage import run_usage_consumer
+        from llm_usage.consumers.usage.consumer import run_usage_consumer
+        from llm_usage.runtime.collector import tune_collector_for_batches
 
         tune_collector_for_batches()
         asyncio.run(run_usage_consumer(settings, exit_when_idle=args.exit_when_idle))
@@ -308,7 +308,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.bench_command == "rollup":
-        from llm_usage.cli.bench_rollup import run_rollup_benchmark
+        from llm_usage.bench.rollup import run_rollup_benchmark
 
         asyncio.run(
             run_rollup_benchmark(
@@ -324,7 +324,7 @@ def _bench(args: argparse.Namespace) -> None:
         )
         return
     if args.bench_command == "ingest-aggregate":
-        from llm_usage.cli.bench_rollup import run_aggregate_cost_benchmark
+        from llm_usage.bench.rollup import run_aggregate_cost_benchmark
 
         asyncio.run(
             run_aggregate_cost_benchmark(
@@ -337,14 +337,14 @@ def _bench(args: argparse.Namespace) -> None:
         )
         return
     if args.bench_command == "api":
-        from llm_usage.cli.bench_api import run_bench_api
+        from llm_usage.bench.api import run_bench_api
 
         run_bench_api(args)
         return
     if args.bench_command == "budget":
         from pathlib import Path
 
-        from llm_usage.cli.bench_budget import run_budget_benchmark
+        from llm_usage.bench.budget import run_budget_benchmark
 
         asyncio.run(
             run_budget_benchmark(
@@ -358,7 +358,7 @@ def _bench(args: argparse.Namespace) -> None:
             )
         )
         return
-    from llm_usage.cli.bench import run_ingest_benchmark
+    from llm_usage.bench.ingest import run_ingest_benchmark
 
     asyncio.run(
         run_ingest_benchmark(

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from llm_usage.core.settings import Settings
-from llm_usage.deploy.topics import ensure_topics
+from llm_usage.kafka.topics import ensure_topics
 from llm_usage.schemas.money import usd_to_cents
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llm_usage.core.settings import Settings
-from llm_usage.deploy.topics import ensure_topics
+from llm_usage.kafka.topics import ensure_topics
 from llm_usage.schemas.budget import (
     AlertLevel,
     BudgetAlert,

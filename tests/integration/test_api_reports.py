@@ -20,7 +20,7 @@ import pytest
 
 from llm_usage.api.params import parse_instant
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.usage import UsageRecorder
+from llm_usage.consumers.usage.consumer import UsageRecorder
 from llm_usage.rollup.lines import Usage, usage_lines
 from llm_usage.rollup.run import run_rollup
 from llm_usage.schemas.budget import BudgetWindow, ScopeType, canonical_decimal, period_start

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.usage import UsageRecorder
+from llm_usage.consumers.usage.consumer import UsageRecorder
 from llm_usage.schemas.budget import ScopeType
 from llm_usage.schemas.budget_policy import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy

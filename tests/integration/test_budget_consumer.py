@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
-from llm_usage.deploy.topics import ensure_topics
+from llm_usage.kafka.topics import ensure_topics
 from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from tests.integration.pipeline import (
     PipelineTopics,

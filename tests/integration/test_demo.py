@@ -9,7 +9,7 @@ import re
 import sys
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.kafka import ensure_kafka_jars
+from llm_usage.local.kafka import ensure_kafka_jars
 from tests.integration.local_state import local_state, occupied, wait_until_gone
 from tests.unavailable import service_unavailable
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.kafka import ensure_kafka_jars, free_port_block
+from llm_usage.local.kafka import ensure_kafka_jars, free_port_block
 from tests.integration.local_state import (
     LocalState,
     exports,
@@ -91,7 +91,7 @@ def test_a_dev_up_whose_kafka_dies_while_starting_stops_postgres_and_claims_noth
 
 # `llm-usage dev up` without --kafka-port, as it behaves once the CLI passes no port when none is
 # given (`dev_up`'s own default); run in a process of its own, as the command would be.
-DEV_UP_WITHOUT_A_PORT = "from llm_usage.cli.dev import dev_up; dev_up()"
+DEV_UP_WITHOUT_A_PORT = "from llm_usage.local.dev import dev_up; dev_up()"
 
 
 def test_dev_up_without_a_port_avoids_a_taken_9092_and_dev_env_prints_the_ports_used(

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from llm_usage.deploy.topics import ensure_topics
+from llm_usage.kafka.topics import ensure_topics
 from tests.integration.pipeline import (
     PipelineTopics,
     RunningConsumer,

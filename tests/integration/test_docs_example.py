@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from llm_usage.consumers.usage import run_usage_consumer
+from llm_usage.consumers.usage.consumer import run_usage_consumer
 from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import create_pipeline_topics, stored_for
 

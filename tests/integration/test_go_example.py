@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from llm_usage.deploy.local.paths import cache_dir
+from llm_usage.local.paths import cache_dir
 from tests.integration.interop import consume_until_idle, dead_letter_ends, exact_sum
 from tests.integration.pipeline import (
     PipelineTopics,

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.kafka import LOG4J2_CONFIG, ensure_kafka_jars
+from llm_usage.local.kafka import LOG4J2_CONFIG, ensure_kafka_jars
 from tests.integration.interop import (
     Event,
     assert_none_stored,

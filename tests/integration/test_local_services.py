@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
-from llm_usage.deploy.local.paths import state_dir
-from llm_usage.deploy.local.postgres import LocalPostgres
+from llm_usage.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
+from llm_usage.local.paths import state_dir
+from llm_usage.local.postgres import LocalPostgres
 from tests.integration.pipeline import (
     create_pipeline_topics,
     encode,

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_usage.deploy.topics import ensure_topics
+from llm_usage.kafka.topics import ensure_topics
 from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import (
     PipelineTopics,

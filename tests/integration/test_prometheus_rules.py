@@ -3,7 +3,7 @@ promtool: the rules load and pass every lint, each alert's unit tests pass (it f
 should page and stays silent on series that should not), and every dashboard query parses.
 
 promtool is built from the Prometheus Go module, pinned, once per machine
-(`llm_usage.deploy.promtool`): the first build takes ~7-10 minutes, later sessions reuse it.
+(`tests.tools.promtool`): the first build takes ~7-10 minutes, later sessions reuse it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from llm_usage.core.errors import LocalServiceError
-from llm_usage.deploy.promtool import (
+from tests.tools.promtool import (
     BUILD_TIMEOUT_SECONDS,
     PROMTOOL_VERSION,
     GoMissingError,

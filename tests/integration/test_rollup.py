@@ -23,11 +23,11 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.usage import UsageRecorder
-from llm_usage.core.health import HealthState
+from llm_usage.consumers.usage.consumer import UsageRecorder
 from llm_usage.core.settings import Settings
 from llm_usage.rollup.run import PeriodNotClosableError, close_month, run_rollup
 from llm_usage.rollup.schedule import RollupScheduler, ScheduleMetrics
+from llm_usage.runtime.probes import HealthState
 from llm_usage.schemas.money import usd_to_cents
 from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import encode, unique, usage_event

@@ -27,13 +27,13 @@ from aiokafka import AIOKafkaProducer
 
 from llm_usage.core.errors import LocalServiceError
 from llm_usage.core.settings import Settings
-from llm_usage.deploy.local.kafka import (
+from llm_usage.local.kafka import (
     KafkaCluster,
     SaslSslListener,
     ensure_kafka_jars,
     free_port_block,
 )
-from llm_usage.deploy.local.paths import state_dir
+from llm_usage.local.paths import state_dir
 from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import PipelineTopics, create_pipeline_topics, encode, usage_event
 from tests.integration.tls import (

@@ -12,7 +12,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings, load_settings
-from llm_usage.deploy.topics import ensure_topics, topic_errors
+from llm_usage.kafka.topics import ensure_topics, topic_errors
 from tests.integration.pipeline import unique
 
 

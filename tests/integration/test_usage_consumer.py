@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.usage import run_usage_consumer
+from llm_usage.consumers.usage.consumer import run_usage_consumer
 from tests.integration.pipeline import (
     PipelineTopics,
     RestartablePostgres,

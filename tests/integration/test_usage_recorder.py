@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 import structlog
 
-from llm_usage.consumers.runtime.outcome import BatchOutcome, Record
-from llm_usage.consumers.usage import UsageRecorder
+from llm_usage.consumers.usage.consumer import UsageRecorder
+from llm_usage.runtime.outcome import BatchOutcome, Record
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.usage_events import insert_new_usage_events

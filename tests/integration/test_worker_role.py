@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.runtime.outcome import Record
-from llm_usage.consumers.usage import UsageRecorder
+from llm_usage.consumers.usage.consumer import UsageRecorder
+from llm_usage.runtime.outcome import Record
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
 

@@ -20,10 +20,10 @@ from aiokafka.errors import KafkaConnectionError, UnsupportedCodecError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.runtime.loop import BatchConsumer, LoopOptions
-from llm_usage.consumers.runtime.metrics import ConsumerMetrics
-from llm_usage.consumers.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
-from llm_usage.core.health import HealthState
+from llm_usage.runtime.loop import BatchConsumer, LoopOptions
+from llm_usage.runtime.metrics import ConsumerMetrics
+from llm_usage.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
+from llm_usage.runtime.probes import HealthState
 from tests.records import consumer_record
 
 TP = TopicPartition("usage", 0)  # where tests.records puts its records
@@ -250,7 +250,7 @@ async def test_a_batch_that_does_not_land_is_fetched_again_never_committed() -> 
 
 
 async def test_a_vanished_row_lands_the_batch_again_instead_of_crashing() -> None:
-    from llm_usage.consumers.usage_batch import StoredRowVanishedError  # noqa: PLC0415
+    from llm_usage.consumers.usage.settle import StoredRowVanishedError  # noqa: PLC0415
 
     handler = RefusesBadRows(error=StoredRowVanishedError("r1 was neither inserted nor stored"))
     loop, consumer = loop_for([batch_of([b"ok"])], handler, StandInSink())

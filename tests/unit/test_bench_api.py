@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llm_usage.cli.bench_api import Latencies, add_bench_api_command
+from llm_usage.bench.api import Latencies, add_bench_api_command
 
 
 def test_percentiles_are_of_the_sorted_latencies_in_milliseconds() -> None:
@@ -30,7 +30,7 @@ def test_the_defaults_are_the_issues_load() -> None:
 def test_building_the_command_line_imports_no_benchmark_stack() -> None:
     """`llm-usage --help` builds this parser; httpx is a dev dependency only."""
     code = (
-        "import sys, llm_usage.cli.bench_api; "
+        "import sys, llm_usage.bench.api; "
         "heavy = {'httpx', 'asyncpg', 'aiokafka', 'jwt'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

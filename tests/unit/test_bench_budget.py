@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from llm_usage.cli.bench_budget import (
+from llm_usage.bench.budget import (
     ArrivedAlert,
     LatencySummary,
     alert_latencies,

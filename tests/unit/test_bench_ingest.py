@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiokafka.structs import TopicPartition
 
-from llm_usage.cli.bench import (
+from llm_usage.bench.ingest import (
     MIB,
     ConsumerRun,
     RunFigures,
@@ -25,7 +25,7 @@ from llm_usage.cli.bench import (
     run_table,
     summary_lines,
 )
-from llm_usage.cli.bench_support import (
+from llm_usage.bench.support import (
     Measurement,
     ProcessMemory,
     busy_cpu_seconds_from_stat,

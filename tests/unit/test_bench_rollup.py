@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from llm_usage.cli.bench_rollup import (
+from llm_usage.bench.rollup import (
     RawGroup,
     batches,
     disagreements,

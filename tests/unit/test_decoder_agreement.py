@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_usage.cli.sample_events import sample_stream
+from llm_usage.local.sample_events import sample_stream
 from llm_usage.schemas import fast_decoding
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event, decode_usage_event_reference

@@ -40,7 +40,7 @@ import yaml
 from llm_usage.cli.main import build_parser
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings, load_settings
-from llm_usage.deploy.local.paths import cache_dir, exclusive_lock
+from llm_usage.local.paths import cache_dir, exclusive_lock
 from tests.unavailable import service_unavailable
 
 # Building kustomize the first time (modules downloaded, then compiled) takes 2-4 minutes.

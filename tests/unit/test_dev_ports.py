@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_usage.cli.dev import dev_up
 from llm_usage.core.errors import ConfigurationError
+from llm_usage.local.dev import dev_up
 
 
 @pytest.mark.parametrize(("port", "nodes"), [(65535, 1), (65531, 3), (0, 1)])

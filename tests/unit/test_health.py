@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from llm_usage.core.health import HealthState, ProbeServer, serve_probes
+from llm_usage.runtime.probes import HealthState, ProbeServer, serve_probes
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_different_errors_and_our_own_lines_pass_through() -> None:
     assert suppressor.filter(record("broker 1 down"))
     assert suppressor.filter(record("something else entirely"))
     assert not suppressor.filter(record("broker 2 down"))  # same shape as the first
-    ours = record("Batch did not land", name="llm_usage.consumers.runtime.loop")
+    ours = record("Batch did not land", name="llm_usage.runtime.loop")
     assert all(suppressor.filter(ours) for _ in range(5))
     info = logging.LogRecord("aiokafka", logging.INFO, __file__, 1, "joined", None, None)
     assert all(suppressor.filter(info) for _ in range(5))

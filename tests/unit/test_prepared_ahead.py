@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from llm_usage.consumers.runtime.ahead import PreparedAhead
-from llm_usage.consumers.runtime.outcome import Record
+from llm_usage.runtime.ahead import PreparedAhead
+from llm_usage.runtime.outcome import Record
 from tests.records import consumer_record
 
 

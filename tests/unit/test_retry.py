@@ -13,12 +13,12 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from llm_usage.consumers.runtime.retry import (
+from llm_usage.core.errors import TransientError
+from llm_usage.runtime.retry import (
     is_transient,
     retry_transient,
     sleep_unless_stopping,
 )
-from llm_usage.core.errors import TransientError
 from llm_usage.storage.pool import DatabaseUnavailableError
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from llm_usage.cli.soak.check import (
+from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
+from llm_usage.soak.check import (
     PolicyVersion,
     compare_aborted,
     compare_alerts,
@@ -15,8 +16,7 @@ from llm_usage.cli.soak.check import (
     expected_alerts,
     spend_from_events,
 )
-from llm_usage.cli.soak.ledger import Ledger, SentEvent, value_digest
-from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
+from llm_usage.soak.ledger import Ledger, SentEvent, value_digest
 
 NOV = datetime(2026, 11, 1, 10, tzinfo=UTC)
 

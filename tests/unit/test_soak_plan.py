@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from llm_usage.cli.soak.plan import (
+from llm_usage.soak.plan import (
     CONSUMERS,
     PAUSE_SECONDS,
     SECONDS_PER_FAULT,

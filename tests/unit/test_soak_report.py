@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_usage.cli.soak.ledger import Ledger, SentEvent
-from llm_usage.cli.soak.report import (
+from llm_usage.soak.ledger import Ledger, SentEvent
+from llm_usage.soak.report import (
     AlertLatency,
     alert_latencies,
     lag_peaks,
@@ -24,7 +24,7 @@ from llm_usage.cli.soak.report import (
     under_fault,
     write_report,
 )
-from llm_usage.cli.soak.timeline import AlertArrival, CheckReport, CheckRow, FaultMark, Sample
+from llm_usage.soak.timeline import AlertArrival, CheckReport, CheckRow, FaultMark, Sample
 
 RUN_START = 1_000.0
 SAMPLES = [

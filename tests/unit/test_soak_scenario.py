@@ -7,7 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from llm_usage.cli.soak.scenario import (
+from llm_usage.schemas.dead_letter import Rejection
+from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.soak.scenario import (
     EventFactory,
     Scenario,
     build_scenario,
@@ -15,8 +17,6 @@ from llm_usage.cli.soak.scenario import (
     encode,
     reserialised,
 )
-from llm_usage.schemas.dead_letter import Rejection
-from llm_usage.schemas.decoding import decode_usage_event
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiokafka.errors import InvalidReplicationFactorError, NotControllerError
 
-from llm_usage.deploy.topics import TopicError, refusal, topic_errors
+from llm_usage.kafka.topics import TopicError, refusal, topic_errors
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from llm_usage.consumers.usage_batch import conflict_view, decode_batch, settle_batch
+from llm_usage.consumers.usage.settle import conflict_view, decode_batch, settle_batch
 from llm_usage.schemas.dead_letter import DeadLetterReason
 from tests.records import consumer_record
 

@@ -1,0 +1,101 @@
+"""`llm-usage consume budget`: the budget consumer as the shared runtime runs it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+from prometheus_client import CollectorRegistry
+
+from llm_usage.consumers.budget.handler import BudgetCounter
+from llm_usage.consumers.budget.metrics import BudgetMetrics
+from llm_usage.consumers.budget.relay import alert_relay
+from llm_usage.consumers.budget.watcher import policy_watcher
+from llm_usage.core.clock import worker_clock
+from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.settings import Settings
+from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
+from llm_usage.runtime.spec import ConsumerContext, ConsumerSpec, SideTask
+from llm_usage.runtime.worker import run_consumer
+from llm_usage.storage.budget_spend import prune_counted_ids
+from llm_usage.storage.pool import connection_from
+
+log = structlog.get_logger(__name__)
+
+_PRUNE_EVERY_SECONDS = 600.0
+_PRUNE_BATCH = 10_000
+
+
+async def require_budget_tables(pool: asyncpg.Pool) -> None:
+    """Refuse to start against a database without the budget tables."""
+    async with connection_from(pool) as connection:
+        if await connection.fetchval("SELECT to_regclass('budget_spend')") is None:
+            raise ConfigurationError(
+                "table budget_spend does not exist in DATABASE_URL's database; "
+                "run `llm-usage migrate` first"
+            )
+
+
+def counted_id_pruner(metrics: BudgetMetrics) -> SideTask:
+    """Forget counted ids older than the retention, a batch at a time, every few minutes."""
+
+    async def prune_counted_ids_regularly(context: ConsumerContext) -> None:
+        sleep = sleep_unless_stopping(context.stopping)
+        hours = context.settings.budget_dedup_retention_hours
+        while not context.stopping.is_set():
+            try:
+                while not context.stopping.is_set():
+                    async with connection_from(context.pool) as connection:
+                        pruned = await prune_counted_ids(
+                            connection, older_than_hours=hours, limit=_PRUNE_BATCH
+                        )
+                    metrics.counted_ids_pruned.inc(pruned)
+                    if pruned < _PRUNE_BATCH:
+                        break
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                log.warning("Pruning counted ids failed; trying later.", error=str(error))
+            await sleep(_PRUNE_EVERY_SECONDS)
+
+    return prune_counted_ids_regularly
+
+
+def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> ConsumerSpec:
+    """Same topic as the usage consumer, its own group, no dead-letter topic of its own."""
+
+    def make_handler(context: ConsumerContext) -> BudgetCounter:
+        return BudgetCounter(pool=context.pool, clock=lambda: datetime.now(UTC))
+
+    return ConsumerSpec(
+        name="budget",
+        topic=settings.usage_topic,
+        group_id=settings.budget_group_id,
+        make_handler=make_handler,
+        dead_letter_topic=None,
+        check_database=require_budget_tables,
+        max_batch=settings.budget_batch(),
+        side_tasks=(
+            alert_relay(metrics),
+            policy_watcher(worker_clock()),
+            counted_id_pruner(metrics),
+        ),
+    )
+
+
+async def run_budget_consumer(
+    settings: Settings,
+    *,
+    exit_when_idle: float | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """`llm-usage consume budget`: run until SIGTERM/SIGINT, or until idle that long."""
+    registry = registry or CollectorRegistry()
+    metrics = BudgetMetrics.create(registry)
+    await run_consumer(
+        settings,
+        budget_consumer_spec(settings, metrics),
+        exit_when_idle=exit_when_idle,
+        registry=registry,
+    )

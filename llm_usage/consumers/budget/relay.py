@@ -1,0 +1,231 @@
+"""The alert relay: publishes the outbox to the alerts topic, exactly once on the topic.
+
+One relay works at a time (a PostgreSQL advisory lock held on a connection of its own; losing
+that connection stops it at once). A relay that takes over first reads the alerts topic from the
+offsets recorded at the last marked publish and marks every alert it finds there: an alert the
+broker acknowledged before a crash, but that was never marked, is therefore never published a
+second time. Then it publishes what is left, in the order the alerts were decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from llm_usage.consumers.budget.metrics import BudgetMetrics
+from llm_usage.core.faults import crash_here
+from llm_usage.kafka.clients import new_reader, start_client
+from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
+from llm_usage.runtime.spec import ConsumerContext, SideTask
+from llm_usage.storage.budget_outbox import (
+    ALERTS_CHANNEL,
+    PendingAlert,
+    mark_published,
+    outbox_backlog,
+    pending_alerts,
+    relay_positions,
+)
+from llm_usage.storage.pool import connect_once, connection_from
+
+log = structlog.get_logger(__name__)
+
+# pg_try_advisory_lock key: "llm-usage alert relay" — one relay per database.
+RELAY_LOCK_KEY = 0x6C6C6D5F72656C61
+PUBLISH_BATCH = 500
+_IDLE_POLL_SECONDS = 1.0
+FAULT_AFTER_PUBLISH = "crash_after_alert_publish"
+
+
+class LostLeadershipError(Exception):
+    """The relay's lock connection is gone: another relay may take over now."""
+
+
+def alert_relay(metrics: BudgetMetrics) -> SideTask:
+    """The relay as a side task of the budget consumer."""
+
+    async def relay_alerts(context: ConsumerContext) -> None:
+        await AlertRelay(context, metrics).run()
+
+    return relay_alerts
+
+
+class AlertRelay:
+    def __init__(self, context: ConsumerContext, metrics: BudgetMetrics) -> None:
+        self._context = context
+        self._settings = context.settings
+        self._topic = context.settings.alerts_topic
+        self._stopping = context.stopping
+        self._metrics = metrics
+        self._wake = asyncio.Event()
+        self._sleep = sleep_unless_stopping(context.stopping)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with self._leadership() as lock:
+                    if lock is None:  # another replica relays; wait and try again
+                        await self._sleep(2.0)
+                        continue
+                    await self._relay_as_leader(lock)
+            except Exception as error:
+                if not (is_transient(error) or isinstance(error, LostLeadershipError)):
+                    raise
+                self._metrics.relay_leader.set(0)
+                log.warning("Alert relay paused.", error=f"{type(error).__name__}: {error}")
+                await self._sleep(1.0)
+
+    @contextlib.asynccontextmanager
+    async def _leadership(self) -> AsyncIterator[asyncpg.Connection | None]:
+        connection = await connect_once(self._settings.database_url)
+        try:
+            acquired = await connection.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY)
+            yield connection if acquired else None
+        finally:
+            self._metrics.relay_leader.set(0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    async def _relay_as_leader(self, lock: asyncpg.Connection) -> None:
+        self._metrics.relay_leader.set(1)
+        log.info("This replica relays budget alerts.", topic=self._topic)
+        await lock.add_listener(ALERTS_CHANNEL, self._on_notify)
+        try:
+            await self._mark_what_is_already_on_the_topic()
+            while not self._stopping.is_set():
+                if lock.is_closed():
+                    raise LostLeadershipError("the relay's lock connection closed")
+                published = await self._publish_pending()
+                if published < PUBLISH_BATCH:
+                    await self._wait_for_work()
+        finally:
+            with contextlib.suppress(Exception):
+                await lock.remove_listener(ALERTS_CHANNEL, self._on_notify)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _wait_for_work(self) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait(
+                {stop, wake}, timeout=_IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+            wake.cancel()
+        self._wake.clear()
+
+    async def _publish_pending(self) -> int:
+        pool = self._context.pool
+        async with connection_from(pool) as connection:
+            pending = await pending_alerts(connection, limit=PUBLISH_BATCH)
+            count, oldest = await outbox_backlog(connection)
+        self._metrics.outbox_backlog.set(count)
+        self._metrics.outbox_oldest_age.set(
+            (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0
+        )
+        if not pending:
+            return 0
+        next_offsets = await self._publish(pending)
+        crash_here(FAULT_AFTER_PUBLISH)
+        async with connection_from(pool) as connection:
+            await mark_published(
+                connection,
+                [alert.alert_id for alert in pending],
+                topic=self._topic,
+                next_offsets=next_offsets,
+            )
+        self._observe(pending)
+        return len(pending)
+
+    async def _publish(self, pending: list[PendingAlert]) -> dict[int, int]:
+        """Send in order and wait for every acknowledgement; return each partition's end."""
+        producer = self._context.producer
+        sent = [
+            await producer.send(self._topic, key=alert.tenant_id.encode(), value=alert.payload)
+            for alert in pending
+        ]
+        next_offsets: dict[int, int] = {}
+        for metadata in await asyncio.gather(*sent):
+            next_offsets[metadata.partition] = max(
+                next_offsets.get(metadata.partition, 0), metadata.offset + 1
+            )
+        return next_offsets
+
+    def _observe(self, published: list[PendingAlert]) -> None:
+        now = datetime.now(UTC)
+        for alert in published:
+            self._metrics.alerts_published.labels(alert.level).inc()
+            self._metrics.alert_latency.observe((now - alert.created_at).total_seconds())
+        log.info("Budget alerts published.", count=len(published), topic=self._topic)
+
+    async def _mark_what_is_already_on_the_topic(self) -> None:
+        """Read the topic from where the last marked publish ended; mark the alerts found."""
+        async with connection_from(self._context.pool) as connection:
+            positions = await relay_positions(connection, self._topic)
+        partitions = sorted(await self._context.producer.partitions_for(self._topic))
+        reader = new_reader(self._settings)
+        await start_client(reader, self._settings)
+        try:
+            found, ends = await _alert_ids_after(
+                reader, [TopicPartition(self._topic, p) for p in partitions], positions
+            )
+        finally:
+            await reader.stop()
+        if found or ends != positions:
+            async with connection_from(self._context.pool) as connection:
+                await mark_published(connection, found, topic=self._topic, next_offsets=ends)
+        if found:
+            log.warning(
+                "Alerts a previous relay published but did not mark are marked now, not sent "
+                "again.",
+                count=len(found),
+            )
+
+
+async def _alert_ids_after(
+    reader: AIOKafkaConsumer, partitions: list[TopicPartition], positions: dict[int, int]
+) -> tuple[list[str], dict[int, int]]:
+    """The alert ids on `partitions` from `positions` (the beginning where none is recorded) to
+    their current ends, and those ends."""
+    reader.assign(partitions)
+    ends = {tp.partition: offset for tp, offset in (await reader.end_offsets(partitions)).items()}
+    # One request for every partition's first offset, then plain seeks: aiokafka's
+    # seek_to_beginning waits for its fetcher's next round (up to fetch_max_wait_ms, 500 ms)
+    # per call, which held a starting relay's first alerts back by seconds on 6 partitions.
+    # A recorded position that retention has deleted since starts at the first offset kept.
+    starts = await reader.beginning_offsets(partitions)
+    for tp in partitions:
+        reader.seek(tp, max(positions.get(tp.partition, 0), starts[tp]))
+    found: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        remaining = [tp for tp in partitions if await reader.position(tp) < ends[tp.partition]]
+        if not remaining:
+            return found, ends
+        fetched = await reader.getmany(*remaining, timeout_ms=500)
+        found.extend(
+            alert_id
+            for records in fetched.values()
+            for record in records
+            if (alert_id := _alert_id_of(record.value)) is not None
+        )
+    raise TimeoutError(f"could not read the alerts topic to its end within 120 s: {partitions}")
+
+
+def _alert_id_of(value: bytes | None) -> str | None:
+    try:
+        alert_id = json.loads(value or b"")["alert_id"]
+    except (ValueError, TypeError, KeyError):
+        return None  # not an alert of ours; nothing to mark
+    return str(alert_id)

@@ -1,0 +1,142 @@
+"""The policy watcher: a policy set (or lowered) below the spend already recorded alerts within
+seconds, without waiting for an event.
+
+It LISTENs for the `budget_policies` notification that every policy change sends in its own
+transaction and then checks that tenant's policies against the current day's and month's
+counters. Every `BUDGET_POLICY_SWEEP_SECONDS` it checks all policies: the safety net for a
+notification missed while disconnected, and for an event that was counted against a policy
+being changed at the same moment. Alerts are inserted under their unique key, so checking twice
+never alerts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Container
+from datetime import UTC, datetime
+
+import structlog
+
+from llm_usage.consumers.budget.crossing import Crossing, crossings_at_rest
+from llm_usage.consumers.budget.handler import alert_for
+from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
+from llm_usage.runtime.spec import ConsumerContext, SideTask
+from llm_usage.schemas.budget import BudgetAlert
+from llm_usage.storage.budget_outbox import insert_alerts, known_alert_ids
+from llm_usage.storage.budget_status import PolicyWindow, current_policy_windows
+from llm_usage.storage.pool import connect_once, connection_from
+
+log = structlog.get_logger(__name__)
+
+POLICIES_CHANNEL = "budget_policies"
+
+
+def crossings_at_rest_of(windows: list[PolicyWindow]) -> list[tuple[PolicyWindow, Crossing]]:
+    """Every level each policy window's current spend has reached (warning first)."""
+    return [
+        (window, crossing)
+        for window in windows
+        for crossing in crossings_at_rest(
+            window.spend_usd,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+        )
+    ]
+
+
+def alert_id_of(window: PolicyWindow, crossing: Crossing) -> str:
+    return window.counter.alert_id(crossing.level, window.limit_usd)
+
+
+def alerts_at_rest(
+    reached: list[tuple[PolicyWindow, Crossing]],
+    *,
+    now: datetime,
+    known_ids: Container[str] = frozenset(),
+) -> list[BudgetAlert]:
+    """The alerts of levels reached at rest (no trigger), leaving out those already decided."""
+    return [
+        alert_for(
+            window.counter,
+            crossing,
+            limit_usd=window.limit_usd,
+            warn_threshold_pct=window.warn_threshold_pct,
+            emitted_at=now,
+        )
+        for window, crossing in reached
+        if alert_id_of(window, crossing) not in known_ids
+    ]
+
+
+def policy_watcher(clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> SideTask:
+    async def watch_policies(context: ConsumerContext) -> None:
+        await PolicyWatcher(context, clock).run()
+
+    return watch_policies
+
+
+class PolicyWatcher:
+    def __init__(self, context: ConsumerContext, clock: Callable[[], datetime]) -> None:
+        self._context = context
+        self._clock = clock
+        self._changed: asyncio.Queue[str] = asyncio.Queue()
+        self._sleep = sleep_unless_stopping(context.stopping)
+
+    async def run(self) -> None:
+        stopping = self._context.stopping
+        while not stopping.is_set():
+            try:
+                await self._listen_and_check()
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                log.warning("Policy watcher paused.", error=f"{type(error).__name__}: {error}")
+                await self._sleep(1.0)
+
+    async def _listen_and_check(self) -> None:
+        settings = self._context.settings
+        listener = await connect_once(settings.database_url)
+        try:
+            await listener.add_listener(POLICIES_CHANNEL, self._on_notify)
+            await self.check(tenant_id=None)  # anything changed while nobody listened
+            while not self._context.stopping.is_set():
+                tenant = await self._next_change(settings.budget_policy_sweep_seconds)
+                if listener.is_closed():
+                    raise ConnectionResetError("the policy watcher's connection closed")
+                await self.check(tenant_id=tenant)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.close(), 5)
+
+    def _on_notify(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        self._changed.put_nowait(str(payload))
+
+    async def _next_change(self, sweep_seconds: float) -> str | None:
+        """The tenant whose policy changed next, or None when it is time to check them all."""
+        getting = asyncio.ensure_future(self._changed.get())
+        stop = asyncio.ensure_future(self._context.stopping.wait())
+        try:
+            await asyncio.wait(
+                {getting, stop}, timeout=sweep_seconds, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            stop.cancel()
+        if getting.done():
+            return getting.result() or None
+        getting.cancel()
+        return None
+
+    async def check(self, *, tenant_id: str | None) -> list[str]:
+        """Alert every policy (of one tenant, or all) whose current spend is past a level."""
+        now = self._clock()
+        async with connection_from(self._context.pool) as connection, connection.transaction():
+            windows = await current_policy_windows(connection, now=now, tenant_id=tenant_id)
+            reached = crossings_at_rest_of(windows)
+            # The sweep finds thousands of levels reached long ago: build only the new alerts.
+            known = await known_alert_ids(connection, [alert_id_of(*each) for each in reached])
+            alerts = alerts_at_rest(reached, now=now, known_ids=known)
+            added = await insert_alerts(connection, alerts)
+        if added:
+            log.info("Policies already past a level alerted.", tenant=tenant_id, alerts=len(added))
+        return added

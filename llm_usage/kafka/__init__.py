@@ -1,0 +1,1 @@
+"""Kafka adapters: the clients every worker builds, and topic administration."""

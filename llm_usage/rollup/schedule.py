@@ -1,0 +1,206 @@
+"""`llm-usage rollup schedule`: refresh the current month's preview lines, and run and close
+each month once it has ended and the grace has passed. Several replicas may run; one works at a
+time (an advisory lock held on a connection of its own, so losing that connection stops the
+work at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import asyncpg
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llm_usage.core.clock import worker_clock
+from llm_usage.core.settings import Settings
+from llm_usage.rollup.periods import current_period, following_period, parse_period
+from llm_usage.rollup.run import close_month, run_rollup
+from llm_usage.runtime.probes import HealthState, serve_probes
+from llm_usage.storage.invoice_lines import closed_periods, months_with_usage_before
+from llm_usage.storage.pool import connect_once, connection_from, create_pool
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SCHEDULE_LOCK_KEY = 0x6C6C6D5F73636864
+_TICK_SECONDS = 30.0
+_RETRY_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ScheduleMetrics:
+    last_success: Gauge
+    duration: Histogram
+    lines_written: Counter
+    months_closed: Counter
+    failures: Counter
+    leader: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ScheduleMetrics:
+        return cls(
+            last_success=Gauge(
+                "llm_usage_rollup_last_success_timestamp_seconds",
+                "When a rollup run (preview or close) last succeeded, Unix time.",
+                registry=registry,
+            ),
+            duration=Histogram(
+                "llm_usage_rollup_run_duration_seconds",
+                "Duration of one rollup run.",
+                buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+                registry=registry,
+            ),
+            lines_written=Counter(
+                "llm_usage_rollup_lines_written_total",
+                "Invoice lines stored by rollup runs.",
+                registry=registry,
+            ),
+            months_closed=Counter(
+                "llm_usage_rollup_months_closed_total", "Months closed.", registry=registry
+            ),
+            failures=Counter(
+                "llm_usage_rollup_failures_total",
+                "Rollup runs that failed (retried; a month is never left half-written).",
+                registry=registry,
+            ),
+            leader=Gauge(
+                "llm_usage_rollup_scheduler_leader",
+                "1 on the one replica that runs the schedule, 0 on the others.",
+                registry=registry,
+            ),
+        )
+
+
+def months_due_for_closing(
+    *, first_month_with_usage: str | None, closed: set[str], now: datetime, grace: timedelta
+) -> list[str]:
+    """Months to close now, oldest first: every month from the first with usage that has ended
+    at least `grace` ago and is not closed yet (months close in order, with or without usage)."""
+    if first_month_with_usage is None:
+        return []
+    due, month = [], first_month_with_usage
+    while month < current_period(now):
+        ends = datetime.combine(parse_period(following_period(month)), datetime.min.time(), UTC)
+        if now < ends + grace:
+            break
+        if month not in closed:
+            due.append(month)
+        month = following_period(month)
+    return due
+
+
+class RollupScheduler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        metrics: ScheduleMetrics,
+        health: HealthState,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self._health = health
+        self._clock = clock
+        self._next_preview: datetime | None = None
+
+    async def tick(self) -> None:
+        """One round of work as the leader: close what is due, refresh the preview if due."""
+        now = self._clock()
+        grace = timedelta(hours=self._settings.rollup_close_grace_hours)
+        async with connection_from(self._pool) as connection:
+            closed = set(await closed_periods(connection))
+            with_usage = await months_with_usage_before(
+                connection, parse_period(current_period(now))
+            )
+        for month in months_due_for_closing(
+            first_month_with_usage=with_usage[0] if with_usage else None,
+            closed=closed,
+            now=now,
+            grace=grace,
+        ):
+            result = await self._timed(close_month(self._pool, period=month, now=now))
+            self._metrics.months_closed.inc()
+            self._metrics.lines_written.inc(len(result.lines))
+            log.info("Month closed.", period=month, lines=len(result.lines))
+        if self._next_preview is None or now >= self._next_preview:
+            result = await self._timed(run_rollup(self._pool, period=current_period(now)))
+            self._metrics.lines_written.inc(len(result.lines))
+            self._next_preview = now + timedelta(minutes=self._settings.rollup_preview_minutes)
+            log.info("Preview lines refreshed.", period=result.period, lines=len(result.lines))
+
+    async def _timed(self, work: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        result = await work
+        self._metrics.duration.observe(time.perf_counter() - started)
+        self._metrics.last_success.set(time.time())
+        return result
+
+    async def run_as_leader(self, lock: asyncpg.Connection, stopping: asyncio.Event) -> None:
+        self._metrics.leader.set(1)
+        self._health.started()
+        log.info("This replica runs the rollup schedule.")
+        while not stopping.is_set():
+            if lock.is_closed():
+                raise ConnectionResetError("the scheduler's lock connection closed")
+            self._health.progressed()
+            try:
+                await self.tick()
+                self._health.release("rollup")
+                wait = _TICK_SECONDS
+            except Exception as error:  # noqa: BLE001 - any failure is retried; the run rolled back
+                self._metrics.failures.inc()
+                self._health.hold("rollup", f"rollup failed: {type(error).__name__}")
+                log.error(
+                    "Rollup failed; it will be retried.", error=f"{type(error).__name__}: {error}"
+                )
+                wait = _RETRY_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), wait)
+
+
+async def run_schedule(settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    """Run until SIGTERM/SIGINT: the leader works, the others wait to take over."""
+    registry = registry or CollectorRegistry()
+    metrics = ScheduleMetrics.create(registry)
+    health = HealthState(starting_reason="waiting for the first rollup")
+    probes = serve_probes(port=settings.metrics_port, registry=registry, state=health)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    pool = await create_pool(settings.database_url, size=2)
+    scheduler = RollupScheduler(
+        settings=settings, pool=pool, metrics=metrics, health=health, clock=worker_clock()
+    )
+    try:
+        while not stopping.is_set():
+            health.progressed()
+            try:
+                lock = await connect_once(settings.database_url)
+                try:
+                    if await lock.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULE_LOCK_KEY):
+                        await scheduler.run_as_leader(lock, stopping)
+                finally:
+                    metrics.leader.set(0)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(lock.close(), 5)
+            except Exception as error:  # noqa: BLE001 - lost the database: stand by and retry
+                log.warning("Rollup schedule paused.", error=f"{type(error).__name__}: {error}")
+            health.started()  # a standby replica is ready to take over
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 5)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await pool.close()
+        probes.close()
