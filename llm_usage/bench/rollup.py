@@ -17,6 +17,7 @@ keeps its statements prepared and PostgreSQL may plan them generically after fiv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import platform
 import random
@@ -39,19 +40,22 @@ from llm_usage.bench.support import (
     publish_backlog,
     time_consumer,
 )
-from llm_usage.consumers.usage.consumer import UsageRecorder, require_migrated
+from llm_usage.consumers.usage.consumer import usage_consumer_spec
+from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.errors import ConfigurationError, UserFacingError
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
+from llm_usage.domain.invoices import USAGE_KIND, InvoiceLine
+from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.periods import next_month, parse_period, period_of
+from llm_usage.domain.usage import Usage
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.run import settings_for_local_run
 from llm_usage.local.sample_events import SampleTenant, sample_stream
-from llm_usage.rollup.lines import USAGE_KIND, InvoiceLine
-from llm_usage.rollup.periods import next_month, parse_period, period_of
 from llm_usage.rollup.run import run_rollup
-from llm_usage.runtime.spec import ConsumerContext, ConsumerSpec
-from llm_usage.schemas.money import usd_to_cents
+from llm_usage.runtime.handler import ConsumerContext
 from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.storage.invoice_lines import GroupUsage
 from llm_usage.storage.migrate import migrate
 from llm_usage.storage.pool import Connection, create_pool
 from llm_usage.storage.usage_events import copy_usage_events
@@ -178,33 +182,21 @@ def batches(events: Iterator[UsageRow], size: int) -> Iterator[list[UsageRow]]:
         yield batch
 
 
-@dataclass(frozen=True)
-class RawGroup:
-    """One row of the raw per-month GROUP BY."""
-
-    tenant_id: str
-    deployment_id: str | None
-    charge_usd: Decimal
-    input_tokens: int
-    output_tokens: int
-    requests: int
-
-
-def disagreements(lines: Sequence[InvoiceLine], raw: Sequence[RawGroup]) -> list[str]:
+def disagreements(lines: Sequence[InvoiceLine], raw: Sequence[GroupUsage]) -> list[str]:
     """How the rollup's usage lines differ from what the raw events say they must be (the
     contract: amount round_half_up(exact sum x 100), qty input + output, meta's token counts and
     requests, 0-cent lines left out, one line per tenant and deployment); empty when they agree."""
     problems: list[str] = []
     expected: dict[tuple[str, str | None], tuple[int, int, int, int, int]] = {}
-    for group in raw:
-        cents = usd_to_cents(group.charge_usd)
+    for tenant_id, deployment_id, usage in raw:
+        cents = usd_to_cents(usage.charge_usd)
         if cents != 0:
-            expected[(group.tenant_id, group.deployment_id)] = (
+            expected[(tenant_id, deployment_id)] = (
                 cents,
-                group.input_tokens + group.output_tokens,
-                group.input_tokens,
-                group.output_tokens,
-                group.requests,
+                usage.input_tokens + usage.output_tokens,
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.requests,
             )
     found: dict[tuple[str, str | None], tuple[int, int, int, int, int]] = {}
     for line in lines:
@@ -421,14 +413,14 @@ async def _time_rollup_reused(database_url: str, period: str, runs: int) -> list
         await pool.close()
 
 
-async def _time_raw(pool: asyncpg.Pool, period: str) -> tuple[float, list[RawGroup]]:
+async def _time_raw(pool: asyncpg.Pool, period: str) -> tuple[float, list[GroupUsage]]:
     first_day = parse_period(period)
     start = datetime.combine(first_day, clock_time(), tzinfo=UTC)
     end = datetime.combine(next_month(first_day), clock_time(), tzinfo=UTC)
     started = time.perf_counter()
     rows = await pool.fetch(RAW_MONTH_QUERY, start, end)
     seconds = time.perf_counter() - started
-    return seconds, [RawGroup(*row) for row in rows]
+    return seconds, [(row[0], row[1], Usage(*row[2:])) for row in rows]
 
 
 async def _raw_plan(pool: asyncpg.Pool, period: str) -> str:
@@ -512,9 +504,9 @@ async def _dead_rows(pool: asyncpg.Pool) -> int:
     return int(found or 0)
 
 
-def _require_agreement(lines: list[InvoiceLine], raw: list[RawGroup], *, events: int) -> None:
+def _require_agreement(lines: list[InvoiceLine], raw: list[GroupUsage], *, events: int) -> None:
     problems = disagreements(lines, raw)
-    counted = sum(group.requests for group in raw)
+    counted = sum(usage.requests for _, _, usage in raw)
     if counted != events:
         problems.insert(0, f"the raw query counts {counted} events, {events} were loaded")
     if problems:
@@ -655,6 +647,14 @@ async def run_aggregate_cost_benchmark(
     )
 
 
+class _RecorderWithoutDailyTotals(UsageRecorder):
+    """The usage consumer's handler minus the daily pre-aggregate: the baseline of its cost
+    (`_verify_recorded` finds the aggregate empty after it, or fails)."""
+
+    async def _add_to_daily_totals(self, connection: Connection, stored: list[UsageRow]) -> None:
+        return
+
+
 async def _time_recorder(
     settings: Settings, pool: asyncpg.Pool, *, keep: bool, group: str, events: int
 ) -> ConsumerRun:
@@ -662,17 +662,12 @@ async def _time_recorder(
     of its own reads the backlog from the start into emptied tables."""
     await pool.execute("TRUNCATE llm_usage_events, usage_daily_totals")
 
-    def make_handler(context: ConsumerContext) -> UsageRecorder:
-        return UsageRecorder(pool=context.pool, keep_daily_totals=keep)
+    def without_daily_totals(context: ConsumerContext) -> UsageRecorder:
+        return _RecorderWithoutDailyTotals(pool=context.pool, clock=context.clock)
 
-    spec = ConsumerSpec(
-        name="usage",
-        topic=settings.usage_topic,
-        group_id=group,
-        make_handler=make_handler,
-        dead_letter_topic=settings.dlq_topic,
-        check_database=require_migrated,
-    )
+    spec = dataclasses.replace(usage_consumer_spec(settings), group_id=group)
+    if not keep:
+        spec = dataclasses.replace(spec, make_handler=without_daily_totals)
     freeze_harness_objects()
     run = await time_consumer(settings, spec)
     return ConsumerRun(keep, events, run.seconds, run.cpu_seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
-from aiokafka.helpers import create_ssl_context
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -97,28 +96,6 @@ class Settings(BaseSettings):
         if self.budget_max_batch is not None:
             return self.budget_max_batch
         return min(4 * self.consumer_max_batch, 100_000)
-
-    def kafka_client_options(self) -> dict[str, Any]:
-        """Connection options shared by every aiokafka client we create."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": self.kafka_bootstrap_servers,
-            "security_protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_sasl_mechanism is not None:
-            options["sasl_mechanism"] = self.kafka_sasl_mechanism
-            options["sasl_plain_username"] = self.kafka_sasl_username
-            options["sasl_plain_password"] = (
-                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
-            )
-        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            try:
-                options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
-            except (OSError, ValueError) as error:
-                raise ConfigurationError(
-                    f"KAFKA_SSL_CAFILE={self.kafka_ssl_cafile!r} cannot be used ({error}); "
-                    "point it at a readable PEM file of the broker's CA"
-                ) from None
-        return options
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -14,11 +14,37 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.helpers import create_ssl_context
 
 from llm_usage.core.errors import ConfigurationError, MissingTopicError, ServiceUnreachableError
 from llm_usage.core.settings import Settings
 
 T = TypeVar("T")
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by every aiokafka client we create (bootstrap, security)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism is not None:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = (
+            settings.kafka_sasl_password.get_secret_value()
+            if settings.kafka_sasl_password
+            else None
+        )
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        try:
+            options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+        except (OSError, ValueError) as error:
+            raise ConfigurationError(
+                f"KAFKA_SSL_CAFILE={settings.kafka_ssl_cafile!r} cannot be used ({error}); "
+                "point it at a readable PEM file of the broker's CA"
+            ) from None
+    return options
 
 
 def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKafkaConsumer:
@@ -36,7 +62,7 @@ def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKaf
         max_partition_fetch_bytes=8 * 1024 * 1024,
         # A rebalance waits this long for the batch in flight (see on_partitions_revoked).
         rebalance_timeout_ms=60_000,
-        **settings.kafka_client_options(),
+        **client_options(settings),
     )
 
 
@@ -50,7 +76,7 @@ def new_reader(settings: Settings) -> AIOKafkaConsumer:
         AIOKafkaConsumer,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        **settings.kafka_client_options(),
+        **client_options(settings),
     )
 
 
@@ -65,7 +91,7 @@ def new_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
         "max_request_size": 8 * 1024 * 1024,
     }
     options.update(overrides)
-    return _client(AIOKafkaProducer, **settings.kafka_client_options(), **options)
+    return _client(AIOKafkaProducer, **client_options(settings), **options)
 
 
 def _client(kind: type[T], **options: Any) -> T:
@@ -108,7 +134,7 @@ async def _security_refusal(settings: Settings) -> str | None:
     """
     if settings.kafka_security_protocol == "PLAINTEXT":
         return None
-    options = settings.kafka_client_options()
+    options = client_options(settings)
     for address in (part.strip() for part in settings.kafka_bootstrap_servers.split(",")):
         error = await _connect_once(address, options)
         line = None if error is None else _refusal_line(error, address, settings)

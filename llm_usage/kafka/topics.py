@@ -32,6 +32,7 @@ from aiokafka.errors import (
 
 from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError
 from llm_usage.core.settings import Settings
+from llm_usage.kafka.clients import client_options
 
 log = structlog.get_logger(__name__)
 
@@ -133,7 +134,7 @@ async def ensure_topics(
     The replication factor defaults to min(3, number of brokers). Safe to run from several
     processes at once: what another one created or grew meanwhile counts as done.
     """
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
     except (KafkaConnectionError, KafkaError, OSError) as error:

@@ -1,5 +1,5 @@
-"""Invoice lines from exact monthly totals: pure functions, no I/O (see CONTRACT.md, "Invoice
-lines (rollup)").
+"""Invoice lines from exact monthly totals: pure functions, no I/O (docs/contract.md, "Invoice
+lines").
 
 Money is summed exactly and rounded once, half up, per line. A late event for a closed month is
 billed as a true-up: what the month's exact total rounds to now, minus what was already billed
@@ -12,79 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
-from llm_usage.schemas.money import EXACT_CONTEXT, usd_to_cents
-
-USAGE_KIND = "llm_usage"
-ADJUSTMENT_KIND = "llm_usage_adjustment"
-RESOURCE_KIND = "llm_tokens"
-UNIT = "token"
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Exact totals of some events: a (tenant, deployment, month)'s, or the part of it billed."""
-
-    charge_usd: Decimal = Decimal(0)
-    input_tokens: int = 0
-    output_tokens: int = 0
-    requests: int = 0
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            EXACT_CONTEXT.add(self.charge_usd, other.charge_usd),
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-            self.requests + other.requests,
-        )
-
-    def __sub__(self, other: Usage) -> Usage:
-        return Usage(
-            EXACT_CONTEXT.subtract(self.charge_usd, other.charge_usd),
-            self.input_tokens - other.input_tokens,
-            self.output_tokens - other.output_tokens,
-            self.requests - other.requests,
-        )
-
-
-@dataclass(frozen=True)
-class InvoiceLine:
-    """One line as stored and as `rollup run --json` prints it."""
-
-    tenant_id: str
-    period: str  # YYYY-MM, the month the line is billed in
-    deployment_id: str | None
-    kind: str
-    qty: int
-    amount_cents: int
-    description: str
-    meta: Mapping[str, Any] = field(default_factory=dict)
-    closed: bool = False
-    resource_kind: str = RESOURCE_KIND
-    unit: str = UNIT
-    unit_price_cents: int | None = None
-
-    @property
-    def original_period(self) -> str:
-        """The month this line bills: its own, or the one an adjustment trues up."""
-        return str(self.meta.get("original_period", self.period))
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "tenant_id": self.tenant_id,
-            "period": self.period,
-            "deployment_id": self.deployment_id,
-            "kind": self.kind,
-            "resource_kind": self.resource_kind,
-            "unit": self.unit,
-            "unit_price_cents": self.unit_price_cents,
-            "qty": self.qty,
-            "amount_cents": self.amount_cents,
-            "description": self.description,
-            "meta": dict(self.meta),
-            "closed": self.closed,
-        }
+from llm_usage.domain.invoices import ADJUSTMENT_KIND, USAGE_KIND, InvoiceLine
+from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.usage import Usage
 
 
 def usage_description(usage: Usage) -> str:
@@ -130,7 +61,7 @@ class Billed:
     """What the lines of closed months already billed for one (tenant, deployment, month)."""
 
     cents: int = 0
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
 
 
 def adjustment_line(

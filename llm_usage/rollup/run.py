@@ -11,15 +11,8 @@ from typing import TypeAlias
 import asyncpg
 
 from llm_usage.core.errors import UserFacingError
-from llm_usage.rollup.lines import (
-    Billed,
-    InvoiceLine,
-    Usage,
-    adjustment_line,
-    billed_so_far,
-    usage_lines,
-)
-from llm_usage.rollup.periods import (
+from llm_usage.domain.invoices import InvoiceLine
+from llm_usage.domain.periods import (
     current_period,
     first_open_after,
     following_period,
@@ -27,9 +20,9 @@ from llm_usage.rollup.periods import (
     next_month,
     parse_period,
 )
+from llm_usage.domain.usage import Usage
+from llm_usage.rollup.lines import Billed, adjustment_line, billed_so_far, usage_lines
 from llm_usage.storage.invoice_lines import (
-    MonthlyUsage,
-    StoredLine,
     close_period,
     closed_periods,
     lines_for,
@@ -64,44 +57,6 @@ class RollupResult:
     closed: bool
 
 
-def _usage(found: MonthlyUsage) -> Usage:
-    return Usage(found.charge_usd, found.input_tokens, found.output_tokens, found.requests)
-
-
-def _from_stored(line: StoredLine, *, closed: bool) -> InvoiceLine:
-    return InvoiceLine(
-        tenant_id=line.tenant_id,
-        period=line.period,
-        deployment_id=line.deployment_id,
-        kind=line.kind,
-        qty=line.qty,
-        amount_cents=line.amount_cents,
-        description=line.description,
-        meta=line.meta,
-        closed=closed,
-        resource_kind=line.resource_kind,
-        unit=line.unit,
-        unit_price_cents=line.unit_price_cents,
-    )
-
-
-def _to_stored(line: InvoiceLine) -> StoredLine:
-    return StoredLine(
-        tenant_id=line.tenant_id,
-        period=line.period,
-        deployment_id=line.deployment_id,
-        kind=line.kind,
-        resource_kind=line.resource_kind,
-        unit=line.unit,
-        unit_price_cents=line.unit_price_cents,
-        qty=line.qty,
-        amount_cents=line.amount_cents,
-        description=line.description,
-        meta=dict(line.meta),
-        original_period=line.original_period,
-    )
-
-
 async def _compute_lines(
     connection: Connection,
     period: str,
@@ -120,10 +75,10 @@ async def _compute_lines(
     for start in range(0, len(tenants), TENANTS_PER_STEP):
         chunk = tenants[start : start + TENANTS_PER_STEP]
         by_tenant: dict[str, dict[str | None, Usage]] = {}
-        for found in await monthly_usage(
+        for tenant, deployment, usage in await monthly_usage(
             connection, first_day=first_day, next_month=after, tenant_ids=chunk
         ):
-            by_tenant.setdefault(found.tenant_id, {})[found.deployment_id] = _usage(found)
+            by_tenant.setdefault(tenant, {})[deployment] = usage
         for tenant in sorted(by_tenant):
             lines.extend(usage_lines(tenant, period, by_tenant[tenant]))
         if progress is not None:
@@ -140,8 +95,8 @@ async def _compute_lines(
     for month in late_months:
         month_first = parse_period(month)
         totals = {
-            (found.tenant_id, found.deployment_id): _usage(found)
-            for found in await monthly_usage(
+            (tenant, deployment): usage
+            for tenant, deployment, usage in await monthly_usage(
                 connection,
                 first_day=month_first,
                 next_month=next_month(month_first),
@@ -149,8 +104,7 @@ async def _compute_lines(
             )
         }
         billed = billed_so_far(
-            _from_stored(line, closed=True)
-            for line in await lines_for(
+            await lines_for(
                 connection, original_periods=[month], tenant_id=tenant_id, closed_only=True
             )
         )
@@ -186,13 +140,13 @@ async def run_rollup(
         closed = set(await closed_periods(connection))
         if period in closed:
             frozen = await lines_for(connection, period=period, tenant_id=tenant_id)
-            return RollupResult(period, [_from_stored(line, closed=True) for line in frozen], True)
+            return RollupResult(period, frozen, True)
         lines = await _compute_lines(connection, period, tenant_id, closed, progress)
         await replace_open_lines(
             connection,
             period=period,
             tenant_id=tenant_id,
-            lines=[_to_stored(line) for line in lines],
+            lines=lines,
         )
     return RollupResult(period, lines, False)
 
@@ -212,7 +166,7 @@ async def close_month(
         closed = set(await closed_periods(connection))
         if period in closed:
             frozen = await lines_for(connection, period=period)
-            return RollupResult(period, [_from_stored(line, closed=True) for line in frozen], True)
+            return RollupResult(period, frozen, True)
         still_open = _open_months_before(
             await months_with_usage_before(connection, first_day), period, closed
         )
@@ -222,9 +176,7 @@ async def close_month(
                 f"(`llm-usage rollup close --period {still_open[0]}` first)"
             )
         lines = await _compute_lines(connection, period, None, closed, progress)
-        await replace_open_lines(
-            connection, period=period, tenant_id=None, lines=[_to_stored(line) for line in lines]
-        )
+        await replace_open_lines(connection, period=period, tenant_id=None, lines=lines)
         await close_period(connection, period)
     return RollupResult(period, [replace(line, closed=True) for line in lines], True)
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from llm_usage.schemas.budget import BudgetAlert
+from llm_usage.schemas.budget_alert import BudgetAlert
 
 SCHEMA_PATH = Path(__file__).with_name("budget_alert.v1.schema.json")
 

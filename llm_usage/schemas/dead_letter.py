@@ -1,4 +1,5 @@
-"""Why a record goes to the dead-letter topic, and the headers that say so (see CONTRACT.md)."""
+"""Why a record goes to the dead-letter topic, and the headers that say so (docs/contract.md,
+"Dead letters")."""
 
 from __future__ import annotations
 

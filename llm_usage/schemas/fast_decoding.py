@@ -22,7 +22,7 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from pydantic_core import PydanticCustomError
 
-from llm_usage.schemas.money import cents_to_usd, usd_to_cents
+from llm_usage.domain.money import cents_to_usd, usd_to_cents
 from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
     FIRST_STORABLE_INSTANT,

@@ -1,4 +1,5 @@
-"""The usage event v1 (`llm_usage_recorded`): every rule of CONTRACT.md, checked in one model.
+"""The usage event v1 (`llm_usage_recorded`): every rule of docs/contract.md ("Usage event v1"),
+checked in one model.
 
 A valid event can always be stored. Besides the contract's rules the model refuses what
 PostgreSQL cannot hold: NUL characters and lone surrogates in text, integers beyond `bigint`,
@@ -36,7 +37,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-from llm_usage.schemas.money import cents_to_usd, usd_to_cents
+from llm_usage.domain.ids import ID_JSON_PATTERN, has_control_character
+from llm_usage.domain.money import cents_to_usd, usd_to_cents
 
 EVENT_TYPE: Final = "llm_usage_recorded"
 SCHEMA_VERSION: Final = 1
@@ -66,17 +68,6 @@ DECIMAL_TEXT_PATTERN = r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$"
 _DECIMAL_TEXT = re.compile(DECIMAL_TEXT_PATTERN.removeprefix("^").removesuffix("$"))
 # The usual case, "0.0054": digits within both limits and no sign, so no counting is needed.
 _PLAIN_DECIMAL_TEXT = re.compile(r"(0|[1-9][0-9]{0,11})(\.[0-9]{1,18})?")
-
-# The contract's ids (`gateway_request_id`, `tenant_id`): no leading or trailing whitespace and
-# no control characters (Unicode category Cc), which no gateway means and every person misreads.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-ID_JSON_PATTERN = r"^(?!\s)[^\u0000-\u001f\u007f-\u009f]*(?<!\s)$"
-
-
-def is_clean_id(value: str) -> bool:
-    """Whether `value` has no leading or trailing whitespace and no control character."""
-    return value == value.strip() and _CONTROL_CHARACTERS.search(value) is None
-
 
 CONFLICT_FIELDS: tuple[str, ...] = (
     "tenant_id",
@@ -314,7 +305,7 @@ class UsageEvent(BaseModel):
             raise PydanticCustomError(
                 "id_whitespace", "must not begin or end with whitespace (the contract's id rule)"
             )
-        if _CONTROL_CHARACTERS.search(value) is not None:
+        if has_control_character(value):
             raise PydanticCustomError(
                 "id_control_character",
                 "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from llm_usage.schemas.budget import BudgetAlert
+from llm_usage.schemas.budget_alert import BudgetAlert
 from llm_usage.storage.pool import Connection
 
 ALERTS_CHANNEL = "budget_alerts"

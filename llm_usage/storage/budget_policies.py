@@ -9,15 +9,15 @@ lock, so the audit reads as a chain: each entry's old policy is the previous ent
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
 
-from llm_usage.schemas.budget import ScopeType
-from llm_usage.schemas.budget_policy import BudgetPolicy, InvalidPolicyError, PolicyKey
+from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.policies import BudgetPolicy, InvalidPolicyError, PolicyKey
 from llm_usage.storage.pool import Connection
 
 # LISTEN on this channel to hear of every committed change; the payload is the tenant id.
@@ -52,18 +52,12 @@ _AUDIT = """
 """
 _NOTIFY = "SELECT pg_notify($1, $2)"
 
-_SELECT_KEYS = f"""
-    SELECT {_COLUMNS} FROM budget_policies
-    JOIN unnest($1::text[], $2::text[], $3::text[]) AS wanted (tenant_id, scope_type, scope_id)
-        USING (tenant_id, scope_type, scope_id)
-"""
 # Scopes in the contract's order (tenant, deployment, user, agent), then by id.
 _ORDER = (
     "ORDER BY tenant_id, array_position(ARRAY['tenant', 'deployment', 'user', 'agent'], "
     "scope_type), scope_id"
 )
 _SELECT_TENANT = f"SELECT {_COLUMNS} FROM budget_policies WHERE tenant_id = $1 {_ORDER}"
-_SELECT_ALL = f"SELECT {_COLUMNS} FROM budget_policies {_ORDER}"
 _SELECT_HISTORY = """
     SELECT id, changed_at, actor, tenant_id, scope_type, scope_id, old_policy, new_policy
     FROM budget_policy_audit
@@ -203,27 +197,9 @@ async def delete_policy(
     return PolicyChange(old=old, new=None)
 
 
-async def policies_for(
-    connection: Connection, keys: Sequence[tuple[str, str, str]]
-) -> dict[PolicyKey, BudgetPolicy]:
-    """The policies of these (tenant_id, scope_type, scope_id) keys that exist, by key; one
-    query whatever the number of keys. A key without a policy is absent from the answer."""
-    if not keys:
-        return {}
-    tenants, scope_types, scope_ids = (list(column) for column in zip(*keys, strict=True))
-    rows = await connection.fetch(_SELECT_KEYS, tenants, scope_types, scope_ids)
-    policies = map(_policy_from_row, rows)
-    return {policy.key: policy for policy in policies}
-
-
 async def tenant_policies(connection: Connection, tenant_id: str) -> list[BudgetPolicy]:
     """The tenant's policies: scopes in the order tenant, deployment, user, agent, then by id."""
     return [_policy_from_row(row) for row in await connection.fetch(_SELECT_TENANT, tenant_id)]
-
-
-async def all_policies(connection: Connection) -> list[BudgetPolicy]:
-    """Every policy of every tenant, by tenant, then as `tenant_policies` orders them."""
-    return [_policy_from_row(row) for row in await connection.fetch(_SELECT_ALL)]
 
 
 def _json_or_none(value: str | None) -> Mapping[str, Any] | None:

@@ -11,8 +11,8 @@ from datetime import date
 from decimal import Decimal
 from typing import NamedTuple
 
-from llm_usage.schemas.budget import SpendKey
-from llm_usage.schemas.money import EXACT_CONTEXT
+from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, SpendKey
+from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.storage.pool import Connection
 
 # A batch's events reach PostgreSQL by one binary COPY into a session-local staging table (it
@@ -58,16 +58,17 @@ _COUNT_STAGED = """
 # `before = after - increment` is exact even while another replica adds to the same counter.
 # Only counters whose scope has a policy with a limit for their window come back, with it: the
 # others cannot alert, and a batch touches thousands of counters.
-_ADD_STAGED_TO_COUNTERS = """
+_SCOPES_OF_EVENT = ", ".join(f"('{scope.value}', b.{field})" for scope, field in SCOPE_FIELDS)
+_WINDOWS = ", ".join(f"('{window.value}')" for window in BudgetWindow)
+_ADD_STAGED_TO_COUNTERS = f"""
     WITH contributions AS (
         SELECT b.tenant_id, s.scope_type, s.scope_id, w."window",
             CASE w."window" WHEN 'daily' THEN b.day
                 ELSE date_trunc('month', b.day)::date END AS period_start,
             b.charge_usd
         FROM budget_event_batch AS b
-        CROSS JOIN LATERAL (VALUES ('tenant', b.tenant_id), ('deployment', b.deployment_id),
-            ('user', b.user_id), ('agent', b.agent_id)) AS s(scope_type, scope_id)
-        CROSS JOIN (VALUES ('daily'), ('monthly')) AS w("window")
+        CROSS JOIN LATERAL (VALUES {_SCOPES_OF_EVENT}) AS s(scope_type, scope_id)
+        CROSS JOIN (VALUES {_WINDOWS}) AS w("window")
         WHERE s.scope_id IS NOT NULL
     ), increments AS (
         SELECT tenant_id, scope_type, scope_id, "window", period_start,

@@ -10,8 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType, period_start
-from llm_usage.schemas.budget_policy import BudgetStatus, budget_status
+from llm_usage.domain.budgets import (
+    BudgetStatus,
+    BudgetWindow,
+    CounterKey,
+    ScopeType,
+    budget_status,
+    period_start,
+)
 from llm_usage.storage.pool import Connection
 
 # Each policy once per window it has a limit for, with that window's current period; the

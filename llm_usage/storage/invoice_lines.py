@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
+from llm_usage.domain.invoices import InvoiceLine
+from llm_usage.domain.usage import Usage
 from llm_usage.storage.pool import Connection
 
 # One rollup or close at a time, per database: a run replaces an open month's lines whole.
 ROLLUP_LOCK_KEY = 0x6C6C6D5F726F6C6C
 
+# `original_period` is stored for the index; a line derives it from its meta.
 LINE_COLUMNS = (
     "tenant_id",
     "period",
@@ -33,30 +34,11 @@ LINE_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class MonthlyUsage:
-    tenant_id: str
-    deployment_id: str | None
-    charge_usd: Decimal
-    input_tokens: int
-    output_tokens: int
-    requests: int
+# What a month's usage query gives per group: (tenant_id, deployment_id, exact totals).
+GroupUsage = tuple[str, str | None, Usage]
 
 
-@dataclass(frozen=True)
-class StoredLine:
-    tenant_id: str
-    period: str
-    deployment_id: str | None
-    kind: str
-    resource_kind: str
-    unit: str
-    unit_price_cents: int | None
-    qty: int
-    amount_cents: int
-    description: str
-    meta: dict[str, Any]
-    original_period: str
+_READ_COLUMNS = tuple(column for column in LINE_COLUMNS if column != "original_period")
 
 
 async def lock_rollup(connection: Connection) -> None:
@@ -86,7 +68,7 @@ async def monthly_usage(
     first_day: date,
     next_month: date,
     tenant_ids: Sequence[str] | None,
-) -> list[MonthlyUsage]:
+) -> list[GroupUsage]:
     """Exact usage per tenant and deployment over [first_day, next_month), from daily totals,
     for these tenants (all when None)."""
     # Two statements, not one with "$3 IS NULL OR …": a prepared statement's generic plan for
@@ -106,16 +88,19 @@ async def monthly_usage(
         *([list(tenant_ids)] if tenant_ids is not None else []),
     )
     return [
-        MonthlyUsage(
+        (
             row["tenant_id"],
             row["deployment_id"],
-            row["charge_usd"],
-            row["input_tokens"],
-            row["output_tokens"],
-            row["requests"],
+            Usage(row["charge_usd"], row["input_tokens"], row["output_tokens"], row["requests"]),
         )
         for row in rows
     ]
+
+
+async def closed_period(connection: Connection, period: str) -> bool:
+    """Whether the month `period` (YYYY-MM) is closed: its invoice lines are final."""
+    found = await connection.fetchval("SELECT true FROM invoice_periods WHERE period = $1", period)
+    return bool(found)
 
 
 async def closed_periods(connection: Connection) -> dict[str, Any]:
@@ -151,11 +136,14 @@ async def lines_for(
     original_periods: Sequence[str] | None = None,
     tenant_id: str | None = None,
     closed_only: bool = False,
-) -> list[StoredLine]:
-    """Stored lines billed in `period`, or billing any of `original_periods`."""
+) -> list[InvoiceLine]:
+    """Stored lines billed in `period`, or billing any of `original_periods`, each saying
+    whether its month is closed."""
     rows = await connection.fetch(
         f"""
-        SELECT {", ".join(LINE_COLUMNS)} FROM invoice_lines l
+        SELECT {", ".join(_READ_COLUMNS)},
+            EXISTS (SELECT 1 FROM invoice_periods p WHERE p.period = l.period) AS closed
+        FROM invoice_lines l
         WHERE ($1::text IS NULL OR l.period = $1)
           AND ($2::text[] IS NULL OR l.original_period = ANY($2::text[]))
           AND ($3::text IS NULL OR l.tenant_id = $3)
@@ -170,10 +158,10 @@ async def lines_for(
     return [_line(row) for row in rows]
 
 
-def _line(row: asyncpg.Record) -> StoredLine:
+def _line(row: asyncpg.Record) -> InvoiceLine:
     values = dict(row)
     values["meta"] = json.loads(values["meta"])
-    return StoredLine(**values)
+    return InvoiceLine(**values)
 
 
 async def replace_open_lines(
@@ -181,7 +169,7 @@ async def replace_open_lines(
     *,
     period: str,
     tenant_id: str | None,
-    lines: Sequence[StoredLine],
+    lines: Sequence[InvoiceLine],
 ) -> None:
     """Replace the open month's lines (of one tenant, or all) with `lines`; the database refuses
     it for a closed month."""

@@ -199,9 +199,3 @@ async def emitted_alerts(
     `since`), newest first, each exactly as published."""
     rows = await connection.fetch(_ALERTS, tenant_id, since, limit)
     return [json.loads(row["payload"]) for row in rows]
-
-
-async def closed_period(connection: Connection, period: str) -> bool:
-    """Whether the month `period` (YYYY-MM) is closed: its invoice lines are final."""
-    found = await connection.fetchval("SELECT true FROM invoice_periods WHERE period = $1", period)
-    return bool(found)

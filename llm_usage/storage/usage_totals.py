@@ -3,42 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import date
-from decimal import Decimal
+from typing import Any
 
-from llm_usage.schemas.money import EXACT_CONTEXT
+from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.domain.usage import Usage
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
 
 TotalsKey = tuple[str, str | None, date]  # tenant_id, deployment_id, UTC day
 
 
-@dataclass
-class Totals:
-    charge_usd: Decimal
-    input_tokens: int
-    output_tokens: int
-    requests: int
-
-
-def daily_totals(events: Iterable[UsageRow]) -> dict[TotalsKey, Totals]:
+def daily_totals(events: Iterable[UsageRow]) -> dict[TotalsKey, Usage]:
     """Exact sums per (tenant, deployment, UTC day) of `events`."""
-    totals: dict[TotalsKey, Totals] = {}
+    # Summed in place in plain lists (a batch has thousands of events), then made values.
+    sums: dict[TotalsKey, list[Any]] = {}
+    add = EXACT_CONTEXT.add
     for event in events:
         # Decoding put occurred_at in UTC already.
         key = (event.tenant_id, event.deployment_id, event.occurred_at.date())
-        found = totals.get(key)
+        found = sums.get(key)
         if found is None:
-            totals[key] = Totals(
-                event.customer_charge_usd, event.input_tokens, event.output_tokens, 1
-            )
+            sums[key] = [event.customer_charge_usd, event.input_tokens, event.output_tokens, 1]
         else:
-            found.charge_usd = EXACT_CONTEXT.add(found.charge_usd, event.customer_charge_usd)
-            found.input_tokens += event.input_tokens
-            found.output_tokens += event.output_tokens
-            found.requests += 1
-    return totals
+            found[0] = add(found[0], event.customer_charge_usd)
+            found[1] += event.input_tokens
+            found[2] += event.output_tokens
+            found[3] += 1
+    return {key: Usage(*values) for key, values in sums.items()}
 
 
 # Rows in sorted key order, so replicas adding to the same days lock them in the same order.
@@ -60,7 +52,7 @@ _ADD = """
 """
 
 
-async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey, Totals]) -> None:
+async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey, Usage]) -> None:
     """Add newly stored events' sums to the pre-aggregate; one statement."""
     if not totals:
         return

@@ -11,7 +11,6 @@ from decimal import Decimal
 import pytest
 
 from llm_usage.bench.rollup import (
-    RawGroup,
     batches,
     disagreements,
     month_events,
@@ -21,10 +20,12 @@ from llm_usage.bench.rollup import (
     throughput_drop,
 )
 from llm_usage.core.errors import ConfigurationError
-from llm_usage.rollup.lines import Usage, usage_line, usage_lines
+from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.usage import Usage
+from llm_usage.rollup.lines import usage_line, usage_lines
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.money import usd_to_cents
 from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.storage.invoice_lines import GroupUsage
 from llm_usage.storage.usage_totals import daily_totals
 
 D = Decimal
@@ -118,8 +119,8 @@ def test_batches_keep_every_event_in_order() -> None:
     assert [event for chunk in chunks for event in chunk] == events
 
 
-def _raw(tenant: str, deployment: str | None, usd: str, tokens: tuple[int, int, int]) -> RawGroup:
-    return RawGroup(tenant, deployment, D(usd), *tokens)
+def _raw(tenant: str, deployment: str | None, usd: str, tokens: tuple[int, int, int]) -> GroupUsage:
+    return (tenant, deployment, Usage(D(usd), *tokens))
 
 
 RAW = [
@@ -137,9 +138,9 @@ def test_lines_built_from_the_same_sums_agree() -> None:
             tenant,
             "2026-02",
             {
-                g.deployment_id: Usage(g.charge_usd, g.input_tokens, g.output_tokens, g.requests)
-                for g in RAW
-                if g.tenant_id == tenant
+                deployment_id: usage
+                for tenant_id, deployment_id, usage in RAW
+                if tenant_id == tenant
             },
         )
     ]

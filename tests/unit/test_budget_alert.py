@@ -14,15 +14,9 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import ValidationError
 
+from llm_usage.domain.budgets import AlertLevel, BudgetWindow, ScopeType, alert_id_for, period_start
 from llm_usage.schemas import budget_alert_schema
-from llm_usage.schemas.budget import (
-    AlertLevel,
-    BudgetAlert,
-    BudgetWindow,
-    ScopeType,
-    alert_id_for,
-    period_start,
-)
+from llm_usage.schemas.budget_alert import BudgetAlert
 from llm_usage.schemas.budget_alert_schema import (
     SCHEMA_PATH,
     budget_alert_json_schema,

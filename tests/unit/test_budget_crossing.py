@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_usage.consumers.budget.counting import contributions_to, scopes_of
+from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.consumers.budget.crossing import (
     Contribution,
     Crossing,
     crossings_at_rest,
     crossings_by_events,
 )
-from llm_usage.schemas.budget import AlertLevel, CounterKey, ScopeType, SpendKey
+from llm_usage.domain.budgets import AlertLevel, CounterKey, ScopeType, SpendKey, scopes_of
 from llm_usage.schemas.usage_event import UsageEvent
 
 D = Decimal

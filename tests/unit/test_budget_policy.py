@@ -12,16 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_usage.cli.main import run
-from llm_usage.schemas.budget import BudgetWindow, ScopeType
-from llm_usage.schemas.budget_policy import (
+from llm_usage.domain.budgets import (
     BudgetLevel,
-    BudgetPolicy,
-    InvalidPolicyError,
+    BudgetWindow,
+    ScopeType,
     budget_level,
     budget_status,
     percent_of_limit,
-    policy_from_text,
 )
+from llm_usage.domain.policies import BudgetPolicy, InvalidPolicyError, policy_from_text
 
 D = Decimal
 

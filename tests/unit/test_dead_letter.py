@@ -1,4 +1,4 @@
-"""Dead-letter reasons and headers, exactly as CONTRACT.md names them."""
+"""Dead-letter reasons and headers, exactly as docs/contract.md ("Dead letters") names them."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def test_the_customers_top_level_folders_lead_into_the_package() -> None:
 @pytest.mark.parametrize(
     ("module", "source"),
     [
-        ("core.clock", "from llm_usage.schemas.money import round_usd"),
+        ("core.clock", "from llm_usage.domain.money import round_usd"),
         ("domain.periods", "import llm_usage.storage.pool"),
         ("schemas.usage_event", "from llm_usage.storage import usage_events"),
         ("storage.pool", "from llm_usage.kafka.clients import build_producer"),

@@ -5,24 +5,10 @@ from __future__ import annotations
 import random
 from decimal import Decimal
 
-import pytest
-
-from llm_usage.rollup.lines import (
-    Billed,
-    Usage,
-    adjustment_line,
-    billed_so_far,
-    usage_line,
-    usage_lines,
-)
-from llm_usage.rollup.periods import (
-    InvalidPeriodError,
-    first_open_after,
-    following_period,
-    month_has_ended,
-    parse_period,
-)
-from llm_usage.schemas.money import round_half_up, sum_exact, usd_to_cents
+from llm_usage.domain.money import round_half_up, usd_to_cents
+from llm_usage.domain.usage import Usage
+from llm_usage.rollup.lines import Billed, adjustment_line, billed_so_far, usage_line, usage_lines
+from tests.money import exact_sum
 
 D = Decimal
 
@@ -31,7 +17,7 @@ def test_millions_of_tiny_charges_round_once_not_per_event() -> None:
     # 2,000,001 charges of 0.000005: each rounds to 0 cents, their exact sum is 10.000005 USD,
     # i.e. 1000.0005 cents, billed as 1000.
     charges = [D("0.000005")] * 2_000_001
-    total = sum_exact(charges)
+    total = exact_sum(charges)
     assert total == D("10.000005")
     line = usage_line("t1", "2026-11", "dep-1", Usage(total, 1, 2, len(charges)))
     assert line.amount_cents == 1000  # 1000.0005 cents rounds to 1000
@@ -39,15 +25,15 @@ def test_millions_of_tiny_charges_round_once_not_per_event() -> None:
 
 
 def test_a_sum_that_lands_on_a_half_cent_rounds_up() -> None:
-    total = sum_exact([D("0.0025"), D("0.0025"), D("0.0000")])  # 0.005 exactly: half a cent
+    total = exact_sum([D("0.0025"), D("0.0025"), D("0.0000")])  # 0.005 exactly: half a cent
     assert usage_line("t1", "2026-11", None, Usage(total, 0, 0, 3)).amount_cents == 1
     assert usd_to_cents(D("0.0025")) * 2 == 0  # pre-rounded cents would bill nothing
 
 
 def test_twenty_significant_digits_stay_exact() -> None:
     charges = [D("12345678.901234567891"), D("0.000000000000000009")]
-    line = usage_line("t1", "2026-11", "d", Usage(sum_exact(charges), 0, 0, 2))
-    assert line.amount_cents == int(round_half_up(sum_exact(charges) * 100))
+    line = usage_line("t1", "2026-11", "d", Usage(exact_sum(charges), 0, 0, 2))
+    assert line.amount_cents == int(round_half_up(exact_sum(charges) * 100))
     assert line.amount_cents == 1234567890
 
 
@@ -128,7 +114,7 @@ def test_true_ups_keep_every_month_at_its_total_rounded_once() -> None:
     exact = D(0)
     billed_lines = [usage_line("t1", "2026-11", "d", Usage(exact, 0, 0, 0))]
     for round_ in range(30):
-        exact += sum_exact(D(rng.randrange(0, 10_000)) / D(1_000_000) for _ in range(7))
+        exact += exact_sum(D(rng.randrange(0, 10_000)) / D(1_000_000) for _ in range(7))
         billed = billed_so_far(billed_lines)[("t1", "d", "2026-11")]
         line = adjustment_line(
             tenant_id="t1",
@@ -156,30 +142,6 @@ def test_a_true_up_is_never_negative() -> None:
             billed=Billed(cents_billed),
         )
         assert line is None or line.amount_cents > 0
-
-
-@pytest.mark.parametrize(
-    ("period", "closed", "expected"),
-    [
-        ("2026-10", set(), "2026-11"),
-        ("2026-10", {"2026-10", "2026-11"}, "2026-12"),
-        ("2026-12", {"2026-12", "2027-01"}, "2027-02"),
-    ],
-)
-def test_first_open_after(period: str, closed: set[str], expected: str) -> None:
-    assert first_open_after(period, closed) == expected
-
-
-def test_periods() -> None:
-    assert following_period("2026-12") == "2027-01"
-    assert parse_period("2026-02").isoformat() == "2026-02-01"
-    for bad in ("2026-13", "2026-1", "26-01", "2026-00", "november"):
-        with pytest.raises(InvalidPeriodError, match="YYYY-MM"):
-            parse_period(bad)
-    from datetime import UTC, datetime  # noqa: PLC0415
-
-    assert month_has_ended("2026-10", datetime(2026, 11, 1, tzinfo=UTC))
-    assert not month_has_ended("2026-11", datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
 
 
 def test_the_progress_bar_draws_in_place_and_only_for_long_runs() -> None:

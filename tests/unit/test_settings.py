@@ -8,6 +8,7 @@ import pytest
 
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import load_settings
+from llm_usage.kafka.clients import client_options
 
 
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,7 +21,7 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.dlq_topic == "llm_usage_recorded.dlq"
     assert settings.alerts_topic == "llm_budget_alerts"
     assert settings.usage_group_id == "llm-usage-ingest"
-    assert settings.kafka_client_options() == {
+    assert client_options(settings) == {
         "bootstrap_servers": "localhost:9092",
         "security_protocol": "PLAINTEXT",
     }
@@ -43,7 +44,7 @@ def test_sasl_settings_reach_the_kafka_clients(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
     monkeypatch.setenv("KAFKA_SASL_PASSWORD", "secret")
-    options = load_settings().kafka_client_options()
+    options = client_options(load_settings())
     assert options["sasl_mechanism"] == "SCRAM-SHA-512"
     assert options["sasl_plain_username"] == "svc"
     assert options["sasl_plain_password"] == "secret"
@@ -89,7 +90,7 @@ def test_an_unreadable_ca_file_is_a_configuration_error(monkeypatch: pytest.Monk
     with pytest.raises(
         ConfigurationError, match=re.escape("KAFKA_SSL_CAFILE='/nonexistent/ca.pem'")
     ):
-        settings.kafka_client_options()
+        client_options(settings)
 
 
 @pytest.mark.parametrize("mechanism", ["GSSAPI", "OAUTHBEARER"])
@@ -113,7 +114,7 @@ def test_the_sasl_password_never_shows_in_a_repr_or_a_log(
     settings = load_settings()
     assert "hunter2-secret" not in repr(settings)
     assert "hunter2-secret" not in str(settings.model_dump())
-    assert settings.kafka_client_options()["sasl_plain_password"] == "hunter2-secret"
+    assert client_options(settings)["sasl_plain_password"] == "hunter2-secret"
 
 
 def test_the_budget_batch_is_four_consumer_batches_unless_set() -> None:

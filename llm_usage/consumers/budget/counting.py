@@ -5,23 +5,18 @@ Inside a batch a counter is a plain `SpendKey` tuple, not a `CounterKey`.
 
 from __future__ import annotations
 
-from calendar import monthrange
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Protocol
 
 from llm_usage.consumers.budget.crossing import Contribution
-from llm_usage.schemas.budget import BudgetWindow, ScopeType, SpendKey
+from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, ScopeType, SpendKey
+from llm_usage.domain.periods import month_end
 
 _TENANT = ScopeType.TENANT.value
 _DAILY = BudgetWindow.DAILY.value
-_ATTRIBUTIONS = (
-    (ScopeType.DEPLOYMENT.value, "deployment_id"),
-    (ScopeType.USER.value, "user_id"),
-    (ScopeType.AGENT.value, "agent_id"),
-)
-_FIELD_OF_SCOPE = dict(_ATTRIBUTIONS)
+_FIELD_OF_SCOPE = {scope_type.value: field for scope_type, field in SCOPE_FIELDS}
 
 
 class CountedEvent(Protocol):
@@ -43,22 +38,12 @@ class CountedEvent(Protocol):
     def occurred_at(self) -> datetime: ...
 
 
-def scopes_of(event: CountedEvent) -> list[tuple[str, str]]:
-    """Every scope an event counts toward: its tenant, and each attribution that is not null."""
-    scopes = [(_TENANT, event.tenant_id)]
-    for scope_type, field in _ATTRIBUTIONS:
-        value = getattr(event, field)
-        if value is not None:
-            scopes.append((scope_type, value))
-    return scopes
-
-
 def contributions_to(
     counters: Iterable[SpendKey], events: Iterable[CountedEvent]
 ) -> dict[SpendKey, list[Contribution]]:
     """For each of `counters`, the charges of the `events` that add to it, in the events' order.
 
-    An event adds to the counters of every scope it names (`scopes_of`) for its own UTC day and
+    An event adds to the counters of every scope it names (`SCOPE_FIELDS`) for its own UTC day and
     month (a backdated event to its own period). Only the counters asked for are looked at: a
     batch touches thousands of counters, and only the handful that cross a level need this.
     """
@@ -70,9 +55,7 @@ def contributions_to(
         tenant, scope_type, scope_id, window, start = key
         contributions = found[key] = []
         field = None if scope_type == _TENANT else _FIELD_OF_SCOPE[scope_type]
-        last = (
-            start if window == _DAILY else start.replace(day=monthrange(start.year, start.month)[1])
-        )
+        last = start if window == _DAILY else month_end(start)
         wanted.setdefault(tenant, []).append((field, scope_id, start, last, contributions))
     # The bench's backlog asks for ~450 counters a batch over most of its tenants: this loop runs
     # for most events, so it allocates nothing for an event that adds to none of them.

@@ -1,12 +1,42 @@
-"""Months as the rollup bills them: `YYYY-MM` in UTC. Pure functions, no clock of their own."""
+"""UTC days and calendar months: the one owner of where a day or a month begins and ends.
+
+Budgets count spend per UTC day and month, the rollup bills `YYYY-MM` months, the API and the
+page report "this month": all of them take their boundaries from here. Pure functions, no clock
+of their own (callers pass `now`).
+"""
 
 from __future__ import annotations
 
 import re
+from calendar import monthrange
 from collections.abc import Collection
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time
 
 _PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+def utc_day(moment: datetime) -> date:
+    """The UTC calendar day `moment` falls in; a naive time is refused, being ambiguous."""
+    if moment.tzinfo is None:
+        raise ValueError("a period needs an aware datetime; naive times are ambiguous")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.date()
+
+
+def month_start(day: date) -> date:
+    """The first day of `day`'s month."""
+    return day.replace(day=1)
+
+
+def month_end(day: date) -> date:
+    """The last day of `day`'s month (the 29th of a leap February)."""
+    return day.replace(day=monthrange(day.year, day.month)[1])
+
+
+def start_of_month(now: datetime) -> datetime:
+    """The first instant (UTC midnight) of the UTC month `now` falls in."""
+    return datetime.combine(month_start(utc_day(now)), time(0), UTC)
 
 
 class InvalidPeriodError(ValueError):
@@ -34,7 +64,7 @@ def following_period(period: str) -> str:
 
 
 def current_period(now: datetime) -> str:
-    return period_of(now.astimezone(UTC).date())
+    return period_of(utc_day(now))
 
 
 def first_open_after(period: str, closed: Collection[str]) -> str:

@@ -7,7 +7,6 @@ Rounding happens only where a function says so, half away from zero (`ROUND_HALF
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from decimal import (
     ROUND_HALF_UP,
     Context,
@@ -73,9 +72,9 @@ def cents_to_usd(cents: int) -> Decimal:
     return Decimal(cents).scaleb(-2, EXACT_CONTEXT)
 
 
-def sum_exact(values: Iterable[Decimal]) -> Decimal:
-    """The exact sum of `values` (0 when empty); raises `decimal.Inexact` rather than round."""
-    total = Decimal(0)
-    for value in values:
-        total = EXACT_CONTEXT.add(total, _require_finite_decimal(value, "each value"))
-    return total
+def canonical_decimal(value: Decimal) -> str:
+    """The one spelling of an exact amount: plain digits, no exponent, no trailing zeros
+    (`100.00` and `1E+2` are both `100`), so equal limits give equal alert ids and JSON."""
+    normalized = value.normalize(EXACT_CONTEXT)
+    text = format(normalized, "f")
+    return "0" if normalized.is_zero() else text

@@ -10,20 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
-from decimal import ROUND_DOWN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
-from enum import StrEnum
+from decimal import Decimal
 from typing import Any, Final, TypeAlias
 
-from llm_usage.schemas.budget import (
-    AlertLevel,
-    BudgetWindow,
-    ScopeType,
-    canonical_decimal,
-    threshold_usd,
-)
-from llm_usage.schemas.money import MONEY_PRECISION, round_half_up
-from llm_usage.schemas.usage_event import is_clean_id
+from llm_usage.domain.budgets import BudgetWindow, ScopeType
+from llm_usage.domain.ids import is_clean_id
+from llm_usage.domain.money import canonical_decimal
 
 DEFAULT_WARN_THRESHOLD_PCT: Final = 80
 MIN_WARN_THRESHOLD_PCT: Final = 1
@@ -279,97 +271,4 @@ def policy_from_text(
             if warn_threshold_pct is None
             else parse_warn_pct(warn_threshold_pct)
         ),
-    )
-
-
-class BudgetLevel(StrEnum):
-    """Where a spend stands against a limit, as `budget status` and the API report it."""
-
-    OK = "ok"
-    WARNING = "warning"
-    EXCEEDED = "exceeded"
-
-
-def budget_level(spend_usd: Decimal, limit_usd: Decimal, warn_threshold_pct: int) -> BudgetLevel:
-    """`exceeded` when spend ≥ limit, `warning` when spend ≥ limit * pct / 100, else `ok`;
-    exact comparisons, so a spend equal to a threshold has reached it."""
-    if spend_usd >= threshold_usd(AlertLevel.EXCEEDED, limit_usd, warn_threshold_pct):
-        return BudgetLevel.EXCEEDED
-    if spend_usd >= threshold_usd(AlertLevel.WARNING, limit_usd, warn_threshold_pct):
-        return BudgetLevel.WARNING
-    return BudgetLevel.OK
-
-
-_TRAPS: Final = [InvalidOperation, DivisionByZero, Overflow]
-
-
-def percent_of_limit(spend_usd: Decimal, limit_usd: Decimal) -> Decimal:
-    """spend / limit * 100, rounded half up to 2 places (`Decimal("33.33")`), exactly.
-
-    The quotient may not terminate (1/3). It is truncated, not rounded, at a precision that
-    keeps at least 4 digits after the point; a truncated value is at or above a half-way point
-    (x.xx5) exactly when the true quotient is, so the one rounding half up is the right one.
-    """
-    if limit_usd <= 0:
-        raise ValueError(f"a limit is more than 0, not {limit_usd}")
-    whole_digits = max(spend_usd.adjusted() - limit_usd.adjusted() + 3, 0) + 1
-    spend_digits = len(spend_usd.as_tuple().digits)
-    truncating = Context(
-        prec=max(MONEY_PRECISION, whole_digits + 4, spend_digits + 3),
-        rounding=ROUND_DOWN,
-        traps=_TRAPS,
-    )
-    quotient = truncating.divide(truncating.multiply(spend_usd, Decimal(100)), limit_usd)
-    return round_half_up(quotient, 2)
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
-    """One policy window in its current period: spend, limit, percent and level."""
-
-    scope_type: ScopeType
-    scope_id: str
-    window: BudgetWindow
-    period_start: date
-    spend_usd: Decimal
-    limit_usd: Decimal
-    warn_threshold_pct: int
-    percent: Decimal
-    level: BudgetLevel
-
-    def to_json(self) -> dict[str, Any]:
-        """The contract's fields; amounts and percent as exact decimal strings."""
-        return {
-            "scope_type": self.scope_type.value,
-            "scope_id": self.scope_id,
-            "window": self.window.value,
-            "period_start": self.period_start.isoformat(),
-            "spend_usd": canonical_decimal(self.spend_usd),
-            "limit_usd": canonical_decimal(self.limit_usd),
-            "percent": format(self.percent, "f"),
-            "level": self.level.value,
-        }
-
-
-def budget_status(
-    *,
-    scope_type: ScopeType,
-    scope_id: str,
-    window: BudgetWindow,
-    period_start: date,
-    spend_usd: Decimal,
-    limit_usd: Decimal,
-    warn_threshold_pct: int,
-) -> BudgetStatus:
-    """Where `spend_usd` stands against `limit_usd` for one policy window and period."""
-    return BudgetStatus(
-        scope_type=scope_type,
-        scope_id=scope_id,
-        window=window,
-        period_start=period_start,
-        spend_usd=spend_usd,
-        limit_usd=limit_usd,
-        warn_threshold_pct=warn_threshold_pct,
-        percent=percent_of_limit(spend_usd, limit_usd),
-        level=budget_level(spend_usd, limit_usd, warn_threshold_pct),
     )
