@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.structs import ConsumerRecord
 
-from llm_usage.runtime.outcome import Record
+from llm_usage.runtime.handler import Record
 
 
 def consumer_record(

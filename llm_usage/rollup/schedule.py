@@ -1,13 +1,11 @@
 """`llm-usage rollup schedule`: refresh the current month's preview lines, and run and close
 each month once it has ended and the grace has passed. Several replicas may run; one works at a
-time (an advisory lock held on a connection of its own, so losing that connection stops the
-work at once)."""
+time (runtime/leadership: losing the lock's connection stops the work at once). It runs as a
+side task of the shared process shell, so a bug stops the worker with one line."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,13 +16,16 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
-from llm_usage.rollup.periods import current_period, following_period, parse_period
+from llm_usage.domain.periods import current_period, following_period, parse_period
 from llm_usage.rollup.run import close_month, run_rollup
-from llm_usage.runtime.probes import HealthState, serve_probes
+from llm_usage.runtime.handler import WorkerContext
+from llm_usage.runtime.leadership import Lease, leadership
+from llm_usage.runtime.probes import HealthState
+from llm_usage.runtime.process import run_beside, worker_process
+from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.storage.invoice_lines import closed_periods, months_with_usage_before
-from llm_usage.storage.pool import connect_once, connection_from, create_pool
+from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -104,7 +105,7 @@ class RollupScheduler:
         pool: asyncpg.Pool,
         metrics: ScheduleMetrics,
         health: HealthState,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime],
     ) -> None:
         self._settings = settings
         self._pool = pool
@@ -145,27 +146,67 @@ class RollupScheduler:
         self._metrics.last_success.set(time.time())
         return result
 
-    async def run_as_leader(self, lock: asyncpg.Connection, stopping: asyncio.Event) -> None:
-        self._metrics.leader.set(1)
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Lead while this replica holds the lease, stand by while another does, until
+        `stopping`. Transient failures are waited out; anything else is raised (a bug)."""
+        sleep = sleep_unless_stopping(stopping)
+        while not stopping.is_set():
+            self._health.progressed()
+            try:
+                async with leadership(
+                    self._settings.database_url,
+                    key=SCHEDULE_LOCK_KEY,
+                    holder="scheduler",
+                    leader=self._metrics.leader,
+                ) as lease:
+                    if lease is not None:
+                        await self.run_as_leader(lease, stopping)
+            except Exception as error:
+                if not is_transient(error):  # a lost lease is transient: take it again
+                    raise
+                log.warning("Rollup schedule paused.", error=f"{type(error).__name__}: {error}")
+            self._health.started()  # a standby replica is ready to take over
+            await sleep(5)
+
+    async def run_as_leader(self, lease: Lease, stopping: asyncio.Event) -> None:
+        """A round of work every 30 s while the lease holds. A run that failed transiently
+        rolled back and is retried a minute later; anything else is raised."""
         self._health.started()
         log.info("This replica runs the rollup schedule.")
+        sleep = sleep_unless_stopping(stopping)
         while not stopping.is_set():
-            if lock.is_closed():
-                raise ConnectionResetError("the scheduler's lock connection closed")
+            lease.ensure_held()
             self._health.progressed()
             try:
                 await self.tick()
-                self._health.release("rollup")
-                wait = _TICK_SECONDS
-            except Exception as error:  # noqa: BLE001 - any failure is retried; the run rolled back
+            except Exception as error:
+                if not is_transient(error):
+                    raise
                 self._metrics.failures.inc()
                 self._health.hold("rollup", f"rollup failed: {type(error).__name__}")
                 log.error(
                     "Rollup failed; it will be retried.", error=f"{type(error).__name__}: {error}"
                 )
-                wait = _RETRY_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), wait)
+                await sleep(_RETRY_SECONDS)
+                continue
+            self._health.release("rollup")
+            await sleep(_TICK_SECONDS)
+
+
+def rollup_schedule(metrics: ScheduleMetrics) -> Callable[[WorkerContext], Awaitable[None]]:
+    """The schedule as a side task of the process shell: a bug in it stops the worker."""
+
+    async def run_rollup_schedule(context: WorkerContext) -> None:
+        scheduler = RollupScheduler(
+            settings=context.settings,
+            pool=context.pool,
+            metrics=metrics,
+            health=context.health,
+            clock=context.clock,
+        )
+        await scheduler.run(context.stopping)
+
+    return run_rollup_schedule
 
 
 async def run_schedule(settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
@@ -173,34 +214,10 @@ async def run_schedule(settings: Settings, *, registry: CollectorRegistry | None
     registry = registry or CollectorRegistry()
     metrics = ScheduleMetrics.create(registry)
     health = HealthState(starting_reason="waiting for the first rollup")
-    probes = serve_probes(port=settings.metrics_port, registry=registry, state=health)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    pool = await create_pool(settings.database_url, size=2)
-    scheduler = RollupScheduler(
-        settings=settings, pool=pool, metrics=metrics, health=health, clock=worker_clock()
-    )
-    try:
-        while not stopping.is_set():
-            health.progressed()
-            try:
-                lock = await connect_once(settings.database_url)
-                try:
-                    if await lock.fetchval("SELECT pg_try_advisory_lock($1)", SCHEDULE_LOCK_KEY):
-                        await scheduler.run_as_leader(lock, stopping)
-                finally:
-                    metrics.leader.set(0)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(lock.close(), 5)
-            except Exception as error:  # noqa: BLE001 - lost the database: stand by and retry
-                log.warning("Rollup schedule paused.", error=f"{type(error).__name__}: {error}")
-            health.started()  # a standby replica is ready to take over
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 5)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        await pool.close()
-        probes.close()
+    async with worker_process(settings, registry=registry, health=health, pool_size=2) as context:
+        await run_beside(
+            context.stopping.wait(),
+            [rollup_schedule(metrics)],
+            context,
+            worker="rollup schedule",
+        )

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-from llm_usage.runtime.outcome import Record
+from llm_usage.runtime.handler import Record
 
 Prepared = TypeVar("Prepared")
 

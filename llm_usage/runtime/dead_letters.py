@@ -12,7 +12,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
-from llm_usage.runtime.outcome import DeadLetter
+from llm_usage.runtime.handler import DeadLetter
 from llm_usage.schemas.dead_letter import dead_letter_headers
 
 

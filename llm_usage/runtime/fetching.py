@@ -8,6 +8,8 @@ member last received a record (or at its committed offset), each partition is th
 to find the one that fails, and that one is paused at the failing offset, with a log line naming
 topic, partition and offset, a metric, and `/readyz` false. It is tried again every
 `retry_stopped_seconds`; the other partitions keep moving.
+
+`--exit-when-idle` is decided here too: at the end of every held partition for long enough.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
+from llm_usage.runtime.handler import Record
 from llm_usage.runtime.metrics import ConsumerMetrics
-from llm_usage.runtime.outcome import Record
 from llm_usage.runtime.probes import HealthState
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
 
@@ -207,3 +209,39 @@ def _hold_name(tp: TopicPartition) -> str:
 
 def _now() -> float:
     return time.monotonic()
+
+
+class IdleDetector:
+    """`--exit-when-idle`: at the end of every held partition for `idle_seconds` in a row."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, *, idle_seconds: float | None) -> None:
+        self._consumer = consumer
+        self._idle_seconds = idle_seconds
+        self._idle_since: float | None = None
+
+    def busy(self) -> None:
+        self._idle_since = None
+
+    async def idle_long_enough(self) -> bool:
+        if self._idle_seconds is None:
+            return False
+        if not await self._at_end_of_every_partition():
+            self._idle_since = None
+            return False
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= self._idle_seconds
+
+    async def _at_end_of_every_partition(self) -> bool:
+        assigned = self._consumer.assignment()
+        if not assigned or self._consumer.paused():  # a stopped partition is never "done"
+            return False
+        try:
+            for tp in assigned:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None or await self._consumer.position(tp) < highwater:
+                    return False
+        except (IllegalStateError, AssertionError):  # revoked while we looked: not idle yet
+            return False
+        return True

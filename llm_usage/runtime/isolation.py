@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 
 from llm_usage.core.errors import TransientError
-from llm_usage.runtime.outcome import (
+from llm_usage.runtime.handler import (
     BatchHandler,
     BatchOutcome,
     BatchResult,

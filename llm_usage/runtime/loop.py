@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import structlog
@@ -22,17 +22,14 @@ from aiokafka import AIOKafkaConsumer
 from llm_usage.core.errors import TransientError
 from llm_usage.runtime.ahead import PreparesAhead
 from llm_usage.runtime.dead_letters import DeadLetterSink
-from llm_usage.runtime.fetching import Fetched, Fetcher
-from llm_usage.runtime.idle import IdleDetector
+from llm_usage.runtime.fetching import Fetched, Fetcher, IdleDetector
+from llm_usage.runtime.handler import BatchHandler, BatchOutcome, BatchResult, Record
 from llm_usage.runtime.isolation import RefusalGuard, record_isolating_refusals
-from llm_usage.runtime.lag import report_lag
 from llm_usage.runtime.metrics import ConsumerMetrics
-from llm_usage.runtime.offsets import OffsetLedger
-from llm_usage.runtime.outcome import BatchHandler, BatchOutcome, BatchResult, Record
+from llm_usage.runtime.offsets import OffsetLedger, report_lag
 from llm_usage.runtime.probes import HealthState
 from llm_usage.runtime.rebalance import RebalanceListener
-from llm_usage.runtime.retry import is_transient, retry_transient
-from llm_usage.runtime.tasks import cancel_quietly
+from llm_usage.runtime.retry import cancel_quietly, is_transient, retry_transient
 from llm_usage.schemas.dead_letter import DeadLetterReason
 
 log = structlog.get_logger(__name__)
@@ -81,7 +78,7 @@ class BatchConsumer:
         health: HealthState,
         stopping: asyncio.Event,
         options: LoopOptions,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime],
     ) -> None:
         self._name = name
         self._consumer = consumer
@@ -124,9 +121,6 @@ class BatchConsumer:
             for reason in DeadLetterReason:
                 metrics.dead_letters.labels(name, reason.value)
         self.totals: Counter[str] = Counter()
-        # perf_counter() of the first batch fetched and of the last commit (for benchmarks).
-        self.first_fetch_at: float | None = None
-        self.last_commit_at: float | None = None
 
     async def run(self) -> None:
         """Fetch and land batches until asked to stop; commit what landed before returning.
@@ -197,8 +191,6 @@ class BatchConsumer:
     async def _land(self, fetched: Fetched, records: list[Record], *, generation: int) -> bool:
         """Land a batch and commit its offsets; False when it did not land (transiently)."""
         started = time.perf_counter()
-        if self.first_fetch_at is None:
-            self.first_fetch_at = started
         deadline = time.monotonic() + self._options.retry_seconds
         self._batch_done.clear()
         try:
@@ -217,7 +209,6 @@ class BatchConsumer:
         finally:
             self._batch_done.set()
         await self._ledger.commit()
-        self.last_commit_at = time.perf_counter()
         self._health.release(_BATCH_HOLD)
         self._observe(outcome, len(records), time.perf_counter() - started)
         return True

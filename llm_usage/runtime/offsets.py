@@ -1,6 +1,7 @@
 """Which offsets may be committed: those of batches that landed, in the assignment that
 fetched them. A batch that outlived its assignment never commits or seeks: a partition that came
-back in a newer assignment may already be further on, and its offset must never go back."""
+back in a newer assignment may already be further on, and its offset must never go back. And the
+lag gauge, measured from those commits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
+
+from llm_usage.runtime.metrics import ConsumerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -75,3 +78,22 @@ class OffsetLedger:
         for tp, offset in offsets.items():
             if self._landed.get(tp) == offset:
                 del self._landed[tp]
+
+
+async def report_lag(
+    consumer: AIOKafkaConsumer, ledger: OffsetLedger, metrics: ConsumerMetrics, *, name: str
+) -> None:
+    """Set the lag gauge (records between what this member committed and each partition's end)
+    from the last committed offset, or the fetch position before any commit (the high watermark
+    is what the last fetch response said: no extra round trip)."""
+    for tp in consumer.assignment():
+        try:
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            start = ledger.committed.get(tp)
+            if start is None:
+                start = await consumer.position(tp)
+        except (IllegalStateError, AssertionError):  # revoked while we looked
+            continue
+        metrics.lag.labels(name, tp.topic, str(tp.partition)).set(max(highwater - start, 0))

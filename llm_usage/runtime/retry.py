@@ -1,4 +1,5 @@
-"""Which failures are transient, and how a batch is retried through them (tenacity)."""
+"""Which failures are transient, how a batch is retried through them (tenacity), and how a task
+whose result is no longer wanted is let go."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -114,3 +115,17 @@ async def retry_transient(
         return await operation()
 
     return await retrying(attempt)
+
+
+async def cancel_quietly(task: asyncio.Task[Any]) -> None:
+    """Cancel a task whose result is no longer wanted; its own error adds nothing. A
+    cancellation of the *calling* task (shutdown) still propagates."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # noqa: BLE001, S110 - the caller's own error is the one that matters
+        pass

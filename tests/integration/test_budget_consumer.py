@@ -8,7 +8,7 @@ import json
 import random
 import signal
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,27 +20,27 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
+from llm_usage.domain.budgets import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from llm_usage.kafka.topics import ensure_topics
-from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
+from llm_usage.testing.topics import end_offsets, partitions_of
+from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
     RestartablePostgres,
     RunningConsumer,
     create_pipeline_topics,
     encode,
-    end_offsets,
-    partitions_of,
     produce,
     spawn_consumer,
     unique,
     usage_event,
     wait_until,
 )
+from tests.unavailable import service_unavailable
 
 SCHEMA = json.loads(
     (Path(__file__).parents[2] / "schemas" / "budget_alert.v1.schema.json").read_text()
 )
-NOVEMBER = "2026-11-14T09:12:03.120Z"
 
 
 @pytest.fixture
@@ -130,13 +130,16 @@ def keys(alerts: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     )
 
 
-async def spend(pool: asyncpg.Pool, tenant: str, scope_type: str, scope_id: str) -> Decimal:
+async def spend(
+    pool: asyncpg.Pool, tenant: str, scope_type: str, scope_id: str, month: date
+) -> Decimal:
     value = await pool.fetchval(
         "SELECT spend_usd FROM budget_spend WHERE tenant_id = $1 AND scope_type = $2 "
-        "AND scope_id = $3 AND \"window\" = 'monthly' AND period_start = '2026-11-01'",
+        "AND scope_id = $3 AND \"window\" = 'monthly' AND period_start = $4",
         tenant,
         scope_type,
         scope_id,
+        month,
     )
     return Decimal(value) if value is not None else Decimal(0)
 
@@ -145,15 +148,17 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
     tenant = unique("tenant")
+    at = clock.earlier_today()
+    occurred, month = clock.iso(at), clock.month_of(at)
     await set_policy(pool, tenant, "deployment", "dep-1", monthly="1.00")
     events = [
-        usage_event(tenant, customer_charge_usd="0.10", occurred_at=NOVEMBER) for _ in range(10)
+        usage_event(tenant, customer_charge_usd="0.10", occurred_at=occurred) for _ in range(10)
     ]
     resent = [
         json.dumps(events[2], indent=2).encode(),  # a re-serialised duplicate
         # a conflicting duplicate: the same id with another charge
         encode({**events[3], "customer_charge_usd": "0.90", "customer_charge_cents": 90}),
-        encode(usage_event(tenant, customer_charge_usd="-5", occurred_at=NOVEMBER)),  # invalid
+        encode(usage_event(tenant, customer_charge_usd="-5", occurred_at=occurred)),  # invalid
     ]
     values = [encode(e) for e in events[:5]] + resent + [encode(e) for e in events]
     # One key, one partition: the order of the events, and so which one crosses, is fixed.
@@ -165,12 +170,12 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
 
     consumer = await run_until_idle(topics)
 
-    assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
-    assert await spend(pool, tenant, "tenant", tenant) == Decimal("1.00")
+    assert await spend(pool, tenant, "deployment", "dep-1", month) == Decimal("1.00")
+    assert await spend(pool, tenant, "tenant", tenant, month) == Decimal("1.00")
     alerts = await alerts_on(topics, tenant)
     assert keys(alerts) == [
-        ("deployment", "dep-1", "monthly", "2026-11-01", "exceeded", "1"),
-        ("deployment", "dep-1", "monthly", "2026-11-01", "warning", "1"),
+        ("deployment", "dep-1", "monthly", month.isoformat(), "exceeded", "1"),
+        ("deployment", "dep-1", "monthly", month.isoformat(), "warning", "1"),
     ]
     by_level = {a["level"]: a for a in alerts}
     assert by_level["warning"]["triggered_by"] == events[7]["gateway_request_id"]
@@ -183,7 +188,7 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
         scope_type=ScopeType.DEPLOYMENT,
         scope_id="dep-1",
         window=BudgetWindow.MONTHLY,
-        period_start=date(2026, 11, 1),
+        period_start=month,
         level=AlertLevel.WARNING,
         limit_usd=Decimal("1.00"),
     )
@@ -195,7 +200,7 @@ async def test_each_level_alerts_once_with_the_event_that_crossed_it(
     replayed = await run_until_idle(topics)
     [stopped] = replayed.logged("Consumer stopped.")
     assert stopped.get("recorded", 0) == 0
-    assert await spend(pool, tenant, "deployment", "dep-1") == Decimal("1.00")
+    assert await spend(pool, tenant, "deployment", "dep-1", month) == Decimal("1.00")
     assert keys(await alerts_on(topics, tenant)) == keys(alerts)
 
 
@@ -221,9 +226,13 @@ async def reset_group_offsets(topics: PipelineTopics) -> None:
 async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
+    # The policy watcher checks the current month only: it must not end under the test.
+    await clock.clear_of_midnight(timedelta(minutes=5))
     tenant = unique("tenant")
+    at = clock.earlier_today()
+    occurred, month = clock.iso(at), clock.month_of(at)
     events = [
-        usage_event(tenant, customer_charge_usd="2.50", occurred_at=NOVEMBER) for _ in range(4)
+        usage_event(tenant, customer_charge_usd="2.50", occurred_at=occurred) for _ in range(4)
     ]
     await produce(
         topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in events]
@@ -232,7 +241,7 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
     try:
 
         async def counted() -> bool:
-            return await spend(pool, tenant, "tenant", tenant) == Decimal("10.00")
+            return await spend(pool, tenant, "tenant", tenant, month) == Decimal("10.00")
 
         await wait_until(counted, within=60, message="the events were not counted")
         # Spend is 10.00; a limit of 8 is already exceeded: both levels, warning first, no event.
@@ -250,7 +259,7 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
         # Raising the limit re-arms both levels for the new limit only; the old ones stay once.
         await set_policy(pool, tenant, "tenant", tenant, monthly="20")
         more = [
-            usage_event(tenant, customer_charge_usd="3", occurred_at=NOVEMBER) for _ in range(2)
+            usage_event(tenant, customer_charge_usd="3", occurred_at=occurred) for _ in range(2)
         ]
         await produce(
             topics.settings.kafka_bootstrap_servers,
@@ -268,13 +277,13 @@ async def test_a_policy_set_below_the_spend_alerts_without_a_new_event(
 
         # A deleted policy alerts no more, even past its old limit.
         await pool.execute("DELETE FROM budget_policies WHERE tenant_id = $1", tenant)
-        past = [usage_event(tenant, customer_charge_usd="10", occurred_at=NOVEMBER)]
+        past = [usage_event(tenant, customer_charge_usd="10", occurred_at=occurred)]
         await produce(
             topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in past]
         )
 
         async def counted_past() -> bool:
-            return await spend(pool, tenant, "tenant", tenant) == Decimal("26.00")
+            return await spend(pool, tenant, "tenant", tenant, month) == Decimal("26.00")
 
         await wait_until(counted_past, within=30, message="the last event was not counted")
     finally:
@@ -290,10 +299,7 @@ async def test_a_crash_between_publish_and_marking_never_publishes_twice(
     scopes = [f"dep-{n}" for n in range(5)]
     for scope in scopes:
         await set_policy(pool, tenant, "deployment", scope, monthly="1")
-    events = [
-        usage_event(tenant, deployment_id=scope, customer_charge_usd="1", occurred_at=NOVEMBER)
-        for scope in scopes
-    ]
+    events = [usage_event(tenant, deployment_id=scope, customer_charge_usd="1") for scope in scopes]
     await produce(
         topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(e)) for e in events]
     )
@@ -390,6 +396,8 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
         topics.settings, [topics.settings.alerts_topic], partitions=3, replication_factor=1
     )
     tenant = unique("tenant")
+    at = clock.earlier_today()
+    occurred, month = clock.iso(at), clock.month_of(at)
     deployments = [f"dep-{n}" for n in range(6)]
     for deployment in deployments:
         await set_policy(pool, tenant, "deployment", deployment, monthly="5")
@@ -398,7 +406,7 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
             tenant,
             deployment_id=deployments[n % 6],
             customer_charge_usd=f"0.0{n % 9 + 1}",
-            occurred_at=NOVEMBER,
+            occurred_at=occurred,
         )
         for n in range(3000)
     ]
@@ -433,13 +441,13 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
             (Decimal(e["customer_charge_usd"]) for e in events if e["deployment_id"] == deployment),
             Decimal(0),
         )
-        assert await spend(pool, tenant, "deployment", deployment) == expected
-    assert await spend(pool, tenant, "tenant", tenant) == sum(
+        assert await spend(pool, tenant, "deployment", deployment, month) == expected
+    assert await spend(pool, tenant, "tenant", tenant, month) == sum(
         (Decimal(e["customer_charge_usd"]) for e in events), Decimal(0)
     )
     alerts = await alerts_on(topics, tenant)
     assert keys(alerts) == sorted(
-        ("deployment", d, "monthly", "2026-11-01", level, "5")
+        ("deployment", d, "monthly", month.isoformat(), level, "5")
         for d in deployments
         for level in ("warning", "exceeded")
     )
@@ -450,11 +458,13 @@ async def test_a_database_restart_mid_stream_loses_and_doubles_nothing(
     topics: PipelineTopics, pool: asyncpg.Pool, postgres: RestartablePostgres
 ) -> None:
     if not postgres.can_restart:
-        pytest.skip("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
+        service_unavailable("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
     tenant = unique("tenant")
     await set_policy(pool, tenant, "tenant", tenant, monthly="30")
+    at = clock.earlier_today()
+    occurred, month = clock.iso(at), clock.month_of(at)
     events = [
-        usage_event(tenant, customer_charge_usd="0.01", occurred_at=NOVEMBER) for _ in range(4000)
+        usage_event(tenant, customer_charge_usd="0.01", occurred_at=occurred) for _ in range(4000)
     ]
     await produce(
         topics.settings.kafka_bootstrap_servers,
@@ -470,7 +480,7 @@ async def test_a_database_restart_mid_stream_loses_and_doubles_nothing(
     )
 
     async def some_counted() -> bool:
-        return await spend(pool, tenant, "tenant", tenant) > Decimal("3")
+        return await spend(pool, tenant, "tenant", tenant, month) > Decimal("3")
 
     await wait_until(some_counted, within=60, message="the consumer counted nothing")
     await asyncio.to_thread(postgres.restart)

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -23,13 +22,15 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.usage.consumer import UsageRecorder
+from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.settings import Settings
+from llm_usage.domain.money import usd_to_cents
 from llm_usage.rollup.run import PeriodNotClosableError, close_month, run_rollup
 from llm_usage.rollup.schedule import RollupScheduler, ScheduleMetrics
 from llm_usage.runtime.probes import HealthState
-from llm_usage.schemas.money import usd_to_cents
 from llm_usage.storage.migrate import migrate
+from llm_usage.testing.processes import free_port
+from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
 
@@ -66,7 +67,7 @@ def _with_database(url: str, name: str) -> str:
 async def store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
     """Through the usage consumer's own handler: the real path that keeps the aggregate."""
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
-    await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records)
+    await UsageRecorder(pool=pool, clock=clock.now).record_batch(records)
 
 
 def event(tenant: str, day: str, charge: str, deployment: str | None = "dep-1") -> dict[str, Any]:
@@ -256,7 +257,7 @@ async def test_rollup_commands_print_json_and_refuse_in_one_line(
         "closed": False,
     }
     for args, expected in (
-        (("rollup", "close", "--period", "2099-01"), "has not ended yet"),
+        (("rollup", "close", "--period", f"{clock.this_month():%Y-%m}"), "has not ended yet"),
         (("rollup", "run", "--period", "2026-13"), "--period"),
     ):
         refused = _cli(env, *args)
@@ -310,8 +311,10 @@ async def test_one_schedule_replica_works_and_another_takes_over_when_it_dies(
     rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     url, pool = rollup_db
-    await store(pool, [event(unique("tenant"), "2026-11-02", "1")])
-    ports = [_free_port(), _free_port()]
+    # The leader writes this month's preview: the month must not end under the test.
+    await clock.clear_of_midnight()
+    await store(pool, [usage_event(unique("tenant"), customer_charge_usd="1")])  # earlier today
+    ports = [free_port(), free_port()]
     replicas = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -356,12 +359,6 @@ async def test_one_schedule_replica_works_and_another_takes_over_when_it_dies(
             await asyncio.wait_for(replica.wait(), 30)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _leader_gauge(port: int) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
@@ -382,3 +379,21 @@ async def _wait(condition: Any, message: str, within: float = 60) -> None:
             return
         await asyncio.sleep(0.3)
     raise AssertionError(message)
+
+
+async def test_a_bug_stops_the_schedule_with_one_line_and_a_failing_exit(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    url, pool = rollup_db
+    # A bug, not an outage: a query against a table that is not there is never retried.
+    await pool.execute("DROP TABLE invoice_periods CASCADE")
+    env = {"DATABASE_URL": url, "METRICS_PORT": "0", "LOG_FORMAT": "json"}
+    stopped = await asyncio.to_thread(_cli, env, "rollup", "schedule")
+    assert stopped.returncode == 1, stopped.stderr
+    *logged, last = stopped.stderr.strip().splitlines()
+    assert last.startswith(
+        "llm-usage: stopped: the rollup schedule stopped because a side task failed: "
+        "UndefinedTableError"
+    ), stopped.stderr
+    errors = [entry["event"] for entry in map(json.loads, logged) if entry["level"] == "error"]
+    assert errors == ["A side task stopped; stopping the worker."], stopped.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from datetime import timedelta, timezone
 from decimal import Decimal
 
 import asyncpg
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.consumer import run_usage_consumer
+from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
     RestartablePostgres,
@@ -32,6 +34,7 @@ from tests.integration.pipeline import (
     wait_until,
     writes_held,
 )
+from tests.unavailable import service_unavailable
 
 
 @pytest.fixture
@@ -65,12 +68,13 @@ async def test_exact_and_reserialised_duplicates_change_nothing(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
     tenant = unique("tenant")
-    original = usage_event(tenant, customer_charge_usd="0.0054", occurred_at="2026-11-14T09:12:03Z")
+    at = clock.earlier_today().replace(microsecond=0)
+    original = usage_event(tenant, customer_charge_usd="0.0054", occurred_at=clock.iso(at))
     # Same event written differently: a JSON number for the charge, other key order, other offset.
     reserialised = {
         **{k: original[k] for k in reversed(list(original))},
         "customer_charge_usd": "CHARGE",
-        "occurred_at": "2026-11-14T10:12:03+01:00",
+        "occurred_at": at.astimezone(timezone(timedelta(hours=1))).isoformat(),
     }
     raw_reserialised = json.dumps(reserialised).replace('"CHARGE"', "0.00540")
     key = tenant.encode()
@@ -298,7 +302,7 @@ async def test_database_restart_during_consumption_loses_nothing(
     topics: PipelineTopics, pool: asyncpg.Pool, postgres: RestartablePostgres
 ) -> None:
     if not postgres.can_restart:
-        pytest.skip("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
+        service_unavailable("the PostgreSQL in use (DATABASE_URL) is not ours to restart")
     tenant = unique("tenant")
     events = [usage_event(tenant, customer_charge_usd=f"0.{i:05d}") for i in range(1, 12001)]
     key = tenant.encode()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,11 +14,12 @@ import asyncpg
 import pytest
 import structlog
 
-from llm_usage.consumers.usage.consumer import UsageRecorder
-from llm_usage.runtime.outcome import BatchOutcome, Record
+from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.runtime.handler import BatchOutcome, Record
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.usage_events import insert_new_usage_events
+from tests import clock
 from tests.integration.pipeline import (
     sessions_blocked_by,
     stored_for,
@@ -27,8 +28,6 @@ from tests.integration.pipeline import (
     wait_until,
 )
 from tests.records import consumer_record
-
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def records(events: list[dict[str, Any]]) -> list[Record]:
@@ -39,20 +38,21 @@ def records(events: list[dict[str, Any]]) -> list[Record]:
 
 
 async def test_rows_hold_exactly_what_the_gateway_sent(pool: asyncpg.Pool) -> None:
+    yesterday = clock.today() - timedelta(days=1)
     event = usage_event(
         unique("tenant"),
         deployment_id=None,
         customer_charge_usd="12345678901.234567891",
         upstream_cost_usd="0.000000000000000001",
-        occurred_at="2026-11-14T14:42:03.5+05:30",
+        occurred_at=f"{yesterday}T14:42:03.5+05:30",
         cached_input_tokens=7,
     )
-    outcome = await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records([event]))
+    outcome = await UsageRecorder(pool=pool, clock=clock.now).record_batch(records([event]))
     assert outcome.counts == {"recorded": 1}
     [row] = await stored_for(pool, [event["gateway_request_id"]])
     assert row["customer_charge_usd"] == Decimal("12345678901.234567891")
     assert str(row["upstream_cost_usd"]) == "1E-18"
-    assert row["occurred_at"] == datetime(2026, 11, 14, 9, 12, 3, 500000, tzinfo=UTC)
+    assert row["occurred_at"] == datetime.combine(yesterday, time(9, 12, 3, 500000), UTC)
     assert row["deployment_id"] is None
     assert row["total_tokens"] == event["input_tokens"] + event["output_tokens"]
     assert row["cached_input_tokens"] == 7
@@ -94,7 +94,7 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
     )
     mine = [usage_event(tenant) for _ in range(3)]
     batch = records([*mine[:2], ours, mine[2]])
-    stored_by_them = decode_usage_event(json.dumps(theirs).encode(), now=NOW)
+    stored_by_them = decode_usage_event(json.dumps(theirs).encode(), now=clock.now())
     assert isinstance(stored_by_them, UsageRow)
 
     # Another replica inserts `theirs` in a transaction it has not committed yet.
@@ -110,7 +110,7 @@ async def test_lost_race_with_another_replica_falls_back_to_insert_on_conflict(
 
         # Our look-up cannot see that row, so the id goes into our COPY, which must wait for
         # the other transaction's unique key.
-        recorder = UsageRecorder(pool=pool, clock=lambda: NOW)
+        recorder = UsageRecorder(pool=pool, clock=clock.now)
         landing = asyncio.create_task(recorder.record_batch(batch))
 
         async def our_copy_waits_for_theirs() -> bool:
@@ -148,7 +148,7 @@ async def test_duplicates_and_conflicts_across_chunks_of_one_batch(pool: asyncpg
     conflicting = {**first, "deployment_id": "another-deployment"}
     # Chunks of two: the repeat and the conflict arrive in later chunks than the originals.
     batch = records([first, second, first, usage_event(tenant), conflicting, second])
-    recorder = UsageRecorder(pool=pool, clock=lambda: NOW, chunk_records=2)
+    recorder = UsageRecorder(pool=pool, clock=clock.now, chunk_records=2)
     outcome = await recorder.record_batch(batch)
     assert outcome.counts == {"recorded": 3, "duplicate": 2, "conflict": 1}
     assert [(letter.record.offset, letter.reason.value) for letter in outcome.dead_letters] == [

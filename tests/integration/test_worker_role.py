@@ -9,8 +9,9 @@ import asyncpg
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.usage.consumer import UsageRecorder
-from llm_usage.runtime.outcome import Record
+from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.runtime.handler import Record
+from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
 
@@ -68,7 +69,9 @@ async def test_a_worker_can_store_usage_with_its_role(
     worker_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     tenant = unique("tenant")
-    outcome = await UsageRecorder(pool=worker_pool).record_batch(three_events_of(tenant))
+    outcome = await UsageRecorder(pool=worker_pool, clock=clock.now).record_batch(
+        three_events_of(tenant)
+    )
     assert outcome.counts == {"recorded": 3}
     assert (
         await pool.fetchval("SELECT requests FROM usage_daily_totals WHERE tenant_id = $1", tenant)
@@ -85,7 +88,9 @@ async def test_a_worker_can_count_budgets_where_public_may_not_create_temporary_
     await pool.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
     try:
         tenant = unique("tenant")
-        outcome = await BudgetCounter(pool=worker_pool).record_batch(three_events_of(tenant))
+        outcome = await BudgetCounter(pool=worker_pool, clock=clock.now).record_batch(
+            three_events_of(tenant)
+        )
     finally:
         await pool.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
     assert +outcome.counts == {"recorded": 3}

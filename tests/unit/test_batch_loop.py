@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -20,9 +20,9 @@ from aiokafka.errors import KafkaConnectionError, UnsupportedCodecError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
 from llm_usage.runtime.loop import BatchConsumer, LoopOptions
 from llm_usage.runtime.metrics import ConsumerMetrics
-from llm_usage.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
 from llm_usage.runtime.probes import HealthState
 from tests.records import consumer_record
 
@@ -165,6 +165,7 @@ def loop_for(
         health=health or HealthState(),
         stopping=stopping,
         options=LoopOptions(**{"retry_seconds": 0.3, **options}),
+        clock=lambda: datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
     )
     return loop, consumer
 

@@ -9,7 +9,7 @@ import sys
 
 PROBE = """
 import gc, json
-from llm_usage.runtime.collector import tune_collector_for_batches
+from llm_usage.runtime.process import tune_collector_for_batches
 before = gc.get_threshold()
 tune_collector_for_batches()
 print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.get_freeze_count()}))

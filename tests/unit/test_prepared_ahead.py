@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from llm_usage.runtime.ahead import PreparedAhead
-from llm_usage.runtime.outcome import Record
+from llm_usage.runtime.handler import Record
 from tests.records import consumer_record
 
 

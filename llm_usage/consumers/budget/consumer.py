@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
@@ -11,13 +9,12 @@ from prometheus_client import CollectorRegistry
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.consumers.budget.relay import alert_relay
-from llm_usage.consumers.budget.watcher import policy_watcher
-from llm_usage.core.clock import worker_clock
+from llm_usage.consumers.budget.watcher import watch_policies
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
+from llm_usage.runtime.handler import ConsumerContext, ConsumerSpec, SideTask
+from llm_usage.runtime.process import run_consumer
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
-from llm_usage.runtime.spec import ConsumerContext, ConsumerSpec, SideTask
-from llm_usage.runtime.worker import run_consumer
 from llm_usage.storage.budget_spend import prune_counted_ids
 from llm_usage.storage.pool import connection_from
 
@@ -66,7 +63,7 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
     """Same topic as the usage consumer, its own group, no dead-letter topic of its own."""
 
     def make_handler(context: ConsumerContext) -> BudgetCounter:
-        return BudgetCounter(pool=context.pool, clock=lambda: datetime.now(UTC))
+        return BudgetCounter(pool=context.pool, clock=context.clock)
 
     return ConsumerSpec(
         name="budget",
@@ -78,7 +75,7 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
         max_batch=settings.budget_batch(),
         side_tasks=(
             alert_relay(metrics),
-            policy_watcher(worker_clock()),
+            watch_policies,
             counted_id_pruner(metrics),
         ),
     )

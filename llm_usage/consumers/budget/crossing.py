@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import NamedTuple
 
-from llm_usage.schemas.budget import AlertLevel, threshold_usd
-from llm_usage.schemas.money import EXACT_CONTEXT
+from llm_usage.domain.budgets import AlertLevel, threshold_usd
+from llm_usage.domain.money import EXACT_CONTEXT
 
 
 class Contribution(NamedTuple):

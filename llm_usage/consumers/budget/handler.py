@@ -4,33 +4,22 @@ touches, and decide the alerts it crosses — all in one transaction."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 
 import asyncpg
 
+from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.counting import contributions_to
-from llm_usage.consumers.budget.crossing import Contribution, Crossing, crossings_by_events
 from llm_usage.runtime.ahead import PreparedAhead
-from llm_usage.runtime.outcome import BatchOutcome, BatchResult, Record
-from llm_usage.schemas.budget import (
-    AlertLevel,
-    BudgetAlert,
-    CounterKey,
-    SpendKey,
-    alert_threshold_pct,
-    threshold_usd,
-)
+from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import (
-    LimitedCounter,
     StagedEvent,
     add_staged_to_counters,
     count_staged_events,
@@ -65,31 +54,6 @@ def decode_for_counting(
             events[decoded.gateway_request_id] = decoded
 
 
-def alert_for(
-    key: CounterKey,
-    crossing: Crossing,
-    *,
-    limit_usd: Decimal,
-    warn_threshold_pct: int,
-    emitted_at: datetime,
-) -> BudgetAlert:
-    """The alert v1 for a crossing of `key`'s counter against a limit."""
-    return BudgetAlert(
-        alert_id=key.alert_id(crossing.level, limit_usd),
-        tenant_id=key.tenant_id,
-        scope_type=key.scope_type,
-        scope_id=key.scope_id,
-        window=key.window,
-        period_start=key.period_start,
-        level=crossing.level,
-        spend_usd=crossing.spend_usd,
-        limit_usd=limit_usd,
-        threshold_pct=alert_threshold_pct(crossing.level, warn_threshold_pct),
-        triggered_by=crossing.triggered_by,
-        emitted_at=emitted_at,
-    )
-
-
 @dataclass(frozen=True)
 class _Decoded:
     events: dict[str, UsageRow]  # the first valid event of each id
@@ -103,7 +67,7 @@ class BudgetCounter:
         self,
         *,
         pool: asyncpg.Pool,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime],
     ) -> None:
         self._pool = pool
         self._clock = clock
@@ -138,7 +102,7 @@ class BudgetCounter:
             if len(counted_before) == len(events):
                 return BatchOutcome(counts)
             limited = await add_staged_to_counters(connection)
-            crossing = {key: counter for key, counter in limited.items() if _may_cross(counter)}
+            crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
             if crossing:
                 # Which event crossed: the batch's new events, in order, on the counters that
                 # cross (a handful in a batch of thousands).
@@ -165,49 +129,4 @@ def _staged(event: UsageRow) -> StagedEvent:
         event.agent_id,
         event.occurred_at.date(),  # decoding put it in UTC: the event's own UTC day
         event.customer_charge_usd,
-    )
-
-
-def alerts_crossed(
-    contributions: Mapping[SpendKey, list[Contribution]],
-    limited: Mapping[SpendKey, LimitedCounter],
-    *,
-    emitted_at: datetime,
-) -> list[BudgetAlert]:
-    """The alerts the batch's contributions cross, counter by counter in lock order."""
-    alerts: list[BudgetAlert] = []
-    for spend_key in sorted(limited):
-        counter = limited[spend_key]
-        if not _may_cross(counter):
-            continue
-        key = CounterKey.from_spend_key(spend_key)
-        for crossing in crossings_by_events(
-            counter.before_usd,
-            contributions[spend_key],
-            limit_usd=counter.limit_usd,
-            warn_threshold_pct=counter.warn_threshold_pct,
-        ):
-            alerts.append(
-                alert_for(
-                    key,
-                    crossing,
-                    limit_usd=counter.limit_usd,
-                    warn_threshold_pct=counter.warn_threshold_pct,
-                    emitted_at=emitted_at,
-                )
-            )
-    return alerts
-
-
-@functools.lru_cache(maxsize=4096)
-def _warning_threshold(limit_usd: Decimal, warn_threshold_pct: int) -> Decimal:
-    return threshold_usd(AlertLevel.WARNING, limit_usd, warn_threshold_pct)
-
-
-def _may_cross(counter: LimitedCounter) -> bool:
-    """Whether some level lies in (before, after]: most counters are below the warning after
-    the batch too, or past the limit before it."""
-    return (
-        counter.after_usd >= _warning_threshold(counter.limit_usd, counter.warn_threshold_pct)
-        and counter.before_usd < counter.limit_usd
     )

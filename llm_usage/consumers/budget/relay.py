@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -24,8 +22,9 @@ from aiokafka.structs import TopicPartition
 from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.core.faults import crash_here
 from llm_usage.kafka.clients import new_reader, start_client
+from llm_usage.runtime.handler import ConsumerContext, SideTask
+from llm_usage.runtime.leadership import Lease, leadership
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
-from llm_usage.runtime.spec import ConsumerContext, SideTask
 from llm_usage.storage.budget_outbox import (
     ALERTS_CHANNEL,
     PendingAlert,
@@ -34,7 +33,7 @@ from llm_usage.storage.budget_outbox import (
     pending_alerts,
     relay_positions,
 )
-from llm_usage.storage.pool import connect_once, connection_from
+from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
 
@@ -43,10 +42,6 @@ RELAY_LOCK_KEY = 0x6C6C6D5F72656C61
 PUBLISH_BATCH = 500
 _IDLE_POLL_SECONDS = 1.0
 FAULT_AFTER_PUBLISH = "crash_after_alert_publish"
-
-
-class LostLeadershipError(Exception):
-    """The relay's lock connection is gone: another relay may take over now."""
 
 
 def alert_relay(metrics: BudgetMetrics) -> SideTask:
@@ -71,44 +66,35 @@ class AlertRelay:
     async def run(self) -> None:
         while not self._stopping.is_set():
             try:
-                async with self._leadership() as lock:
-                    if lock is None:  # another replica relays; wait and try again
+                async with leadership(
+                    self._settings.database_url,
+                    key=RELAY_LOCK_KEY,
+                    holder="relay",
+                    leader=self._metrics.relay_leader,
+                ) as lease:
+                    if lease is None:  # another replica relays; wait and try again
                         await self._sleep(2.0)
                         continue
-                    await self._relay_as_leader(lock)
+                    await self._relay_as_leader(lease)
             except Exception as error:
-                if not (is_transient(error) or isinstance(error, LostLeadershipError)):
+                if not is_transient(error):  # a lost lease is transient: take it again
                     raise
-                self._metrics.relay_leader.set(0)
                 log.warning("Alert relay paused.", error=f"{type(error).__name__}: {error}")
                 await self._sleep(1.0)
 
-    @contextlib.asynccontextmanager
-    async def _leadership(self) -> AsyncIterator[asyncpg.Connection | None]:
-        connection = await connect_once(self._settings.database_url)
-        try:
-            acquired = await connection.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY)
-            yield connection if acquired else None
-        finally:
-            self._metrics.relay_leader.set(0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
-
-    async def _relay_as_leader(self, lock: asyncpg.Connection) -> None:
-        self._metrics.relay_leader.set(1)
+    async def _relay_as_leader(self, lease: Lease) -> None:
         log.info("This replica relays budget alerts.", topic=self._topic)
-        await lock.add_listener(ALERTS_CHANNEL, self._on_notify)
+        await lease.connection.add_listener(ALERTS_CHANNEL, self._on_notify)
         try:
             await self._mark_what_is_already_on_the_topic()
             while not self._stopping.is_set():
-                if lock.is_closed():
-                    raise LostLeadershipError("the relay's lock connection closed")
+                lease.ensure_held()
                 published = await self._publish_pending()
                 if published < PUBLISH_BATCH:
                     await self._wait_for_work()
         finally:
             with contextlib.suppress(Exception):
-                await lock.remove_listener(ALERTS_CHANNEL, self._on_notify)
+                await lease.connection.remove_listener(ALERTS_CHANNEL, self._on_notify)
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -131,9 +117,7 @@ class AlertRelay:
             pending = await pending_alerts(connection, limit=PUBLISH_BATCH)
             count, oldest = await outbox_backlog(connection)
         self._metrics.outbox_backlog.set(count)
-        self._metrics.outbox_oldest_age.set(
-            (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0
-        )
+        self._metrics.outbox_oldest_age.set(_seconds_since(oldest) if oldest is not None else 0)
         if not pending:
             return 0
         next_offsets = await self._publish(pending)
@@ -163,10 +147,9 @@ class AlertRelay:
         return next_offsets
 
     def _observe(self, published: list[PendingAlert]) -> None:
-        now = datetime.now(UTC)
         for alert in published:
             self._metrics.alerts_published.labels(alert.level).inc()
-            self._metrics.alert_latency.observe((now - alert.created_at).total_seconds())
+            self._metrics.alert_latency.observe(_seconds_since(alert.created_at))
         log.info("Budget alerts published.", count=len(published), topic=self._topic)
 
     async def _mark_what_is_already_on_the_topic(self) -> None:
@@ -221,6 +204,12 @@ async def _alert_ids_after(
             if (alert_id := _alert_id_of(record.value)) is not None
         )
     raise TimeoutError(f"could not read the alerts topic to its end within 120 s: {partitions}")
+
+
+def _seconds_since(moment: datetime) -> float:
+    """The age of `moment`, a time the database's `now()` gave: measured on the wall clock,
+    never on the worker's clock (which a soak simulates days in the past)."""
+    return (datetime.now(UTC) - moment).total_seconds()
 
 
 def _alert_id_of(value: bytes | None) -> str | None:

@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Container
-from datetime import UTC, datetime
 
 import structlog
 
-from llm_usage.consumers.budget.crossing import Crossing, crossings_at_rest
-from llm_usage.consumers.budget.handler import alert_for
+from llm_usage.consumers.budget.alerts import alert_id_of, alerts_at_rest, crossings_at_rest_of
+from llm_usage.runtime.handler import ConsumerContext
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
-from llm_usage.runtime.spec import ConsumerContext, SideTask
-from llm_usage.schemas.budget import BudgetAlert
 from llm_usage.storage.budget_outbox import insert_alerts, known_alert_ids
-from llm_usage.storage.budget_status import PolicyWindow, current_policy_windows
+from llm_usage.storage.budget_status import current_policy_windows
 from llm_usage.storage.pool import connect_once, connection_from
 
 log = structlog.get_logger(__name__)
@@ -32,54 +28,15 @@ log = structlog.get_logger(__name__)
 POLICIES_CHANNEL = "budget_policies"
 
 
-def crossings_at_rest_of(windows: list[PolicyWindow]) -> list[tuple[PolicyWindow, Crossing]]:
-    """Every level each policy window's current spend has reached (warning first)."""
-    return [
-        (window, crossing)
-        for window in windows
-        for crossing in crossings_at_rest(
-            window.spend_usd,
-            limit_usd=window.limit_usd,
-            warn_threshold_pct=window.warn_threshold_pct,
-        )
-    ]
-
-
-def alert_id_of(window: PolicyWindow, crossing: Crossing) -> str:
-    return window.counter.alert_id(crossing.level, window.limit_usd)
-
-
-def alerts_at_rest(
-    reached: list[tuple[PolicyWindow, Crossing]],
-    *,
-    now: datetime,
-    known_ids: Container[str] = frozenset(),
-) -> list[BudgetAlert]:
-    """The alerts of levels reached at rest (no trigger), leaving out those already decided."""
-    return [
-        alert_for(
-            window.counter,
-            crossing,
-            limit_usd=window.limit_usd,
-            warn_threshold_pct=window.warn_threshold_pct,
-            emitted_at=now,
-        )
-        for window, crossing in reached
-        if alert_id_of(window, crossing) not in known_ids
-    ]
-
-
-def policy_watcher(clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> SideTask:
-    async def watch_policies(context: ConsumerContext) -> None:
-        await PolicyWatcher(context, clock).run()
-
-    return watch_policies
+async def watch_policies(context: ConsumerContext) -> None:
+    """The watcher as a side task of the budget consumer."""
+    await PolicyWatcher(context).run()
 
 
 class PolicyWatcher:
-    def __init__(self, context: ConsumerContext, clock: Callable[[], datetime]) -> None:
+    def __init__(self, context: ConsumerContext) -> None:
         self._context = context
-        self._clock = clock
+        self._clock = context.clock
         self._changed: asyncio.Queue[str] = asyncio.Queue()
         self._sleep = sleep_unless_stopping(context.stopping)
 

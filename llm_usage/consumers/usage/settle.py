@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from llm_usage.core.errors import TransientError
-from llm_usage.runtime.outcome import BatchOutcome, BatchResult, DeadLetter, Record
+from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageRow, conflicting_fields

@@ -1,15 +1,14 @@
-"""The budget consumer's pure steps: what a batch adds to each counter, the alerts it crosses,
-and the alerts the policy watcher finds reached at rest."""
+"""The budget consumer's alert decisions (consumers/budget/alerts.py): the alerts a batch
+crosses, and the alerts the policy watcher finds reached at rest."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
+from llm_usage.consumers.budget.alerts import alerts_at_rest, alerts_crossed, crossings_at_rest_of
 from llm_usage.consumers.budget.crossing import Contribution
-from llm_usage.consumers.budget.handler import alerts_crossed
-from llm_usage.consumers.budget.watcher import alerts_at_rest, crossings_at_rest_of
-from llm_usage.schemas.budget import AlertLevel, CounterKey, SpendKey
+from llm_usage.domain.budgets import AlertLevel, CounterKey, SpendKey
 from llm_usage.storage.budget_spend import LimitedCounter
 from llm_usage.storage.budget_status import PolicyWindow
 
