@@ -21,7 +21,7 @@ import jwt
 
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
-from llm_usage.schemas.budget_policy import InvalidPolicyError, check_tenant_id
+from llm_usage.domain.policies import InvalidPolicyError, check_tenant_id
 
 # A shorter HMAC key can be brute-forced offline from any one token (RFC 7518, section 3.2).
 MIN_SECRET_BYTES: Final = 32

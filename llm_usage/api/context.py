@@ -7,18 +7,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Annotated
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llm_usage.api.auth import TokenVerifier
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class ApiMetrics:
@@ -53,7 +52,7 @@ class ApiContext:
     pool: asyncpg.Pool
     verifier: TokenVerifier
     metrics: ApiMetrics
-    clock: Callable[[], datetime] = utc_now
+    clock: Callable[[], datetime] = field(default_factory=worker_clock)
     # Set once the first ingest has started it; guarded by the lock so it is started once.
     producer: AIOKafkaProducer | None = None
     producer_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -78,3 +77,12 @@ class ApiContext:
             if self.producer is not None:
                 await self.producer.stop()
                 self.producer = None
+
+
+def api_context(request: Request) -> ApiContext:
+    """The context the app was created over (a FastAPI dependency)."""
+    context: ApiContext = request.app.state.context
+    return context
+
+
+Context = Annotated[ApiContext, Depends(api_context)]

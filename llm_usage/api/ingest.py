@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, NoReturn
+from typing import Final, Literal, NoReturn
 
 from aiokafka import AIOKafkaProducer
 
@@ -124,13 +124,9 @@ class Checked:
     def accepted(self) -> bool:
         return self.reason is None
 
-    def as_json(self) -> dict[str, str | None]:
-        return {
-            "gateway_request_id": self.gateway_request_id,
-            "status": "accepted" if self.accepted else "rejected",
-            "reason": None if self.reason is None else self.reason.value,
-            "detail": self.detail,
-        }
+    @property
+    def status(self) -> Literal["accepted", "rejected"]:
+        return "accepted" if self.accepted else "rejected"
 
 
 def check_events(events: Sequence[object], *, now: datetime) -> list[Checked]:

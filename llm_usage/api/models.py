@@ -1,16 +1,39 @@
 """The API's answers as pydantic models: what `/openapi.json` documents and what is sent.
 
 Money is an exact decimal string (never a JSON number), counts are integers, times RFC 3339 in
-UTC with `Z`, days `YYYY-MM-DD`.
+UTC with `Z`, days `YYYY-MM-DD`. An answer validates from the values storage returns (their
+attributes), so a route never spells out the fields it sends.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from llm_usage.domain.money import canonical_decimal
 
 MONEY_PATTERN = r"^[0-9]+(\.[0-9]+)?$"
+
+
+def _exact_usd(value: object) -> object:
+    return canonical_decimal(value) if isinstance(value, Decimal) else value
+
+
+def _plain_decimal(value: object) -> object:
+    return format(value, "f") if isinstance(value, Decimal) else value
+
+
+def _iso_day(value: object) -> object:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+# Text in the answer, from the exact values storage returns.
+UsdText = Annotated[str, BeforeValidator(_exact_usd)]
+DecimalText = Annotated[str, BeforeValidator(_plain_decimal)]
+DayText = Annotated[str, BeforeValidator(_iso_day)]
 
 
 def Money(description: str = "exact USD as a decimal string") -> Any:  # noqa: N802 - a field type
@@ -18,7 +41,7 @@ def Money(description: str = "exact USD as a decimal string") -> Any:  # noqa: N
 
 
 class _Answer(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", from_attributes=True)
 
 
 class UsageSummaryAnswer(_Answer):
@@ -31,9 +54,9 @@ class UsageSummaryAnswer(_Answer):
     cached_input_tokens: int
     reasoning_tokens: int
     total_tokens: int
-    customer_charge_usd: str = Money()
+    customer_charge_usd: UsdText = Money()
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class BreakdownItemAnswer(_Answer):
@@ -41,7 +64,7 @@ class BreakdownItemAnswer(_Answer):
     requests: int
     input_tokens: int
     output_tokens: int
-    customer_charge_usd: str = Money()
+    customer_charge_usd: UsdText = Money()
 
 
 class UsageBreakdownAnswer(_Answer):
@@ -50,13 +73,13 @@ class UsageBreakdownAnswer(_Answer):
     to: str = Field(description="RFC 3339, UTC; excluded")
     items: list[BreakdownItemAnswer] = Field(description="highest charge first")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class DailyItemAnswer(_Answer):
-    date: str = Field(description="the UTC day, YYYY-MM-DD")
+    date: DayText = Field(validation_alias="day", description="the UTC day, YYYY-MM-DD")
     requests: int
-    customer_charge_usd: str = Money()
+    customer_charge_usd: UsdText = Money()
 
 
 class UsageDailyAnswer(_Answer):
@@ -67,10 +90,10 @@ class BudgetAnswer(_Answer):
     scope_type: Literal["tenant", "deployment", "user", "agent"]
     scope_id: str
     window: Literal["daily", "monthly"]
-    period_start: str = Field(description="the first day of the current UTC day or month")
-    spend_usd: str = Money()
-    limit_usd: str = Money()
-    percent: str = Field(description="spend / limit * 100, rounded half up to 2 places")
+    period_start: DayText = Field(description="the first day of the current UTC day or month")
+    spend_usd: UsdText = Money()
+    limit_usd: UsdText = Money()
+    percent: DecimalText = Field(description="spend / limit * 100, rounded half up to 2 places")
     level: Literal["ok", "warning", "exceeded"]
 
 
@@ -88,8 +111,8 @@ class PolicyAnswer(_Answer):
     tenant_id: str
     scope_type: Literal["tenant", "deployment", "user", "agent"]
     scope_id: str
-    daily_limit_usd: str | None = Money("exact USD, or null: no daily limit")
-    monthly_limit_usd: str | None = Money("exact USD, or null: no monthly limit")
+    daily_limit_usd: UsdText | None = Money("exact USD, or null: no daily limit")
+    monthly_limit_usd: UsdText | None = Money("exact USD, or null: no monthly limit")
     warn_threshold_pct: int
 
 

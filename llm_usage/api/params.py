@@ -8,6 +8,8 @@ from typing import Any, Final
 
 from fastapi.exceptions import RequestValidationError
 
+from llm_usage.domain.periods import start_of_month
+
 MAX_RANGE_DAYS: Final = 366
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -55,8 +57,7 @@ def time_range(
     """[from, to) from the query: `from` defaults to the start of this UTC month, `to` to now;
     from <= to and at most MAX_RANGE_DAYS apart."""
     utc_now = now.astimezone(UTC)
-    month_start = datetime.combine(utc_now.date().replace(day=1), time(0), UTC)
-    start = query_instant("from", from_text, month_start)
+    start = query_instant("from", from_text, start_of_month(utc_now))
     end = query_instant("to", to_text, utc_now)
     if end < start:
         name = "to" if to_text is not None else "from"

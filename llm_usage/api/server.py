@@ -20,11 +20,14 @@ from prometheus_client import CollectorRegistry
 from llm_usage.api.app import create_app
 from llm_usage.api.auth import TokenVerifier
 from llm_usage.api.context import ApiContext, ApiMetrics
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
 from llm_usage.storage.pool import create_pool
 
 GRACEFUL_SHUTDOWN_SECONDS = 10
+# The line that says where the API listens (with `host` and `port`), which harnesses wait for.
+LISTENING = "API listening."
 _log = structlog.get_logger("llm_usage.api")
 
 
@@ -44,7 +47,7 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(each)
 
     def _stop(self, received: signal.Signals) -> None:
-        _log.info("api_stopping", signal=received.name)
+        _log.info("API stopping: finishing the requests in flight.", signal=received.name)
         if self.should_exit and received is signal.SIGINT:
             self.force_exit = True
         self.should_exit = True
@@ -77,6 +80,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve_api(settings: Settings) -> None:
     verifier = TokenVerifier.from_settings(settings)
+    clock = worker_clock()
     listener = bind(settings.api_host, settings.api_port)
     try:
         pool = await create_pool(settings.database_url, size=settings.database_pool_size)
@@ -88,6 +92,7 @@ async def serve_api(settings: Settings) -> None:
         pool=pool,
         verifier=verifier,
         metrics=ApiMetrics(CollectorRegistry()),
+        clock=clock,
     )
     config = uvicorn.Config(
         create_app(context),
@@ -98,11 +103,11 @@ async def serve_api(settings: Settings) -> None:
         server_header=False,
     )
     host, port = listener.getsockname()[:2]
-    _log.info("api_listening", host=host, port=port, usage_topic=settings.usage_topic)
+    _log.info(LISTENING, host=host, port=port, usage_topic=settings.usage_topic)
     try:
         await _Server(config).serve(sockets=[listener])
     finally:
         await context.close()
         await pool.close()
         listener.close()
-    _log.info("api_stopped")
+    _log.info("API stopped.")

@@ -13,8 +13,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from html import escape
 from typing import Final
 
-from llm_usage.schemas.budget import canonical_decimal
-from llm_usage.schemas.budget_policy import BudgetLevel, BudgetStatus
+from llm_usage.domain.budgets import BudgetLevel, BudgetStatus
+from llm_usage.domain.money import canonical_decimal
+from llm_usage.domain.periods import start_of_month
 from llm_usage.storage.usage_reports import BreakdownItem, DailyItem, UsageSummary
 
 DAYS: Final = 30
@@ -114,8 +115,7 @@ def _top(by: str, items: Sequence[BreakdownItem]) -> str:
 
 def month_range(now: datetime) -> tuple[datetime, datetime]:
     """[start of this UTC month, now): what the page reports as "this month"."""
-    utc = now.astimezone(UTC)
-    return datetime.combine(utc.date().replace(day=1), time(0), UTC), utc
+    return start_of_month(now), now.astimezone(UTC)
 
 
 def daily_range(now: datetime) -> tuple[datetime, datetime]:

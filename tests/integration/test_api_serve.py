@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_usage.api.server import LISTENING
 from tests.api_support import AUDIENCE, SECRET, bearer, token
 from tests.integration.pipeline import unique
 
@@ -63,7 +64,7 @@ async def server(
     while port is None and time.monotonic() < deadline:
         line = await asyncio.wait_for(process.stderr.readline(), 60)
         assert line, "the API exited before it listened"
-        if line.startswith(b"{") and json.loads(line).get("event") == "api_listening":
+        if line.startswith(b"{") and json.loads(line).get("event") == LISTENING:
             port = json.loads(line)["port"]
     assert port is not None
     try:

@@ -86,6 +86,6 @@ def test_each_event_is_judged_as_the_consumer_judges_it() -> None:
         ("r4", False),
     ]
     assert checked[0].key == b"t1"
-    assert checked[2].as_json()["reason"] == "schema_violation"
+    assert checked[2].reason == "schema_violation"
     assert "occurred_at" in str(checked[2].detail)
-    assert checked[5].as_json()["reason"] == "too_large"
+    assert checked[5].reason == "too_large"
