@@ -15,13 +15,11 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import random
 import secrets
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -29,8 +27,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-# The benchmark's stack is imported when it runs: `llm-usage --help` builds this command's
-# parser, and httpx (a dev dependency) is not in production images.
+from llm_usage.testing.processes import spawn_llm_usage
+
+# The benchmark's stack (httpx is a dev dependency) is imported when it runs.
 if TYPE_CHECKING:
     import httpx
 
@@ -156,16 +155,13 @@ async def _start_server(
         "DATABASE_POOL_SIZE": "8",
     }
     environment.pop("API_JWT_JWKS_FILE", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llm_usage", "serve", "api",
-        env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await spawn_llm_usage("serve", "api", env=environment)
     assert process.stderr is not None
     while True:
         line = await asyncio.wait_for(process.stderr.readline(), 60)
         if not line:
             raise SystemExit("`llm-usage serve api` stopped before it listened")
-        if line.startswith(b"{") and json.loads(line).get("event") == "api_listening":
+        if line.startswith(b"{") and json.loads(line).get("event") == "API listening.":
             port = json.loads(line)["port"]
             asyncio.get_running_loop().create_task(_drain(process.stderr))
             return process, f"http://127.0.0.1:{port}"
@@ -383,45 +379,3 @@ def _report(  # noqa: PLR0917 - one call, every figure of the run
         f"\ngoal: p99 < 100 ms for a 100k-event tenant's month breakdown: "
         f"{sized['sized-100k'].percentile(0.99):.0f} ms; mixed p99 {overall_p99:.0f} ms"
     )
-
-
-def add_bench_api_command(
-    bench_commands: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> None:
-    """`llm-usage bench api` under the `bench` group."""
-    bench = bench_commands.add_parser(
-        "api", help="HTTP API latency under 50 clients; growth with a tenant's size; HTTP ingest"
-    )
-    bench.add_argument("--events", type=_positive_int, default=10_000_000)
-    bench.add_argument("--tenants", type=_positive_int, default=1_000)
-    bench.add_argument("--clients", type=_positive_int, default=50)
-    bench.add_argument("--seconds", type=float, default=30.0)
-    bench.add_argument("--ingest-events", type=_positive_int, default=50_000)
-
-
-def run_bench_api(args: argparse.Namespace) -> None:
-    asyncio.run(
-        run_api_benchmark(
-            events=args.events,
-            tenants=args.tenants,
-            clients=args.clients,
-            seconds=args.seconds,
-            ingest_events=args.ingest_events,
-        )
-    )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-if __name__ == "__main__":  # before `bench api` is wired into `llm-usage bench`
-    parser = argparse.ArgumentParser(prog="python -m llm_usage.bench.api")
-    add_bench_api_command(parser.add_subparsers(dest="bench_command", required=True))
-    run_bench_api(parser.parse_args())

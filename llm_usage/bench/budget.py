@@ -25,12 +25,7 @@ import os
 import platform
 import random
 import signal
-import socket
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from array import array
 from collections import Counter
@@ -51,6 +46,7 @@ from llm_usage.bench.support import (
     TimedRun,
     bench_database,
     freeze_harness_objects,
+    process_cpu_seconds,
     publish_backlog,
     time_consumer,
 )
@@ -58,17 +54,17 @@ from llm_usage.consumers.budget.consumer import budget_consumer_spec
 from llm_usage.consumers.budget.crossing import Contribution, crossings_by_events
 from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.consumers.usage.consumer import usage_consumer_spec
-from llm_usage.core.errors import UserFacingError
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
+from llm_usage.domain.budgets import BudgetWindow, CounterKey, ScopeType, period_start
+from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.kafka.clients import new_producer, new_reader, start_client
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.run import settings_for_local_run
 from llm_usage.local.sample_events import SampleTenant, sample_stream
-from llm_usage.schemas.budget import BudgetWindow, CounterKey, ScopeType, period_start
-from llm_usage.schemas.budget_policy import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.storage.migrate import migrate
+from llm_usage.testing.processes import WorkerProcess
 
 BENCH_DATABASE = "llm_usage_bench_budget"
 WARN_PCT = 80
@@ -461,46 +457,15 @@ class AlertReader:
         self._missing.discard(alert["alert_id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own probe
-            return int(answer.status), answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:
-        return 0, str(error)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc), threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class ConsumerProcess:
-    process: asyncio.subprocess.Process
-    metrics_port: int
-    log_path: Path
+class ConsumerProcess(WorkerProcess):
+    """The budget consumer's process: its metrics and its CPU so far."""
 
     async def metrics(self) -> dict[str, float]:
-        status, text = await asyncio.to_thread(
-            _http_get, f"http://127.0.0.1:{self.metrics_port}/metrics"
-        )
+        status, text = await self.get("/metrics")
         return metric_totals(text, consumer="budget") if status == 200 else {}
 
     def cpu_seconds(self) -> float:
-        return _cpu_seconds(self.process.pid)
-
-    def log_tail(self, lines: int = 15) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return process_cpu_seconds(self.pid)
 
 
 @contextlib.asynccontextmanager
@@ -509,7 +474,6 @@ async def budget_consumer_process(
 ) -> AsyncIterator[ConsumerProcess]:
     """`python -m llm_usage consume budget` on the bench's database and topics (optionally
     under pyinstrument); yields once it has joined its group, stops it with SIGTERM."""
-    port = _free_port()
     environment = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -518,54 +482,25 @@ async def budget_consumer_process(
         "ALERTS_TOPIC": settings.alerts_topic,
         "DLQ_TOPIC": settings.dlq_topic,
         "BUDGET_GROUP_ID": settings.budget_group_id,
-        "METRICS_PORT": str(port),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
-    command = [sys.executable, "-m", "llm_usage", "consume", "budget"]
-    if profile is not None:
-        renderer = "html" if profile.suffix == ".html" else "text"
-        command = [sys.executable, "-m", "pyinstrument", "-r", renderer, "-o", str(profile)]
-        command += ["-m", "llm_usage", "consume", "budget"]
-    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - outlives this block on purpose
-        prefix="bench-budget-consumer-", suffix=".log", delete=False
-    )
-    with log_file:
-        process = await asyncio.create_subprocess_exec(
-            *command, env=environment, stdout=log_file, stderr=log_file
-        )
-    consumer = ConsumerProcess(process, port, Path(log_file.name))
+    consumer: ConsumerProcess | None = None
     try:
-        await _wait_until_ready(consumer)
-        yield consumer
+        async with ConsumerProcess.running(
+            "consume",
+            "budget",
+            env=environment,
+            log_prefix="bench-budget-consumer-",
+            name="the budget consumer",
+            profile=profile,
+            ready_within=_READY_WITHIN_SECONDS,
+            stop_within=_STOP_WITHIN_SECONDS,
+        ) as consumer:
+            yield consumer
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), _STOP_WITHIN_SECONDS)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                print(f"the budget consumer did not stop on SIGTERM; killed (log: {log_file.name})")
-
-
-async def _wait_until_ready(consumer: ConsumerProcess) -> None:
-    deadline = time.monotonic() + _READY_WITHIN_SECONDS
-    url = f"http://127.0.0.1:{consumer.metrics_port}/readyz"
-    while time.monotonic() < deadline:
-        if consumer.process.returncode is not None:
-            raise UserFacingError(
-                f"the budget consumer exited with {consumer.process.returncode} before it was "
-                f"ready; its log ({consumer.log_path}) ends with:\n{consumer.log_tail()}"
-            )
-        status, _ = await asyncio.to_thread(_http_get, url)
-        if status == 200:
-            return
-        await asyncio.sleep(0.2)
-    raise UserFacingError(
-        f"the budget consumer was not ready within {_READY_WITHIN_SECONDS:.0f} s "
-        f"(log: {consumer.log_path})"
-    )
+        if consumer is not None and consumer.process.returncode == -signal.SIGKILL:
+            print(f"the budget consumer did not stop on SIGTERM; killed (log: {consumer.log_path})")
 
 
 @dataclass(frozen=True)

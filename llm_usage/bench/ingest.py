@@ -50,7 +50,7 @@ from llm_usage.bench.support import (
 from llm_usage.core.errors import UserFacingError
 from llm_usage.core.logs import configure_logging
 from llm_usage.core.settings import Settings
-from llm_usage.kafka.clients import new_reader, start_client
+from llm_usage.kafka.clients import client_options, new_reader, start_client
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.run import settings_for_local_run
 from llm_usage.local.sample_events import sample_stream
@@ -194,10 +194,6 @@ class ConsumerRun:
         """The most rows/s this work could reach with every core busy on it and nothing else:
         the machine's CPU per row, spread over all its cores."""
         return cores * self.rows / self.machine_busy_seconds
-
-    @property
-    def measurement(self) -> Measurement:
-        return Measurement("(a) usage consumer, own process", self.rows, self.seconds)
 
 
 @dataclass(frozen=True)
@@ -386,7 +382,7 @@ async def _measure_consumer(
 ) -> ConsumerRun:
     """(a): publish the backlog (not timed), run the child until it has drained it, check it."""
     await ensure_topics(bench, [bench.usage_topic, bench.dlq_topic], partitions=PARTITIONS)
-    admin = AIOKafkaAdminClient(**bench.kafka_client_options())
+    admin = AIOKafkaAdminClient(**client_options(bench))
     await admin.start()
     try:
         seconds = await publish_backlog(bench, bench.usage_topic, [(k, v) for k, v, _ in stream])

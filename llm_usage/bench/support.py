@@ -6,29 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import re
-import signal
-import socket
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
-from llm_usage.core.errors import UserFacingError
 from llm_usage.core.settings import Settings
 from llm_usage.kafka.clients import new_producer, start_client
-from llm_usage.runtime.spec import ConsumerSpec
-from llm_usage.runtime.worker import run_consumer
+from llm_usage.runtime.ahead import PreparesAhead
+from llm_usage.runtime.handler import (
+    BatchHandler,
+    BatchOutcome,
+    ConsumerContext,
+    ConsumerSpec,
+    Record,
+)
+from llm_usage.runtime.process import run_consumer
+from llm_usage.testing.processes import WorkerProcess
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,73 @@ def freeze_harness_objects() -> None:
     gc.freeze()
 
 
+class LandingClock:
+    """Wraps a consumer's handler to time it from its first landing to its last commit.
+
+    The handler sees when each landing begins, not when its offsets are committed: the
+    runtime's batch-duration histogram (fetched to committed, per batch) measures that.
+    """
+
+    def __init__(self, handler: BatchHandler, batch_seconds: Histogram, name: str) -> None:
+        self._handler = handler
+        self._batch_seconds = batch_seconds
+        self._labels = {"consumer": name}
+        self._first_began: float | None = None
+        self._last_began = 0.0
+        self._landed_before_last = -1.0  # batch seconds observed when the last landing began
+
+    def busy_seconds(self) -> float | None:
+        """From the first landing's start to the last one's offset commit; None if none."""
+        if self._first_began is None:
+            return None
+        last_commit = self._last_began + self.landed_seconds() - self._landed_before_last
+        return last_commit - self._first_began
+
+    def landed_seconds(self) -> float:
+        """The batch durations observed so far, summed."""
+        for metric in self._batch_seconds.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_sum") and sample.labels == self._labels:
+                    return sample.value
+        return 0.0  # no batch landed yet
+
+    def prepare_ahead(self, records: Sequence[Record]) -> None:
+        if isinstance(self._handler, PreparesAhead):
+            self._handler.prepare_ahead(records)
+
+    async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
+        now, landed = time.perf_counter(), self.landed_seconds()
+        # A landing observes its duration once committed: an unchanged sum is the same
+        # landing calling again (a retry, a refused row split off), not a new one.
+        if landed != self._landed_before_last:
+            self._last_began, self._landed_before_last = now, landed
+            if self._first_began is None:
+                self._first_began = now
+        return await self._handler.record_batch(records)
+
+
 async def time_consumer(settings: Settings, spec: ConsumerSpec) -> TimedRun:
     """Run `spec` in this process until it has been idle for a second; time its busy part."""
+    clocks: list[LandingClock] = []
+
+    def make_handler(context: ConsumerContext) -> BatchHandler:
+        handler = spec.make_handler(context)
+        clocks.append(LandingClock(handler, context.metrics.batch_duration, spec.name))
+        return clocks[-1]
+
     cpu_before = time.process_time()
-    consumer = await run_consumer(settings, spec, exit_when_idle=1.0, registry=CollectorRegistry())
-    if consumer.first_fetch_at is None or consumer.last_commit_at is None:
-        raise AssertionError(f"the {spec.name} consumer fetched nothing from {spec.topic}")
-    return TimedRun(
-        seconds=consumer.last_commit_at - consumer.first_fetch_at,
-        cpu_seconds=time.process_time() - cpu_before,
+    await run_consumer(
+        settings,
+        dataclasses.replace(spec, make_handler=make_handler),
+        exit_when_idle=1.0,
+        registry=CollectorRegistry(),
     )
+    cpu_seconds = time.process_time() - cpu_before
+    (clock,) = clocks
+    seconds = clock.busy_seconds()
+    if seconds is None:
+        raise AssertionError(f"the {spec.name} consumer fetched nothing from {spec.topic}")
+    return TimedRun(seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,37 +230,8 @@ def process_memory(pid: int) -> ProcessMemory:
     return memory_from_status(Path(f"/proc/{pid}/status").read_text())
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the child binds it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def http_get(url: str, *, timeout: float = 2.0) -> tuple[int, str]:
-    """Status and body; status 0 when nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - our probe
-            return int(answer.status), answer.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:
-        return 0, str(error)
-
-
-@dataclass
-class ChildConsumer:
-    """A consumer process that answered `/readyz`; `ready_at` is perf_counter() when it did."""
-
-    process: asyncio.subprocess.Process
-    probe_port: int
-    log_path: Path
-    ready_at: float = 0.0
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+class ChildConsumer(WorkerProcess):
+    """A consumer process, and what Linux's /proc says about it."""
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)
@@ -209,29 +239,10 @@ class ChildConsumer:
     def memory(self) -> ProcessMemory:
         return process_memory(self.pid)
 
-    async def get(self, path: str) -> tuple[int, str]:
-        return await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.probe_port}{path}")
 
-    def log_tail(self, lines: int = 15) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def stop(self, *, within_seconds: float = 40.0) -> int:
-        """SIGTERM, then its exit code (killed, and -9, if it did not stop in time)."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), within_seconds)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        returncode = self.process.returncode
-        assert returncode is not None
-        return returncode
-
-
-def consumer_environment(settings: Settings, *, probe_port: int) -> dict[str, str]:
+def consumer_environment(settings: Settings) -> dict[str, str]:
     """This process's environment with the settings a bench changed (database, topics, groups,
-    batch size) and the child's own probe port; logs as JSON at INFO."""
+    batch size); logs as JSON at INFO."""
     return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -243,7 +254,6 @@ def consumer_environment(settings: Settings, *, probe_port: int) -> dict[str, st
         "BUDGET_GROUP_ID": settings.budget_group_id,
         "CONSUMER_MAX_BATCH": str(settings.consumer_max_batch),
         "DATABASE_POOL_SIZE": str(settings.database_pool_size),
-        "METRICS_PORT": str(probe_port),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
@@ -260,41 +270,13 @@ async def child_consumer(
     """`python -m llm_usage consume <worker>` with `settings`; yields once `/readyz` answers
     200 (it joined its group), polled every `ready_poll_seconds`. Logs go to a file that is
     kept. A child still running when the block ends is stopped with SIGTERM."""
-    port = free_port()
-    log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - outlives this block on purpose
-        prefix=f"bench-{worker}-consumer-", suffix=".log", delete=False
-    )
-    with log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "llm_usage",
-            "consume",
-            worker,
-            env=consumer_environment(settings, probe_port=port),
-            stdout=log_file,
-            stderr=log_file,
-        )
-    child = ChildConsumer(process, port, Path(log_file.name))
-    try:
-        deadline = time.monotonic() + ready_within_seconds
-        while True:
-            if process.returncode is not None:
-                raise UserFacingError(
-                    f"the {worker} consumer exited with {process.returncode} before it was "
-                    f"ready; its log ({child.log_path}) ends with:\n{child.log_tail()}"
-                )
-            status, _ = await child.get("/readyz")
-            if status == 200:
-                child.ready_at = time.perf_counter()
-                break
-            if time.monotonic() > deadline:
-                raise UserFacingError(
-                    f"the {worker} consumer was not ready within {ready_within_seconds:.0f} s "
-                    f"(log: {child.log_path})"
-                )
-            await asyncio.sleep(ready_poll_seconds)
+    async with ChildConsumer.running(
+        "consume",
+        worker,
+        env=consumer_environment(settings),
+        log_prefix=f"bench-{worker}-consumer-",
+        name=f"the {worker} consumer",
+        ready_within=ready_within_seconds,
+        ready_poll=ready_poll_seconds,
+    ) as child:
         yield child
-    finally:
-        if process.returncode is None:
-            await child.stop()

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord, TopicPartition
-
+from llm_usage.cli.args import Commands
 from llm_usage.core.errors import ConfigurationError
-from llm_usage.core.settings import Settings
-from llm_usage.kafka.clients import new_producer, new_reader, start_client
 from llm_usage.schemas.dead_letter import (
     DETAIL_HEADER,
     OFFSET_HEADER,
@@ -25,11 +22,18 @@ from llm_usage.schemas.dead_letter import (
     DeadLetterReason,
 )
 
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import ConsumerRecord
+
+    from llm_usage.core.settings import Settings
+
 REPLAYED_FROM_HEADER = "dlq.replayed_from"
 
 
-def add_dlq_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(commands: Commands) -> None:
     dlq = commands.add_parser("dlq", help="the dead-letter topic: replay records after a fix")
+    dlq.set_defaults(run=run_dlq_command)
     actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     replay = actions.add_parser(
         "replay", help="republish dead letters (original key and bytes) to the usage topic"
@@ -94,6 +98,10 @@ def _as_letter(record: ConsumerRecord) -> DeadLetterRecord:
 async def read_dead_letters(
     settings: Settings, *, partition: int, from_offset: int, to_offset: int | None
 ) -> list[DeadLetterRecord]:
+    from aiokafka.structs import TopicPartition  # noqa: PLC0415 - Kafka's stack, when run
+
+    from llm_usage.kafka.clients import new_reader, start_client  # noqa: PLC0415
+
     reader = new_reader(settings)
     await start_client(reader, settings)
     try:
@@ -113,7 +121,9 @@ async def read_dead_letters(
         await reader.stop()
 
 
-async def run_dlq_command(settings: Settings, args: argparse.Namespace) -> None:
+async def run_dlq_command(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.kafka.clients import new_producer, start_client  # noqa: PLC0415
+
     producer = new_producer(settings)
     await start_client(producer, settings)
     try:

@@ -1,4 +1,4 @@
-"""`llm-usage policy set|list|delete|history` and `llm-usage budget status`.
+"""`llm-usage policy set|list|delete|history`: a tenant's budget policies and their audit.
 
 Arguments are checked before the database is touched; a bad one, a database that cannot be
 reached or is not migrated, and deleting a policy that does not exist each end in one line and
@@ -11,44 +11,26 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import asyncpg
-
-from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError, UserFacingError
-from llm_usage.core.settings import Settings
-from llm_usage.schemas.budget import ScopeType, canonical_decimal
-from llm_usage.schemas.budget_policy import (
+from llm_usage.cli.args import Commands, OneLineArgumentParser, checked_tenant
+from llm_usage.cli.budget_tables import aligned_table, budget_tables
+from llm_usage.core.errors import ConfigurationError, UserFacingError
+from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.money import canonical_decimal
+from llm_usage.domain.policies import (
     BudgetPolicy,
     InvalidPolicyError,
-    check_tenant_id,
     parse_scope_type,
     policy_from_text,
     scope_id_for,
 )
-from llm_usage.storage.pool import CONNECTION_ERRORS, Connection
 
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """A parser whose mistakes end in one line on stderr and exit 2, like every other
-    person-fixable error of these commands (argparse would print the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"llm-usage: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        # Left to the top-level parser, arguments this one does not know would be reported
-        # with the whole usage of `llm-usage`; as a sub-command, say it here, in one line.
-        parsed, unknown = super().parse_known_args(args, namespace)
-        if unknown:
-            self.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return parsed, unknown
+if TYPE_CHECKING:
+    from llm_usage.core.settings import Settings
 
 
 # Every scope type, for help texts.
@@ -83,44 +65,6 @@ def default_actor() -> str:
         return "unknown"
 
 
-@asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[Connection]:
-    """One connection; what a person can fix about the database becomes one line."""
-    from llm_usage.storage.pool import create_pool  # noqa: PLC0415 - the database stack, late
-
-    pool = await create_pool(settings.database_url, size=1)
-    try:
-        async with pool.acquire() as connection:
-            yield connection
-    except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedColumnError):
-        raise UserFacingError(
-            "the database has no budget tables yet; run `llm-usage migrate` first"
-        ) from None
-    except asyncpg.exceptions.InsufficientPrivilegeError as error:
-        raise UserFacingError(
-            f"the database user may not do this ({error}); use a user that may read and "
-            "change the budget tables"
-        ) from None
-    except asyncpg.exceptions.ReadOnlySQLTransactionError:
-        raise UserFacingError(
-            "the database is read-only (a standby?); point DATABASE_URL at the primary"
-        ) from None
-    except CONNECTION_ERRORS as error:
-        raise ServiceUnreachableError(
-            f"lost the connection to PostgreSQL ({error or type(error).__name__}); try again "
-            "once it is back (nothing was changed unless the command said so)"
-        ) from None
-    finally:
-        await pool.close()
-
-
-def _tenant(text: str) -> str:
-    try:
-        return check_tenant_id(text)
-    except InvalidPolicyError as error:
-        raise _argument_error(error) from None
-
-
 def _amount(value: Decimal | None) -> str:
     return "-" if value is None else canonical_decimal(value)
 
@@ -139,19 +83,6 @@ def describe_policy(policy: BudgetPolicy) -> str:
         f"daily {_limit(policy.daily_limit_usd)}, monthly {_limit(policy.monthly_limit_usd)}, "
         f"warning at {policy.warn_threshold_pct}%"
     )
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[int]) -> str:
-    """An aligned table; columns in `right` are aligned right (numbers)."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = []
-    for cells in (headers, *rows):
-        padded = [
-            cell.rjust(width) if index in right else cell.ljust(width)
-            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
 
 
 def _utc(moment: datetime) -> str:
@@ -173,7 +104,7 @@ async def policy_set(settings: Settings, args: argparse.Namespace, out: TextIO) 
         actor = check_actor(default_actor() if args.actor is None else args.actor)
     except InvalidPolicyError as error:
         raise _argument_error(error) from None
-    async with _database(settings) as connection:
+    async with budget_tables(settings) as connection:
         change = await set_policy(connection, policy, actor=actor)
     if not change.changed:
         print(f"unchanged {_scope(policy)}: {describe_policy(policy)} (nothing audited)", file=out)
@@ -190,14 +121,14 @@ async def policy_set(settings: Settings, args: argparse.Namespace, out: TextIO) 
 async def policy_delete(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.storage.budget_policies import check_actor, delete_policy  # noqa: PLC0415
 
-    tenant_id = _tenant(args.tenant)
+    tenant_id = checked_tenant(args.tenant)
     try:
         scope_type = parse_scope_type(args.scope)
         scope_id = scope_id_for(tenant_id, scope_type, args.scope_id)
         actor = check_actor(default_actor() if args.actor is None else args.actor)
     except InvalidPolicyError as error:
         raise _argument_error(error) from None
-    async with _database(settings) as connection:
+    async with budget_tables(settings) as connection:
         change = await delete_policy(
             connection, tenant_id=tenant_id, scope_type=scope_type, scope_id=scope_id, actor=actor
         )
@@ -212,8 +143,8 @@ async def policy_delete(settings: Settings, args: argparse.Namespace, out: TextI
 async def policy_list(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.storage.budget_policies import tenant_policies  # noqa: PLC0415
 
-    tenant_id = _tenant(args.tenant)
-    async with _database(settings) as connection:
+    tenant_id = checked_tenant(args.tenant)
+    async with budget_tables(settings) as connection:
         policies = await tenant_policies(connection, tenant_id)
     if args.json:
         for policy in policies:
@@ -232,7 +163,7 @@ async def policy_list(settings: Settings, args: argparse.Namespace, out: TextIO)
             for policy in policies
         ]
         headers = ["SCOPE_TYPE", "SCOPE_ID", "DAILY_LIMIT_USD", "MONTHLY_LIMIT_USD", "WARN_PCT"]
-        print(_table(headers, rows, right={2, 3, 4}), file=out)
+        print(aligned_table(headers, rows, right={2, 3, 4}), file=out)
 
 
 def _describe_audited(policy: Mapping[str, Any] | None) -> str:
@@ -247,8 +178,8 @@ def _describe_audited(policy: Mapping[str, Any] | None) -> str:
 async def policy_history(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.storage.budget_policies import policy_history  # noqa: PLC0415
 
-    tenant_id = _tenant(args.tenant)
-    async with _database(settings) as connection:
+    tenant_id = checked_tenant(args.tenant)
+    async with budget_tables(settings) as connection:
         entries = await policy_history(connection, tenant_id)
     if args.json:
         for entry in entries:
@@ -266,54 +197,13 @@ async def policy_history(settings: Settings, args: argparse.Namespace, out: Text
             ]
             for entry in entries
         ]
-        print(_table(["CHANGED_AT", "ACTOR", "SCOPE", "OLD", "NEW"], rows, right=set()), file=out)
-
-
-async def budget_status(
-    settings: Settings, args: argparse.Namespace, out: TextIO, *, now: datetime
-) -> None:
-    from llm_usage.storage.budget_status import tenant_budget_status  # noqa: PLC0415
-
-    tenant_id = _tenant(args.tenant)
-    async with _database(settings) as connection:
-        statuses = await tenant_budget_status(connection, tenant_id, now=now)
-    if args.json:
-        for status in statuses:
-            print(json.dumps(status.to_json()), file=out)
-        return
-    if not statuses:
         print(
-            f"tenant {tenant_id!r} has no budget policies; set one with `llm-usage policy set`",
+            aligned_table(["CHANGED_AT", "ACTOR", "SCOPE", "OLD", "NEW"], rows, right=set()),
             file=out,
         )
-        return
-    headers = [
-        "SCOPE_TYPE",
-        "SCOPE_ID",
-        "WINDOW",
-        "PERIOD_START",
-        "SPEND_USD",
-        "LIMIT_USD",
-        "PERCENT",
-        "LEVEL",
-    ]
-    rows = [
-        [
-            status.scope_type.value,
-            status.scope_id,
-            status.window.value,
-            status.period_start.isoformat(),
-            canonical_decimal(status.spend_usd),
-            canonical_decimal(status.limit_usd),
-            format(status.percent, "f"),
-            status.level.value,
-        ]
-        for status in statuses
-    ]
-    print(_table(headers, rows, right={4, 5, 6}), file=out)
 
 
-async def run_policy_command(settings: Settings, args: argparse.Namespace) -> None:
+async def run_policy_command(args: argparse.Namespace, settings: Settings) -> None:
     """`llm-usage policy <action>`, printing to stdout."""
     action = {
         "set": policy_set,
@@ -324,15 +214,10 @@ async def run_policy_command(settings: Settings, args: argparse.Namespace) -> No
     await action(settings, args, sys.stdout)
 
 
-async def run_budget_command(settings: Settings, args: argparse.Namespace) -> None:
-    """`llm-usage budget status`, for the UTC day and month of now."""
-    await budget_status(settings, args, sys.stdout, now=datetime.now(UTC))
-
-
-def add_policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`policy set|list|delete|history` and `budget status`: every mistake in their arguments is
-    one line and exit 2."""
+def add_parser(commands: Commands) -> None:
+    """`policy set|list|delete|history`: every mistake in their arguments is one line and exit 2."""
     policy = commands.add_parser("policy", help="budget policies: set, list, delete, history")
+    policy.set_defaults(run=run_policy_command)
     policy_commands = policy.add_subparsers(
         dest="policy_command",
         required=True,
@@ -362,16 +247,3 @@ def add_policy_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         listing = policy_commands.add_parser(name, help=text)
         listing.add_argument("--tenant", required=True, metavar="ID")
         listing.add_argument("--json", action="store_true", help="one JSON object a line")
-
-    budget = commands.add_parser("budget", help="spend against the budget policies")
-    budget_commands = budget.add_subparsers(
-        dest="budget_command",
-        required=True,
-        metavar="ACTION",
-        parser_class=OneLineArgumentParser,
-    )
-    status = budget_commands.add_parser(
-        "status", help="this UTC day's and month's spend, limit, percent and level per policy"
-    )
-    status.add_argument("--tenant", required=True, metavar="ID")
-    status.add_argument("--json", action="store_true", help="one JSON object a line")

@@ -6,19 +6,20 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from llm_usage.core.errors import ConfigurationError
-from llm_usage.core.settings import Settings
-from llm_usage.rollup.lines import InvoiceLine
-from llm_usage.rollup.periods import InvalidPeriodError, parse_period
-from llm_usage.rollup.run import TENANTS_PER_STEP, RollupResult, close_month, run_rollup
-from llm_usage.storage.pool import create_pool
+from llm_usage.cli.args import Commands, checked_period
+from llm_usage.core.clock import worker_clock
+from llm_usage.domain.invoices import InvoiceLine
+
+if TYPE_CHECKING:
+    from llm_usage.core.settings import Settings
+    from llm_usage.rollup.run import RollupResult
 
 
-def add_rollup_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(commands: Commands) -> None:
     rollup = commands.add_parser("rollup", help="monthly invoice lines: run, close, schedule")
+    rollup.set_defaults(run=run_rollup_command)
     actions = rollup.add_subparsers(dest="rollup_command", required=True, metavar="ACTION")
     run = actions.add_parser("run", help="compute and store a month's lines (idempotent)")
     run.add_argument("--period", required=True, metavar="YYYY-MM")
@@ -30,28 +31,21 @@ def add_rollup_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     actions.add_parser("schedule", help="refresh previews and close months, until SIGTERM")
 
 
-def _period(text: str) -> str:
-    try:
-        parse_period(text)
-    except InvalidPeriodError as error:
-        raise ConfigurationError(f"--period: {error}") from None
-    return text
-
-
-async def run_rollup_command(settings: Settings, args: argparse.Namespace) -> None:
+async def run_rollup_command(args: argparse.Namespace, settings: Settings) -> None:
     if args.rollup_command == "schedule":
         from llm_usage.rollup.schedule import run_schedule  # noqa: PLC0415
 
         await run_schedule(settings)
         return
-    period = _period(args.period)
+    from llm_usage.rollup.run import close_month, run_rollup  # noqa: PLC0415
+    from llm_usage.storage.pool import create_pool  # noqa: PLC0415
+
+    period = checked_period(args.period)
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     pool = await create_pool(settings.database_url, size=1)
     try:
         if args.rollup_command == "close":
-            result = await close_month(
-                pool, period=period, now=datetime.now(UTC), progress=progress
-            )
+            result = await close_month(pool, period=period, now=worker_clock()(), progress=progress)
         else:
             result = await run_rollup(pool, period=period, tenant_id=args.tenant, progress=progress)
     finally:
@@ -65,12 +59,15 @@ class ProgressBar:
     """Tenants done so far, redrawn in place on a terminal (long runs only: from 2 steps)."""
 
     def __init__(self, stream: TextIO, width: int = 30) -> None:
+        from llm_usage.rollup.run import TENANTS_PER_STEP  # noqa: PLC0415 - the rollup's stack
+
         self._stream = stream
         self._width = width
+        self._one_step = TENANTS_PER_STEP
         self._drawn = False
 
     def __call__(self, done: int, total: int) -> None:
-        if total <= TENANTS_PER_STEP:
+        if total <= self._one_step:
             return
         filled = self._width * done // total
         bar = "#" * filled + "." * (self._width - filled)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from llm_usage.core.settings import Settings
+from llm_usage.cli.args import Commands
+
+if TYPE_CHECKING:
+    from llm_usage.core.settings import Settings
 
 
-def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(commands: Commands) -> None:
     serve = commands.add_parser("serve", help="serve the HTTP API until SIGTERM/SIGINT")
+    serve.set_defaults(run=run_serve_command)
     services = serve.add_subparsers(dest="serve_command", required=True, metavar="SERVICE")
     services.add_parser(
         "api",
@@ -17,7 +22,7 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
 
 
-async def run_serve_command(settings: Settings, args: argparse.Namespace) -> None:
+async def run_serve_command(args: argparse.Namespace, settings: Settings) -> None:
     from llm_usage.api.server import serve_api  # noqa: PLC0415 - the web stack, late
 
     await serve_api(settings)

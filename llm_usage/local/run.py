@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 from llm_usage.core.settings import Settings, load_settings
@@ -33,7 +32,3 @@ async def prepare(settings: Settings, *, partitions: int = 6) -> None:
     finally:
         await pool.close()
     await ensure_topics(settings, pipeline_topics(settings), partitions=partitions)
-
-
-def prepare_blocking(settings: Settings, *, partitions: int = 6) -> None:
-    asyncio.run(prepare(settings, partitions=partitions))

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from llm_usage.schemas.money import round_half_up, usd_to_cents
+from llm_usage.domain.money import round_half_up, usd_to_cents
 
 # (provider, model, USD per million input tokens, per million output tokens)
 _MODELS = [

@@ -15,12 +15,10 @@ from decimal import Decimal
 from typing import Any, TypeAlias
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import ConsumerRecord
 
 from llm_usage.core.clock import SimulatedClock
-from llm_usage.rollup.run import run_rollup
-from llm_usage.schemas.budget import (
+from llm_usage.domain.budgets import (
     AlertLevel,
     BudgetWindow,
     ScopeType,
@@ -28,10 +26,12 @@ from llm_usage.schemas.budget import (
     period_start,
     threshold_usd,
 )
+from llm_usage.domain.money import EXACT_CONTEXT, usd_to_cents
+from llm_usage.rollup.run import run_rollup
 from llm_usage.schemas.dead_letter import REASON_HEADER
-from llm_usage.schemas.money import EXACT_CONTEXT, usd_to_cents
 from llm_usage.soak.ledger import Ledger, SentEvent, value_digest
 from llm_usage.soak.timeline import CheckReport, CheckRow
+from llm_usage.testing.topics import read_to_end
 
 # (tenant, scope_type, scope_id, window, period_start)
 SpendKey: TypeAlias = tuple[str, str, str, str, date]
@@ -343,36 +343,8 @@ async def read_topic(
     deadline = time.monotonic() + within
     while True:
         try:
-            return await asyncio.wait_for(_read_topic(bootstrap_servers, topic), 60)
+            return await asyncio.wait_for(read_to_end(bootstrap_servers, topic), 60)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(2.0)
-
-
-async def _read_topic(bootstrap_servers: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    partitions = [TopicPartition(topic, int(p["partition"])) for p in described["partitions"]]
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await reader.start()
-    try:
-        reader.assign(partitions)
-        await reader.seek_to_beginning(*partitions)
-        ends = await reader.end_offsets(partitions)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
-            for batch in (await reader.getmany(timeout_ms=1000)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await reader.stop()

@@ -1,4 +1,4 @@
-"""The `soak` sub-command's arguments and entry point."""
+"""`llm-usage soak`: its arguments; the soak itself is imported when it runs."""
 
 from __future__ import annotations
 
@@ -8,35 +8,28 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llm_usage.cli.args import Commands, number_of_seconds, whole_number
 from llm_usage.core.errors import PipelineError
-from llm_usage.core.logs import configure_logging
-from llm_usage.core.settings import Settings
 
 if TYPE_CHECKING:
-    from llm_usage.cli.main import Commands
+    from llm_usage.core.settings import Settings
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    value = number_of_seconds(text)
     if value < 60:
         raise argparse.ArgumentTypeError("a soak needs at least 60 s of load to cross a month end")
     return value
 
 
 def _rate(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole_number(text)
     if value < 10:
         raise argparse.ArgumentTypeError("must be at least 10 events/s")
     return value
 
 
-def add_soak_command(commands: Commands) -> None:
+def add_parser(commands: Commands) -> None:
     soak = commands.add_parser(
         "soak",
         help="the whole pipeline on 3 brokers with replicas, a gateway load and faults; checked",
@@ -58,14 +51,17 @@ def add_soak_command(commands: Commands) -> None:
     soak.add_argument(
         "--keep-data", action="store_true", help="keep the run's Kafka and PostgreSQL data"
     )
+    soak.set_defaults(run=run_soak_command)
 
 
 class SoakFailedError(PipelineError):
     """A check failed: the report says which."""
 
 
-async def run_soak_command(settings: Settings, args: argparse.Namespace) -> None:
+async def run_soak_command(args: argparse.Namespace, settings: Settings) -> None:
     del settings  # the soak starts its own services; nothing of the environment's is used
+    from llm_usage.core.logs import configure_logging  # noqa: PLC0415 - when the soak runs
+
     # The soak prints its own progress; clients' reconnect noise during faults goes nowhere.
     configure_logging(log_format="console", level="WARNING")
     for noisy in ("aiokafka", "asyncpg"):

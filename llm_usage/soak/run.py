@@ -20,11 +20,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from llm_usage.core.clock import CLOCK_VARIABLE
 from llm_usage.core.settings import Settings, load_settings
+from llm_usage.domain.periods import current_period
+from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.kafka.topics import ensure_topics, pipeline_topics
 from llm_usage.local.kafka import KafkaCluster, ensure_kafka_jars, free_port_block
 from llm_usage.local.postgres import LocalPostgres
-from llm_usage.rollup.periods import current_period
-from llm_usage.schemas.budget_policy import BudgetPolicy
 from llm_usage.soak.check import check_soak
 from llm_usage.soak.faults import FaultInjector, lowered_limit
 from llm_usage.soak.ledger import Ledger

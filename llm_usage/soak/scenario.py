@@ -13,8 +13,8 @@ from decimal import Decimal
 from typing import Any
 
 from llm_usage.core.clock import SimulatedClock
-from llm_usage.schemas.budget_policy import BudgetPolicy
-from llm_usage.schemas.money import usd_to_cents
+from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.policies import BudgetPolicy
 
 MEAN_CHARGE_USD = Decimal("0.0100005")  # charges are uniform in [0.000001, 0.02]
 _CENT = Decimal("0.01")

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from llm_usage.bench.support import free_port, http_get
+from llm_usage.testing.processes import free_port, http_get, spawn_llm_usage
 
 log = structlog.get_logger(__name__)
 
@@ -163,17 +162,11 @@ class WorkerFleet:
         }
 
     async def _spawn(self, worker: Worker) -> None:
-        with worker.log_path.open("ab") as log_file:
-            worker.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "llm_usage",
-                *worker.argv,
-                env={**os.environ, **self.environment, "METRICS_PORT": str(worker.probe_port)},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
+        worker.process = await spawn_llm_usage(
+            *worker.argv,
+            env={**os.environ, **self.environment, "METRICS_PORT": str(worker.probe_port)},
+            log_path=worker.log_path,
+        )
         worker.starts += 1
 
     async def _supervise(self, worker: Worker) -> None:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from llm_usage.bench.api import Latencies, add_bench_api_command
+from llm_usage.bench import cli
+from llm_usage.bench.api import Latencies
 
 
 def test_percentiles_are_of_the_sorted_latencies_in_milliseconds() -> None:
@@ -20,17 +21,17 @@ def test_percentiles_are_of_the_sorted_latencies_in_milliseconds() -> None:
 
 def test_the_defaults_are_the_issues_load() -> None:
     parser = argparse.ArgumentParser()
-    add_bench_api_command(parser.add_subparsers(dest="bench_command"))
-    args = parser.parse_args(["api"])
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "api"])
     assert (args.events, args.tenants, args.clients) == (10_000_000, 1_000, 50)
     with pytest.raises(SystemExit):
-        parser.parse_args(["api", "--clients", "0"])
+        parser.parse_args(["bench", "api", "--clients", "0"])
 
 
 def test_building_the_command_line_imports_no_benchmark_stack() -> None:
     """`llm-usage --help` builds this parser; httpx is a dev dependency only."""
     code = (
-        "import sys, llm_usage.bench.api; "
+        "import sys, llm_usage.bench.cli; "
         "heavy = {'httpx', 'asyncpg', 'aiokafka', 'jwt'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

@@ -25,14 +25,14 @@ from llm_usage.bench.budget import (
     predicted_alerts,
 )
 from llm_usage.consumers.budget.crossing import Contribution
-from llm_usage.schemas.budget import (
+from llm_usage.domain.budgets import (
     AlertLevel,
     BudgetWindow,
     CounterKey,
     ScopeType,
     alert_id_for,
 )
-from llm_usage.schemas.budget_policy import BudgetPolicy
+from llm_usage.domain.policies import BudgetPolicy
 
 C = Contribution
 D = Decimal

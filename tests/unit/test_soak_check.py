@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from llm_usage.schemas.budget import AlertLevel, BudgetWindow, ScopeType, alert_id_for
+from llm_usage.domain.budgets import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from llm_usage.soak.check import (
     PolicyVersion,
     compare_aborted,

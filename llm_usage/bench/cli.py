@@ -1,0 +1,183 @@
+"""`llm-usage bench ingest|budget|api|rollup|ingest-aggregate`: each benchmark's arguments; the
+benchmark itself is imported when it runs (httpx and the profilers are not in every install)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llm_usage.cli.args import Commands, fraction, positive_int, positive_seconds
+
+if TYPE_CHECKING:
+    from llm_usage.core.settings import Settings
+
+# Every benchmark finds or starts local services itself (settings_for_local_run), so none reads
+# the settings it is handed.
+
+
+def add_parser(commands: Commands) -> None:
+    bench = commands.add_parser("bench", help="measure throughput against baselines")
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True)
+    _add_ingest(benchmarks)
+    _add_budget(benchmarks)
+    _add_api(benchmarks)
+    _add_rollup(benchmarks)
+    _add_ingest_aggregate(benchmarks)
+
+
+def _add_ingest(benchmarks: Commands) -> None:
+    ingest = benchmarks.add_parser("ingest", help="usage consumer vs naive vs COPY ceiling")
+    ingest.add_argument("--events", type=positive_int, default=200_000)
+    ingest.add_argument("--dup-rate", type=fraction, default=0.1)
+    ingest.add_argument(
+        "--naive-events",
+        type=positive_int,
+        default=5_000,
+        help="events for the one-at-a-time baseline (it is slow; its rate is what counts)",
+    )
+    ingest.add_argument(
+        "--runs",
+        type=positive_int,
+        default=3,
+        help="rounds of (a), (b), (c), interleaved; medians and spreads over them",
+    )
+    ingest.set_defaults(run=_run_ingest)
+
+
+async def _run_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.bench.ingest import run_ingest_benchmark  # noqa: PLC0415
+
+    await run_ingest_benchmark(
+        events=args.events, dup_rate=args.dup_rate, naive_events=args.naive_events, runs=args.runs
+    )
+
+
+def _add_budget(benchmarks: Commands) -> None:
+    budget = benchmarks.add_parser(
+        "budget", help="alert latency at a fixed rate; budget vs usage consumer throughput"
+    )
+    budget.add_argument("--rate", type=positive_int, default=5_000, help="events/s")
+    budget.add_argument("--seconds", type=positive_seconds, default=60.0)
+    budget.add_argument("--tenants", type=positive_int, default=1_000)
+    budget.add_argument(
+        "--deployments", type=positive_int, default=3, help="deployments with a policy, per tenant"
+    )
+    budget.add_argument(
+        "--backlog-events",
+        type=positive_int,
+        default=200_000,
+        help="events both consumers drain for the throughput comparison",
+    )
+    budget.add_argument("--dup-rate", type=fraction, default=0.1)
+    budget.add_argument(
+        "--profile-consumer",
+        metavar="FILE",
+        help="run the budget consumer under pyinstrument (dev extra); .html or text report",
+    )
+    budget.set_defaults(run=_run_budget)
+
+
+async def _run_budget(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.bench.budget import run_budget_benchmark  # noqa: PLC0415
+
+    await run_budget_benchmark(
+        rate=args.rate,
+        seconds=args.seconds,
+        tenants=args.tenants,
+        deployments=args.deployments,
+        backlog_events=args.backlog_events,
+        dup_rate=args.dup_rate,
+        profile_consumer=Path(args.profile_consumer) if args.profile_consumer else None,
+    )
+
+
+def _add_api(benchmarks: Commands) -> None:
+    api = benchmarks.add_parser(
+        "api", help="HTTP API latency under 50 clients; growth with a tenant's size; HTTP ingest"
+    )
+    api.add_argument("--events", type=positive_int, default=10_000_000)
+    api.add_argument("--tenants", type=positive_int, default=1_000)
+    api.add_argument("--clients", type=positive_int, default=50)
+    api.add_argument("--seconds", type=float, default=30.0)
+    api.add_argument("--ingest-events", type=positive_int, default=50_000)
+    api.set_defaults(run=_run_api)
+
+
+async def _run_api(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.bench.api import run_api_benchmark  # noqa: PLC0415
+
+    await run_api_benchmark(
+        events=args.events,
+        tenants=args.tenants,
+        clients=args.clients,
+        seconds=args.seconds,
+        ingest_events=args.ingest_events,
+    )
+
+
+def _add_rollup(benchmarks: Commands) -> None:
+    rollup = benchmarks.add_parser(
+        "rollup", help="rollup run for a month vs the raw GROUP BY over its events, 1M to 10M"
+    )
+    rollup.add_argument("--events", type=positive_int, default=10_000_000)
+    rollup.add_argument("--tenants", type=positive_int, default=1_000)
+    rollup.add_argument(
+        "--deployments", type=positive_int, default=3, help="deployments per tenant"
+    )
+    rollup.add_argument(
+        "--sizes",
+        default="1000000,10000000",
+        metavar="N,N,...",
+        help="event counts to measure at, growing (--events is always the last)",
+    )
+    rollup.add_argument(
+        "--batch", type=positive_int, default=5_000, help="events per load transaction"
+    )
+    rollup.add_argument("--repeats", type=positive_int, default=3)
+    rollup.add_argument("--seed", default="rollup-bench")
+    rollup.add_argument(
+        "--keep-database", action="store_true", help="keep llm_usage_bench_rollup afterwards"
+    )
+    rollup.set_defaults(run=_run_rollup)
+
+
+async def _run_rollup(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.bench.rollup import run_rollup_benchmark  # noqa: PLC0415
+
+    await run_rollup_benchmark(
+        events=args.events,
+        tenants=args.tenants,
+        deployments=args.deployments,
+        sizes=args.sizes,
+        batch=args.batch,
+        repeats=args.repeats,
+        seed=args.seed,
+        keep_database=args.keep_database,
+    )
+
+
+def _add_ingest_aggregate(benchmarks: Commands) -> None:
+    aggregate = benchmarks.add_parser(
+        "ingest-aggregate", help="usage consumer with vs without the rollup's daily pre-aggregate"
+    )
+    aggregate.add_argument("--events", type=positive_int, default=200_000)
+    aggregate.add_argument("--dup-rate", type=fraction, default=0.1)
+    aggregate.add_argument("--tenants", type=positive_int, default=1_000)
+    aggregate.add_argument("--deployments", type=positive_int, default=3)
+    aggregate.add_argument(
+        "--rounds", type=positive_int, default=2, help="pairs of runs, alternating which is first"
+    )
+    aggregate.set_defaults(run=_run_ingest_aggregate)
+
+
+async def _run_ingest_aggregate(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.bench.rollup import run_aggregate_cost_benchmark  # noqa: PLC0415
+
+    await run_aggregate_cost_benchmark(
+        events=args.events,
+        dup_rate=args.dup_rate,
+        tenants=args.tenants,
+        deployments=args.deployments,
+        rounds=args.rounds,
+    )
