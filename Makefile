@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install lock run test test-unit test-integration lint format bench soak clean dev-down wheel-check
+.PHONY: install lock run test test-unit test-integration test-artifacts lint format bench soak clean dev-down wheel-check
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,11 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest tests/integration
+
+## make test-artifacts: the deploy artifacts checked by the tools that read them (builds
+## kustomize and promtool from Go once, into the cache).
+test-artifacts: install
+	$(PY) -m pytest tests/artifacts
 
 lint: install
 	$(BIN)/ruff check .

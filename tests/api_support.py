@@ -18,8 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from llm_usage.api.app import create_app
 from llm_usage.api.auth import TokenVerifier
-from llm_usage.api.context import ApiContext, ApiMetrics, utc_now
+from llm_usage.api.context import ApiContext, ApiMetrics
 from llm_usage.core.settings import Settings
+from tests.clock import now
 
 SECRET = "a-development-secret-long-enough-for-hs256-and-hs512-0123456789abcdef"
 AUDIENCE = "llm-usage-pipeline"
@@ -90,10 +91,11 @@ async def api_client(
     pool: asyncpg.Pool,
     *,
     settings: Settings | None = None,
-    clock: Callable[[], datetime] = utc_now,
+    clock: Callable[[], datetime] = now,
     verifier: TokenVerifier | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, ApiContext]]:
-    """The app in this process over `pool`, and an HTTP client that calls it."""
+    """The app in this process over `pool`, and an HTTP client that calls it; its clock is the
+    tests' now unless `clock` says otherwise."""
     context = ApiContext(
         settings=settings or Settings(),
         pool=pool,

@@ -4,6 +4,12 @@ Each service is, in order of preference: the one named by the environment
 (`KAFKA_BOOTSTRAP_SERVERS`, `DATABASE_URL`), a container when a Docker engine answers, or the
 local launchers of `llm-usage dev` (a Kafka JVM, embedded PostgreSQL). A service that cannot be
 started skips the tests that need it, or fails them under `CI=true`.
+
+`LLM_USAGE_TEST_NOW=2028-02-29T12:00:00Z` (an aware ISO time) runs the whole session on that
+day: the clock starts there when the session starts and runs at the wall clock's pace. It is
+set as `LLM_USAGE_SIMULATED_CLOCK` before any test is collected, so the tests (`tests/clock.py`)
+and every worker they spawn (they inherit the environment) take the same "now". Auth tokens,
+deadlines and timeouts keep the wall clock.
 """
 
 from __future__ import annotations
@@ -12,18 +18,45 @@ import gc
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from llm_usage.core.clock import CLOCK_VARIABLE, SimulatedClock
 from llm_usage.core.errors import LocalServiceError
 from llm_usage.local.kafka import KafkaCluster, free_port_block
 from llm_usage.local.paths import state_dir
 from llm_usage.local.postgres import LocalPostgres
 from tests.unavailable import service_unavailable
+
+TEST_NOW_VARIABLE = "LLM_USAGE_TEST_NOW"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    text = os.environ.get(TEST_NOW_VARIABLE)
+    if not text:
+        return
+    try:
+        start = datetime.fromisoformat(text)
+    except ValueError:
+        start = None
+    if start is None or start.tzinfo is None:
+        raise pytest.UsageError(
+            f"{TEST_NOW_VARIABLE}={text!r} is not an aware ISO time, e.g. 2028-02-29T12:00:00Z"
+        )
+    clock = SimulatedClock(start=start, real_start=time.time(), rate=1.0)
+    os.environ[CLOCK_VARIABLE] = clock.encode()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not os.environ.get(TEST_NOW_VARIABLE):
+        return None
+    return f"clock: the session starts at {TEST_NOW_VARIABLE}={os.environ[TEST_NOW_VARIABLE]}"
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -17,11 +16,14 @@ from typing import Any, Protocol
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from llm_usage.core.settings import Settings
+from llm_usage.domain.money import usd_to_cents
 from llm_usage.kafka.topics import ensure_topics
-from llm_usage.schemas.money import usd_to_cents
+from llm_usage.testing.processes import spawn_llm_usage
+from llm_usage.testing.topics import end_offsets
+from tests import clock
 
 
 class RestartablePostgres(Protocol):
@@ -37,7 +39,8 @@ def unique(prefix: str) -> str:
 
 
 def usage_event(tenant_id: str, **fields: Any) -> dict[str, Any]:
-    """A valid v1 usage event for `tenant_id`; `fields` override or add to it."""
+    """A valid v1 usage event for `tenant_id`, which occurred earlier today (the tests' now);
+    `fields` override or add to it."""
     event: dict[str, Any] = {
         "event_type": "llm_usage_recorded",
         "schema_version": 1,
@@ -51,7 +54,7 @@ def usage_event(tenant_id: str, **fields: Any) -> dict[str, Any]:
         "output_tokens": 300,
         "customer_charge_usd": "0.0054",
         "markup_mode": "flat_percent",
-        "occurred_at": "2026-11-14T09:12:03.120Z",
+        "occurred_at": clock.iso(clock.earlier_today()),
     }
     event.update(fields)
     # The gateway's own rounding, as it would send it, unless the test says otherwise.
@@ -249,17 +252,7 @@ async def spawn_consumer(
     worker: str = "usage",
 ) -> RunningConsumer:
     """Start `llm-usage consume <worker>` as a real process for these topics."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llm_usage",
-        "consume",
-        worker,
-        *extra_args,
-        env=dict(env or topics.environment()),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_llm_usage("consume", worker, *extra_args, env=env or topics.environment())
     lines: list[str] = []
 
     async def collect() -> None:
@@ -286,34 +279,10 @@ async def kill_leftovers() -> None:
 # --- Offsets, partitions and database locks, for tests that prove absence without waiting. ---
 
 
-async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
-    """The end offset (high watermark) of every partition of `topic`, by partition number."""
-    partitions = await partitions_of(bootstrap_servers, topic)
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
-    await reader.start()
-    try:
-        ends = await reader.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return {tp.partition: int(offset) for tp, offset in ends.items()}
-    finally:
-        await reader.stop()
-
-
 async def topic_record_count(bootstrap_servers: str, topic: str) -> int:
     """How many records `topic` holds: its end offsets summed (the tests' topics start at 0 and
     are never truncated, and nothing writes them in transactions, so each offset is a record)."""
     return sum((await end_offsets(bootstrap_servers, topic)).values())
-
-
-async def partitions_of(bootstrap_servers: str, topic: str) -> list[int]:
-    """The partition numbers of `topic`, from a fresh metadata read; fails if it does not exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    assert described["error_code"] == 0, f"topic {topic}: error code {described['error_code']}"
-    return sorted(int(p["partition"]) for p in described["partitions"])
 
 
 async def topic_exists(bootstrap_servers: str, topic: str) -> bool:

@@ -7,21 +7,17 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from llm_usage.core.settings import Settings
+from llm_usage.domain.budgets import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from llm_usage.kafka.topics import ensure_topics
-from llm_usage.schemas.budget import (
-    AlertLevel,
-    BudgetAlert,
-    BudgetWindow,
-    ScopeType,
-    alert_id_for,
-)
+from llm_usage.schemas.budget_alert import BudgetAlert
+from tests import clock
 from tests.integration.pipeline import produce, unique
 
 EXAMPLE = Path(__file__).parents[2] / "docs" / "examples" / "consume_budget_alerts.py"
@@ -61,7 +57,7 @@ def budget_alert(
         limit_usd=Decimal(limit_usd),
         threshold_pct=threshold_pct,
         triggered_by=triggered_by,
-        emitted_at=datetime.now(UTC),
+        emitted_at=clock.now(),
     )
 
 
@@ -77,13 +73,14 @@ def printed_line(alert: BudgetAlert) -> str:
     )
 
 
-NOVEMBER = date(2026, 11, 1)
+TODAY = clock.today()
+THIS_MONTH = TODAY.replace(day=1)
 ACME_WARNING = budget_alert(
     tenant_id="acme",
     scope_type=ScopeType.DEPLOYMENT,
     scope_id="support-bot",
     window=BudgetWindow.MONTHLY,
-    period_start=NOVEMBER,
+    period_start=THIS_MONTH,
     level=AlertLevel.WARNING,
     spend_usd="98765432.109876543219",  # 20 significant digits: a float would lose some
     limit_usd="100000000",
@@ -95,7 +92,7 @@ ACME_EXCEEDED = budget_alert(
     scope_type=ScopeType.DEPLOYMENT,
     scope_id="support-bot",
     window=BudgetWindow.MONTHLY,
-    period_start=NOVEMBER,
+    period_start=THIS_MONTH,
     level=AlertLevel.EXCEEDED,
     spend_usd="100000000.000000000001",
     limit_usd="100000000",
@@ -108,7 +105,7 @@ ACME_REARMED = budget_alert(
     scope_type=ScopeType.DEPLOYMENT,
     scope_id="support-bot",
     window=BudgetWindow.MONTHLY,
-    period_start=NOVEMBER,
+    period_start=THIS_MONTH,
     level=AlertLevel.WARNING,
     spend_usd="160000000.5",
     limit_usd="200000000.00",
@@ -121,7 +118,7 @@ GLOBEX_POLICY_CHANGE = budget_alert(
     scope_type=ScopeType.TENANT,
     scope_id="globex",
     window=BudgetWindow.DAILY,
-    period_start=date(2026, 11, 14),
+    period_start=TODAY,
     level=AlertLevel.EXCEEDED,
     spend_usd="0.000000000000000003",
     limit_usd="0.000000000000000001",

@@ -20,11 +20,13 @@ import pytest
 
 from llm_usage.api.params import parse_instant
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.usage.consumer import UsageRecorder
-from llm_usage.rollup.lines import Usage, usage_lines
+from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.domain.budgets import BudgetWindow, ScopeType, budget_status, period_start
+from llm_usage.domain.money import canonical_decimal
+from llm_usage.domain.policies import BudgetPolicy
+from llm_usage.domain.usage import Usage
+from llm_usage.rollup.lines import usage_lines
 from llm_usage.rollup.run import run_rollup
-from llm_usage.schemas.budget import BudgetWindow, ScopeType, canonical_decimal, period_start
-from llm_usage.schemas.budget_policy import BudgetPolicy, budget_status
 from llm_usage.storage.budget_outbox import pending_alerts
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.storage.usage_reports import SUMMARY_QUERY, Dimension, breakdown_query

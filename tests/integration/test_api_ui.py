@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 
 import asyncpg
 
-from llm_usage.schemas.budget import ScopeType
-from llm_usage.schemas.budget_policy import BudgetPolicy
+from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import unique

@@ -11,7 +11,7 @@ import importlib
 import os
 import random
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ import httpx
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
-from llm_usage.consumers.usage.consumer import UsageRecorder
-from llm_usage.schemas.budget import ScopeType
-from llm_usage.schemas.budget_policy import BudgetPolicy
+from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
+from tests import clock
 from tests.api_support import bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.integration.test_api_serve import server  # noqa: F401 - the fixture
@@ -55,8 +56,8 @@ async def _usage(pool: asyncpg.Pool, tenant: str, now: datetime) -> None:
         for _ in range(300)
     ]
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
-    await UsageRecorder(pool=pool).record_batch(records)
-    await BudgetCounter(pool=pool).record_batch(records)
+    await UsageRecorder(pool=pool, clock=clock.now).record_batch(records)
+    await BudgetCounter(pool=pool, clock=clock.now).record_batch(records)
 
 
 async def test_the_page_in_chromium_shows_the_apis_numbers(
@@ -78,7 +79,8 @@ async def test_the_page_in_chromium_shows_the_apis_numbers(
             BudgetPolicy(tenant, ScopeType.USER, "ann", monthly_limit_usd=Decimal("40")),
         ):
             await set_policy(connection, policy, actor="test")
-    await _usage(pool, tenant, datetime.now(UTC))
+    await clock.clear_of_midnight()  # the API's answers and the page must show the same day
+    await _usage(pool, tenant, clock.now())
     member = token("tenant-member", tenant)
     async with httpx.AsyncClient(base_url=base, headers=bearer(member), timeout=10) as client:
         summary = (await client.get(f"/v1/tenants/{tenant}/usage/summary")).json()

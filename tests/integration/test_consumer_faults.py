@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from llm_usage.testing.processes import free_port
 from tests.integration.pipeline import (
     PipelineTopics,
     RunningConsumer,
@@ -75,12 +75,6 @@ async def record_count(bootstrap_servers: str, topic: str, *, partitions: int) -
         return sum(ends[tp] - starts[tp] for tp in tps)
     finally:
         await reader.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -22,13 +21,14 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from llm_usage.kafka.topics import ensure_topics
+from llm_usage.testing.processes import free_port
+from llm_usage.testing.topics import end_offsets
 from tests.integration.pipeline import (
     PipelineTopics,
     RunningConsumer,
     committed_offsets,
     create_pipeline_topics,
     encode,
-    end_offsets,
     header,
     produce,
     produce_one_record_batch,
@@ -44,12 +44,6 @@ from tests.integration.pipeline import (
 )
 
 MALFORMED = b'{"gateway_request_id": "never stored", '
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -26,6 +25,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.storage.migrate import migrate
+from llm_usage.testing.processes import free_port
+from tests.artifacts.monitoring import (
+    DASHBOARDS,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    alert_rules,
+    dashboard_queries,
+    dashboard_variable_queries,
+)
 from tests.integration.pipeline import (
     PipelineTopics,
     RunningConsumer,
@@ -36,14 +44,6 @@ from tests.integration.pipeline import (
     unique,
     usage_event,
     wait_until,
-)
-from tests.integration.test_prometheus_rules import (
-    DASHBOARDS,
-    PROMETHEUS_CONFIG,
-    ROOT,
-    alert_rules,
-    dashboard_queries,
-    dashboard_variable_queries,
 )
 
 NAME = re.compile(r"\bllm_usage_\w+")
@@ -63,7 +63,6 @@ SUFFIXES = {
     "gauge": ("",),
     "untyped": ("",),
 }
-NOVEMBER = "2026-11-14T09:12:03.120Z"
 
 
 @dataclass
@@ -148,12 +147,6 @@ def test_the_kubernetes_workers_are_scraped_as_those_jobs() -> None:
         if re.search(r"prometheus\.io/scrape:\s*['\"]true['\"]", text):
             scraped.update(re.findall(r"app\.kubernetes\.io/name:\s*['\"]?([\w.-]+)", text))
     assert scraped == scrape_jobs()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> str | None:
@@ -294,9 +287,7 @@ async def feed(topics: PipelineTopics, pool: asyncpg.Pool) -> None:
             Decimal("1.00"),
         )
         await connection.execute("SELECT pg_notify('budget_policies', $1)", tenant)
-    events = [
-        usage_event(tenant, customer_charge_usd="0.30", occurred_at=NOVEMBER) for _ in range(4)
-    ]
+    events = [usage_event(tenant, customer_charge_usd="0.30") for _ in range(4)]
     conflicting = {**events[0], "customer_charge_usd": "0.31", "customer_charge_cents": 31}
     values = [encode(event) for event in events] + [b"{not json", encode(conflicting)]
     # One key, one partition: the conflicting duplicate comes after the event it conflicts with.

@@ -20,18 +20,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from llm_usage.schemas.budget import BudgetWindow, ScopeType, period_start
-from llm_usage.schemas.budget_policy import BudgetLevel, BudgetPolicy
+from llm_usage.domain.budgets import BudgetLevel, BudgetWindow, ScopeType, period_start
+from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import (
     NOTIFY_CHANNEL,
-    all_policies,
     delete_policy,
-    policies_for,
     policy_history,
     set_policy,
     tenant_policies,
 )
 from llm_usage.storage.budget_status import tenant_budget_status
+from tests import clock
 from tests.integration.pipeline import unique, wait_until
 
 D = Decimal
@@ -236,7 +235,7 @@ async def test_policy_list_is_an_aligned_table_in_scope_order(
     assert empty.out.endswith("has no budget policies\n")
 
 
-async def test_loading_policies_for_the_budget_consumer(pool: asyncpg.Pool) -> None:
+async def test_a_tenants_policies_come_back_as_set_in_scope_order(pool: asyncpg.Pool) -> None:
     tenant, other = unique("t-load"), unique("t-load")
     mine = [
         BudgetPolicy(tenant, ScopeType.TENANT, tenant, D("100")),
@@ -245,30 +244,14 @@ async def test_loading_policies_for_the_budget_consumer(pool: asyncpg.Pool) -> N
     ]
     theirs = BudgetPolicy(other, ScopeType.DEPLOYMENT, "dep-7", D("1"))
     async with pool.acquire() as connection:
-        for policy in (*mine, theirs):
+        for policy in (mine[2], theirs, mine[0], mine[1]):
             await set_policy(connection, policy, actor="test")
 
-        found = await policies_for(
-            connection,
-            [
-                (tenant, "deployment", "dep-7"),
-                (tenant, "user", "dep-7"),  # no such policy
-                (other, "deployment", "dep-7"),
-                (tenant, "tenant", tenant),
-                (tenant, "tenant", tenant),  # asked twice
-            ],
-        )
-        assert found == {
-            (tenant, "deployment", "dep-7"): mine[1],
-            (other, "deployment", "dep-7"): theirs,
-            (tenant, "tenant", tenant): mine[0],
-        }
-        assert found[(tenant, "deployment", "dep-7")].monthly_limit_usd == D("2000.25")
-        assert await policies_for(connection, []) == {}
-        assert await tenant_policies(connection, tenant) == [mine[0], mine[1], mine[2]]
-        everything = await all_policies(connection)
-        assert [p for p in everything if p.tenant_id == tenant] == mine
-        assert [p for p in everything if p.tenant_id == other] == [theirs]
+        found = await tenant_policies(connection, tenant)
+        assert found == mine
+        assert found[1].monthly_limit_usd == D("2000.25")
+        assert await tenant_policies(connection, other) == [theirs]
+        assert await tenant_policies(connection, unique("t-none")) == []
 
 
 async def test_an_audit_row_exists_only_if_its_change_committed(
@@ -516,7 +499,8 @@ async def test_budget_status_command_prints_a_table_or_json_lines(
             BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-7", D("10"), D("100"), 80),
             actor="test",
         )
-    now = datetime.now(UTC)
+    await clock.clear_of_midnight()  # the command reads today's and this month's counters
+    now = clock.now()
     day, month = period_start(BudgetWindow.DAILY, now), period_start(BudgetWindow.MONTHLY, now)
     dep = ("deployment", "dep-7")
     # Exactly 80% of the daily limit, exactly the monthly limit.

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 
 from llm_usage.core.errors import LocalServiceError
 from llm_usage.core.settings import Settings
+from llm_usage.kafka.clients import client_options
 from llm_usage.local.kafka import (
     KafkaCluster,
     SaslSslListener,
@@ -261,7 +262,7 @@ async def secure_topics(secure_kafka: SecureKafka, database_url: str) -> Pipelin
 
 async def produce_securely(settings: Settings, topic: str, events: list[dict[str, Any]]) -> None:
     """Publish `events` over the listener and with the login `settings` name."""
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), enable_idempotence=True)
+    producer = AIOKafkaProducer(**client_options(settings), enable_idempotence=True)
     await producer.start()
     try:
         sent = [

@@ -1,0 +1,385 @@
+"""`deploy/compose.yaml`, checked against the Compose Specification's JSON Schema
+(`deploy/schemas`), then for what a schema cannot say: start order, commands the CLI accepts,
+settings it reads, mounted files, what Prometheus scrapes and Grafana shows.
+
+Every check is also run on a broken copy, to show that it can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.artifacts.deploy import (
+    COMPOSE_FILE,
+    DEDUP_MARGIN_HOURS,
+    DEPLOY,
+    DOCKERFILE,
+    DRAIN_SECONDS,
+    GRACE_MARGIN_SECONDS,
+    Object,
+    command_problems,
+    schema,
+    settings_problems,
+)
+
+# The checks shared with the Kubernetes manifests (tests/artifacts/deploy.py).
+
+
+def test_a_command_llm_usage_does_not_know_is_caught() -> None:
+    assert command_problems("x", ["rollup", "schedule"], ["rollup", "schedule"]) == []
+    assert command_problems("x", ["consume", "usages"], ["consume", "usages"]) != []
+    assert command_problems("x", ["consume", "budget"], ["consume", "usage"]) != []
+
+
+def test_unknown_or_refused_settings_are_caught() -> None:
+    assert settings_problems("x", {"KAFKA_BOOTSTRAP_SERVERS": "k:9092"}) == []
+    assert settings_problems("x", {"KAFKA_BOOTSTRAP_SERVER": "k:9092"}) == [
+        "x: KAFKA_BOOTSTRAP_SERVER is not a setting llm-usage reads"
+    ]
+    [refused] = settings_problems("x", {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+    assert "KAFKA_SASL_MECHANISM" in refused
+
+
+# ---------------------------------------------------------------------------------------------
+# compose.yaml.
+
+
+def compose_schema_errors(document: Any) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema("compose-spec.json"))
+    return [
+        f"{error.json_path}: {error.message}"
+        for error in sorted(validator.iter_errors(document), key=str)
+    ]
+
+
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_]\w*))"
+)
+
+
+class MissingVariableError(Exception):
+    pass
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default},
+    ${VAR:?error}, ${VAR?error}, ${VAR:+replacement}, ${VAR+replacement}."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["name"] or match["bare"]
+        op, arg = match["op"] or "", match["arg"] or ""
+        present = name in env
+        usable = present and (env[name] != "" or not op.startswith(":"))
+        if op.endswith("-"):
+            return env[name] if usable else arg
+        if op.endswith("?"):
+            if not usable:
+                raise MissingVariableError(f"{name}: {arg}")
+            return env[name]
+        if op.endswith("+"):
+            return arg if usable else ""
+        return env.get(name, "")
+
+    return _VARIABLE.sub(replace, value)
+
+
+def test_interpolation_reads_as_compose_does() -> None:
+    env = {"A": "1", "EMPTY": ""}
+
+    assert interpolate("$$A ${A} $A ${B:-2} ${EMPTY:-3} ${EMPTY-4} ${A:+5}", env) == "$A 1 1 2 3  5"
+    with pytest.raises(MissingVariableError, match="B: set it"):
+        interpolate("${B:?set it}", env)
+
+
+COMPOSE_ENV = {"POSTGRES_PASSWORD": "0123456789abcdef", "GRAFANA_ADMIN_PASSWORD": "fedcba98"}
+COMPOSE_WORKERS = {
+    "usage-consumer": ["consume", "usage"],
+    "budget-consumer": ["consume", "budget"],
+    "rollup-schedule": ["rollup", "schedule"],
+}
+COMPOSE_ONE_SHOTS = {
+    "migrate": (["migrate"], "postgres"),
+    "topics": (["topics", "ensure", "--partitions", "6", "--replication-factor", "1"], "kafka"),
+}
+
+
+def load_compose() -> Any:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def duration_seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(float(amount) * units[unit] for amount, unit in parts)
+
+
+def bind_mounts(service: Object) -> list[tuple[str, str]]:
+    """(source relative to deploy/, target) of each bind mount, short or long syntax."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+            if source.startswith((".", "/")):
+                mounts.append((source, target))
+        elif volume.get("type") == "bind":
+            mounts.append((volume["source"], volume["target"]))
+    return mounts
+
+
+def host_path(service: Object, container_path: str) -> Path | None:
+    """Where on the host a path inside the container comes from, through its bind mounts."""
+    for source, target in bind_mounts(service):
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            return (DEPLOY / source / container_path[len(target) :].lstrip("/")).resolve()
+    return None
+
+
+def compose_problems(raw: Any, env: dict[str, str]) -> list[str]:  # noqa: PLR0912
+    try:
+        compose = interpolate(raw, env)
+    except MissingVariableError as error:
+        return [f"a variable compose needs is missing: {error}"]
+    problems = [f"schema: {error}" for error in compose_schema_errors(compose)]
+    services: dict[str, Object] = compose.get("services", {})
+
+    kafka = services.get("kafka", {})
+    kafka_env = kafka.get("environment", {})
+    if not re.fullmatch(r"apache/kafka:4\.\d+\.\d+", kafka.get("image", "")):
+        problems.append(f"kafka: image {kafka.get('image')} is not apache/kafka 4.x, pinned")
+    if "controller" not in kafka_env.get("KAFKA_PROCESS_ROLES", "") or any(
+        "ZOOKEEPER" in name for name in kafka_env
+    ):
+        problems.append("kafka: not KRaft (KAFKA_PROCESS_ROLES broker,controller, no ZooKeeper)")
+    if kafka_env.get("KAFKA_AUTO_CREATE_TOPICS_ENABLE") != "false":
+        problems.append("kafka: topics must not be auto-created")
+    if kafka_env.get("KAFKA_LOG_CLEANUP_POLICY", "delete") != "delete":
+        problems.append("kafka: the alerts topic would be compacted")
+    retention_hours = float(kafka_env.get("KAFKA_LOG_RETENTION_HOURS", 168))
+
+    for name, (args, after) in COMPOSE_ONE_SHOTS.items():
+        service = services.get(name, {})
+        problems += command_problems(f"compose {name}", service.get("command", []), args)
+        if service.get("restart") != "no":
+            problems.append(f"compose {name}: a one-shot must not restart")
+        condition = service.get("depends_on", {}).get(after, {}).get("condition")
+        if condition != "service_healthy":
+            problems.append(f"compose {name}: does not wait for {after} to be healthy")
+    for name in [*COMPOSE_ONE_SHOTS, *COMPOSE_WORKERS]:
+        service = services.get(name, {})
+        where = f"compose {name}"
+        if service.get("build", {}).get("dockerfile") != "deploy/Dockerfile":
+            problems.append(f"{where}: not built from deploy/Dockerfile")
+        context = DEPLOY / service.get("build", {}).get("context", ".")
+        if (context / "deploy" / "Dockerfile").resolve() != DOCKERFILE:
+            problems.append(f"{where}: the build context is not the repository's root")
+        variables = {key: str(value) for key, value in service.get("environment", {}).items()}
+        problems += settings_problems(where, variables)
+        dedup = float(variables.get("BUDGET_DEDUP_RETENTION_HOURS", 192))
+        if dedup < retention_hours + DEDUP_MARGIN_HOURS:
+            problems.append(
+                f"{where}: remembers ids {dedup} h, the topic keeps {retention_hours} h"
+            )
+    for name, args in COMPOSE_WORKERS.items():
+        service = services.get(name, {})
+        where = f"compose {name}"
+        problems += command_problems(where, service.get("command", []), args)
+        for one_shot in COMPOSE_ONE_SHOTS:
+            condition = service.get("depends_on", {}).get(one_shot, {}).get("condition")
+            if condition != "service_completed_successfully":
+                problems.append(f"{where}: starts before {one_shot} has succeeded")
+        grace = duration_seconds(service.get("stop_grace_period", "10s"))
+        if grace < DRAIN_SECONDS + GRACE_MARGIN_SECONDS:
+            problems.append(f"{where}: stop_grace_period {grace} s is shorter than the drain")
+        port = service.get("environment", {}).get("METRICS_PORT", "9108")
+        if f"127.0.0.1:{port}/readyz" not in json.dumps(service.get("healthcheck", {})):
+            problems.append(f"{where}: the healthcheck does not ask /readyz on METRICS_PORT")
+
+    for name, service in services.items():
+        for needed in service.get("depends_on", {}):
+            if needed not in services:
+                problems.append(f"compose {name}: depends on {needed}, which is not a service")
+        for port in service.get("ports", []):
+            if not str(port).startswith("127.0.0.1:"):
+                problems.append(f"compose {name}: port {port} is open beyond this host")
+        for source, _ in bind_mounts(service):
+            if not (DEPLOY / source).exists():
+                problems.append(f"compose {name}: mounts {source}, which does not exist")
+        for key, value in service.get("environment", {}).items():
+            literal = raw["services"].get(name, {}).get("environment", {}).get(key, "")
+            if "PASSWORD" in key and not re.fullmatch(r"\$\{\w+:\?[^}]+\}", str(literal)):
+                problems.append(f"compose {name}: {key} is written in compose.yaml ({value})")
+    problems += prometheus_problems(services)
+    problems += grafana_problems(services)
+    return problems
+
+
+def prometheus_problems(services: dict[str, Object]) -> list[str]:
+    prometheus = services.get("prometheus", {})
+    config_file = host_path(prometheus, "/etc/prometheus/prometheus.yml")
+    if config_file is None or not config_file.is_file():
+        return ["compose prometheus: no configuration mounted at /etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_file.read_text())
+    problems = []
+    rule_files = [
+        path
+        for pattern in config.get("rule_files", [])
+        if (found := host_path(prometheus, str(Path("/etc/prometheus") / pattern))) is not None
+        for path in found.parent.glob(found.name)
+    ]
+    if not rule_files:
+        problems.append("compose prometheus: no rule file is mounted where rule_files look")
+    jobs = config.get("scrape_configs", [])
+    targets = {
+        target
+        for job in jobs
+        for static in job.get("static_configs", [])
+        for target in static.get("targets", [])
+    } | {
+        f"{name}:{dns['port']}"
+        for job in jobs
+        for dns in job.get("dns_sd_configs", [])
+        for name in dns.get("names", [])
+    }
+    for name in COMPOSE_WORKERS:
+        port = services.get(name, {}).get("environment", {}).get("METRICS_PORT", "9108")
+        if f"{name}:{port}" not in targets:
+            problems.append(f"compose prometheus: does not scrape {name}:{port}")
+    return problems
+
+
+def grafana_problems(services: dict[str, Object]) -> list[str]:
+    grafana = services.get("grafana", {})
+    problems = []
+    providers_dir = host_path(grafana, "/etc/grafana/provisioning/dashboards")
+    datasources_dir = host_path(grafana, "/etc/grafana/provisioning/datasources")
+    if providers_dir is None or datasources_dir is None:
+        return ["compose grafana: dashboards or data sources are not provisioned"]
+    dashboards = [
+        path
+        for provider_file in providers_dir.glob("*.y*ml")
+        for provider in yaml.safe_load(provider_file.read_text()).get("providers", [])
+        if (folder := host_path(grafana, provider["options"]["path"])) is not None
+        for path in folder.glob("*.json")
+    ]
+    if not dashboards:
+        problems.append("compose grafana: no dashboard JSON where its providers look")
+    urls = [
+        source.get("url", "")
+        for datasource_file in datasources_dir.glob("*.y*ml")
+        for source in yaml.safe_load(datasource_file.read_text()).get("datasources", [])
+        if source.get("type") == "prometheus"
+    ]
+    if not any(re.fullmatch(r"http://prometheus:9090/?", url) for url in urls):
+        problems.append(f"compose grafana: no data source reaches the prometheus service ({urls})")
+    return problems
+
+
+def test_compose_file_is_valid_against_the_compose_specification() -> None:
+    raw = load_compose()
+
+    assert compose_schema_errors(raw) == []
+    assert compose_schema_errors(interpolate(raw, COMPOSE_ENV)) == []
+
+
+def test_compose_runs_the_pipeline_in_order_with_what_each_part_needs() -> None:
+    assert compose_problems(load_compose(), COMPOSE_ENV) == []
+
+
+def test_compose_needs_its_passwords_from_outside() -> None:
+    [problem] = compose_problems(load_compose(), {"GRAFANA_ADMIN_PASSWORD": "x"})
+
+    assert "POSTGRES_PASSWORD" in problem
+
+
+def _compose_unknown_key(c: Any) -> None:
+    c["services"]["usage-consumer"]["stop_grace"] = "45s"
+
+
+def _compose_bad_condition(c: Any) -> None:
+    c["services"]["budget-consumer"]["depends_on"]["migrate"]["condition"] = "service_done"
+
+
+def _compose_no_wait_for_topics(c: Any) -> None:
+    done = {"condition": "service_completed_successfully"}
+    c["services"]["usage-consumer"]["depends_on"] = {"migrate": done}
+
+
+def _compose_short_grace(c: Any) -> None:
+    c["services"]["budget-consumer"]["stop_grace_period"] = "10s"
+
+
+def _compose_literal_password(c: Any) -> None:
+    c["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] = "postgres"
+
+
+def _compose_open_port(c: Any) -> None:
+    c["services"]["postgres"]["ports"] = ["5432:5432"]
+
+
+def _compose_zookeeper(c: Any) -> None:
+    c["services"]["kafka"]["image"] = "apache/kafka:3.9.1"
+
+
+def _compose_short_dedup(c: Any) -> None:
+    c["services"]["budget-consumer"]["environment"]["BUDGET_DEDUP_RETENTION_HOURS"] = "168"
+
+
+def _compose_unknown_setting(c: Any) -> None:
+    c["services"]["rollup-schedule"]["environment"]["ROLLUP_PREVIEW_MINUTE"] = "5"
+
+
+def _compose_wrong_command(c: Any) -> None:
+    c["services"]["rollup-schedule"]["command"] = ["rollup", "run"]
+
+
+def _compose_unscraped_worker(c: Any) -> None:
+    c["services"]["rollup-schedule"]["environment"]["METRICS_PORT"] = "9200"
+
+
+def _compose_missing_mount(c: Any) -> None:
+    c["services"]["grafana"]["volumes"][2]["source"] = "./grafana/missing"
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (_compose_unknown_key, "schema: $.services['usage-consumer']"),
+        (_compose_bad_condition, "schema: $.services['budget-consumer'].depends_on"),
+        (_compose_no_wait_for_topics, "usage-consumer: starts before topics"),
+        (_compose_short_grace, "budget-consumer: stop_grace_period"),
+        (_compose_literal_password, "postgres: POSTGRES_PASSWORD is written"),
+        (_compose_open_port, "postgres: port 5432:5432"),
+        (_compose_zookeeper, "kafka: image apache/kafka:3.9.1"),
+        (_compose_short_dedup, "budget-consumer: remembers ids 168.0 h"),
+        (_compose_unknown_setting, "ROLLUP_PREVIEW_MINUTE is not a setting"),
+        (_compose_wrong_command, "rollup-schedule: runs `llm-usage rollup run`"),
+        (_compose_unscraped_worker, "does not scrape rollup-schedule:9200"),
+        (_compose_missing_mount, "mounts ./grafana/missing"),
+    ],
+)
+def test_a_broken_compose_file_is_caught(break_it: Callable[[Any], None], expected: str) -> None:
+    broken = load_compose()
+    break_it(broken)
+
+    problems = compose_problems(broken, COMPOSE_ENV)
+
+    assert any(expected in problem for problem in problems), problems
