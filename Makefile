@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install lock run test test-unit test-integration test-artifacts lint format bench soak clean dev-down wheel-check
+.PHONY: install lock run test test-unit test-integration test-calendar test-artifacts lint format bench soak clean dev-down wheel-check
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,19 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest tests/integration
+
+## make test-calendar: the tests whose outcome depends on today's date, run again with every
+## worker's clock moved to the next month end, year end and leap day (tests/clock.py).
+CALENDAR_TESTS := tests/unit tests/integration/test_alerts_docs_example.py \
+	tests/integration/test_api_access.py tests/integration/test_api_reports.py \
+	tests/integration/test_api_ui.py tests/integration/test_budget_consumer.py \
+	tests/integration/test_metric_names.py tests/integration/test_policies.py \
+	tests/integration/test_rollup.py tests/integration/test_usage_consumer.py \
+	tests/integration/test_usage_recorder.py
+test-calendar: install
+	set -e; for now in $$($(PY) -m tests.clock); do \
+		LLM_USAGE_TEST_NOW=$$now $(PY) -m pytest -q $(CALENDAR_TESTS); \
+	done
 
 ## make test-artifacts: the deploy artifacts checked by the tools that read them (builds
 ## kustomize and promtool from Go once, into the cache).

@@ -8,10 +8,11 @@ depends on the current day or month takes its dates from here, never from the ca
 from __future__ import annotations
 
 import asyncio
+from calendar import isleap
 from datetime import UTC, date, datetime, time, timedelta
 
 from llm_usage.core.clock import worker_clock
-from llm_usage.domain.periods import month_start, utc_day
+from llm_usage.domain.periods import month_end, month_start, utc_day
 
 
 def now() -> datetime:
@@ -55,3 +56,21 @@ async def clear_of_midnight(margin: timedelta = timedelta(minutes=3)) -> None:
     midnight = datetime.combine(utc_day(moment) + timedelta(days=1), time(0), UTC)
     if midnight - moment < margin:
         await asyncio.sleep((midnight - moment).total_seconds() + 1)
+
+
+def calendar_edges(after: date) -> list[datetime]:
+    """Noon on the next month's last day, the next year end and the next leap day after
+    `after`: the days a run of the date-sensitive tests is moved to (`make test-calendar`),
+    always ahead of the real clock, so that events stamped with the real time are never in the
+    moved clock's future."""
+    next_month_end = month_end(month_start(after) + timedelta(days=32))
+    year_end = date(after.year + (after >= date(after.year, 12, 31)), 12, 31)
+    year = after.year + (after >= date(after.year, 2, 28))
+    while not isleap(year):
+        year += 1
+    days = sorted({next_month_end, year_end, date(year, 2, 29)})
+    return [datetime.combine(day, time(12), UTC) for day in days]
+
+
+if __name__ == "__main__":
+    print(" ".join(iso(moment) for moment in calendar_edges(today())))  # noqa: T201

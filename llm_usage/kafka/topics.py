@@ -79,7 +79,7 @@ class TopicState:
 
 
 @dataclass(frozen=True)
-class TopicError:
+class TopicRefusal:
     """One topic's error code in a broker's answer, and the broker's own words about it."""
 
     topic: str
@@ -100,20 +100,20 @@ def pipeline_topics(settings: Settings) -> list[str]:
     return [settings.usage_topic, settings.dlq_topic, settings.alerts_topic]
 
 
-def topic_errors(response: object) -> list[TopicError]:
+def topic_errors(response: object) -> list[TopicRefusal]:
     """The per-topic errors of a CreateTopics (any version) or CreatePartitions response.
 
     Version 0 of CreateTopics carries (topic, code); later versions add the broker's message.
     """
     entries: list[tuple[Any, ...]] = list(getattr(response, "topic_errors", []))
     return [
-        TopicError(str(topic), int(code), None if not rest or rest[0] is None else str(rest[0]))
+        TopicRefusal(str(topic), int(code), None if not rest or rest[0] is None else str(rest[0]))
         for topic, code, *rest in entries
         if int(code) != 0
     ]
 
 
-def refusal(action: str, error: TopicError, *, brokers: int) -> ConfigurationError:
+def refusal(action: str, error: TopicRefusal, *, brokers: int) -> ConfigurationError:
     """The one line for a topic the broker would not create or grow: which, why, what to do."""
     detail = f"{error.name}: {error.message}" if error.message else error.name
     advice = _ADVICE.get(error.code, _DEFAULT_ADVICE).format(brokers=brokers)
@@ -249,11 +249,11 @@ async def _grow(admin: AIOKafkaAdminClient, name: str, partitions: int, brokers:
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _error_of(topic: str, error: BrokerResponseError) -> TopicError:
+def _error_of(topic: str, error: BrokerResponseError) -> TopicRefusal:
     # aiokafka words it "[Error 37] InvalidPartitionsError: Could not create partitions for t: …".
     text = str(error)
     detail = text.split(": ", 2)[-1] if text.count(": ") >= 2 else text
-    return TopicError(topic, int(error.errno or -1), detail)
+    return TopicRefusal(topic, int(error.errno or -1), detail)
 
 
 async def _wait_until_visible(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
@@ -285,7 +285,7 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
         if code in (UnknownTopicOrPartitionError.errno, LeaderNotAvailableError.errno):
             continue  # deleted, or just created and not yet everywhere
         if code != 0:
-            error = TopicError(entry["topic"], code, None)
+            error = TopicRefusal(entry["topic"], code, None)
             raise ConfigurationError(
                 f"Kafka would not describe topic {error.topic!r} ({error.name}); "
                 f"{_ADVICE.get(code, _DEFAULT_ADVICE).format(brokers='?')}"

@@ -242,9 +242,11 @@ async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -
     try:
         await asyncio.wait_for(client.stop(), _CLIENT_STOP_SECONDS)
     except TimeoutError:
-        log.warning(f"Kafka {what} did not stop in time; exiting anyway.")
+        log.warning("A Kafka client did not stop in time; exiting anyway.", client=what)
     except Exception as error:  # noqa: BLE001 - already shutting down; nothing left to lose
-        log.warning(f"Kafka {what} stopped with an error.", error=f"{type(error).__name__}")
+        log.warning(
+            "A Kafka client stopped with an error.", client=what, error=type(error).__name__
+        )
 
 
 def _max_batch(spec: ConsumerSpec, settings: Settings) -> int:

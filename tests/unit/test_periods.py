@@ -19,6 +19,7 @@ from llm_usage.domain.periods import (
     start_of_month,
     utc_day,
 )
+from tests.clock import calendar_edges
 
 
 def _at(text: str) -> datetime:
@@ -123,3 +124,20 @@ def test_every_instant_of_a_leap_year_falls_in_the_month_that_contains_it() -> N
         day = utc_day(moment)
         assert start_of_month(moment).date() <= day <= month_end(day)
         moment += timedelta(hours=7, minutes=13)
+
+
+@pytest.mark.parametrize(
+    ("today", "edges"),
+    [
+        (date(2026, 12, 6), [date(2026, 12, 31), date(2027, 1, 31), date(2028, 2, 29)]),
+        (date(2026, 12, 31), [date(2027, 1, 31), date(2027, 12, 31), date(2028, 2, 29)]),
+        (date(2028, 1, 10), [date(2028, 2, 29), date(2028, 12, 31)]),
+        (date(2028, 2, 29), [date(2028, 3, 31), date(2028, 12, 31), date(2032, 2, 29)]),
+    ],
+)
+def test_the_calendar_runs_move_the_clock_ahead_to_a_month_end_a_year_end_and_a_leap_day(
+    today: date, edges: list[date]
+) -> None:
+    moments = calendar_edges(today)
+    assert [moment.date() for moment in moments] == edges
+    assert all(moment.date() > today for moment in moments)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiokafka.errors import InvalidReplicationFactorError, NotControllerError
 
-from llm_usage.kafka.topics import TopicError, refusal, topic_errors
+from llm_usage.kafka.topics import TopicRefusal, refusal, topic_errors
 
 
 @dataclass
@@ -18,12 +18,12 @@ def test_every_version_of_the_answer_is_read_and_successes_are_left_out() -> Non
     v0 = Answer([("a", 0), ("b", 38)])  # CreateTopics v0 carries no message
     v1 = Answer([("a", 0, None), ("b", 38, "only 1 broker(s) are registered.")])
 
-    assert topic_errors(v0) == [TopicError("b", 38, None)]
-    assert topic_errors(v1) == [TopicError("b", 38, "only 1 broker(s) are registered.")]
+    assert topic_errors(v0) == [TopicRefusal("b", 38, None)]
+    assert topic_errors(v1) == [TopicRefusal("b", 38, "only 1 broker(s) are registered.")]
 
 
 def test_a_refusal_is_one_line_naming_the_topic_the_code_and_what_to_do() -> None:
-    error = TopicError("usage", InvalidReplicationFactorError.errno, "only 1 broker(s).")
+    error = TopicRefusal("usage", InvalidReplicationFactorError.errno, "only 1 broker(s).")
 
     message = str(refusal("create", error, brokers=1))
 
@@ -34,7 +34,7 @@ def test_a_refusal_is_one_line_naming_the_topic_the_code_and_what_to_do() -> Non
 
 
 def test_an_unknown_code_still_names_itself_and_points_at_the_broker_log() -> None:
-    message = str(refusal("grow", TopicError("usage", 9999, None), brokers=3))
+    message = str(refusal("grow", TopicRefusal("usage", 9999, None), brokers=3))
 
     assert message.startswith("Kafka refused to grow topic 'usage' (UNKNOWN")
     assert "broker's log" in message
@@ -42,5 +42,5 @@ def test_an_unknown_code_still_names_itself_and_points_at_the_broker_log() -> No
 
 
 def test_retriable_codes_are_told_apart() -> None:
-    assert TopicError("t", NotControllerError.errno, None).retriable
-    assert not TopicError("t", InvalidReplicationFactorError.errno, None).retriable
+    assert TopicRefusal("t", NotControllerError.errno, None).retriable
+    assert not TopicRefusal("t", InvalidReplicationFactorError.errno, None).retriable
