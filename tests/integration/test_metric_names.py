@@ -200,13 +200,22 @@ async def workers(
         topics.settings, [topics.settings.alerts_topic], partitions=1, replication_factor=1
     )
     ports = {"usage": free_port(), "budget": free_port(), "rollup": free_port()}
+    # The consumers get a database of their own: the budget relay publishes every unsent alert
+    # in its database, and the session's holds other tests' alerts.
+    consumers_database = await own_database(database_url)
     usage = await spawn_consumer(
-        topics, env={**topics.environment(), "METRICS_PORT": str(ports["usage"])}
+        topics,
+        env={
+            **topics.environment(),
+            "DATABASE_URL": consumers_database,
+            "METRICS_PORT": str(ports["usage"]),
+        },
     )
     budget = await spawn_consumer(
         topics,
         env={
             **topics.environment(),
+            "DATABASE_URL": consumers_database,
             "METRICS_PORT": str(ports["budget"]),
             "BUDGET_POLICY_SWEEP_SECONDS": "2",
         },
@@ -228,7 +237,7 @@ async def workers(
     )
     running = Workers(usage, budget, rollup, ports)
     try:
-        await feed(topics, pool)
+        await feed(topics, consumers_database)
         yield running
     finally:
         for process in (usage.process, budget.process, rollup):
@@ -243,6 +252,7 @@ async def workers(
         await usage.reader
         await budget.reader
         await drop_database(database_url, rollup_database)
+        await drop_database(database_url, consumers_database)
 
 
 async def own_database(database_url: str) -> str:
@@ -275,18 +285,22 @@ async def drop_database(database_url: str, url: str) -> None:
         await admin.close()
 
 
-async def feed(topics: PipelineTopics, pool: asyncpg.Pool) -> None:
+async def feed(topics: PipelineTopics, database_url: str) -> None:
     """Events that give every labelled counter the rules use a sample: recorded events that cross
     a budget's warning and exceeded levels, a malformed record and a conflicting duplicate."""
     tenant = unique("tenant")
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, monthly_limit_usd, "
-            "warn_threshold_pct) VALUES ($1, 'tenant', $1, $2, 80)",
-            tenant,
-            Decimal("1.00"),
-        )
-        await connection.execute("SELECT pg_notify('budget_policies', $1)", tenant)
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            await connection.execute(
+                "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, monthly_limit_usd, "
+                "warn_threshold_pct) VALUES ($1, 'tenant', $1, $2, 80)",
+                tenant,
+                Decimal("1.00"),
+            )
+            await connection.execute("SELECT pg_notify('budget_policies', $1)", tenant)
+    finally:
+        await connection.close()
     events = [usage_event(tenant, customer_charge_usd="0.30") for _ in range(4)]
     conflicting = {**events[0], "customer_charge_usd": "0.31", "customer_charge_cents": 31}
     values = [encode(event) for event in events] + [b"{not json", encode(conflicting)]
