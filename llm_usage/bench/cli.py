@@ -4,6 +4,9 @@ benchmark itself is imported when it runs (httpx and the profilers are not in ev
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,18 @@ if TYPE_CHECKING:
 
 # Every benchmark finds or starts local services itself (settings_for_local_run), so none reads
 # the settings it is handed.
+
+
+def _runs(module: str, function: str) -> Callable[[argparse.Namespace, Settings], Awaitable[None]]:
+    """A runner that imports `module` only when the benchmark runs and calls its `function` with
+    the parsed options its parameters name (each option's dest is its parameter's name)."""
+
+    async def run(args: argparse.Namespace, settings: Settings) -> None:
+        benchmark = getattr(importlib.import_module(module), function)
+        parameters = inspect.signature(benchmark).parameters
+        await benchmark(**{name: getattr(args, name) for name in parameters})
+
+    return run
 
 
 def add_parser(commands: Commands) -> None:
@@ -42,15 +57,7 @@ def _add_ingest(benchmarks: Commands) -> None:
         default=3,
         help="rounds of (a), (b), (c), interleaved; medians and spreads over them",
     )
-    ingest.set_defaults(run=_run_ingest)
-
-
-async def _run_ingest(args: argparse.Namespace, settings: Settings) -> None:
-    from llm_usage.bench.ingest import run_ingest_benchmark  # noqa: PLC0415
-
-    await run_ingest_benchmark(
-        events=args.events, dup_rate=args.dup_rate, naive_events=args.naive_events, runs=args.runs
-    )
+    ingest.set_defaults(run=_runs("llm_usage.bench.ingest", "run_ingest_benchmark"))
 
 
 def _add_budget(benchmarks: Commands) -> None:
@@ -73,23 +80,10 @@ def _add_budget(benchmarks: Commands) -> None:
     budget.add_argument(
         "--profile-consumer",
         metavar="FILE",
+        type=Path,
         help="run the budget consumer under pyinstrument (dev extra); .html or text report",
     )
-    budget.set_defaults(run=_run_budget)
-
-
-async def _run_budget(args: argparse.Namespace, settings: Settings) -> None:
-    from llm_usage.bench.budget import run_budget_benchmark  # noqa: PLC0415
-
-    await run_budget_benchmark(
-        rate=args.rate,
-        seconds=args.seconds,
-        tenants=args.tenants,
-        deployments=args.deployments,
-        backlog_events=args.backlog_events,
-        dup_rate=args.dup_rate,
-        profile_consumer=Path(args.profile_consumer) if args.profile_consumer else None,
-    )
+    budget.set_defaults(run=_runs("llm_usage.bench.budget", "run_budget_benchmark"))
 
 
 def _add_api(benchmarks: Commands) -> None:
@@ -101,19 +95,7 @@ def _add_api(benchmarks: Commands) -> None:
     api.add_argument("--clients", type=positive_int, default=50)
     api.add_argument("--seconds", type=float, default=30.0)
     api.add_argument("--ingest-events", type=positive_int, default=50_000)
-    api.set_defaults(run=_run_api)
-
-
-async def _run_api(args: argparse.Namespace, settings: Settings) -> None:
-    from llm_usage.bench.api import run_api_benchmark  # noqa: PLC0415
-
-    await run_api_benchmark(
-        events=args.events,
-        tenants=args.tenants,
-        clients=args.clients,
-        seconds=args.seconds,
-        ingest_events=args.ingest_events,
-    )
+    api.set_defaults(run=_runs("llm_usage.bench.api", "run_api_benchmark"))
 
 
 def _add_rollup(benchmarks: Commands) -> None:
@@ -139,22 +121,7 @@ def _add_rollup(benchmarks: Commands) -> None:
     rollup.add_argument(
         "--keep-database", action="store_true", help="keep llm_usage_bench_rollup afterwards"
     )
-    rollup.set_defaults(run=_run_rollup)
-
-
-async def _run_rollup(args: argparse.Namespace, settings: Settings) -> None:
-    from llm_usage.bench.rollup import run_rollup_benchmark  # noqa: PLC0415
-
-    await run_rollup_benchmark(
-        events=args.events,
-        tenants=args.tenants,
-        deployments=args.deployments,
-        sizes=args.sizes,
-        batch=args.batch,
-        repeats=args.repeats,
-        seed=args.seed,
-        keep_database=args.keep_database,
-    )
+    rollup.set_defaults(run=_runs("llm_usage.bench.rollup", "run_rollup_benchmark"))
 
 
 def _add_ingest_aggregate(benchmarks: Commands) -> None:
@@ -168,16 +135,4 @@ def _add_ingest_aggregate(benchmarks: Commands) -> None:
     aggregate.add_argument(
         "--rounds", type=positive_int, default=2, help="pairs of runs, alternating which is first"
     )
-    aggregate.set_defaults(run=_run_ingest_aggregate)
-
-
-async def _run_ingest_aggregate(args: argparse.Namespace, settings: Settings) -> None:
-    from llm_usage.bench.rollup import run_aggregate_cost_benchmark  # noqa: PLC0415
-
-    await run_aggregate_cost_benchmark(
-        events=args.events,
-        dup_rate=args.dup_rate,
-        tenants=args.tenants,
-        deployments=args.deployments,
-        rounds=args.rounds,
-    )
+    aggregate.set_defaults(run=_runs("llm_usage.bench.rollup", "run_aggregate_cost_benchmark"))

@@ -32,6 +32,9 @@ RANK = {MEMBER: 1, ADMIN: 2, PLATFORM: 3}
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 # From then to now (`to`'s default) is longer than a range may be.
 TEN_YEARS_AGO = (clock.today() - timedelta(days=3653)).isoformat()
+# The last day of last month and the day after it: a range that has ended, whatever today is.
+_DAY = clock.this_month() - timedelta(days=1)
+_NEXT_DAY = _DAY + timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,12 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/tenants/{tenant_id}/usage/summary"): Route(
         MEMBER,
         200,
-        {"from": "2026-11-01", "to": "2026-11-02T00:00:00Z"},
+        {"from": f"{_DAY}", "to": f"{_NEXT_DAY}T00:00:00Z"},
         malformed=(
             Malformed(["query", "from"], {"from": "yesterday"}),
-            Malformed(["query", "from"], {"from": "2016-01-01", "to": "2026-01-01"}),
-            Malformed(["query", "to"], {"from": "2026-11-02", "to": "2026-11-01"}),
-            Malformed(["query", "to"], {"to": "2026-11-01T00:00:00"}),
+            Malformed(["query", "from"], {"from": TEN_YEARS_AGO, "to": f"{_DAY}"}),
+            Malformed(["query", "to"], {"from": f"{_NEXT_DAY}", "to": f"{_DAY}"}),
+            Malformed(["query", "to"], {"to": f"{_DAY}T00:00:00"}),
             _BAD_TENANT,
         ),
     ),
@@ -95,7 +98,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/tenants/{tenant_id}/alerts"): Route(
         MEMBER,
         200,
-        {"since": "2026-11-01"},
+        {"since": f"{_DAY}"},
         malformed=(
             Malformed(["query", "since"], {"since": "last week"}),
             Malformed(["query", "limit"], {"limit": "-1"}),
@@ -146,7 +149,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/tenants/{tenant_id}/invoice-lines"): Route(
         ADMIN,
         200,
-        {"period": "2026-11"},
+        {"period": f"{_DAY:%Y-%m}"},
         malformed=(
             Malformed(["query", "period"], {"period": "2026-13"}),
             Malformed(["query", "period"], {}),

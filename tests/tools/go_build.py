@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +166,15 @@ def _first_error(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     lines = [line for line in lines if not re.match(r"go: (downloading|finding|extracting)", line)]
     return (lines or ["no output"])[0][:400]
+
+
+def run_built(name: str, ensure: Callable[[], Path], argv: list[str] | None = None) -> int:
+    """`python -m tests.tools.<name> ARGS...`: build the tool if needed, then run it with ARGS;
+    a failed build is one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        binary = ensure()
+    except LocalServiceError as error:
+        sys.stderr.write(f"{name}: error: {error}\n")
+        return 2
+    return subprocess.run([str(binary), *args], check=False).returncode

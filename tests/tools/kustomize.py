@@ -6,12 +6,10 @@ python -m tests.tools.kustomize build deploy/k8s/overlays/prod
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from llm_usage.core.errors import LocalServiceError
-from tests.tools.go_build import GoTool, ensure_built
+from tests.tools.go_build import GoTool, ensure_built, run_built
 
 KUSTOMIZE = GoTool(
     name="kustomize",
@@ -46,13 +44,7 @@ def ensure_kustomize(cache: Path | None = None, *, progress: bool = False) -> Pa
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tests.tools.kustomize ARGS...`: build kustomize if needed, then run it."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        binary = ensure_kustomize(progress=True)
-    except LocalServiceError as error:
-        sys.stderr.write(f"kustomize: error: {error}\n")
-        return 2
-    return subprocess.run([str(binary), *args], check=False).returncode
+    return run_built("kustomize", lambda: ensure_kustomize(progress=True), argv)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ of modules and takes ~7-10 minutes on two cores; later calls return the cached b
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
-from llm_usage.core.errors import LocalServiceError
-from tests.tools.go_build import GoMissingError, GoTool, ensure_built
+from tests.tools.go_build import GoMissingError, GoTool, ensure_built, run_built
 
 __all__ = [
     "BUILD_TIMEOUT_SECONDS",
@@ -63,13 +61,7 @@ def ensure_promtool(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tests.tools.promtool ARGS...`: build promtool if needed, then run it."""
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        binary = ensure_promtool(progress=True)
-    except LocalServiceError as error:
-        sys.stderr.write(f"promtool: error: {error}\n")
-        return 2
-    return subprocess.run([str(binary), *args], check=False).returncode
+    return run_built("promtool", lambda: ensure_promtool(progress=True), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""`llm-usage bench`: each benchmark is called with exactly the options its command parses."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+from typing import Any
+
+import pytest
+
+from llm_usage.bench import cli
+from llm_usage.core.settings import Settings
+
+BENCHMARKS = {
+    "ingest": ("llm_usage.bench.ingest", "run_ingest_benchmark"),
+    "budget": ("llm_usage.bench.budget", "run_budget_benchmark"),
+    "api": ("llm_usage.bench.api", "run_api_benchmark"),
+    "rollup": ("llm_usage.bench.rollup", "run_rollup_benchmark"),
+    "ingest-aggregate": ("llm_usage.bench.rollup", "run_aggregate_cost_benchmark"),
+}
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+async def test_each_benchmark_gets_every_option_it_takes(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, function = BENCHMARKS[name]
+    called: dict[str, Any] = {}
+    benchmark = getattr(importlib.import_module(module), function)
+
+    async def record(**options: Any) -> None:
+        called.update(options)
+
+    monkeypatch.setattr(record, "__signature__", inspect.signature(benchmark), raising=False)
+    monkeypatch.setattr(importlib.import_module(module), function, record)
+    args = _parse(name)
+    await args.run(args, Settings())
+
+    assert set(called) == set(inspect.signature(benchmark).parameters)
+    assert all(called[option] == getattr(args, option) for option in called)
+
+
+def test_an_option_reaches_its_benchmark_as_parsed() -> None:
+    args = _parse("budget", "--profile-consumer", "out.html", "--rate", "7")
+    assert (str(args.profile_consumer), args.rate) == ("out.html", 7)
