@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_usage.core.errors import ConfigurationError
@@ -40,6 +40,13 @@ class Settings(BaseSettings):
 
     usage_group_id: str = Field(default="llm-usage-ingest", min_length=1)
     budget_group_id: str = Field(default="llm-usage-budget", min_length=1)
+    # Static group membership (KIP-345): a stable id per replica (a StatefulSet pod's name) lets
+    # a restarted replica take its partitions back without a rebalance. Empty: dynamic members.
+    kafka_group_instance_id: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,249}$")
+    # How long the group waits for a silent member before moving its partitions. Unset: 45 s with
+    # an instance id (a restarted pod is back well before), 10 s without (aiokafka's default).
+    kafka_session_timeout_ms: int | None = Field(default=None, ge=6_000, le=1_800_000)
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100, le=600_000)
 
     # The budget consumer remembers the ids it counted this long: the usage topic's retention
     # (7 days by default) plus a day's margin, since nothing older can be redelivered.
@@ -77,19 +84,20 @@ class Settings(BaseSettings):
     batch_retry_seconds: float = Field(default=60.0, gt=0, le=240)
     # How long a rebalance waits for the batch in flight; below the 60 s rebalance timeout.
     consumer_revoke_wait_seconds: float = Field(default=20.0, gt=0, le=50)
-    database_pool_size: int = Field(default=4, ge=1, le=100)
+    # PostgreSQL connections: the pool of `consume usage` and `serve api`, and the budget
+    # consumer's (it also holds a LISTEN and a lock connection). Sized so that every worker at
+    # the prod replica maxima fits under max_connections=100 (docs/operations.md).
+    database_pool_size: int = Field(default=2, ge=1, le=100)
+    budget_database_pool_size: int = Field(default=2, ge=1, le=100)
+    # After SIGTERM a worker lands or abandons its batch, commits, stops its side tasks and
+    # clients and closes its pool within this many seconds in all (the pods' grace is 45 s).
+    shutdown_timeout_seconds: float = Field(default=25.0, gt=0, le=300)
 
-    @model_validator(mode="after")
-    def _sasl_needs_credentials(self) -> Settings:
-        if self.kafka_security_protocol.startswith("SASL_") and self.kafka_sasl_mechanism is None:
-            raise ValueError("KAFKA_SASL_MECHANISM is required with a SASL_* protocol")
-        password = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
-        if self.kafka_sasl_mechanism is not None and not (self.kafka_sasl_username and password):
-            raise ValueError(
-                f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required with "
-                f"KAFKA_SASL_MECHANISM={self.kafka_sasl_mechanism}"
-            )
-        return self
+    def session_timeout_ms(self) -> int:
+        """KAFKA_SESSION_TIMEOUT_MS, or 45 s for a static member and 10 s for a dynamic one."""
+        if self.kafka_session_timeout_ms is not None:
+            return self.kafka_session_timeout_ms
+        return 45_000 if self.kafka_group_instance_id else 10_000
 
     def budget_batch(self) -> int:
         """The budget consumer's batch size: BUDGET_MAX_BATCH, or 4 x CONSUMER_MAX_BATCH."""

@@ -23,7 +23,11 @@ T = TypeVar("T")
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
-    """Connection options shared by every aiokafka client we create (bootstrap, security)."""
+    """Connection options shared by every aiokafka client we create (bootstrap, security).
+
+    SASL credentials are checked here, where a Kafka client is built, not when the settings
+    are read: a worker that never opens a Kafka client (the rollup schedule) needs none."""
+    _require_sasl_credentials(settings)
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "security_protocol": settings.kafka_security_protocol,
@@ -47,6 +51,28 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def _require_sasl_credentials(settings: Settings) -> None:
+    """A SASL_* protocol needs a mechanism, and a mechanism a user name and a password."""
+    if (
+        settings.kafka_security_protocol.startswith("SASL_")
+        and settings.kafka_sasl_mechanism is None
+    ):
+        raise ConfigurationError(
+            f"KAFKA_SASL_MECHANISM is required with KAFKA_SECURITY_PROTOCOL="
+            f"{settings.kafka_security_protocol}; set it (e.g. SCRAM-SHA-512)"
+        )
+    password = (
+        settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    )
+    if settings.kafka_sasl_mechanism is not None and not (
+        settings.kafka_sasl_username and password
+    ):
+        raise ConfigurationError(
+            f"KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are required with "
+            f"KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism}; set both"
+        )
+
+
 def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKafkaConsumer:
     """A group member that commits by hand and starts from the earliest retained event."""
     return _client(
@@ -62,8 +88,30 @@ def new_consumer(settings: Settings, *, group_id: str, max_batch: int) -> AIOKaf
         max_partition_fetch_bytes=8 * 1024 * 1024,
         # A rebalance waits this long for the batch in flight (see on_partitions_revoked).
         rebalance_timeout_ms=60_000,
+        **membership_options(settings),
         **client_options(settings),
     )
+
+
+def membership_options(settings: Settings) -> dict[str, Any]:
+    """Static membership (KIP-345) when KAFKA_GROUP_INSTANCE_ID is set, and the session.
+
+    A static member never sends LeaveGroup (aiokafka skips it on close), so a restart with the
+    same id inside the session gets the same partitions back with no rebalance; a replica that
+    is gone for good keeps its partitions still until the session expires.
+    """
+    session = settings.session_timeout_ms()
+    heartbeat = settings.kafka_heartbeat_interval_ms
+    if heartbeat * 3 > session:
+        raise ConfigurationError(
+            f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat} must be at most a third of the session "
+            f"({session} ms, KAFKA_SESSION_TIMEOUT_MS): a member would miss its session"
+        )
+    return {
+        "group_instance_id": settings.kafka_group_instance_id or None,
+        "session_timeout_ms": session,
+        "heartbeat_interval_ms": heartbeat,
+    }
 
 
 def new_reader(settings: Settings) -> AIOKafkaConsumer:

@@ -20,7 +20,7 @@ from llm_usage.core.settings import Settings
 from llm_usage.domain.periods import current_period, following_period, parse_period
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.handler import WorkerContext
-from llm_usage.runtime.leadership import Lease, leadership
+from llm_usage.runtime.leadership import Leadership, Lease, lead_while_held
 from llm_usage.runtime.probes import HealthState
 from llm_usage.runtime.process import run_beside, worker_process
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
@@ -33,6 +33,7 @@ T = TypeVar("T")
 SCHEDULE_LOCK_KEY = 0x6C6C6D5F73636864
 _TICK_SECONDS = 30.0
 _RETRY_SECONDS = 60.0
+_STANDBY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,26 +148,30 @@ class RollupScheduler:
         return result
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Lead while this replica holds the lease, stand by while another does, until
-        `stopping`. Transient failures are waited out; anything else is raised (a bug)."""
-        sleep = sleep_unless_stopping(stopping)
-        while not stopping.is_set():
-            self._health.progressed()
-            try:
-                async with leadership(
-                    self._settings.database_url,
-                    key=SCHEDULE_LOCK_KEY,
-                    holder="scheduler",
-                    leader=self._metrics.leader,
-                ) as lease:
-                    if lease is not None:
-                        await self.run_as_leader(lease, stopping)
-            except Exception as error:
-                if not is_transient(error):  # a lost lease is transient: take it again
-                    raise
-                log.warning("Rollup schedule paused.", error=f"{type(error).__name__}: {error}")
+        """Lead while this replica holds the lease, stand by while another does (trying every
+        5 s on one kept-open connection), until `stopping`. Transient failures are waited out;
+        anything else is raised (a bug)."""
+
+        async def lead(lease: Lease) -> None:
+            await self.run_as_leader(lease, stopping)
+
+        def tried(_leading: bool) -> None:
             self._health.started()  # a standby replica is ready to take over
-            await sleep(5)
+
+        await lead_while_held(
+            Leadership(
+                database_url=self._settings.database_url,
+                key=SCHEDULE_LOCK_KEY,
+                holder="scheduler",
+                leader=self._metrics.leader,
+                standby_seconds=_STANDBY_SECONDS,
+                retry_seconds=_STANDBY_SECONDS,
+                paused="Rollup schedule paused.",
+            ),
+            stopping,
+            lead,
+            on_try=tried,
+        )
 
     async def run_as_leader(self, lease: Lease, stopping: asyncio.Event) -> None:
         """A round of work every 30 s while the lease holds. A run that failed transiently
@@ -193,6 +198,12 @@ class RollupScheduler:
             await sleep(_TICK_SECONDS)
 
 
+def scheduler_health() -> HealthState:
+    """The schedule's probes: ready once it has led or stood by; alive while its event loop
+    answers (no tick deadline: a month-end tick at 10,000 tenants may rightly take minutes)."""
+    return HealthState(starting_reason="waiting for the first rollup", stall_after_seconds=None)
+
+
 def rollup_schedule(metrics: ScheduleMetrics) -> Callable[[WorkerContext], Awaitable[None]]:
     """The schedule as a side task of the process shell: a bug in it stops the worker."""
 
@@ -213,7 +224,7 @@ async def run_schedule(settings: Settings, *, registry: CollectorRegistry | None
     """Run until SIGTERM/SIGINT: the leader works, the others wait to take over."""
     registry = registry or CollectorRegistry()
     metrics = ScheduleMetrics.create(registry)
-    health = HealthState(starting_reason="waiting for the first rollup")
+    health = scheduler_health()
     async with worker_process(settings, registry=registry, health=health, pool_size=2) as context:
         await run_beside(
             context.stopping.wait(),

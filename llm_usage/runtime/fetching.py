@@ -27,6 +27,7 @@ from aiokafka.structs import TopicPartition
 
 from llm_usage.runtime.handler import Record
 from llm_usage.runtime.metrics import ConsumerMetrics
+from llm_usage.runtime.offsets import readable_end
 from llm_usage.runtime.probes import HealthState
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
 
@@ -85,6 +86,12 @@ class Fetcher:
             if records:
                 self._next[tp] = records[-1].offset + 1
         return fetched
+
+    @property
+    def handed_out(self) -> Mapping[TopicPartition, int]:
+        """Per partition, the offset after the last record handed to the loop (or where a
+        rewind put it back)."""
+        return self._next
 
     def rewind(self, fetched: Fetched) -> None:
         """A batch that did not land is fetched again from its first offset."""
@@ -239,8 +246,9 @@ class IdleDetector:
             return False
         try:
             for tp in assigned:
-                highwater = self._consumer.highwater(tp)
-                if highwater is None or await self._consumer.position(tp) < highwater:
+                # The last stable offset: a commit marker or an open transaction is not "more".
+                end = readable_end(self._consumer, tp)
+                if end is None or await self._consumer.position(tp) < end:
                     return False
         except (IllegalStateError, AssertionError):  # revoked while we looked: not idle yet
             return False

@@ -8,7 +8,6 @@ only while the assignment that fetched the batch still holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -139,7 +138,7 @@ class BatchConsumer:
                 if await self._idle.idle_long_enough():
                     log.info("Stopping: at the end of every partition.", consumer=self._name)
                     break
-                await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
+                await self._report_lag()
                 polled = await self._poll()
                 continue
             self._idle.busy()
@@ -160,8 +159,17 @@ class BatchConsumer:
                     self._rewind_if_current(ahead.fetched, ahead.generation)
                 self._rewind_if_current(fetched, generation)
                 polled = await self._poll()
-            await report_lag(self._consumer, self._ledger, self._metrics, name=self._name)
+            await self._report_lag()
         await self._ledger.commit()
+
+    async def _report_lag(self) -> None:
+        await report_lag(
+            self._consumer,
+            self._ledger,
+            self._metrics,
+            name=self._name,
+            handed_out=self._fetcher.handed_out,
+        )
 
     def _behind(self, records: list[Record]) -> bool:
         """A batch at least half the size asked for says more is waiting."""
@@ -225,9 +233,11 @@ class BatchConsumer:
         if not task.done():
             done, _ = await asyncio.wait({task}, timeout=self._options.shutdown_grace_seconds)
             if not done:
+                # A database that does not answer may not let the cancelled query end either:
+                # give it a second, then leave it to the pool's terminate at shutdown.
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                task.add_done_callback(lambda done: done.cancelled() or done.exception())
+                await asyncio.wait({task}, timeout=1)
                 raise BatchAbandonedError(
                     f"the batch did not land within {self._options.shutdown_grace_seconds} s "
                     "of the shutdown signal; its records are read again by the next owner"

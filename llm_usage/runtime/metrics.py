@@ -55,7 +55,8 @@ class ConsumerMetrics:
             lag=Gauge(
                 "llm_usage_consumer_lag",
                 "Records between this member's last committed offset (its fetch position until "
-                "its first commit) and the partition's high watermark.",
+                "its first commit, or its position past commit markers once all is committed) "
+                "and the partition's last stable offset.",
                 ["consumer", "topic", "partition"],
                 registry=registry,
             ),

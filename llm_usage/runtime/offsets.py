@@ -1,7 +1,7 @@
 """Which offsets may be committed: those of batches that landed, in the assignment that
 fetched them. A batch that outlived its assignment never commits or seeks: a partition that came
 back in a newer assignment may already be further on, and its offset must never go back. And the
-lag gauge, measured from those commits."""
+lag gauge, measured from those commits to the last stable offset."""
 
 from __future__ import annotations
 
@@ -81,19 +81,53 @@ class OffsetLedger:
 
 
 async def report_lag(
-    consumer: AIOKafkaConsumer, ledger: OffsetLedger, metrics: ConsumerMetrics, *, name: str
+    consumer: AIOKafkaConsumer,
+    ledger: OffsetLedger,
+    metrics: ConsumerMetrics,
+    *,
+    name: str,
+    handed_out: Mapping[TopicPartition, int],
 ) -> None:
-    """Set the lag gauge (records between what this member committed and each partition's end)
-    from the last committed offset, or the fetch position before any commit (the high watermark
-    is what the last fetch response said: no extra round trip)."""
+    """Set the lag gauge: records between where this member is done and the readable end.
+
+    The end is the last stable offset (read_committed reads no further; the high watermark
+    counts the open transaction's records and every transaction's commit marker, which are never
+    delivered, so a partition whose last write was a transaction would show lag 1 forever). Where
+    this member is done is its last commit, or — once every record handed out (`handed_out`:
+    the offset after the last record each partition gave the loop) is committed — the consumer's
+    position, which moves past commit markers and aborted records. Such a skipped tail is then
+    committed too, so that the group's committed offsets (what KEDA and `kafka-consumer-groups`
+    measure) reach the end as well. No fetch is in flight when this runs, so the position says
+    nothing about records the loop has not seen. Called without an extra round trip: the ends
+    are what the last fetch response said."""
+    skipped: dict[TopicPartition, int] = {}
+    generation = ledger.generation  # a rebalance while we look makes what we saw stale
     for tp in consumer.assignment():
         try:
-            highwater = consumer.highwater(tp)
-            if highwater is None:
+            end = readable_end(consumer, tp)
+            if end is None:
                 continue
-            start = ledger.committed.get(tp)
-            if start is None:
-                start = await consumer.position(tp)
+            position = await consumer.position(tp)
         except (IllegalStateError, AssertionError):  # revoked while we looked
             continue
-        metrics.lag.labels(name, tp.topic, str(tp.partition)).set(max(highwater - start, 0))
+        committed = ledger.committed.get(tp)
+        if committed is None:
+            start = position
+        elif handed_out.get(tp, committed) <= committed and position > committed:
+            start = skipped[tp] = position
+        else:
+            start = committed
+        metrics.lag.labels(name, tp.topic, str(tp.partition)).set(max(end - start, 0))
+    if skipped and ledger.is_current(generation):
+        ledger.landed(skipped, generation=generation)
+        await ledger.commit()
+
+
+def readable_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The offset after the last record this consumer can read from `tp`, as of the last fetch:
+    the last stable offset (read_committed), else the high watermark; None before any fetch."""
+    stable: int | None = consumer.last_stable_offset(tp)
+    if stable is not None and stable >= 0:
+        return stable
+    highwater: int | None = consumer.highwater(tp)
+    return highwater

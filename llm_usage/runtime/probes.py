@@ -1,8 +1,16 @@
 """`/metrics`, `/healthz` and `/readyz` on METRICS_PORT, served by a thread per request (so one
-slow client cannot block the kubelet's probes)."""
+slow client cannot block the kubelet's probes).
+
+Liveness means the event loop answers: a heartbeat task beats every second, and `/healthz`
+fails once it has not beaten for `loop_stall_seconds` (a loop blocked by a synchronous call, or
+wedged). A consumer also fails it when its batch loop has not progressed for
+`stall_after_seconds` (a fetch or commit that never returns); a worker whose work may rightly
+take minutes at a time (the rollup schedule) sets that to None.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,12 +36,20 @@ class HealthState:
     the GIL.
     """
 
-    stall_after_seconds: float = 120.0
+    # Liveness: how long the consumer loop may go without progress (None: not checked), and
+    # how long the event loop may go without a heartbeat.
+    stall_after_seconds: float | None = 120.0
+    loop_stall_seconds: float = 30.0
     # What readiness waits for first: a consumer joining its group, a scheduler its first run.
     starting_reason: str = "not in the consumer group yet"
     has_started: bool = False
     holds: dict[str, str] = field(default_factory=dict)
     last_progress: float = field(default_factory=time.monotonic)
+    last_beat: float = field(default_factory=time.monotonic)
+
+    def beat(self) -> None:
+        """The event loop answered (called by `keep_heartbeat`)."""
+        self.last_beat = time.monotonic()
 
     def progressed(self) -> None:
         """The loop is alive: it finished a poll or a batch."""
@@ -58,8 +74,30 @@ class HealthState:
             return self.starting_reason
         return "; ".join(sorted(dict(self.holds).values()))
 
+    def stalled(self) -> str | None:
+        """Why the worker is not alive, or None while it is."""
+        now = time.monotonic()
+        silent = now - self.last_beat
+        if silent >= self.loop_stall_seconds:
+            return f"the event loop has not answered for {silent:.0f} s"
+        if self.stall_after_seconds is not None:
+            idle = now - self.last_progress
+            if idle >= self.stall_after_seconds:
+                return f"the consumer loop has not progressed for {idle:.0f} s"
+        return None
+
     def is_alive(self) -> bool:
-        return time.monotonic() - self.last_progress < self.stall_after_seconds
+        return self.stalled() is None
+
+
+HEARTBEAT_SECONDS = 1.0
+
+
+async def keep_heartbeat(state: HealthState, *, every: float = HEARTBEAT_SECONDS) -> None:
+    """Beat every `every` seconds until cancelled: liveness while the event loop answers."""
+    while True:
+        state.beat()
+        await asyncio.sleep(every)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -73,8 +111,9 @@ def _probe_app(
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            ok = state.is_alive()
-            body = b"ok\n" if ok else b"stalled: the consumer loop has not progressed\n"
+            stalled = state.stalled()
+            ok = stalled is None
+            body = b"ok\n" if stalled is None else f"stalled: {stalled}\n".encode()
         elif path == "/readyz":
             ok = state.ready
             body = b"ready\n" if ok else f"not ready: {state.reason}\n".encode()

@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -18,17 +20,19 @@ from prometheus_client import CollectorRegistry
 from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import PipelineError
 from llm_usage.core.settings import Settings
+from llm_usage.kafka.authorization import require_permissions
 from llm_usage.kafka.clients import (
     new_consumer,
     new_producer,
     require_topics,
     start_client,
 )
+from llm_usage.kafka.permissions import Worker
 from llm_usage.runtime.dead_letters import KafkaDeadLetterSink
 from llm_usage.runtime.handler import ConsumerContext, ConsumerSpec, WorkerContext
 from llm_usage.runtime.loop import BatchConsumer, LoopOptions
 from llm_usage.runtime.metrics import ConsumerMetrics
-from llm_usage.runtime.probes import HealthState, serve_probes
+from llm_usage.runtime.probes import HealthState, keep_heartbeat, serve_probes
 from llm_usage.storage.pool import create_pool
 
 log = structlog.get_logger(__name__)
@@ -37,10 +41,19 @@ T = TypeVar("T")
 C = TypeVar("C", bound=WorkerContext)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Leaving the group and flushing are bounded: a broker that does not answer must not keep a
-# pod past its termination grace period.
+# One deadline for the whole stop (SHUTDOWN_TIMEOUT_SECONDS, measured from the signal): each
+# step ends by its share of it, whatever Kafka or PostgreSQL does, so that the steps after it
+# still get their turn. The batch in hand lands (or is abandoned) by 40 %; the landed offsets
+# are committed, and the side tasks stop, by 65 %; the producer is flushed by 78 %, the group
+# left by 88 %; the pool is closed gracefully by 96 %, or terminated; the rest is the exit.
+_BATCH_IN_HAND_SHARE = 0.4
+_MAIN_WORK_SHARE = 0.65
+_PRODUCER_STOP_SHARE = 0.78
+_CONSUMER_STOP_SHARE = 0.88
+_POOL_CLOSE_SHARE = 0.96
+# No step takes longer than this even when the deadline would allow it.
 _CLIENT_STOP_SECONDS = 10.0
-_SIDE_TASK_STOP_SECONDS = 10.0
+_BATCH_IN_HAND_SECONDS = 10.0
 
 # Collect the youngest generation after this many net allocations instead of Python's 700.
 YOUNG_GENERATION_THRESHOLD = 50_000
@@ -48,6 +61,35 @@ YOUNG_GENERATION_THRESHOLD = 50_000
 
 class WorkerFailedError(PipelineError):
     """A side task of a worker died; the worker stopped in order because of it."""
+
+
+class Stopping(asyncio.Event):
+    """The worker's stopping event. It remembers when it was first set (the signal, a side
+    task's failure, or the main work's end), and every step of the stop takes its share of one
+    deadline measured from then."""
+
+    def __init__(self, deadline_seconds: float) -> None:
+        super().__init__()
+        self.deadline_seconds = deadline_seconds
+        self._set_at: float | None = None
+
+    def set(self) -> None:
+        if self._set_at is None:
+            self._set_at = time.monotonic()
+        super().set()
+
+    def seconds_left(self, share: float = 1.0) -> float:
+        """Seconds until `share` of the deadline has passed since the stop began (measured
+        from now if it has not begun); never negative."""
+        began = self._set_at if self._set_at is not None else time.monotonic()
+        return max(0.0, began + share * self.deadline_seconds - time.monotonic())
+
+
+def seconds_left(stopping: asyncio.Event, share: float, *, otherwise: float) -> float:
+    """`stopping.seconds_left(share)` for the process shell's event; `otherwise` for a plain one."""
+    if isinstance(stopping, Stopping):
+        return stopping.seconds_left(share)
+    return otherwise
 
 
 def tune_collector_for_batches() -> None:
@@ -67,11 +109,13 @@ def tune_collector_for_batches() -> None:
 async def worker_process(
     settings: Settings, *, registry: CollectorRegistry, health: HealthState, pool_size: int
 ) -> AsyncIterator[WorkerContext]:
-    """Probes on METRICS_PORT, SIGTERM/SIGINT setting `stopping`, a pool and the worker's clock,
-    for as long as the block runs; then the pool closes, the signals go back, the probes stop."""
+    """Probes on METRICS_PORT (liveness: the event loop's heartbeat), SIGTERM/SIGINT setting
+    `stopping`, a pool and the worker's clock, for as long as the block runs; then the pool
+    closes (terminated if the stop's deadline has passed), the signals go back, the probes stop."""
     clock = worker_clock()
     probes = serve_probes(port=settings.metrics_port, registry=registry, state=health)
-    stopping = asyncio.Event()
+    heartbeat = asyncio.create_task(keep_heartbeat(health), name="heartbeat")
+    stopping = Stopping(settings.shutdown_timeout_seconds)
     loop = asyncio.get_running_loop()
     for signum in _SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
@@ -87,11 +131,26 @@ async def worker_process(
                 clock=clock,
             )
         finally:
-            await pool.close()
+            stopping.set()
+            await _close_pool(pool, stopping)
     finally:
         for signum in _SIGNALS:
             loop.remove_signal_handler(signum)
+        heartbeat.cancel()
         probes.close()
+
+
+async def _close_pool(pool: asyncpg.Pool, stopping: Stopping) -> None:
+    """Close the pool gracefully while the deadline allows, then terminate what is left (a
+    connection stuck in a query: the server rolls its transaction back)."""
+    try:
+        await asyncio.wait_for(pool.close(), stopping.seconds_left(_POOL_CLOSE_SHARE))
+    except TimeoutError:
+        log.warning(
+            "The database pool did not close within the shutdown deadline; terminated.",
+            deadline_seconds=stopping.deadline_seconds,
+        )
+        pool.terminate()
 
 
 async def run_beside(
@@ -100,12 +159,14 @@ async def run_beside(
     context: C,
     *,
     worker: str,
-) -> T:
+) -> T | None:
     """Run `main` with the side tasks beside it, and return what it returns.
 
     A side task that raises, or returns before `stopping` is set, stops the worker: one line
     is logged, `main` finishes in order, and WorkerFailedError says why. The side tasks stop
-    after `main` has (they are cancelled if they take longer than 10 s).
+    after `main` has. Both get until 65 % of the stop's deadline (SHUTDOWN_TIMEOUT_SECONDS),
+    then they are cancelled: `main` then returns None (a consumer's batch in hand or its
+    commit is abandoned: nothing is committed that has not landed).
     """
     main_task = asyncio.create_task(main, name=f"{worker} main")
     sides = {
@@ -113,9 +174,11 @@ async def run_beside(
         for task in side_tasks
     }
     failed: BaseException | None = None
+    stop = asyncio.create_task(context.stopping.wait(), name="stop")
     try:
-        done, _ = await asyncio.wait({main_task, *sides}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {main_task}:
+        # The deadline runs from the stop: waiting for `main` begins there, not when it returns.
+        done, _ = await asyncio.wait({main_task, stop, *sides}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {main_task, stop}:
             error = task.exception()  # a side task that returned did so because of shutdown
             if error is None or failed is not None:
                 continue
@@ -127,10 +190,11 @@ async def run_beside(
                 error=f"{type(error).__name__}: {error}",
             )
         context.stopping.set()
-        result = await main_task
+        result = await _finish_main(main_task, context.stopping, worker=worker)
     finally:
+        stop.cancel()
         context.stopping.set()
-        await _stop_side_tasks(sides)
+        await _stop_side_tasks(sides, context.stopping)
     if failed is not None:
         raise WorkerFailedError(
             f"the {worker} stopped because a side task failed: {type(failed).__name__}: {failed}"
@@ -144,15 +208,18 @@ async def run_consumer(
     *,
     exit_when_idle: float | None = None,
     registry: CollectorRegistry | None = None,
+    pool_size: int | None = None,
 ) -> BatchConsumer:
     """Run `spec` until SIGTERM/SIGINT (or idle); return the loop so callers can read totals.
 
     Shutdown: the batch in hand lands or is abandoned, landed offsets are committed, side tasks
-    stop, the group is left, the producer flushed, the pool closed — in that order.
+    stop, the producer is flushed, the group left, the pool closed — in that order, all within
+    SHUTDOWN_TIMEOUT_SECONDS of the signal (each step by its share of it).
     """
     registry = registry or CollectorRegistry()
+    size = settings.database_pool_size if pool_size is None else pool_size
     async with worker_process(
-        settings, registry=registry, health=HealthState(), pool_size=settings.database_pool_size
+        settings, registry=registry, health=HealthState(), pool_size=size
     ) as process:
         if spec.check_database is not None:
             await spec.check_database(process.pool)
@@ -161,6 +228,9 @@ async def run_consumer(
         )
         await start_client(consumer, settings)
         try:
+            # Every ACL of the worker's table, before a denied Describe looks like a missing
+            # topic and a denied DLQ Write stalls a partition weeks later.
+            await require_permissions(settings, Worker(spec.name))
             topics = [spec.topic, *([spec.dead_letter_topic] if spec.dead_letter_topic else [])]
             await require_topics(consumer, topics)
             producer = new_producer(settings)
@@ -178,9 +248,10 @@ async def run_consumer(
                 )
                 return await _consume(spec, consumer, context, exit_when_idle=exit_when_idle)
             finally:
-                await _stop_client(producer, "producer")
+                await _stop_client(producer, "producer", process.stopping, _PRODUCER_STOP_SHARE)
         finally:
-            await _stop_client(consumer, "consumer")  # leaves the group: partitions move on
+            # Leaves the group: its partitions move on at once.
+            await _stop_client(consumer, "consumer", process.stopping, _CONSUMER_STOP_SHARE)
 
 
 async def _consume(
@@ -210,6 +281,9 @@ async def _consume(
             retry_seconds=settings.batch_retry_seconds,
             revoke_wait_seconds=settings.consumer_revoke_wait_seconds,
             exit_when_idle=exit_when_idle,
+            shutdown_grace_seconds=min(
+                _BATCH_IN_HAND_SECONDS, _BATCH_IN_HAND_SHARE * settings.shutdown_timeout_seconds
+            ),
         ),
         clock=context.clock,
     )
@@ -227,20 +301,52 @@ async def _run_side_task(task: Callable[[C], Awaitable[None]], context: C) -> No
         raise WorkerFailedError("returned before the worker was asked to stop")
 
 
-async def _stop_side_tasks(sides: set[asyncio.Task[None]]) -> None:
+async def _finish_main(
+    main_task: asyncio.Task[T], stopping: asyncio.Event, *, worker: str
+) -> T | None:
+    """What `main` returns once it has stopped; None if it had to be cancelled at its share of
+    the deadline (it raises what `main` raised)."""
+    left = seconds_left(stopping, _MAIN_WORK_SHARE, otherwise=float("inf"))
+    done, _ = await asyncio.wait({main_task}, timeout=None if left == float("inf") else left)
+    if done:
+        return main_task.result()
+    log.warning(
+        "The main work did not stop within its share of the shutdown deadline; abandoned "
+        "(what had not landed is read again by the next owner).",
+        worker=worker,
+    )
+    await _cancel_within({main_task})
+    return None
+
+
+async def _cancel_within(tasks: set[asyncio.Task[Any]], seconds: float = 1.0) -> None:
+    """Cancel `tasks` and give them `seconds` in all to unwind; their outcomes are dropped."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks, timeout=seconds)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: an error while unwinding is not worth a second line
+
+
+async def _stop_side_tasks(sides: set[asyncio.Task[None]], stopping: asyncio.Event) -> None:
     if not sides:
         return
-    _, pending = await asyncio.wait(sides, timeout=_SIDE_TASK_STOP_SECONDS)
-    for task in pending:
-        task.cancel()
-    for task in sides:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    left = seconds_left(stopping, _MAIN_WORK_SHARE, otherwise=_CLIENT_STOP_SECONDS)
+    _, pending = await asyncio.wait(sides, timeout=left)
+    if pending:
+        await _cancel_within(pending)
+    for task in sides - pending:
+        if not task.cancelled():
+            task.exception()  # logged by run_beside when it mattered
 
 
-async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -> None:
+async def _stop_client(
+    client: AIOKafkaConsumer | AIOKafkaProducer, what: str, stopping: asyncio.Event, share: float
+) -> None:
+    left = seconds_left(stopping, share, otherwise=_CLIENT_STOP_SECONDS)
     try:
-        await asyncio.wait_for(client.stop(), _CLIENT_STOP_SECONDS)
+        await asyncio.wait_for(client.stop(), max(0.1, min(_CLIENT_STOP_SECONDS, left)))
     except TimeoutError:
         log.warning("A Kafka client did not stop in time; exiting anyway.", client=what)
     except Exception as error:  # noqa: BLE001 - already shutting down; nothing left to lose

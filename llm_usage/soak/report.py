@@ -9,7 +9,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Imported with the module, not when the chart is drawn: a missing soak extra then stops the soak
@@ -24,6 +24,9 @@ CHART_NAME = "soak.png"
 REPORT_NAME = "report.md"
 # An alert counts as "under fault" when its triggering event was acknowledged this soon after one.
 FAULT_WINDOW_S = 30.0
+# A partition's group offset standing still this long (three samples) with records waiting is a
+# stall; shorter pauses are a batch landing on a loaded machine.
+MIN_STALL_S = 3.0
 # The series `rates` returns, with the Sample attribute each is computed from.
 _SERIES = {
     "published": "published",
@@ -167,6 +170,118 @@ def lag_peaks(samples: Sequence[Sample]) -> dict[str, tuple[int, float]]:
     return peaks
 
 
+@dataclass(frozen=True)
+class Stall:
+    """A partition whose group offset stood still while records waited on it: from the last
+    sample that saw it move to the first that saw it move again (None: not before the end)."""
+
+    group: str
+    partition: int
+    start: float
+    end: float | None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What one fault cost: per consumer group, seconds from the fault until every partition of
+    the group moved again (0.0: none stood still for MIN_STALL_S), None if one never did before
+    the samples ended; and the alerts triggered within FAULT_WINDOW_S after it."""
+
+    fault: FaultMark
+    moving_after: dict[str, float | None]
+    alerts: AlertLatency | None
+    # Per group, the partitions that stood still in the window (a killed replica's own, when
+    # the other replica kept moving).
+    stalled: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def text(self) -> str:
+        groups = ", ".join(
+            f"{group} {_recovery_text(seconds)}{_stalled_text(self.stalled.get(group, ()))}"
+            for group, seconds in self.moving_after.items()
+        )
+        return (
+            f"t={self.fault.t:.1f} s {self.fault.kind} {_short_target(self.fault.target)}: "
+            f"every partition moving again after: {groups}; alerts within "
+            f"{FAULT_WINDOW_S:.0f} s: {_latency_text(self.alerts)}"
+        )
+
+
+def _stalled_text(partitions: tuple[int, ...]) -> str:
+    return f" (partitions {', '.join(map(str, partitions))} stood still)" if partitions else ""
+
+
+def _recovery_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "not before the end"
+    if seconds == 0.0:
+        return f"never stopped ({MIN_STALL_S:.0f} s resolution)"
+    return f"{seconds:.1f} s"
+
+
+def stalls(samples: Sequence[Sample], group: str) -> list[Stall]:
+    """Every stall of at least MIN_STALL_S of `group` ("usage", "budget") on any partition.
+
+    A partition with nothing waiting (its end reached) is idle, not stalled. Samples where the
+    cluster did not answer are skipped: a stall spans them until a sample sees it move."""
+    width = max((len(s.partition_ends) for s in samples if s.partition_ends), default=0)
+    found: list[Stall] = []
+    for partition in range(width):
+        last: int | None = None
+        waiting_since: float | None = None
+        last_t = 0.0
+        for sample in samples:
+            committed, ends = sample.partitions_of(group), sample.partition_ends
+            if committed is None or ends is None or partition >= min(len(committed), len(ends)):
+                continue
+            value, last_t = committed[partition], sample.t
+            if last is not None and value != last:
+                if waiting_since is not None and sample.t - waiting_since >= MIN_STALL_S:
+                    found.append(Stall(group, partition, waiting_since, sample.t))
+                waiting_since = None
+            last = value
+            if ends[partition] > value and waiting_since is None:
+                waiting_since = sample.t
+        if waiting_since is not None and last_t - waiting_since >= MIN_STALL_S:
+            found.append(Stall(group, partition, waiting_since, None))
+    return found
+
+
+def recoveries(
+    samples: Sequence[Sample],
+    faults: Sequence[FaultMark],
+    latencies: Sequence[tuple[float, float]],
+    *,
+    run_start: float,
+    window: float = FAULT_WINDOW_S,
+) -> list[Recovery]:
+    """Per fault: the stalls under way within `window` s after it (whatever began them), and
+    when the last of them ended; the latency of alerts triggered in that window."""
+    by_group = {group: stalls(samples, group) for group in ("usage", "budget")}
+    found = []
+    for fault in faults:
+        moving_after: dict[str, float | None] = {}
+        stalled: dict[str, tuple[int, ...]] = {}
+        for group, group_stalls in by_group.items():
+            overlapping = [
+                stall
+                for stall in group_stalls
+                if stall.start < fault.t + window and (stall.end is None or stall.end > fault.t)
+            ]
+            stalled[group] = tuple(sorted({stall.partition for stall in overlapping}))
+            if any(stall.end is None for stall in overlapping):
+                moving_after[group] = None
+            else:
+                ends = [stall.end for stall in overlapping if stall.end is not None]
+                moving_after[group] = round(max(ends) - fault.t, 1) if ends else 0.0
+        after = under_fault(latencies, [fault], run_start=run_start, window=window)
+        found.append(Recovery(fault, moving_after, latency_summary(after), stalled))
+    return found
+
+
 def faults_by_kind(faults: Sequence[FaultMark]) -> dict[str, int]:
     return dict(sorted(Counter(fault.kind for fault in faults).items()))
 
@@ -298,6 +413,11 @@ def summary_lines(
         ),
         f"alert latency: {_latency_text(overall)}",
         f"alert latency within {FAULT_WINDOW_S:.0f} s after a fault: {_latency_text(faulted)}",
+        "recovery per fault:",
+        *(
+            f"  {recovery.text()}"
+            for recovery in recoveries(samples, faults, latencies, run_start=run_start)
+        ),
     ]
     lines += [
         f"  FAIL {row.name}: expected {row.expected}, found {row.found}"
@@ -306,6 +426,12 @@ def summary_lines(
         if not row.ok
     ]
     return lines
+
+
+def _recovery_cell(seconds: float | None) -> str:
+    if seconds is None:
+        return "not before the end"
+    return "0" if seconds == 0.0 else f"{seconds:.1f} s"
 
 
 def _cell(text: str) -> str:
@@ -395,13 +521,38 @@ def render_markdown(
         )
     out += ["", "## Chart", ""]
     out += [f"![events/s and consumer lag over the run, every fault a dashed line]({chart_name})"]
-    out += ["", "## Faults", "", "| t (s) | kind | target | detail |", "| ---: | --- | --- | --- |"]
     out += [
-        f"| {fault.t:.1f} | {_cell(fault.kind)} | {_cell(fault.target)} | {_cell(fault.detail)} |"
-        for fault in faults
+        "",
+        "## Faults",
+        "",
+        "Recovery: seconds from the fault until every partition of the group moved again "
+        f"(a stall is a group offset standing still for at least {MIN_STALL_S:.0f} s with "
+        f"records waiting; stalls under way within {FAULT_WINDOW_S:.0f} s after the fault "
+        f"count, whatever began them); alerts: those triggered within {FAULT_WINDOW_S:.0f} s "
+        "after it.",
+        "",
+        "| t (s) | kind | target | detail | usage moving again | budget moving again "
+        "| alerts p50 / p99 |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
     ]
+    for recovery in recoveries(samples, faults, latencies, run_start=run_start):
+        fault, alerts_after = recovery.fault, recovery.alerts
+        moving = [
+            _recovery_cell(recovery.moving_after[group])
+            + _stalled_text(recovery.stalled.get(group, ()))
+            for group in ("usage", "budget")
+        ]
+        alert_cell = (
+            "-"
+            if alerts_after is None
+            else f"{alerts_after.p50:.2f} / {alerts_after.p99:.2f} s ({alerts_after.count})"
+        )
+        out.append(
+            f"| {fault.t:.1f} | {_cell(fault.kind)} | {_cell(fault.target)} "
+            f"| {_cell(fault.detail)} | {moving[0]} | {moving[1]} | {alert_cell} |"
+        )
     if not faults:
-        out.append("| - | none | | |")
+        out.append("| - | none | | | | | |")
     if planned:
         out += ["", "## The plan", "", "<details><summary>every planned fault</summary>", ""]
         out += ["```", *planned, "```", "", "</details>"]

@@ -43,6 +43,7 @@ CLOSE_GRACE_HOURS = 0.5  # simulated: 30 real seconds at the default clock rate
 WORKERS_READY_WITHIN = 180.0
 DRAIN_WITHIN = 300.0
 SAMPLE_EVERY = 1.0
+SESSION_TIMEOUT_MS = 12_000
 ACTOR = "soak"
 
 
@@ -63,6 +64,13 @@ def worker_environment(settings: Settings, scenario: Scenario) -> dict[str, str]
         "ROLLUP_CLOSE_GRACE_HOURS": str(CLOSE_GRACE_HOURS),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
+        # Shorter than a `sigstop` fault's pause, so that a paused replica is still thrown out
+        # of its group and must find out when it resumes (plan.PAUSE_SECONDS); longer than a
+        # killed replica's restart (plan.RESTART_AFTER_SECONDS and a start), which rejoins with
+        # its instance id inside the session. A heartbeat a second keeps the session's start
+        # close to the kill.
+        "KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
     }
 
 
@@ -276,41 +284,60 @@ async def _sample(
             _bounded(_committed(settings.kafka_bootstrap_servers, settings.usage_group_id, topic)),
             _bounded(_committed(settings.kafka_bootstrap_servers, settings.budget_group_id, topic)),
         )
-        samples.append(Sample(t, generator.published, end, usage, budget))
+        samples.append(
+            Sample(
+                t,
+                generator.published,
+                _total(end),
+                _total(usage),
+                _total(budget),
+                partition_ends=end,
+                usage_partitions=usage,
+                budget_partitions=budget,
+            )
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 stopping.wait(), max(0.0, SAMPLE_EVERY - (time.time() - load_started - t))
             )
 
 
-async def _bounded(query: Coroutine[Any, Any, int]) -> int | None:
+def _total(offsets: tuple[int, ...] | None) -> int | None:
+    return None if offsets is None else sum(offsets)
+
+
+async def _bounded(query: Coroutine[Any, Any, tuple[int, ...]]) -> tuple[int, ...] | None:
     try:
         return await asyncio.wait_for(query, 3.0)
     except Exception:  # noqa: BLE001 - a broker down: this sample has a gap
         return None
 
 
-async def _end_offsets(bootstrap_servers: str, topic: str) -> int:
+async def _end_offsets(bootstrap_servers: str, topic: str) -> tuple[int, ...]:
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, request_timeout_ms=2500)
     await reader.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        return sum(int(offset) for offset in (await reader.end_offsets(partitions)).values())
+        ends = await reader.end_offsets(partitions)
+        return tuple(int(ends[tp]) for tp in partitions)
     finally:
         await reader.stop()
 
 
-async def _committed(bootstrap_servers: str, group_id: str, topic: str) -> int:
+async def _committed(bootstrap_servers: str, group_id: str, topic: str) -> tuple[int, ...]:
+    """Per partition; a partition the group never committed counts 0."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=2500)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group_id)
     finally:
         await admin.close()
-    committed = [int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic]
+    committed = {
+        tp.partition: int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic
+    }
     if not committed:  # a coordinator moving after a broker loss answers with nothing: unknown
         raise LookupError(f"no committed offsets of {group_id} in this answer")
-    return sum(offset for offset in committed if offset > 0)
+    return tuple(max(committed.get(p, 0), 0) for p in range(PARTITIONS))
 
 
 async def _read_alerts(

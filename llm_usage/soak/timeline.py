@@ -15,6 +15,14 @@ class Sample:
     end_offsets: int | None  # the usage topic's end offsets
     usage_committed: int | None  # the usage consumers' group offsets
     budget_committed: int | None  # the budget consumers' group offsets
+    # The same per partition (index = partition), for the recovery times; None: not asked.
+    partition_ends: tuple[int, ...] | None = None
+    usage_partitions: tuple[int, ...] | None = None
+    budget_partitions: tuple[int, ...] | None = None
+
+    def partitions_of(self, group: str) -> tuple[int, ...] | None:
+        """`group`'s ("usage", "budget") committed offsets per partition."""
+        return self.usage_partitions if group == "usage" else self.budget_partitions
 
     @property
     def usage_lag(self) -> int | None:

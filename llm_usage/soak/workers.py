@@ -164,7 +164,14 @@ class WorkerFleet:
     async def _spawn(self, worker: Worker) -> None:
         worker.process = await spawn_llm_usage(
             *worker.argv,
-            env={**os.environ, **self.environment, "METRICS_PORT": str(worker.probe_port)},
+            env={
+                **os.environ,
+                **self.environment,
+                "METRICS_PORT": str(worker.probe_port),
+                # A stable identity per replica, as a StatefulSet pod's name: restarted, it takes
+                # its partitions back without a rebalance (static membership).
+                "KAFKA_GROUP_INSTANCE_ID": worker.name,
+            },
             log_path=worker.log_path,
         )
         worker.starts += 1

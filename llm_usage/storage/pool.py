@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -58,9 +59,22 @@ async def connection_from(
             raise DatabaseUnavailableError(
                 f"the database connection was lost: {type(error).__name__}: {error}"
             ) from error
+        if _is_stuck(error):
+            # A query cancelled while the server went away (a COPY beside the batch's
+            # transaction) leaves the protocol mid-operation: the connection cannot roll back
+            # or be reused. Drop it; the batch is retried on a fresh one.
+            connection.terminate()
+            raise DatabaseUnavailableError(
+                f"the database connection was left mid-operation: {error}"
+            ) from error
         raise
     finally:
         await pool.release(connection)
+
+
+def _is_stuck(error: asyncpg.InterfaceError) -> bool:
+    """asyncpg's own words for a connection whose previous operation never finished."""
+    return "another operation is in progress" in str(error)
 
 
 def _is_gone(connection: PoolConnectionProxy[asyncpg.Record]) -> bool:
@@ -82,6 +96,19 @@ async def connect_once(dsn: str) -> asyncpg.Connection[asyncpg.Record]:
         raise DatabaseUnavailableError(
             f"cannot open a database connection: {type(error).__name__}: {error}"
         ) from error
+
+
+async def close_connection(connection: asyncpg.Connection, *, seconds: float = 1.0) -> None:
+    """Close a connection of its own: gracefully if the server answers within `seconds`, else
+    (or when cancelled) by dropping the socket, which ends the server's session just as well
+    (its locks and LISTENs go with it). Never raises, except the cancellation itself."""
+    try:
+        await asyncio.wait_for(connection.close(), seconds)
+    except asyncio.CancelledError:
+        connection.terminate()
+        raise
+    except Exception:  # noqa: BLE001 - a server that does not answer: drop the socket
+        connection.terminate()
 
 
 async def create_pool(dsn: str, *, size: int = 4) -> asyncpg.Pool:

@@ -101,6 +101,9 @@ class StandInConsumer:
     def highwater(self, tp: TopicPartition) -> int:
         return 0
 
+    def last_stable_offset(self, tp: TopicPartition) -> int | None:
+        return None
+
     async def position(self, tp: TopicPartition) -> int:
         return 0
 

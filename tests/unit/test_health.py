@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -10,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from llm_usage.runtime.probes import HealthState, ProbeServer, serve_probes
+from llm_usage.rollup.schedule import scheduler_health
+from llm_usage.runtime.probes import HealthState, ProbeServer, keep_heartbeat, serve_probes
 
 
 @pytest.fixture
@@ -74,3 +78,81 @@ def test_metrics_serves_the_registry(served: tuple[ProbeServer, HealthState]) ->
     status, body = _get(served[0], "/metrics")
     assert status == 200
     assert "probe_test_total 3.0" in body
+
+
+def test_the_event_loop_going_silent_fails_healthz(
+    served: tuple[ProbeServer, HealthState],
+) -> None:
+    server, state = served
+    state.last_beat -= state.loop_stall_seconds + 1
+    status, body = _get(server, "/healthz")
+    assert status == 503
+    assert body.startswith("stalled: the event loop has not answered for ")
+    state.beat()
+    assert _get(server, "/healthz")[0] == 200
+
+
+async def _get_later(server: ProbeServer, path: str, *, after: float) -> tuple[int, str]:
+    """GET `path` from another thread `after` seconds from now, whatever the loop is doing."""
+    asker = _Asker(server, path, after=after)
+    await asyncio.to_thread(asker.join)
+    return asker.answer[0]
+
+
+class _Asker(threading.Thread):
+    """A GET sent from its own thread after a while (the event loop may be blocked then)."""
+
+    def __init__(self, server: ProbeServer, path: str, *, after: float) -> None:
+        super().__init__()
+        self.server, self.path, self.after = server, path, after
+        self.answer: list[tuple[int, str]] = []
+        self.start()
+
+    def run(self) -> None:
+        time.sleep(self.after)
+        self.answer.append(_get(self.server, self.path))
+
+
+async def test_a_tick_longer_than_the_stall_window_keeps_the_scheduler_alive() -> None:
+    state = scheduler_health()
+    state.loop_stall_seconds = 0.5
+    server = serve_probes(port=0, registry=CollectorRegistry(), state=state)
+    heartbeat = asyncio.create_task(keep_heartbeat(state, every=0.05))
+    try:
+        # The tick: an await of three stall windows (a month-end rollup waiting on PostgreSQL),
+        # with no progress reported meanwhile.
+        tick = asyncio.create_task(asyncio.sleep(1.5))
+        assert await _get_later(server, "/healthz", after=1.2) == (200, "ok\n")
+        await tick
+    finally:
+        heartbeat.cancel()
+        server.close()
+
+
+async def test_a_blocked_event_loop_fails_healthz() -> None:
+    state = scheduler_health()
+    state.loop_stall_seconds = 0.5
+    server = serve_probes(port=0, registry=CollectorRegistry(), state=state)
+    heartbeat = asyncio.create_task(keep_heartbeat(state, every=0.05))
+    try:
+        await asyncio.sleep(0.1)
+        asker = _Asker(server, "/healthz", after=1.0)
+        time.sleep(1.5)  # noqa: ASYNC251 - the point: a synchronous call blocking the loop
+        await asyncio.to_thread(asker.join)
+        status, body = asker.answer[0]
+        assert status == 503
+        assert body.startswith("stalled: the event loop has not answered")
+        await asyncio.sleep(0.2)  # the loop answers again: so does liveness
+        assert _get(server, "/healthz")[0] == 200
+    finally:
+        heartbeat.cancel()
+        server.close()
+
+
+def test_a_consumer_still_fails_healthz_when_its_batch_loop_stops_progressing() -> None:
+    state = HealthState(stall_after_seconds=60)
+    state.last_progress -= 61
+    reason = state.stalled()
+    assert reason is not None
+    assert reason.startswith("the consumer loop has not progressed")
+    assert scheduler_health().stall_after_seconds is None

@@ -4,6 +4,8 @@ saying why; a stop asked for ends the main work first, then the side tasks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from datetime import UTC, datetime
 from typing import cast
 
@@ -15,7 +17,7 @@ from structlog.testing import capture_logs
 from llm_usage.core.settings import Settings
 from llm_usage.runtime.handler import WorkerContext
 from llm_usage.runtime.probes import HealthState
-from llm_usage.runtime.process import WorkerFailedError, run_beside
+from llm_usage.runtime.process import Stopping, WorkerFailedError, run_beside, seconds_left
 
 
 def context() -> WorkerContext:
@@ -88,3 +90,50 @@ async def test_a_stop_ends_the_main_work_first_then_the_side_tasks_and_returns_i
     asyncio.get_running_loop().call_later(0.05, worker.stopping.set)
     assert await run_beside(main(), [side, until_stopped], worker, worker="test worker") == 7
     assert order == ["main", "side"]
+
+
+async def test_main_work_and_side_tasks_that_ignore_the_stop_are_cancelled_at_the_deadline() -> (
+    None
+):
+    worker = context()
+    stopping = Stopping(deadline_seconds=1.0)
+    worker = dataclasses.replace(worker, stopping=stopping)
+    cancelled: list[str] = []
+
+    async def main() -> int:
+        try:
+            await asyncio.sleep(3600)  # a commit that never returns
+        except asyncio.CancelledError:
+            cancelled.append("main")
+            raise
+        return 7
+
+    async def stubborn(_: WorkerContext) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append("side")
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, stopping.set)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        assert await run_beside(main(), [stubborn], worker, worker="test worker") is None
+    took = time.monotonic() - started
+    assert 0.6 < took < 1.0, took  # both by 65 % of the deadline from the stop, not later
+    assert cancelled == ["main", "side"]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "The main work did not stop within its share of the shutdown deadline; abandoned "
+        "(what had not landed is read again by the next owner)."
+    ]
+
+
+def test_the_deadline_is_measured_from_the_first_stop() -> None:
+    stopping = Stopping(deadline_seconds=10.0)
+    assert stopping.seconds_left(0.5) == pytest.approx(5.0, abs=0.1)  # not begun: from now
+    stopping.set()
+    began = stopping.seconds_left()
+    time.sleep(0.05)
+    stopping.set()  # a second stop does not move the deadline
+    assert stopping.seconds_left() < began
+    assert seconds_left(asyncio.Event(), 0.5, otherwise=3.0) == 3.0

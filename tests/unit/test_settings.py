@@ -79,8 +79,24 @@ def test_sasl_without_a_password_is_one_line_naming_what_is_missing(
     monkeypatch.setenv("KAFKA_SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
     monkeypatch.delenv("KAFKA_SASL_PASSWORD", raising=False)
-    with pytest.raises(ConfigurationError, match="KAFKA_SASL_PASSWORD are required"):
-        load_settings()
+    settings = load_settings()  # a worker without a Kafka client (the rollup) needs none
+    with pytest.raises(ConfigurationError, match="KAFKA_SASL_PASSWORD are required") as raised:
+        client_options(settings)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_sasl_protocol_without_a_mechanism_is_refused_where_a_kafka_client_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.delenv("KAFKA_SASL_MECHANISM", raising=False)
+    settings = load_settings()
+    assert settings.kafka_sasl_mechanism is None
+    with pytest.raises(
+        ConfigurationError, match="KAFKA_SASL_MECHANISM is required with KAFKA_SECURITY_PROTOCOL"
+    ) as raised:
+        client_options(settings)
+    assert "\n" not in str(raised.value)
 
 
 def test_an_unreadable_ca_file_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:

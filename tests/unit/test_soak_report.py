@@ -13,13 +13,16 @@ import pytest
 from llm_usage.soak.ledger import Ledger, SentEvent
 from llm_usage.soak.report import (
     AlertLatency,
+    Stall,
     alert_latencies,
     lag_peaks,
     latency_summary,
     rate_figures,
     rates,
+    recoveries,
     render_chart,
     render_markdown,
+    stalls,
     summary_lines,
     under_fault,
     write_report,
@@ -203,9 +206,12 @@ def test_markdown_of_a_passing_run() -> None:
     assert "- triggered within 30 s after a fault: 1 alerts, p50 0.50 s" in text
     assert "![events/s and consumer lag" in text
     assert "](soak.png)" in text
+    # Recovery: these samples carry no per-partition offsets, so no stall is seen.
     assert (
-        "| 1.5 | broker_restart | broker-2 (leader of 3 partitions) | back after 9.1 s |" in lines
+        "| 1.5 | broker_restart | broker-2 (leader of 3 partitions) | back after 9.1 s | 0 | 0 "
+        "| 0.50 / 0.50 s (1) |" in lines
     )
+    assert "| 2.5 | sigkill | usage-1 |  | 0 | 0 | - |" in lines
 
 
 def test_markdown_of_a_failing_run_says_so_first_and_shows_the_failing_row() -> None:
@@ -292,3 +298,67 @@ def test_a_run_with_nothing_to_draw_still_renders(
 ) -> None:
     render_chart(tmp_path / "chart.png", samples=samples, faults=faults)
     assert png_size((tmp_path / "chart.png").read_bytes()) == (1200, 700)
+
+
+def partition_sample(t: float, ends: tuple[int, ...], budget: tuple[int, ...]) -> Sample:
+    return Sample(
+        t,
+        sum(ends),
+        sum(ends),
+        sum(ends),
+        sum(budget),
+        partition_ends=ends,
+        usage_partitions=ends,  # the usage group is always caught up here
+        budget_partitions=budget,
+    )
+
+
+def test_a_stall_runs_from_the_last_move_to_the_next_and_idle_is_not_a_stall() -> None:
+    samples = [
+        partition_sample(0.0, (10, 10), (5, 10)),
+        partition_sample(1.0, (20, 10), (15, 10)),  # partition 1 idle: its end is reached
+        partition_sample(2.0, (30, 10), (15, 10)),  # partition 0 stands still from t=1
+        partition_sample(3.0, (40, 10), (15, 10)),
+        Sample(4.0, 0, None, None, None),  # the cluster did not answer
+        partition_sample(5.0, (50, 10), (45, 10)),  # moves again
+        partition_sample(6.0, (60, 20), (55, 10)),  # partition 1: records wait from t=6
+        partition_sample(7.0, (70, 30), (65, 10)),
+        partition_sample(8.0, (80, 40), (75, 10)),
+        partition_sample(9.0, (90, 50), (85, 10)),  # ...and still wait at the end
+    ]
+    assert stalls(samples, "budget") == [
+        Stall("budget", 0, 1.0, 5.0),
+        Stall("budget", 1, 6.0, None),
+    ]
+    assert stalls(samples, "usage") == []
+
+
+def test_recovery_per_fault_is_when_the_last_stall_in_its_window_ended() -> None:
+    samples = [partition_sample(float(t), (100 * t, 100 * t), (100 * t, 100 * t)) for t in range(3)]
+    # Partition 1 of the budget group stands still from t=2 to t=9 (a killed member's).
+    samples += [
+        partition_sample(float(t), (100 * t, 100 * t), (100 * t, 200 if t < 9 else 100 * t))
+        for t in range(3, 12)
+    ]
+    kill = FaultMark(2.5, "sigkill", "budget-2")
+    later = FaultMark(10.5, "sigterm", "usage-1")
+    latencies = [(RUN_START + 3.0, 0.2), (RUN_START + 4.0, 6.5), (RUN_START + 11.0, 0.1)]
+    found = recoveries(samples, [kill, later], latencies, run_start=RUN_START)
+    assert [r.moving_after for r in found] == [
+        {"usage": 0.0, "budget": 6.5},
+        {"usage": 0.0, "budget": 0.0},
+    ]
+    alerts = found[0].alerts
+    assert alerts is not None
+    assert (alerts.count, alerts.max) == (3, 6.5)
+    assert found[0].stalled == {"usage": (), "budget": (1,)}
+    assert "budget 6.5 s (partitions 1 stood still)" in found[0].text()
+    assert "usage never stopped" in found[1].text()
+
+
+def test_a_stall_still_under_way_at_the_end_is_reported_as_such() -> None:
+    samples = [partition_sample(float(t), (100 * t,), (100,)) for t in range(1, 8)]
+    [recovery] = recoveries(samples, [FaultMark(1.5, "sigstop", "budget-1")], [], run_start=0.0)
+    assert recovery.moving_after == {"usage": 0.0, "budget": None}
+    assert "budget not before the end" in recovery.text()
+    assert recovery.alerts is None

@@ -95,4 +95,7 @@ async def run_budget_consumer(
         budget_consumer_spec(settings, metrics),
         exit_when_idle=exit_when_idle,
         registry=registry,
+        # Its own size: the batch's transaction and the side tasks' short queries (it also
+        # holds the watcher's LISTEN and the relay's lock connection beside the pool).
+        pool_size=settings.budget_database_pool_size,
     )

@@ -10,7 +10,6 @@ second time. Then it publishes what is left, in the order the alerts were decide
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from datetime import UTC, datetime
@@ -23,8 +22,7 @@ from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.core.faults import crash_here
 from llm_usage.kafka.clients import new_reader, start_client
 from llm_usage.runtime.handler import ConsumerContext, SideTask
-from llm_usage.runtime.leadership import Lease, leadership
-from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
+from llm_usage.runtime.leadership import Leadership, Lease, lead_while_held
 from llm_usage.storage.budget_outbox import (
     ALERTS_CHANNEL,
     PendingAlert,
@@ -41,6 +39,7 @@ log = structlog.get_logger(__name__)
 RELAY_LOCK_KEY = 0x6C6C6D5F72656C61
 PUBLISH_BATCH = 500
 _IDLE_POLL_SECONDS = 1.0
+_STANDBY_SECONDS = 2.0
 FAULT_AFTER_PUBLISH = "crash_after_alert_publish"
 
 
@@ -61,40 +60,33 @@ class AlertRelay:
         self._stopping = context.stopping
         self._metrics = metrics
         self._wake = asyncio.Event()
-        self._sleep = sleep_unless_stopping(context.stopping)
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                async with leadership(
-                    self._settings.database_url,
-                    key=RELAY_LOCK_KEY,
-                    holder="relay",
-                    leader=self._metrics.relay_leader,
-                ) as lease:
-                    if lease is None:  # another replica relays; wait and try again
-                        await self._sleep(2.0)
-                        continue
-                    await self._relay_as_leader(lease)
-            except Exception as error:
-                if not is_transient(error):  # a lost lease is transient: take it again
-                    raise
-                log.warning("Alert relay paused.", error=f"{type(error).__name__}: {error}")
-                await self._sleep(1.0)
+        """Relay while this replica holds the lock; stand by (trying every 2 s on one kept-open
+        connection) while another does; until the worker stops."""
+        await lead_while_held(
+            Leadership(
+                database_url=self._settings.database_url,
+                key=RELAY_LOCK_KEY,
+                holder="relay",
+                leader=self._metrics.relay_leader,
+                standby_seconds=_STANDBY_SECONDS,
+                paused="Alert relay paused.",
+            ),
+            self._stopping,
+            self._relay_as_leader,
+        )
 
     async def _relay_as_leader(self, lease: Lease) -> None:
         log.info("This replica relays budget alerts.", topic=self._topic)
+        # No UNLISTEN afterwards: the lease's connection is closed when the lead ends.
         await lease.connection.add_listener(ALERTS_CHANNEL, self._on_notify)
-        try:
-            await self._mark_what_is_already_on_the_topic()
-            while not self._stopping.is_set():
-                lease.ensure_held()
-                published = await self._publish_pending()
-                if published < PUBLISH_BATCH:
-                    await self._wait_for_work()
-        finally:
-            with contextlib.suppress(Exception):
-                await lease.connection.remove_listener(ALERTS_CHANNEL, self._on_notify)
+        await self._mark_what_is_already_on_the_topic()
+        while not self._stopping.is_set():
+            lease.ensure_held()
+            published = await self._publish_pending()
+            if published < PUBLISH_BATCH:
+                await self._wait_for_work()
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()

@@ -12,7 +12,6 @@ never alerts twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
@@ -21,7 +20,7 @@ from llm_usage.runtime.handler import ConsumerContext
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.storage.budget_outbox import insert_alerts, known_alert_ids
 from llm_usage.storage.budget_status import current_policy_windows
-from llm_usage.storage.pool import connect_once, connection_from
+from llm_usage.storage.pool import close_connection, connect_once, connection_from
 
 log = structlog.get_logger(__name__)
 
@@ -63,8 +62,7 @@ class PolicyWatcher:
                     raise ConnectionResetError("the policy watcher's connection closed")
                 await self.check(tenant_id=tenant)
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(listener.close(), 5)
+            await close_connection(listener)
 
     def _on_notify(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
         self._changed.put_nowait(str(payload))
