@@ -21,11 +21,13 @@ from llm_usage.api.app import create_app
 from llm_usage.api.auth import TokenVerifier
 from llm_usage.api.context import ApiContext, ApiMetrics
 from llm_usage.core.clock import worker_clock
-from llm_usage.core.errors import ConfigurationError
+from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError
 from llm_usage.core.settings import Settings
 from llm_usage.storage.pool import create_pool
 
 GRACEFUL_SHUTDOWN_SECONDS = 10
+# How long start-up waits for Kafka to say what the API's user may do.
+KAFKA_CHECK_SECONDS = 10.0
 # The line that says where the API listens (with `host` and `port`), which harnesses wait for.
 LISTENING = "API listening."
 _log = structlog.get_logger("llm_usage.api")
@@ -78,6 +80,18 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
+async def _check_kafka_write(settings: Settings) -> None:
+    """Stop in one line if Kafka denies the API's user Write on the usage topic. A Kafka that
+    does not answer yet does not stop the API: reads need no Kafka, and ingest says 503."""
+    from llm_usage.kafka.authorization import require_permissions  # noqa: PLC0415 - late
+    from llm_usage.kafka.permissions import Worker  # noqa: PLC0415
+
+    try:
+        await require_permissions(settings, Worker.API, seconds=KAFKA_CHECK_SECONDS)
+    except ServiceUnreachableError as error:
+        _log.warning("Kafka's permissions could not be checked at start.", error=str(error))
+
+
 async def serve_api(settings: Settings) -> None:
     verifier = TokenVerifier.from_settings(settings)
     clock = worker_clock()
@@ -85,6 +99,12 @@ async def serve_api(settings: Settings) -> None:
     try:
         pool = await create_pool(settings.database_url, size=settings.database_pool_size)
     except BaseException:
+        listener.close()
+        raise
+    try:
+        await _check_kafka_write(settings)
+    except BaseException:
+        await pool.close()
         listener.close()
         raise
     context = ApiContext(

@@ -122,8 +122,11 @@ async def read_dead_letters(
 
 
 async def run_dlq_command(args: argparse.Namespace, settings: Settings) -> None:
+    from llm_usage.kafka.authorization import require_permissions  # noqa: PLC0415
     from llm_usage.kafka.clients import new_producer, start_client  # noqa: PLC0415
+    from llm_usage.kafka.permissions import Worker  # noqa: PLC0415
 
+    await require_permissions(settings, Worker.OPERATOR)
     producer = new_producer(settings)
     await start_client(producer, settings)
     try:

@@ -143,11 +143,19 @@ class SaslSslListener:
     the keystore password are letters, digits, `.`, `_` and `-` only: they are written unquoted
     into a command line and a properties file. This is a test broker: the passwords are visible
     in its properties file and, while it formats, in the process list.
+
+    With `authorizer`, the broker runs KRaft's StandardAuthorizer, as a Strimzi cluster with
+    `authorization: simple` does: a SCRAM user may do only what an ACL allows it. `super_users`
+    (SCRAM names) may do anything; so may the PLAINTEXT and controller listeners' ANONYMOUS
+    principal, which the broker and controller use themselves, and which makes the PLAINTEXT
+    listener the test's admin door (creating topics and ACLs).
     """
 
     keystore: Path
     keystore_password: str
     scram_users: Mapping[str, str]
+    authorizer: bool = False
+    super_users: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         words = [self.keystore_password, *self.scram_users, *self.scram_users.values()]
@@ -156,6 +164,8 @@ class SaslSslListener:
                 "a SASL_SSL listener needs at least one SCRAM user, and names and passwords "
                 "made of letters, digits, '.', '_' and '-'"
             )
+        if self.super_users and not self.authorizer:
+            raise ValueError("super users mean something only with the authorizer on")
 
     @staticmethod
     def listener(port: int) -> str:
@@ -176,6 +186,17 @@ class SaslSslListener:
             # The clients authenticate with SCRAM; no client certificate is asked for.
             f"{prefix}ssl.client.auth": "none",
             "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            **self._authorizer_properties(),
+        }
+
+    def _authorizer_properties(self) -> dict[str, str]:
+        if not self.authorizer:
+            return {}
+        supers = ["User:ANONYMOUS", *(f"User:{name}" for name in self.super_users)]
+        return {
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": ";".join(supers),
+            "allow.everyone.if.no.acl.found": "false",
         }
 
     def format_arguments(self) -> list[str]:
