@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install lock run test test-unit test-integration test-calendar test-artifacts lint format bench soak clean dev-down wheel-check
+.PHONY: install lock run test test-unit test-integration test-calendar test-artifacts lint format bench soak clean dev-down wheel-check image image-test
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lock: install
 		--quiet $(LOCK_FLAGS) -o requirements/dev.lock
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 \
 		--quiet $(LOCK_FLAGS) -o requirements/runtime.lock
+	$(BIN)/uv pip compile requirements/runtime.lock --python-version 3.11 --generate-hashes \
+		--quiet -o requirements/image.lock
+	$(BIN)/uv pip compile requirements/image-build.in --python-version 3.11 --generate-hashes \
+		--quiet $(LOCK_FLAGS) -o requirements/image-build.lock
 
 ## make run: local Kafka + Postgres, migrate, a demo stream through the usage consumer, a summary.
 run: install
@@ -62,6 +66,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## make image: deploy/Dockerfile built with podman on a Debian bookworm base made by mmdebstrap
+## (podman installed from Debian when missing and root; the base cached in ~/.cache).
+image: install
+	$(PY) -m tests.tools.containers image
+
+## make image-test: the image run the way a pod runs it, against a real Kafka and PostgreSQL.
+image-test: image
+	$(PY) -m pytest -s -p no:cacheprovider tests/image/image_*.py
 
 ## make wheel-check: build the wheel, install it into a clean venv, check what ships.
 wheel-check: install

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Final
 
+from llm_usage.cli.stopping import stop_on_sigterm_until_a_command_handles_it
 from llm_usage.core.errors import PipelineError, UserFacingError
 
 # Every command group, in the order `llm-usage --help` lists them: a module whose
@@ -119,4 +120,5 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    stop_on_sigterm_until_a_command_handles_it()
     sys.exit(run())

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from llm_usage.cli.args import Commands
+from llm_usage.cli.stopping import until_sigterm
 from llm_usage.core.errors import UserFacingError
 
 if TYPE_CHECKING:
@@ -18,7 +19,11 @@ def add_parser(commands: Commands) -> None:
 
 
 async def run_migrate_command(args: argparse.Namespace, settings: Settings) -> None:
-    await migrate_database(settings)
+    await until_sigterm(
+        migrate_database(settings),
+        stopped="migrate stopped by SIGTERM before it finished; the migrations apply in one "
+        "transaction, so none of this run's was applied: run it again",
+    )
 
 
 async def migrate_database(settings: Settings) -> None:

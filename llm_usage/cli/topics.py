@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from llm_usage.cli.args import Commands, positive_int
+from llm_usage.cli.stopping import until_sigterm
 
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
@@ -25,8 +26,12 @@ def add_parser(commands: Commands) -> None:
 
 
 async def run_topics_ensure_command(args: argparse.Namespace, settings: Settings) -> None:
-    await ensure_pipeline_topics(
-        settings, partitions=args.partitions, replication_factor=args.replication_factor
+    await until_sigterm(
+        ensure_pipeline_topics(
+            settings, partitions=args.partitions, replication_factor=args.replication_factor
+        ),
+        stopped="topics ensure stopped by SIGTERM before it finished; the topics it printed "
+        "are in place, run it again for the rest",
     )
 
 

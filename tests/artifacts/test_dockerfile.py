@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.artifacts.deploy import DOCKERFILE, ROOT
 from tests.tools.build_context import (
@@ -231,3 +233,89 @@ def test_the_build_context_holds_the_package_and_no_harness(tmp_path: Path) -> N
     assert "llm_usage/cli/main.py" in in_image
     assert [n for n in in_image if re.fullmatch(r"llm_usage/storage/migrations/.*\.sql", n)]
     assert "llm_usage/schemas/usage_event.v1.schema.json" in in_image
+
+
+def hashed_pins(lock: Path) -> dict[str, tuple[str, int]]:
+    """name -> (version, how many hashes) of a `--generate-hashes` lock."""
+    found: dict[str, tuple[str, int]] = {}
+    name = ""
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        text = line.split("#", 1)[0].strip().rstrip("\\").strip()
+        if "==" in text:
+            name, version = text.split("==", 1)
+            name = name.strip().lower().replace("_", "-")
+            found[name] = (version.strip(), 0)
+        elif text.startswith("--hash=sha256:") and name:
+            version, count = found[name]
+            found[name] = (version, count + 1)
+    return found
+
+
+def plain_pins(lock: Path) -> dict[str, str]:
+    found = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        text = line.split("#", 1)[0].strip()
+        if "==" in text:
+            name, version = text.split("==", 1)
+            found[name.strip().lower().replace("_", "-")] = version.strip()
+    return found
+
+
+def install_problems(text: str) -> list[str]:
+    """What makes the build stage's installs unchecked: a pip install without hashes and
+    `--no-deps`, or a wheel built with an isolated (unpinned) backend."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    problems = []
+    for command in re.split(r"&&|\n", joined):
+        words = command.split()
+        if "pip" not in " ".join(words[:2]) or len(words) < 2:
+            continue
+        if "install" in words and "-r" in words:
+            lock = words[words.index("-r") + 1]
+            if not {"--require-hashes", "--no-deps"} <= set(words):
+                problems.append(f"{lock} is installed without --require-hashes --no-deps")
+            if not lock.startswith("requirements/image"):
+                problems.append(f"{lock} is not one of the hashed locks")
+        if "wheel" in words and "--no-build-isolation" not in words:
+            problems.append("the wheel is built with an isolated, unpinned build backend")
+    return problems
+
+
+def test_every_install_in_the_image_is_hash_checked_and_the_backend_pinned() -> None:
+    text = DOCKERFILE.read_text()
+
+    assert install_problems(text) == []
+    assert "-r requirements/image.lock" in re.sub(r"\\\n\s*", " ", text)
+    assert "-r requirements/image-build.lock" in re.sub(r"\\\n\s*", " ", text)
+    assert len(install_problems(text.replace("--require-hashes", ""))) == 2
+    assert len(install_problems(text.replace(" --no-build-isolation", ""))) == 1
+    assert len(install_problems(text.replace("requirements/image.lock", "requirements/x"))) == 1
+
+
+def test_the_hashed_runtime_lock_pins_what_the_runtime_lock_pins_each_with_a_hash() -> None:
+    """requirements/image.lock is requirements/runtime.lock with hashes (`make lock` writes both):
+    the image runs the versions CI passed with, and every download is checked."""
+    hashed = hashed_pins(ROOT / "requirements" / "image.lock")
+
+    assert {name: version for name, (version, _) in hashed.items()} == plain_pins(
+        ROOT / "requirements" / "runtime.lock"
+    ), "run `make lock`"
+    assert [name for name, (_, hashes) in hashed.items() if hashes == 0] == []
+
+
+def test_the_build_backend_is_pinned_with_hashes_within_pyproject_s_range() -> None:
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    hashed = hashed_pins(ROOT / "requirements" / "image-build.lock")
+    for text in requires:
+        requirement = Requirement(text)
+        version, hashes = hashed[requirement.name.lower()]
+        assert requirement.specifier.contains(version), f"{requirement} vs {version}: make lock"
+        assert hashes > 0
+
+
+def test_the_build_context_lets_in_the_hashed_locks_only() -> None:
+    patterns = dockerignore_patterns((ROOT / ".dockerignore").read_text())
+
+    assert in_build_context(patterns, "requirements/image.lock")
+    assert in_build_context(patterns, "requirements/image-build.lock")
+    assert not in_build_context(patterns, "requirements/dev.lock")
