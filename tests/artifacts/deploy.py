@@ -85,3 +85,19 @@ def command_problems(where: str, args: list[str], expected: list[str]) -> list[s
     except SystemExit:
         return [f"{where}: `llm-usage {' '.join(args)}` is not a command llm-usage accepts"]
     return []
+
+
+def closed_schema(node: Any) -> Any:
+    """A CRD schema that refuses unknown fields, as `kubectl apply --validate=strict` does."""
+    if isinstance(node, list):
+        return [closed_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    closed = {key: closed_schema(value) for key, value in node.items()}
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        closed["additionalProperties"] = False
+    return closed

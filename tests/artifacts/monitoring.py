@@ -1,12 +1,16 @@
 """The monitoring artifacts as files: the alerting rules (deploy/prometheus) read without a YAML
 library, and the queries of the Grafana dashboards (deploy/grafana). Shared by the promtool
 checks (tests/artifacts) and the metric-name check against a running worker (tests/integration).
+
+`python -m tests.artifacts.monitoring` writes the Prometheus Operator's PrometheusRule
+(deploy/prometheus/operator/prometheusrule.yaml) from the rule files; a test holds it to them.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +24,13 @@ RULE_TESTS = sorted((ROOT / "deploy" / "prometheus" / "tests").glob("*.yaml"))
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 PROMETHEUS_CONFIGS = [PROMETHEUS_CONFIG, PROMETHEUS_CONFIG.with_name("prometheus-kubernetes.yml")]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+# The Prometheus Operator's objects: the PrometheusRule made from RULES, the PodMonitor.
+OPERATOR = ROOT / "deploy" / "prometheus" / "operator"
+PROMETHEUS_RULE = OPERATOR / "prometheusrule.yaml"
+POD_MONITOR = OPERATOR / "podmonitor.yaml"
+# Where every alert's `runbook_url` points: a placeholder for where the repository is browsed
+# (docs/operations.md, "Alerts", says to replace it).
+RUNBOOK_BASE = "https://github.com/example/llm-usage-pipeline/blob/main/"
 
 # --- Reading the rule files: our own layout, without a YAML library (the project has none). ---
 
@@ -44,15 +55,24 @@ def alert_rules(paths: list[Path] = RULES) -> list[AlertRule]:
     return [rule for path in paths for rule in alert_rules_of_text(path.read_text(), path)]
 
 
-def alert_rules_of_text(text: str, path: Path = Path()) -> list[AlertRule]:
-    """The alerting rules (not recording rules) of one rules file's text."""
+def recording_rules(paths: list[Path] = RULES) -> list[AlertRule]:
+    """The recording rules, as AlertRule with the recorded name as `name`."""
+    return [
+        rule
+        for path in paths
+        for rule in alert_rules_of_text(path.read_text(), path, kind="record")
+    ]
+
+
+def alert_rules_of_text(text: str, path: Path = Path(), kind: str = "alert") -> list[AlertRule]:
+    """The alerting rules (or, with kind="record", the recording rules) of one rules file."""
     starts = list(_RULE_START.finditer(text))
     rules = []
     for index, start in enumerate(starts):
         end = starts[index + 1].start() if index + 1 < len(starts) else len(text)
         # A rule's block ends where the next rule, or the next group, begins.
         block = re.split(r"^\s*- name: ", text[start.start() : end], maxsplit=1, flags=re.M)[0]
-        if block.lstrip().startswith("- alert:"):
+        if block.lstrip().startswith(f"- {kind}:"):
             rules.append(AlertRule(start["name"], path, block, _expr_of(block)))
     return rules
 
@@ -130,3 +150,44 @@ def github_anchors(markdown: str) -> set[str]:
         text = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
         anchors.add(text)
     return anchors
+
+
+# --- The Prometheus Operator's PrometheusRule, made from the rule files. ---
+
+_PROMETHEUS_RULE_HEAD = """\
+# GENERATED from deploy/prometheus/rules/*.yaml by `python -m tests.artifacts.monitoring`: edit
+# the rule files and run it again (tests/artifacts/test_prometheus_rules.py holds this file to
+# them). For a Prometheus run by the Prometheus Operator, instead of loading rules/*.yaml.
+#
+# Apply it once per cluster, in the namespace your Prometheus reads rules from (its
+# ruleNamespaceSelector), and give it the labels its ruleSelector asks for: the rules aggregate
+# by (namespace, job) across every namespace that runs the pipeline. A Prometheus with
+# enforcedNamespaceLabel would confine them to this object's namespace: list this object under
+# its excludedFromEnforcement.
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: llm-usage-pipeline
+  labels:
+    app.kubernetes.io/name: llm-usage-pipeline
+    app.kubernetes.io/part-of: llm-usage-pipeline
+spec:
+  groups:
+"""
+
+
+def prometheus_rule_text(paths: list[Path] = RULES) -> str:
+    """The PrometheusRule whose spec.groups are the groups of every rule file, in order: each
+    file's text from its `groups:` line on, indented under `spec:`."""
+    parts = [_PROMETHEUS_RULE_HEAD]
+    for path in paths:
+        lines = path.read_text().splitlines()
+        start = lines.index("groups:") + 1
+        parts.append(f"    # deploy/prometheus/rules/{path.name}\n")
+        parts.extend(f"  {line}\n" if line.strip() else "\n" for line in lines[start:])
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    PROMETHEUS_RULE.write_text(prometheus_rule_text())
+    sys.stdout.write(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}\n")

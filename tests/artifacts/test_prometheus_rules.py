@@ -1,6 +1,7 @@
 """The alerting rules (deploy/prometheus) and the dashboard (deploy/grafana), checked by a real
 promtool: the rules load and pass every lint, each alert's unit tests pass (it fires on series that
-should page and stays silent on series that should not), and every dashboard query parses.
+should page and stays silent on series that should not, with two namespaces in one Prometheus),
+every rule and dashboard query keeps namespaces apart, and every dashboard query parses.
 
 promtool is built from the Prometheus Go module, pinned, once per machine
 (`tests.tools.promtool`): the first build takes ~7-10 minutes, later sessions reuse it.
@@ -17,19 +18,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from llm_usage.core.errors import LocalServiceError
+from tests.artifacts.deploy import closed_schema
 from tests.artifacts.monitoring import (
     DASHBOARDS,
+    OPERATOR,
+    POD_MONITOR,
     PROMETHEUS_CONFIGS,
+    PROMETHEUS_RULE,
     ROOT,
     RULE_TESTS,
     RULES,
+    RUNBOOK_BASE,
     alert_rules,
     dashboard_panels,
     dashboard_queries,
+    dashboard_variable_queries,
     github_anchors,
+    prometheus_rule_text,
+    recording_rules,
     with_expr,
 )
 from tests.tools.promtool import (
@@ -49,6 +60,7 @@ GRAFANA_VARIABLES = {
     "$__interval": "1m",
     "$__range": "1h",
     "$consumer": ".+",
+    "$namespace": "llm-usage",
 }
 # The first test that asks for promtool may build it.
 pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 300)
@@ -91,17 +103,35 @@ def test_there_are_rules_tests_and_a_dashboard() -> None:
     assert len(alert_rules()) >= 10
 
 
+def rules_found(path: Path) -> str:
+    """What `promtool check` says of one rule file: every alerting and recording rule in it."""
+    return f"SUCCESS: {len(alert_rules([path])) + len(recording_rules([path]))} rules found"
+
+
 def test_the_rules_load_and_pass_every_lint(promtool: Path) -> None:
     code, output = run_promtool(promtool, "check", "rules", "--lint=all", "--lint-fatal", *RULES)
     assert code == 0, output
-    assert f"SUCCESS: {len(alert_rules())} rules found" in output, output
+    for path in RULES:
+        assert f"Checking {path}\n  {rules_found(path)}" in output, output
 
 
 @pytest.mark.parametrize("config", PROMETHEUS_CONFIGS, ids=[p.name for p in PROMETHEUS_CONFIGS])
 def test_the_prometheus_configs_load_the_rules(promtool: Path, config: Path) -> None:
     code, output = run_promtool(promtool, "check", "config", config)
     assert code == 0, output
-    assert f"SUCCESS: {len(alert_rules())} rules found" in output, output
+    assert f"SUCCESS: {len(RULES)} rule files found" in output, output
+    for path in RULES:
+        assert rules_found(path) in output, output
+
+
+def test_every_rule_test_file_loads_every_rule_file() -> None:
+    """A test file without the expected-namespaces rule would test LLMUsageWorkerUnavailable
+    against a Prometheus that has none."""
+    for test_file in RULE_TESTS:
+        text = test_file.read_text()
+        for path in RULES:
+            loaded = f"- ../rules/{path.name}\n" in text
+            assert loaded, f"{test_file.name} does not load {path.name}"
 
 
 @pytest.mark.parametrize("test_file", RULE_TESTS, ids=[p.stem for p in RULE_TESTS])
@@ -133,6 +163,8 @@ def test_each_alert_unit_test_fails_when_the_alert_never_fires(
     for broken in ("vector(1) == 0", "vector(1)"):
         rules = tmp_path / "rules"
         rules.mkdir(exist_ok=True)
+        for path in RULES:
+            (rules / path.name).write_text(path.read_text())
         (rules / rule.path.name).write_text(with_expr(rule.path.read_text(), alert, broken))
         tests = tmp_path / "tests"
         tests.mkdir(exist_ok=True)
@@ -143,17 +175,81 @@ def test_each_alert_unit_test_fails_when_the_alert_never_fires(
         assert alert in output, output
 
 
-def test_each_alert_has_a_severity_a_summary_a_description_and_a_runbook() -> None:
+def test_each_alert_has_a_severity_a_summary_a_description_and_a_runbook_url() -> None:
+    """`runbook_url` (the annotation Alertmanager templates and Grafana link) is absolute: the
+    repository's placeholder base and the alert's section of docs/operations.md."""
     anchors = github_anchors(OPERATIONS.read_text())
     for rule in alert_rules():
         assert rule.field("severity") in SEVERITIES, rule.block
         for annotation in ("summary", "description"):
             assert rule.field(annotation), f"{rule.name} has no {annotation}"
-        runbook = rule.field("runbook")
-        assert runbook is not None, f"{rule.name} has no runbook"
+        assert rule.field("runbook") is None, f"{rule.name}: `runbook` is now `runbook_url`"
+        runbook = rule.field("runbook_url")
+        assert runbook is not None, f"{rule.name} has no runbook_url"
         page, _, anchor = runbook.partition("#")
-        assert page == "docs/operations.md", runbook
+        assert page == f"{RUNBOOK_BASE}docs/operations.md", runbook
         assert anchor in anchors, f"{rule.name}: docs/operations.md has no section #{anchor}"
+        assert anchor == rule.name.lower(), f"{rule.name}: its runbook is #{anchor}"
+
+
+# --- Namespaces: a dev namespace in the same Prometheus never masks a prod outage. ---
+
+# An aggregation or a vector match: `sum by (...)`, `max by(...)`, `on (...)`, `ignoring (...)`.
+_GROUPING = re.compile(r"\b(by|without|on|ignoring)\s*\(([^)]*)\)")
+_AGGREGATION = re.compile(r"\b(sum|max|min|avg|count|group|topk|bottomk|quantile)\s*\(")
+
+
+def namespace_problems(where: str, query: str) -> list[str]:
+    """Each `by`/`on` list names namespace; no aggregation drops every label (`sum(...)`)."""
+    problems = []
+    for keyword, labels in _GROUPING.findall(query):
+        names = {label.strip() for label in labels.split(",")}
+        if keyword in ("by", "on") and "namespace" not in names:
+            problems.append(f"{where}: `{keyword} ({labels})` merges namespaces")
+        if keyword in ("without", "ignoring") and "namespace" in names:
+            problems.append(f"{where}: `{keyword} ({labels})` merges namespaces")
+    for found in _AGGREGATION.finditer(query):
+        before = query[: found.start()].rstrip()
+        if not re.search(r"\b(by|without)\s*\([^)]*\)\s*$", before):
+            problems.append(f"{where}: `{found.group(1)}(...)` without by (namespace, ...)")
+    return problems
+
+
+def test_a_query_that_merges_namespaces_is_caught() -> None:
+    assert namespace_problems("x", "max by (namespace, job) (m) == 0") == []
+    assert namespace_problems("x", "a and on (namespace, job, instance) b") == []
+    assert namespace_problems("x", "max by (job) (m) == 0") != []
+    assert namespace_problems("x", "a and on (job, instance) b") != []
+    assert namespace_problems("x", "sum(rate(m[5m]))") != []
+    assert namespace_problems("x", "sum without (namespace) (m)") != []
+
+
+def test_every_rule_keeps_namespaces_apart() -> None:
+    problems = [
+        problem
+        for rule in alert_rules() + recording_rules()
+        for problem in namespace_problems(rule.name, rule.expr)
+    ]
+    assert problems == []
+
+
+def test_every_dashboard_query_selects_and_keeps_the_namespace() -> None:
+    """Every panel selects `namespace="$namespace"` on each metric it reads, so one namespace is
+    shown at a time, and groups by namespace where it aggregates."""
+    for dashboard in DASHBOARDS:
+        variables = json.loads(dashboard.read_text())["templating"]["list"]
+        [namespace] = [v for v in variables if v["name"] == "namespace"]
+        assert namespace["type"] == "query"
+        # One namespace at a time: "All" would add prod and dev up again.
+        assert not namespace.get("multi"), namespace
+        assert not namespace.get("includeAll"), namespace
+        for where, query in dashboard_queries(dashboard):
+            assert namespace_problems(where, query) == []
+            for selector in re.findall(r"\b(?:llm_usage_\w+|up|ALERTS)\b(\{[^}]*\})?", query):
+                assert 'namespace="$namespace"' in selector, f"{where}: {query}"
+        for query in dashboard_variable_queries(dashboard):
+            if not query.startswith("label_values(up{"):
+                assert 'namespace="$namespace"' in query, query
 
 
 def test_every_dashboard_query_is_valid_promql(promtool: Path, tmp_path: Path) -> None:
@@ -303,3 +399,219 @@ def test_without_go_the_error_says_what_to_install(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(GoMissingError, match=r"`go` is not on PATH: install Go 1\.26"):
         ensure_promtool(tmp_path / "cache")
+
+
+# --- The Prometheus Operator's objects: the same rules and targets. ---
+
+
+def operator_schema_problems(obj: dict[str, Any], schema_file: str) -> list[str]:
+    loaded = json.loads((OPERATOR / "schemas" / schema_file).read_text())
+    validator = jsonschema.Draft7Validator(closed_schema(loaded))
+    return [
+        f"{error.json_path}: {error.message}"
+        for error in sorted(validator.iter_errors(obj), key=str)
+    ]
+
+
+OPERATOR_OBJECTS = [
+    (PROMETHEUS_RULE, "monitoring.coreos.com_prometheusrule_v1.json"),
+    (POD_MONITOR, "monitoring.coreos.com_podmonitor_v1.json"),
+]
+
+
+def test_the_prometheus_rule_is_made_from_the_rule_files() -> None:
+    assert PROMETHEUS_RULE.read_text() == prometheus_rule_text(), (
+        "deploy/prometheus/operator/prometheusrule.yaml is out of date: "
+        "run `.venv/bin/python -m tests.artifacts.monitoring`"
+    )
+    groups = [group for path in RULES for group in yaml.safe_load(path.read_text())["groups"]]
+    assert yaml.safe_load(PROMETHEUS_RULE.read_text())["spec"]["groups"] == groups
+
+
+@pytest.mark.parametrize(("path", "schema_file"), OPERATOR_OBJECTS, ids=lambda p: str(p)[-24:])
+def test_the_operator_objects_are_valid(path: Path, schema_file: str) -> None:
+    obj = yaml.safe_load(path.read_text())
+    assert operator_schema_problems(obj, schema_file) == []
+    # And a misspelt field is caught.
+    obj["spec"]["unknownField"] = True
+    assert any("unknownField" in p for p in operator_schema_problems(obj, schema_file))
+
+
+def test_the_pod_monitor_scrapes_every_pipeline_pod_as_the_job_the_rules_select() -> None:
+    """Each Deployment and StatefulSet of deploy/k8s/base is selected by the PodMonitor, has a
+    port one of its endpoints names, and is labelled with a job name the rules select."""
+    monitor = yaml.safe_load(POD_MONITOR.read_text())["spec"]
+    [down] = [rule for rule in alert_rules() if rule.name == "LLMUsageWorkerDown"]
+    found = re.search(r'job=~"([^"]+)"', down.expr)
+    assert found is not None, down.expr
+    jobs = set(found.group(1).split("|"))
+    assert monitor["namespaceSelector"] == {"any": True}
+    endpoints = {endpoint["port"] for endpoint in monitor["podMetricsEndpoints"]}
+    selector = monitor["selector"]["matchLabels"]
+    base = ROOT / "deploy" / "k8s" / "base"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    common = {
+        key: value
+        for entry in kustomization.get("labels", [])
+        if entry.get("includeTemplates")
+        for key, value in entry["pairs"].items()
+    }
+    scraped = set()
+    for manifest in sorted(base.glob("*.yaml")):
+        for obj in yaml.safe_load_all(manifest.read_text()):
+            if not obj or obj.get("kind") not in ("Deployment", "StatefulSet"):
+                continue
+            template = obj["spec"]["template"]
+            labels = {**common, **template["metadata"].get("labels", {})}
+            assert selector.items() <= labels.items(), f"{manifest.name}: not selected"
+            ports = {
+                port.get("name")
+                for container in template["spec"]["containers"]
+                for port in container.get("ports", [])
+            }
+            assert len(ports & endpoints) == 1, f"{manifest.name}: ports {ports}"
+            scraped.add(labels[monitor["jobLabel"]])
+    assert scraped == jobs
+
+
+def test_the_api_rules_and_panels_name_real_routes() -> None:
+    """The routes the API rules and panels leave out (the probes, /metrics) are route templates
+    the app really labels its requests with: a renamed probe would silently count again."""
+    from llm_usage.api.routes import probes  # noqa: PLC0415 - FastAPI, only here
+
+    # The app includes the probes' router without a prefix: these are its route templates.
+    routes = {path for route in probes.router.routes if (path := getattr(route, "path", None))}
+    queries = [rule.expr for rule in alert_rules() if "llm_usage_api_" in rule.expr]
+    queries += [q for d in DASHBOARDS for _, q in dashboard_queries(d) if "llm_usage_api_" in q]
+    named = {
+        alternative
+        for query in queries
+        for pattern in re.findall(r'route\s*(?:=~|!~|!=|=)\s*"([^"]+)"', query)
+        for alternative in pattern.split("|")
+    }
+    assert named >= {"/healthz", "/readyz", "/metrics"}
+    assert named <= routes, named - routes
+
+
+# --- prometheus-kubernetes.yml's relabelling, applied to pods like deploy/k8s's. ---
+
+
+def relabel(labels: dict[str, str], configs: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' relabel_configs (replace, keep, drop) on one target; None when dropped."""
+    labels = dict(labels)
+    for config in configs:
+        action = config.get("action", "replace")
+        value = config.get("separator", ";").join(
+            labels.get(name, "") for name in config.get("source_labels", [])
+        )
+        found = re.fullmatch(str(config.get("regex", "(.*)")), value)
+        if action == "keep" and found is None:
+            return None
+        if action == "drop" and found is not None:
+            return None
+        if action == "replace" and found is not None:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", str(config.get("replacement", "$1")))
+            new = found.expand(replacement)
+            if new:
+                labels[config["target_label"]] = new
+            else:
+                labels.pop(config["target_label"], None)
+    return labels
+
+
+def pod_targets(
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    ports: list[tuple[str, int]],
+) -> list[dict[str, str]]:
+    """What Kubernetes SD's pod role makes of a pod: one target per container port."""
+
+    def meta(kind: str, key: str) -> str:
+        return f"__meta_kubernetes_pod_{kind}_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    common = {
+        "__meta_kubernetes_namespace": namespace,
+        "__meta_kubernetes_pod_name": name,
+        "__meta_kubernetes_pod_phase": "Running",
+        **{meta("label", key): value for key, value in labels.items()},
+        **{meta("annotation", key): value for key, value in annotations.items()},
+    }
+    if not ports:
+        return [{**common, "__address__": "10.0.0.9"}]
+    return [
+        {
+            **common,
+            "__address__": f"10.0.0.9:{port}",
+            "__meta_kubernetes_pod_container_port_name": port_name,
+            "__meta_kubernetes_pod_container_port_number": str(port),
+        }
+        for port_name, port in ports
+    ]
+
+
+def scraped_as(config: dict[str, Any], targets: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+    """(job, namespace, address) of every target some scrape job keeps."""
+    kept = []
+    for job in config["scrape_configs"]:
+        for target in targets:
+            labels = relabel({"job": job["job_name"], **target}, job.get("relabel_configs", []))
+            if labels is not None:
+                kept.append((labels["job"], labels["namespace"], labels["__address__"]))
+    return kept
+
+
+def test_kubernetes_scrapes_each_worker_and_the_api_once_as_the_rules_jobs() -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIGS[1].read_text())
+    part_of = {"app.kubernetes.io/part-of": "llm-usage-pipeline"}
+    scrape = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9108",
+        "prometheus.io/path": "/metrics",
+    }
+    worker = {**part_of, "app.kubernetes.io/name": "llm-usage-consume-usage"}
+    api = {
+        **part_of,
+        "app.kubernetes.io/name": "llm-usage-api",
+        "app.kubernetes.io/component": "api",
+    }
+    api_scrape = {**scrape, "prometheus.io/port": "8080"}
+    cases = [
+        (
+            pod_targets("llm-usage", "usage-0", worker, scrape, [("metrics", 9108)]),
+            [("llm-usage-consume-usage", "llm-usage", "10.0.0.9:9108")],
+        ),
+        (
+            pod_targets("llm-usage-dev", "usage-0", worker, scrape, [("metrics", 9108)]),
+            [("llm-usage-consume-usage", "llm-usage-dev", "10.0.0.9:9108")],
+        ),
+        # The API's pods ask for a scrape too; they are scraped once, by the api job.
+        (
+            pod_targets("llm-usage", "api-1", api, api_scrape, [("http", 8080)]),
+            [("llm-usage-api", "llm-usage", "10.0.0.9:8080")],
+        ),
+        (
+            pod_targets("llm-usage", "api-2", api, {}, [("http", 8080)]),
+            [("llm-usage-api", "llm-usage", "10.0.0.9:8080")],
+        ),
+        # The migrate Job's pod has no port and asks nothing; another app's pod is not ours.
+        (
+            pod_targets(
+                "llm-usage",
+                "migrate-x",
+                {**part_of, "app.kubernetes.io/name": "llm-usage-migrate"},
+                {},
+                [],
+            ),
+            [],
+        ),
+        (
+            pod_targets(
+                "llm-usage", "other", {"app.kubernetes.io/name": "x"}, scrape, [("metrics", 9108)]
+            ),
+            [],
+        ),
+    ]
+    for targets, expected in cases:
+        assert scraped_as(config, targets) == expected, targets[0]["__meta_kubernetes_pod_name"]

@@ -1,8 +1,9 @@
 """Every metric name the alerting rules and the dashboard use is one the real workers serve.
 
-A usage consumer, a budget consumer and a rollup schedule run as real processes; they are fed
-a few events (a malformed one and a conflicting duplicate among them, and enough spend to cross
-a budget) so the labelled counters have samples; then their /metrics are scraped. A rule or a
+A usage consumer, a budget consumer, a rollup schedule and `serve api` run as real processes;
+they are fed a few events (a malformed one and a conflicting duplicate among them, and enough
+spend to cross a budget; one accepted and one rejected through the API's ingest) so the labelled
+counters have samples; then their /metrics are scraped. A rule or a
 panel on a name that does not exist would never fire or show anything, silently.
 """
 
@@ -20,12 +21,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import asyncpg
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.storage.migrate import migrate
 from llm_usage.testing.processes import free_port
+from tests.api_support import AUDIENCE, SECRET, bearer, token
 from tests.artifacts.monitoring import (
     DASHBOARDS,
     PROMETHEUS_CONFIG,
@@ -122,6 +125,7 @@ def test_up_selects_only_the_configured_scrape_jobs() -> None:
         "llm-usage-consume-usage",
         "llm-usage-consume-budget",
         "llm-usage-rollup-schedule",
+        "llm-usage-api",
     }
     selectors = 0
     for where, query in queries():
@@ -183,6 +187,7 @@ class Workers:
     usage: RunningConsumer
     budget: RunningConsumer
     rollup: asyncio.subprocess.Process
+    api: asyncio.subprocess.Process
     ports: dict[str, int]
 
     def logs(self) -> str:
@@ -199,7 +204,7 @@ async def workers(
     await ensure_topics(
         topics.settings, [topics.settings.alerts_topic], partitions=1, replication_factor=1
     )
-    ports = {"usage": free_port(), "budget": free_port(), "rollup": free_port()}
+    ports = {"usage": free_port(), "budget": free_port(), "rollup": free_port(), "api": free_port()}
     # The consumers get a database of their own: the budget relay publishes every unsent alert
     # in its database, and the session's holds other tests' alerts.
     consumers_database = await own_database(database_url)
@@ -235,15 +240,32 @@ async def workers(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    running = Workers(usage, budget, rollup, ports)
+    # `serve api` serves /metrics on API_PORT; it publishes to the same usage topic.
+    api = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "llm_usage", "serve", "api"),
+        env={
+            **topics.environment(),
+            "DATABASE_URL": consumers_database,
+            "API_HOST": "127.0.0.1",
+            "API_PORT": str(ports["api"]),
+            "API_JWT_SECRET": SECRET,
+            "API_JWT_AUDIENCE": AUDIENCE,
+        },
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    running = Workers(usage, budget, rollup, api, ports)
     try:
         await feed(topics, consumers_database)
+        await feed_api(ports["api"])
         yield running
     finally:
-        for process in (usage.process, budget.process, rollup):
+        for process in (usage.process, budget.process, rollup, api):
             if process.returncode is None:
                 process.terminate()
-        for process in (usage.process, budget.process, rollup):
+        for process in (usage.process, budget.process, rollup, api):
             try:
                 await asyncio.wait_for(process.wait(), 40)
             except TimeoutError:
@@ -312,6 +334,24 @@ async def feed(topics: PipelineTopics, database_url: str) -> None:
     )
 
 
+async def feed_api(port: int) -> None:
+    """One event the API accepts (it lands on the usage topic) and one it rejects, once it
+    listens: the ingest counter gets both results, the request counter and histogram a sample."""
+
+    async def listening() -> bool:
+        return await asyncio.to_thread(scrape, port) is not None
+
+    await wait_until(listening, within=60, message=f"`serve api` never listened on {port}")
+    tenant = unique("api-tenant")
+    events = [usage_event(tenant), usage_event(tenant, input_tokens=-1)]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        answer = await client.post(
+            "/v1/usage-events", json=events, headers=bearer(token("platform-admin"))
+        )
+    assert answer.status_code == 200, answer.text
+    assert [r["status"] for r in answer.json()["results"]] == ["accepted", "rejected"]
+
+
 async def test_every_metric_the_rules_and_the_dashboard_use_is_served(workers: Workers) -> None:
     ports = workers.ports
 
@@ -323,6 +363,9 @@ async def test_every_metric_the_rules_and_the_dashboard_use_is_served(workers: W
         ("budget", "llm_usage_consumer_events_total", {"result": "recorded"}, 4),
         ("budget", "llm_usage_budget_alerts_published_total", {}, 2),
         ("rollup", "llm_usage_rollup_last_success_timestamp_seconds", {}, 1),
+        ("api", "llm_usage_api_ingested_events_total", {"result": "accepted"}, 1),
+        ("api", "llm_usage_api_ingested_events_total", {"result": "rejected"}, 1),
+        ("api", "llm_usage_api_requests_total", {"route": "/v1/usage-events"}, 1),
     ]
     seen: dict[str, float] = {}
 
