@@ -9,6 +9,10 @@ throughput beside the usage consumer's, measured in the same run.
 2. Throughput. A backlog is published first (not timed); the usage consumer and then the budget
    consumer each drain it in this process, timed from first fetch to last commit, as
    `bench ingest` times the usage consumer.
+3. Memory. The budget consumer as its own process (`consume budget`, with its batch size
+   BUDGET_MAX_BATCH, decode-ahead on, as ops run it) drains the same backlog again with a group
+   of its own into emptied counters; its resident memory is sampled as it goes and its peak is
+   the kernel's high-water mark (VmHWM), as `bench ingest` reports the usage consumer's.
 
 The workload is generated up front, so which event crosses which level of which policy is known
 before anything is published: every alert that arrives is checked against that prediction,
@@ -41,12 +45,14 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_usage.bench.ingest import rss_at
 from llm_usage.bench.support import (
     Measurement,
     TimedRun,
     bench_database,
     freeze_harness_objects,
     process_cpu_seconds,
+    process_memory,
     publish_backlog,
     time_consumer,
 )
@@ -80,6 +86,10 @@ _READY_WITHIN_SECONDS = 90.0
 _ALERTS_STALL_SECONDS = 30.0  # after the last event, give up once no alert came for this long
 _DUPLICATE_WATCH_SECONDS = 2.0  # reading on after the last expected alert, for second copies
 _STOP_WITHIN_SECONDS = 40.0
+_RSS_SAMPLE_SECONDS = 0.2
+_RSS_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # where in the drain the RSS profile is shown
+_DRAIN_STALL_SECONDS = 60.0  # the memory run gives up once nothing was counted for this long
+_MIB = 1024 * 1024
 _POLICY_WRITERS = 4
 _BENCH_TABLES = (
     "llm_usage_events",
@@ -482,6 +492,8 @@ async def budget_consumer_process(
         "ALERTS_TOPIC": settings.alerts_topic,
         "DLQ_TOPIC": settings.dlq_topic,
         "BUDGET_GROUP_ID": settings.budget_group_id,
+        "CONSUMER_MAX_BATCH": str(settings.consumer_max_batch),
+        "BUDGET_MAX_BATCH": str(settings.budget_batch()),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
@@ -582,6 +594,103 @@ async def _run_latency(
         harness_cpu_seconds=harness_cpu,
         wall_seconds=wall,
         metrics={name: after[name] - before.get(name, 0.0) for name in after},
+        log_path=consumer.log_path,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryRun:
+    """The budget consumer's process draining a backlog: its resident memory and batches."""
+
+    batch: int  # BUDGET_MAX_BATCH as the process ran with it
+    events: int
+    counted: int
+    seconds: float  # ready to every event counted
+    ready_rss_bytes: int  # VmRSS once it had joined its group, before any batch
+    most_sampled_rss_bytes: int  # the largest VmRSS sampled while it drained
+    rss_profile: tuple[int, ...]  # VmRSS at 0, 25, 50, 75 and 100 % of the drain
+    peak_rss_bytes: int  # VmHWM at the end: its high-water mark since it started
+    batches: float
+    batch_events: float  # events in those batches
+    cpu_seconds: float
+    outbox: str
+    log_path: Path
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_events / self.batches if self.batches else float("nan")
+
+
+def memory_verdict(run: MemoryRun) -> str:
+    """One line on what the run measured, and whether its batches were full enough to count as
+    a measurement at BUDGET_MAX_BATCH."""
+    filled = run.mean_batch / run.batch if run.batches else 0.0
+    note = (
+        ""
+        if filled >= 0.5
+        else f" (batches averaged {filled:.0%} of {run.batch:,}: not a figure at the batch "
+        "size; give more --backlog-events)"
+    )
+    return (
+        f"budget consumer peak RSS {run.peak_rss_bytes / _MIB:.0f} MiB at BUDGET_MAX_BATCH "
+        f"{run.batch:,}{note}"
+    )
+
+
+async def _run_memory(
+    bench: Settings, pool: asyncpg.Pool, backlog: Workload, *, counted_in_process: int
+) -> MemoryRun:
+    """The budget consumer as its own process drains `backlog` (already on bench's usage topic)
+    with a group of its own, into counters emptied first, until it has counted as many events
+    as the in-process run did."""
+    await pool.execute(
+        "TRUNCATE budget_counted_events, budget_spend, budget_alert_outbox, "
+        "budget_alert_relay_positions"
+    )
+    async with budget_consumer_process(bench, profile=None) as consumer:
+        ready_rss = process_memory(consumer.pid).rss_bytes
+        cpu_before = consumer.cpu_seconds()
+        started = time.perf_counter()
+        samples: list[tuple[float, int]] = [(0.0, ready_rss)]
+        counted, moved_at, last_count = 0, started, -1
+        while counted < counted_in_process:
+            if consumer.process.returncode is not None:
+                raise AssertionError(
+                    f"the budget consumer exited with {consumer.process.returncode} while "
+                    f"draining (log: {consumer.log_path})"
+                )
+            await asyncio.sleep(_RSS_SAMPLE_SECONDS)
+            with contextlib.suppress(OSError, ValueError):  # it may just be exiting
+                samples.append(
+                    (time.perf_counter() - started, process_memory(consumer.pid).rss_bytes)
+                )
+            counted = await pool.fetchval("SELECT count(*) FROM budget_counted_events")
+            now = time.perf_counter()
+            if counted != last_count:
+                last_count, moved_at = counted, now
+            elif now - moved_at > _DRAIN_STALL_SECONDS:
+                raise AssertionError(
+                    f"the budget consumer counted nothing for {_DRAIN_STALL_SECONDS:.0f} s at "
+                    f"{counted:,} of {counted_in_process:,} events (log: {consumer.log_path})"
+                )
+        seconds = time.perf_counter() - started
+        memory = process_memory(consumer.pid)
+        samples.append((seconds, memory.rss_bytes))
+        cpu = consumer.cpu_seconds() - cpu_before
+        metrics = await consumer.metrics()
+    return MemoryRun(
+        batch=bench.budget_batch(),
+        events=len(backlog.records),
+        counted=counted,
+        seconds=seconds,
+        ready_rss_bytes=ready_rss,
+        most_sampled_rss_bytes=max(rss for _, rss in samples),
+        rss_profile=tuple(rss_at(samples, _RSS_POINTS)),
+        peak_rss_bytes=memory.peak_bytes,
+        batches=metrics.get("llm_usage_consumer_batch_size_count", 0.0),
+        batch_events=metrics.get("llm_usage_consumer_batch_size_sum", 0.0),
+        cpu_seconds=cpu,
+        outbox=_outbox_agrees(await _decided_alerts(pool, backlog.tenant_prefix), backlog.expected),
         log_path=consumer.log_path,
     )
 
@@ -736,6 +845,14 @@ async def run_budget_benchmark(
         backlog_outbox = _outbox_agrees(
             await _decided_alerts(pool, backlog.tenant_prefix), backlog.expected
         )
+
+        # 3. Memory: the budget consumer as its own process drains the backlog again.
+        memory = await _run_memory(
+            backlog_bench.model_copy(update={"budget_group_id": f"bench-{run_id}-budget-memory"}),
+            pool,
+            backlog,
+            counted_in_process=counted,
+        )
     finally:
         await pool.close()
 
@@ -750,6 +867,7 @@ async def run_budget_benchmark(
             f"counted {counted:,}; {backlog_outbox}"
         ),
     )
+    _report_memory(memory)
 
 
 def _load() -> str:
@@ -826,3 +944,18 @@ def _report_throughput(
     ratio = budget.rate / usage.rate
     verdict = "met" if ratio >= 1 else "MISSED"
     print(f"budget / usage = {ratio:.2f}   (target >= 1: {verdict})")
+
+
+def _report_memory(run: MemoryRun) -> None:
+    print(
+        f"\nMemory: the budget consumer as its own process drains the backlog again (log: "
+        f"{run.log_path})\n"
+        f"  {run.counted:,} events counted in {run.seconds:.1f} s (CPU {run.cpu_seconds:.1f} s); "
+        f"{run.batches:,.0f} batches of {run.mean_batch:,.0f} events on average "
+        f"(BUDGET_MAX_BATCH {run.batch:,}, decode-ahead on); {run.outbox}\n"
+        f"  RSS once joined {run.ready_rss_bytes / _MIB:.0f} MiB; at 0/25/50/75/100 % of the "
+        f"drain {' / '.join(f'{rss / _MIB:.0f}' for rss in run.rss_profile)} MiB; most sampled "
+        f"{run.most_sampled_rss_bytes / _MIB:.0f} MiB, peak (VmHWM) "
+        f"{run.peak_rss_bytes / _MIB:.0f} MiB"
+    )
+    print(memory_verdict(run))

@@ -73,10 +73,12 @@ async def _compute_lines(
     )
     lines: list[InvoiceLine] = []
     for start in range(0, len(tenants), TENANTS_PER_STEP):
+        # A range of the listed (database-ordered) tenants: its statement keeps an index range
+        # scan when PostgreSQL plans it generically, as it does on a reused connection.
         chunk = tenants[start : start + TENANTS_PER_STEP]
         by_tenant: dict[str, dict[str | None, Usage]] = {}
         for tenant, deployment, usage in await monthly_usage(
-            connection, first_day=first_day, next_month=after, tenant_ids=chunk
+            connection, first_day=first_day, next_month=after, tenants=(chunk[0], chunk[-1])
         ):
             by_tenant.setdefault(tenant, {})[deployment] = usage
         for tenant in sorted(by_tenant):
@@ -100,7 +102,7 @@ async def _compute_lines(
                 connection,
                 first_day=month_first,
                 next_month=next_month(month_first),
-                tenant_ids=[tenant_id] if tenant_id is not None else None,
+                tenants=(tenant_id, tenant_id) if tenant_id is not None else None,
             )
         }
         billed = billed_so_far(

@@ -49,7 +49,8 @@ async def lock_rollup(connection: Connection) -> None:
 async def tenants_with_usage(
     connection: Connection, *, first_day: date, next_month: date
 ) -> list[str]:
-    """The tenants with any usage in [first_day, next_month), sorted."""
+    """The tenants with any usage in [first_day, next_month), in the database's order of
+    tenant_id: consecutive ones make a `TenantRange` that holds no other tenant with usage."""
     rows = await connection.fetch(
         "SELECT DISTINCT tenant_id FROM usage_daily_totals WHERE day >= $1 AND day < $2 "
         "ORDER BY tenant_id",
@@ -59,7 +60,26 @@ async def tenants_with_usage(
     return [row["tenant_id"] for row in rows]
 
 
-_TENANTS_FILTER = "AND tenant_id = ANY($3::text[])"
+# The tenants of one step of a run: from the first to the last, both included, in the
+# database's order of tenant_id (the order `tenants_with_usage` gives).
+TenantRange = tuple[str, str]
+
+_MONTHLY_USAGE = """
+    SELECT tenant_id, deployment_id, sum(charge_usd) AS charge_usd,
+           sum(input_tokens)::bigint AS input_tokens,
+           sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests
+    FROM usage_daily_totals
+    WHERE day >= $1 AND day < $2 {tenants}
+    GROUP BY tenant_id, deployment_id
+"""
+# A range on the key's leading column, and never "$3 IS NULL OR ...": asyncpg keeps the
+# statement prepared, and from its sixth execution on a connection (what `rollup schedule` does,
+# run after run) PostgreSQL may plan it generically, without the parameters' values. The range
+# stays one index range scan in that plan; "$3 IS NULL OR" scanned the whole month for every
+# step (130-155 s for a month of 10,000 tenants); "= ANY($3)" kept the index too, on a guess of
+# the array's length (BENCHMARKS.md, "monthly_usage").
+_MONTHLY_USAGE_IN_RANGE = _MONTHLY_USAGE.format(tenants="AND tenant_id >= $3 AND tenant_id <= $4")
+_MONTHLY_USAGE_ALL = _MONTHLY_USAGE.format(tenants="")
 
 
 async def monthly_usage(
@@ -67,26 +87,14 @@ async def monthly_usage(
     *,
     first_day: date,
     next_month: date,
-    tenant_ids: Sequence[str] | None,
+    tenants: TenantRange | None,
 ) -> list[GroupUsage]:
     """Exact usage per tenant and deployment over [first_day, next_month), from daily totals,
-    for these tenants (all when None)."""
-    # Two statements, not one with "$3 IS NULL OR …": a prepared statement's generic plan for
-    # that form scans the whole month for every group of tenants (measured: 258 ms instead of
-    # 12 ms a query, 130 s for a month of 10,000 tenants).
-    rows = await connection.fetch(
-        f"""
-        SELECT tenant_id, deployment_id, sum(charge_usd) AS charge_usd,
-               sum(input_tokens)::bigint AS input_tokens,
-               sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests
-        FROM usage_daily_totals
-        WHERE day >= $1 AND day < $2 {_TENANTS_FILTER if tenant_ids is not None else ""}
-        GROUP BY tenant_id, deployment_id
-        """,
-        first_day,
-        next_month,
-        *([list(tenant_ids)] if tenant_ids is not None else []),
-    )
+    for the tenants from `tenants[0]` to `tenants[1]` (both included; all when None)."""
+    if tenants is None:
+        rows = await connection.fetch(_MONTHLY_USAGE_ALL, first_day, next_month)
+    else:
+        rows = await connection.fetch(_MONTHLY_USAGE_IN_RANGE, first_day, next_month, *tenants)
     return [
         (
             row["tenant_id"],

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import urllib.error
@@ -20,14 +21,23 @@ from typing import Any
 
 import asyncpg
 import pytest
+from asyncpg.pool import PoolConnectionProxy
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
-from llm_usage.rollup.run import PeriodNotClosableError, close_month, run_rollup
+from llm_usage.domain.periods import next_month, parse_period
+from llm_usage.rollup.lines import usage_lines
+from llm_usage.rollup.run import (
+    TENANTS_PER_STEP,
+    PeriodNotClosableError,
+    close_month,
+    run_rollup,
+)
 from llm_usage.rollup.schedule import RollupScheduler, ScheduleMetrics
 from llm_usage.runtime.probes import HealthState
+from llm_usage.storage.invoice_lines import monthly_usage
 from llm_usage.storage.migrate import migrate
 from llm_usage.testing.processes import free_port
 from tests import clock
@@ -397,3 +407,106 @@ async def test_a_bug_stops_the_schedule_with_one_line_and_a_failing_exit(
     ), stopped.stderr
     errors = [entry["event"] for entry in map(json.loads, logged) if entry["level"] == "error"]
     assert errors == ["A side task stopped; stopping the worker."], stopped.stderr
+
+
+async def _month_of_daily_totals(pool: asyncpg.Pool, tenants: Sequence[str], period: str) -> None:
+    """Daily totals for every day of `period`, each tenant with two deployments and the null
+    one, charges that differ by tenant, deployment and day; then ANALYZE, as autovacuum would."""
+    first_day = parse_period(period)
+    await pool.execute(
+        """
+        INSERT INTO usage_daily_totals
+            (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests)
+        SELECT t, d, day::date,
+               (length(t) * 7 + coalesce(length(d), 0) + extract(day FROM day)) * 0.00012345,
+               100 + n, 10 + n, 1 + n % 3
+        FROM unnest($1::text[]) WITH ORDINALITY AS tenants (t, n),
+             unnest(ARRAY['dep-1', 'dep-2', NULL]) AS d,
+             generate_series($2::date, $3::date - 1, interval '1 day') AS day
+        """,
+        list(tenants),
+        first_day,
+        next_month(first_day),
+    )
+    await pool.execute("ANALYZE usage_daily_totals")
+
+
+def _line_order(line: Any) -> tuple[str, bool, str]:
+    return (line.tenant_id, line.deployment_id is not None, line.deployment_id or "")
+
+
+async def test_a_month_of_many_tenants_is_billed_in_steps_with_every_tenant_once(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    # Three steps; ids whose order is the database's (punctuation, case, digits of any width).
+    tenants = [f"tenant-{n}" for n in range(2 * TENANTS_PER_STEP + 40)]
+    tenants += ["Tenant-Upper", "tenant_under", "tenant-9-", "tenant é", "a", "zz"]
+    await _month_of_daily_totals(pool, tenants, "2026-10")
+    steps: list[tuple[int, int]] = []
+    result = await run_rollup(
+        pool, period="2026-10", progress=lambda done, total: steps.append((done, total))
+    )
+    assert steps == [(200, 446), (400, 446), (446, 446)]
+    # What one query over the whole month gives, line for line.
+    first_day = parse_period("2026-10")
+    async with pool.acquire() as connection:
+        whole_month = await monthly_usage(
+            connection, first_day=first_day, next_month=next_month(first_day), tenants=None
+        )
+    by_tenant: dict[str, dict[str | None, Any]] = defaultdict(dict)
+    for tenant, deployment, usage in whole_month:
+        by_tenant[tenant][deployment] = usage
+    expected = [
+        line for tenant in by_tenant for line in usage_lines(tenant, "2026-10", by_tenant[tenant])
+    ]
+    assert {line.tenant_id for line in expected} == set(tenants)
+    assert sorted(result.lines, key=_line_order) == sorted(expected, key=_line_order)
+    assert len(result.lines) == len(expected) == 3 * len(tenants)
+
+
+# The test's log listener is on its connection while the rollup has it, on purpose.
+@pytest.mark.filterwarnings("ignore:.*being released to the pool but has 1 active log listener")
+async def test_on_a_reused_connection_each_step_reads_its_own_tenants_from_the_index(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    """`rollup schedule` runs the month again and again on one connection: asyncpg keeps its
+    statements prepared, and PostgreSQL plans them generically from their sixth execution on.
+    Forced generic here, each step's plan (logged by auto_explain) must still read only its
+    tenants' rows from the key's index: the "$3 IS NULL OR tenant_id = ANY($3)" the rollup once
+    had scanned the whole month for every step instead (130 s for 10,000 tenants)."""
+    url, setup = rollup_db
+    await _month_of_daily_totals(setup, [f"tenant-{n:04d}" for n in range(600)], "2026-10")
+    plans: list[str] = []
+
+    async def explained(connection: asyncpg.Connection) -> None:
+        await connection.execute("LOAD 'auto_explain'")
+
+    async def generic_plans(connection: PoolConnectionProxy[asyncpg.Record]) -> None:
+        # On every acquire: a pool's release drops the listener and resets the settings.
+        connection.add_log_listener(lambda _, message: plans.append(message.message))
+        await connection.execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_level = notice; "
+            "SET plan_cache_mode = force_generic_plan"
+        )
+
+    pool = await asyncpg.create_pool(
+        url, min_size=1, max_size=1, init=explained, setup=generic_plans
+    )
+    assert pool is not None
+    try:
+        for _ in range(2):
+            await run_rollup(pool, period="2026-10")
+    finally:
+        await pool.close()
+    steps = [plan for plan in plans if "GROUP BY tenant_id, deployment_id" in plan]
+    assert len(steps) == 2 * 3, plans
+    for plan in steps:
+        scans = [line.strip() for line in plan.splitlines() if "Scan" in line]
+        assert len(scans) == 1, plan
+        assert "Index Scan using usage_daily_totals_key" in scans[0], plan
+        conditions = re.findall(r"Index Cond: (.*)", plan)
+        assert len(conditions) == 1, plan
+        assert "(tenant_id " in conditions[0], plan
+        assert "$3" in conditions[0], f"not the generic plan: {plan}"
+        assert "Filter:" not in plan, plan

@@ -8,18 +8,21 @@ import random
 from array import array
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from llm_usage.bench.budget import (
     ArrivedAlert,
     LatencySummary,
+    MemoryRun,
     alert_latencies,
     build_workload,
     check_alerts,
     due_count,
     latency_split,
     limit_for,
+    memory_verdict,
     metric_totals,
     percentile,
     predicted_alerts,
@@ -225,3 +228,30 @@ def test_metric_totals_keep_one_consumer() -> None:
     assert totals["llm_usage_consumer_batch_size_count"] == 3.0
     assert totals["llm_usage_consumer_batch_size_sum"] == 300.0
     assert totals["llm_usage_budget_alerts_published_total"] == 3.0
+
+
+def _memory_run(*, batches: float, batch_events: float) -> MemoryRun:
+    return MemoryRun(
+        batch=20_000,
+        events=200_000,
+        counted=180_000,
+        seconds=12.0,
+        ready_rss_bytes=90 * 1024 * 1024,
+        most_sampled_rss_bytes=140 * 1024 * 1024,
+        rss_profile=(90 * 1024 * 1024, 140 * 1024 * 1024),
+        peak_rss_bytes=150 * 1024 * 1024,
+        batches=batches,
+        batch_events=batch_events,
+        cpu_seconds=10.0,
+        outbox="ok",
+        log_path=Path("budget.log"),
+    )
+
+
+def test_the_memory_figure_counts_only_with_batches_near_the_batch_size() -> None:
+    full = _memory_run(batches=10, batch_events=200_000)
+    assert full.mean_batch == 20_000
+    assert memory_verdict(full) == "budget consumer peak RSS 150 MiB at BUDGET_MAX_BATCH 20,000"
+    thin = memory_verdict(_memory_run(batches=100, batch_events=200_000))
+    assert "batches averaged 10% of 20,000: not a figure at the batch size" in thin
+    assert "not a figure" in memory_verdict(_memory_run(batches=0, batch_events=0))
