@@ -250,7 +250,8 @@ async def run_consumer(
             finally:
                 await _stop_client(producer, "producer", process.stopping, _PRODUCER_STOP_SHARE)
         finally:
-            # Leaves the group: its partitions move on at once.
+            # A dynamic member leaves the group and its partitions move on at once; a static one
+            # (KAFKA_GROUP_INSTANCE_ID) does not, and takes them back when it returns.
             await _stop_client(consumer, "consumer", process.stopping, _CONSUMER_STOP_SHARE)
 
 
