@@ -134,6 +134,14 @@ class BatchConsumer:
         while polled is not None and not self._stopping.is_set():
             fetched, generation, records = polled
             self._health.progressed()
+            if records:
+                await self._ledger.settled()
+            if records and not self._ledger.is_current(generation):
+                # Fetched (ahead) before a rebalance that began while the previous batch landed:
+                # its partitions' owners now read from their committed offsets. Landing it
+                # anyway would store records whose offsets can no longer be committed here.
+                polled = await self._poll()
+                continue
             if not records:
                 if await self._idle.idle_long_enough():
                     log.info("Stopping: at the end of every partition.", consumer=self._name)

@@ -5,6 +5,7 @@ lag gauge, measured from those commits to the last stable offset."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import structlog
@@ -26,12 +27,23 @@ class OffsetLedger:
         self.generation = 0
         self._landed: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}  # the last offsets this member committed
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def begin_revocation(self) -> None:
+        """A rebalance has begun: no new batch lands until the generation has ended."""
+        self._settled.clear()
+
+    async def settled(self) -> None:
+        """Return once no revocation is under way."""
+        await self._settled.wait()
 
     def end_generation(self) -> None:
         """The partitions are being given up (a rebalance): every batch fetched before now is
         stale, whatever the next assignment holds."""
         self.generation += 1
         self._landed.clear()
+        self._settled.set()
 
     def is_current(self, generation: int) -> bool:
         return generation == self.generation

@@ -45,17 +45,21 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # aio
         self.revoked_listeners: list[RevokedHook] = []
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before giving partitions away, let the batch in flight land and commit it."""
+        """Before giving partitions away, let the batch in flight land and commit it; no
+        batch fetched before now lands after it."""
+        self._ledger.begin_revocation()
         try:
-            await asyncio.wait_for(self._batch_done.wait(), self._revoke_wait_seconds)
-        except TimeoutError:
-            log.warning(
-                "Rebalance did not wait for a slow batch; it will be redelivered to the "
-                "partitions' next owner and never committed by this one.",
-                consumer=self._name,
-            )
-        await self._ledger.commit()
-        self._ledger.end_generation()
+            try:
+                await asyncio.wait_for(self._batch_done.wait(), self._revoke_wait_seconds)
+            except TimeoutError:
+                log.warning(
+                    "Rebalance did not wait for a slow batch; it will be redelivered to the "
+                    "partitions' next owner and never committed by this one.",
+                    consumer=self._name,
+                )
+            await self._ledger.commit()
+        finally:
+            self._ledger.end_generation()
         self._ledger.forget(revoked)
         for hook in self.revoked_listeners:
             hook(revoked)

@@ -324,6 +324,28 @@ async def test_a_batch_that_lands_within_the_rebalance_wait_commits_before_revoc
     assert consumer.commits == [{TP: 43}]
 
 
+async def test_a_batch_fetched_ahead_before_a_rebalance_is_left_to_the_new_owner() -> None:
+    handler = RefusesBadRows(slow=0.3)
+    loop, consumer = loop_for(
+        [batch_of([b"ok"] * 4, first=40), batch_of([b"ok"] * 4, first=44)],
+        handler,
+        StandInSink(),
+        max_batch=4,  # a full batch: the next is fetched ahead while it lands
+        revoke_wait_seconds=5,
+    )
+
+    async def rebalance_meanwhile() -> None:
+        await asyncio.sleep(0.1)  # the first batch is landing, the second fetched ahead
+        await loop.listener.on_partitions_revoked({TP})
+        consumer.held = set()  # given away
+
+    await asyncio.gather(loop.run(), rebalance_meanwhile())
+    # The first batch landed and was committed before the partition moved; the one fetched
+    # ahead in the old assignment was not stored here (its new owner reads it from 44).
+    assert consumer.commits == [{TP: 44}]
+    assert handler.sizes == [4]
+
+
 async def test_an_undecodable_partition_stops_at_its_offset_while_the_others_move_on() -> None:
     health = HealthState()
     polls: list[dict[TopicPartition, list[Record]] | BaseException] = [
