@@ -95,7 +95,7 @@ _BENCH_TABLES = (
     "llm_usage_events",
     "budget_policies",
     "budget_policy_audit",
-    "budget_counted_events",
+    "usage_event_ids",
     "budget_spend",
     "budget_alert_outbox",
     "budget_alert_relay_positions",
@@ -644,8 +644,7 @@ async def _run_memory(
     with a group of its own, into counters emptied first, until it has counted as many events
     as the in-process run did."""
     await pool.execute(
-        "TRUNCATE budget_counted_events, budget_spend, budget_alert_outbox, "
-        "budget_alert_relay_positions"
+        "TRUNCATE usage_event_ids, budget_spend, budget_alert_outbox, budget_alert_relay_positions"
     )
     async with budget_consumer_process(bench, profile=None) as consumer:
         ready_rss = process_memory(consumer.pid).rss_bytes
@@ -664,7 +663,7 @@ async def _run_memory(
                 samples.append(
                     (time.perf_counter() - started, process_memory(consumer.pid).rss_bytes)
                 )
-            counted = await pool.fetchval("SELECT count(*) FROM budget_counted_events")
+            counted = await pool.fetchval("SELECT count(*) FROM usage_event_ids WHERE counted")
             now = time.perf_counter()
             if counted != last_count:
                 last_count, moved_at = counted, now
@@ -833,15 +832,17 @@ async def run_budget_benchmark(
             f"{len(backlog.expected):,} alerts predicted; published in {published:.1f} s "
             "(not timed)"
         )
-        await pool.execute("TRUNCATE llm_usage_events, budget_counted_events, budget_spend")
+        await pool.execute("TRUNCATE llm_usage_events, usage_event_ids, budget_spend")
         freeze_harness_objects()
-        usage = await time_consumer(backlog_bench, usage_consumer_spec(backlog_bench))
+        usage = await time_consumer(
+            backlog_bench, usage_consumer_spec(backlog_bench, CollectorRegistry())
+        )
         stored = await pool.fetchval("SELECT count(*) FROM llm_usage_events")
         budget = await time_consumer(
             backlog_bench,
             budget_consumer_spec(backlog_bench, BudgetMetrics.create(CollectorRegistry())),
         )
-        counted = await pool.fetchval("SELECT count(*) FROM budget_counted_events")
+        counted = await pool.fetchval("SELECT count(*) FROM usage_event_ids WHERE counted")
         backlog_outbox = _outbox_agrees(
             await _decided_alerts(pool, backlog.tenant_prefix), backlog.expected
         )

@@ -390,7 +390,7 @@ async def _measure_consumer(
         if sum(end_offsets.values()) != len(stream):
             raise AssertionError(f"{bench.usage_topic} holds {sum(end_offsets.values())} records")
         print(f"  published {len(stream):,} events in {seconds:.1f} s (not timed)")
-        await pool.execute("TRUNCATE llm_usage_events, usage_daily_totals")
+        await pool.execute("TRUNCATE llm_usage_events, usage_event_ids, usage_daily_totals")
         freeze_harness_objects()
         run = await _drain(bench, admin, pool, end_offsets, unique)
         await _verify_stored(pool, unique)
@@ -529,7 +529,7 @@ async def _verify_stored(pool: asyncpg.Pool, expected: int) -> None:
 
 
 async def _measure_copy(pool: asyncpg.Pool, rows: list[UsageRow]) -> Measurement:
-    await pool.execute("TRUNCATE llm_usage_events")
+    await pool.execute("TRUNCATE llm_usage_events, usage_event_ids")
     async with pool.acquire() as connection:
         started = time.perf_counter()
         await connection.copy_records_to_table(
@@ -541,7 +541,7 @@ async def _measure_copy(pool: asyncpg.Pool, rows: list[UsageRow]) -> Measurement
 
 async def _measure_naive(pool: asyncpg.Pool, values: list[bytes], now: datetime) -> Measurement:
     """Rows stored per second: the first `len(values)` events hold re-sends too."""
-    await pool.execute("TRUNCATE llm_usage_events")
+    await pool.execute("TRUNCATE llm_usage_events, usage_event_ids")
     async with pool.acquire() as connection:
         started = time.perf_counter()
         for value in values:

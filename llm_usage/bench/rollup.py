@@ -33,6 +33,7 @@ from decimal import Decimal
 from itertools import islice
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from llm_usage.bench.support import (
     bench_database,
@@ -660,12 +661,12 @@ async def _time_recorder(
 ) -> ConsumerRun:
     """The usage consumer as `consume usage` runs it, with the pre-aggregate on or off; a group
     of its own reads the backlog from the start into emptied tables."""
-    await pool.execute("TRUNCATE llm_usage_events, usage_daily_totals")
+    await pool.execute("TRUNCATE llm_usage_events, usage_event_ids, usage_daily_totals")
 
     def without_daily_totals(context: ConsumerContext) -> UsageRecorder:
         return _RecorderWithoutDailyTotals(pool=context.pool, clock=context.clock)
 
-    spec = dataclasses.replace(usage_consumer_spec(settings), group_id=group)
+    spec = dataclasses.replace(usage_consumer_spec(settings, CollectorRegistry()), group_id=group)
     if not keep:
         spec = dataclasses.replace(spec, make_handler=without_daily_totals)
     freeze_harness_objects()

@@ -19,6 +19,7 @@ from llm_usage.core.errors import PipelineError, UserFacingError
 # groups (bench, soak) are left out of production images, and then simply not offered.
 COMMAND_GROUPS: Final = (
     "llm_usage.cli.migrate",
+    "llm_usage.cli.maintain",
     "llm_usage.cli.consume",
     "llm_usage.cli.topics",
     "llm_usage.cli.dev",

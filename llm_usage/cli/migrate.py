@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from llm_usage.cli.args import Commands
@@ -11,6 +13,7 @@ from llm_usage.core.errors import UserFacingError
 
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
+    from llm_usage.storage.pool import Connection
 
 
 def add_parser(commands: Commands) -> None:
@@ -21,28 +24,44 @@ def add_parser(commands: Commands) -> None:
 async def run_migrate_command(args: argparse.Namespace, settings: Settings) -> None:
     await until_sigterm(
         migrate_database(settings),
-        stopped="migrate stopped by SIGTERM before it finished; the migrations apply in one "
-        "transaction, so none of this run's was applied: run it again",
+        stopped="migrate stopped by SIGTERM before it finished; every migration is safe to "
+        "run again: run it again to apply the rest",
     )
 
 
-async def migrate_database(settings: Settings) -> None:
-    """Apply what is missing and say which migrations that was; a user who may not change the
-    schema is one line."""
+@asynccontextmanager
+async def schema_owner_connection(settings: Settings, command: str) -> AsyncIterator[Connection]:
+    """One connection for a command only the schema owner may run; a user who may not change
+    the schema, or a database never migrated, is one line."""
     import asyncpg  # noqa: PLC0415 - the database stack, when the command runs
 
-    from llm_usage.storage.migrate import migrate  # noqa: PLC0415
     from llm_usage.storage.pool import create_pool  # noqa: PLC0415
 
     pool = await create_pool(settings.database_url, size=1)
     try:
         async with pool.acquire() as connection:
-            applied = await migrate(connection)
+            yield connection
     except asyncpg.exceptions.InsufficientPrivilegeError as error:
         raise UserFacingError(
             f"the database user may not change the schema ({error}); "
-            "run `llm-usage migrate` as the schema owner"
+            f"run `llm-usage {command}` as the schema owner"
         ) from None
+    except asyncpg.exceptions.UndefinedTableError as error:
+        raise UserFacingError(f"{error}; run `llm-usage migrate` first") from None
     finally:
         await pool.close()
+
+
+async def migrate_database(settings: Settings) -> None:
+    """Apply what is missing and say which migrations that was."""
+    from llm_usage.core.clock import worker_clock  # noqa: PLC0415 - when the command runs
+    from llm_usage.storage.migrate import migrate  # noqa: PLC0415
+
+    async with schema_owner_connection(settings, "migrate") as connection:
+        applied = await migrate(
+            connection,
+            today=worker_clock()().date(),
+            dedup_window_hours=settings.dedup_window_hours,
+            retention_months=settings.retention_months,
+        )
     print(f"applied {', '.join(applied)}" if applied else "database is up to date")

@@ -48,9 +48,13 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int | None = Field(default=None, ge=6_000, le=1_800_000)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100, le=600_000)
 
-    # The budget consumer remembers the ids it counted this long: the usage topic's retention
-    # (7 days by default) plus a day's margin, since nothing older can be redelivered.
-    budget_dedup_retention_hours: int = Field(default=192, ge=1)
+    # The id window (Tier 2 of an event's identity): any copy of an id seen this long ago is a
+    # duplicate or a conflict whatever its tenant or time; the usage topic's retention (7 days
+    # by default) plus a day's margin, since nothing older can be redelivered.
+    dedup_window_hours: int = Field(default=192, ge=1)
+    # Months of events kept queryable besides the current one; older months are archived and
+    # dropped by `llm-usage maintain`, and an event of such a month is dead-lettered `expired`.
+    retention_months: int = Field(default=25, ge=1, le=1200)
     # How often every policy is checked against the current day's and month's spend (a policy
     # change is noticed at once through LISTEN/NOTIFY; this is the safety net).
     budget_policy_sweep_seconds: float = Field(default=30.0, gt=0)

@@ -15,6 +15,7 @@ class DeadLetterReason(StrEnum):
     SCHEMA_VIOLATION = "schema_violation"
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
     TOO_LARGE = "too_large"
+    EXPIRED = "expired"  # its month is past retention: no partition can hold it any more
 
 
 REASON_HEADER = "dlq.reason"

@@ -280,7 +280,12 @@ async def check_soak(
                       customer_charge_usd, input_tokens, output_tokens, occurred_at
                FROM llm_usage_events"""
         )
-        counted = [r[0] for r in await connection.fetch("SELECT * FROM budget_counted_events")]
+        counted = [
+            r[0]
+            for r in await connection.fetch(
+                "SELECT gateway_request_id FROM usage_event_ids WHERE counted"
+            )
+        ]
         counters = {
             (r[0], r[1], r[2], r[3], r[4]): r[5]
             for r in await connection.fetch(

@@ -382,7 +382,7 @@ async def _drain(pool: asyncpg.Pool, ledger: Ledger, samples: list[Sample]) -> b
             async with pool.acquire() as connection:
                 counts = (
                     await connection.fetchval("SELECT count(*) FROM llm_usage_events"),
-                    await connection.fetchval("SELECT count(*) FROM budget_counted_events"),
+                    await connection.fetchval("SELECT count(*) FROM usage_event_ids WHERE counted"),
                     await connection.fetchval(
                         "SELECT count(*) FROM budget_alert_outbox WHERE published_at IS NULL"
                     ),

@@ -1,4 +1,5 @@
-"""The budget consumer's own tables: the ids it has counted and the spend counters.
+"""The budget consumer's writes: which events it counts (the shared id window) and the spend
+counters.
 
 Every write takes rows in sorted order, so two replicas touching the same ids or counters lock
 them in the same order and cannot deadlock.
@@ -7,7 +8,7 @@ them in the same order and cannot deadlock.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -22,7 +23,9 @@ from llm_usage.storage.pool import Connection
 _STAGE_EVENTS = """
     CREATE TEMP TABLE IF NOT EXISTS budget_event_batch (
         gateway_request_id text, tenant_id text, deployment_id text, user_id text,
-        agent_id text, day date, charge_usd numeric
+        agent_id text, day date, charge_usd numeric, input_tokens bigint, output_tokens bigint,
+        cached_input_tokens bigint, reasoning_tokens bigint, total_tokens bigint,
+        occurred_at timestamptz
     ) ON COMMIT DELETE ROWS
 """
 STAGED_EVENT_COLUMNS = (
@@ -33,17 +36,53 @@ STAGED_EVENT_COLUMNS = (
     "agent_id",
     "day",
     "charge_usd",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "occurred_at",
 )
 
-# Records the staged ids as counted; the ones counted before leave the staging table and come
-# back (few: the replays).
+# Counts the staged events that are the first copy of their id, by the same two-tier identity
+# as the usage consumer (domain/identity.py), so both always agree on which copy is billed and
+# counted: an id the window does not hold is added to it as counted — unless its month is past
+# retention (`expired`), its Tier 1 key is stored already (an event older than the window) or
+# it was counted before the window existed; an id the window holds is marked counted when the
+# event is equal to the window's row and not counted yet. The rest (duplicates, conflicts,
+# replays) leave the staging table and come back.
 _COUNT_STAGED = """
-    WITH counted_now AS (
-        INSERT INTO budget_counted_events (gateway_request_id)
-        SELECT gateway_request_id FROM budget_event_batch
-        ORDER BY gateway_request_id COLLATE "C"
-        ON CONFLICT (gateway_request_id) DO NOTHING
-        RETURNING gateway_request_id
+    WITH floor AS (
+        SELECT coalesce(min(month), '-infinity')::timestamp AT TIME ZONE 'UTC' AS starts
+        FROM usage_event_months WHERE state = 'attached'
+    ), counted_now AS (
+        INSERT INTO usage_event_ids AS w (gateway_request_id, tenant_id, deployment_id,
+            input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens,
+            customer_charge_usd, occurred_at, counted)
+        SELECT b.gateway_request_id, b.tenant_id, b.deployment_id, b.input_tokens,
+            b.output_tokens, b.cached_input_tokens, b.reasoning_tokens, b.total_tokens,
+            b.charge_usd, b.occurred_at, true
+        FROM budget_event_batch AS b
+        WHERE b.occurred_at >= (SELECT starts FROM floor)
+          AND NOT EXISTS (SELECT FROM budget_counted_legacy AS l
+                          WHERE l.gateway_request_id = b.gateway_request_id)
+          AND (EXISTS (SELECT FROM usage_event_ids AS k
+                       WHERE k.gateway_request_id = b.gateway_request_id)
+               OR NOT EXISTS (SELECT FROM llm_usage_events AS e
+                              WHERE e.tenant_id = b.tenant_id
+                                AND e.occurred_at = b.occurred_at
+                                AND e.gateway_request_id = b.gateway_request_id))
+        ORDER BY b.gateway_request_id COLLATE "C"
+        ON CONFLICT (gateway_request_id) DO UPDATE SET counted = true
+        WHERE NOT w.counted
+          AND (w.tenant_id, w.deployment_id, w.input_tokens, w.output_tokens,
+               w.cached_input_tokens, w.reasoning_tokens, w.total_tokens,
+               w.customer_charge_usd, w.occurred_at)
+              IS NOT DISTINCT FROM
+              (EXCLUDED.tenant_id, EXCLUDED.deployment_id, EXCLUDED.input_tokens,
+               EXCLUDED.output_tokens, EXCLUDED.cached_input_tokens, EXCLUDED.reasoning_tokens,
+               EXCLUDED.total_tokens, EXCLUDED.customer_charge_usd, EXCLUDED.occurred_at)
+        RETURNING w.gateway_request_id
     )
     DELETE FROM budget_event_batch AS b
     WHERE NOT EXISTS (
@@ -98,17 +137,9 @@ _ADD_STAGED_TO_COUNTERS = f"""
     FROM limited WHERE limit_usd IS NOT NULL
 """
 
-_PRUNE_COUNTED = """
-    DELETE FROM budget_counted_events
-    WHERE gateway_request_id IN (
-        SELECT gateway_request_id FROM budget_counted_events
-        WHERE counted_at < now() - make_interval(hours => $1)
-        LIMIT $2
-    )
-"""
-
-
-StagedEvent = tuple[str, str, str | None, str | None, str | None, date, Decimal]
+StagedEvent = tuple[
+    str, str, str | None, str | None, str | None, date, Decimal, int, int, int, int, int, datetime
+]
 
 
 async def stage_events(connection: Connection, events: Iterable[StagedEvent]) -> None:
@@ -120,8 +151,8 @@ async def stage_events(connection: Connection, events: Iterable[StagedEvent]) ->
 
 
 async def count_staged_events(connection: Connection) -> set[str]:
-    """Remember the staged ids as counted, keep staged only the events not counted before, and
-    return the ids that were."""
+    """Mark the staged first copies counted in the id window, keep staged only those, and
+    return the ids of the others (counted before, a conflicting copy, or expired)."""
     return {row[0] for row in await connection.fetch(_COUNT_STAGED)}
 
 
@@ -145,9 +176,3 @@ async def add_staged_to_counters(connection: Connection) -> dict[SpendKey, Limit
         key = (tenant_id, scope_type, scope_id, window, start)
         limited[key] = LimitedCounter(subtract(after, increment), after, limit, pct)
     return limited
-
-
-async def prune_counted_ids(connection: Connection, *, older_than_hours: int, limit: int) -> int:
-    """Forget up to `limit` counted ids older than the retention; return how many."""
-    status = await connection.execute(_PRUNE_COUNTED, older_than_hours, limit)
-    return int(status.rsplit(" ", 1)[-1])

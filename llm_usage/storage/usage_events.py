@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageRow
+from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
 
 # Column name → PostgreSQL type, in table order (`UsageRow`'s); `received_at` is filled in by
@@ -41,51 +40,41 @@ _UNNEST_ARGS = ", ".join(
 _INSERT_NEW = f"""
     INSERT INTO llm_usage_events ({_COLUMN_LIST})
     SELECT * FROM unnest({_UNNEST_ARGS})
-    ON CONFLICT (gateway_request_id) DO NOTHING
+    ON CONFLICT (tenant_id, occurred_at, gateway_request_id) DO NOTHING
     RETURNING gateway_request_id
 """
-_SELECT_STORED = f"""
-    SELECT gateway_request_id, {", ".join(CONFLICT_FIELDS)}
-    FROM llm_usage_events
-    WHERE gateway_request_id = ANY($1::text[])
-"""
+
+
+def _tier_one_key(event: UsageRow) -> tuple[str, object, str]:
+    return (event.tenant_id, event.occurred_at, event.gateway_request_id)
 
 
 async def copy_usage_events(connection: Connection, events: Sequence[UsageRow]) -> None:
     """COPY `events` straight into the table: the fastest path, for ids known to be new.
 
-    All or nothing: if another transaction stored one of these ids meanwhile, PostgreSQL raises
+    All or nothing: if another transaction stored one of these keys meanwhile, PostgreSQL raises
     `UniqueViolationError` and none of the rows is kept.
     """
     if events:
+        ordered: list[UsageRow] = sorted(events, key=_tier_one_key)
         await connection.copy_records_to_table(
             "llm_usage_events",
-            records=events,
+            records=ordered,
             columns=list(USAGE_EVENT_COLUMNS),
         )
 
 
 async def insert_new_usage_events(connection: Connection, events: Sequence[UsageRow]) -> set[str]:
-    """Insert the events whose `gateway_request_id` is not stored yet; return the ids inserted.
+    """Insert the events not stored yet under their Tier 1 key; return the ids inserted.
 
     Ids must be unique within `events`. A stored row is never touched. When another transaction
-    is inserting the same id, PostgreSQL waits for it, so an id not returned here is committed.
+    is inserting the same key, PostgreSQL waits for it, so a key not returned here is committed.
     """
     if not events:
         return set()
     columns = [list(values) for values in zip(*events, strict=True)]
     rows = await connection.fetch(_INSERT_NEW, *columns)
     return {row["gateway_request_id"] for row in rows}
-
-
-async def stored_conflict_fields(
-    connection: Connection, gateway_request_ids: Sequence[str]
-) -> dict[str, dict[str, Any]]:
-    """For stored ids, the fields that tell a duplicate from a conflicting one."""
-    if not gateway_request_ids:
-        return {}
-    rows = await connection.fetch(_SELECT_STORED, list(gateway_request_ids))
-    return {row["gateway_request_id"]: {f: row[f] for f in CONFLICT_FIELDS} for row in rows}
 
 
 async def usage_table_exists(connection: Connection) -> bool:

@@ -201,7 +201,7 @@ def compose_problems(raw: Any, env: dict[str, str]) -> list[str]:  # noqa: PLR09
             problems.append(f"{where}: the build context is not the repository's root")
         variables = {key: str(value) for key, value in service.get("environment", {}).items()}
         problems += settings_problems(where, variables)
-        dedup = float(variables.get("BUDGET_DEDUP_RETENTION_HOURS", 192))
+        dedup = float(variables.get("DEDUP_WINDOW_HOURS", 192))
         if dedup < retention_hours + DEDUP_MARGIN_HOURS:
             problems.append(
                 f"{where}: remembers ids {dedup} h, the topic keeps {retention_hours} h"
@@ -385,7 +385,7 @@ def _compose_zookeeper(c: Any) -> None:
 
 
 def _compose_short_dedup(c: Any) -> None:
-    c["services"]["budget-consumer"]["environment"]["BUDGET_DEDUP_RETENTION_HOURS"] = "168"
+    c["services"]["budget-consumer"]["environment"]["DEDUP_WINDOW_HOURS"] = "168"
 
 
 def _compose_unknown_setting(c: Any) -> None:

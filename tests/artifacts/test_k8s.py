@@ -844,12 +844,12 @@ def topic_problems(objects: list[Object], replication: tuple[int, int]) -> list[
     usage = topic(objects, settings["USAGE_TOPIC"])
     if usage is not None:
         retention_hours = int(usage["spec"].get("config", {}).get("retention.ms", -1)) / 3_600_000
-        dedup_hours = int(settings["BUDGET_DEDUP_RETENTION_HOURS"])
+        dedup_hours = int(settings["DEDUP_WINDOW_HOURS"])
         if retention_hours < MIN_USAGE_RETENTION_HOURS:
             problems.append(f"usage topic: keeps {retention_hours} h, less than 7 days")
         elif dedup_hours < retention_hours + DEDUP_MARGIN_HOURS:
             problems.append(
-                f"BUDGET_DEDUP_RETENTION_HOURS={dedup_hours} does not outlast the usage topic's "
+                f"DEDUP_WINDOW_HOURS={dedup_hours} does not outlast the usage topic's "
                 f"{retention_hours} h retention by {DEDUP_MARGIN_HOURS} h"
             )
     return problems
@@ -1269,7 +1269,7 @@ def _m_unknown_secret(objects: list[Object]) -> None:
         (_m_keda_user, "KEDA's user name is 'llm-usage-ingest'"),
         (_m_compacted_alerts, "KafkaTopic llm_budget_alerts: cleanup.policy"),
         (_m_short_retention, "keeps 72.0 h, less than 7 days"),
-        (_m_long_retention, "BUDGET_DEDUP_RETENTION_HOURS=192 does not outlast"),
+        (_m_long_retention, "DEDUP_WINDOW_HOURS=192 does not outlast"),
         (_m_insync, "llm_usage_recorded.dlq: replicas and min.insync.replicas (3, 3)"),
         (_m_grace, "terminationGracePeriodSeconds 30"),
         (_m_probe, "readinessProbe does not ask /readyz"),

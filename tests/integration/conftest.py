@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from llm_usage.storage.migrate import migrate
-from tests.integration.pipeline import kill_leftovers
+from tests.integration.pipeline import kill_leftovers, unique
 
 _HERE = Path(__file__).parent
 
@@ -29,6 +30,19 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         await migrate(connection)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def empty_database_url(database_url: str) -> str:
+    """A database of the test's own on the session's server, never migrated: for tests that
+    apply migrations from nothing, or create, drop and move partitions."""
+    name = unique("own").replace("-", "_")
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
 
 
 @pytest.fixture(autouse=True)

@@ -357,12 +357,13 @@ async def produce_one_record_batch(
 
 @asynccontextmanager
 async def writes_held(database_url: str) -> AsyncIterator[int]:
-    """Hold a SHARE lock on `llm_usage_events` until the block ends: reads go on, every INSERT
-    or COPY waits for the release. Yields the holding backend's pid (see `sessions_blocked_by`)."""
+    """Hold a SHARE lock on the id window and the events until the block ends: reads go on,
+    every INSERT or COPY (a consumer writes the window first) waits for the release. Yields the
+    holding backend's pid (see `sessions_blocked_by`)."""
     connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(database_url)
     try:
         async with connection.transaction():
-            await connection.execute("LOCK TABLE llm_usage_events IN SHARE MODE")
+            await connection.execute("LOCK TABLE usage_event_ids, llm_usage_events IN SHARE MODE")
             yield int(await connection.fetchval("SELECT pg_backend_pid()"))
             # Leaving the block commits a transaction that wrote nothing: the lock is released.
     finally:

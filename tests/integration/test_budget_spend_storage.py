@@ -17,6 +17,7 @@ from llm_usage.domain.periods import utc_day
 from llm_usage.storage.budget_spend import add_staged_to_counters, stage_events
 from tests.integration.pipeline import unique
 
+_NO_TOKENS = (0, 0, 0, 0, 0)  # the token counts only tell conflicts apart; counting ignores them
 _HOT_UPDATES = "SELECT pg_stat_get_xact_tuples_hot_updated('budget_spend'::regclass)"
 _UPDATES = "SELECT pg_stat_get_xact_tuples_updated('budget_spend'::regclass)"
 
@@ -36,6 +37,8 @@ async def _add_once_per_tenant(pool: asyncpg.Pool, tenants: list[str]) -> tuple[
                     None,
                     date(2026, 11, 14),
                     Decimal("0.5"),
+                    *_NO_TOKENS,
+                    datetime(2026, 11, 14, 12, tzinfo=UTC),
                 )
                 for tenant in tenants
             ),
@@ -131,6 +134,8 @@ async def test_the_counters_postgresql_adds_are_those_the_python_walk_derives(
                         e.agent_id,
                         utc_day(e.occurred_at),
                         e.customer_charge_usd,
+                        *_NO_TOKENS,
+                        e.occurred_at,
                     )
                     for e in events
                 ),

@@ -5,25 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 
 from llm_usage.storage.migrate import bundled_migrations, migrate
-from tests.integration.pipeline import unique
-
-
-@pytest.fixture
-async def empty_database_url(database_url: str) -> str:
-    """A database of its own, so this test sees migrations applied from nothing."""
-    name = unique("migrations").replace("-", "_")
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
 
 
 async def run_migrate_command(database_url: str) -> tuple[int, str]:
@@ -70,6 +55,6 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(
         }
     finally:
         await connection.close()
-    assert {"llm_usage_events_pkey", "llm_usage_events_tenant_occurred_at"} <= indexes
-    # Dropped by 0005: the covering index serves every query it served, for less write cost.
-    assert "llm_usage_events_deployment_occurred_at" not in indexes
+    # One index on the events: Tier 1 of the identity, covering the reports (0005's covering index
+    # and the old primary key on the id alone are gone with the partitioning of 0009).
+    assert indexes == {"llm_usage_events_identity"}

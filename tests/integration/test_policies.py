@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -576,18 +575,6 @@ async def test_each_bad_argument_is_one_line_and_exit_2(
         assert await tenant_policies(connection, "t-args") == []
 
 
-@pytest.fixture
-async def unmigrated_database_url(database_url: str) -> str:
-    """A database of its own on the session's server, never migrated."""
-    name = unique("unmigrated").replace("-", "_")
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -599,9 +586,9 @@ async def unmigrated_database_url(database_url: str) -> str:
     ],
 )
 async def test_an_unmigrated_database_is_one_line_naming_migrate(
-    unmigrated_database_url: str, args: tuple[str, ...]
+    empty_database_url: str, args: tuple[str, ...]
 ) -> None:
-    finished = await llm_usage(unmigrated_database_url, *args)
+    finished = await llm_usage(empty_database_url, *args)
     assert finished.code == 2, finished
     assert finished.err == (
         "llm-usage: error: the database has no budget tables yet; run `llm-usage migrate` first\n"

@@ -32,7 +32,7 @@ from tests.integration.pipeline import (
     writes_held,
 )
 
-LANDING_AGAIN = "Another replica stored some of these ids meanwhile; landing again."
+LANDING_AGAIN = "Another worker stored some of these ids meanwhile; landing again."
 
 
 def held_partitions(replica: RunningConsumer) -> list[int]:

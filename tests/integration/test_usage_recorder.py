@@ -75,7 +75,7 @@ def captured_logs() -> Iterator[structlog.testing.LogCapture]:
         structlog.configure(**saved)
 
 
-LANDING_AGAIN = "Another replica stored some of these ids meanwhile; landing again."
+LANDING_AGAIN = "Another worker stored some of these ids meanwhile; landing again."
 
 
 @pytest.mark.parametrize("theirs_and_ours", ["duplicate", "conflict"])

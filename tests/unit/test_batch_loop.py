@@ -253,10 +253,10 @@ async def test_a_batch_that_does_not_land_is_fetched_again_never_committed() -> 
     assert consumer.commits == []
 
 
-async def test_a_vanished_row_lands_the_batch_again_instead_of_crashing() -> None:
-    from llm_usage.consumers.usage.settle import StoredRowVanishedError  # noqa: PLC0415
+async def test_a_month_without_its_partition_lands_the_batch_again_never_dead_letters() -> None:
+    from llm_usage.consumers.usage.recorder import MonthWithoutPartitionError  # noqa: PLC0415
 
-    handler = RefusesBadRows(error=StoredRowVanishedError("r1 was neither inserted nor stored"))
+    handler = RefusesBadRows(error=MonthWithoutPartitionError("no partition for 2027-03"))
     loop, consumer = loop_for([batch_of([b"ok"])], handler, StandInSink())
     await loop.run()
     assert handler.calls >= 2

@@ -58,6 +58,7 @@ def test_bad_arguments_exit_2_with_usage(
 
 GROUP_COMMANDS = [
     "migrate",
+    "maintain",
     "consume",
     "topics",
     "dev",

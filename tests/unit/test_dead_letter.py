@@ -25,6 +25,7 @@ FAILED_AT = datetime(2026, 11, 14, 9, 12, 3, 120999, tzinfo=UTC)
         (DeadLetterReason.SCHEMA_VIOLATION, "schema_violation"),
         (DeadLetterReason.CONFLICTING_DUPLICATE, "conflicting_duplicate"),
         (DeadLetterReason.TOO_LARGE, "too_large"),
+        (DeadLetterReason.EXPIRED, "expired"),
     ],
 )
 def test_each_reason_is_written_as_the_contract_spells_it(
@@ -39,12 +40,13 @@ def test_each_reason_is_written_as_the_contract_spells_it(
     assert headers["dlq.reason"] == header_value.encode()
 
 
-def test_there_are_exactly_the_four_reasons_of_the_contract() -> None:
+def test_there_are_exactly_the_reasons_of_the_contract() -> None:
     assert {reason.value for reason in DeadLetterReason} == {
         "invalid_json",
         "schema_violation",
         "conflicting_duplicate",
         "too_large",
+        "expired",
     }
 
 

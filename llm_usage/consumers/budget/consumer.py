@@ -12,16 +12,11 @@ from llm_usage.consumers.budget.relay import alert_relay
 from llm_usage.consumers.budget.watcher import watch_policies
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
-from llm_usage.runtime.handler import ConsumerContext, ConsumerSpec, SideTask
+from llm_usage.runtime.handler import ConsumerContext, ConsumerSpec
 from llm_usage.runtime.process import run_consumer
-from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
-from llm_usage.storage.budget_spend import prune_counted_ids
 from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
-
-_PRUNE_EVERY_SECONDS = 600.0
-_PRUNE_BATCH = 10_000
 
 
 async def require_budget_tables(pool: asyncpg.Pool) -> None:
@@ -32,31 +27,6 @@ async def require_budget_tables(pool: asyncpg.Pool) -> None:
                 "table budget_spend does not exist in DATABASE_URL's database; "
                 "run `llm-usage migrate` first"
             )
-
-
-def counted_id_pruner(metrics: BudgetMetrics) -> SideTask:
-    """Forget counted ids older than the retention, a batch at a time, every few minutes."""
-
-    async def prune_counted_ids_regularly(context: ConsumerContext) -> None:
-        sleep = sleep_unless_stopping(context.stopping)
-        hours = context.settings.budget_dedup_retention_hours
-        while not context.stopping.is_set():
-            try:
-                while not context.stopping.is_set():
-                    async with connection_from(context.pool) as connection:
-                        pruned = await prune_counted_ids(
-                            connection, older_than_hours=hours, limit=_PRUNE_BATCH
-                        )
-                    metrics.counted_ids_pruned.inc(pruned)
-                    if pruned < _PRUNE_BATCH:
-                        break
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                log.warning("Pruning counted ids failed; trying later.", error=str(error))
-            await sleep(_PRUNE_EVERY_SECONDS)
-
-    return prune_counted_ids_regularly
 
 
 def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> ConsumerSpec:
@@ -76,7 +46,6 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
         side_tasks=(
             alert_relay(metrics),
             watch_policies,
-            counted_id_pruner(metrics),
         ),
     )
 

@@ -129,4 +129,10 @@ def _staged(event: UsageRow) -> StagedEvent:
         event.agent_id,
         event.occurred_at.date(),  # decoding put it in UTC: the event's own UTC day
         event.customer_charge_usd,
+        event.input_tokens,
+        event.output_tokens,
+        event.cached_input_tokens,
+        event.reasoning_tokens,
+        event.total_tokens,
+        event.occurred_at,
     )

@@ -14,7 +14,6 @@ class BudgetMetrics:
     outbox_oldest_age: Gauge
     alert_latency: Histogram
     relay_leader: Gauge
-    counted_ids_pruned: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> BudgetMetrics:
@@ -44,11 +43,6 @@ class BudgetMetrics:
             relay_leader=Gauge(
                 "llm_usage_budget_alert_relay_leader",
                 "1 on the one replica that publishes alerts, 0 on the others.",
-                registry=registry,
-            ),
-            counted_ids_pruned=Counter(
-                "llm_usage_budget_counted_ids_pruned_total",
-                "Counted gateway_request_ids forgotten after the dedup retention.",
                 registry=registry,
             ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.usage.partitions_watch import watch_partitions
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
@@ -30,12 +31,16 @@ async def run_usage_consumer(
     registry: CollectorRegistry | None = None,
 ) -> None:
     """`llm-usage consume usage`: run until SIGTERM/SIGINT, or until idle that long."""
+    registry = registry or CollectorRegistry()
     await run_consumer(
-        settings, usage_consumer_spec(settings), exit_when_idle=exit_when_idle, registry=registry
+        settings,
+        usage_consumer_spec(settings, registry),
+        exit_when_idle=exit_when_idle,
+        registry=registry,
     )
 
 
-def usage_consumer_spec(settings: Settings) -> ConsumerSpec:
+def usage_consumer_spec(settings: Settings, registry: CollectorRegistry) -> ConsumerSpec:
     """The usage consumer as the runtime runs it: its topic, group, handler and DLQ."""
 
     def make_handler(context: ConsumerContext) -> UsageRecorder:
@@ -48,4 +53,5 @@ def usage_consumer_spec(settings: Settings) -> ConsumerSpec:
         make_handler=make_handler,
         dead_letter_topic=settings.dlq_topic,
         check_database=require_migrated,
+        side_tasks=(watch_partitions(registry),),
     )

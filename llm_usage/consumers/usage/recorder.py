@@ -6,22 +6,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import asyncpg
 import structlog
 
-from llm_usage.consumers.usage.settle import DecodedBatch, decode_batch, settle_batch
+from llm_usage.consumers.usage.settle import (
+    ChunkPlan,
+    DecodedBatch,
+    decode_batch,
+    lookup_keys,
+    plan_chunk,
+    settle_batch,
+)
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, Record
+from llm_usage.runtime.isolation import DatabaseRefusesRowsError
 from llm_usage.runtime.retry import cancel_quietly
 from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.storage.event_ids import copy_new_ids, insert_new_ids, look_up_identities
+from llm_usage.storage.partitions import attached_months
 from llm_usage.storage.pool import Connection, connection_from
-from llm_usage.storage.usage_events import (
-    copy_usage_events,
-    insert_new_usage_events,
-    stored_conflict_fields,
-)
+from llm_usage.storage.usage_events import copy_usage_events, insert_new_usage_events
 from llm_usage.storage.usage_totals import add_to_daily_totals, daily_totals
 
 log = structlog.get_logger(__name__)
@@ -34,13 +40,19 @@ CHUNK_RECORDS = 1000
 _DECODE_SLICE = 200
 
 
-class UsageRecorder:
-    """The usage consumer's batch handler: per chunk, one look-up and one COPY, one transaction.
+class MonthWithoutPartitionError(DatabaseRefusesRowsError):
+    """An event's month has no partition: dropped meanwhile (the batch, landed again, finds it
+    expired) or never created (`llm-usage maintain` has not run: the batch waits for it)."""
 
-    The look-up finds the ids already stored (duplicates and conflicts are settled against them);
-    the rest are COPYed straight into the table. Should a concurrent replica store one of them
-    in between, the COPY fails, the transaction rolls back, and the batch is landed again with
-    the race-proof INSERT ... ON CONFLICT DO NOTHING.
+
+class UsageRecorder:
+    """The usage consumer's batch handler: per chunk, one look-up and two COPYs, one transaction.
+
+    The look-up finds what both tiers of the identity know of the chunk's ids (duplicates and
+    conflicts are settled against it); the new ids are COPYed into the window and the events to
+    store into the table. Should a concurrent replica (or the budget consumer) add one of them in
+    between, a COPY fails, the transaction rolls back, and the batch is landed again with the
+    race-proof INSERT ... ON CONFLICT DO NOTHING.
     """
 
     def __init__(
@@ -65,10 +77,19 @@ class UsageRecorder:
         decoded = await self._ahead.take(records) or []
         async with connection_from(self._pool) as connection:
             try:
-                return await self._land(connection, records, decoded, now=now, copy=True)
-            except asyncpg.exceptions.UniqueViolationError:
-                log.info("Another replica stored some of these ids meanwhile; landing again.")
-                return await self._land(connection, records, decoded, now=now, copy=False)
+                try:
+                    return await self._land(connection, records, decoded, now=now, copy=True)
+                except asyncpg.exceptions.UniqueViolationError:
+                    log.info("Another worker stored some of these ids meanwhile; landing again.")
+                    return await self._land(connection, records, decoded, now=now, copy=False)
+            except asyncpg.exceptions.CheckViolationError as error:
+                if "no partition of relation" not in str(error):
+                    raise
+                raise MonthWithoutPartitionError(
+                    f"PostgreSQL has no partition for an event's month ({error}): a month was "
+                    "dropped meanwhile (landing again finds its events expired) or the months "
+                    "ahead were never created (run `llm-usage maintain` as the schema owner)"
+                ) from error
 
     async def _decode_chunks(self, records: Sequence[Record]) -> list[DecodedBatch]:
         now = self._clock()
@@ -90,6 +111,7 @@ class UsageRecorder:
         stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
         async with connection.transaction():
+            floor = (await attached_months(connection)).oldest
             try:
                 for index, start in enumerate(range(0, len(records), self._chunk_records)):
                     if index == len(decoded):
@@ -101,7 +123,9 @@ class UsageRecorder:
                     chunk = decoded[index]
                     if writing is not None:
                         outcome = outcome.merge(_collect(await writing, stored_now))
-                    writing = asyncio.create_task(_write_chunk(connection, chunk, copy=copy))
+                    writing = asyncio.create_task(
+                        _write_chunk(connection, chunk, floor=floor, copy=copy)
+                    )
                 if writing is not None:
                     outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = None
@@ -135,19 +159,37 @@ class ChunkWritten:
     stored: list[UsageRow]  # the events this chunk inserted
 
 
-async def _write_chunk(connection: Connection, batch: DecodedBatch, *, copy: bool) -> ChunkWritten:
-    """Store the chunk's new ids and settle every record against what is stored."""
-    # Ids already stored come back with the fields that tell a duplicate from a conflict; this
-    # sees earlier chunks of the same batch, since they are in the same transaction.
-    stored = await stored_conflict_fields(connection, list(batch.occurrences))
-    fresh = [e for e in batch.first_occurrences() if e.gateway_request_id not in stored]
+async def _write_chunk(
+    connection: Connection, batch: DecodedBatch, *, floor: date | None, copy: bool
+) -> ChunkWritten:
+    """Store the chunk's first copies and settle every record against what is known."""
+    # This sees earlier chunks of the same batch: they are in the same transaction.
+    known = await look_up_identities(connection, list(batch.occurrences), lookup_keys(batch))
+    plan = plan_chunk(batch, known, retention_floor=floor)
     if copy:
-        await copy_usage_events(connection, fresh)
-        inserted = {event.gateway_request_id for event in fresh}
-        stored_now = fresh
+        await copy_new_ids(connection, plan.new_in_window())
+        to_store = plan.to_store()
+        await copy_usage_events(connection, to_store)
+        inserted = {event.gateway_request_id for event in to_store}
     else:
-        inserted = await insert_new_usage_events(connection, fresh)
-        lost = [e.gateway_request_id for e in fresh if e.gateway_request_id not in inserted]
-        stored |= await stored_conflict_fields(connection, lost)
-        stored_now = [e for e in fresh if e.gateway_request_id in inserted]
-    return ChunkWritten(settle_batch(batch, inserted=inserted, stored=stored), stored_now)
+        plan = await _add_ids_racing(connection, batch, plan, floor)
+        inserted = await insert_new_usage_events(connection, plan.to_store())
+    stored_now = [e for e in plan.to_store() if e.gateway_request_id in inserted]
+    return ChunkWritten(settle_batch(batch, plan, inserted=inserted), stored_now)
+
+
+async def _add_ids_racing(
+    connection: Connection, batch: DecodedBatch, plan: ChunkPlan, floor: date | None
+) -> ChunkPlan:
+    """Add the new ids to the window; an id another transaction added first (it committed: the
+    insert waited for it) is planned again against that transaction's row."""
+    new = plan.new_in_window()
+    added = await insert_new_ids(connection, new)
+    lost = [event.gateway_request_id for event in new if event.gateway_request_id not in added]
+    if not lost:
+        return plan
+    again = DecodedBatch({i: batch.occurrences[i] for i in lost})
+    known = await look_up_identities(connection, lost, lookup_keys(again))
+    replanned = plan_chunk(again, known, retention_floor=floor)
+    plan.ids.update(replanned.ids)
+    return plan

@@ -1,0 +1,81 @@
+"""The monthly partitions of `llm_usage_events`: created ahead, read as the retention floor.
+
+Creating and dropping partitions is DDL: only the schema owner (`llm-usage migrate` and
+`llm-usage maintain`) does it; the workers only read `usage_event_months`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+from typing import NamedTuple
+
+from llm_usage.domain.retention import add_months, months_to_create, partition_name
+from llm_usage.storage.pool import Connection
+
+
+class StoredMonths(NamedTuple):
+    """The oldest and newest month with an attached partition (None: no partition at all)."""
+
+    oldest: date | None
+    newest: date | None
+
+
+def _utc_midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=UTC)
+
+
+async def attached_months(connection: Connection) -> StoredMonths:
+    """The retention floor (the oldest attached month; `date.min` for the legacy partition that
+    holds everything before its cut-over) and the newest attached month."""
+    row = await connection.fetchrow(
+        """
+        SELECT min(month) AS oldest, max(month) AS newest
+        FROM usage_event_months WHERE state = 'attached'
+        """
+    )
+    return StoredMonths(row["oldest"], row["newest"]) if row else StoredMonths(None, None)
+
+
+async def is_partitioned(connection: Connection) -> bool:
+    """True once migration 0009 made `llm_usage_events` a partitioned table."""
+    partitioned = await connection.fetchval(
+        "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass('llm_usage_events')"
+    )
+    return bool(partitioned)
+
+
+async def create_partitions(
+    connection: Connection, *, today: date, retention_months: int
+) -> list[date]:
+    """Create every missing month from the oldest kept through two past the current one; each
+    month is created empty and then attached, which does not block the consumers' inserts (a
+    `CREATE TABLE ... PARTITION OF` would). Returns the months created."""
+    if not await is_partitioned(connection):
+        return []
+    rows = await connection.fetch("SELECT month, ends FROM usage_event_months")
+    known = {row["month"] for row in rows}
+    legacy_end = next((row["ends"] for row in rows if row["month"] == date.min), None)
+    created = []
+    for month in months_to_create(today, retention_months, known=known, covered_until=legacy_end):
+        name = partition_name(month)
+        async with connection.transaction():
+            await connection.execute(
+                f"CREATE TABLE {name} "
+                "(LIKE llm_usage_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            )
+            await connection.execute(
+                f"ALTER TABLE llm_usage_events ATTACH PARTITION {name} FOR VALUES "
+                f"FROM ({_literal(month)}) TO ({_literal(add_months(month, 1))})"
+            )
+            await connection.execute(
+                "INSERT INTO usage_event_months (month, ends) VALUES ($1, $2)",
+                month,
+                add_months(month, 1),
+            )
+        created.append(month)
+    return created
+
+
+def _literal(day: date) -> str:
+    """A UTC midnight as a SQL literal (DDL takes no parameters)."""
+    return f"'{_utc_midnight(day).isoformat()}'"
