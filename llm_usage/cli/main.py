@@ -29,6 +29,7 @@ COMMAND_GROUPS: Final = (
     "llm_usage.cli.dlq",
     "llm_usage.cli.policy",
     "llm_usage.cli.budget",
+    "llm_usage.cli.archive",
     "llm_usage.cli.serve",
     "llm_usage.soak.cli",
 )

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(default=9108, ge=0, le=65535)
 
+    # Where archived months go (llm_usage/archive): empty, a local data directory; a directory or
+    # file:// URL; or s3://bucket/prefix, with an endpoint for a store other than AWS and its
+    # keys (unset keys: the AWS default chain).
+    archive_url: str = ""
+    archive_s3_endpoint_url: str | None = None
+    archive_s3_region: str = Field(default="us-east-1", min_length=1)
+    archive_s3_access_key_id: SecretStr | None = None
+    archive_s3_secret_access_key: SecretStr | None = None
+
     # `llm-usage serve api`. Exactly one key source: a shared secret (HS256, development) or a
     # JWKS file of public keys (RS256/ES256); checked when the API starts, not by the workers.
     api_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - a service's default

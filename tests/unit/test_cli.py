@@ -68,6 +68,7 @@ GROUP_COMMANDS = [
     "dlq",
     "policy",
     "budget",
+    "archive",
     "serve",
     "soak",
 ]

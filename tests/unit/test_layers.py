@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[2]
 PACKAGE = ROOT / "llm_usage"
 
 _BELOW_WORKERS = {"core", "domain", "schemas", "storage", "kafka", "runtime"}
-_PRODUCT = _BELOW_WORKERS | {"consumers", "rollup", "api", "local", "cli"}
+_PRODUCT = _BELOW_WORKERS | {"consumers", "rollup", "api", "local", "cli", "archive"}
 
 # What each top-level package may import from the project, besides itself.
 ALLOWED: dict[str, set[str]] = {
@@ -25,6 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "schemas": {"core", "domain"},
     "storage": {"core", "domain", "schemas"},
     "kafka": {"core", "domain", "schemas"},
+    # Verified Parquet archives of a month of events: `cli` drives them.
+    "archive": {"core", "domain", "schemas", "storage"},
     "runtime": {"core", "domain", "schemas", "storage", "kafka"},
     "consumers": _BELOW_WORKERS,
     "rollup": _BELOW_WORKERS,
