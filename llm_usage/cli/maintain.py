@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from llm_usage.cli.args import Commands
 from llm_usage.cli.migrate import schema_owner_connection
 from llm_usage.cli.stopping import until_sigterm
+from llm_usage.core.errors import PipelineError
 
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
 def add_parser(commands: Commands) -> None:
     maintain = commands.add_parser(
         "maintain",
-        help="create the event partitions ahead, prune the id window (run hourly, as the "
-        "schema owner)",
+        help="retire months past retention (archive, verify, drop), create the months ahead, "
+        "prune the id window (run hourly, as the schema owner)",
     )
     maintain.set_defaults(run=run_maintain_command)
 
@@ -30,15 +31,43 @@ async def run_maintain_command(args: argparse.Namespace, settings: Settings) -> 
 
 
 async def maintain_database(settings: Settings) -> None:
-    from llm_usage.core.clock import worker_clock  # noqa: PLC0415 - when the command runs
+    """Under the schema owner's lock: retire the months past retention (detach, archive, verify,
+    drop), create the months ahead, prune the id window. Exits 1, naming the differences, when
+    an archive does not match its month (the month is then kept, detached)."""
+    from llm_usage.archive.retention import retire_months  # noqa: PLC0415 - when it runs
+    from llm_usage.archive.targets import archive_target  # noqa: PLC0415
+    from llm_usage.core.clock import worker_clock  # noqa: PLC0415
     from llm_usage.storage.maintenance import maintain  # noqa: PLC0415
+    from llm_usage.storage.migrate import lock_migrations, unlock_migrations  # noqa: PLC0415
 
+    today = worker_clock()().date()
     async with schema_owner_connection(settings, "maintain") as connection:
-        report = await maintain(
-            connection,
-            today=worker_clock()().date(),
-            retention_months=settings.retention_months,
-            window_hours=settings.dedup_window_hours,
-        )
+        await lock_migrations(connection)
+        try:
+            retired = await retire_months(
+                connection,
+                today=today,
+                retention_months=settings.retention_months,
+                target=archive_target(settings),
+            )
+            report = await maintain(
+                connection,
+                today=today,
+                retention_months=settings.retention_months,
+                window_hours=settings.dedup_window_hours,
+            )
+        finally:
+            await unlock_migrations(connection)
+    for month in retired:
+        outcome = "archived, verified and dropped" if month.dropped else "KEPT (detached)"
+        print(f"month {month.month:%Y-%m} past retention: {outcome}")
+        for difference in month.report.differences:
+            print(f"  {difference}")
     for line in report.lines():
         print(line)
+    kept = [f"{m.month:%Y-%m}" for m in retired if not m.dropped]
+    if kept:
+        raise PipelineError(
+            f"the archive of {', '.join(kept)} does not match the detached table; it is kept: "
+            "see the differences above, then `llm-usage archive verify --period …`"
+        )

@@ -1,7 +1,8 @@
 """What `llm-usage maintain` does to the database, as the schema owner, on a schedule.
 
 Each step is its own short transaction, so that a run stopped half-way leaves nothing to undo
-and the next run carries on. Runs are serialised with migrations by the same advisory lock.
+and the next run carries on. `llm-usage maintain` runs them under the migrations' advisory lock,
+after the months past retention are retired (llm_usage/archive/retention.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 
-from llm_usage.storage.migrate import lock_migrations, unlock_migrations
 from llm_usage.storage.partitions import create_partitions
 from llm_usage.storage.pool import Connection
 
@@ -66,18 +66,15 @@ async def prune_id_window(connection: Connection, *, window_hours: int) -> int:
 async def maintain(
     connection: Connection, *, today: date, retention_months: int, window_hours: int
 ) -> MaintenanceReport:
-    """One run: the months ahead, the id window pruned, the ids counted before it existed
-    forgotten once older than the window."""
+    """The storage's own steps of a run: the months ahead, the id window pruned, the ids counted
+    before it existed forgotten once older than the window. The caller holds the schema
+    owner's lock (`lock_migrations`)."""
     report = MaintenanceReport()
-    await lock_migrations(connection)
-    try:
-        report.months_created = await create_partitions(
-            connection, today=today, retention_months=retention_months
-        )
-        report.window_ids_pruned = await prune_id_window(connection, window_hours=window_hours)
-        report.legacy_counted_ids_pruned = _affected(
-            await connection.execute(_PRUNE_LEGACY_COUNTED, window_hours)
-        )
-    finally:
-        await unlock_migrations(connection)
+    report.months_created = await create_partitions(
+        connection, today=today, retention_months=retention_months
+    )
+    report.window_ids_pruned = await prune_id_window(connection, window_hours=window_hours)
+    report.legacy_counted_ids_pruned = _affected(
+        await connection.execute(_PRUNE_LEGACY_COUNTED, window_hours)
+    )
     return report

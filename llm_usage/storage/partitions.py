@@ -79,3 +79,47 @@ async def create_partitions(
 def _literal(day: date) -> str:
     """A UTC midnight as a SQL literal (DDL takes no parameters)."""
     return f"'{_utc_midnight(day).isoformat()}'"
+
+
+async def set_month_state(connection: Connection, month: date, state: str) -> None:
+    """Record where `month` is in its life (`usage_event_months.state`)."""
+    await connection.execute(
+        "UPDATE usage_event_months SET state = $2, changed_at = now() WHERE month = $1",
+        month,
+        state,
+    )
+
+
+async def month_states(connection: Connection) -> dict[date, str]:
+    """Every month ever created and its state (the legacy partition is `date.min`)."""
+    rows = await connection.fetch("SELECT month, state FROM usage_event_months")
+    return {row["month"]: row["state"] for row in rows}
+
+
+async def detach_partition(connection: Connection, month: date) -> None:
+    """Take `month`'s partition out of `llm_usage_events` without blocking the consumers: mark
+    the month `detaching` first (the retention floor moves past it, so new batches dead-letter
+    its events `expired`), then `DETACH ... CONCURRENTLY`, which waits for the batches that may
+    still write to it. A detach interrupted half-way is finished (`FINALIZE`)."""
+    name = partition_name(month)
+    await set_month_state(connection, month, "detaching")
+    pending = await connection.fetchval(
+        "SELECT inhdetachpending FROM pg_inherits "
+        "WHERE inhrelid = to_regclass($1) AND inhparent = 'llm_usage_events'::regclass",
+        name,
+    )
+    if pending is True:
+        await connection.execute(f"ALTER TABLE llm_usage_events DETACH PARTITION {name} FINALIZE")
+    elif pending is False:
+        await connection.execute(
+            f"ALTER TABLE llm_usage_events DETACH PARTITION {name} CONCURRENTLY"
+        )
+    await set_month_state(connection, month, "detached")
+
+
+async def drop_detached(connection: Connection, month: date) -> None:
+    """Drop a detached month's table (its archive verified) and remember the month as dropped,
+    so that it is never created again."""
+    async with connection.transaction():
+        await connection.execute(f"DROP TABLE IF EXISTS {partition_name(month)}")
+        await set_month_state(connection, month, "dropped")

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from llm_usage.archive.export import archive_table
+from llm_usage.archive.restore import restore_month
+from llm_usage.archive.retention import retire_months
+from llm_usage.archive.targets import local_target
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.retention import MONTHS_AHEAD, add_months, oldest_kept_month
@@ -182,5 +187,105 @@ async def test_a_database_of_the_previous_release_keeps_every_event_exactly_once
             tenant,
         )
         assert spend == Decimal("0.0054") * 2
+    finally:
+        await connection.close()
+
+
+async def store_events_in(database_url: str, month: date, count: int) -> str:
+    """`count` events of a new tenant on the month's first day, stored by the usage consumer's
+    handler; returns the tenant."""
+    tenant = unique("tenant")
+    occurred = datetime.combine(month, time(9), tzinfo=UTC).isoformat()
+    records = [
+        consumer_record(encode(usage_event(tenant, occurred_at=occurred)), offset=n)
+        for n in range(count)
+    ]
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        outcome = await UsageRecorder(pool=pool, clock=clock.now).record_batch(records)
+    finally:
+        await pool.close()
+    assert outcome.counts in ({"recorded": count}, {"dead_lettered": count}), outcome
+    return tenant
+
+
+async def test_a_month_past_retention_is_archived_verified_dropped_and_then_expired(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    connection = await asyncpg.connect(empty_database_url)
+    target = local_target(tmp_path)
+    try:
+        await migrate(connection, retention_months=1)
+        oldest = (await months(connection))[0]
+        tenant = await store_events_in(empty_database_url, oldest, 40)
+        a_month_later = add_months(clock.today().replace(day=1), 1)
+
+        [retired] = await retire_months(
+            connection, today=a_month_later, retention_months=1, target=target
+        )
+
+        assert retired.month == oldest
+        assert retired.dropped, retired.report.differences
+        assert retired.report.rows == 40
+        states = await connection.fetch("SELECT month, state FROM usage_event_months")
+        assert {r["month"]: r["state"] for r in states}[oldest] == "dropped"
+        assert (
+            await connection.fetchval("SELECT to_regclass($1)", f"llm_usage_events_{oldest:%Y_%m}")
+            is None
+        )
+        assert (await months(connection))[0] == add_months(oldest, 1), "the floor moved"
+        # Brought back for an audit, equal to what was stored, beside the live table.
+        assert await restore_month(connection, target, oldest) == 40
+        restored = await connection.fetchval(
+            f"SELECT sum(customer_charge_usd) FROM restored_usage_events_{oldest:%Y_%m} "
+            "WHERE tenant_id = $1",
+            tenant,
+        )
+        assert restored == Decimal("0.0054") * 40
+        # A late event of the dropped month is expired, never a stalled partition.
+        await store_events_in(empty_database_url, oldest, 1)
+        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 0
+        # Nothing is left to do, and the dropped month is never created again.
+        assert (
+            await retire_months(connection, today=a_month_later, retention_months=1, target=target)
+            == []
+        )
+        await maintain(connection, today=a_month_later, retention_months=1, window_hours=192)
+        assert oldest not in await months(connection)
+    finally:
+        await connection.close()
+
+
+async def test_an_archive_that_does_not_match_keeps_the_month_detached(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    connection = await asyncpg.connect(empty_database_url)
+    target = local_target(tmp_path)
+    try:
+        await migrate(connection, retention_months=1)
+        oldest = (await months(connection))[0]
+        await store_events_in(empty_database_url, oldest, 5)
+        # An archive written earlier, before one more event arrived: it no longer matches.
+        await archive_table(
+            connection, table=f"llm_usage_events_{oldest:%Y_%m}", month=oldest, target=target
+        )
+        await store_events_in(empty_database_url, oldest, 1)
+
+        [retired] = await retire_months(
+            connection,
+            today=add_months(clock.today().replace(day=1), 1),
+            retention_months=1,
+            target=target,
+        )
+
+        assert not retired.dropped
+        assert retired.report.differences
+        state = await connection.fetchval(
+            "SELECT state FROM usage_event_months WHERE month = $1", oldest
+        )
+        assert state == "detached"
+        kept = await connection.fetchval(f"SELECT count(*) FROM llm_usage_events_{oldest:%Y_%m}")
+        assert kept == 6, "the detached table is kept whole"
     finally:
         await connection.close()
