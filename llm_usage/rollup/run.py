@@ -23,15 +23,20 @@ from llm_usage.domain.periods import (
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.lines import Billed, adjustment_line, billed_so_far, usage_lines
 from llm_usage.storage.invoice_lines import (
+    LateMark,
     close_period,
+    closed_lines_billing,
     closed_periods,
+    first_month_with_usage_before,
+    forget_late_marks,
+    late_marks,
     lines_for,
+    lock_month_for_close,
     lock_rollup,
     monthly_usage,
-    months_with_usage_before,
-    periods_with_late_usage,
     replace_open_lines,
     tenants_with_usage,
+    usage_of_tenants,
 )
 from llm_usage.storage.pool import Connection, connection_from
 
@@ -40,10 +45,6 @@ TENANTS_PER_STEP = 200
 
 # Told (done, total) tenants as a run goes.
 Progress: TypeAlias = Callable[[int, int], None]
-
-# A batch of the usage consumer writes its daily totals seconds before it commits; a month
-# closed in between would miss them without this margin.
-LATE_USAGE_MARGIN_SECONDS = 3600
 
 
 class PeriodNotClosableError(UserFacingError):
@@ -63,7 +64,8 @@ async def _compute_lines(
     tenant_id: str | None,
     closed: set[str],
     progress: Progress | None = None,
-) -> list[InvoiceLine]:
+) -> tuple[list[InvoiceLine], list[LateMark]]:
+    """The month's lines, and the marks of late usage whose true-ups they hold."""
     first_day = parse_period(period)
     after = next_month(first_day)
     tenants = (
@@ -86,29 +88,32 @@ async def _compute_lines(
         if progress is not None:
             progress(min(start + TENANTS_PER_STEP, len(tenants)), len(tenants))
 
-    # True-ups for closed months whose late events are billed in this month.
-    late_months = [
-        month
-        for month in await periods_with_late_usage(
-            connection, margin_seconds=LATE_USAGE_MARGIN_SECONDS
-        )
-        if month < period and first_open_after(month, closed) == period
+    # True-ups for the marked tenants of closed months whose late usage is billed in this month
+    # (the first open month after them), on every run of it until it closes.
+    handled = [
+        mark
+        for mark in await late_marks(connection, tenant_id=tenant_id)
+        if mark.period in closed
+        and mark.period < period
+        and first_open_after(mark.period, closed) == period
     ]
-    for month in late_months:
+    marked: dict[str, set[str]] = {}
+    for mark in handled:
+        marked.setdefault(mark.period, set()).add(mark.tenant_id)
+    for month in sorted(marked):
         month_first = parse_period(month)
+        marked_tenants = sorted(marked[month])
         totals = {
             (tenant, deployment): usage
-            for tenant, deployment, usage in await monthly_usage(
+            for tenant, deployment, usage in await usage_of_tenants(
                 connection,
                 first_day=month_first,
                 next_month=next_month(month_first),
-                tenants=(tenant_id, tenant_id) if tenant_id is not None else None,
+                tenants=marked_tenants,
             )
         }
         billed = billed_so_far(
-            await lines_for(
-                connection, original_periods=[month], tenant_id=tenant_id, closed_only=True
-            )
+            await closed_lines_billing(connection, original_period=month, tenants=marked_tenants)
         )
         for tenant, deployment in sorted(
             totals.keys() | {(t, d) for t, d, _ in billed},
@@ -124,7 +129,7 @@ async def _compute_lines(
             )
             if line is not None:
                 lines.append(line)
-    return lines
+    return lines, handled
 
 
 async def run_rollup(
@@ -143,7 +148,7 @@ async def run_rollup(
         if period in closed:
             frozen = await lines_for(connection, period=period, tenant_id=tenant_id)
             return RollupResult(period, frozen, True)
-        lines = await _compute_lines(connection, period, tenant_id, closed, progress)
+        lines, _ = await _compute_lines(connection, period, tenant_id, closed, progress)
         await replace_open_lines(
             connection,
             period=period,
@@ -170,26 +175,31 @@ async def close_month(
             frozen = await lines_for(connection, period=period)
             return RollupResult(period, frozen, True)
         still_open = _open_months_before(
-            await months_with_usage_before(connection, first_day), period, closed
+            await first_month_with_usage_before(connection, first_day), period, closed
         )
         if still_open:
             raise PeriodNotClosableError(
                 f"{still_open[0]} is still open; close the months in order "
                 f"(`llm-usage rollup close --period {still_open[0]}` first)"
             )
-        lines = await _compute_lines(connection, period, None, closed, progress)
+        # Batches adding to this month wait from here until the close commits: the ones under
+        # way have committed (their usage is read below); later ones see the month closed.
+        await lock_month_for_close(connection, period)
+        lines, handled = await _compute_lines(connection, period, None, closed, progress)
         await replace_open_lines(connection, period=period, tenant_id=None, lines=lines)
         await close_period(connection, period)
+        # Billed for good in these final lines (unless a batch marked one again meanwhile).
+        await forget_late_marks(connection, handled)
     return RollupResult(period, [replace(line, closed=True) for line in lines], True)
 
 
-def _open_months_before(with_usage: list[str], period: str, closed: set[str]) -> list[str]:
+def _open_months_before(first_with_usage: str | None, period: str, closed: set[str]) -> list[str]:
     """Months from the first with usage up to `period` (excluded) that are not closed, with or
     without usage: months close in order, so that a late event's month is always followed by
     the open month that bills it."""
-    if not with_usage:
+    if first_with_usage is None:
         return []
-    months, month = [], with_usage[0]
+    months, month = [], first_with_usage
     while month < period:
         if month not in closed:
             months.append(month)

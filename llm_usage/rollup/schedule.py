@@ -24,7 +24,7 @@ from llm_usage.runtime.leadership import Leadership, Lease, lead_while_held
 from llm_usage.runtime.probes import HealthState
 from llm_usage.runtime.process import run_beside, worker_process
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
-from llm_usage.storage.invoice_lines import closed_periods, months_with_usage_before
+from llm_usage.storage.invoice_lines import closed_periods, first_month_with_usage_before
 from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
@@ -121,11 +121,11 @@ class RollupScheduler:
         grace = timedelta(hours=self._settings.rollup_close_grace_hours)
         async with connection_from(self._pool) as connection:
             closed = set(await closed_periods(connection))
-            with_usage = await months_with_usage_before(
+            first_with_usage = await first_month_with_usage_before(
                 connection, parse_period(current_period(now))
             )
         for month in months_due_for_closing(
-            first_month_with_usage=with_usage[0] if with_usage else None,
+            first_month_with_usage=first_with_usage,
             closed=closed,
             now=now,
             grace=grace,

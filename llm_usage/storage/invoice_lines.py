@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import date
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from llm_usage.domain.invoices import InvoiceLine
+from llm_usage.domain.periods import parse_period, period_of
 from llm_usage.domain.usage import Usage
 from llm_usage.storage.pool import Connection
+from llm_usage.storage.usage_totals import MONTH_LOCK_CLASS, month_lock_id
 
 # One rollup or close at a time, per database: a run replaces an open month's lines whole.
 ROLLUP_LOCK_KEY = 0x6C6C6D5F726F6C6C
@@ -117,24 +119,85 @@ async def closed_periods(connection: Connection) -> dict[str, Any]:
     return {row["period"]: row["closed_at"] for row in rows}
 
 
-async def periods_with_late_usage(connection: Connection, *, margin_seconds: int) -> list[str]:
-    """Closed months whose daily totals changed after (or just before) they were closed: the
-    only ones that can need a true-up. The margin covers a batch that wrote before the close
-    but committed after it."""
+# A (tenant, closed month) the usage consumer added usage to after the month was closed, and how
+# many batches did (a batch that marks it again changes `batches`).
+class LateMark(NamedTuple):
+    tenant_id: str
+    period: str
+    batches: int
+
+
+async def late_marks(connection: Connection, *, tenant_id: str | None = None) -> list[LateMark]:
+    """The marks of late usage not yet billed in a closed month (of one tenant, or all)."""
     rows = await connection.fetch(
-        """
-        SELECT p.period FROM invoice_periods p
-        WHERE EXISTS (
-            SELECT 1 FROM usage_daily_totals t
-            WHERE t.day >= to_date(p.period, 'YYYY-MM')
-              AND t.day < (to_date(p.period, 'YYYY-MM') + interval '1 month')::date
-              AND t.updated_at > p.closed_at - make_interval(secs => $1)
-        )
-        ORDER BY p.period
-        """,
-        margin_seconds,
+        "SELECT tenant_id, period, batches FROM usage_late_marks "
+        "WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY period, tenant_id",
+        tenant_id,
     )
-    return [row["period"] for row in rows]
+    return [LateMark(row["tenant_id"], row["period"], row["batches"]) for row in rows]
+
+
+async def forget_late_marks(connection: Connection, marks: Sequence[LateMark]) -> int:
+    """Delete the marks a closed month's lines have billed, unless a batch marked one again since
+    it was read (its late usage may not be in those lines); return how many were deleted."""
+    if not marks:
+        return 0
+    status = await connection.execute(
+        "DELETE FROM usage_late_marks AS m "
+        "USING unnest($1::text[], $2::text[], $3::bigint[]) AS d(tenant_id, period, batches) "
+        "WHERE m.tenant_id = d.tenant_id AND m.period = d.period AND m.batches = d.batches",
+        [mark.tenant_id for mark in marks],
+        [mark.period for mark in marks],
+        [mark.batches for mark in marks],
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def lock_month_for_close(connection: Connection, period: str) -> None:
+    """Hold the month's lock exclusively for the rest of the transaction: usage batches adding to
+    the month wait, and the ones under way have committed once it is held."""
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        MONTH_LOCK_CLASS,
+        month_lock_id(parse_period(period)),
+    )
+
+
+async def usage_of_tenants(
+    connection: Connection, *, first_day: date, next_month: date, tenants: Sequence[str]
+) -> list[GroupUsage]:
+    """Exact usage per tenant and deployment over [first_day, next_month) of these tenants."""
+    rows = await connection.fetch(
+        _MONTHLY_USAGE.format(tenants="AND tenant_id = ANY($3::text[])"),
+        first_day,
+        next_month,
+        list(tenants),
+    )
+    return [
+        (
+            row["tenant_id"],
+            row["deployment_id"],
+            Usage(row["charge_usd"], row["input_tokens"], row["output_tokens"], row["requests"]),
+        )
+        for row in rows
+    ]
+
+
+async def closed_lines_billing(
+    connection: Connection, *, original_period: str, tenants: Sequence[str]
+) -> list[InvoiceLine]:
+    """Lines of closed months that bill `original_period`'s usage of these tenants."""
+    rows = await connection.fetch(
+        f"""
+        SELECT {", ".join(_READ_COLUMNS)}, true AS closed
+        FROM invoice_lines l
+        WHERE l.tenant_id = ANY($1::text[]) AND l.original_period = $2
+          AND EXISTS (SELECT 1 FROM invoice_periods p WHERE p.period = l.period)
+        """,
+        list(tenants),
+        original_period,
+    )
+    return [_line(row) for row in rows]
 
 
 async def lines_for(
@@ -210,11 +273,11 @@ async def close_period(connection: Connection, period: str) -> bool:
     return status.endswith(" 1")
 
 
-async def months_with_usage_before(connection: Connection, period_first_day: date) -> list[str]:
-    """Months before `period_first_day` that have usage, oldest first."""
-    rows = await connection.fetch(
-        "SELECT DISTINCT to_char(day, 'YYYY-MM') AS period FROM usage_daily_totals "
-        "WHERE day < $1 ORDER BY 1",
-        period_first_day,
+async def first_month_with_usage_before(
+    connection: Connection, period_first_day: date
+) -> str | None:
+    """The first month before `period_first_day` that has usage (one descent of the day index)."""
+    first: date | None = await connection.fetchval(
+        "SELECT min(day) FROM usage_daily_totals WHERE day < $1", period_first_day
     )
-    return [row["period"] for row in rows]
+    return None if first is None else period_of(first)

@@ -33,30 +33,66 @@ def daily_totals(events: Iterable[UsageRow]) -> dict[TotalsKey, Usage]:
     return {key: Usage(*values) for key, values in sums.items()}
 
 
-# Rows in sorted key order, so replicas adding to the same days lock them in the same order.
+# A month's lock (two-int4 advisory key: this class, the month's index): a batch takes it shared
+# for every month it adds to, before its upsert; the close of a month takes it exclusively. So a
+# batch either commits before the close reads the month (its usage is in the final lines) or
+# waits for the close to commit, and then its upsert (a later statement, a later snapshot) sees
+# the month closed and marks it. Current-month batches never wait for the close of a past month.
+MONTH_LOCK_CLASS = 0x6C6C6D4D  # "llmM"
+
+
+def month_lock_id(day: date) -> int:
+    """The month's key within `MONTH_LOCK_CLASS`."""
+    return day.year * 12 + day.month - 1
+
+
+_LOCK_MONTHS = """
+    SELECT pg_advisory_xact_lock_shared($1, m) FROM unnest($2::int[]) AS u(m) ORDER BY m
+"""
+
+# Rows in sorted key order, so replicas adding to the same days lock them in the same order. The
+# same statement marks each (tenant, closed month) it adds to: late usage the rollup trues up.
+# `updated_at` is no longer set: no indexed column changes, so the update can be HOT. Runs as is
+# on a Citus coordinator too (tables distributed on tenant_id, invoice_periods local); there a
+# DO UPDATE may use no function that is not IMMUTABLE (hence no now()), and a join of the batch's
+# rows with invoice_periods under the DISTINCT loses its collation (hence IN).
 _ADD = """
-    INSERT INTO usage_daily_totals AS t
-        (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests)
-    SELECT tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests
-    FROM unnest($1::text[], $2::text[], $3::date[], $4::numeric[], $5::bigint[], $6::bigint[],
-                $7::bigint[])
-        WITH ORDINALITY
-        AS u(tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests, n)
-    ORDER BY n
-    ON CONFLICT ON CONSTRAINT usage_daily_totals_key DO UPDATE SET
-        charge_usd = t.charge_usd + EXCLUDED.charge_usd,
-        input_tokens = t.input_tokens + EXCLUDED.input_tokens,
-        output_tokens = t.output_tokens + EXCLUDED.output_tokens,
-        requests = t.requests + EXCLUDED.requests,
-        updated_at = clock_timestamp()
+    WITH added AS (
+        INSERT INTO usage_daily_totals AS t
+            (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests)
+        SELECT tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests
+        FROM unnest($1::text[], $2::text[], $3::date[], $4::numeric[], $5::bigint[],
+                    $6::bigint[], $7::bigint[])
+            WITH ORDINALITY
+            AS u(tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens,
+                 requests, n)
+        ORDER BY n
+        ON CONFLICT ON CONSTRAINT usage_daily_totals_key DO UPDATE SET
+            charge_usd = t.charge_usd + EXCLUDED.charge_usd,
+            input_tokens = t.input_tokens + EXCLUDED.input_tokens,
+            output_tokens = t.output_tokens + EXCLUDED.output_tokens,
+            requests = t.requests + EXCLUDED.requests
+    ), late AS (
+        SELECT DISTINCT u.tenant_id, to_char(u.day, 'YYYY-MM') AS period
+        FROM unnest($1::text[], $3::date[]) AS u(tenant_id, day)
+        WHERE to_char(u.day, 'YYYY-MM') IN (SELECT period FROM invoice_periods)
+    )
+    INSERT INTO usage_late_marks AS m (tenant_id, period)
+    SELECT tenant_id, period FROM late ORDER BY tenant_id COLLATE "C", period
+    ON CONFLICT (tenant_id, period) DO UPDATE SET
+        marked_at = EXCLUDED.marked_at, batches = m.batches + 1
 """
 
 
 async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey, Usage]) -> None:
-    """Add newly stored events' sums to the pre-aggregate; one statement."""
+    """Add newly stored events' sums to the pre-aggregate, and mark the closed months they add
+    to; two statements (the months' locks, then the upsert), in the caller's transaction."""
     if not totals:
         return
     keys = sorted(totals, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+    await connection.execute(
+        _LOCK_MONTHS, MONTH_LOCK_CLASS, sorted({month_lock_id(k[2]) for k in keys})
+    )
     await connection.execute(
         _ADD,
         [k[0] for k in keys],
