@@ -40,7 +40,8 @@ async def maintain_database(settings: Settings) -> None:
     from llm_usage.storage.maintenance import maintain  # noqa: PLC0415
     from llm_usage.storage.migrate import lock_migrations, unlock_migrations  # noqa: PLC0415
 
-    today = worker_clock()().date()
+    now = worker_clock()()
+    today = now.date()
     async with schema_owner_connection(settings, "maintain") as connection:
         await lock_migrations(connection)
         try:
@@ -52,7 +53,7 @@ async def maintain_database(settings: Settings) -> None:
             )
             report = await maintain(
                 connection,
-                today=today,
+                now=now,
                 retention_months=settings.retention_months,
                 window_hours=settings.dedup_window_hours,
             )

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
 from llm_usage.domain.money import EXACT_CONTEXT, MONEY_PRECISION, canonical_decimal, round_half_up
-from llm_usage.domain.periods import month_end, month_start, utc_day
+from llm_usage.domain.periods import add_months, month_end, month_start, utc_day
 
 
 class ScopeType(StrEnum):
@@ -252,3 +252,10 @@ def budget_status(
         percent=percent_of_limit(spend_usd, limit_usd),
         level=budget_level(spend_usd, limit_usd, warn_threshold_pct),
     )
+
+
+def budget_horizon(now: datetime) -> date:
+    """The first day of the oldest budget period still evaluated: the previous UTC month's.
+    An event of an earlier day counts in no period, and those periods' counters and published
+    alerts are pruned (storage/budget_pruning.py): by then each ended at least 28 days ago."""
+    return add_months(month_start(utc_day(now)), -1)

@@ -55,6 +55,12 @@ def period_of(day: date) -> str:
     return f"{day.year:04d}-{day.month:02d}"
 
 
+def add_months(first_day: date, months: int) -> date:
+    """The first day of the month `months` after (or before, if negative) `first_day`'s month."""
+    index = first_day.year * 12 + first_day.month - 1 + months
+    return date(index // 12, index % 12 + 1, 1)
+
+
 def next_month(first_day: date) -> date:
     return date(first_day.year + first_day.month // 12, first_day.month % 12 + 1, 1)
 

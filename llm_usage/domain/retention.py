@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from datetime import date
 
-from llm_usage.domain.periods import month_start
+from llm_usage.domain.periods import add_months, month_start
 
 # Partitions exist this many months past the current one, so that neither a clock running a
 # little fast nor a maintenance run that fails for a few weeks leaves an event without its month.
 MONTHS_AHEAD = 2
-
-
-def add_months(first_day: date, months: int) -> date:
-    """The first day of the month `months` after (or before, if negative) `first_day`'s month."""
-    index = first_day.year * 12 + first_day.month - 1 + months
-    return date(index // 12, index % 12 + 1, 1)
 
 
 def oldest_kept_month(today: date, retention_months: int) -> date:

@@ -1,10 +1,11 @@
 """Budget periods past the horizon are no longer evaluated: their spend counters and their
 published alerts are deleted, in bounded batches, by `llm-usage maintain` (the schema owner).
 
-The horizon: the current and the previous UTC month are evaluated, with every day of them;
-anything older is not. A period is pruned only once it ended at least a whole month ago
-(28 days or more): later than any late event of normal operation can reach the budget consumer
-(the usage topic keeps 7 days, the id window is 192 hours, the rollup's close grace 48 hours).
+The horizon (domain/budgets.py `budget_horizon`): the current and the previous UTC month are
+evaluated, with every day of them; anything older is not. A period is pruned only once it ended
+at least a whole month ago (28 days or more): later than any late event of normal operation can
+reach the budget consumer (the usage topic keeps 7 days, the id window is 192 hours, the
+rollup's close grace 48 hours).
 An alert of such a period that is not published yet is kept until the relay has published it;
 the next run deletes it.
 
@@ -17,9 +18,8 @@ counter again from zero and could send an alert of that period a second time.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 
-from llm_usage.domain.periods import month_start, utc_day
 from llm_usage.storage.pool import Connection
 
 # Rows deleted by one statement: each batch commits on its own, so no lock is held for long and
@@ -50,13 +50,6 @@ _PRUNE_ALERTS = """
     )
     SELECT count(*) AS deleted, max(seq) AS last_seq FROM pruned
 """
-
-
-def budget_horizon(now: datetime) -> date:
-    """The first day of the oldest budget period still evaluated: the previous UTC month's.
-    Daily and monthly periods that start before it are pruned."""
-    this_month = month_start(utc_day(now))
-    return date(this_month.year - (this_month.month == 1), (this_month.month - 2) % 12 + 1, 1)
 
 
 async def prune_budget_periods(

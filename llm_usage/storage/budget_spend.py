@@ -96,7 +96,8 @@ _COUNT_STAGED = """
 # and the value after it come from one statement per row under the row's lock, so
 # `before = after - increment` is exact even while another replica adds to the same counter.
 # Only counters whose scope has a policy with a limit for their window come back, with it: the
-# others cannot alert, and a batch touches thousands of counters.
+# others cannot alert, and a batch touches thousands of counters. An event of a day before the
+# budget horizon ($1, storage/budget_pruning.py) counts in no period: those are not evaluated.
 _SCOPES_OF_EVENT = ", ".join(f"('{scope.value}', b.{field})" for scope, field in SCOPE_FIELDS)
 _WINDOWS = ", ".join(f"('{window.value}')" for window in BudgetWindow)
 _ADD_STAGED_TO_COUNTERS = f"""
@@ -108,7 +109,7 @@ _ADD_STAGED_TO_COUNTERS = f"""
         FROM budget_event_batch AS b
         CROSS JOIN LATERAL (VALUES {_SCOPES_OF_EVENT}) AS s(scope_type, scope_id)
         CROSS JOIN (VALUES {_WINDOWS}) AS w("window")
-        WHERE s.scope_id IS NOT NULL
+        WHERE s.scope_id IS NOT NULL AND b.day >= $1
     ), increments AS (
         SELECT tenant_id, scope_type, scope_id, "window", period_start,
             sum(charge_usd) AS increment_usd
@@ -165,13 +166,16 @@ class LimitedCounter(NamedTuple):
     warn_threshold_pct: int
 
 
-async def add_staged_to_counters(connection: Connection) -> dict[SpendKey, LimitedCounter]:
-    """Add the staged events to every counter they touch (creating it at 0). Return, for every
-    counter whose scope's policy sets a limit for its window, its value before and after, and
-    that limit. A key is (tenant_id, scope_type, scope_id, window, period_start)."""
+async def add_staged_to_counters(
+    connection: Connection, *, evaluated_from: date
+) -> dict[SpendKey, LimitedCounter]:
+    """Add the staged events of days from `evaluated_from` on to every counter they touch
+    (creating it at 0). Return, for every counter whose scope's policy sets a limit for its
+    window, its value before and after, and that limit. A key is (tenant_id, scope_type,
+    scope_id, window, period_start)."""
     subtract = EXACT_CONTEXT.subtract
     limited: dict[SpendKey, LimitedCounter] = {}
-    for row in await connection.fetch(_ADD_STAGED_TO_COUNTERS):
+    for row in await connection.fetch(_ADD_STAGED_TO_COUNTERS, evaluated_from):
         tenant_id, scope_type, scope_id, window, start, after, increment, limit, pct = row
         key = (tenant_id, scope_type, scope_id, window, start)
         limited[key] = LimitedCounter(subtract(after, increment), after, limit, pct)

@@ -8,8 +8,11 @@ after the months past retention are retired (llm_usage/archive/retention.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
+from llm_usage.domain.budgets import budget_horizon
+from llm_usage.domain.periods import utc_day
+from llm_usage.storage.budget_pruning import prune_budget_periods
 from llm_usage.storage.partitions import create_partitions
 from llm_usage.storage.pool import Connection
 
@@ -32,6 +35,7 @@ class MaintenanceReport:
     months_created: list[date] = field(default_factory=list)
     window_ids_pruned: int = 0
     legacy_counted_ids_pruned: int = 0
+    budget_rows_pruned: int = 0
 
     def lines(self) -> list[str]:
         created = ", ".join(f"{m:%Y-%m}" for m in self.months_created) or "none"
@@ -39,6 +43,8 @@ class MaintenanceReport:
             f"months created: {created}",
             f"ids older than the window pruned: {self.window_ids_pruned}",
             f"ids counted before the window existed, pruned: {self.legacy_counted_ids_pruned}",
+            f"budget counters and published alerts of periods past the horizon, pruned: "
+            f"{self.budget_rows_pruned}",
         ]
 
 
@@ -64,11 +70,12 @@ async def prune_id_window(connection: Connection, *, window_hours: int) -> int:
 
 
 async def maintain(
-    connection: Connection, *, today: date, retention_months: int, window_hours: int
+    connection: Connection, *, now: datetime, retention_months: int, window_hours: int
 ) -> MaintenanceReport:
     """The storage's own steps of a run: the months ahead, the id window pruned, the ids counted
-    before it existed forgotten once older than the window. The caller holds the schema
-    owner's lock (`lock_migrations`)."""
+    before it existed forgotten once older than the window, the budget periods past the horizon
+    pruned. The caller holds the schema owner's lock (`lock_migrations`)."""
+    today = utc_day(now)
     report = MaintenanceReport()
     report.months_created = await create_partitions(
         connection, today=today, retention_months=retention_months
@@ -77,4 +84,5 @@ async def maintain(
     report.legacy_counted_ids_pruned = _affected(
         await connection.execute(_PRUNE_LEGACY_COUNTED, window_hours)
     )
+    report.budget_rows_pruned = await prune_budget_periods(connection, before=budget_horizon(now))
     return report

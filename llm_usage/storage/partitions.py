@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time
 from typing import NamedTuple
 
-from llm_usage.domain.retention import add_months, months_to_create, partition_name
+from llm_usage.domain.periods import add_months
+from llm_usage.domain.retention import months_to_create, partition_name
 from llm_usage.storage.pool import Connection
 
 

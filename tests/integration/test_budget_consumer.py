@@ -330,24 +330,29 @@ async def test_a_crash_between_publish_and_marking_never_publishes_twice(
     assert unmarked == 0
 
 
+# Around the midnight that began this month (last month is still a budget period evaluated).
+_THIS, _LAST_DAY = clock.this_month(), clock.this_month() - timedelta(days=1)
+_LAST = _LAST_DAY.replace(day=1)
+
+
 @pytest.mark.parametrize(
     ("occurred_at", "day", "month"),
     [
-        ("2026-10-31T23:30:00-01:00", "2026-11-01", "2026-11-01"),  # past midnight in UTC
-        ("2026-11-01T00:30:00+01:00", "2026-10-31", "2026-10-01"),  # still October in UTC
-        ("2026-10-31T23:59:59.999Z", "2026-10-31", "2026-10-01"),
-        ("2026-11-01T00:00:00Z", "2026-11-01", "2026-11-01"),
+        (f"{_LAST_DAY}T23:30:00-01:00", _THIS, _THIS),  # past midnight in UTC
+        (f"{_THIS}T00:30:00+01:00", _LAST_DAY, _LAST),  # still last month in UTC
+        (f"{_LAST_DAY}T23:59:59.999Z", _LAST_DAY, _LAST),
+        (f"{_THIS}T00:00:00Z", _THIS, _THIS),
     ],
 )
 async def test_events_count_toward_their_own_utc_day_and_month(
-    topics: PipelineTopics, pool: asyncpg.Pool, occurred_at: str, day: str, month: str
+    topics: PipelineTopics, pool: asyncpg.Pool, occurred_at: str, day: date, month: date
 ) -> None:
     tenant = unique("tenant")
     event = usage_event(tenant, customer_charge_usd="0.25", occurred_at=occurred_at)
     await produce(topics.settings.kafka_bootstrap_servers, topics.usage, [(None, encode(event))])
     await run_until_idle(topics)
     rows = await pool.fetch(
-        'SELECT "window", period_start::text AS start, spend_usd FROM budget_spend '
+        'SELECT "window", period_start AS start, spend_usd FROM budget_spend '
         "WHERE tenant_id = $1 AND scope_type = 'tenant'",
         tenant,
     )

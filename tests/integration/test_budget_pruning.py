@@ -11,11 +11,14 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from llm_usage.storage.budget_pruning import budget_horizon, prune_budget_periods
+from llm_usage.consumers.budget.handler import BudgetCounter
+from llm_usage.domain.budgets import budget_horizon
+from llm_usage.storage.budget_pruning import prune_budget_periods
 from llm_usage.storage.migrate import migrate
 from tests import clock
-from tests.integration.pipeline import unique
+from tests.integration.pipeline import encode, unique, usage_event
 from tests.integration.test_rollup import _with_database
+from tests.records import consumer_record
 
 
 @pytest.fixture
@@ -120,3 +123,25 @@ async def test_old_periods_go_in_batches_and_the_horizon_and_unpublished_alerts_
     )
     async with pool.acquire() as connection:
         assert await prune_budget_periods(connection, before=horizon) == 1
+
+
+async def test_the_budget_consumer_counts_no_event_of_a_period_past_the_horizon(
+    pool: asyncpg.Pool,
+) -> None:
+    """A pruned period is never counted again: its counter would start from zero and could alert
+    a second time, now that the outbox no longer remembers its alerts."""
+    horizon = budget_horizon(clock.now())
+    tenant = unique("tenant")
+    old, inside = horizon - timedelta(days=1), horizon
+    records = [
+        consumer_record(encode(usage_event(tenant, occurred_at=f"{day}T12:00:00Z")), offset=n)
+        for n, day in enumerate((old, inside))
+    ]
+    outcome = await BudgetCounter(pool=pool, clock=clock.now).record_batch(records)
+    assert +outcome.counts == {"recorded": 2}
+    periods = await pool.fetch(
+        'SELECT DISTINCT "window", period_start FROM budget_spend WHERE tenant_id = $1 '
+        "ORDER BY 1, 2",
+        tenant,
+    )
+    assert [tuple(row) for row in periods] == [("daily", inside), ("monthly", inside)]

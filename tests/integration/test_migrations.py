@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from llm_usage.storage.migrate import bundled_migrations, migrate
+from tests.integration.pipeline import unique
 
 
-async def run_migrate_command(database_url: str) -> tuple[int, str]:
+async def run_migrate_command(
+    database_url: str, command: str = "migrate", **env: str
+) -> tuple[int, str]:
+    """Run `llm-usage <command>` (migrate, maintain) on `database_url`; its exit code and output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "llm_usage",
-        "migrate",
-        env={**os.environ, "DATABASE_URL": database_url, "METRICS_PORT": "0"},
+        command,
+        env={**os.environ, "DATABASE_URL": database_url, "METRICS_PORT": "0", **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -58,3 +64,32 @@ async def test_two_processes_migrating_at_once_apply_each_migration_once(
     # One index on the events: Tier 1 of the identity, covering the reports (0005's covering index
     # and the old primary key on the id alone are gone with the partitioning of 0009).
     assert indexes == {"llm_usage_events_identity"}
+
+
+async def test_maintain_says_what_it_did_and_a_worker_may_not_run_it(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    assert (await run_migrate_command(empty_database_url))[0] == 0
+    code, output = await run_migrate_command(
+        empty_database_url, "maintain", ARCHIVE_URL=str(tmp_path)
+    )
+    assert code == 0, output
+    assert output.splitlines() == [
+        "months created: none",
+        "ids older than the window pruned: 0",
+        "ids counted before the window existed, pruned: 0",
+        "budget counters and published alerts of periods past the horizon, pruned: 0",
+    ]
+
+    worker = unique("worker").replace("-", "_")
+    connection = await asyncpg.connect(empty_database_url)
+    try:
+        await connection.execute(f"CREATE ROLE {worker} LOGIN IN ROLE llm_usage_worker")
+        as_worker = urlunsplit(urlsplit(empty_database_url)._replace(netloc=f"{worker}@"))
+        code, output = await run_migrate_command(as_worker, "maintain", ARCHIVE_URL=str(tmp_path))
+    finally:
+        await connection.execute(f"DROP ROLE {worker}")
+        await connection.close()
+    assert code == 2, output  # a person's mistake
+    [line] = output.splitlines()
+    assert "run `llm-usage maintain` as the schema owner" in line, line

@@ -7,8 +7,8 @@ from datetime import UTC, date, datetime
 import pytest
 
 from llm_usage.domain.identity import Identity, identity_of, is_expired
+from llm_usage.domain.periods import add_months
 from llm_usage.domain.retention import (
-    add_months,
     months_ahead,
     months_past_retention,
     months_to_create,

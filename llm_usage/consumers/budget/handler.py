@@ -13,6 +13,7 @@ import asyncpg
 
 from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.counting import contributions_to
+from llm_usage.domain.budgets import budget_horizon
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
 from llm_usage.schemas.dead_letter import Rejection
@@ -101,7 +102,7 @@ class BudgetCounter:
             counts[BatchResult.DUPLICATE] += len(counted_before)
             if len(counted_before) == len(events):
                 return BatchOutcome(counts)
-            limited = await add_staged_to_counters(connection)
+            limited = await add_staged_to_counters(connection, evaluated_from=budget_horizon(now))
             crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
             if crossing:
                 # Which event crossed: the batch's new events, in order, on the counters that
