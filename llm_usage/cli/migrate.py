@@ -18,12 +18,18 @@ if TYPE_CHECKING:
 
 def add_parser(commands: Commands) -> None:
     migrate = commands.add_parser("migrate", help="apply database migrations (safe to run twice)")
+    migrate.add_argument(
+        "--until",
+        metavar="VERSION",
+        help="stop after this migration (e.g. 0008: the part that runs online while the "
+        "previous release still writes; see docs/storage.md)",
+    )
     migrate.set_defaults(run=run_migrate_command)
 
 
 async def run_migrate_command(args: argparse.Namespace, settings: Settings) -> None:
     await until_sigterm(
-        migrate_database(settings),
+        migrate_database(settings, until=args.until),
         stopped="migrate stopped by SIGTERM before it finished; every migration is safe to "
         "run again: run it again to apply the rest",
     )
@@ -52,7 +58,7 @@ async def schema_owner_connection(settings: Settings, command: str) -> AsyncIter
         await pool.close()
 
 
-async def migrate_database(settings: Settings) -> None:
+async def migrate_database(settings: Settings, *, until: str | None = None) -> None:
     """Apply what is missing and say which migrations that was."""
     from llm_usage.core.clock import worker_clock  # noqa: PLC0415 - when the command runs
     from llm_usage.storage.migrate import migrate  # noqa: PLC0415
@@ -63,5 +69,6 @@ async def migrate_database(settings: Settings) -> None:
             today=worker_clock()().date(),
             dedup_window_hours=settings.dedup_window_hours,
             retention_months=settings.retention_months,
+            until=until,
         )
     print(f"applied {', '.join(applied)}" if applied else "database is up to date")

@@ -69,10 +69,12 @@ async def migrate(
     today: date | None = None,
     dedup_window_hours: int = DEFAULT_DEDUP_WINDOW_HOURS,
     retention_months: int = DEFAULT_RETENTION_MONTHS,
+    until: str | None = None,
 ) -> list[str]:
     """Apply the migrations this database has not seen, then create the partitions missing up to
     the months ahead of `today` (the worker clock's day when not given); return the versions
-    applied now.
+    applied now. With `until`, stop after the migration whose version starts with it (an
+    upgrade in two steps: the online part while the previous release runs, then the rest).
 
     A session advisory lock serialises concurrent migrators: the second one waits, then finds
     everything applied and does nothing.
@@ -102,6 +104,8 @@ async def migrate(
         }
         for migration in bundled_migrations():
             if migration.version in done:
+                if until is not None and migration.version.startswith(until):
+                    return applied_now
                 continue
             if migration.in_transaction:
                 async with connection.transaction():
@@ -112,6 +116,8 @@ async def migrate(
                     await connection.execute(statement)
                 await _record(connection, migration)
             applied_now.append(migration.version)
+            if until is not None and migration.version.startswith(until):
+                return applied_now
         await create_partitions(connection, today=today, retention_months=retention_months)
     finally:
         await unlock_migrations(connection)

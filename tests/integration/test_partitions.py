@@ -3,9 +3,11 @@ previous release moved onto the partitioned table with every event still exactly
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -18,8 +20,9 @@ from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.periods import add_months
 from llm_usage.domain.retention import MONTHS_AHEAD, oldest_kept_month
+from llm_usage.runtime.handler import BatchResult
 from llm_usage.storage.maintenance import maintain
-from llm_usage.storage.migrate import bundled_migrations, migrate
+from llm_usage.storage.migrate import migrate
 from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
@@ -105,64 +108,104 @@ async def test_maintain_creates_a_missing_month_and_prunes_the_window(
         await connection.close()
 
 
-async def test_a_database_of_the_previous_release_keeps_every_event_exactly_once(
+# The previous release's write, as it was (3206f9e, storage/usage_events.py): look the ids up in
+# the primary key, COPY the new rows; its budget consumer remembered the ids it counted.
+_PREVIOUS_LOOK_UP = (
+    "SELECT gateway_request_id FROM llm_usage_events WHERE gateway_request_id = ANY($1)"
+)
+_PREVIOUS_COLUMNS = (
+    "gateway_request_id", "tenant_id", "deployment_id", "input_tokens", "output_tokens",
+    "cached_input_tokens", "reasoning_tokens", "total_tokens", "customer_charge_usd",
+    "occurred_at",
+)  # fmt: skip
+
+
+async def write_as_the_previous_release(
+    connection: asyncpg.Connection, events: list[dict[str, Any]], *, counted: bool
+) -> None:
+    async with connection.transaction():
+        ids = [e["gateway_request_id"] for e in events]
+        known = {r[0] for r in await connection.fetch(_PREVIOUS_LOOK_UP, ids)}
+        rows = [
+            (
+                e["gateway_request_id"],
+                e["tenant_id"],
+                e["deployment_id"],
+                e["input_tokens"],
+                e["output_tokens"],
+                0,
+                0,
+                e["input_tokens"] + e["output_tokens"],
+                Decimal(e["customer_charge_usd"]),
+                datetime.fromisoformat(e["occurred_at"]),
+            )
+            for e in events
+            if e["gateway_request_id"] not in known
+        ]
+        await connection.copy_records_to_table(
+            "llm_usage_events", records=rows, columns=list(_PREVIOUS_COLUMNS)
+        )
+        if counted:
+            await connection.executemany(
+                "INSERT INTO budget_counted_events (gateway_request_id) VALUES ($1)",
+                [(i,) for i in ids],
+            )
+
+
+async def test_a_database_of_the_previous_release_is_migrated_while_it_writes(
     empty_database_url: str,
 ) -> None:
-    """Events stored and counted by the previous release (no window, a primary key on the id)
-    become the legacy partition; their re-sends are duplicates, new events are stored and
-    counted once, and an id the budget consumer counted before the upgrade is not counted
-    again."""
+    """The online step (0008) runs while the previous release keeps storing and counting; then,
+    its writers stopped, the rest (0009, a brief lock). Every event stored before, during and
+    after stays exactly once: re-sends are duplicates, changed copies conflicts (the window
+    knows the ids stored during 0008 too), and the budget counts what it had not counted."""
     connection = await asyncpg.connect(empty_database_url)
+    writer = await asyncpg.connect(empty_database_url)
     try:
-        await connection.execute(
-            "CREATE TABLE schema_migrations (version text PRIMARY KEY, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for migration in bundled_migrations():
-            if migration.version >= "0008":
-                break
-            await connection.execute(migration.sql)
-            await connection.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)", migration.version
-            )
+        await migrate(connection, until="0007")
         tenant = unique("tenant")
-        stored_before = [usage_event(tenant) for _ in range(3)]
-        counted_only = usage_event(tenant)  # counted by the budget consumer, not yet stored
-        for event in stored_before:
-            await connection.execute(
-                "INSERT INTO llm_usage_events (gateway_request_id, tenant_id, deployment_id, "
-                "input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, "
-                "total_tokens, customer_charge_usd, occurred_at) "
-                "VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $7, $8)",
-                event["gateway_request_id"],
-                tenant,
-                event["deployment_id"],
-                event["input_tokens"],
-                event["output_tokens"],
-                event["input_tokens"] + event["output_tokens"],
-                Decimal(event["customer_charge_usd"]),
-                datetime.fromisoformat(event["occurred_at"]),
+        history = [usage_event(tenant) for _ in range(20_000)]
+        for start in range(0, len(history), 5_000):
+            await write_as_the_previous_release(
+                writer, history[start : start + 5_000], counted=True
             )
-        await connection.executemany(
-            "INSERT INTO budget_counted_events (gateway_request_id) VALUES ($1)",
-            [(e["gateway_request_id"],) for e in [*stored_before[:2], counted_only]],
-        )
+        during: list[dict[str, Any]] = []
+        uncounted: list[dict[str, Any]] = []  # stored by its usage consumer, not yet counted
 
+        async def keep_writing(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                batch = [usage_event(tenant) for _ in range(50)]
+                await write_as_the_previous_release(writer, batch[:40], counted=True)
+                await write_as_the_previous_release(writer, batch[40:], counted=False)
+                during.extend(batch[:40])
+                uncounted.extend(batch[40:])
+                await asyncio.sleep(0.01)
+
+        stop = asyncio.Event()
+        writing = asyncio.create_task(keep_writing(stop))
+        try:
+            assert await migrate(connection, until="0008") == ["0008_event_identity"]
+        finally:
+            stop.set()
+            await writing
+        assert during, "the previous release wrote while 0008 ran"
         applied = await migrate(connection)
-        assert applied[:2] == ["0008_event_identity", "0009_partitioned_events"]
+        assert applied[:1] == ["0009_partitioned_events"]
         legacy = await connection.fetchval(
             "SELECT pg_get_expr(relpartbound, oid) FROM pg_class "
             "WHERE relname = 'llm_usage_events_legacy'"
         )
         assert legacy is not None
         assert legacy.startswith("FOR VALUES FROM (MINVALUE)"), legacy
-        assert await connection.fetchval("SELECT count(*) FROM usage_event_ids") == 3
 
-        new = usage_event(tenant)
-        records = [
-            consumer_record(encode(event), offset=n)
-            for n, event in enumerate([*stored_before, counted_only, new, new])
+        stored = [*history, *during, *uncounted]
+        changed = [
+            {**e, "customer_charge_usd": "0.0099", "customer_charge_cents": 1}
+            for e in (history[0], during[0], during[-1], uncounted[-1])
         ]
+        new = usage_event(tenant)
+        backlog = [*stored, *changed, new, new]
+        records = [consumer_record(encode(e), offset=n) for n, e in enumerate(backlog)]
         pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=2)
         assert pool is not None
         try:
@@ -171,20 +214,26 @@ async def test_a_database_of_the_previous_release_keeps_every_event_exactly_once
         finally:
             await pool.close()
 
-        assert usage.counts == {"recorded": 2, "duplicate": 4}, usage
-        # Counted now: the third stored event (never counted before) and the new one.
-        assert budget.counts == {"recorded": 2, "duplicate": 4}, budget
-        stored = await connection.fetchval(
+        assert usage.counts == {
+            "recorded": 1,
+            "duplicate": len(stored) + 1,
+            "conflict": len(changed),
+        }, usage
+        assert len(usage.dead_letters) == len(changed)
+        # Counted now: what the previous release stored but had not counted, and the new one.
+        assert budget.counts[BatchResult.RECORDED] == len(uncounted) + 1, budget
+        count = await connection.fetchval(
             "SELECT count(*) FROM llm_usage_events WHERE tenant_id = $1", tenant
         )
-        assert stored == 5
+        assert count == len(stored) + 1
         spend = await connection.fetchval(
             "SELECT spend_usd FROM budget_spend WHERE tenant_id = $1 AND scope_type = 'tenant' "
             "AND \"window\" = 'monthly'",
             tenant,
         )
-        assert spend == Decimal("0.0054") * 2
+        assert spend == Decimal("0.0054") * (len(uncounted) + 1)
     finally:
+        await writer.close()
         await connection.close()
 
 

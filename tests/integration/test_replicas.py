@@ -10,11 +10,14 @@ writes until both wait on it, so both write the id at once and one of them loses
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, time
 from decimal import Decimal
 
 import asyncpg
 import pytest
 
+from llm_usage.domain.periods import add_months
+from tests import clock
 from tests.integration.pipeline import (
     RunningConsumer,
     create_pipeline_topics,
@@ -130,3 +133,79 @@ async def test_one_id_on_two_partitions_is_stored_once_whichever_replica_wins(
         assert header(dead, "dlq.partition") == str(lost_partition)
         assert dead.value == published[lost_partition]
         assert dead.key == key
+
+
+async def test_conflicting_copies_in_two_months_raced_by_usage_and_budget_replicas(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """Two copies of one id, in two months (two partitions of the events table), with two
+    charges, on two Kafka partitions: two usage and two budget replicas all write the id at
+    once. Whichever copy wins, it is the one stored and the one counted; the other is
+    dead-lettered and counts nothing."""
+    topics = await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=2
+    )
+    groups = {
+        worker: [await spawn_consumer(topics, "--exit-when-idle", "8", worker=worker) for _ in "ab"]
+        for worker in ("usage", "budget")
+    }
+    everyone = [replica for replicas in groups.values() for replica in replicas]
+
+    async def one_partition_each() -> bool:
+        return all(
+            sorted(held_partitions(r) for r in replicas) == [[0], [1]]
+            for replicas in groups.values()
+        )
+
+    await wait_until(
+        one_partition_each,
+        within=90,
+        message="\n\n".join(replica.log_tail() for replica in everyone),
+    )
+    tenant = unique("tenant")
+    this_month = clock.this_month()
+    last_month = add_months(this_month, -1)
+    first = usage_event(tenant, customer_charge_usd="0.0054")
+    copies = {
+        0: first,
+        1: {
+            **first,
+            "customer_charge_usd": "0.0099",
+            "customer_charge_cents": 1,
+            "occurred_at": datetime.combine(last_month, time(12), tzinfo=UTC).isoformat(),
+        },
+    }
+    key = tenant.encode()
+    async with writes_held(database_url) as holder:
+        await produce_to_partitions(
+            kafka_bootstrap_servers,
+            topics.usage,
+            [(p, key, encode(copy)) for p, copy in copies.items()],
+        )
+
+        async def all_four_write_the_id() -> bool:
+            return await sessions_blocked_by(pool, holder) == 4
+
+        await wait_until(
+            all_four_write_the_id,
+            within=60,
+            message="\n\n".join(replica.log_tail() for replica in everyone),
+        )
+
+    for replica in everyone:
+        assert await replica.finished(within=120) == 0, replica.log_tail()
+    [row] = await stored_for(pool, [copies[0]["gateway_request_id"]])
+    winner = 0 if row["customer_charge_usd"] == Decimal("0.0054") else 1
+    assert row["occurred_at"] == datetime.fromisoformat(copies[winner]["occurred_at"])
+    spend = await pool.fetch(
+        "SELECT period_start, spend_usd FROM budget_spend WHERE tenant_id = $1 "
+        "AND scope_type = 'tenant' AND \"window\" = 'monthly'",
+        tenant,
+    )
+    won_month = this_month if winner == 0 else last_month
+    assert [(r["period_start"], r["spend_usd"]) for r in spend] == [
+        (won_month, Decimal(copies[winner]["customer_charge_usd"]))
+    ]
+    [dead] = await read_topic(kafka_bootstrap_servers, topics.dlq, expected=1)
+    assert header(dead, "dlq.reason") == "conflicting_duplicate"
+    assert dead.value == encode(copies[1 - winner])

@@ -89,19 +89,38 @@ BEGIN
 END
 $$;
 
--- The window starts with the ids stored within it, counted by the budget consumer or not.
-INSERT INTO usage_event_ids (gateway_request_id, tenant_id, deployment_id, input_tokens,
-    output_tokens, cached_input_tokens, reasoning_tokens, total_tokens, customer_charge_usd,
-    occurred_at, first_seen_at, counted)
-SELECT e.gateway_request_id, e.tenant_id, e.deployment_id, e.input_tokens, e.output_tokens,
-    e.cached_input_tokens, e.reasoning_tokens, e.total_tokens, e.customer_charge_usd,
-    e.occurred_at, e.received_at,
-    EXISTS (SELECT FROM budget_counted_events c WHERE c.gateway_request_id = e.gateway_request_id)
-FROM llm_usage_events e
-WHERE e.received_at >= now() - make_interval(
-    hours => current_setting('llm_usage.dedup_window_hours')::integer)
-ON CONFLICT (gateway_request_id) DO UPDATE SET counted = EXCLUDED.counted
-    WHERE EXCLUDED.counted AND NOT usage_event_ids.counted;
+-- The window starts with the ids stored within it, counted by the budget consumer or not, found
+-- through an index on received_at built for this (0009 drops it). The previous release may
+-- still be writing meanwhile: `backfilled_from` records where this pass started, and 0009, under
+-- its lock, adds what was stored since (with a margin for transactions open across it).
+CREATE INDEX CONCURRENTLY IF NOT EXISTS llm_usage_events_legacy_received_at
+    ON llm_usage_events (received_at);
+CREATE TABLE IF NOT EXISTS usage_event_id_backfill (
+    backfilled_from timestamptz NOT NULL
+);
+INSERT INTO usage_event_id_backfill (backfilled_from)
+SELECT now() WHERE NOT EXISTS (SELECT FROM usage_event_id_backfill);
+CREATE OR REPLACE FUNCTION usage_event_ids_backfill(since timestamptz) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH added AS (
+        INSERT INTO usage_event_ids (gateway_request_id, tenant_id, deployment_id,
+            input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens,
+            customer_charge_usd, occurred_at, first_seen_at, counted)
+        SELECT e.gateway_request_id, e.tenant_id, e.deployment_id, e.input_tokens,
+            e.output_tokens, e.cached_input_tokens, e.reasoning_tokens, e.total_tokens,
+            e.customer_charge_usd, e.occurred_at, e.received_at,
+            EXISTS (SELECT FROM budget_counted_events c
+                    WHERE c.gateway_request_id = e.gateway_request_id)
+        FROM llm_usage_events e
+        WHERE e.received_at >= since
+        ON CONFLICT (gateway_request_id) DO UPDATE SET counted = EXCLUDED.counted
+            WHERE EXCLUDED.counted AND NOT usage_event_ids.counted
+        RETURNING 1
+    )
+    SELECT count(*) FROM added
+$$;
+SELECT usage_event_ids_backfill(
+    now() - make_interval(hours => current_setting('llm_usage.dedup_window_hours')::integer));
 
 GRANT SELECT, INSERT, UPDATE ON usage_event_ids TO llm_usage_worker;
 GRANT SELECT ON usage_event_months TO llm_usage_worker;

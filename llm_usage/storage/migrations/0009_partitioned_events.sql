@@ -5,6 +5,14 @@
 -- partitions themselves are created by `llm-usage migrate` and `llm-usage maintain`.
 LOCK TABLE llm_usage_events, budget_counted_events IN ACCESS EXCLUSIVE MODE;
 
+-- The ids the previous release stored (and counted) since 0008's back-fill started: nothing can
+-- be written meanwhile now. A margin covers its batches that were open across that moment.
+SELECT usage_event_ids_backfill(
+    (SELECT backfilled_from - interval '10 minutes' FROM usage_event_id_backfill));
+DROP INDEX llm_usage_events_legacy_received_at;
+DROP TABLE usage_event_id_backfill;
+DROP FUNCTION usage_event_ids_backfill(timestamptz);
+
 ALTER TABLE llm_usage_events RENAME TO llm_usage_events_legacy;
 CREATE TABLE llm_usage_events (LIKE llm_usage_events_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     PARTITION BY RANGE (occurred_at);
