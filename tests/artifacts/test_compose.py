@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from llm_usage.api.server import GRACEFUL_SHUTDOWN_SECONDS
+from llm_usage.cli.main import build_parser
 from tests.artifacts.deploy import (
     COMPOSE_FILE,
     DEDUP_MARGIN_HOURS,
@@ -122,6 +123,9 @@ COMPOSE_WORKERS = {
 }
 # `serve api`: its service, and the job Prometheus scrapes it as (deploy/prometheus/prometheus.yml).
 COMPOSE_API = "api"
+# `llm-usage maintain` at start (once migrate succeeded) and then hourly, archiving into a named
+# volume (the only copy of a dropped month must outlive the container).
+COMPOSE_MAINTAIN = "maintain"
 COMPOSE_ONE_SHOTS = {
     "migrate": (["migrate"], "postgres"),
     "topics": (["topics", "ensure", "--partitions", "6", "--replication-factor", "1"], "kafka"),
@@ -222,6 +226,7 @@ def compose_problems(raw: Any, env: dict[str, str]) -> list[str]:  # noqa: PLR09
             problems.append(f"{where}: the healthcheck does not ask /readyz on METRICS_PORT")
 
     problems += api_problems(services)
+    problems += maintain_problems(compose)
 
     for name, service in services.items():
         for needed in service.get("depends_on", {}):
@@ -265,6 +270,42 @@ def api_problems(services: dict[str, Object]) -> list[str]:
     grace = duration_seconds(service.get("stop_grace_period", "10s"))
     if grace < GRACEFUL_SHUTDOWN_SECONDS + GRACE_MARGIN_SECONDS:
         problems.append(f"{where}: stop_grace_period {grace} s cuts the requests in flight short")
+    return problems
+
+
+def maintain_problems(compose: Object) -> list[str]:
+    """`maintain`: the image's `llm-usage maintain` in a loop once migrate succeeded, hourly,
+    with ARCHIVE_URL on a named volume (or an object store), never inside the container."""
+    where = f"compose {COMPOSE_MAINTAIN}"
+    service = compose.get("services", {}).get(COMPOSE_MAINTAIN)
+    if service is None:
+        return [f"{where}: `llm-usage maintain` is not a service"]
+    problems = []
+    if service.get("build", {}).get("dockerfile") != "deploy/Dockerfile":
+        problems.append(f"{where}: not built from deploy/Dockerfile")
+    script = "\n".join([*service.get("entrypoint", []), *service.get("command", [])])
+    if not re.search(r"^\s*llm-usage maintain\b", script, re.MULTILINE):
+        problems.append(f"{where}: does not run `llm-usage maintain`")
+    if not re.search(r"\bsleep 3600\b", script) or service.get("restart") == "no":
+        problems.append(f"{where}: does not run again every hour")
+    try:
+        build_parser().parse_args(["maintain"])
+    except SystemExit:
+        problems.append(f"{where}: `llm-usage maintain` is not a command llm-usage accepts")
+    condition = service.get("depends_on", {}).get("migrate", {}).get("condition")
+    if condition != "service_completed_successfully":
+        problems.append(f"{where}: starts before migrate has succeeded")
+    variables = {key: str(value) for key, value in service.get("environment", {}).items()}
+    problems += settings_problems(where, variables)
+    archive = variables.get("ARCHIVE_URL", "")
+    named = {
+        volume.split(":")[1]
+        for volume in service.get("volumes", [])
+        if isinstance(volume, str) and volume.split(":")[0] in (compose.get("volumes") or {})
+    }
+    on_volume = any(archive == target or archive.startswith(target + "/") for target in named)
+    if not (archive.startswith("s3://") or on_volume):
+        problems.append(f"{where}: ARCHIVE_URL {archive!r} is not on a named volume")
     return problems
 
 
@@ -416,6 +457,26 @@ def _compose_api_first(c: Any) -> None:
     del c["services"]["api"]["depends_on"]["migrate"]
 
 
+def _compose_maintain_in_container(c: Any) -> None:
+    c["services"]["maintain"]["environment"]["ARCHIVE_URL"] = "/tmp/archive"  # noqa: S108
+
+
+def _compose_maintain_default_archive(c: Any) -> None:
+    del c["services"]["maintain"]["environment"]["ARCHIVE_URL"]
+
+
+def _compose_maintain_once(c: Any) -> None:
+    c["services"]["maintain"]["command"] = ["llm-usage maintain"]
+
+
+def _compose_maintain_first(c: Any) -> None:
+    del c["services"]["maintain"]["depends_on"]["migrate"]
+
+
+def _compose_maintain_volume_undeclared(c: Any) -> None:
+    del c["volumes"]["archive-data"]
+
+
 def _compose_missing_mount(c: Any) -> None:
     c["services"]["grafana"]["volumes"][2]["source"] = "./grafana/missing"
 
@@ -440,6 +501,14 @@ def _compose_missing_mount(c: Any) -> None:
         (_compose_api_short_grace, "api: stop_grace_period 5.0 s"),
         (_compose_api_without_key, "api: no API_JWT_SECRET"),
         (_compose_api_first, "api: starts before migrate"),
+        (_compose_maintain_in_container, "maintain: ARCHIVE_URL '/tmp/archive' is not on a named"),
+        (_compose_maintain_default_archive, "maintain: ARCHIVE_URL '' is not on a named volume"),
+        (_compose_maintain_once, "maintain: does not run again every hour"),
+        (_compose_maintain_first, "maintain: starts before migrate has succeeded"),
+        (
+            _compose_maintain_volume_undeclared,
+            "maintain: ARCHIVE_URL '/var/lib/llm-usage/archive' is not",
+        ),
     ],
 )
 def test_a_broken_compose_file_is_caught(break_it: Callable[[Any], None], expected: str) -> None:

@@ -5,7 +5,8 @@ the core kinds, the CRDs' own schemas for KEDA and Strimzi), then the promises: 
 time, resources, PDBs that never block a drain, scaling on lag up to the partitions, static
 membership, cluster-qualified Kafka addresses, a Kafka user per client, NetworkPolicies, topics
 kept out of the overlays, secrets only from Secrets, a migrate Job that starts on a new
-namespace, and the database connections at the replica maxima.
+namespace, an hourly maintain CronJob whose archive never lands on the pod, and the database
+connections at the replica maxima.
 
 Every check is also run on a broken copy, to show that it can fail.
 """
@@ -209,6 +210,7 @@ def test_every_rendered_object_is_valid_against_its_schema(
         "StatefulSet",
         "Service",
         "Job",
+        "CronJob",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "NetworkPolicy",
@@ -294,12 +296,17 @@ WORKER_SECRET = "llm-usage-secrets"
 MIGRATE_JOB = "llm-usage-migrate"
 MIGRATE_SECRET = "llm-usage-migrate"
 MIGRATE_LABEL = ("app.kubernetes.io/component", "migrate")
+# `llm-usage maintain`, hourly, as the schema owner (MIGRATE_SECRET); its archive's settings
+# from a Secret of its own that whoever deploys makes (ARCHIVE_URL required: never the pod's disk).
+MAINTAIN_CRONJOB = "llm-usage-maintain"
+ARCHIVE_SECRET = "llm-usage-archive"
 # What the manifests name and do not hold, made beforehand by whoever deploys
 # (docs/operations.md, "Kubernetes"); `default` is every namespace's own ServiceAccount.
 MADE_OUTSIDE = {
     ("ServiceAccount", "default"),
     ("Secret", WORKER_SECRET),
     ("Secret", MIGRATE_SECRET),
+    ("Secret", ARCHIVE_SECRET),
     ("ConfigMap", "llm-usage-api-jwks"),
     ("Secret", KAFKA_CA_SECRET),
     ("Secret", KEDA_USER),
@@ -308,14 +315,21 @@ MADE_OUTSIDE = {
 # Of those, what the first release makes before it applies the migrate Job alone.
 MADE_BEFORE_THE_JOB = {("ServiceAccount", "default"), ("Secret", MIGRATE_SECRET)}
 # Variables that only a Secret may give (the user name is not a secret: the KafkaUser's name).
-SECRET_ONLY = ("DATABASE_URL", "KAFKA_SASL_PASSWORD", "MIGRATE_DATABASE_URL")
+SECRET_ONLY = (
+    "DATABASE_URL",
+    "KAFKA_SASL_PASSWORD",
+    "MIGRATE_DATABASE_URL",
+    "ARCHIVE_S3_SECRET_ACCESS_KEY",
+)
 # Prometheus runs in this namespace (deploy/prometheus/prometheus-kubernetes.yml's cluster).
 PROMETHEUS_NAMESPACE = "monitoring"
 # The API's drain: a preStop sleep of 5-10 s while the endpoints forget the pod, then uvicorn's.
 PRE_STOP_SECONDS = (5, 10)
 # KEDA's kafka scaler names the SASL mechanisms KAFKA_SASL_MECHANISM offers its own way.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
+# The workloads that run a command to its end as the schema owner: no probes, no zone spread.
+ONE_SHOT_KINDS = ("Job", "CronJob")
 
 
 def find(objects: list[Object], kind: str, name: str) -> Object:
@@ -360,7 +374,9 @@ def workloads(objects: list[Object]) -> list[Object]:
 
 
 def pod_spec(obj: Object) -> Object:
-    spec: Object = obj["spec"]["template"]["spec"]
+    """A workload's pod spec (a CronJob's through its Job template)."""
+    workload_spec = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+    spec: Object = workload_spec["template"]["spec"]
     return spec
 
 
@@ -455,20 +471,65 @@ def workload_problems(objects: list[Object]) -> list[str]:
         problems.append(f"{MIGRATE_JOB}: restartPolicy must be Never or OnFailure")
     if not job["spec"].get("activeDeadlineSeconds"):
         problems.append(f"{MIGRATE_JOB}: no activeDeadlineSeconds: a stuck release never fails")
+    problems += maintain_problems(objects)
     for obj in workloads(objects):
         container = pod_spec(obj)["containers"][0]
         expected = (
             (MIGRATE_SECRET, "MIGRATE_DATABASE_URL")
-            if obj["kind"] == "Job"
+            if obj["kind"] in ONE_SHOT_KINDS
             else (WORKER_SECRET, "DATABASE_URL")
         )
         if secret_ref(container, "DATABASE_URL") != expected:
             problems.append(
                 f"{name_of(obj)}: DATABASE_URL is not {expected[1]} of Secret {expected[0]}"
             )
-        if obj["kind"] != "Job" and ("Secret", MIGRATE_SECRET) in references(obj):
+        if obj["kind"] not in ONE_SHOT_KINDS and ("Secret", MIGRATE_SECRET) in references(obj):
             problems.append(f"{name_of(obj)}: reads {MIGRATE_SECRET}: only migrate is the owner")
+        if obj["metadata"]["name"] != MAINTAIN_CRONJOB and ("Secret", ARCHIVE_SECRET) in references(
+            obj
+        ):
+            problems.append(f"{name_of(obj)}: reads {ARCHIVE_SECRET}: only maintain archives")
     return problems + pod_problems(objects)
+
+
+def maintain_problems(objects: list[Object]) -> list[str]:
+    """`llm-usage maintain` hourly, one run at a time, failed runs kept; its archive's URL from
+    a Secret key that must be there (no key, no pod: never an archive on the pod's disk)."""
+    found = [o for o in find_all(objects, "CronJob") if o["metadata"]["name"] == MAINTAIN_CRONJOB]
+    if len(found) != 1:
+        return [f"{MAINTAIN_CRONJOB}: not one CronJob"]
+    cron = found[0]
+    spec, job = cron["spec"], cron["spec"]["jobTemplate"]["spec"]
+    where = f"CronJob/{MAINTAIN_CRONJOB}"
+    container = pod_spec(cron)["containers"][0]
+    problems = command_problems(MAINTAIN_CRONJOB, container.get("args", []), ["maintain"])
+    if not re.fullmatch(r"\d+ \* \* \* \*", spec.get("schedule", "")):
+        problems.append(f"{where}: schedule {spec.get('schedule')!r} is not hourly")
+    if spec.get("concurrencyPolicy") != "Forbid":
+        problems.append(f"{where}: concurrencyPolicy is not Forbid: two runs could overlap")
+    if not spec.get("startingDeadlineSeconds"):
+        problems.append(f"{where}: no startingDeadlineSeconds: missed runs pile up")
+    if not spec.get("failedJobsHistoryLimit") or "successfulJobsHistoryLimit" not in spec:
+        problems.append(f"{where}: no history limits (a failed run must stay for its logs)")
+    if pod_spec(cron).get("restartPolicy") != "Never":
+        problems.append(f"{where}: restartPolicy is not Never")
+    deadline = job.get("activeDeadlineSeconds")
+    if not deadline or deadline >= 3600:
+        problems.append(f"{where}: activeDeadlineSeconds {deadline} does not end a run in the hour")
+    archive = env_of(container).get("ARCHIVE_URL", {}).get("valueFrom", {}).get("secretKeyRef")
+    if not archive or archive["name"] != ARCHIVE_SECRET or archive.get("optional", False):
+        problems.append(f"{where}: ARCHIVE_URL is not required from Secret {ARCHIVE_SECRET}")
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
+    store = [
+        policy
+        for policy in find_all(objects, "NetworkPolicy")
+        if policy["spec"].get("podSelector") != {}
+        and labels_match(policy["spec"]["podSelector"], labels)
+        and policy["spec"].get("egress")
+    ]
+    if not store:
+        problems.append(f"{where}: no NetworkPolicy lets it reach the archive's object store")
+    return problems
 
 
 def worker_problems(obj: Object, settings: dict[str, str], autoscaled: set[str]) -> list[str]:
@@ -518,7 +579,7 @@ def pod_problems(objects: list[Object]) -> list[str]:
         # A Service named like a setting's prefix (`api`) would give every pod API_PORT=tcp://….
         if spec.get("enableServiceLinks") is not False:
             problems.append(f"{name_of(obj)}: enableServiceLinks is not false")
-        if obj["kind"] != "Job":
+        if obj["kind"] not in ONE_SHOT_KINDS:
             zones = [
                 c
                 for c in spec.get("topologySpreadConstraints", [])
@@ -745,7 +806,7 @@ def kafka_credentials_problems(objects: list[Object]) -> list[str]:
         name = obj["metadata"]["name"]
         container = pod_spec(obj)["containers"][0]
         env = env_of(container)
-        user = KAFKA_USERS.get(name) if obj["kind"] != "Job" else None
+        user = KAFKA_USERS.get(name) if obj["kind"] not in ONE_SHOT_KINDS else None
         if sasl and user is not None:
             if env.get("KAFKA_SASL_USERNAME", {}).get("value") != user:
                 problems.append(f"{name_of(obj)}: KAFKA_SASL_USERNAME is not {user!r}")
@@ -977,8 +1038,9 @@ def test_a_migrate_job_that_needs_more_than_the_first_release_made_is_caught(
 
 
 def test_what_is_made_beforehand_is_documented() -> None:
-    """Every Secret and ConfigMap the manifests name but do not hold is in the operator's steps."""
-    steps = (ROOT / "docs" / "operations.md").read_text()
+    """Every Secret and ConfigMap the manifests name but do not hold is in the operator's steps
+    (docs/operations.md, and docs/storage.md for the archive's)."""
+    steps = "".join((ROOT / "docs" / page).read_text() for page in ("operations.md", "storage.md"))
     made = sorted(name for kind, name in MADE_OUTSIDE if kind != "ServiceAccount")
 
     assert [name for name in made if f"`{name}`" not in steps] == []
@@ -1250,6 +1312,68 @@ def _m_no_kafka_egress(objects: list[Object]) -> None:
     objects.remove(find(objects, "NetworkPolicy", "llm-usage-kafka"))
 
 
+def _m_maintain(objects: list[Object]) -> Object:
+    return find(objects, "CronJob", MAINTAIN_CRONJOB)
+
+
+def _m_maintain_overlaps(objects: list[Object]) -> None:
+    _m_maintain(objects)["spec"]["concurrencyPolicy"] = "Allow"
+
+
+def _m_maintain_daily(objects: list[Object]) -> None:
+    _m_maintain(objects)["spec"]["schedule"] = "7 3 * * *"
+
+
+def _m_maintain_command(objects: list[Object]) -> None:
+    pod_spec(_m_maintain(objects))["containers"][0]["args"] = ["migrate"]
+
+
+def _m_maintain_as_worker(objects: list[Object]) -> None:
+    container = pod_spec(_m_maintain(objects))["containers"][0]
+    env_of(container)["DATABASE_URL"]["valueFrom"]["secretKeyRef"] = {
+        "name": WORKER_SECRET,
+        "key": "DATABASE_URL",
+    }
+
+
+def _m_maintain_archive_optional(objects: list[Object]) -> None:
+    container = pod_spec(_m_maintain(objects))["containers"][0]
+    env_of(container)["ARCHIVE_URL"]["valueFrom"]["secretKeyRef"]["optional"] = True
+
+
+def _m_maintain_archive_on_pod(objects: list[Object]) -> None:
+    container = pod_spec(_m_maintain(objects))["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != "ARCHIVE_URL"] + [
+        {"name": "ARCHIVE_URL", "value": "/tmp/archive"}  # noqa: S108 - the broken copy
+    ]
+
+
+def _m_maintain_no_history(objects: list[Object]) -> None:
+    del _m_maintain(objects)["spec"]["failedJobsHistoryLimit"]
+
+
+def _m_maintain_root(objects: list[Object]) -> None:
+    container = pod_spec(_m_maintain(objects))["containers"][0]
+    container["securityContext"]["readOnlyRootFilesystem"] = False
+
+
+def _m_maintain_no_store(objects: list[Object]) -> None:
+    objects.remove(find(objects, "NetworkPolicy", "llm-usage-maintain-archive"))
+
+
+def _m_archive_secret_elsewhere(objects: list[Object]) -> None:
+    worker(objects, "llm-usage-rollup-schedule")["env"].append(
+        {
+            "name": "ARCHIVE_URL",
+            "valueFrom": {"secretKeyRef": {"name": ARCHIVE_SECRET, "key": "ARCHIVE_URL"}},
+        }
+    )
+
+
+def _m_archive_key_in_config(objects: list[Object]) -> None:
+    config_map(objects)["data"]["ARCHIVE_S3_SECRET_ACCESS_KEY"] = "x"
+
+
 def _m_unknown_secret(objects: list[Object]) -> None:
     worker(objects, API)["envFrom"].append({"secretRef": {"name": "api-extra"}})
 
@@ -1306,6 +1430,17 @@ def _m_unknown_secret(objects: list[Object]) -> None:
         (_m_no_default_deny, "no NetworkPolicy refuses by default"),
         (_m_no_kafka_egress, "no egress to Kafka's namespace on [9093]"),
         (_m_unknown_secret, "needs Secret/api-extra, neither in the manifests nor made"),
+        (_m_maintain_overlaps, "CronJob/llm-usage-maintain: concurrencyPolicy is not Forbid"),
+        (_m_maintain_daily, "schedule '7 3 * * *' is not hourly"),
+        (_m_maintain_command, "llm-usage-maintain: runs `llm-usage migrate`"),
+        (_m_maintain_as_worker, "CronJob/llm-usage-maintain: DATABASE_URL is not MIGRATE_DATA"),
+        (_m_maintain_archive_optional, "ARCHIVE_URL is not required from Secret llm-usage-arc"),
+        (_m_maintain_archive_on_pod, "ARCHIVE_URL is not required from Secret llm-usage-arc"),
+        (_m_maintain_no_history, "CronJob/llm-usage-maintain: no history limits"),
+        (_m_maintain_root, "CronJob/llm-usage-maintain: writable root"),
+        (_m_maintain_no_store, "no NetworkPolicy lets it reach the archive's object store"),
+        (_m_archive_secret_elsewhere, "rollup-schedule: reads llm-usage-archive"),
+        (_m_archive_key_in_config, "holds ARCHIVE_S3_SECRET_ACCESS_KEY"),
     ],
 )
 def test_a_broken_promise_is_caught(

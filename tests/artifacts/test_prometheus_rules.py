@@ -53,6 +53,7 @@ from tests.tools.promtool import (
 from tests.unavailable import service_unavailable
 
 OPERATIONS = ROOT / "docs" / "operations.md"
+STORAGE = ROOT / "docs" / "storage.md"
 SEVERITIES = {"critical", "warning"}
 # Grafana's own variables, replaced by values of the same kind to check the PromQL around them.
 GRAFANA_VARIABLES = {
@@ -177,8 +178,12 @@ def test_each_alert_unit_test_fails_when_the_alert_never_fires(
 
 def test_each_alert_has_a_severity_a_summary_a_description_and_a_runbook_url() -> None:
     """`runbook_url` (the annotation Alertmanager templates and Grafana link) is absolute: the
-    repository's placeholder base and the alert's section of docs/operations.md."""
-    anchors = github_anchors(OPERATIONS.read_text())
+    repository's placeholder base and the alert's section of docs/operations.md (of
+    docs/storage.md for the storage's alerts)."""
+    pages = {
+        f"{RUNBOOK_BASE}docs/{page.name}": github_anchors(page.read_text())
+        for page in (OPERATIONS, STORAGE)
+    }
     for rule in alert_rules():
         assert rule.field("severity") in SEVERITIES, rule.block
         for annotation in ("summary", "description"):
@@ -187,8 +192,8 @@ def test_each_alert_has_a_severity_a_summary_a_description_and_a_runbook_url() -
         runbook = rule.field("runbook_url")
         assert runbook is not None, f"{rule.name} has no runbook_url"
         page, _, anchor = runbook.partition("#")
-        assert page == f"{RUNBOOK_BASE}docs/operations.md", runbook
-        assert anchor in anchors, f"{rule.name}: docs/operations.md has no section #{anchor}"
+        assert page in pages, runbook
+        assert anchor in pages[page], f"{rule.name}: {page} has no section #{anchor}"
         assert anchor == rule.name.lower(), f"{rule.name}: its runbook is #{anchor}"
 
 
