@@ -31,8 +31,9 @@ async def run_maintain_command(args: argparse.Namespace, settings: Settings) -> 
 
 
 async def maintain_database(settings: Settings) -> None:
-    """Under the schema owner's lock: retire the months past retention (detach, archive, verify,
-    drop), create the months ahead, prune the id window. Exits 1, naming the differences, when
+    """Under the schema owner's lock: create the months ahead, prune the id window and the
+    budget periods past the horizon, then retire the months past retention (detach, archive,
+    verify, drop). Exits 1, naming the differences, when
     an archive does not match its month (the month is then kept, detached)."""
     from llm_usage.archive.retention import retire_months  # noqa: PLC0415 - when it runs
     from llm_usage.archive.targets import archive_target  # noqa: PLC0415
@@ -45,17 +46,20 @@ async def maintain_database(settings: Settings) -> None:
     async with schema_owner_connection(settings, "maintain") as connection:
         await lock_migrations(connection)
         try:
-            retired = await retire_months(
-                connection,
-                today=today,
-                retention_months=settings.retention_months,
-                target=archive_target(settings),
-            )
+            # The months ahead first: an archive store out of reach must not stop them.
             report = await maintain(
                 connection,
                 now=now,
                 retention_months=settings.retention_months,
                 window_hours=settings.dedup_window_hours,
+            )
+            for line in report.lines():
+                print(line, flush=True)
+            retired = await retire_months(
+                connection,
+                today=today,
+                retention_months=settings.retention_months,
+                target=archive_target(settings),
             )
         finally:
             await unlock_migrations(connection)
@@ -64,8 +68,6 @@ async def maintain_database(settings: Settings) -> None:
         print(f"month {month.month:%Y-%m} past retention: {outcome}")
         for difference in month.report.differences:
             print(f"  {difference}")
-    for line in report.lines():
-        print(line)
     kept = [f"{m.month:%Y-%m}" for m in retired if not m.dropped]
     if kept:
         raise PipelineError(
