@@ -22,7 +22,8 @@ import asyncpg
 import pytest
 
 from llm_usage.core.clock import CLOCK_VARIABLE, SimulatedClock
-from llm_usage.domain.retention import add_months, partition_name
+from llm_usage.domain.periods import add_months
+from llm_usage.domain.retention import partition_name
 from tests.clock import now, this_month
 from tests.image.conftest import Containers, Database, container_database
 
