@@ -17,17 +17,28 @@ from llm_usage.storage.pool import Connection
 WINDOW_COLUMNS = ("gateway_request_id", *CONFLICT_FIELDS)
 
 _FIELDS = ", ".join(CONFLICT_FIELDS)
-# One round trip per chunk: the window's rows for the ids, and the rows stored under the Tier 1
-# keys the chunk names (each key probes its own month's partition).
+# One round trip per chunk, one probe per key and tier: for each (id, tenant, time) the chunk
+# names, the window's row for the id and the row stored under that Tier 1 key. LATERAL with
+# LIMIT 1 keeps each a probe of one index, pruned at run time to the id's hash slice and the
+# key's month: the planner would otherwise scan every partition for a whole chunk's array.
 _LOOK_UP = f"""
-    SELECT true AS in_window, gateway_request_id, {_FIELDS}
-    FROM usage_event_ids WHERE gateway_request_id = ANY($1::text[])
-    UNION ALL
-    SELECT false, e.gateway_request_id, {", ".join(f"e.{f}" for f in CONFLICT_FIELDS)}
-    FROM unnest($2::text[], $3::timestamptz[], $4::text[]) AS k(tenant_id, occurred_at, id)
-    JOIN llm_usage_events AS e ON e.tenant_id = k.tenant_id
-        AND e.occurred_at = k.occurred_at AND e.gateway_request_id = k.id
+    SELECT k.id,
+        {", ".join(f"w.{f} AS w_{f}" for f in CONFLICT_FIELDS)},
+        {", ".join(f"e.{f} AS e_{f}" for f in CONFLICT_FIELDS)}
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(id, tenant_id, occurred_at)
+    LEFT JOIN LATERAL (
+        SELECT {_FIELDS} FROM usage_event_ids WHERE gateway_request_id = k.id LIMIT 1
+    ) AS w ON true
+    LEFT JOIN LATERAL (
+        SELECT {_FIELDS} FROM llm_usage_events
+        WHERE tenant_id = k.tenant_id AND occurred_at = k.occurred_at
+          AND gateway_request_id = k.id
+        LIMIT 1
+    ) AS e ON true
+    WHERE w.tenant_id IS NOT NULL OR e.tenant_id IS NOT NULL
 """
+_WINDOW_NAMES = [f"w_{f}" for f in CONFLICT_FIELDS]
+_STORED_NAMES = [f"e_{f}" for f in CONFLICT_FIELDS]
 _INSERT_NEW_IDS = f"""
     INSERT INTO usage_event_ids ({", ".join(WINDOW_COLUMNS)})
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
@@ -51,27 +62,22 @@ class KnownIdentities:
     stored: dict[TierOneKey, Fields] = field(default_factory=dict)
 
 
-async def look_up_identities(
-    connection: Connection, ids: Sequence[str], keys: Sequence[TierOneKey]
-) -> KnownIdentities:
-    """The window's row of each id in `ids`, and the stored row of each Tier 1 key in `keys`."""
+async def look_up_identities(connection: Connection, keys: Sequence[TierOneKey]) -> KnownIdentities:
+    """For each Tier 1 key (tenant_id, occurred_at, gateway_request_id): the window's row of its
+    id, and the row stored under the key."""
     known = KnownIdentities()
-    if not ids:
+    if not keys:
         return known
-    tenants, times, key_ids = (list(column) for column in zip(*keys, strict=True))
-    for row in await connection.fetch(_LOOK_UP, list(ids), tenants, times, key_ids):
-        fields = {name: row[name] for name in CONFLICT_FIELDS}
-        if row["in_window"]:
-            known.window[row["gateway_request_id"]] = fields
-        else:
-            key = (row["tenant_id"], row["occurred_at"], row["gateway_request_id"])
-            known.stored[key] = fields
+    tenants, times, ids = (list(column) for column in zip(*keys, strict=True))
+    for row in await connection.fetch(_LOOK_UP, ids, tenants, times):
+        if row["w_tenant_id"] is not None:
+            known.window[row["id"]] = dict(
+                zip(CONFLICT_FIELDS, map(row.get, _WINDOW_NAMES), strict=True)
+            )
+        if row["e_tenant_id"] is not None:
+            key = (row["e_tenant_id"], row["e_occurred_at"], row["id"])
+            known.stored[key] = dict(zip(CONFLICT_FIELDS, map(row.get, _STORED_NAMES), strict=True))
     return known
-
-
-def _sorted_by_id(events: Sequence[UsageRow]) -> list[UsageRow]:
-    # Code point order, as `COLLATE "C"` sorts: every writer takes the ids' locks in one order.
-    return sorted(events, key=lambda event: event.gateway_request_id)
 
 
 async def copy_new_ids(connection: Connection, events: Sequence[UsageRow]) -> None:
@@ -80,7 +86,7 @@ async def copy_new_ids(connection: Connection, events: Sequence[UsageRow]) -> No
     if events:
         await connection.copy_records_to_table(
             "usage_event_ids",
-            records=[_WINDOW_VALUES(event) for event in _sorted_by_id(events)],
+            records=map(_WINDOW_VALUES, events),
             columns=list(WINDOW_COLUMNS),
         )
 

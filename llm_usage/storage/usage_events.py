@@ -45,10 +45,6 @@ _INSERT_NEW = f"""
 """
 
 
-def _tier_one_key(event: UsageRow) -> tuple[str, object, str]:
-    return (event.tenant_id, event.occurred_at, event.gateway_request_id)
-
-
 async def copy_usage_events(connection: Connection, events: Sequence[UsageRow]) -> None:
     """COPY `events` straight into the table: the fastest path, for ids known to be new.
 
@@ -56,10 +52,9 @@ async def copy_usage_events(connection: Connection, events: Sequence[UsageRow]) 
     `UniqueViolationError` and none of the rows is kept.
     """
     if events:
-        ordered: list[UsageRow] = sorted(events, key=_tier_one_key)
         await connection.copy_records_to_table(
             "llm_usage_events",
-            records=ordered,
+            records=events,
             columns=list(USAGE_EVENT_COLUMNS),
         )
 

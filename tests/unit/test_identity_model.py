@@ -81,7 +81,7 @@ def test_two_tiers(sends: list[dict[str, Any]], window_hours: int, floor_month: 
             stored={k: v for k, v in tiers.stored.items() if k == key},
         )
         plan = plan_chunk(batch, known, retention_floor=floor)
-        to_store = plan.to_store()
+        to_store = plan.to_store
         outcome = settle_batch(
             batch, plan, inserted={e.gateway_request_id for e in to_store}
         ).counts
@@ -98,6 +98,6 @@ def test_two_tiers(sends: list[dict[str, Any]], window_hours: int, floor_month: 
         for event in to_store:
             assert tier_one_key(event) not in tiers.stored, "stored twice under one key"
             tiers.stored[tier_one_key(event)] = conflict_view(event)
-        for event in plan.new_in_window():
+        for event in plan.new_in_window:
             tiers.window[event.gateway_request_id] = (conflict_view(event), now)
         assert sum(outcome.values()) == 1

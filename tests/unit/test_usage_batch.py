@@ -52,7 +52,7 @@ def plan(
 def land(batch: DecodedBatch, known: KnownIdentities | None = None) -> BatchOutcome:
     """Settle as if every planned copy was stored."""
     chunk = plan(batch, known)
-    return settle_batch(batch, chunk, inserted={e.gateway_request_id for e in chunk.to_store()})
+    return settle_batch(batch, chunk, inserted={e.gateway_request_id for e in chunk.to_store})
 
 
 def stored_as(data: bytes) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def stored_as(data: bytes) -> dict[str, Any]:
 def test_first_occurrence_is_recorded_and_exact_repeats_are_duplicates() -> None:
     batch = decode_batch([record(event(), 0), record(event(), 1)], now=NOW)
     chunk = plan(batch)
-    assert [e.gateway_request_id for e in chunk.new_in_window()] == ["r1"]
+    assert [e.gateway_request_id for e in chunk.new_in_window] == ["r1"]
     outcome = land(batch)
     assert outcome.counts == {"recorded": 1, "duplicate": 1}
     assert outcome.dead_letters == []
@@ -89,8 +89,8 @@ def test_an_id_in_the_window_is_judged_against_the_window_not_the_batch() -> Non
     )
     chunk = plan(batch, KnownIdentities(window={"r1": window}))
     # The budget consumer saw it first: the equal copy is stored, the window is not added to.
-    assert [e.customer_charge_usd for e in chunk.to_store()] == [Decimal("0.5000")]
-    assert chunk.new_in_window() == []
+    assert [e.customer_charge_usd for e in chunk.to_store] == [Decimal("0.5000")]
+    assert chunk.new_in_window == []
     outcome = settle_batch(batch, chunk, inserted={"r1"})
     assert outcome.counts == {"recorded": 1, "conflict": 1}
     assert [letter.record.offset for letter in outcome.dead_letters] == [5]
@@ -99,7 +99,7 @@ def test_an_id_in_the_window_is_judged_against_the_window_not_the_batch() -> Non
 def test_a_window_row_of_another_tenant_makes_every_copy_a_conflict() -> None:
     batch = decode_batch([record(event(), 0)], now=NOW)
     chunk = plan(batch, KnownIdentities(window={"r1": stored_as(event(tenant_id="t2"))}))
-    assert chunk.to_store() == []
+    assert chunk.to_store == []
     outcome = settle_batch(batch, chunk, inserted=set())
     assert outcome.counts == {"conflict": 1}
     assert "tenant_id" in outcome.dead_letters[0].detail
@@ -121,8 +121,8 @@ def test_past_the_window_the_tier_one_row_decides() -> None:
     batch = decode_batch([same, other_charge], now=NOW)
     [copy] = batch.first_occurrences()[:1]
     chunk = plan(batch, KnownIdentities(stored={tier_one_key(copy): stored_as(event())}))
-    assert chunk.to_store() == []
-    assert chunk.new_in_window() == []
+    assert chunk.to_store == []
+    assert chunk.new_in_window == []
     outcome = settle_batch(batch, chunk, inserted=set())
     assert outcome.counts == {"duplicate": 1, "conflict": 1}
     assert [letter.record for letter in outcome.dead_letters] == [other_charge]
@@ -132,7 +132,7 @@ def test_an_event_of_a_month_past_retention_is_expired_and_nothing_else() -> Non
     old = record(event(gateway_request_id="r0", occurred_at="2024-10-31T23:59:59Z"), 0)
     batch = decode_batch([old, record(event(), 1)], now=NOW)
     chunk = plan(batch, floor=date(2024, 11, 1))
-    outcome = settle_batch(batch, chunk, inserted={e.gateway_request_id for e in chunk.to_store()})
+    outcome = settle_batch(batch, chunk, inserted={e.gateway_request_id for e in chunk.to_store})
     assert outcome.counts == {"recorded": 1, "dead_lettered": 1}
     [letter] = outcome.dead_letters
     assert (letter.record, letter.reason) == (old, DeadLetterReason.EXPIRED)

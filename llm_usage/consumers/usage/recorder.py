@@ -164,17 +164,17 @@ async def _write_chunk(
 ) -> ChunkWritten:
     """Store the chunk's first copies and settle every record against what is known."""
     # This sees earlier chunks of the same batch: they are in the same transaction.
-    known = await look_up_identities(connection, list(batch.occurrences), lookup_keys(batch))
+    known = await look_up_identities(connection, lookup_keys(batch))
     plan = plan_chunk(batch, known, retention_floor=floor)
     if copy:
-        await copy_new_ids(connection, plan.new_in_window())
-        to_store = plan.to_store()
-        await copy_usage_events(connection, to_store)
-        inserted = {event.gateway_request_id for event in to_store}
+        await copy_new_ids(connection, plan.new_in_window)
+        await copy_usage_events(connection, plan.to_store)
+        inserted = {event.gateway_request_id for event in plan.to_store}
+        stored_now = plan.to_store
     else:
         plan = await _add_ids_racing(connection, batch, plan, floor)
-        inserted = await insert_new_usage_events(connection, plan.to_store())
-    stored_now = [e for e in plan.to_store() if e.gateway_request_id in inserted]
+        inserted = await insert_new_usage_events(connection, plan.to_store)
+        stored_now = [e for e in plan.to_store if e.gateway_request_id in inserted]
     return ChunkWritten(settle_batch(batch, plan, inserted=inserted), stored_now)
 
 
@@ -183,13 +183,12 @@ async def _add_ids_racing(
 ) -> ChunkPlan:
     """Add the new ids to the window; an id another transaction added first (it committed: the
     insert waited for it) is planned again against that transaction's row."""
-    new = plan.new_in_window()
+    new = plan.new_in_window
     added = await insert_new_ids(connection, new)
     lost = [event.gateway_request_id for event in new if event.gateway_request_id not in added]
     if not lost:
         return plan
     again = DecodedBatch({i: batch.occurrences[i] for i in lost})
-    known = await look_up_identities(connection, lost, lookup_keys(again))
-    replanned = plan_chunk(again, known, retention_floor=floor)
-    plan.ids.update(replanned.ids)
+    known = await look_up_identities(connection, lookup_keys(again))
+    plan.replan(plan_chunk(again, known, retention_floor=floor))
     return plan

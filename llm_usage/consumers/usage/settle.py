@@ -7,8 +7,8 @@ import operator
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from typing import Any
+from datetime import UTC, date, datetime, time
+from typing import Any, NamedTuple
 
 from llm_usage.domain.identity import Identity, identity_of, is_expired
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
@@ -58,15 +58,14 @@ def tier_one_key(event: UsageRow) -> TierOneKey:
     return (event.tenant_id, event.occurred_at, event.gateway_request_id)
 
 
-@dataclass(frozen=True)
-class IdPlan:
-    """What a chunk does with one id: the fields its copies are judged against, and the copy to
-    store (None: none is stored), and whether the window must learn the id."""
+class IdPlan(NamedTuple):
+    """What a chunk does with one id: its copies not expired (in batch order), the fields they
+    are judged against (None: the copy to store, computed only when another copy needs it),
+    and the copy to store (None: none is)."""
 
-    copies: list[tuple[Record, UsageRow]]  # the id's records not expired, in batch order
-    truth: Mapping[str, Any]
+    copies: list[tuple[Record, UsageRow]]
+    truth: Mapping[str, Any] | None
     to_store: UsageRow | None = None
-    new_in_window: bool = False
 
 
 @dataclass
@@ -76,16 +75,21 @@ class ChunkPlan:
     # Rows stored under the Tier 1 keys the chunk names: a copy identical to one is a duplicate
     # whatever else the window says (an old id re-used by another event since).
     stored: Mapping[TierOneKey, Mapping[str, Any]] = field(default_factory=dict)
+    to_store: list[UsageRow] = field(default_factory=list)  # every copy to store
+    new_in_window: list[UsageRow] = field(default_factory=list)  # those the window lacks
 
-    def to_store(self) -> list[UsageRow]:
-        return [plan.to_store for plan in self.ids.values() if plan.to_store is not None]
+    def plan(self, gateway_request_id: str, plan: IdPlan, *, new_in_window: bool = False) -> None:
+        self.ids[gateway_request_id] = plan
+        if plan.to_store is not None:
+            self.to_store.append(plan.to_store)
+            if new_in_window:
+                self.new_in_window.append(plan.to_store)
 
-    def new_in_window(self) -> list[UsageRow]:
-        return [
-            plan.to_store
-            for plan in self.ids.values()
-            if plan.new_in_window and plan.to_store is not None
-        ]
+    def replan(self, again: ChunkPlan) -> None:
+        """Take `again`'s decisions for its ids (planned anew after a lost race)."""
+        self.ids.update(again.ids)
+        self.to_store = [p.to_store for p in self.ids.values() if p.to_store is not None]
+        self.new_in_window = []
 
 
 def lookup_keys(batch: DecodedBatch) -> list[TierOneKey]:
@@ -110,38 +114,58 @@ def plan_chunk(
     learns the id. A copy of a month past retention is `expired`, whatever else.
     """
     plan = ChunkPlan(stored=known.stored)
+    floor = _floor_instant(retention_floor)
+    window_rows, stored_rows = known.window, known.stored
     for gateway_request_id, found in batch.occurrences.items():
-        live: list[tuple[Record, UsageRow]] = []
-        for record, event in found:
-            if is_expired(event.occurred_at, retention_floor):
-                detail = (
-                    f"occurred_at {event.occurred_at.isoformat()} is in a month past retention "
-                    f"(the oldest month kept starts {retention_floor}); it can no longer be stored"
-                )
-                plan.expired.append(DeadLetter(record, DeadLetterReason.EXPIRED, detail))
-            else:
-                live.append((record, event))
-        if not live:
-            continue
-        copies = [event for _, event in live]
-        window = known.window.get(gateway_request_id)
-        if window is not None:
-            equal = next((e for e in copies if _equal(window, e)), None)
-            if equal is None:
-                plan.ids[gateway_request_id] = IdPlan(live, window)
+        live = found
+        if floor is not None and any(event.occurred_at < floor for _, event in found):
+            live = _not_expired(found, floor, retention_floor, plan.expired)
+            if not live:
                 continue
-            stored = known.stored.get(tier_one_key(equal))
+        window = window_rows.get(gateway_request_id) if window_rows else None
+        if window is not None:
+            equal = next((e for _, e in live if _equal(window, e)), None)
+            if equal is None:
+                plan.plan(gateway_request_id, IdPlan(live, window))
+                continue
+            stored = stored_rows.get(tier_one_key(equal))
             verdict = identity_of(window_equal=True, stored_equal=_equal(stored, equal))
             store = equal if verdict is Identity.FIRST_SEEN_ELSEWHERE else None
-            plan.ids[gateway_request_id] = IdPlan(live, window, store)
+            plan.plan(gateway_request_id, IdPlan(live, window, store))
             continue
-        stored_copy = next((e for e in copies if tier_one_key(e) in known.stored), None)
-        if stored_copy is not None:
-            plan.ids[gateway_request_id] = IdPlan(live, known.stored[tier_one_key(stored_copy)])
-            continue
-        first = copies[0]
-        plan.ids[gateway_request_id] = IdPlan(live, conflict_view(first), first, new_in_window=True)
+        if stored_rows:
+            stored_copy = next((e for _, e in live if tier_one_key(e) in stored_rows), None)
+            if stored_copy is not None:
+                plan.plan(gateway_request_id, IdPlan(live, stored_rows[tier_one_key(stored_copy)]))
+                continue
+        plan.plan(gateway_request_id, IdPlan(live, None, live[0][1]), new_in_window=True)
     return plan
+
+
+def _floor_instant(retention_floor: date | None) -> datetime | None:
+    """The retention floor as an instant (UTC midnight); None when nothing is expired."""
+    if retention_floor is None or retention_floor == date.min:
+        return None
+    return datetime.combine(retention_floor, time(), tzinfo=UTC)
+
+
+def _not_expired(
+    found: list[tuple[Record, UsageRow]],
+    floor: datetime,
+    retention_floor: date | None,
+    expired: list[DeadLetter],
+) -> list[tuple[Record, UsageRow]]:
+    live = []
+    for record, event in found:
+        if is_expired(event.occurred_at, retention_floor):
+            detail = (
+                f"occurred_at {event.occurred_at.isoformat()} is in a month past retention "
+                f"(the oldest month kept starts {retention_floor}); it can no longer be stored"
+            )
+            expired.append(DeadLetter(record, DeadLetterReason.EXPIRED, detail))
+        else:
+            live.append((record, event))
+    return live
 
 
 def settle_batch(batch: DecodedBatch, plan: ChunkPlan, *, inserted: set[str]) -> BatchOutcome:
@@ -156,17 +180,26 @@ def settle_batch(batch: DecodedBatch, plan: ChunkPlan, *, inserted: set[str]) ->
     dead_letters = [*batch.rejected, *plan.expired]
     if dead_letters:
         counts[BatchResult.DEAD_LETTERED] = len(dead_letters)
-    for gateway_request_id, id_plan in plan.ids.items():
-        stored_now = id_plan.to_store if gateway_request_id in inserted else None
-        for record, event in id_plan.copies:
+    recorded = 0
+    stored_rows = plan.stored
+    for gateway_request_id, (copies, planned_truth, to_store) in plan.ids.items():
+        stored_now = to_store if gateway_request_id in inserted else None
+        if stored_now is not None and len(copies) == 1:  # the common case: nothing to compare
+            recorded += 1
+            continue
+        truth = planned_truth
+        if truth is None:
+            assert to_store is not None  # planned so: a first copy is its own truth
+            truth = conflict_view(to_store)
+        for record, event in copies:
             if event is stored_now:
-                counts[BatchResult.RECORDED] += 1
+                recorded += 1
                 stored_now = None  # the same tuple twice in a batch is a duplicate the second time
                 continue
-            if _equal(plan.stored.get(tier_one_key(event)), event):
+            if stored_rows and _equal(stored_rows.get(tier_one_key(event)), event):
                 counts[BatchResult.DUPLICATE] += 1
                 continue
-            differing = conflicting_fields(id_plan.truth, conflict_view(event))
+            differing = conflicting_fields(truth, conflict_view(event))
             if not differing:
                 counts[BatchResult.DUPLICATE] += 1
                 continue
@@ -176,4 +209,6 @@ def settle_batch(batch: DecodedBatch, plan: ChunkPlan, *, inserted: set[str]) ->
                 + ", ".join(differing)
             )
             dead_letters.append(DeadLetter(record, DeadLetterReason.CONFLICTING_DUPLICATE, detail))
+    if recorded:
+        counts[BatchResult.RECORDED] = recorded
     return BatchOutcome(counts, dead_letters)
