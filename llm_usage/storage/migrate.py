@@ -86,9 +86,12 @@ async def migrate(
     applied_now: list[str] = []
     await lock_migrations(connection)
     try:
+        # What the SQL of a migration may need to know of the migrating worker.
         await connection.execute(
-            "SELECT set_config('llm_usage.dedup_window_hours', $1, false)",
+            "SELECT set_config('llm_usage.dedup_window_hours', $1, false), "
+            "set_config('llm_usage.today', $2, false)",
             str(dedup_window_hours),
+            today.isoformat(),
         )
         await connection.execute(
             """

@@ -69,7 +69,9 @@ CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS llm_usage_events_legacy_identity
 -- large table whose checks take long); a validated CHECK lets ATTACH skip its own scan.
 DO $$
 DECLARE
-    cutover date := (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '2 months')::date;
+    -- The migrating worker's today (llm_usage.today, set by `llm-usage migrate`): its clock.
+    cutover date := (date_trunc('month', current_setting('llm_usage.today')::date)
+                     + interval '2 months')::date;
 BEGIN
     IF (SELECT relkind FROM pg_class WHERE oid = 'llm_usage_events'::regclass) = 'r'
        AND NOT EXISTS (SELECT FROM usage_event_months WHERE month = '-infinity') THEN
