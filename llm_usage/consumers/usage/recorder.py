@@ -123,9 +123,7 @@ class UsageRecorder:
                     chunk = decoded[index]
                     if writing is not None:
                         outcome = outcome.merge(_collect(await writing, stored_now))
-                    writing = asyncio.create_task(
-                        _write_chunk(connection, chunk, floor=floor, copy=copy)
-                    )
+                    writing = asyncio.create_task(_write_chunk(connection, chunk, floor, copy=copy))
                 if writing is not None:
                     outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = None
@@ -160,7 +158,7 @@ class ChunkWritten:
 
 
 async def _write_chunk(
-    connection: Connection, batch: DecodedBatch, *, floor: date | None, copy: bool
+    connection: Connection, batch: DecodedBatch, floor: date | None, *, copy: bool
 ) -> ChunkWritten:
     """Store the chunk's first copies and settle every record against what is known."""
     # This sees earlier chunks of the same batch: they are in the same transaction.
@@ -172,23 +170,35 @@ async def _write_chunk(
         inserted = {event.gateway_request_id for event in plan.to_store}
         stored_now = plan.to_store
     else:
-        plan = await _add_ids_racing(connection, batch, plan, floor)
+        await _add_ids_racing(connection, batch, plan, floor)
         inserted = await insert_new_usage_events(connection, plan.to_store)
+        met = [e.gateway_request_id for e in plan.to_store if e.gateway_request_id not in inserted]
+        if met:  # another replica stored the same key meanwhile: judged against its row
+            await _plan_again(connection, batch, plan, floor, met)
         stored_now = [e for e in plan.to_store if e.gateway_request_id in inserted]
     return ChunkWritten(settle_batch(batch, plan, inserted=inserted), stored_now)
 
 
 async def _add_ids_racing(
     connection: Connection, batch: DecodedBatch, plan: ChunkPlan, floor: date | None
-) -> ChunkPlan:
+) -> None:
     """Add the new ids to the window; an id another transaction added first (it committed: the
     insert waited for it) is planned again against that transaction's row."""
     new = plan.new_in_window
     added = await insert_new_ids(connection, new)
     lost = [event.gateway_request_id for event in new if event.gateway_request_id not in added]
-    if not lost:
-        return plan
-    again = DecodedBatch({i: batch.occurrences[i] for i in lost})
+    if lost:
+        await _plan_again(connection, batch, plan, floor, lost)
+
+
+async def _plan_again(
+    connection: Connection,
+    batch: DecodedBatch,
+    plan: ChunkPlan,
+    floor: date | None,
+    ids: list[str],
+) -> None:
+    """Plan `ids` again from what both tiers hold now."""
+    again = DecodedBatch({i: batch.occurrences[i] for i in ids})
     known = await look_up_identities(connection, lookup_keys(again))
     plan.replan(plan_chunk(again, known, retention_floor=floor))
-    return plan
