@@ -1,5 +1,6 @@
-"""`llm-usage bench ingest|budget|api|rollup|ingest-aggregate`: each benchmark's arguments; the
-benchmark itself is imported when it runs (httpx and the profilers are not in every install)."""
+"""`llm-usage bench ingest|budget|api|rollup|ingest-aggregate|history|lifecycle`: each
+benchmark's arguments; the benchmark itself is imported when it runs (httpx and the profilers
+are not in every install)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def add_parser(commands: Commands) -> None:
     _add_api(benchmarks)
     _add_rollup(benchmarks)
     _add_ingest_aggregate(benchmarks)
+    _add_history(benchmarks)
+    _add_lifecycle(benchmarks)
 
 
 def _add_ingest(benchmarks: Commands) -> None:
@@ -136,3 +139,49 @@ def _add_ingest_aggregate(benchmarks: Commands) -> None:
         "--rounds", type=positive_int, default=2, help="pairs of runs, alternating which is first"
     )
     aggregate.set_defaults(run=_runs("llm_usage.bench.rollup", "run_aggregate_cost_benchmark"))
+
+
+def _add_history(benchmarks: Commands) -> None:
+    history = benchmarks.add_parser(
+        "history",
+        help="the usage write path over 2M and 20M rows of history, old schema vs partitioned",
+    )
+    history.add_argument(
+        "--history",
+        default="2000000,20000000",
+        metavar="N,N,...",
+        help="rows of history to measure at, growing",
+    )
+    history.add_argument(
+        "--new-events", type=positive_int, default=200_000, help="events landed per measurement"
+    )
+    history.add_argument(
+        "--month-rows", type=positive_int, default=10_000_000, help="rows in the month dropped"
+    )
+    history.add_argument("--tenants", type=positive_int, default=300)
+    history.add_argument(
+        "--keep-server", action="store_true", help="keep the bench's PostgreSQL and its data"
+    )
+    history.set_defaults(run=_runs("llm_usage.bench.history", "run_history_benchmark"))
+
+
+def _add_lifecycle(benchmarks: Commands) -> None:
+    lifecycle = benchmarks.add_parser(
+        "lifecycle",
+        help="usage consumer batch times while months are created, detached, archived, dropped",
+    )
+    lifecycle.add_argument("--events", type=positive_int, default=200_000)
+    lifecycle.add_argument(
+        "--interval",
+        type=positive_seconds,
+        default=2.0,
+        help="seconds between maintenance rounds",
+    )
+    lifecycle.add_argument(
+        "--advance-every",
+        type=positive_int,
+        default=5,
+        help="rounds per month that maintenance's 'today' moves on (4 months dropped in all)",
+    )
+    lifecycle.add_argument("--batch", type=positive_int, default=500, help="CONSUMER_MAX_BATCH")
+    lifecycle.set_defaults(run=_runs("llm_usage.bench.lifecycle", "run_lifecycle_benchmark"))
