@@ -15,6 +15,7 @@ deadlines and timeouts keep the wall clock.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import structlog
 
 from llm_usage.core.clock import CLOCK_VARIABLE, SimulatedClock
 from llm_usage.core.errors import LocalServiceError
@@ -57,6 +59,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     if not os.environ.get(TEST_NOW_VARIABLE):
         return None
     return f"clock: the session starts at {TEST_NOW_VARIABLE}={os.environ[TEST_NOW_VARIABLE]}"
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    """A test that configured logging onto a captured stream (a command run in-process) must
+    not leave it to the next test, whose logging would then fail on a closed file."""
+    handlers = list(logging.root.handlers)
+    yield
+    structlog.reset_defaults()
+    logging.root.handlers[:] = handlers
 
 
 @dataclass

@@ -31,8 +31,7 @@ from llm_usage.archive.targets import local_target
 from llm_usage.bench.support import consumer_environment, publish_backlog
 from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
-from llm_usage.domain.periods import month_start
-from llm_usage.domain.retention import add_months
+from llm_usage.domain.periods import add_months, month_start
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.sample_events import SampleTenant, sample_event
 from llm_usage.schemas.dead_letter import REASON_HEADER

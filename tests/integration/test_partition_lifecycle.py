@@ -19,8 +19,7 @@ import pytest
 
 from llm_usage.bench.lifecycle import MONTHS_RETIRED, report, run_lifecycle
 from llm_usage.core.settings import Settings
-from llm_usage.domain.periods import month_start
-from llm_usage.domain.retention import add_months
+from llm_usage.domain.periods import add_months, month_start
 from tests import clock
 from tests.integration.pipeline import unique
 
