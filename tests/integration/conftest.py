@@ -45,6 +45,18 @@ async def empty_database_url(database_url: str) -> str:
     return urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
 
 
+@pytest.fixture
+async def rollup_db(empty_database_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A migrated database of the test's own and a pool on it: which months are closed, and
+    their late marks, are global to a database."""
+    pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
+    assert pool is not None
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield empty_database_url, pool
+    await pool.close()
+
+
 @pytest.fixture(autouse=True)
 async def no_process_outlives_its_test() -> AsyncIterator[None]:
     """A consumer a failing test left running would keep reading, and loading the machine."""

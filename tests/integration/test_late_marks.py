@@ -8,44 +8,24 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import asyncpg
-import pytest
 
 from llm_usage.domain.money import usd_to_cents
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.storage.invoice_lines import late_marks
-from llm_usage.storage.migrate import bundled_migrations, migrate
+from llm_usage.storage.migrate import bundled_migrations
 from llm_usage.storage.usage_totals import add_to_daily_totals
 from tests.integration.pipeline import unique
-from tests.integration.test_rollup import _with_database, event, store
+from tests.integration.test_rollup import event, store
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # October and earlier have ended
 T = TypeVar("T")
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
-    """A database of the test's own (closed months are global to a database)."""
-    name = f"late_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = _with_database(database_url, name)
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-    assert pool is not None
-    async with pool.acquire() as connection:
-        await migrate(connection)
-    yield url, pool
-    await pool.close()
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 async def marks(pool: asyncpg.Pool) -> set[tuple[str, str]]:
@@ -97,9 +77,9 @@ async def within(seconds: float, work: Awaitable[T]) -> T:
 
 
 async def test_a_batch_adding_to_a_closed_month_marks_it_and_the_next_month_bills_it(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
-    _, pool = db
+    _, pool = rollup_db
     tenant, other = unique("tenant"), unique("tenant")
     await store(pool, [event(tenant, "2026-09-10", "1.00"), event(other, "2026-09-11", "2.00")])
     assert await marks(pool) == set(), "an open month is never marked"
@@ -139,11 +119,11 @@ async def test_a_batch_adding_to_a_closed_month_marks_it_and_the_next_month_bill
 
 
 async def test_a_batch_under_way_when_the_close_starts_is_in_the_final_lines(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     """Two connections: the batch has added to October and not committed when the close
     starts; the close waits for it, and its usage is in October's final lines."""
-    url, pool = db
+    url, pool = rollup_db
     tenant = unique("tenant")
     await store(pool, [event(tenant, "2026-10-03", "1.00")])
     batch = await asyncpg.connect(url)
@@ -164,12 +144,12 @@ async def test_a_batch_under_way_when_the_close_starts_is_in_the_final_lines(
 
 
 async def test_a_batch_that_comes_while_the_close_runs_sees_the_month_closed_and_marks_it(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     """Two connections: the close holds October's lock (held up on a third connection just
     before it writes its lines); the batch waits for it, then finds October closed and marks
     it; November's run bills the difference: every cent once."""
-    url, pool = db
+    url, pool = rollup_db
     tenant = unique("tenant")
     await store(pool, [event(tenant, "2026-10-03", "1.00")])
     blocker = await asyncpg.connect(url)
@@ -209,12 +189,12 @@ async def store_on(connection: asyncpg.Connection, totals: dict[Any, Usage]) -> 
 
 
 async def test_the_close_keeps_a_mark_a_batch_bumped_while_it_ran(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     """September is closed and marked; while October's close runs (held up before it writes its
     lines), a batch adds late September usage: the close bills what it read and keeps the mark,
     so November bills the rest."""
-    url, pool = db
+    url, pool = rollup_db
     tenant = unique("tenant")
     await store(pool, [event(tenant, "2026-09-03", "1.00")])
     await close_month(pool, period="2026-09", now=NOW)
@@ -237,10 +217,10 @@ async def test_the_close_keeps_a_mark_a_batch_bumped_while_it_ran(
     assert await billed_cents(pool, tenant) == {"2026-09": 137, "2026-10": 200}
 
 
-async def test_daily_total_updates_are_hot(db: tuple[str, asyncpg.Pool]) -> None:
+async def test_daily_total_updates_are_hot(rollup_db: tuple[str, asyncpg.Pool]) -> None:
     """No indexed column changes when a day's total grows: PostgreSQL updates it in place (HOT),
     without new index entries. The `(day, updated_at)` index made every update non-HOT."""
-    _, pool = db
+    _, pool = rollup_db
     tenant = unique("tenant")
     key = (tenant, "dep-1", date(2026, 10, 6))
     async with pool.acquire() as connection, connection.transaction():
@@ -260,10 +240,10 @@ async def test_daily_total_updates_are_hot(db: tuple[str, asyncpg.Pool]) -> None
 
 
 async def test_late_usage_of_many_tenants_is_exact_after_closes_in_a_row(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     """Random late usage over several closes: every month bills its exact total once."""
-    _, pool = db
+    _, pool = rollup_db
     tenants = [unique("tenant") for _ in range(4)]
     stored: list[dict[str, Any]] = []
     n = 0
@@ -298,9 +278,11 @@ async def test_late_usage_of_many_tenants_is_exact_after_closes_in_a_row(
     assert await marks(pool) == {(tenants[3], "2026-08")}, "only November's true-up is pending"
 
 
-async def test_the_worker_role_writes_and_forgets_marks(db: tuple[str, asyncpg.Pool]) -> None:
+async def test_the_worker_role_writes_and_forgets_marks(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
     """The usage consumer and the rollup log in with only `llm_usage_worker`."""
-    url, pool = db
+    url, pool = rollup_db
     name = f"worker_{uuid.uuid4().hex[:10]}"
     await pool.execute(f"CREATE ROLE {name} LOGIN IN ROLE llm_usage_worker")
     try:
@@ -323,11 +305,11 @@ async def test_the_worker_role_writes_and_forgets_marks(db: tuple[str, asyncpg.P
 
 
 async def test_the_migration_marks_late_usage_stored_before_it(
-    db: tuple[str, asyncpg.Pool],
+    rollup_db: tuple[str, asyncpg.Pool],
 ) -> None:
     """What the old search on `updated_at` would find becomes marks: the migration's own
     statement, run on daily rows written before a close and after it."""
-    _, pool = db
+    _, pool = rollup_db
     migration = next(m for m in bundled_migrations() if m.version == "0010_late_marks")
     seed = migration.sql[migration.sql.index("INSERT INTO usage_late_marks") :]
     seed = seed[: seed.index(";") + 1]

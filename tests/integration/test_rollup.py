@@ -12,9 +12,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -38,32 +37,12 @@ from llm_usage.rollup.run import (
 from llm_usage.rollup.schedule import RollupScheduler, ScheduleMetrics
 from llm_usage.runtime.probes import HealthState
 from llm_usage.storage.invoice_lines import monthly_usage
-from llm_usage.storage.migrate import migrate
 from llm_usage.testing.processes import free_port
 from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def rollup_db(database_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
-    """A database of the test's own: which months are closed is global to a database."""
-    name = f"rollup_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = _with_database(database_url, name)
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-    assert pool is not None
-    async with pool.acquire() as connection:
-        await migrate(connection)
-    yield url, pool
-    await pool.close()
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 def _with_database(url: str, name: str) -> str:
