@@ -46,12 +46,19 @@ async def empty_database_url(database_url: str) -> str:
 
 
 @pytest.fixture
-async def rollup_db(empty_database_url: str) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+async def rollup_db(
+    empty_database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
     """A migrated database of the test's own and a pool on it: which months are closed, and
-    their late marks, are global to a database."""
+    their late marks, are global to a database. Migrated as of the test module's injected
+    clock (its `NOW`, when it has one), so that the months it names are kept whatever today is,
+    and as of today for the tests that use the workers' clock."""
+    now = getattr(request.module, "NOW", None)
     pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
     assert pool is not None
     async with pool.acquire() as connection:
+        if now is not None:
+            await migrate(connection, today=now.date())
         await migrate(connection)
     yield empty_database_url, pool
     await pool.close()

@@ -30,11 +30,15 @@ from llm_usage.rollup.run import run_rollup
 from llm_usage.storage.budget_outbox import pending_alerts
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.storage.usage_reports import SUMMARY_QUERY, Dimension, breakdown_query
+from tests import clock
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
 
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+# The reports' "now": 24 November of last year, a fixed day inside the months every database
+# keeps (RETENTION_MONTHS), whatever today is.
+YEAR = clock.today().year - 1
+NOW = datetime(YEAR, 11, 24, 12, 0, tzinfo=UTC)
 DIMENSIONS = {
     "deployment": "deployment_id",
     "model": "model",
@@ -145,11 +149,11 @@ def _utc(text: str) -> str:
 
 RANGES = [
     (None, None),  # this UTC month up to now
-    ("2026-10-01", "2026-11-01"),  # whole days: the daily pre-aggregate where it applies
-    ("2026-10-15T00:00:00Z", "2026-11-24T00:00:00+00:00"),
-    ("2026-10-03T06:30:00Z", "2026-11-20T18:00:00+02:00"),  # partial days at both ends
-    ("2026-11-24T00:00:00.000001Z", "2026-11-24T12:00:00Z"),
-    ("2026-11-05", "2026-11-05"),  # empty
+    (f"{YEAR}-10-01", f"{YEAR}-11-01"),  # whole days: the daily pre-aggregate where it applies
+    (f"{YEAR}-10-15T00:00:00Z", f"{YEAR}-11-24T00:00:00+00:00"),
+    (f"{YEAR}-10-03T06:30:00Z", f"{YEAR}-11-20T18:00:00+02:00"),  # partial days at both ends
+    (f"{YEAR}-11-24T00:00:00.000001Z", f"{YEAR}-11-24T12:00:00Z"),
+    (f"{YEAR}-11-05", f"{YEAR}-11-05"),  # empty
 ]
 
 
@@ -181,8 +185,8 @@ async def test_summary_and_breakdowns_equal_the_raw_events(pool: asyncpg.Pool, t
             assert answer.status_code == 200, answer.text
             assert answer.json() == {
                 "tenant_id": tenant,
-                "from": _utc(start_text) if start_text else "2026-11-01T00:00:00Z",
-                "to": _utc(end_text) if end_text else "2026-11-24T12:00:00Z",
+                "from": _utc(start_text) if start_text else f"{YEAR}-11-01T00:00:00Z",
+                "to": _utc(end_text) if end_text else f"{YEAR}-11-24T12:00:00Z",
                 **_summary(selected),
             }
             for by, column in DIMENSIONS.items():
@@ -204,7 +208,7 @@ async def test_a_null_attribute_is_one_item_whose_key_is_null(
     async with api_client(pool, clock=lambda: NOW) as (client, _):
         answer = await client.get(
             f"/v1/tenants/{tenant}/usage/breakdown",
-            params={"by": "agent", "from": "2026-10-01"},
+            params={"by": "agent", "from": f"{YEAR}-10-01"},
             headers=bearer(token("tenant-member", tenant)),
         )
     keys = [item["key"] for item in answer.json()["items"]]
@@ -239,7 +243,7 @@ async def test_daily_equals_the_raw_events_day_by_day(
             }
         )
     assert answer.json() == {"items": expected}
-    assert answer.json()["items"][-1]["date"] == "2026-11-24"
+    assert answer.json()["items"][-1]["date"] == f"{YEAR}-11-24"
 
 
 def _spend(rows: Sequence[asyncpg.Record], policy: BudgetPolicy, window: BudgetWindow) -> Decimal:
@@ -332,26 +336,26 @@ async def test_budgets_and_alerts_equal_the_raw_events(pool: asyncpg.Pool) -> No
 async def test_invoice_lines_equal_the_lines_built_from_the_raw_events(
     pool: asyncpg.Pool, tenant: str
 ) -> None:
-    await run_rollup(pool, period="2026-10", tenant_id=tenant)
+    await run_rollup(pool, period=f"{YEAR}-10", tenant_id=tenant)
     rows = await _raw(pool, tenant)
-    october = _in(rows, datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC))
+    october = _in(rows, datetime(YEAR, 10, 1, tzinfo=UTC), datetime(YEAR, 11, 1, tzinfo=UTC))
     by_deployment: dict[str | None, Usage] = defaultdict(Usage)
     for row in october:
         by_deployment[row["deployment_id"]] += Usage(
             row["customer_charge_usd"], row["input_tokens"], row["output_tokens"], 1
         )
-    expected = [line.as_json() for line in usage_lines(tenant, "2026-10", by_deployment)]
+    expected = [line.as_json() for line in usage_lines(tenant, f"{YEAR}-10", by_deployment)]
     assert expected
 
     async with api_client(pool, clock=lambda: NOW) as (client, _):
         answer = await client.get(
             f"/v1/tenants/{tenant}/invoice-lines",
-            params={"period": "2026-10"},
+            params={"period": f"{YEAR}-10"},
             headers=bearer(token("tenant-admin", tenant)),
         )
         assert answer.status_code == 200, answer.text
         body = answer.json()
-        assert body["period"] == "2026-10"
+        assert body["period"] == f"{YEAR}-10"
         assert body["closed"] is False
 
         def order(line: dict[str, Any]) -> tuple[bool, str]:
@@ -362,26 +366,26 @@ async def test_invoice_lines_equal_the_lines_built_from_the_raw_events(
 
         answer = await client.get(
             f"/v1/tenants/{tenant}/invoice-lines",
-            params={"period": "2026-09"},
+            params={"period": f"{YEAR}-09"},
             headers=bearer(token("platform-admin")),
         )
-        assert answer.json() == {"period": "2026-09", "closed": False, "items": []}
+        assert answer.json() == {"period": f"{YEAR}-09", "closed": False, "items": []}
 
 
 def test_whole_days_are_recognised() -> None:
     from llm_usage.storage.usage_reports import whole_day  # noqa: PLC0415
 
-    assert whole_day(datetime(2026, 11, 1, tzinfo=UTC)) == date(2026, 11, 1)
-    assert whole_day(datetime(2026, 11, 1, 1, tzinfo=UTC)) is None
-    assert whole_day(parse_instant("2026-11-02T02:00:00+02:00")) == date(2026, 11, 2)
-    assert whole_day(datetime(2026, 11, 1, 0, 0, 0, 1, tzinfo=UTC)) is None
+    assert whole_day(datetime(YEAR, 11, 1, tzinfo=UTC)) == date(YEAR, 11, 1)
+    assert whole_day(datetime(YEAR, 11, 1, 1, tzinfo=UTC)) is None
+    assert whole_day(parse_instant(f"{YEAR}-11-02T02:00:00+02:00")) == date(YEAR, 11, 2)
+    assert whole_day(datetime(YEAR, 11, 1, 0, 0, 0, 1, tzinfo=UTC)) is None
 
 
 async def test_equal_charges_are_ordered_by_requests_then_key_null_first(
     pool: asyncpg.Pool,
 ) -> None:
     tenant = unique("tenant")
-    at = "2026-11-20T10:00:00Z"
+    at = f"{YEAR}-11-20T10:00:00Z"
     spec = [("z", "2"), ("x", "1"), (None, "1"), ("w", "1.00"), ("v", "0.5"), ("v", "0.5")]
     await _store(
         pool,

@@ -4,7 +4,6 @@ users, this month's spend."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
 from decimal import Decimal
 from html.parser import HTMLParser
 
@@ -15,9 +14,7 @@ from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import unique
-from tests.integration.test_api_reports import _random_events, _store
-
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+from tests.integration.test_api_reports import NOW, _random_events, _store
 
 
 class _Elements(HTMLParser):
