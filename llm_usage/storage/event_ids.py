@@ -37,6 +37,26 @@ _LOOK_UP = f"""
     ) AS e ON true
     WHERE w.tenant_id IS NOT NULL OR e.tenant_id IS NOT NULL
 """
+# The fast path's first probe: the window alone. The Tier 1 probe costs more than the window's
+# (run-time pruning among the months, three keys to send): it is made only for the ids the window
+# knows, where it can change the verdict.
+_LOOK_UP_WINDOW = f"""
+    SELECT k.id, {", ".join(f"w.{f} AS w_{f}" for f in CONFLICT_FIELDS)}
+    FROM unnest($1::text[]) AS k(id)
+    JOIN LATERAL (
+        SELECT {_FIELDS} FROM usage_event_ids WHERE gateway_request_id = k.id LIMIT 1
+    ) AS w ON true
+"""
+_LOOK_UP_STORED = f"""
+    SELECT k.id, {", ".join(f"e.{f} AS e_{f}" for f in CONFLICT_FIELDS)}
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(id, tenant_id, occurred_at)
+    JOIN LATERAL (
+        SELECT {_FIELDS} FROM llm_usage_events
+        WHERE tenant_id = k.tenant_id AND occurred_at = k.occurred_at
+          AND gateway_request_id = k.id
+        LIMIT 1
+    ) AS e ON true
+"""
 _WINDOW_NAMES = [f"w_{f}" for f in CONFLICT_FIELDS]
 _STORED_NAMES = [f"e_{f}" for f in CONFLICT_FIELDS]
 _INSERT_NEW_IDS = f"""
@@ -75,6 +95,33 @@ async def look_up_identities(connection: Connection, keys: Sequence[TierOneKey])
                 zip(CONFLICT_FIELDS, map(row.get, _WINDOW_NAMES), strict=True)
             )
         if row["e_tenant_id"] is not None:
+            key = (row["e_tenant_id"], row["e_occurred_at"], row["id"])
+            known.stored[key] = dict(zip(CONFLICT_FIELDS, map(row.get, _STORED_NAMES), strict=True))
+    return known
+
+
+async def look_up_window_first(
+    connection: Connection, keys: Sequence[TierOneKey]
+) -> KnownIdentities:
+    """What the window holds for the keys' ids, and what is stored under the keys of the ids it
+    holds; two round trips, the second only when the window knows one of the ids.
+
+    Not what is stored under a key whose id the window lacks: only an event older than the
+    window can be, and storing a copy of it anyway fails on the Tier 1 key, so a caller that
+    stores from this answer must be ready for a `UniqueViolationError` (the COPY fast path is).
+    """
+    known = KnownIdentities()
+    if not keys:
+        return known
+    ids = list(dict.fromkeys(key[2] for key in keys))
+    for row in await connection.fetch(_LOOK_UP_WINDOW, ids):
+        known.window[row["id"]] = dict(
+            zip(CONFLICT_FIELDS, map(row.get, _WINDOW_NAMES), strict=True)
+        )
+    met = [key for key in keys if key[2] in known.window]
+    if met:
+        tenants, times, met_ids = (list(column) for column in zip(*met, strict=True))
+        for row in await connection.fetch(_LOOK_UP_STORED, met_ids, tenants, times):
             key = (row["e_tenant_id"], row["e_occurred_at"], row["id"])
             known.stored[key] = dict(zip(CONFLICT_FIELDS, map(row.get, _STORED_NAMES), strict=True))
     return known

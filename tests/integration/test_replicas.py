@@ -16,6 +16,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from llm_usage.consumers.usage.recorder import LANDING_AGAIN
 from llm_usage.domain.periods import add_months
 from tests import clock
 from tests.integration.pipeline import (
@@ -34,8 +35,6 @@ from tests.integration.pipeline import (
     wait_until,
     writes_held,
 )
-
-LANDING_AGAIN = "Another worker stored some of these ids meanwhile; landing again."
 
 
 def held_partitions(replica: RunningConsumer) -> list[int]:

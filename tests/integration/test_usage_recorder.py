@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import structlog
 
-from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.consumers.usage.recorder import LANDING_AGAIN, UsageRecorder
 from llm_usage.runtime.handler import BatchOutcome, Record
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
@@ -73,9 +73,6 @@ def captured_logs() -> Iterator[structlog.testing.LogCapture]:
         yield capture
     finally:
         structlog.configure(**saved)
-
-
-LANDING_AGAIN = "Another worker stored some of these ids meanwhile; landing again."
 
 
 @pytest.mark.parametrize("theirs_and_ours", ["duplicate", "conflict"])
@@ -156,3 +153,30 @@ async def test_duplicates_and_conflicts_across_chunks_of_one_batch(pool: asyncpg
     ]
     [row] = await stored_for(pool, [first["gateway_request_id"]])
     assert row["deployment_id"] == first["deployment_id"]
+
+
+async def test_a_copy_of_an_event_stored_before_the_window_lands_again_and_is_a_duplicate(
+    pool: asyncpg.Pool, captured_logs: structlog.testing.LogCapture
+) -> None:
+    # The fast path asks Tier 1 only about ids the window knows. An id the window has forgotten
+    # is planned as new; its COPY then fails on the Tier 1 key, and landing again asks both.
+    tenant = unique("tenant")
+    old, fresh = usage_event(tenant), usage_event(tenant)
+    recorder = UsageRecorder(pool=pool, clock=clock.now)
+    assert (await recorder.record_batch(records([old]))).counts == {"recorded": 1}
+    await pool.execute(
+        "DELETE FROM usage_event_ids WHERE gateway_request_id = $1", old["gateway_request_id"]
+    )
+    assert not [e for e in captured_logs.entries if e["event"] == LANDING_AGAIN]
+
+    outcome = await recorder.record_batch(records([fresh, old]))
+
+    assert outcome.counts == {"recorded": 1, "duplicate": 1}
+    assert [e["event"] for e in captured_logs.entries].count(LANDING_AGAIN) == 1
+    stored = await stored_for(pool, [old["gateway_request_id"], fresh["gateway_request_id"]])
+    assert len(stored) == 2
+    # Landing again did not bring the forgotten id back into the window under the copy's name.
+    window = await pool.fetch(
+        "SELECT gateway_request_id FROM usage_event_ids WHERE tenant_id = $1", tenant
+    )
+    assert [r[0] for r in window] == [fresh["gateway_request_id"]]

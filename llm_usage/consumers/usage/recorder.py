@@ -24,7 +24,12 @@ from llm_usage.runtime.handler import BatchOutcome, Record
 from llm_usage.runtime.isolation import DatabaseRefusesRowsError
 from llm_usage.runtime.retry import cancel_quietly
 from llm_usage.schemas.usage_event import UsageRow
-from llm_usage.storage.event_ids import copy_new_ids, insert_new_ids, look_up_identities
+from llm_usage.storage.event_ids import (
+    copy_new_ids,
+    insert_new_ids,
+    look_up_identities,
+    look_up_window_first,
+)
 from llm_usage.storage.partitions import attached_months
 from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.usage_events import copy_usage_events, insert_new_usage_events
@@ -37,6 +42,11 @@ log = structlog.get_logger(__name__)
 # storing the previous one; decoding yields to the event loop every slice so the write (and the
 # consumer's heartbeats) keep moving meanwhile.
 CHUNK_RECORDS = 1000
+
+LANDING_AGAIN = (
+    "Another worker stored some of these ids meanwhile, or an event older than the id window "
+    "came again; landing again."
+)
 _DECODE_SLICE = 200
 
 
@@ -46,13 +56,14 @@ class MonthWithoutPartitionError(DatabaseRefusesRowsError):
 
 
 class UsageRecorder:
-    """The usage consumer's batch handler: per chunk, one look-up and two COPYs, one transaction.
+    """The usage consumer's batch handler: per chunk, a look-up and two COPYs, one transaction.
 
-    The look-up finds what both tiers of the identity know of the chunk's ids (duplicates and
-    conflicts are settled against it); the new ids are COPYed into the window and the events to
-    store into the table. Should a concurrent replica (or the budget consumer) add one of them in
-    between, a COPY fails, the transaction rolls back, and the batch is landed again with the
-    race-proof INSERT ... ON CONFLICT DO NOTHING.
+    The look-up finds what the window knows of the chunk's ids, and for the ids it knows what
+    Tier 1 holds (duplicates and conflicts are settled against it); the new ids are COPYed into
+    the window and the events to store into the table. Should a concurrent replica (or the budget
+    consumer) add one of them in between, or a copy be of an event stored before the window, a
+    COPY fails, the transaction rolls back, and the batch is landed again with a look-up of both
+    tiers for every id and the race-proof INSERT ... ON CONFLICT DO NOTHING.
     """
 
     def __init__(
@@ -80,7 +91,7 @@ class UsageRecorder:
                 try:
                     return await self._land(connection, records, decoded, now=now, copy=True)
                 except asyncpg.exceptions.UniqueViolationError:
-                    log.info("Another worker stored some of these ids meanwhile; landing again.")
+                    log.info(LANDING_AGAIN)
                     return await self._land(connection, records, decoded, now=now, copy=False)
             except asyncpg.exceptions.CheckViolationError as error:
                 if "no partition of relation" not in str(error):
@@ -161,8 +172,11 @@ async def _write_chunk(
     connection: Connection, batch: DecodedBatch, floor: date | None, *, copy: bool
 ) -> ChunkWritten:
     """Store the chunk's first copies and settle every record against what is known."""
-    # This sees earlier chunks of the same batch: they are in the same transaction.
-    known = await look_up_identities(connection, lookup_keys(batch))
+    # This sees earlier chunks of the same batch: they are in the same transaction. The fast path
+    # asks Tier 1 only about the ids the window knows: a copy of an event older than the window
+    # then fails the events' COPY, and the batch is landed again on the path that asks both tiers.
+    look_up = look_up_window_first if copy else look_up_identities
+    known = await look_up(connection, lookup_keys(batch))
     plan = plan_chunk(batch, known, retention_floor=floor)
     if copy:
         await copy_new_ids(connection, plan.new_in_window)
