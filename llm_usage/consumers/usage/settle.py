@@ -121,7 +121,11 @@ def plan_chunk(
     window_rows, stored_rows = known.window, known.stored
     for gateway_request_id, found in batch.occurrences.items():
         live = found
-        if floor is not None and any(event.occurred_at < floor for _, event in found):
+        if floor is not None and (
+            found[0][1].occurred_at < floor  # one copy, nearly always: no generator
+            if len(found) == 1
+            else any(event.occurred_at < floor for _, event in found)
+        ):
             live = _not_expired(found, floor, retention_floor, plan.expired)
             if not live:
                 continue
