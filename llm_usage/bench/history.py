@@ -311,27 +311,42 @@ async def _load(
         )
 
 
+def history_begins(size: int, largest: int, *, now: datetime) -> datetime:
+    """Where a history of `size` rows starts when events arrive at one steady rate and the
+    `largest` history fills the last HISTORY_MONTHS months: a longer history is more months
+    before, never more events a month. (The window and the current month then hold as many rows
+    at every size, as they do on a platform that has simply run longer.)"""
+    full = datetime.combine(
+        add_months(month_start(now.date()), 1 - HISTORY_MONTHS), datetime.min.time(), UTC
+    )
+    return now - (now - full) * (size / largest)
+
+
 async def _grow_history(
-    dsn: str, schema: str, *, have: int, want: int, tenants: int, now: datetime
+    dsn: str,
+    schema: str,
+    *,
+    have: int,
+    want: int,
+    tenants: int,
+    now: datetime,
+    span: tuple[datetime, datetime],
 ) -> None:
-    """Add rows to reach `want` stored events over the last HISTORY_MONTHS months; the new
+    """Add rows `have`+1..`want`, spread evenly over `span` (older than what is there); the new
     schema's id window then holds the ids received within DEDUP_WINDOW_HOURS."""
     connection = await asyncpg.connect(dsn, command_timeout=None)
     try:
         await connection.execute("SET maintenance_work_mem = '512MB'")
         await connection.execute("SET synchronous_commit = off")
         rebuild = await _drop_indexes(connection, "llm_usage_events")
-        begins = datetime.combine(
-            add_months(month_start(now.date()), 1 - HISTORY_MONTHS), datetime.min.time(), UTC
-        )
         await _load(
             connection,
             "llm_usage_events",
             first=have + 1,
             last=want,
             tenants=tenants,
-            begins=begins,
-            ends=now - timedelta(minutes=5),
+            begins=span[0],
+            ends=span[1],
         )
         for statement in rebuild:
             await connection.execute(statement)
@@ -704,6 +719,40 @@ def _extrapolation_table(largest: dict[str, IngestFigures]) -> list[str]:
 # The command.
 
 
+async def _measure_growing_history(
+    dsns: dict[str, str], sizes: list[int], *, new_events: int, tenants: int, now: datetime
+) -> list[IngestFigures]:
+    """At each size, grow both schemas' history to it (further into the past), then land the
+    same new events through each one's write path."""
+    measured: list[IngestFigures] = []
+    have = 0
+    loaded_since = now - timedelta(minutes=5)  # where the history loaded so far begins
+    for index, size in enumerate(sizes):
+        begins = history_begins(size, sizes[-1], now=now)
+        records = new_events_for(new_events, tenants=tenants, now=now, seed=index)
+        for schema in SCHEMAS:
+            started = time.perf_counter()
+            await _grow_history(
+                dsns[schema],
+                schema,
+                have=have,
+                want=size,
+                tenants=tenants,
+                now=now,
+                span=(begins, loaded_since),
+            )
+            loaded = time.perf_counter() - started
+            figures = await _measure_ingest(dsns[schema], schema, size, records)
+            measured.append(figures)
+            print(
+                f"{schema} schema, {size:,} rows of history (loaded in {loaded:,.0f} s): "
+                f"{figures.rate:,.0f} new events/s over {new_events:,}"
+            )
+        have = size + new_events
+        loaded_since = begins
+    return measured
+
+
 async def run_history_benchmark(
     history: str,
     new_events: int,
@@ -739,23 +788,9 @@ async def run_history_benchmark(
         for schema in SCHEMAS:
             dsns[schema] = await _create_database(admin, f"bench_history_{schema}")
             await _migrate(dsns[schema], schema, today)
-        measured: list[IngestFigures] = []
-        have = 0
-        for index, size in enumerate(sizes):
-            records = new_events_for(new_events, tenants=tenants, now=now, seed=index)
-            for schema in SCHEMAS:
-                started = time.perf_counter()
-                await _grow_history(
-                    dsns[schema], schema, have=have, want=size, tenants=tenants, now=now
-                )
-                loaded = time.perf_counter() - started
-                figures = await _measure_ingest(dsns[schema], schema, size, records)
-                measured.append(figures)
-                print(
-                    f"{schema} schema, {size:,} rows of history (loaded in {loaded:,.0f} s): "
-                    f"{figures.rate:,.0f} new events/s over {new_events:,}"
-                )
-            have = size + new_events
+        measured = await _measure_growing_history(
+            dsns, sizes, new_events=new_events, tenants=tenants, now=now
+        )
         print()
         print("\n".join(_ingest_table(measured)))
         drops = []

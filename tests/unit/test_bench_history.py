@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pytest
 
@@ -18,9 +19,19 @@ from llm_usage.bench.history import (
     extrapolate,
     figures_for_extrapolation,
     fpi_per_insert,
+    history_begins,
     parse_sizes,
     window_fraction,
 )
+
+
+def test_a_longer_history_is_more_months_at_the_same_rate() -> None:
+    now = datetime(2031, 6, 15, 12, tzinfo=UTC)
+    largest = history_begins(20, 20, now=now)
+    assert largest == datetime(2029, 7, 1, tzinfo=UTC)  # the last 24 months, this one included
+    tenth = history_begins(2, 20, now=now)
+    assert now - tenth == (now - largest) / 10  # same rows a day: a tenth of the span
+    assert largest < history_begins(10, 20, now=now) < tenth < now
 
 
 def test_sizes_are_growing_positive_counts() -> None:
