@@ -326,14 +326,13 @@ async def _grow_history(
     dsn: str,
     schema: str,
     *,
-    have: int,
-    want: int,
+    rows: int,
     tenants: int,
     now: datetime,
     span: tuple[datetime, datetime],
 ) -> None:
-    """Add rows `have`+1..`want`, spread evenly over `span` (older than what is there); the new
-    schema's id window then holds the ids received within DEDUP_WINDOW_HOURS."""
+    """Load `rows` rows of history, spread evenly over `span`; the new schema's id window then
+    holds the ids received within DEDUP_WINDOW_HOURS."""
     connection = await asyncpg.connect(dsn, command_timeout=None)
     try:
         await connection.execute("SET maintenance_work_mem = '512MB'")
@@ -342,8 +341,8 @@ async def _grow_history(
         await _load(
             connection,
             "llm_usage_events",
-            first=have + 1,
-            last=want,
+            first=1,
+            last=rows,
             tenants=tenants,
             begins=span[0],
             ends=span[1],
@@ -719,27 +718,28 @@ def _extrapolation_table(largest: dict[str, IngestFigures]) -> list[str]:
 # The command.
 
 
-async def _measure_growing_history(
-    dsns: dict[str, str], sizes: list[int], *, new_events: int, tenants: int, now: datetime
-) -> list[IngestFigures]:
-    """At each size, grow both schemas' history to it (further into the past), then land the
-    same new events through each one's write path."""
+async def _measure_each_history(
+    admin: str, sizes: list[int], *, new_events: int, tenants: int, now: datetime
+) -> tuple[list[IngestFigures], dict[str, str]]:
+    """At each size, both schemas in databases of their own loaded with that history, then the
+    same new events landed through each one's write path. A fresh database a size: the events
+    landed at a smaller size would otherwise sit in the window of the next one, a burst on top
+    of the steady rate. Returns the figures and the databases of the largest size."""
     measured: list[IngestFigures] = []
-    have = 0
-    loaded_since = now - timedelta(minutes=5)  # where the history loaded so far begins
+    dsns: dict[str, str] = {}
     for index, size in enumerate(sizes):
-        begins = history_begins(size, sizes[-1], now=now)
         records = new_events_for(new_events, tenants=tenants, now=now, seed=index)
         for schema in SCHEMAS:
+            dsns[schema] = await _create_database(admin, f"bench_history_{schema}")
+            await _migrate(dsns[schema], schema, now.date())
             started = time.perf_counter()
             await _grow_history(
                 dsns[schema],
                 schema,
-                have=have,
-                want=size,
+                rows=size,
                 tenants=tenants,
                 now=now,
-                span=(begins, loaded_since),
+                span=(history_begins(size, sizes[-1], now=now), now - timedelta(minutes=5)),
             )
             loaded = time.perf_counter() - started
             figures = await _measure_ingest(dsns[schema], schema, size, records)
@@ -748,9 +748,7 @@ async def _measure_growing_history(
                 f"{schema} schema, {size:,} rows of history (loaded in {loaded:,.0f} s): "
                 f"{figures.rate:,.0f} new events/s over {new_events:,}"
             )
-        have = size + new_events
-        loaded_since = begins
-    return measured
+    return measured, dsns
 
 
 async def run_history_benchmark(
@@ -784,12 +782,8 @@ async def run_history_benchmark(
         )
         now = datetime.now(UTC)
         today = now.date()
-        dsns = {}
-        for schema in SCHEMAS:
-            dsns[schema] = await _create_database(admin, f"bench_history_{schema}")
-            await _migrate(dsns[schema], schema, today)
-        measured = await _measure_growing_history(
-            dsns, sizes, new_events=new_events, tenants=tenants, now=now
+        measured, dsns = await _measure_each_history(
+            admin, sizes, new_events=new_events, tenants=tenants, now=now
         )
         print()
         print("\n".join(_ingest_table(measured)))
