@@ -57,6 +57,15 @@ test-calendar: install
 		LLM_USAGE_TEST_NOW=$$now $(PY) -m pytest -q $(CALENDAR_TESTS); \
 	done
 
+## make test-citus: Citus for real, and the exactly-once tests with a Citus coordinator and two
+## workers as the session's database (LLM_USAGE_TEST_CITUS=1): built once from
+## ../shared/vendor/citus-*.tar.gz against the embedded PostgreSQL, then cached.
+.PHONY: test-citus
+CITUS_TESTS := tests/integration/test_citus.py tests/integration/test_usage_consumer.py
+CITUS_SELECT := citus or duplicate
+test-citus: install
+	LLM_USAGE_TEST_CITUS=1 $(PY) -m pytest -q $(CITUS_TESTS) -k '$(CITUS_SELECT)'
+
 ## make test-artifacts: the deploy artifacts checked by the tools that read them (builds
 ## kustomize and promtool from Go once, into the cache).
 test-artifacts: install
