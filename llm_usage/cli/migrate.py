@@ -63,7 +63,8 @@ async def migrate_database(settings: Settings, *, until: str | None = None) -> N
     installed), once every migration is applied, distribute the tables not distributed yet
     (storage/distribution.py)."""
     from llm_usage.core.clock import worker_clock  # noqa: PLC0415 - when the command runs
-    from llm_usage.storage.distribution import citus_installed, distribute  # noqa: PLC0415
+    from llm_usage.storage.distribution import distribute  # noqa: PLC0415
+    from llm_usage.storage.flavour import citus_installed  # noqa: PLC0415
     from llm_usage.storage.migrate import migrate  # noqa: PLC0415
 
     async with schema_owner_connection(settings, "migrate") as connection:

@@ -84,11 +84,6 @@ LOCAL: dict[str, str] = {
 }
 
 
-async def citus_installed(connection: Connection) -> bool:
-    """The `citus` extension is installed in this database."""
-    return bool(await connection.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'citus'"))
-
-
 async def distribute(connection: Connection) -> list[str]:
     """Distribute what DISTRIBUTED and REFERENCE name and exists, unless it already is; return
     the tables distributed now, each as `table (how)`.

@@ -37,6 +37,31 @@ _LOOK_UP = f"""
     ) AS e ON true
     WHERE w.tenant_id IS NOT NULL OR e.tenant_id IS NOT NULL
 """
+# The same look-up in the form Citus accepts (storage/flavour.py says when): it refuses a
+# LATERAL subquery on a distributed table ("complex joins are only supported when all
+# distributed tables are co-located and joined on their distribution columns"). Each tier is read
+# by `= ANY` of the chunk's arrays (pruned to the ids' and tenants' shards), then joined to the
+# keys. Several times slower on one node, hence not the default.
+_LOOK_UP_CITUS = f"""
+    WITH k AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+            AS k(id, tenant_id, occurred_at)
+    ), w AS (
+        SELECT gateway_request_id AS id, {_FIELDS} FROM usage_event_ids
+        WHERE gateway_request_id = ANY($1::text[])
+    ), e AS (
+        SELECT gateway_request_id AS id, {_FIELDS} FROM llm_usage_events
+        WHERE gateway_request_id = ANY($1::text[]) AND tenant_id = ANY($2::text[])
+          AND occurred_at = ANY($3::timestamptz[])
+    )
+    SELECT k.id,
+        {", ".join(f"w.{f} AS w_{f}" for f in CONFLICT_FIELDS)},
+        {", ".join(f"e.{f} AS e_{f}" for f in CONFLICT_FIELDS)}
+    FROM k
+    LEFT JOIN w ON w.id = k.id
+    LEFT JOIN e ON e.id = k.id AND e.tenant_id = k.tenant_id AND e.occurred_at = k.occurred_at
+    WHERE w.tenant_id IS NOT NULL OR e.tenant_id IS NOT NULL
+"""
 _WINDOW_NAMES = [f"w_{f}" for f in CONFLICT_FIELDS]
 _STORED_NAMES = [f"e_{f}" for f in CONFLICT_FIELDS]
 _INSERT_NEW_IDS = f"""
@@ -62,14 +87,16 @@ class KnownIdentities:
     stored: dict[TierOneKey, Fields] = field(default_factory=dict)
 
 
-async def look_up_identities(connection: Connection, keys: Sequence[TierOneKey]) -> KnownIdentities:
+async def look_up_identities(
+    connection: Connection, keys: Sequence[TierOneKey], *, citus: bool = False
+) -> KnownIdentities:
     """For each Tier 1 key (tenant_id, occurred_at, gateway_request_id): the window's row of its
-    id, and the row stored under the key."""
+    id, and the row stored under the key. `citus`: the database is a Citus coordinator."""
     known = KnownIdentities()
     if not keys:
         return known
     tenants, times, ids = (list(column) for column in zip(*keys, strict=True))
-    for row in await connection.fetch(_LOOK_UP, ids, tenants, times):
+    for row in await connection.fetch(_LOOK_UP_CITUS if citus else _LOOK_UP, ids, tenants, times):
         if row["w_tenant_id"] is not None:
             known.window[row["id"]] = dict(
                 zip(CONFLICT_FIELDS, map(row.get, _WINDOW_NAMES), strict=True)
@@ -82,7 +109,8 @@ async def look_up_identities(connection: Connection, keys: Sequence[TierOneKey])
 
 async def copy_new_ids(connection: Connection, events: Sequence[UsageRow]) -> None:
     """COPY the ids of `events`, known to be new, into the window: the fast path. If another
-    transaction added one meanwhile, PostgreSQL raises `UniqueViolationError`."""
+    transaction added one meanwhile, PostgreSQL raises `UniqueViolationError` (on Citus, an
+    `InternalServerError` with the same message: storage/flavour.py)."""
     if events:
         await connection.copy_records_to_table(
             "usage_event_ids",
