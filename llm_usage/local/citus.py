@@ -346,6 +346,13 @@ class LocalCitusCluster:
         if problems:
             raise LocalServiceError(problems[0])
 
+    async def add_database(self, database: str) -> str:
+        """Make `database` on every node a Citus database of this cluster (created, the
+        extension, the workers in its metadata: Citus keeps them per database); return the
+        coordinator's DSN for it. Idempotent."""
+        await self._form_cluster(database)
+        return self._dsn(database, COORDINATOR_PORT)
+
     def restart(self) -> None:
         """Stop and start the three servers again; the DSN stays the same."""
         self.stop()
@@ -401,27 +408,28 @@ class LocalCitusCluster:
             what=f"pg_ctl {arguments[0]} of {data_dir} (see {data_dir / 'log'})",
         )
 
-    async def _form_cluster(self) -> None:
+    async def _form_cluster(self, database: str | None = None) -> None:
         """Idempotent: the database and the extension on every node, the workers added."""
         import asyncpg  # noqa: PLC0415 - not needed to build or stop
 
+        database = database or self.database
         socket = str(self.socket_dir)
         for _, port in self.nodes:
             admin = await asyncpg.connect(self._dsn("postgres", port), timeout=10)
             try:
                 if not await admin.fetchval(
-                    "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+                    "SELECT 1 FROM pg_database WHERE datname = $1", database
                 ):
-                    quoted = '"' + self.database.replace('"', '""') + '"'
+                    quoted = '"' + database.replace('"', '""') + '"'
                     await admin.execute(f"CREATE DATABASE {quoted}")
             finally:
                 await admin.close()
-            node = await asyncpg.connect(self._dsn(self.database, port), timeout=10)
+            node = await asyncpg.connect(self._dsn(database, port), timeout=10)
             try:
                 await node.execute("CREATE EXTENSION IF NOT EXISTS citus")
             finally:
                 await node.close()
-        coordinator = await asyncpg.connect(self.dsn, timeout=10)
+        coordinator = await asyncpg.connect(self._dsn(database, COORDINATOR_PORT), timeout=10)
         try:
             await coordinator.execute(
                 "SELECT citus_set_coordinator_host($1, $2)", socket, COORDINATOR_PORT

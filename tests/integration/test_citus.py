@@ -9,15 +9,24 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
+from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from llm_usage.archive.retention import retire_months
+from llm_usage.archive.targets import local_target
 from llm_usage.consumers.usage.consumer import run_usage_consumer
+from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.domain.periods import add_months
 from llm_usage.local.citus import WORKER_PORTS, LocalCitusCluster, ensure_citus_build
+from llm_usage.runtime.handler import BatchResult
 from llm_usage.storage import distribution
+from llm_usage.storage.migrate import migrate
 from tests import clock
 from tests.integration.local_state import exports, local_state, wait_until_gone
 from tests.integration.pipeline import (
@@ -31,6 +40,7 @@ from tests.integration.pipeline import (
     unique,
     usage_event,
 )
+from tests.records import consumer_record
 
 
 @pytest.fixture
@@ -49,10 +59,7 @@ async def topics(kafka_bootstrap_servers: str, database_url: str) -> PipelineTop
 @pytest.fixture
 async def fresh_database(citus_cluster: LocalCitusCluster) -> str:
     """Another database of the session's cluster, with Citus and its workers but no schema."""
-    name = unique("citus_db").replace("-", "_")
-    return await asyncio.to_thread(
-        LocalCitusCluster(state_dir=citus_cluster.state_dir, database=name).start
-    )
+    return await citus_cluster.add_database(unique("citus_db").replace("-", "_"))
 
 
 def test_the_build_is_cached_and_the_cluster_has_two_workers(
@@ -158,6 +165,71 @@ async def test_usage_consumer_stores_duplicates_once_through_the_coordinator(
     finally:
         await pool.close()
     assert await topic_record_count(topics.settings.kafka_bootstrap_servers, topics.dlq) == 0
+
+
+async def test_a_month_past_retention_is_detached_archived_and_dropped_on_citus(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    """Citus refuses DETACH ... CONCURRENTLY: `maintain` detaches with a plain DETACH there, and
+    the month is archived, verified and dropped as on one node; its late events are expired."""
+    connection = await asyncpg.connect(fresh_database)
+    target = local_target(tmp_path)
+    try:
+        await migrate(connection, retention_months=1)
+        await distribution.distribute(connection)
+        oldest = await connection.fetchval(
+            "SELECT min(month) FROM usage_event_months WHERE state = 'attached'"
+        )
+        partition = f"llm_usage_events_{oldest:%Y_%m}"
+        assert (
+            await connection.fetchval(
+                "SELECT citus_table_type FROM citus_tables WHERE table_name = $1::regclass",
+                partition,
+            )
+            == "distributed"
+        )
+        tenant = unique("tenant")
+        assert await _store_on(fresh_database, tenant, oldest, 40) == {"recorded": 40}
+
+        [retired] = await retire_months(
+            connection,
+            today=add_months(clock.today().replace(day=1), 1),
+            retention_months=1,
+            target=target,
+        )
+
+        assert retired.month == oldest
+        assert retired.dropped, retired.report.differences
+        assert retired.report.rows == 40
+        assert await connection.fetchval("SELECT to_regclass($1)", partition) is None
+        assert (
+            await connection.fetchval(
+                "SELECT state FROM usage_event_months WHERE month = $1", oldest
+            )
+            == "dropped"
+        )
+        assert await _store_on(fresh_database, tenant, oldest, 1) == {"dead_lettered": 1}
+        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 0
+    finally:
+        await connection.close()
+
+
+async def _store_on(
+    database_url: str, tenant: str, month: date, count: int
+) -> Counter[BatchResult]:
+    """`count` events of `tenant` on the month's first day, through the usage consumer's handler."""
+    occurred = datetime.combine(month, datetime.min.time(), tzinfo=UTC).isoformat()
+    records = [
+        consumer_record(encode(usage_event(tenant, occurred_at=occurred)), offset=n)
+        for n in range(count)
+    ]
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        outcome = await UsageRecorder(pool=pool, clock=clock.now).record_batch(records)
+    finally:
+        await pool.close()
+    return outcome.counts
 
 
 def test_dev_up_citus_runs_a_distributed_database_and_dev_down_stops_it(
