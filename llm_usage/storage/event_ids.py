@@ -40,15 +40,18 @@ _LOOK_UP = f"""
 # The same look-up in the form Citus accepts (storage/flavour.py says when): it refuses a
 # LATERAL subquery on a distributed table ("complex joins are only supported when all
 # distributed tables are co-located and joined on their distribution columns"). Each tier is read
-# by `= ANY` of the chunk's arrays (pruned to the ids' and tenants' shards), then joined to the
-# keys. Several times slower on one node, hence not the default.
+# in a CTE of its own, then joined to the keys: the window by a join of the ids on its
+# distribution column (for 5,000 ids, ~4x faster there than `= ANY`, which every shard of every
+# hash slice parses whole), the events by `= ANY` of the chunk's arrays (faster than a join
+# there). Several times slower on one node, hence not the default.
 _LOOK_UP_CITUS = f"""
     WITH k AS (
         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
             AS k(id, tenant_id, occurred_at)
     ), w AS (
-        SELECT gateway_request_id AS id, {_FIELDS} FROM usage_event_ids
-        WHERE gateway_request_id = ANY($1::text[])
+        SELECT i.gateway_request_id AS id, {", ".join(f"i.{f}" for f in CONFLICT_FIELDS)}
+        FROM unnest($1::text[]) AS ids(id)
+        JOIN usage_event_ids AS i ON i.gateway_request_id = ids.id
     ), e AS (
         SELECT gateway_request_id AS id, {_FIELDS} FROM llm_usage_events
         WHERE gateway_request_id = ANY($1::text[]) AND tenant_id = ANY($2::text[])
