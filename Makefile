@@ -63,7 +63,8 @@ test-calendar: install
 .PHONY: test-citus
 # Duplicates, conflicts across months, two replicas racing (a COPY's unique violation comes back
 # as XX000 through the coordinator), SIGKILLed consumers, and the rollup's invariant (the
-# aggregate equals the raw events; late usage of closed months billed exactly once).
+# aggregate equals the raw events; late usage of closed months billed exactly once), and the
+# API's reports and policy changes through the coordinator.
 # test_partitions.py is not run here: it checks DETACH ... CONCURRENTLY, which Citus refuses;
 # test_citus.py checks the plain DETACH that `maintain` uses on Citus instead.
 CITUS_TESTS := tests/integration/test_citus.py \
@@ -79,7 +80,9 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_rollup.py::test_a_month_s_lines_are_exact_and_a_second_run_is_the_same \
 	tests/integration/test_rollup.py::test_late_events_are_trued_up_so_every_month_bills_its_exact_total_once \
 	tests/integration/test_rollup.py::test_the_aggregate_equals_the_raw_events_after_duplicates_and_racing_replicas \
-	tests/integration/test_late_marks.py
+	tests/integration/test_late_marks.py \
+	tests/integration/test_api_reports.py \
+	tests/integration/test_api_policies.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.
