@@ -5,6 +5,10 @@ Each service is, in order of preference: the one named by the environment
 local launchers of `llm-usage dev` (a Kafka JVM, embedded PostgreSQL). A service that cannot be
 started skips the tests that need it, or fails them under `CI=true`.
 
+`LLM_USAGE_TEST_CITUS=1` makes the session's PostgreSQL a Citus coordinator with two workers
+(llm_usage/local/citus.py, built once and cached), its database migrated and distributed, so
+the tests chosen by `make test-citus` run against a distributed database.
+
 `LLM_USAGE_TEST_NOW=2028-02-29T12:00:00Z` (an aware ISO time) runs the whole session on that
 day: the clock starts there when the session starts and runs at the wall clock's pace. It is
 set as `LLM_USAGE_SIMULATED_CLOCK` before any test is collected, so the tests (`tests/clock.py`)
@@ -14,6 +18,7 @@ deadlines and timeouts keep the wall clock.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -31,12 +36,14 @@ import structlog
 
 from llm_usage.core.clock import CLOCK_VARIABLE, SimulatedClock
 from llm_usage.core.errors import LocalServiceError
+from llm_usage.local.citus import LocalCitusCluster
 from llm_usage.local.kafka import KafkaCluster, free_port_block
 from llm_usage.local.paths import state_dir
 from llm_usage.local.postgres import LocalPostgres
 from tests.unavailable import service_unavailable
 
 TEST_NOW_VARIABLE = "LLM_USAGE_TEST_NOW"
+CITUS_VARIABLE = "LLM_USAGE_TEST_CITUS"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,10 +62,19 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[CLOCK_VARIABLE] = clock.encode()
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    if not os.environ.get(TEST_NOW_VARIABLE):
-        return None
-    return f"clock: the session starts at {TEST_NOW_VARIABLE}={os.environ[TEST_NOW_VARIABLE]}"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    if os.environ.get(TEST_NOW_VARIABLE):
+        lines.append(
+            f"clock: the session starts at {TEST_NOW_VARIABLE}={os.environ[TEST_NOW_VARIABLE]}"
+        )
+    if _citus_wanted():
+        lines.append(f"database: a Citus coordinator and two workers ({CITUS_VARIABLE}=1)")
+    return lines
+
+
+def _citus_wanted() -> bool:
+    return os.environ.get(CITUS_VARIABLE) == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -136,10 +152,14 @@ def kafka_bootstrap_servers(
 
 
 @pytest.fixture(scope="session")
-def postgres(docker_engine: bool) -> Iterator[PostgresService]:
-    """A PostgreSQL server that lives for the whole session."""
+def postgres(docker_engine: bool, request: pytest.FixtureRequest) -> Iterator[PostgresService]:
+    """A PostgreSQL server that lives for the whole session (the Citus coordinator when
+    `LLM_USAGE_TEST_CITUS=1`)."""
     configured = os.environ.get("DATABASE_URL")
-    if configured:
+    if _citus_wanted():
+        cluster: LocalCitusCluster = request.getfixturevalue("citus_cluster")
+        yield PostgresService(dsn=cluster.dsn, can_restart=True, _restart=cluster.restart)
+    elif configured:
         yield PostgresService(dsn=configured, can_restart=False)
     elif docker_engine:
         yield from _postgres_container()
@@ -163,6 +183,40 @@ def postgres(docker_engine: bool) -> Iterator[PostgresService]:
 @pytest.fixture(scope="session")
 def database_url(postgres: PostgresService) -> str:
     return postgres.dsn
+
+
+@pytest.fixture(scope="session")
+def citus_cluster() -> Iterator[LocalCitusCluster]:
+    """A Citus coordinator and two workers for the whole session, its database migrated and
+    distributed as `llm-usage migrate` does. The build is cached: minutes the first time."""
+    # Under the state dir, not pytest's tmp dirs (0700), for the same reason as PostgreSQL's.
+    home = Path(tempfile.mkdtemp(prefix="pytest-citus-", dir=state_dir()))
+    cluster = LocalCitusCluster(state_dir=home)
+    try:
+        cluster.start()
+    except LocalServiceError as error:
+        cluster.stop()
+        service_unavailable(f"no Citus cluster: {error}")
+    try:
+        asyncio.run(_migrate_and_distribute(cluster.dsn))
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def _migrate_and_distribute(dsn: str) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    from llm_usage.storage.distribution import distribute  # noqa: PLC0415
+    from llm_usage.storage.migrate import migrate  # noqa: PLC0415
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate(connection)
+        await distribute(connection)
+    finally:
+        await connection.close()
 
 
 def _kafka_container() -> Iterator[str]:

@@ -24,6 +24,11 @@ def add_parser(commands: Commands) -> None:
         "--nodes", type=int, choices=[1, 3], default=1, help="brokers (3: a cluster on one host)"
     )
     up.add_argument("--partitions", type=positive_int, default=6)
+    up.add_argument(
+        "--citus",
+        action="store_true",
+        help="a Citus coordinator and two workers instead of one PostgreSQL (built once, cached)",
+    )
     up.set_defaults(run=run_dev_up)
     dev_commands.add_parser("down", help="stop them").set_defaults(run=run_dev_down)
     dev_commands.add_parser("env", help="print the export lines that reach them").set_defaults(
@@ -35,7 +40,7 @@ def run_dev_up(args: argparse.Namespace) -> None:
     from llm_usage.core.settings import load_settings  # noqa: PLC0415 - when the command runs
     from llm_usage.local.dev import dev_up  # noqa: PLC0415
 
-    environment = dev_up(kafka_port=args.kafka_port, nodes=args.nodes)
+    environment = dev_up(kafka_port=args.kafka_port, nodes=args.nodes, citus=args.citus)
     settings = load_settings(
         kafka_bootstrap_servers=environment.kafka_bootstrap_servers,
         database_url=environment.database_url,
@@ -44,7 +49,8 @@ def run_dev_up(args: argparse.Namespace) -> None:
     asyncio.run(
         ensure_pipeline_topics(settings, partitions=args.partitions, replication_factor=None)
     )
-    print("local Kafka and PostgreSQL are up; to reach them:")
+    database = "Citus" if args.citus else "PostgreSQL"
+    print(f"local Kafka and {database} are up; to reach them:")
     print(environment.export_lines())
     print('eval "$(llm-usage dev env)"   # in your shell, then e.g. llm-usage consume usage')
 

@@ -59,8 +59,12 @@ async def schema_owner_connection(settings: Settings, command: str) -> AsyncIter
 
 
 async def migrate_database(settings: Settings, *, until: str | None = None) -> None:
-    """Apply what is missing and say which migrations that was."""
+    """Apply what is missing and say which migrations that was. On Citus (the `citus` extension
+    installed), once every migration is applied, distribute the tables not distributed yet
+    (storage/distribution.py)."""
     from llm_usage.core.clock import worker_clock  # noqa: PLC0415 - when the command runs
+    from llm_usage.storage.distribution import distribute  # noqa: PLC0415
+    from llm_usage.storage.flavour import citus_installed  # noqa: PLC0415
     from llm_usage.storage.migrate import migrate  # noqa: PLC0415
 
     async with schema_owner_connection(settings, "migrate") as connection:
@@ -71,4 +75,11 @@ async def migrate_database(settings: Settings, *, until: str | None = None) -> N
             retention_months=settings.retention_months,
             until=until,
         )
+        distributed = (
+            await distribute(connection)
+            if until is None and await citus_installed(connection)
+            else []
+        )
     print(f"applied {', '.join(applied)}" if applied else "database is up to date")
+    if distributed:
+        print(f"distributed {', '.join(distributed)}")

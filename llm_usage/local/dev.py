@@ -9,6 +9,11 @@ port at all (only a Unix socket in its data directory), so a server on 5432 does
 
 A `dev up` that fails stops what it started and leaves no record that claims services; one
 that fails before starting anything (an explicit port that is taken) changes nothing.
+
+`dev up --citus` starts a Citus coordinator and two workers (llm_usage/local/citus.py, built
+from the vendored source the first time, then cached) instead of the single PostgreSQL; the
+database URL is the coordinator's. The two keep separate data; `dev up` with or without
+`--citus` stops the other one if it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_usage.core.errors import ConfigurationError, LocalServiceError
+from llm_usage.local.citus import LocalCitusCluster
 from llm_usage.local.kafka import (
     KafkaCluster,
     PortTakenError,
@@ -58,6 +64,7 @@ def dev_up(
     *,
     kafka_port: int | None = None,
     nodes: int = 1,
+    citus: bool = False,
     say: Callable[[str], None] = print,
 ) -> DevEnvironment:
     """Start the local Kafka (1 or 3 nodes) and PostgreSQL, or find them running; record them.
@@ -79,11 +86,11 @@ def dev_up(
     # Two `dev up` (two `make run` in two terminals) at once would launch two brokers into one
     # state dir: the second waits, then finds the first's services running.
     with exclusive_lock(root / _LOCK):
-        return _dev_up(root, kafka_port, nodes, say)
+        return _dev_up(root, kafka_port, nodes, citus, say)
 
 
 def _dev_up(
-    root: Path, kafka_port: int | None, nodes: int, say: Callable[[str], None]
+    root: Path, kafka_port: int | None, nodes: int, citus: bool, say: Callable[[str], None]
 ) -> DevEnvironment:
     previous = _read_record(root)
     running = previous if previous is not None and _kafka(root, previous).is_running() else None
@@ -106,20 +113,30 @@ def _dev_up(
     else:
         port, why = _choose_kafka_port(nodes)
 
-    postgres = _postgres(root)
+    postgres = _database(root, citus=citus)
+    _database(root, citus=not citus).stop()  # the other kind, if it runs
+    if citus:
+        say("Citus: a coordinator and two workers (built once and cached: a minute the first time)")
     kafka = _start_services(
         root, port=port, nodes=nodes, fixed=kafka_port is not None, postgres=postgres
     )
     database_url = postgres.dsn
     _write_record(
         root,
-        {"kafka_port": kafka.port, "nodes": nodes, "ready": True, "database_url": database_url},
+        {
+            "kafka_port": kafka.port,
+            "nodes": nodes,
+            "ready": True,
+            "database_url": database_url,
+            "citus": citus,
+        },
     )
     if kafka.port != port:
         why = f" (port {port} was taken meanwhile)"
     say(f"Kafka {verb} {kafka.bootstrap_servers}{why}")
+    what = "the Citus coordinator (workers beside it)" if citus else "PostgreSQL"
     say(
-        f"PostgreSQL listens on a Unix socket in {postgres.socket_dir} and on no TCP port "
+        f"{what} listens on a Unix socket in {postgres.socket_dir} and on no TCP port "
         "(a server on 5432 does not matter)"
     )
     return DevEnvironment(kafka.bootstrap_servers, database_url)
@@ -132,6 +149,7 @@ def dev_down() -> None:
         record = _read_record(root) or {"kafka_port": DEFAULT_KAFKA_PORT, "nodes": 1}
         _kafka(root, record).stop()
         _postgres(root).stop()
+        _citus(root).stop()
         (root / _RECORD).unlink(missing_ok=True)
 
 
@@ -141,7 +159,7 @@ def dev_env() -> DevEnvironment:
     record = _read_record(root)
     if record is None or not record.get("ready"):
         raise LocalServiceError(_NOTHING_RUNNING)
-    kafka, postgres = _kafka(root, record), _postgres(root)
+    kafka, postgres = _kafka(root, record), _database(root, citus=bool(record.get("citus")))
     if not (kafka.is_running() and postgres.is_running()):
         raise LocalServiceError(
             "the local Kafka or PostgreSQL has stopped; run `llm-usage dev up` again"
@@ -174,7 +192,7 @@ def _choose_kafka_port(nodes: int) -> tuple[int, str]:
 
 
 def _start_services(
-    root: Path, *, port: int, nodes: int, fixed: bool, postgres: LocalPostgres
+    root: Path, *, port: int, nodes: int, fixed: bool, postgres: LocalPostgres | LocalCitusCluster
 ) -> KafkaCluster:
     """Start Kafka and PostgreSQL side by side; on any failure stop both and drop the record.
 
@@ -219,7 +237,7 @@ def _start_kafka(root: Path, port: int, nodes: int, fixed: bool) -> KafkaCluster
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _tear_down(root: Path, postgres: LocalPostgres) -> str | None:
+def _tear_down(root: Path, postgres: LocalPostgres | LocalCitusCluster) -> str | None:
     """Stop what a failed start left running, then drop the record; else say what failed."""
     record = _read_record(root)
     stops = [postgres.stop] if record is None else [_kafka(root, record).stop, postgres.stop]
@@ -243,6 +261,14 @@ def _kafka(root: Path, record: dict[str, Any]) -> KafkaCluster:
 
 def _postgres(root: Path) -> LocalPostgres:
     return LocalPostgres(data_dir=root / "postgres")
+
+
+def _citus(root: Path) -> LocalCitusCluster:
+    return LocalCitusCluster(state_dir=root / "citus")
+
+
+def _database(root: Path, *, citus: bool) -> LocalPostgres | LocalCitusCluster:
+    return _citus(root) if citus else _postgres(root)
 
 
 def _read_record(root: Path) -> dict[str, Any] | None:

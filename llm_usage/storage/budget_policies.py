@@ -36,10 +36,13 @@ _INSERT_IF_ABSENT = f"""
     ON CONFLICT (tenant_id, scope_type, scope_id) DO NOTHING
     RETURNING true
 """
+# The time is the database's clock_timestamp() read under the row lock ($7): Citus refuses a
+# volatile function in an UPDATE of a distributed table ("functions used in UPDATE queries on
+# distributed tables must not be VOLATILE").
 _UPDATE = f"""
     UPDATE budget_policies
     SET daily_limit_usd = $4, monthly_limit_usd = $5, warn_threshold_pct = $6,
-        updated_at = clock_timestamp()
+        updated_at = $7
     WHERE {_KEY_MATCHES}
 """
 _DELETE = f"DELETE FROM budget_policies WHERE {_KEY_MATCHES} RETURNING {_COLUMNS}"
@@ -165,7 +168,8 @@ async def set_policy(connection: Connection, policy: BudgetPolicy, *, actor: str
                 old: BudgetPolicy | None = _policy_from_row(row)
                 if old == policy:
                     return PolicyChange(old=old, new=old)
-                await connection.execute(_UPDATE, *values)
+                locked_at = await connection.fetchval("SELECT clock_timestamp()")
+                await connection.execute(_UPDATE, *values, locked_at)
                 break
             if await connection.fetchval(_INSERT_IF_ABSENT, *values):
                 old = None

@@ -91,6 +91,54 @@ _COUNT_STAGED = """
     RETURNING b.gateway_request_id
 """
 
+# The same count in the form Citus accepts (storage/flavour.py says when): it refuses the
+# correlated EXISTS between the session's staging table (on the coordinator) and a distributed
+# table ("direct joins between distributed and local tables are not supported"). Each test is a
+# join of the staged rows with one table, in a CTE of its own (the coordinator sends the staged
+# rows to the workers), and the staged rows are tested against the CTEs.
+_CORRELATED_TESTS = """
+          AND NOT EXISTS (SELECT FROM budget_counted_legacy AS l
+                          WHERE l.gateway_request_id = b.gateway_request_id)
+          AND (EXISTS (SELECT FROM usage_event_ids AS k
+                       WHERE k.gateway_request_id = b.gateway_request_id)
+               OR NOT EXISTS (SELECT FROM llm_usage_events AS e
+                              WHERE e.tenant_id = b.tenant_id
+                                AND e.occurred_at = b.occurred_at
+                                AND e.gateway_request_id = b.gateway_request_id))
+"""
+_JOINED_TESTS = """
+          AND b.gateway_request_id NOT IN (SELECT gateway_request_id FROM legacy)
+          AND (b.gateway_request_id IN (SELECT gateway_request_id FROM in_window)
+               OR b.gateway_request_id NOT IN (SELECT gateway_request_id FROM stored))
+"""
+_FLOOR_END = """
+        FROM usage_event_months WHERE state = 'attached'
+    ), counted_now AS ("""
+_JOINS = """
+        FROM usage_event_months WHERE state = 'attached'
+    ), legacy AS (
+        SELECT b.gateway_request_id FROM budget_event_batch AS b
+        JOIN budget_counted_legacy AS l USING (gateway_request_id)
+    ), in_window AS (
+        SELECT b.gateway_request_id FROM budget_event_batch AS b
+        JOIN usage_event_ids AS k USING (gateway_request_id)
+    ), stored AS (
+        SELECT b.gateway_request_id FROM budget_event_batch AS b
+        JOIN llm_usage_events AS e ON e.tenant_id = b.tenant_id
+            AND e.occurred_at = b.occurred_at AND e.gateway_request_id = b.gateway_request_id
+    ), counted_now AS ("""
+
+
+def _replaced(statement: str, old: str, new: str) -> str:
+    if old not in statement:  # the single-node statement changed: change its Citus form too
+        raise AssertionError(f"not in the statement: {old.strip()[:60]!r}")
+    return statement.replace(old, new)
+
+
+_COUNT_STAGED_CITUS = _replaced(
+    _replaced(_COUNT_STAGED, _CORRELATED_TESTS, _JOINED_TESTS), _FLOOR_END, _JOINS
+)
+
 # Every scope an event names (its tenant, and each attribution that is not null), in its own
 # UTC day and month; summed exactly (numeric); added to the counters in key order. The addition
 # and the value after it come from one statement per row under the row's lock, so
@@ -151,10 +199,12 @@ async def stage_events(connection: Connection, events: Iterable[StagedEvent]) ->
     )
 
 
-async def count_staged_events(connection: Connection) -> set[str]:
+async def count_staged_events(connection: Connection, *, citus: bool = False) -> set[str]:
     """Mark the staged first copies counted in the id window, keep staged only those, and
-    return the ids of the others (counted before, a conflicting copy, or expired)."""
-    return {row[0] for row in await connection.fetch(_COUNT_STAGED)}
+    return the ids of the others (counted before, a conflicting copy, or expired). `citus`: the
+    database is a Citus coordinator."""
+    statement = _COUNT_STAGED_CITUS if citus else _COUNT_STAGED
+    return {row[0] for row in await connection.fetch(statement)}
 
 
 class LimitedCounter(NamedTuple):

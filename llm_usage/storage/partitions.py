@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from llm_usage.domain.periods import add_months
 from llm_usage.domain.retention import months_to_create, partition_name
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
 
 
@@ -101,7 +102,8 @@ async def detach_partition(connection: Connection, month: date) -> None:
     """Take `month`'s partition out of `llm_usage_events` without blocking the consumers: mark
     the month `detaching` first (the retention floor moves past it, so new batches dead-letter
     its events `expired`), then `DETACH ... CONCURRENTLY`, which waits for the batches that may
-    still write to it. A detach interrupted half-way is finished (`FINALIZE`)."""
+    still write to it. A detach interrupted half-way is finished (`FINALIZE`). On Citus, which
+    refuses CONCURRENTLY, a plain `DETACH`."""
     name = partition_name(month)
     await set_month_state(connection, month, "detaching")
     pending = await connection.fetchval(
@@ -111,6 +113,11 @@ async def detach_partition(connection: Connection, month: date) -> None:
     )
     if pending is True:
         await connection.execute(f"ALTER TABLE llm_usage_events DETACH PARTITION {name} FINALIZE")
+    elif pending is False and await citus_installed(connection):
+        # Citus refuses CONCURRENTLY: a plain DETACH, which holds an ACCESS EXCLUSIVE lock on
+        # llm_usage_events for a moment (it waits for the batches in flight, and new ones wait
+        # for it). It finishes or rolls back whole: no FINALIZE state to pick up.
+        await connection.execute(f"ALTER TABLE llm_usage_events DETACH PARTITION {name}")
     elif pending is False:
         await connection.execute(
             f"ALTER TABLE llm_usage_events DETACH PARTITION {name} CONCURRENTLY"

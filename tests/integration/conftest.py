@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -9,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from llm_usage.storage.distribution import distribute
 from llm_usage.storage.migrate import migrate
 from tests.integration.pipeline import kill_leftovers, unique
 
@@ -32,11 +34,19 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+def _on_citus() -> bool:
+    """The session's PostgreSQL is a Citus cluster (tests/conftest.py, `citus_cluster`)."""
+    return os.environ.get("LLM_USAGE_TEST_CITUS") == "1"
+
+
 @pytest.fixture
-async def empty_database_url(database_url: str) -> str:
+async def empty_database_url(database_url: str, request: pytest.FixtureRequest) -> str:
     """A database of the test's own on the session's server, never migrated: for tests that
-    apply migrations from nothing, or create, drop and move partitions."""
+    apply migrations from nothing, or create, drop and move partitions. On Citus
+    (`LLM_USAGE_TEST_CITUS=1`), a Citus database of the session's cluster."""
     name = unique("own").replace("-", "_")
+    if _on_citus():
+        return str(await request.getfixturevalue("citus_cluster").add_database(name))
     admin = await asyncpg.connect(database_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -52,7 +62,8 @@ async def rollup_db(
     """A migrated database of the test's own and a pool on it: which months are closed, and
     their late marks, are global to a database. Migrated as of the test module's injected
     clock (its `NOW`, when it has one), so that the months it names are kept whatever today is,
-    and as of today for the tests that use the workers' clock."""
+    and as of today for the tests that use the workers' clock. On Citus, distributed as
+    `llm-usage migrate` does."""
     now = getattr(request.module, "NOW", None)
     pool = await asyncpg.create_pool(empty_database_url, min_size=1, max_size=4)
     assert pool is not None
@@ -60,6 +71,8 @@ async def rollup_db(
         if now is not None:
             await migrate(connection, today=now.date())
         await migrate(connection)
+        if _on_citus():
+            await distribute(connection)
     yield empty_database_url, pool
     await pool.close()
 

@@ -374,7 +374,23 @@ async def sessions_blocked_by(
     pool: asyncpg.Pool, blocker_pid: int, *, application_name: str | None = "llm-usage"
 ) -> int:
     """How many sessions (of `application_name`: the consumers' pools) wait for a lock that
-    the backend `blocker_pid` holds."""
+    the backend `blocker_pid` holds. On Citus the waits happen on the workers, where
+    `pg_blocking_pids` on the coordinator does not see them: `citus_lock_waits` does."""
+    if await pool.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'citus'"):
+        count = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE ($1 = ANY(pg_blocking_pids(pid)) OR pid IN ("
+            # A global pid is the node's id * 10^10 + the pid there.
+            "  SELECT w.waiting_gpid - n.base FROM citus_lock_waits AS w,"
+            "    (SELECT nodeid * 10000000000::bigint AS base FROM pg_dist_node"
+            "     WHERE groupid = 0) AS n"
+            "  WHERE w.blocking_gpid = n.base + $1"
+            "    AND w.waiting_gpid BETWEEN n.base AND n.base + 9999999999)) "
+            "AND ($2::text IS NULL OR application_name = $2::text)",
+            blocker_pid,
+            application_name,
+        )
+        return int(count)
     count = await pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE $1 = ANY(pg_blocking_pids(pid)) "

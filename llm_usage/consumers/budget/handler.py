@@ -26,6 +26,7 @@ from llm_usage.storage.budget_spend import (
     count_staged_events,
     stage_events,
 )
+from llm_usage.storage.flavour import Flavour
 from llm_usage.storage.pool import connection_from
 
 # Records decoded between two yields to the event loop.
@@ -72,6 +73,7 @@ class BudgetCounter:
     ) -> None:
         self._pool = pool
         self._clock = clock
+        self._flavour = Flavour()  # a Citus coordinator or one node: asked once
         self._ahead: PreparedAhead[_Decoded] = PreparedAhead(self._decode)
 
     def prepare_ahead(self, records: Sequence[Record]) -> None:
@@ -97,7 +99,8 @@ class BudgetCounter:
             return BatchOutcome(counts)
         async with connection_from(self._pool) as connection, connection.transaction():
             await stage_events(connection, map(_staged, events.values()))
-            counted_before = await count_staged_events(connection)
+            citus = await self._flavour.citus(connection)
+            counted_before = await count_staged_events(connection, citus=citus)
             counts[BatchResult.RECORDED] += len(events) - len(counted_before)
             counts[BatchResult.DUPLICATE] += len(counted_before)
             if len(counted_before) == len(events):

@@ -30,6 +30,7 @@ from llm_usage.storage.event_ids import (
     look_up_identities,
     look_up_window_first,
 )
+from llm_usage.storage.flavour import Flavour, is_unique_violation
 from llm_usage.storage.partitions import attached_months
 from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.usage_events import copy_usage_events, insert_new_usage_events
@@ -48,6 +49,13 @@ LANDING_AGAIN = (
     "came again; landing again."
 )
 _DECODE_SLICE = 200
+
+
+# What a COPY that met an id stored meanwhile raises (on Citus: XX000, storage/flavour.py).
+_UNIQUE_VIOLATIONS = (
+    asyncpg.exceptions.UniqueViolationError,
+    asyncpg.exceptions.InternalServerError,
+)
 
 
 class MonthWithoutPartitionError(DatabaseRefusesRowsError):
@@ -76,6 +84,7 @@ class UsageRecorder:
         self._pool = pool
         self._clock = clock
         self._chunk_records = chunk_records
+        self._flavour = Flavour()  # a Citus coordinator or one node: asked once
         self._ahead: PreparedAhead[list[DecodedBatch]] = PreparedAhead(self._decode_chunks)
 
     def prepare_ahead(self, records: Sequence[Record]) -> None:
@@ -87,12 +96,19 @@ class UsageRecorder:
         # The chunks decoded so far: all of them when the batch was prepared ahead.
         decoded = await self._ahead.take(records) or []
         async with connection_from(self._pool) as connection:
+            citus = await self._flavour.citus(connection)
             try:
                 try:
-                    return await self._land(connection, records, decoded, now=now, copy=True)
-                except asyncpg.exceptions.UniqueViolationError:
+                    return await self._land(
+                        connection, records, decoded, now=now, copy=True, citus=citus
+                    )
+                except _UNIQUE_VIOLATIONS as error:
+                    if not is_unique_violation(error, citus=citus):
+                        raise
                     log.info(LANDING_AGAIN)
-                    return await self._land(connection, records, decoded, now=now, copy=False)
+                    return await self._land(
+                        connection, records, decoded, now=now, copy=False, citus=citus
+                    )
             except asyncpg.exceptions.CheckViolationError as error:
                 if "no partition of relation" not in str(error):
                     raise
@@ -117,6 +133,7 @@ class UsageRecorder:
         *,
         now: datetime,
         copy: bool,
+        citus: bool = False,
     ) -> BatchOutcome:
         outcome = BatchOutcome()
         stored_now: list[UsageRow] = []
@@ -134,7 +151,9 @@ class UsageRecorder:
                     chunk = decoded[index]
                     if writing is not None:
                         outcome = outcome.merge(_collect(await writing, stored_now))
-                    writing = asyncio.create_task(_write_chunk(connection, chunk, floor, copy=copy))
+                    writing = asyncio.create_task(
+                        _write_chunk(connection, chunk, floor, copy=copy, citus=citus)
+                    )
                 if writing is not None:
                     outcome = outcome.merge(_collect(await writing, stored_now))
                     writing = None
@@ -169,14 +188,19 @@ class ChunkWritten:
 
 
 async def _write_chunk(
-    connection: Connection, batch: DecodedBatch, floor: date | None, *, copy: bool
+    connection: Connection,
+    batch: DecodedBatch,
+    floor: date | None,
+    *,
+    copy: bool,
+    citus: bool = False,
 ) -> ChunkWritten:
     """Store the chunk's first copies and settle every record against what is known."""
     # This sees earlier chunks of the same batch: they are in the same transaction. The fast path
     # asks Tier 1 only about the ids the window knows: a copy of an event older than the window
     # then fails the events' COPY, and the batch is landed again on the path that asks both tiers.
     look_up = look_up_window_first if copy else look_up_identities
-    known = await look_up(connection, lookup_keys(batch))
+    known = await look_up(connection, lookup_keys(batch), citus=citus)
     plan = plan_chunk(batch, known, retention_floor=floor)
     if copy:
         await copy_new_ids(connection, plan.new_in_window)
@@ -184,17 +208,22 @@ async def _write_chunk(
         inserted = {event.gateway_request_id for event in plan.to_store}
         stored_now = plan.to_store
     else:
-        await _add_ids_racing(connection, batch, plan, floor)
+        await _add_ids_racing(connection, batch, plan, floor, citus=citus)
         inserted = await insert_new_usage_events(connection, plan.to_store)
         met = [e.gateway_request_id for e in plan.to_store if e.gateway_request_id not in inserted]
         if met:  # another replica stored the same key meanwhile: judged against its row
-            await _plan_again(connection, batch, plan, floor, met)
+            await _plan_again(connection, batch, plan, floor, met, citus=citus)
         stored_now = [e for e in plan.to_store if e.gateway_request_id in inserted]
     return ChunkWritten(settle_batch(batch, plan, inserted=inserted), stored_now)
 
 
 async def _add_ids_racing(
-    connection: Connection, batch: DecodedBatch, plan: ChunkPlan, floor: date | None
+    connection: Connection,
+    batch: DecodedBatch,
+    plan: ChunkPlan,
+    floor: date | None,
+    *,
+    citus: bool = False,
 ) -> None:
     """Add the new ids to the window; an id another transaction added first (it committed: the
     insert waited for it) is planned again against that transaction's row."""
@@ -202,7 +231,7 @@ async def _add_ids_racing(
     added = await insert_new_ids(connection, new)
     lost = [event.gateway_request_id for event in new if event.gateway_request_id not in added]
     if lost:
-        await _plan_again(connection, batch, plan, floor, lost)
+        await _plan_again(connection, batch, plan, floor, lost, citus=citus)
 
 
 async def _plan_again(
@@ -211,8 +240,10 @@ async def _plan_again(
     plan: ChunkPlan,
     floor: date | None,
     ids: list[str],
+    *,
+    citus: bool = False,
 ) -> None:
     """Plan `ids` again from what both tiers hold now."""
     again = DecodedBatch({i: batch.occurrences[i] for i in ids})
-    known = await look_up_identities(connection, lookup_keys(again))
+    known = await look_up_identities(connection, lookup_keys(again), citus=citus)
     plan.replan(plan_chunk(again, known, retention_floor=floor))
