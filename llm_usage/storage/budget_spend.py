@@ -51,7 +51,17 @@ STAGED_EVENT_COLUMNS = (
 # it was counted before the window existed; an id the window holds is marked counted when the
 # event is equal to the window's row and not counted yet. The rest (duplicates, conflicts,
 # replays) leave the staging table and come back.
-_COUNT_STAGED = """
+# Tests of a staged copy that name the tables Citus will not join correlated (below).
+_CORRELATED_TESTS = """\
+          AND NOT EXISTS (SELECT FROM budget_counted_legacy AS l
+                          WHERE l.gateway_request_id = b.gateway_request_id)
+          AND (EXISTS (SELECT FROM usage_event_ids AS k
+                       WHERE k.gateway_request_id = b.gateway_request_id)
+               OR NOT EXISTS (SELECT FROM llm_usage_events AS e
+                              WHERE e.tenant_id = b.tenant_id
+                                AND e.occurred_at = b.occurred_at
+                                AND e.gateway_request_id = b.gateway_request_id))"""
+_COUNT_STAGED = f"""
     WITH floor AS (
         SELECT coalesce(min(month), '-infinity')::timestamp AT TIME ZONE 'UTC' AS starts
         FROM usage_event_months WHERE state = 'attached'
@@ -64,14 +74,7 @@ _COUNT_STAGED = """
             b.charge_usd, b.occurred_at, true
         FROM budget_event_batch AS b
         WHERE b.occurred_at >= (SELECT starts FROM floor)
-          AND NOT EXISTS (SELECT FROM budget_counted_legacy AS l
-                          WHERE l.gateway_request_id = b.gateway_request_id)
-          AND (EXISTS (SELECT FROM usage_event_ids AS k
-                       WHERE k.gateway_request_id = b.gateway_request_id)
-               OR NOT EXISTS (SELECT FROM llm_usage_events AS e
-                              WHERE e.tenant_id = b.tenant_id
-                                AND e.occurred_at = b.occurred_at
-                                AND e.gateway_request_id = b.gateway_request_id))
+{_CORRELATED_TESTS}
         ORDER BY b.gateway_request_id COLLATE "C"
         ON CONFLICT (gateway_request_id) DO UPDATE SET counted = true
         WHERE NOT w.counted
@@ -96,21 +99,10 @@ _COUNT_STAGED = """
 # table ("direct joins between distributed and local tables are not supported"). Each test is a
 # join of the staged rows with one table, in a CTE of its own (the coordinator sends the staged
 # rows to the workers), and the staged rows are tested against the CTEs.
-_CORRELATED_TESTS = """
-          AND NOT EXISTS (SELECT FROM budget_counted_legacy AS l
-                          WHERE l.gateway_request_id = b.gateway_request_id)
-          AND (EXISTS (SELECT FROM usage_event_ids AS k
-                       WHERE k.gateway_request_id = b.gateway_request_id)
-               OR NOT EXISTS (SELECT FROM llm_usage_events AS e
-                              WHERE e.tenant_id = b.tenant_id
-                                AND e.occurred_at = b.occurred_at
-                                AND e.gateway_request_id = b.gateway_request_id))
-"""
-_JOINED_TESTS = """
+_JOINED_TESTS = """\
           AND b.gateway_request_id NOT IN (SELECT gateway_request_id FROM legacy)
           AND (b.gateway_request_id IN (SELECT gateway_request_id FROM in_window)
-               OR b.gateway_request_id NOT IN (SELECT gateway_request_id FROM stored))
-"""
+               OR b.gateway_request_id NOT IN (SELECT gateway_request_id FROM stored))"""
 _FLOOR_END = """
         FROM usage_event_months WHERE state = 'attached'
     ), counted_now AS ("""

@@ -25,6 +25,7 @@ from tests.integration.pipeline import unique
 from tests.integration.test_rollup import event, store
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # October and earlier have ended
+NOW_MONTH = f"{NOW:%Y-%m}"  # the open month the injected clock is in
 T = TypeVar("T")
 
 
@@ -113,7 +114,7 @@ async def test_a_batch_adding_to_a_closed_month_marks_it_and_the_next_month_bill
     # Late again, after both closes: marked again, billed in November.
     await store(pool, [event(tenant, "2026-09-20", "0.05")])
     assert await marks(pool) == {(tenant, "2026-09")}
-    await run_rollup(pool, period="2026-11")
+    await run_rollup(pool, period=NOW_MONTH)
     assert await billed_cents(pool, tenant) == {"2026-09": 155, "2026-10": 300}
     assert await billed_cents(pool, other) == {"2026-09": 200}
 
@@ -177,7 +178,7 @@ async def test_a_batch_that_comes_while_the_close_runs_sees_the_month_closed_and
         await blocker.close()
     assert [(line.tenant_id, line.amount_cents) for line in closed.lines] == [(tenant, 100)]
     assert await marks(pool) == {(tenant, "2026-10")}
-    november = await run_rollup(pool, period="2026-11")
+    november = await run_rollup(pool, period=NOW_MONTH)
     assert [(line.kind, line.original_period, line.amount_cents) for line in november.lines] == [
         ("llm_usage_adjustment", "2026-10", 25)
     ]
@@ -213,7 +214,7 @@ async def test_the_close_keeps_a_mark_a_batch_bumped_while_it_ran(
     finally:
         await blocker.close()
     assert await marks(pool) == {(tenant, "2026-09")}, "the bumped mark was forgotten"
-    await run_rollup(pool, period="2026-11")
+    await run_rollup(pool, period=NOW_MONTH)
     assert await billed_cents(pool, tenant) == {"2026-09": 137, "2026-10": 200}
 
 
@@ -266,7 +267,7 @@ async def test_late_usage_of_many_tenants_is_exact_after_closes_in_a_row(
         await add("2026-07", tenants[1:3])
         await close_month(pool, period=month, now=NOW)
     await add("2026-08", tenants[3:])
-    await run_rollup(pool, period="2026-11")
+    await run_rollup(pool, period=NOW_MONTH)
     exact: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for e in stored:
         exact[(e["tenant_id"], e["occurred_at"][:7])] += Decimal(e["customer_charge_usd"])
