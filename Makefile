@@ -82,6 +82,7 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_rollup.py::test_the_aggregate_equals_the_raw_events_after_duplicates_and_racing_replicas \
 	tests/integration/test_late_marks.py \
 	tests/integration/test_api_reports.py \
+	tests/integration/test_usage_dimensions.py \
 	tests/integration/test_api_policies.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of

@@ -53,6 +53,7 @@ DISTRIBUTED: tuple[Distributed, ...] = (
     # Events and everything keyed by tenant: one tenant's rows on one worker.
     Distributed("llm_usage_events", "tenant_id", shard_count=TENANT_SHARDS),
     Distributed("usage_daily_totals", "tenant_id", "llm_usage_events"),
+    Distributed("usage_daily_dimensions", "tenant_id", "llm_usage_events"),
     Distributed("budget_spend", "tenant_id", "llm_usage_events"),
     Distributed("budget_policies", "tenant_id", "llm_usage_events"),
     Distributed("usage_late_marks", "tenant_id", "llm_usage_events"),

@@ -18,11 +18,13 @@ from llm_usage.api.models import (
     PolicyChangeAnswer,
     UsageBreakdownAnswer,
     UsageSummaryAnswer,
+    UsageTodayAnswer,
 )
 from llm_usage.domain.budgets import BudgetWindow, ScopeType, budget_status
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.policies import BudgetPolicy
-from llm_usage.storage.usage_reports import BreakdownItem, DailyItem, Dimension, UsageSummary
+from llm_usage.storage.usage_dimensions import Dimension
+from llm_usage.storage.usage_reports import BreakdownItem, DailyItem, UsageSummary
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,14 @@ from llm_usage.storage.usage_reports import BreakdownItem, DailyItem, Dimension,
 )
 def test_money_is_the_one_exact_spelling(amount: Decimal, text: str) -> None:
     item = BreakdownItem(
-        key=None, requests=1, input_tokens=2, output_tokens=3, customer_charge_usd=amount
+        key=None,
+        requests=1,
+        input_tokens=2,
+        output_tokens=3,
+        cached_input_tokens=1,
+        reasoning_tokens=1,
+        total_tokens=5,
+        customer_charge_usd=amount,
     )
     answer = UsageBreakdownAnswer(by=Dimension.MODEL, from_="a", to="b", items=[item])
     assert answer.model_dump(mode="json", by_alias=True)["items"][0]["customer_charge_usd"] == text
@@ -53,13 +62,17 @@ def test_a_summary_answer_is_the_totals_with_their_range() -> None:
         total_tokens=37,
         customer_charge_usd=Decimal("0.5000"),
     )
-    answer = UsageSummaryAnswer(
-        tenant_id="t1", from_="2026-11-01T00:00:00Z", to="2026-11-24T12:00:00Z", **vars(summary)
+    today = UsageTodayAnswer(
+        from_="2026-11-24T00:00:00Z", to="2026-11-24T12:00:00Z", **vars(summary)
     )
-    assert answer.model_dump(mode="json", by_alias=True) == {
-        "tenant_id": "t1",
-        "from": "2026-11-01T00:00:00Z",
-        "to": "2026-11-24T12:00:00Z",
+    answer = UsageSummaryAnswer(
+        tenant_id="t1",
+        from_="2026-11-01T00:00:00Z",
+        to="2026-11-24T12:00:00Z",
+        today=today,
+        **vars(summary),
+    )
+    figures = {
         "requests": 2,
         "input_tokens": 10,
         "output_tokens": 20,
@@ -67,6 +80,13 @@ def test_a_summary_answer_is_the_totals_with_their_range() -> None:
         "reasoning_tokens": 4,
         "total_tokens": 37,
         "customer_charge_usd": "0.5",
+    }
+    assert answer.model_dump(mode="json", by_alias=True) == {
+        "tenant_id": "t1",
+        "from": "2026-11-01T00:00:00Z",
+        "to": "2026-11-24T12:00:00Z",
+        **figures,
+        "today": {"from": "2026-11-24T00:00:00Z", "to": "2026-11-24T12:00:00Z", **figures},
     }
 
 

@@ -24,7 +24,13 @@ def test_a_co_located_table_follows_an_earlier_table_of_its_column() -> None:
 def test_events_and_tenant_tables_share_a_group_and_the_id_window_has_its_own() -> None:
     by_table = {plan.table: plan for plan in DISTRIBUTED}
     assert by_table["llm_usage_events"].column == "tenant_id"
-    for table in ("usage_daily_totals", "budget_spend", "budget_policies", "usage_late_marks"):
+    for table in (
+        "usage_daily_totals",
+        "usage_daily_dimensions",
+        "budget_spend",
+        "budget_policies",
+        "usage_late_marks",
+    ):
         assert by_table[table].colocate_with == "llm_usage_events"
     assert by_table["usage_event_ids"].column == "gateway_request_id"
     assert by_table["usage_event_ids"].colocate_with == "none"
