@@ -43,7 +43,7 @@ _COLUMNS: Final = {
 }
 
 # Each event's value of every dimension, as (dimension, key) rows (the events' alias is `e`).
-FAN_OUT: Final = (
+_FAN_OUT: Final = (
     "CROSS JOIN LATERAL (VALUES "
     + ", ".join(f"('{d.value}', e.{d.column})" for d in Dimension)
     + ") AS v(dimension, key)"
@@ -134,7 +134,7 @@ _FILL = f"""
            count(*), sum(e.input_tokens), sum(e.output_tokens), sum(e.cached_input_tokens),
            sum(e.reasoning_tokens), sum(e.total_tokens), sum(e.customer_charge_usd)
     FROM llm_usage_events AS e
-    {FAN_OUT}
+    {_FAN_OUT}
     WHERE $1::text[] IS NULL OR e.tenant_id = ANY($1::text[])
     GROUP BY e.tenant_id, v.dimension, (e.occurred_at AT TIME ZONE 'UTC')::date, v.key
     ON CONFLICT ON CONSTRAINT usage_daily_dimensions_key DO UPDATE SET
