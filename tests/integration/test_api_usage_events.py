@@ -41,7 +41,7 @@ def _events(tenant: str, count: int, rng: random.Random) -> list[dict[str, Any]]
     for number in range(count):
         event = usage_event(
             tenant,
-            gateway_request_id=f"req-{rng.randrange(10**6):06d}-{number}",
+            gateway_request_id=f"{unique('req')}-{rng.randrange(10**6):06d}-{number}",
             occurred_at=rng.choice(INSTANTS).isoformat().replace("+00:00", "Z"),
             customer_charge_usd=rng.choice(["0.0054", "0.50", "1.005", "0", "12.3456789"]),
             upstream_cost_usd=rng.choice([None, "0.0031"]),
@@ -280,7 +280,7 @@ async def test_the_page_plan_reads_the_identity_index_backwards_without_a_sort(
             )
             nodes = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
             kinds = {node["Node Type"] for node in nodes}
-            assert "Sort" not in kinds and "Incremental Sort" not in kinds, kinds
+            assert not kinds & {"Sort", "Incremental Sort"}, kinds
             scans = [node for node in nodes if "Scan" in node["Node Type"]]
             assert scans
             for scan in scans:
@@ -317,7 +317,8 @@ class _Rows(HTMLParser):
 
 
 async def _page(client: httpx.AsyncClient, url: str, **params: str) -> _Rows:
-    answer = await client.get(url, params=params)
+    # httpx replaces the address's own query with `params`, even an empty one.
+    answer = await client.get(url, params=params) if params else await client.get(url)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"].startswith("text/html")
     rows = _Rows()
@@ -329,34 +330,33 @@ async def test_the_page_shows_the_filtered_events_and_pages_both_ways(
     pool: asyncpg.Pool, tenant: str
 ) -> None:
     headers = bearer(token("tenant-member", tenant))
-    query = {"user_id": "user_id-a", "from": _utc(NOW - timedelta(days=40))}
+    query = {"user_id": "user_id-a", "from": _utc(NOW - timedelta(days=40)), "limit": "10"}
     async with api_client(pool, clock=lambda: NOW) as (client, _):
         client.cookies.update({"llm_usage_token": token("tenant-member", tenant)})
         items, _ = await _walk(client, tenant, headers, {**query, "limit": "1000"})
-        assert len(items) > 100  # more than one page of the page's 100
+        assert len(items) > 20  # more than two pages
         first = await _page(client, f"/ui/tenants/{tenant}/events", **query)
         assert first.filters == {"user_id": "user_id-a"}
         assert [row["data-id"] for row in first.events] == [
-            item["gateway_request_id"] for item in items[:100]
+            item["gateway_request_id"] for item in items[:10]
         ]
         assert [row["data-charge"] for row in first.events] == [
-            item["customer_charge_usd"] for item in items[:100]
+            item["customer_charge_usd"] for item in items[:10]
         ]
         assert [unescape(t) for t in first.titles] == [
-            f"{item['customer_charge_usd']} USD" for item in items[:100]
+            f"{item['customer_charge_usd']} USD" for item in items[:10]
         ]
         assert "newer" not in first.links
         assert first.links["back"] == f"/ui/tenants/{tenant}"
-        older = await _page(client, unescape(first.links["older"]))
+        older = await _page(client, first.links["older"])
         assert [row["data-id"] for row in older.events] == [
-            item["gateway_request_id"] for item in items[100:200]
+            item["gateway_request_id"] for item in items[10:20]
         ]
-        if len(items) <= 200:
-            assert "older" not in older.links
-        newer = await _page(client, unescape(older.links["newer"]))
+        assert "older" in older.links
+        newer = await _page(client, older.links["newer"])
         assert [row["data-id"] for row in newer.events] == [row["data-id"] for row in first.events]
         assert "newer" not in newer.links
-        everything = await _page(client, unescape(first.links["all"]))
+        everything = await _page(client, first.links["all"])
         assert everything.filters == {}
         bad = await client.get(f"/ui/tenants/{tenant}/events", params={"cursor": "%%%"})
         assert bad.status_code == 422

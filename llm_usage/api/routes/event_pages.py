@@ -9,7 +9,13 @@ from fastapi.responses import HTMLResponse
 
 from llm_usage.api import ui_events
 from llm_usage.api.context import Context
-from llm_usage.api.event_cursors import DEFAULT_LIMIT, encode_cursor, event_query, read_event_page
+from llm_usage.api.event_cursors import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    encode_cursor,
+    event_query,
+    read_event_page,
+)
 from llm_usage.api.guards import UI_TOKEN_COOKIE, PageMember, TenantId
 from llm_usage.api.http import ERRORS
 from llm_usage.api.params import rfc3339
@@ -30,9 +36,10 @@ def _given(value: str | None) -> str | None:
     response_class=HTMLResponse,
     summary="A page for people: the tenant's events, newest first, filtered, a page at a time",
     description=(
-        "HTML, from the same read as `GET /v1/tenants/{tenant_id}/usage/events`. Filters, range "
-        "and `cursor` as there; `before` is the page's own link back to newer events. The token "
-        f"comes as `Authorization: Bearer` or, from a browser, in the `{UI_TOKEN_COOKIE}` cookie."
+        "HTML, from the same read as `GET /v1/tenants/{tenant_id}/usage/events`. Filters, range, "
+        "`limit` and `cursor` as there; `before` is the page's own link back to newer events. "
+        "The token comes as `Authorization: Bearer` or, from a browser, in the "
+        f"`{UI_TOKEN_COOKIE}` cookie."
     ),
 )
 async def events_page(  # noqa: PLR0917 - FastAPI passes parameters by name
@@ -47,6 +54,7 @@ async def events_page(  # noqa: PLR0917 - FastAPI passes parameters by name
     to: Text = None,
     cursor: Text = None,
     before: Text = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="events a page")] = DEFAULT_LIMIT,
 ) -> HTMLResponse:
     filters = {
         "user_id": _given(user_id),
@@ -59,7 +67,7 @@ async def events_page(  # noqa: PLR0917 - FastAPI passes parameters by name
         from_text=_given(from_),
         to_text=_given(to),
         filters=filters,
-        limit=DEFAULT_LIMIT,
+        limit=limit,
         cursor=_given(cursor),
         before=_given(before),
     )
@@ -68,6 +76,8 @@ async def events_page(  # noqa: PLR0917 - FastAPI passes parameters by name
     # The links keep the range fixed, so that paging back and forth sees the same events even
     # while new ones arrive (`to` defaults to now).
     kept = {**filters, "from": rfc3339(query.start), "to": rfc3339(query.end)}
+    if limit != DEFAULT_LIMIT:
+        kept["limit"] = str(limit)
     reading_newer = query.before is not None
     newer_exist = page.more if reading_newer else query.after is not None
     older_exist = query.before is not None or page.more
