@@ -79,18 +79,36 @@ def _position(event: StoredUsageEvent) -> EventPosition:
 
 
 def page_query(filters: tuple[str, ...], *, bound: str | None) -> str:
-    """The page's SQL: $1 tenant, $2 start, $3 end, $4 limit, then the position's two values
-    when `bound` is "after" (older rows, newest first) or "before" (newer rows, oldest first),
-    then one value per filter column (names only from FILTER_COLUMNS)."""
-    conditions = ["tenant_id = $1", "occurred_at >= $2", "occurred_at < $3"]
-    order = "DESC"
-    number = 5
-    if bound is not None:
-        # A row comparison the btree takes as one bound on (occurred_at, gateway_request_id).
-        comparison = {"after": "<", "before": ">"}[bound]
-        conditions.append(f"(occurred_at, gateway_request_id) {comparison} ($5, $6)")
-        order = "DESC" if bound == "after" else "ASC"
-        number = 7
+    """The page's SQL: $1 tenant, $2 start, $3 end, $4 limit, then for a `bound` of "after"
+    (older rows, newest first) or "before" (newer rows, oldest first) the position's id as $5,
+    then one value per filter column (names only from FILTER_COLUMNS).
+
+    With a bound, the range's edge on that side is folded into the position (see `_bounds`)
+    and the position's time passed as that edge. The scalar `occurred_at <= $3` (or `>= $2`)
+    beside the row comparison is implied by it, and there for two reasons: it prunes the
+    partitions beyond the position (without it the planner may sort every month ahead of it),
+    and it is the key the btree starts from, so a page deep in the range starts among the ties
+    of its position instead of walking every newer entry (PostgreSQL 15 starts from a scalar
+    `occurred_at < end` over the row comparison, which cost a page 6,533 buffers 295,000
+    events deep instead of 106).
+    """
+    conditions = ["tenant_id = $1"]
+    if bound == "after":
+        conditions += [
+            "occurred_at >= $2",
+            "occurred_at <= $3",
+            "(occurred_at, gateway_request_id) < ($3, $5)",
+        ]
+    elif bound == "before":
+        conditions += [
+            "occurred_at >= $2",
+            "(occurred_at, gateway_request_id) > ($2, $5)",
+            "occurred_at < $3",
+        ]
+    else:
+        conditions += ["occurred_at >= $2", "occurred_at < $3"]
+    order = "ASC" if bound == "before" else "DESC"
+    number = 5 if bound is None else 6
     for column in filters:
         if column not in FILTER_COLUMNS:
             raise ValueError(f"cannot filter events by {column!r}")
@@ -100,6 +118,45 @@ def page_query(filters: tuple[str, ...], *, bound: str | None) -> str:
         f"SELECT {_SELECTED} FROM llm_usage_events WHERE {' AND '.join(conditions)} "
         f"ORDER BY occurred_at {order}, gateway_request_id {order} LIMIT $4"
     )
+
+
+def _bounds(
+    start: datetime, end: datetime, *, after: EventPosition | None, before: EventPosition | None
+) -> tuple[datetime, datetime, tuple[str, ...]]:
+    """$2, $3 and the position's id for `page_query`. An id is never empty, so
+    `occurred_at < end` is `(occurred_at, id) < (end, '')` and `occurred_at >= start` is
+    `(occurred_at, id) > (start, '')`: the tighter of the edge and the position is one row bound."""
+    if after is not None:
+        if after.occurred_at < end:
+            return start, after.occurred_at, (after.gateway_request_id,)
+        return start, end, ("",)
+    if before is not None:
+        if before.occurred_at >= start:
+            return before.occurred_at, end, (before.gateway_request_id,)
+        return start, end, ("",)
+    return start, end, ()
+
+
+def page_statement(
+    tenant_id: str,
+    *,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    after: EventPosition | None = None,
+    before: EventPosition | None = None,
+    filters: dict[str, str] | None = None,
+) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of `usage_event_page` (one row more than `limit`)."""
+    if after is not None and before is not None:
+        raise ValueError("a page is read after a position or before one, not both")
+    chosen = {column: value for column, value in (filters or {}).items() if value is not None}
+    columns = tuple(sorted(chosen))
+    bound = "after" if after is not None else "before" if before is not None else None
+    lower, upper, position_id = _bounds(start, end, after=after, before=before)
+    # One row more than asked for says whether there is more beyond the page.
+    arguments = (tenant_id, lower, upper, limit + 1, *position_id, *(chosen[c] for c in columns))
+    return page_query(columns, bound=bound), arguments
 
 
 async def usage_event_page(
@@ -116,24 +173,11 @@ async def usage_event_page(
     """At most `limit` of the tenant's events with start <= occurred_at < end, matching every
     filter (column -> value), newest first: the newest ones strictly older than `after`, or the
     oldest ones strictly newer than `before` (the page before a page), or the newest of all."""
-    if after is not None and before is not None:
-        raise ValueError("a page is read after a position or before one, not both")
-    chosen = {column: value for column, value in (filters or {}).items() if value is not None}
-    columns = tuple(sorted(chosen))
-    position = after or before
-    bound = None if position is None else ("after" if after is not None else "before")
-    values = () if position is None else (position.occurred_at, position.gateway_request_id)
-    # One row more than asked for says whether there is more beyond the page.
-    rows = await connection.fetch(
-        page_query(columns, bound=bound),
-        tenant_id,
-        start,
-        end,
-        limit + 1,
-        *values,
-        *(chosen[c] for c in columns),
+    query, arguments = page_statement(
+        tenant_id, start=start, end=end, limit=limit, after=after, before=before, filters=filters
     )
+    rows = await connection.fetch(query, *arguments)
     items = [StoredUsageEvent(**dict(row)) for row in rows[:limit]]
-    if bound == "before":
+    if before is not None:
         items.reverse()
     return UsageEventPage(items=items, more=len(rows) > limit)
