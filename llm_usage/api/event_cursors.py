@@ -12,18 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
 from llm_usage.api.params import invalid, parse_instant, rfc3339, time_range
-from llm_usage.storage.pool import Connection
-from llm_usage.storage.usage_event_pages import (
-    FILTER_COLUMNS,
-    EventPosition,
-    UsageEventPage,
-    usage_event_page,
-)
+from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition
 
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
@@ -57,18 +50,6 @@ def decode_cursor(cursor: str, name: str = "cursor") -> EventPosition:
         ) from None
 
 
-@dataclass(frozen=True, slots=True)
-class EventQuery:
-    """What one page of the drill-down asks for, parsed and checked."""
-
-    start: datetime
-    end: datetime
-    filters: dict[str, str]
-    limit: int
-    after: EventPosition | None
-    before: EventPosition | None = None
-
-
 def event_query(
     *,
     now: datetime,
@@ -78,29 +59,14 @@ def event_query(
     limit: int,
     cursor: str | None,
     before: str | None = None,
-) -> EventQuery:
+) -> EventPageRequest:
     """The page the query string asks for; a malformed parameter is a 422 naming it. `before`
     (the page's own way back to newer events) wins over `cursor`."""
     start, end = time_range(from_text, to_text, now=now)
     chosen = {column: value for column, value in filters.items() if value is not None}
-    if not set(chosen) <= set(FILTER_COLUMNS):
-        raise ValueError(f"cannot filter events by {sorted(set(chosen) - set(FILTER_COLUMNS))}")
     if before is not None:
-        return EventQuery(start, end, chosen, limit, None, decode_cursor(before, "before"))
+        return EventPageRequest(
+            start, end, limit, before=decode_cursor(before, "before"), filters=chosen
+        )
     after = None if cursor is None else decode_cursor(cursor)
-    return EventQuery(start=start, end=end, filters=chosen, limit=limit, after=after)
-
-
-async def read_event_page(
-    connection: Connection, tenant_id: str, query: EventQuery
-) -> UsageEventPage:
-    return await usage_event_page(
-        connection,
-        tenant_id,
-        start=query.start,
-        end=query.end,
-        limit=query.limit,
-        after=query.after,
-        before=query.before,
-        filters=query.filters,
-    )
+    return EventPageRequest(start, end, limit, after=after, filters=chosen)

@@ -8,7 +8,7 @@ after the last row of this one, so rows that share an `occurred_at` are neither 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Final
@@ -46,7 +46,7 @@ class StoredUsageEvent:
     received_at: datetime
 
 
-_SELECTED: Final = ", ".join(field.name for field in fields(StoredUsageEvent))
+_SELECTED: Final = ", ".join(column.name for column in fields(StoredUsageEvent))
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,47 +137,52 @@ def _bounds(
     return start, end, ()
 
 
-def page_statement(
-    tenant_id: str,
-    *,
-    start: datetime,
-    end: datetime,
-    limit: int,
-    after: EventPosition | None = None,
-    before: EventPosition | None = None,
-    filters: dict[str, str] | None = None,
-) -> tuple[str, tuple[object, ...]]:
-    """The SQL and arguments of `usage_event_page` (one row more than `limit`)."""
-    if after is not None and before is not None:
-        raise ValueError("a page is read after a position or before one, not both")
-    chosen = {column: value for column, value in (filters or {}).items() if value is not None}
-    columns = tuple(sorted(chosen))
+@dataclass(frozen=True, slots=True)
+class EventPageRequest:
+    """A page: the tenant's events with start <= occurred_at < end matching every filter
+    (column -> value), newest first, at most `limit` of them: the newest ones strictly older than
+    `after`, or the oldest ones strictly newer than `before` (the page before a page), or the
+    newest of all."""
+
+    start: datetime
+    end: datetime
+    limit: int
+    after: EventPosition | None = None
+    before: EventPosition | None = None
+    filters: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.after is not None and self.before is not None:
+            raise ValueError("a page is read after a position or before one, not both")
+        if not set(self.filters) <= set(FILTER_COLUMNS):
+            raise ValueError(f"cannot filter events by {sorted(self.filters)}")
+
+
+def page_statement(tenant_id: str, request: EventPageRequest) -> tuple[str, tuple[object, ...]]:
+    """The SQL and arguments of `usage_event_page` (one row more than the limit)."""
+    columns = tuple(sorted(request.filters))
+    after, before = request.after, request.before
     bound = "after" if after is not None else "before" if before is not None else None
-    lower, upper, position_id = _bounds(start, end, after=after, before=before)
+    lower, upper, position_id = _bounds(request.start, request.end, after=after, before=before)
     # One row more than asked for says whether there is more beyond the page.
-    arguments = (tenant_id, lower, upper, limit + 1, *position_id, *(chosen[c] for c in columns))
+    arguments = (
+        tenant_id,
+        lower,
+        upper,
+        request.limit + 1,
+        *position_id,
+        *(request.filters[c] for c in columns),
+    )
     return page_query(columns, bound=bound), arguments
 
 
 async def usage_event_page(
-    connection: Connection,
-    tenant_id: str,
-    *,
-    start: datetime,
-    end: datetime,
-    limit: int,
-    after: EventPosition | None = None,
-    before: EventPosition | None = None,
-    filters: dict[str, str] | None = None,
+    connection: Connection, tenant_id: str, request: EventPageRequest
 ) -> UsageEventPage:
-    """At most `limit` of the tenant's events with start <= occurred_at < end, matching every
-    filter (column -> value), newest first: the newest ones strictly older than `after`, or the
-    oldest ones strictly newer than `before` (the page before a page), or the newest of all."""
-    query, arguments = page_statement(
-        tenant_id, start=start, end=end, limit=limit, after=after, before=before, filters=filters
-    )
+    """The page `request` asks for of the tenant's events."""
+    query, arguments = page_statement(tenant_id, request)
     rows = await connection.fetch(query, *arguments)
-    items = [StoredUsageEvent(**dict(row)) for row in rows[:limit]]
-    if before is not None:
+    items = [StoredUsageEvent(**dict(row)) for row in rows[: request.limit]]
+    if request.before is not None:
         items.reverse()
-    return UsageEventPage(items=items, more=len(rows) > limit)
+    return UsageEventPage(items=items, more=len(rows) > request.limit)

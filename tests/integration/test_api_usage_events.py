@@ -25,7 +25,7 @@ from llm_usage.api.event_cursors import encode_cursor
 from llm_usage.api.ui_events import display_usd
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.money import canonical_decimal
-from llm_usage.storage.usage_event_pages import EventPosition, page_statement
+from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition, page_statement
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.integration.test_api_reports import NOW
@@ -280,7 +280,7 @@ async def test_the_page_plan_reads_the_identity_index_backwards_without_a_sort(
             ("deep, filtered", deep, {"user_id": "u-1"}),
         ]:
             query, arguments = page_statement(
-                tenant, start=start, end=NOW, limit=10, after=position, filters=filters
+                tenant, EventPageRequest(start, NOW, 10, after=position, filters=filters)
             )
             plan = await connection.fetchval(
                 f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}", *arguments

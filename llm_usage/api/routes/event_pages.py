@@ -14,12 +14,12 @@ from llm_usage.api.event_cursors import (
     MAX_LIMIT,
     encode_cursor,
     event_query,
-    read_event_page,
 )
 from llm_usage.api.guards import UI_TOKEN_COOKIE, PageMember, TenantId
 from llm_usage.api.http import ERRORS
 from llm_usage.api.params import rfc3339
 from llm_usage.storage.pool import connection_from
+from llm_usage.storage.usage_event_pages import usage_event_page
 
 router = APIRouter(tags=["ui"], responses=ERRORS)
 
@@ -72,7 +72,7 @@ async def events_page(  # noqa: PLR0917 - FastAPI passes parameters by name
         before=_given(before),
     )
     async with connection_from(context.pool) as connection:
-        page = await read_event_page(connection, tenant_id, query)
+        page = await usage_event_page(connection, tenant_id, query)
     # The links keep the range fixed, so that paging back and forth sees the same events even
     # while new ones arrive (`to` defaults to now).
     kept = {**filters, "from": rfc3339(query.start), "to": rfc3339(query.end)}

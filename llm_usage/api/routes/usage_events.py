@@ -12,13 +12,13 @@ from llm_usage.api.event_cursors import (
     MAX_LIMIT,
     encode_cursor,
     event_query,
-    read_event_page,
 )
 from llm_usage.api.event_models import UsageEventsAnswer
 from llm_usage.api.guards import Member, TenantId
 from llm_usage.api.http import ERRORS
 from llm_usage.api.routes.usage import From, To
 from llm_usage.storage.pool import connection_from
+from llm_usage.storage.usage_event_pages import usage_event_page
 
 router = APIRouter(prefix="/v1/tenants/{tenant_id}/usage", tags=["usage"], responses=ERRORS)
 
@@ -67,7 +67,7 @@ async def usage_events(  # noqa: PLR0917 - FastAPI passes parameters by name
         cursor=cursor,
     )
     async with connection_from(context.pool) as connection:
-        page = await read_event_page(connection, tenant_id, query)
+        page = await usage_event_page(connection, tenant_id, query)
     return UsageEventsAnswer(
         items=page.items,
         next_cursor=encode_cursor(page.last) if page.more and page.last else None,
