@@ -1,16 +1,17 @@
-"""`llm-usage demo` (`make run`): local services, a short realistic stream through the real
-consumer, a summary."""
+"""`llm-usage demo` (`make run`): local services, budget policies, a short realistic stream
+through the usage and budget consumers, the alerts they raise, the month's invoice lines, and the
+tenant's page."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
-import subprocess
 import sys
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -19,33 +20,180 @@ from tqdm import tqdm
 from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.periods import current_period
 from llm_usage.kafka.clients import client_options, new_producer, start_client
+from llm_usage.local.demo_budgets import AlertWatch, demo_policies, set_demo_policies
+from llm_usage.local.demo_results import (
+    DEFAULT_DEMO_PORT,
+    dollars,
+    invoice_lines,
+    page_url,
+    print_how_to_serve,
+    print_invoice_lines,
+    print_page_access,
+    serving_settings,
+)
+from llm_usage.local.dev_token import dev_api_secret, dev_token
 from llm_usage.local.run import prepare, settings_for_local_run
-from llm_usage.local.sample_events import sample_stream
+from llm_usage.local.sample_events import DEMO_TENANTS, SampleTenant, sample_stream
 from llm_usage.storage.pool import create_pool
 
 DEMO_EVENTS = 600
 DEMO_DUP_RATE = 0.05
+IDLE_SECONDS = "3"
+_SPREAD_SECONDS = 3600
 
 
-def run_demo() -> None:
-    """Publish a short stream (duplicates, one malformed event) to local or configured services,
-    run the usage consumer until idle, and print what landed per tenant."""
+def _heading(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def run_demo(*, serve: bool = False) -> None:
+    """Set two budget policies, publish a short stream (duplicates, one malformed event) to
+    local or configured services, run the usage and budget consumers until idle while printing
+    the alerts, run the month's rollup and print how to open the tenant's page; with `serve`,
+    then serve the API until SIGINT/SIGTERM."""
     settings = settings_for_local_run()
     asyncio.run(prepare(settings))
     run_id = uuid.uuid4().hex[:8]
+    # This run's own tenants: its budgets and invoice lines are its stream's alone, however
+    # many demos ran before in the same month.
+    tenants = tuple(
+        SampleTenant(f"{tenant.tenant_id}-{run_id}", tenant.deployments) for tenant in DEMO_TENANTS
+    )
+    now = worker_clock()()
+    since_midnight = int(
+        (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    )
     records = sample_stream(
         random.Random(run_id),
         count=DEMO_EVENTS,
         dup_rate=DEMO_DUP_RATE,
         id_prefix=f"demo-{run_id}",
-        now=worker_clock()(),
+        now=now,
+        tenants=tenants,
+        # Within today (UTC), so that the daily and monthly budgets and the month's lines all
+        # see the whole stream.
+        spread_seconds=min(_SPREAD_SECONDS, since_midnight),
     )
-    # One malformed event: cut-off JSON, as a crashing producer might leave it.
-    malformed = (b"acme", f'{{"gateway_request_id": "demo-{run_id}-broken", "tenant_'.encode())
-    asyncio.run(_publish(settings, [(key, value) for key, value, _ in records], malformed))
+    events = list({event["gateway_request_id"]: event for _, _, event in records}.values())
+    names = [tenant.tenant_id for tenant in tenants]
 
-    print("\nRunning the usage consumer (`llm-usage consume usage --exit-when-idle 3`)...")
+    _heading("Budget policies (as `llm-usage policy set` sets them)")
+    policies = demo_policies(events, monthly_tenant=names[0], daily_tenant=names[1])
+    asyncio.run(set_demo_policies(settings, policies))
+
+    _heading(f"Publishing demo run {run_id}: {DEMO_EVENTS} events to {settings.usage_topic}")
+    # One malformed event: cut-off JSON, as a crashing producer might leave it.
+    malformed = (
+        names[0].encode(),
+        f'{{"gateway_request_id": "demo-{run_id}-broken", "tenant_'.encode(),
+    )
+    alerts = asyncio.run(
+        _publish_and_consume(
+            settings,
+            [(key, value) for key, value, _ in records],
+            malformed,
+            tenants=set(names),
+            expected_alerts=2 * len(policies),
+        )
+    )
+
+    _heading(f"What landed in llm_usage_events (demo run {run_id})")
+    published = Counter(event["tenant_id"] for _, _, event in records)
+    asyncio.run(_summarise(settings, run_id, published))
+
+    period = current_period(now)
+    _heading(f"Invoice lines for {period} (`llm-usage rollup run --period {period}`: a preview)")
+    lines = asyncio.run(invoice_lines(settings, period=period, tenants=names))
+    print_invoice_lines(lines, _exact_by_line(events))
+    print(
+        f"  {len(alerts)} alerts, {len(lines)} invoice lines; each amount is its line's exact "
+        "sum, rounded once, half up"
+    )
+
+    secret = dev_api_secret(settings)
+    secret_from_env = settings.api_jwt_secret is not None
+    token = dev_token(secret, audience=settings.api_jwt_audience, tenant_id=names[0])
+    if serve:
+        _serve_page(
+            serving_settings(settings, secret),
+            token,
+            tenant=names[0],
+            secret_from_env=secret_from_env,
+        )
+        return
+    port = settings.api_port or DEFAULT_DEMO_PORT
+    _heading(f"The page of {names[0]}")
+    print_page_access(
+        token, page_url(port, names[0]), tenant=names[0], secret_from_env=secret_from_env
+    )
+    print_how_to_serve(port, secret_from_env=secret_from_env)
+    print(
+        "\nTo keep the consumers running:\n"
+        '  eval "$(.venv/bin/llm-usage dev env)"\n'
+        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
+        "  .venv/bin/llm-usage consume budget\n"
+        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
+    )
+
+
+def _exact_by_line(events: list[dict[str, Any]]) -> dict[tuple[str, str | None], Decimal]:
+    """The exact sum of the stream's charges per invoice line: (tenant, deployment)."""
+    exact: dict[tuple[str, str | None], Decimal] = defaultdict(Decimal)
+    for event in events:
+        exact[event["tenant_id"], event["deployment_id"]] += Decimal(event["customer_charge_usd"])
+    return exact
+
+
+def _serve_page(settings: Settings, token: str, *, tenant: str, secret_from_env: bool) -> None:
+    from llm_usage.api.server import serve_api  # noqa: PLC0415 - the web stack, when asked for
+
+    def listening(_host: str, port: int) -> None:
+        _heading(f"The page of {tenant}")
+        print_page_access(
+            token, page_url(port, tenant), tenant=tenant, secret_from_env=secret_from_env
+        )
+        print("  Serving the API here until Ctrl-C.", flush=True)
+
+    asyncio.run(serve_api(settings, on_listening=listening))
+    print("Stopped serving the API.")
+
+
+async def _publish_and_consume(
+    settings: Settings,
+    records: list[tuple[bytes, bytes]],
+    malformed: tuple[bytes, bytes],
+    *,
+    tenants: set[str],
+    expected_alerts: int,
+) -> list[dict[str, Any]]:
+    """Publish, then run both consumers until idle, printing the alerts as they arrive."""
+    watch = AlertWatch(settings, tenants)
+    await watch.start()
+    await _publish(settings, records, malformed)
+    _heading(
+        f"Running the usage and budget consumers (`llm-usage consume usage|budget "
+        f"--exit-when-idle {IDLE_SECONDS}`); alerts as they reach {settings.alerts_topic}:"
+    )
+    consumers_done = asyncio.Event()
+    watching = asyncio.create_task(
+        watch.run(expected=expected_alerts, consumers_done=consumers_done)
+    )
+    try:
+        codes = await asyncio.gather(*(_consume(settings, name) for name in ("usage", "budget")))
+    finally:
+        consumers_done.set()
+        await watching
+    for code in codes:
+        if code != 0:
+            raise SystemExit(code)
+    if len(watch.alerts) < expected_alerts:
+        print(f"  ({expected_alerts - len(watch.alerts)} alerts had not reached the topic yet)")
+    return watch.alerts
+
+
+async def _consume(settings: Settings, consumer: str) -> int:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -54,22 +202,18 @@ def run_demo() -> None:
         "LOG_FORMAT": "console",
         "LOG_LEVEL": "WARNING",
     }
-    finished = subprocess.run(
-        [sys.executable, "-m", "llm_usage", "consume", "usage", "--exit-when-idle", "3"],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llm_usage",
+        "consume",
+        consumer,
+        "--exit-when-idle",
+        IDLE_SECONDS,
         env=env,
-        check=False,
+        stdin=asyncio.subprocess.DEVNULL,
     )
-    if finished.returncode != 0:
-        raise SystemExit(finished.returncode)
-
-    published = Counter(event["tenant_id"] for _, _, event in records)
-    asyncio.run(_summarise(settings, run_id, published))
-    print(
-        "\nTo keep a consumer running:\n"
-        '  eval "$(.venv/bin/llm-usage dev env)"\n'
-        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
-        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
-    )
+    return await process.wait()
 
 
 async def _publish(
@@ -104,17 +248,16 @@ async def _summarise(settings: Settings, run_id: str, published: Counter[str]) -
     dead = await _dead_lettered_by_tenant(settings, run_id)
     stored: dict[str, asyncpg.Record] = {row["tenant_id"]: row for row in rows}
 
-    print(f"\nWhat landed in llm_usage_events for demo run {run_id}:")
-    header = f"{'tenant':<10}{'published':>10}{'stored':>8}{'dups dropped':>14}"
+    header = f"  {'tenant':<18}{'published':>10}{'stored':>8}{'dups dropped':>14}"
     print(f"{header}{'dead-lettered':>15}{'charge (exact USD)':>24}{'billed':>11}")
     for tenant in sorted(set(published) | set(stored) | set(dead)):
         row = stored.get(tenant)
         events = int(row["events"]) if row else 0
         charge = Decimal(row["charge"]) if row else Decimal(0)
         duplicates = published[tenant] - events
-        billed = f"${Decimal(usd_to_cents(charge)).scaleb(-2):,.2f}"  # rounded once, half up
+        billed = dollars(usd_to_cents(charge))  # rounded once, half up
         print(
-            f"{tenant:<10}{published[tenant]:>10}{events:>8}{duplicates:>14}"
+            f"  {tenant:<18}{published[tenant]:>10}{events:>8}{duplicates:>14}"
             f"{dead.get(tenant, 0):>15}{charge:>24}{billed:>11}"
         )
 
