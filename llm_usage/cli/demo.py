@@ -1,4 +1,5 @@
-"""`llm-usage demo`: what `make run` runs (the demo itself is `llm_usage/local/demo.py`)."""
+"""`llm-usage demo`: what `make run` runs (the stream and the consumers are
+`llm_usage/local/demo.py`; the invoice lines and the page, `llm_usage/cli/demo_page.py`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ def add_parser(commands: Commands) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> None:
-    from llm_usage.local.demo import run_demo  # noqa: PLC0415 - its stack, when it runs
+    # Their stacks, when it runs.
+    from llm_usage.cli.demo_page import show_invoice_lines, show_page  # noqa: PLC0415
+    from llm_usage.local.demo import print_next_steps, run_demo  # noqa: PLC0415
 
-    run_demo(serve=args.open)
+    run = run_demo()
+    show_invoice_lines(run)
+    show_page(run, serve=args.open)
+    if not args.open:
+        print_next_steps()

@@ -10,6 +10,8 @@ import random
 import sys
 import uuid
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -20,20 +22,8 @@ from tqdm import tqdm
 from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
-from llm_usage.domain.periods import current_period
 from llm_usage.kafka.clients import client_options, new_producer, start_client
 from llm_usage.local.demo_budgets import AlertWatch, demo_policies, set_demo_policies
-from llm_usage.local.demo_results import (
-    DEFAULT_DEMO_PORT,
-    dollars,
-    invoice_lines,
-    page_url,
-    print_how_to_serve,
-    print_invoice_lines,
-    print_page_access,
-    serving_settings,
-)
-from llm_usage.local.dev_token import dev_api_secret, dev_token
 from llm_usage.local.run import prepare, settings_for_local_run
 from llm_usage.local.sample_events import DEMO_TENANTS, SampleTenant, sample_stream
 from llm_usage.storage.pool import create_pool
@@ -44,15 +34,50 @@ IDLE_SECONDS = "3"
 _SPREAD_SECONDS = 3600
 
 
-def _heading(title: str) -> None:
+@dataclass(frozen=True)
+class DemoRun:
+    """One demo run: its settings, tenants (the first holds the monthly policy), clock reading,
+    distinct events and the alerts printed."""
+
+    settings: Settings
+    tenants: list[str]
+    now: datetime
+    events: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+
+    def exact_by_line(self) -> dict[tuple[str, str | None], Decimal]:
+        """The exact sum of the stream's charges per invoice line: (tenant, deployment)."""
+        exact: dict[tuple[str, str | None], Decimal] = defaultdict(Decimal)
+        for event in self.events:
+            exact[event["tenant_id"], event["deployment_id"]] += Decimal(
+                event["customer_charge_usd"]
+            )
+        return exact
+
+
+def print_next_steps() -> None:
+    print(
+        "\nTo keep the consumers running:\n"
+        '  eval "$(.venv/bin/llm-usage dev env)"\n'
+        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
+        "  .venv/bin/llm-usage consume budget\n"
+        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
+    )
+
+
+def heading(title: str) -> None:
     print(f"\n== {title} ==", flush=True)
 
 
-def run_demo(*, serve: bool = False) -> None:
+def dollars(cents: int) -> str:
+    """`$1,234.57` for 123457 cents."""
+    return f"${Decimal(cents).scaleb(-2):,.2f}"
+
+
+def run_demo() -> DemoRun:
     """Set two budget policies, publish a short stream (duplicates, one malformed event) to
     local or configured services, run the usage and budget consumers until idle while printing
-    the alerts, run the month's rollup and print how to open the tenant's page; with `serve`,
-    then serve the API until SIGINT/SIGTERM."""
+    the alerts, and print what landed per tenant; return what the run was, for what follows."""
     settings = settings_for_local_run()
     asyncio.run(prepare(settings))
     run_id = uuid.uuid4().hex[:8]
@@ -79,11 +104,11 @@ def run_demo(*, serve: bool = False) -> None:
     events = list({event["gateway_request_id"]: event for _, _, event in records}.values())
     names = [tenant.tenant_id for tenant in tenants]
 
-    _heading("Budget policies (as `llm-usage policy set` sets them)")
+    heading("Budget policies (as `llm-usage policy set` sets them)")
     policies = demo_policies(events, monthly_tenant=names[0], daily_tenant=names[1])
     asyncio.run(set_demo_policies(settings, policies))
 
-    _heading(f"Publishing demo run {run_id}: {DEMO_EVENTS} events to {settings.usage_topic}")
+    heading(f"Publishing demo run {run_id}: {DEMO_EVENTS} events to {settings.usage_topic}")
     # One malformed event: cut-off JSON, as a crashing producer might leave it.
     malformed = (
         names[0].encode(),
@@ -99,65 +124,11 @@ def run_demo(*, serve: bool = False) -> None:
         )
     )
 
-    _heading(f"What landed in llm_usage_events (demo run {run_id})")
+    heading(f"What landed in llm_usage_events (demo run {run_id})")
     published = Counter(event["tenant_id"] for _, _, event in records)
     asyncio.run(_summarise(settings, run_id, published))
 
-    period = current_period(now)
-    _heading(f"Invoice lines for {period} (`llm-usage rollup run --period {period}`: a preview)")
-    lines = asyncio.run(invoice_lines(settings, period=period, tenants=names))
-    print_invoice_lines(lines, _exact_by_line(events))
-    print(
-        f"  {len(alerts)} alerts, {len(lines)} invoice lines; each amount is its line's exact "
-        "sum, rounded once, half up"
-    )
-
-    secret = dev_api_secret(settings)
-    secret_from_env = settings.api_jwt_secret is not None
-    token = dev_token(secret, audience=settings.api_jwt_audience, tenant_id=names[0])
-    if serve:
-        _serve_page(
-            serving_settings(settings, secret),
-            token,
-            tenant=names[0],
-            secret_from_env=secret_from_env,
-        )
-        return
-    port = settings.api_port or DEFAULT_DEMO_PORT
-    _heading(f"The page of {names[0]}")
-    print_page_access(
-        token, page_url(port, names[0]), tenant=names[0], secret_from_env=secret_from_env
-    )
-    print_how_to_serve(port, secret_from_env=secret_from_env)
-    print(
-        "\nTo keep the consumers running:\n"
-        '  eval "$(.venv/bin/llm-usage dev env)"\n'
-        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
-        "  .venv/bin/llm-usage consume budget\n"
-        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
-    )
-
-
-def _exact_by_line(events: list[dict[str, Any]]) -> dict[tuple[str, str | None], Decimal]:
-    """The exact sum of the stream's charges per invoice line: (tenant, deployment)."""
-    exact: dict[tuple[str, str | None], Decimal] = defaultdict(Decimal)
-    for event in events:
-        exact[event["tenant_id"], event["deployment_id"]] += Decimal(event["customer_charge_usd"])
-    return exact
-
-
-def _serve_page(settings: Settings, token: str, *, tenant: str, secret_from_env: bool) -> None:
-    from llm_usage.api.server import serve_api  # noqa: PLC0415 - the web stack, when asked for
-
-    def listening(_host: str, port: int) -> None:
-        _heading(f"The page of {tenant}")
-        print_page_access(
-            token, page_url(port, tenant), tenant=tenant, secret_from_env=secret_from_env
-        )
-        print("  Serving the API here until Ctrl-C.", flush=True)
-
-    asyncio.run(serve_api(settings, on_listening=listening))
-    print("Stopped serving the API.")
+    return DemoRun(settings=settings, tenants=names, now=now, events=events, alerts=alerts)
 
 
 async def _publish_and_consume(
@@ -172,7 +143,7 @@ async def _publish_and_consume(
     watch = AlertWatch(settings, tenants)
     await watch.start()
     await _publish(settings, records, malformed)
-    _heading(
+    heading(
         f"Running the usage and budget consumers (`llm-usage consume usage|budget "
         f"--exit-when-idle {IDLE_SECONDS}`); alerts as they reach {settings.alerts_topic}:"
     )

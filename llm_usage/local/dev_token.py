@@ -1,22 +1,16 @@
-"""Development tokens for the local API: the HS256 secret a local `serve api` checks them with,
-kept in the state directory so a token printed by one command works with a server started by
-another."""
+"""The HS256 secret a local `serve api` checks development tokens with, kept in the state
+directory so that a token printed by one command works with a server started by another."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import time
 from pathlib import Path
 
-import jwt
-
-from llm_usage.api.auth import SECRET_ALGORITHM, Role
 from llm_usage.core.settings import Settings
 from llm_usage.local.paths import state_dir
 
 SECRET_FILE = "api-jwt-secret"  # noqa: S105 - a file name
-DEV_TOKEN_HOURS = 24
 
 
 def dev_secret_path() -> Path:
@@ -36,22 +30,3 @@ def dev_api_secret(settings: Settings) -> str:
         secret = secrets.token_hex(32)
         handle.write(secret + "\n")
     return secret
-
-
-def dev_token(
-    secret: str,
-    *,
-    audience: str,
-    tenant_id: str,
-    role: Role = Role.TENANT_ADMIN,
-    hours: int = DEV_TOKEN_HOURS,
-) -> str:
-    """A token for `tenant_id`, valid for `hours`, signed with `secret`."""
-    claims = {
-        "aud": audience,
-        "exp": int(time.time()) + hours * 3600,
-        "sub": "demo@localhost",
-        "role": role.value,
-        "tenant_id": tenant_id,
-    }
-    return jwt.encode(claims, secret, algorithm=SECRET_ALGORITHM)
