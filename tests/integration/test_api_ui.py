@@ -126,3 +126,31 @@ async def test_a_browser_may_send_the_token_as_a_cookie_to_the_page_only(
         assert (await client.get(f"/v1/tenants/{tenant}/budgets")).status_code == 401
         client.cookies.clear()
         assert (await client.get(f"/ui/tenants/{tenant}")).status_code == 401
+
+
+async def test_a_sign_in_link_keeps_a_valid_token_in_the_cookie_and_drops_it_from_the_address(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    valid = token("tenant-member", tenant)
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        signed_in = await client.get(f"/ui/tenants/{tenant}", params={"token": valid})
+        assert signed_in.status_code == 303
+        assert signed_in.headers["location"] == f"/ui/tenants/{tenant}"
+        set_cookie = signed_in.headers["set-cookie"]
+        assert set_cookie.startswith(f"llm_usage_token={valid};")
+        assert "HttpOnly" in set_cookie
+        assert "Path=/ui" in set_cookie
+        assert (await client.get(f"/ui/tenants/{tenant}")).status_code == 200
+        client.cookies.clear()
+        forged = await client.get(f"/ui/tenants/{tenant}", params={"token": valid + "x"})
+        assert forged.status_code == 401
+        assert "set-cookie" not in forged.headers
+        foreign = await client.get(f"/ui/tenants/{unique('tenant')}", params={"token": valid})
+        assert foreign.status_code == 403
+        # With a header, the header is the one checked: an unchecked link token is never kept.
+        both = await client.get(
+            f"/ui/tenants/{tenant}", params={"token": "unchecked"}, headers=bearer(valid)
+        )
+        assert both.status_code == 200
+        assert "set-cookie" not in both.headers

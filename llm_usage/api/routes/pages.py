@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import HTMLResponse
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from llm_usage.api import ui
 from llm_usage.api.context import Context
-from llm_usage.api.guards import UI_TOKEN_COOKIE, PageMember, TenantId
+from llm_usage.api.guards import UI_TOKEN_COOKIE, UI_TOKEN_PARAMETER, PageMember, TenantId
 from llm_usage.api.http import ERRORS
 from llm_usage.storage import usage_reports
 from llm_usage.storage.budget_status import tenant_budget_status
@@ -23,10 +25,37 @@ router = APIRouter(tags=["ui"], responses=ERRORS)
     summary="A page for people: budgets, the last 30 days, top models and users",
     description=(
         "HTML. The token comes as `Authorization: Bearer` or, from a browser, in the "
-        f"`{UI_TOKEN_COOKIE}` cookie."
+        f"`{UI_TOKEN_COOKIE}` cookie. A link with `?{UI_TOKEN_PARAMETER}=<JWT>` signs a browser "
+        "in: a valid token there is answered with that cookie and a redirect to the page "
+        "without it."
     ),
 )
-async def tenant_page(principal: PageMember, context: Context, tenant_id: TenantId) -> HTMLResponse:
+async def tenant_page(
+    principal: PageMember,
+    context: Context,
+    tenant_id: TenantId,
+    request: Request,
+    token: Annotated[
+        str | None,
+        Query(
+            alias=UI_TOKEN_PARAMETER,
+            description="a JWT to keep in the page's cookie (a sign-in link, for development)",
+        ),
+    ] = None,
+) -> Response:
+    if token is not None and "authorization" not in request.headers:
+        # Without a header the guard checked this token: keep it in the cookie, and take it out
+        # of the address bar.
+        signed_in = RedirectResponse(request.url.path, status_code=303)
+        signed_in.set_cookie(
+            UI_TOKEN_COOKIE,
+            token,
+            path="/ui",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+        )
+        return signed_in
     now = context.clock()
     start, end = ui.month_range(now)
     first_day, last_day = ui.daily_range(now)
