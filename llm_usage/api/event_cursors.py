@@ -35,7 +35,9 @@ def decode_cursor(cursor: str, name: str = "cursor") -> EventPosition:
         if len(cursor) > MAX_CURSOR_LENGTH:
             raise ValueError("too long")
         padded = cursor + "=" * (-len(cursor) % 4)
-        decoded = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        # validate=True: the lenient decoder would drop characters outside the alphabet.
+        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+        decoded = json.loads(raw)
         if not isinstance(decoded, list) or len(decoded) != 2:
             raise ValueError("not a pair")
         moment, request_id = decoded
