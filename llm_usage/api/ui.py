@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from html import escape
 from typing import Any, Final
 from urllib.parse import quote
 
 from llm_usage.api.ui_budgets import budgets_section
-from llm_usage.api.ui_chart import daily_chart, day_label
+from llm_usage.api.ui_chart import daily_chart
+from llm_usage.api.ui_dates import day_label, period_label
 from llm_usage.api.ui_money import cents_text, count_text, usd_html
-from llm_usage.domain.budgets import BudgetStatus
+from llm_usage.domain.budgets import BudgetStatus, BudgetWindow
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.domain.periods import start_of_month
@@ -151,27 +152,47 @@ def _short_time(text: str) -> str:
     return f"{moment:%Y-%m-%d %H:%M}"
 
 
-def _alerts(alerts: Sequence[dict[str, Any]]) -> str:
-    if not alerts:
-        return '<p class="muted">No budget alerts this month.</p>'
-    rows = "".join(
-        f'<tr class="alert level-{escape(alert["level"])}" '
-        f'data-alert-id="{escape(alert["alert_id"])}" '
-        f'data-spend="{escape(alert["spend_usd"])}" data-limit="{escape(alert["limit_usd"])}" '
-        f'data-level="{escape(alert["level"])}" data-threshold-pct="{alert["threshold_pct"]}">'
+_ALERT_DATA: Final = (
+    "alert_id",
+    "level",
+    "threshold_pct",
+    "spend_usd",
+    "limit_usd",
+    "scope_type",
+    "scope_id",
+    "window",
+    "period_start",
+)
+
+
+def _alert_row(alert: dict[str, Any]) -> str:
+    """One alert: when it was sent, for which scope and period, its level and amounts; its
+    fields as on the alerts topic in `data-` attributes (`data-spend-usd`, …)."""
+    data = " ".join(
+        f'data-{name.replace("_", "-")}="{escape(str(alert[name]))}"' for name in _ALERT_DATA
+    )
+    window = BudgetWindow(alert["window"])
+    period = period_label(window, date.fromisoformat(alert["period_start"]))
+    level = escape(alert["level"])
+    return (
+        f'<tr class="alert level-{level}" {data}>'
         f'<td title="{escape(alert["emitted_at"])}">{_short_time(alert["emitted_at"])}</td>'
         f"<td>{escape(alert['scope_type'])} <b>{escape(alert['scope_id'])}</b>, "
-        f"{escape(alert['window'])}</td>"
-        f'<td><span class="badge">{escape(alert["level"])}</span></td>'
+        f"{window.value} ({period})</td>"
+        f'<td><span class="badge">{level}</span></td>'
         f'<td class="num">{alert["threshold_pct"]} %</td>'
         f'<td class="num">{usd_html(Decimal(alert["spend_usd"]))}</td>'
         f'<td class="num">{usd_html(Decimal(alert["limit_usd"]))}</td></tr>'
-        for alert in alerts
     )
+
+
+def _alerts(alerts: Sequence[dict[str, Any]]) -> str:
+    if not alerts:
+        return '<p class="muted">No budget alerts this month.</p>'
     return (
-        "<table><thead><tr><th>sent (UTC)</th><th>scope</th><th>level</th>"
+        "<table><thead><tr><th>sent (UTC)</th><th>scope and period</th><th>level</th>"
         "<th class=num>threshold</th><th class=num>spend</th><th class=num>limit</th></tr>"
-        f"</thead><tbody>{rows}</tbody></table>"
+        f"</thead><tbody>{''.join(_alert_row(alert) for alert in alerts)}</tbody></table>"
     )
 
 

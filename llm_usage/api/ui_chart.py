@@ -8,29 +8,15 @@ the chart (`<details>`), for people who do not hover and for tests.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
 from decimal import ROUND_CEILING, Decimal
 from typing import Final
 
+from llm_usage.api.ui_dates import day_label
 from llm_usage.api.ui_money import axis_text, count_text, usd_html, usd_text
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_reports import DailyItem
 
 _STEPS: Final = (Decimal(1), Decimal(2), Decimal("2.5"), Decimal(5), Decimal(10))
-_MONTHS: Final = (
-    "Jan",
-    "Feb",
-    "Mar",
-    "Apr",
-    "May",
-    "Jun",
-    "Jul",
-    "Aug",
-    "Sep",
-    "Oct",
-    "Nov",
-    "Dec",
-)
 LABEL_EVERY: Final = 7
 
 # Geometry in SVG units; the SVG scales to the page's width.
@@ -49,11 +35,6 @@ def money_axis(highest: Decimal, *, lines: int = 4) -> list[Decimal]:
     step = next(power * factor for factor in _STEPS if power * factor >= rough)
     count = int((highest / step).to_integral_value(ROUND_CEILING))
     return [step * index for index in range(count + 1)]
-
-
-def day_label(day: date) -> str:
-    """`Nov 24`, the same in every locale."""
-    return f"{_MONTHS[day.month - 1]} {day.day}"
 
 
 def labelled_days(count: int) -> set[int]:

@@ -235,20 +235,13 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
             assert f"/ui/tenants/{quote(tenant, safe='')}/events?user_id={user}" in links
     assert f"/ui/tenants/{tenant}/events?user_id=ann%20%26%20bob%2F%C3%BC%3Fx%3D1" in links
 
-    # This month's alerts, newest first.
+    # This month's alerts, newest first, each with the period it is for.
+    fields = ("alert_id", "level", "threshold_pct", "spend_usd", "limit_usd")
+    fields += ("scope_type", "scope_id", "window", "period_start")
     assert [
-        {
-            "alert_id": a["data-alert-id"],
-            "level": a["data-level"],
-            "threshold_pct": int(a["data-threshold-pct"]),
-            "spend_usd": a["data-spend"],
-            "limit_usd": a["data-limit"],
-        }
+        {name: a[f"data-{name.replace('_', '-')}"] for name in fields}
         for a in html.with_class("alert")
-    ] == [
-        _items(alert, "alert_id", "level", "threshold_pct", "spend_usd", "limit_usd")
-        for alert in api["alerts"]
-    ]
+    ] == [{name: str(alert[name]) for name in fields} for alert in api["alerts"]]
     assert api["alerts"]
 
     # This month's preview invoice lines, as the finance route answers them.

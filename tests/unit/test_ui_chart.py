@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_usage.api.ui_budgets import period_progress
-from llm_usage.api.ui_chart import day_label, labelled_days, money_axis
+from llm_usage.api.ui_chart import labelled_days, money_axis
+from llm_usage.api.ui_dates import day_label, period_label
 from llm_usage.domain.budgets import BudgetWindow
 
 
@@ -56,6 +57,11 @@ def test_days_are_labelled_weekly_back_from_today() -> None:
 )
 def test_day_label(day: date, label: str) -> None:
     assert day_label(day) == label
+
+
+def test_period_label_names_the_day_or_the_month() -> None:
+    assert period_label(BudgetWindow.DAILY, date(2026, 11, 24)) == "Nov 24"
+    assert period_label(BudgetWindow.MONTHLY, date(2026, 11, 1)) == "Nov 2026"
 
 
 def _at(text: str) -> datetime:
