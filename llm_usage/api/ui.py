@@ -30,6 +30,7 @@ from llm_usage.storage.usage_reports import BreakdownItem, DailyItem, UsageSumma
 DAYS: Final = 30
 TOP: Final = 10
 ALERTS: Final = 20
+REFRESH_SECONDS: Final = 300  # a page kept open stays current without any JavaScript
 
 _STYLE = """
 :root { --ok: #2e7d32; --warning: #b26a00; --exceeded: #c62828; --bar: #1565c0;
@@ -232,11 +233,13 @@ def render_page(page: TenantPage) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <style>{_STYLE}</style></head>
 <body>
 <h1>{title}</h1>
 <p class="asof" id="asof" data-now="{now.isoformat()}">As of {now:%Y-%m-%d %H:%M} UTC.
-Days and months are UTC; hover over an amount for its exact figure.</p>
+Days and months are UTC; hover over an amount for its exact figure. The page reloads itself
+every {REFRESH_SECONDS // 60} minutes.</p>
 <div class="tiles">
 {_tile("today", f"Today, {day_label(now.date())}", page.today)}
 {_tile("month", f"This month, from {day_label(month_start.date())}", page.month)}

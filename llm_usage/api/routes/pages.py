@@ -39,7 +39,12 @@ async def tenant_page(principal: PageMember, context: Context, tenant_id: Tenant
     first_day, last_day = ui.daily_range(now)
     # Members read usage and budgets; invoice lines are for tenant admins (the contract).
     sees_lines = principal.may(Role.TENANT_ADMIN, tenant_id)
-    async with connection_from(context.pool) as connection:
+    # One snapshot for every section, so that the month's figure, its top lists and its
+    # invoice lines agree with each other even while events arrive.
+    async with (
+        connection_from(context.pool) as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
+    ):
         month = await usage_reports.usage_summary(connection, tenant_id, start=start, end=end)
         today = await usage_reports.usage_summary(connection, tenant_id, start=today_start, end=end)
         budgets = await tenant_budget_status(connection, tenant_id, now=now)
