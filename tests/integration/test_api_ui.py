@@ -308,6 +308,8 @@ async def test_before_the_rollup_runs_the_page_says_no_preview_yet(pool: asyncpg
     assert page.status_code == 200, page.text
     html = _parse(page.text)
     assert html.by_id("no-preview")
+    [refresh] = [m for m in html.tags("meta") if m.get("http-equiv") == "refresh"]
+    assert int(refresh["content"]) == 300
     assert "No preview yet" in page.text
     assert html.by_id("month")["data-charge"] == "0"
     assert len(html.with_class("day")) == 30
