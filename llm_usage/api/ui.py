@@ -190,8 +190,14 @@ def _alert_row(alert: dict[str, Any]) -> str:
 def _alerts(alerts: Sequence[dict[str, Any]]) -> str:
     if not alerts:
         return '<p class="muted">No budget alerts this month.</p>'
+    more = (
+        f'<p class="muted" id="alerts-more">The {ALERTS} newest; the API\'s '
+        "<code>alerts</code> route has them all.</p>"
+        if len(alerts) >= ALERTS
+        else ""
+    )
     return (
-        "<table><thead><tr><th>sent (UTC)</th><th>scope and period</th><th>level</th>"
+        f"{more}<table><thead><tr><th>sent (UTC)</th><th>scope and period</th><th>level</th>"
         "<th class=num>threshold</th><th class=num>spend</th><th class=num>limit</th></tr>"
         f"</thead><tbody>{''.join(_alert_row(alert) for alert in alerts)}</tbody></table>"
     )

@@ -243,6 +243,7 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
         for a in html.with_class("alert")
     ] == [{name: str(alert[name]) for name in fields} for alert in api["alerts"]]
     assert api["alerts"]
+    assert ("alerts-more" in page.text) == (len(api["alerts"]) == 20)
 
     # This month's preview invoice lines, as the finance route answers them.
     assert lines.status_code == 200, lines.text
