@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
 from html import escape
 from typing import Final
 from urllib.parse import quote, urlencode
 
-from llm_usage.domain.money import canonical_decimal, round_half_up
+from llm_usage.api.ui_money import request_usd_text
+from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_event_pages import StoredUsageEvent
 
-_ONE_DOLLAR: Final = Decimal(1)
 _FILTER_LABELS: Final = {
     "user_id": "user",
     "agent_id": "agent",
@@ -34,17 +33,6 @@ tr:nth-child(even) td { background: #f6f6f6; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #777; } nav a { margin-right: 1rem; }
 """
-
-
-def display_usd(value: Decimal) -> str:
-    """A charge as people read it: `$1,234.57`, rounded half up to cents from one dollar up; below
-    that, the exact figure (`$0.0054`, `$0.50`), since a request's charge is often a fraction of
-    a cent that rounding to cents would hide."""
-    if abs(value) >= _ONE_DOLLAR:
-        return f"${round_half_up(value, 2):,}"
-    exact = canonical_decimal(value)
-    whole, _, fraction = exact.partition(".")
-    return f"${whole}.{fraction.ljust(2, '0')}"
 
 
 def _text(value: str | None) -> str:
@@ -74,7 +62,7 @@ def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]
         f"<td>{_text(event.model)}</td>"
         f'<td class="num" title="input {event.input_tokens}, output {event.output_tokens}">'
         f"{event.total_tokens}</td>"
-        f'<td class="num charge" title="{charge} USD">{display_usd(event.customer_charge_usd)}'
+        f'<td class="num charge" title="{charge} USD">{request_usd_text(event.customer_charge_usd)}'
         f"</td></tr>"
     )
 
