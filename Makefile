@@ -30,7 +30,8 @@ lock: install
 	$(BIN)/uv pip compile requirements/image-build.in --python-version 3.11 --generate-hashes \
 		--quiet $(LOCK_FLAGS) -o requirements/image-build.lock
 
-## make run: local Kafka + Postgres, migrate, a demo stream through the usage consumer, a summary.
+## make run: local Kafka + Postgres, migrate, budget policies, a demo stream through the usage and
+## budget consumers with their alerts, the month's invoice lines, the tenant page's address and token.
 run: install
 	$(BIN)/llm-usage demo
 

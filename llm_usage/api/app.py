@@ -15,7 +15,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_usage.api.context import ApiContext
-from llm_usage.api.routes import budgets, finance, ingest, pages, probes, usage
+from llm_usage.api.routes import (
+    budgets,
+    event_pages,
+    finance,
+    ingest,
+    pages,
+    probes,
+    usage,
+    usage_events,
+)
 from llm_usage.storage.pool import CONNECTION_ERRORS, DatabaseUnavailableError
 
 API_VERSION: Final = "1.0.0"
@@ -41,7 +50,7 @@ def create_app(context: ApiContext | None) -> FastAPI:
     if context is not None:
         app.add_middleware(_MetricsMiddleware, context=context)
     _add_error_handlers(app)
-    for group in (probes, usage, budgets, finance, ingest, pages):
+    for group in (probes, usage, usage_events, budgets, finance, ingest, pages, event_pages):
         app.include_router(group.router)
     return app
 

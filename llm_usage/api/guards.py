@@ -20,6 +20,7 @@ from llm_usage.api.context import api_context
 from llm_usage.domain.policies import check_tenant_id
 
 UI_TOKEN_COOKIE: Final = "llm_usage_token"  # noqa: S105 - a cookie name
+UI_TOKEN_PARAMETER: Final = "token"  # noqa: S105 - a query parameter's name
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -30,8 +31,9 @@ _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 def guard(role: Role, *, cookie: bool = False) -> Callable[..., Awaitable[Principal]]:
     """The caller, if a valid token gives `role` on the path's tenant; else 401 or 403. With
-    `cookie`, a page for browsers also takes the token from the `UI_TOKEN_COOKIE` cookie (only
-    pages that change nothing: a cookie is sent by the browser whoever made the request)."""
+    `cookie`, a page for browsers also takes the token from a `token` query parameter (a link
+    that signs a browser in) or the `UI_TOKEN_COOKIE` cookie (only pages that change nothing: a
+    cookie is sent by the browser whoever made the request)."""
 
     async def authorize(
         request: Request,
@@ -39,7 +41,9 @@ def guard(role: Role, *, cookie: bool = False) -> Callable[..., Awaitable[Princi
     ) -> Principal:
         presented = credentials.credentials if credentials is not None else None
         if presented is None and cookie:
-            presented = request.cookies.get(UI_TOKEN_COOKIE)
+            presented = request.query_params.get(UI_TOKEN_PARAMETER) or request.cookies.get(
+                UI_TOKEN_COOKIE
+            )
         if presented is None:
             raise HTTPException(401, "send `Authorization: Bearer <JWT>`", headers=_UNAUTHENTICATED)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 
 import structlog
@@ -92,7 +92,10 @@ async def _check_kafka_write(settings: Settings) -> None:
         _log.warning("Kafka's permissions could not be checked at start.", error=str(error))
 
 
-async def serve_api(settings: Settings) -> None:
+async def serve_api(
+    settings: Settings, *, on_listening: Callable[[str, int], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT; `on_listening(host, port)` once the socket is bound."""
     verifier = TokenVerifier.from_settings(settings)
     clock = worker_clock()
     listener = bind(settings.api_host, settings.api_port)
@@ -124,6 +127,8 @@ async def serve_api(settings: Settings) -> None:
     )
     host, port = listener.getsockname()[:2]
     _log.info(LISTENING, host=host, port=port, usage_topic=settings.usage_topic)
+    if on_listening is not None:
+        on_listening(host, port)
     try:
         await _Server(config).serve(sockets=[listener])
     finally:

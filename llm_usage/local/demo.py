@@ -1,16 +1,19 @@
-"""`llm-usage demo` (`make run`): local services, a short realistic stream through the real
-consumer, a summary."""
+"""`llm-usage demo` (`make run`): local services, budget policies, a short realistic stream
+through the usage and budget consumers, the alerts they raise, the month's invoice lines, and the
+tenant's page."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
-import subprocess
 import sys
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,32 +23,148 @@ from llm_usage.core.clock import worker_clock
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
 from llm_usage.kafka.clients import client_options, new_producer, start_client
+from llm_usage.local.demo_budgets import AlertWatch, demo_policies, set_demo_policies
 from llm_usage.local.run import prepare, settings_for_local_run
-from llm_usage.local.sample_events import sample_stream
+from llm_usage.local.sample_events import DEMO_TENANTS, SampleTenant, sample_stream
 from llm_usage.storage.pool import create_pool
 
 DEMO_EVENTS = 600
 DEMO_DUP_RATE = 0.05
+IDLE_SECONDS = "3"
+_SPREAD_SECONDS = 3600
 
 
-def run_demo() -> None:
-    """Publish a short stream (duplicates, one malformed event) to local or configured services,
-    run the usage consumer until idle, and print what landed per tenant."""
+@dataclass(frozen=True)
+class DemoRun:
+    """One demo run: its settings, tenants (the first holds the monthly policy), clock reading,
+    distinct events and the alerts printed."""
+
+    settings: Settings
+    tenants: list[str]
+    now: datetime
+    events: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]
+
+    def exact_by_line(self) -> dict[tuple[str, str | None], Decimal]:
+        """The exact sum of the stream's charges per invoice line: (tenant, deployment)."""
+        exact: dict[tuple[str, str | None], Decimal] = defaultdict(Decimal)
+        for event in self.events:
+            exact[event["tenant_id"], event["deployment_id"]] += Decimal(
+                event["customer_charge_usd"]
+            )
+        return exact
+
+
+def print_next_steps() -> None:
+    print(
+        "\nTo keep the consumers running:\n"
+        '  eval "$(.venv/bin/llm-usage dev env)"\n'
+        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
+        "  .venv/bin/llm-usage consume budget\n"
+        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
+    )
+
+
+def heading(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
+
+
+def dollars(cents: int) -> str:
+    """`$1,234.57` for 123457 cents."""
+    return f"${Decimal(cents).scaleb(-2):,.2f}"
+
+
+def run_demo() -> DemoRun:
+    """Set two budget policies, publish a short stream (duplicates, one malformed event) to
+    local or configured services, run the usage and budget consumers until idle while printing
+    the alerts, and print what landed per tenant; return what the run was, for what follows."""
     settings = settings_for_local_run()
     asyncio.run(prepare(settings))
     run_id = uuid.uuid4().hex[:8]
+    # This run's own tenants: its budgets and invoice lines are its stream's alone, however
+    # many demos ran before in the same month.
+    tenants = tuple(
+        SampleTenant(f"{tenant.tenant_id}-{run_id}", tenant.deployments) for tenant in DEMO_TENANTS
+    )
+    now = worker_clock()()
+    since_midnight = int(
+        (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds()
+    )
     records = sample_stream(
         random.Random(run_id),
         count=DEMO_EVENTS,
         dup_rate=DEMO_DUP_RATE,
         id_prefix=f"demo-{run_id}",
-        now=worker_clock()(),
+        now=now,
+        tenants=tenants,
+        # Within today (UTC), so that the daily and monthly budgets and the month's lines all
+        # see the whole stream.
+        spread_seconds=min(_SPREAD_SECONDS, since_midnight),
     )
-    # One malformed event: cut-off JSON, as a crashing producer might leave it.
-    malformed = (b"acme", f'{{"gateway_request_id": "demo-{run_id}-broken", "tenant_'.encode())
-    asyncio.run(_publish(settings, [(key, value) for key, value, _ in records], malformed))
+    events = list({event["gateway_request_id"]: event for _, _, event in records}.values())
+    names = [tenant.tenant_id for tenant in tenants]
 
-    print("\nRunning the usage consumer (`llm-usage consume usage --exit-when-idle 3`)...")
+    heading("Budget policies (as `llm-usage policy set` sets them)")
+    policies = demo_policies(events, monthly_tenant=names[0], daily_tenant=names[1])
+    asyncio.run(set_demo_policies(settings, policies))
+
+    heading(f"Publishing demo run {run_id}: {DEMO_EVENTS} events to {settings.usage_topic}")
+    # One malformed event: cut-off JSON, as a crashing producer might leave it.
+    malformed = (
+        names[0].encode(),
+        f'{{"gateway_request_id": "demo-{run_id}-broken", "tenant_'.encode(),
+    )
+    alerts = asyncio.run(
+        _publish_and_consume(
+            settings,
+            [(key, value) for key, value, _ in records],
+            malformed,
+            tenants=set(names),
+            expected_alerts=2 * len(policies),
+        )
+    )
+
+    heading(f"What landed in llm_usage_events (demo run {run_id})")
+    published = Counter(event["tenant_id"] for _, _, event in records)
+    asyncio.run(_summarise(settings, run_id, published))
+
+    return DemoRun(settings=settings, tenants=names, now=now, events=events, alerts=alerts)
+
+
+async def _publish_and_consume(
+    settings: Settings,
+    records: list[tuple[bytes, bytes]],
+    malformed: tuple[bytes, bytes],
+    *,
+    tenants: set[str],
+    expected_alerts: int,
+) -> list[dict[str, Any]]:
+    """Publish, then run both consumers until idle, printing the alerts as they arrive."""
+    watch = AlertWatch(settings, tenants)
+    await watch.start()
+    await _publish(settings, records, malformed)
+    heading(
+        f"Running the usage and budget consumers (`llm-usage consume usage|budget "
+        f"--exit-when-idle {IDLE_SECONDS}`); alerts as they reach {settings.alerts_topic}:"
+    )
+    consumers_done = asyncio.Event()
+    watching = asyncio.create_task(
+        watch.run(expected=expected_alerts, consumers_done=consumers_done)
+    )
+    try:
+        codes = await asyncio.gather(*(_consume(settings, name) for name in ("usage", "budget")))
+    finally:
+        consumers_done.set()
+        await watching
+    for code in codes:
+        if code != 0:
+            raise SystemExit(code)
+    if len(watch.alerts) < expected_alerts:
+        print(f"  ({expected_alerts - len(watch.alerts)} alerts had not reached the topic yet)")
+    return watch.alerts
+
+
+async def _consume(settings: Settings, consumer: str) -> int:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -54,22 +173,18 @@ def run_demo() -> None:
         "LOG_FORMAT": "console",
         "LOG_LEVEL": "WARNING",
     }
-    finished = subprocess.run(
-        [sys.executable, "-m", "llm_usage", "consume", "usage", "--exit-when-idle", "3"],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llm_usage",
+        "consume",
+        consumer,
+        "--exit-when-idle",
+        IDLE_SECONDS,
         env=env,
-        check=False,
+        stdin=asyncio.subprocess.DEVNULL,
     )
-    if finished.returncode != 0:
-        raise SystemExit(finished.returncode)
-
-    published = Counter(event["tenant_id"] for _, _, event in records)
-    asyncio.run(_summarise(settings, run_id, published))
-    print(
-        "\nTo keep a consumer running:\n"
-        '  eval "$(.venv/bin/llm-usage dev env)"\n'
-        "  .venv/bin/llm-usage consume usage      # Ctrl-C stops it cleanly\n"
-        "Stop the local Kafka and PostgreSQL with: .venv/bin/llm-usage dev down"
-    )
+    return await process.wait()
 
 
 async def _publish(
@@ -104,17 +219,16 @@ async def _summarise(settings: Settings, run_id: str, published: Counter[str]) -
     dead = await _dead_lettered_by_tenant(settings, run_id)
     stored: dict[str, asyncpg.Record] = {row["tenant_id"]: row for row in rows}
 
-    print(f"\nWhat landed in llm_usage_events for demo run {run_id}:")
-    header = f"{'tenant':<10}{'published':>10}{'stored':>8}{'dups dropped':>14}"
+    header = f"  {'tenant':<18}{'published':>10}{'stored':>8}{'dups dropped':>14}"
     print(f"{header}{'dead-lettered':>15}{'charge (exact USD)':>24}{'billed':>11}")
     for tenant in sorted(set(published) | set(stored) | set(dead)):
         row = stored.get(tenant)
         events = int(row["events"]) if row else 0
         charge = Decimal(row["charge"]) if row else Decimal(0)
         duplicates = published[tenant] - events
-        billed = f"${Decimal(usd_to_cents(charge)).scaleb(-2):,.2f}"  # rounded once, half up
+        billed = dollars(usd_to_cents(charge))  # rounded once, half up
         print(
-            f"{tenant:<10}{published[tenant]:>10}{events:>8}{duplicates:>14}"
+            f"  {tenant:<18}{published[tenant]:>10}{events:>8}{duplicates:>14}"
             f"{dead.get(tenant, 0):>15}{charge:>24}{billed:>11}"
         )
 

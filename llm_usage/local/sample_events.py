@@ -82,8 +82,10 @@ def sample_stream(
     id_prefix: str,
     now: datetime,
     tenants: tuple[SampleTenant, ...] = DEMO_TENANTS,
+    spread_seconds: int = 3600,
 ) -> list[tuple[bytes, bytes, dict[str, Any]]]:
-    """`count` records as (key, value, event); about `dup_rate` of them re-send an earlier event."""
+    """`count` records as (key, value, event) that occurred up to `spread_seconds` before `now`;
+    about `dup_rate` of them re-send an earlier event."""
     records: list[tuple[bytes, bytes, dict[str, Any]]] = []
     for index in range(count):
         if records and rng.random() < dup_rate:
@@ -94,7 +96,7 @@ def sample_stream(
             rng,
             gateway_request_id=f"{id_prefix}-{index:08d}",
             tenant=tenant,
-            occurred_at=now - timedelta(seconds=rng.randint(0, 3600)),
+            occurred_at=now - timedelta(seconds=rng.randint(0, spread_seconds)),
         )
         records.append((tenant.tenant_id.encode(), json.dumps(event).encode(), event))
     return records

@@ -92,6 +92,18 @@ ROUTES: dict[tuple[str, str], Route] = {
             Malformed(["query", "days"], {"days": "seven"}),
         ),
     ),
+    ("GET", "/v1/tenants/{tenant_id}/usage/events"): Route(
+        MEMBER,
+        200,
+        {"from": f"{_DAY}", "to": f"{_NEXT_DAY}", "user_id": "u-1", "limit": "5"},
+        malformed=(
+            Malformed(["query", "cursor"], {"cursor": "not-a-cursor"}),
+            Malformed(["query", "limit"], {"limit": "1001"}),
+            Malformed(["query", "limit"], {"limit": "0"}),
+            Malformed(["query", "from"], {"from": "yesterday"}),
+            _BAD_TENANT,
+        ),
+    ),
     ("GET", "/v1/tenants/{tenant_id}/budgets"): Route(
         MEMBER, 200, malformed=(Malformed(["path", "tenant_id"], tenant="x" * 201),)
     ),
@@ -106,6 +118,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ),
     ("GET", "/v1/tenants/{tenant_id}/budget-policies"): Route(
         MEMBER, 200, malformed=(_BAD_TENANT,)
+    ),
+    ("GET", "/v1/tenants/{tenant_id}/budget-policies/history"): Route(
+        ADMIN, 200, malformed=(_BAD_TENANT,)
     ),
     ("PUT", "/v1/tenants/{tenant_id}/budget-policies"): Route(
         ADMIN,
@@ -156,6 +171,17 @@ ROUTES: dict[tuple[str, str], Route] = {
         ),
     ),
     ("GET", "/ui/tenants/{tenant_id}"): Route(MEMBER, 200, malformed=(_BAD_TENANT,)),
+    ("GET", "/ui/tenants/{tenant_id}/events"): Route(
+        MEMBER,
+        200,
+        {"user_id": "u-1", "from": f"{_DAY}", "to": f"{_NEXT_DAY}"},
+        malformed=(
+            Malformed(["query", "cursor"], {"cursor": "e30"}),
+            Malformed(["query", "before"], {"before": "!"}),
+            Malformed(["query", "to"], {"to": "soon"}),
+            _BAD_TENANT,
+        ),
+    ),
     ("POST", "/v1/usage-events"): Route(
         PLATFORM,
         200,

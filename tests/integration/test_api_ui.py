@@ -1,84 +1,183 @@
-"""The page for people shows the API's own numbers: budgets, the last 30 days, top models and
-users, this month's spend."""
+"""The page for people shows the API's own numbers, section by section: today and this month,
+budgets, the last 30 days, the top 10 models, users and agents, this month's alerts and (for
+tenant admins) its preview invoice lines. Every figure is compared through its `data-` attribute
+with the exact string the API answers for the same tenant and clock."""
 
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import quote
 
 import asyncpg
+import httpx
 
+from llm_usage.api.ui_money import usd_text
 from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.periods import start_of_month
 from llm_usage.domain.policies import BudgetPolicy
+from llm_usage.rollup.run import run_rollup
 from llm_usage.storage.budget_policies import set_policy
 from tests.api_support import api_client, bearer, token
-from tests.integration.pipeline import unique
+from tests.integration.pipeline import unique, usage_event
 from tests.integration.test_api_reports import NOW, _random_events, _store
+
+# A user id that needs URL-encoding, to check the link to the user's events.
+ODD_USER = "ann & bob/ü?x=1"
+ODD_AGENT = "agent <&> co"
+LATE_TODAY = NOW - timedelta(minutes=1)
+THIS_MONTH = f"{NOW:%Y-%m}"
 
 
 class _Elements(HTMLParser):
-    """Every element's attributes, by tag and class."""
+    """Every element's attributes, by tag and class, and the text of the ones asked for."""
 
     def __init__(self) -> None:
         super().__init__()
         self.found: list[tuple[str, dict[str, str]]] = []
+        self.texts: list[str] = []  # the text inside each element, in document order
+        self._open: list[int] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.found.append((tag, {name: value or "" for name, value in attrs}))
+        self.texts.append("")
+        if tag not in {"meta", "line", "rect", "br", "input", "link"}:
+            self._open.append(len(self.found) - 1)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._open:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for index in self._open:
+            self.texts[index] += data
 
     def with_class(self, name: str) -> list[dict[str, str]]:
         return [attrs for _, attrs in self.found if name in attrs.get("class", "").split()]
+
+    def text_with_class(self, name: str) -> list[tuple[dict[str, str], str]]:
+        return [
+            (attrs, self.texts[index])
+            for index, (_, attrs) in enumerate(self.found)
+            if name in attrs.get("class", "").split()
+        ]
 
     def by_id(self, name: str) -> dict[str, str]:
         [attrs] = [attrs for _, attrs in self.found if attrs.get("id") == name]
         return attrs
 
+    def tags(self, tag: str) -> list[dict[str, str]]:
+        return [attrs for found, attrs in self.found if found == tag]
 
-async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
+
+def _parse(text: str) -> _Elements:
+    html = _Elements()
+    html.feed(text)
+    return html
+
+
+async def _tenant_with_usage(pool: asyncpg.Pool) -> str:
+    """A tenant with two months of usage, budgets at every level and published alerts."""
     tenant = unique("tenant")
     async with pool.acquire() as connection:
-        await set_policy(
-            connection,
+        for policy in (
             BudgetPolicy(tenant, ScopeType.TENANT, tenant, Decimal("1"), Decimal("80")),
-            actor="test",
-        )
-        await set_policy(
-            connection,
             BudgetPolicy(tenant, ScopeType.USER, "user_id-a", monthly_limit_usd=Decimal("1e9")),
-            actor="test",
+            BudgetPolicy(tenant, ScopeType.USER, ODD_USER, daily_limit_usd=Decimal("0.5")),
+            BudgetPolicy(tenant, ScopeType.AGENT, ODD_AGENT, Decimal("0.0000012"), None, 80),
+        ):
+            await set_policy(connection, policy, actor="test")
+    odd = [
+        usage_event(
+            tenant,
+            user_id=ODD_USER,
+            agent_id=ODD_AGENT,
+            customer_charge_usd="0.000001",
+            occurred_at=LATE_TODAY.isoformat(),
+        ),
+        usage_event(
+            tenant, user_id=ODD_USER, customer_charge_usd="0.7", occurred_at=LATE_TODAY.isoformat()
+        ),
+    ]
+    await _store(pool, _random_events(tenant, 200, random.Random(3)) + odd)
+    async with pool.acquire() as connection:
+        # As the outbox relay marks what the alerts topic acknowledged.
+        await connection.execute(
+            "UPDATE budget_alert_outbox SET published_at = now() WHERE tenant_id = $1", tenant
         )
-    await _store(pool, _random_events(tenant, 200, random.Random(3)))
-    headers = bearer(token("tenant-member", tenant))
+    return tenant
+
+
+async def _api(client: httpx.AsyncClient, tenant: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The API's answers for what the page shows, at the same clock."""
+    base = f"/v1/tenants/{tenant}"
+    midnight = datetime.combine(NOW.date(), time(0), UTC).isoformat()
+
+    async def get(path: str, **params: str) -> Any:
+        answer = await client.get(base + path, params=params, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    return {
+        "month": await get("/usage/summary"),
+        "today": await get("/usage/summary", **{"from": midnight}),
+        "budgets": (await get("/budgets"))["items"],
+        "daily": (await get("/usage/daily"))["items"],
+        "top": {
+            by: (await get("/usage/breakdown", by=by, limit="10"))["items"]
+            for by in ("model", "user", "agent")
+        },
+        "alerts": (await get("/alerts", since=start_of_month(NOW).isoformat(), limit="20"))[
+            "items"
+        ],
+    }
+
+
+def _summary(tile: dict[str, str]) -> dict[str, Any]:
+    return {
+        "requests": int(tile["data-requests"]),
+        "input_tokens": int(tile["data-input-tokens"]),
+        "output_tokens": int(tile["data-output-tokens"]),
+        "total_tokens": int(tile["data-total-tokens"]),
+        "customer_charge_usd": tile["data-charge"],
+    }
+
+
+def _items(answer: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: answer[name] for name in names}
+
+
+async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
+    tenant = await _tenant_with_usage(pool)
+    await run_rollup(pool, period=THIS_MONTH, tenant_id=tenant)
+    headers = bearer(token("tenant-admin", tenant))
     async with api_client(pool, clock=lambda: NOW) as (client, _):
         page = await client.get(f"/ui/tenants/{tenant}", headers=headers)
         assert page.status_code == 200, page.text
         assert page.headers["content-type"].startswith("text/html")
-        summary = (await client.get(f"/v1/tenants/{tenant}/usage/summary", headers=headers)).json()
-        budgets = (await client.get(f"/v1/tenants/{tenant}/budgets", headers=headers)).json()
-        daily = (await client.get(f"/v1/tenants/{tenant}/usage/daily", headers=headers)).json()
-        top = {
-            by: (
-                await client.get(
-                    f"/v1/tenants/{tenant}/usage/breakdown",
-                    params={"by": by, "limit": "5"},
-                    headers=headers,
-                )
-            ).json()["items"]
-            for by in ("model", "user")
-        }
-    html = _Elements()
-    html.feed(page.text)
-    month = html.by_id("month")
-    assert (month["data-charge"], int(month["data-requests"])) == (
-        summary["customer_charge_usd"],
-        summary["requests"],
-    )
+        assert page.headers["cache-control"] == "no-store"
+        api = await _api(client, tenant, headers)
+        lines = await client.get(
+            f"/v1/tenants/{tenant}/invoice-lines", params={"period": THIS_MONTH}, headers=headers
+        )
+    html = _parse(page.text)
+    names = ("requests", "input_tokens", "output_tokens", "total_tokens", "customer_charge_usd")
+
+    # Today and this month.
+    assert _summary(html.by_id("month")) == _items(api["month"], *names)
+    assert _summary(html.by_id("today")) == _items(api["today"], *names)
+    assert 0 < api["today"]["requests"] < api["month"]["requests"]
+
+    # Budgets, with how far into their period each is (NOW is noon of a day of November).
     shown_budgets = [
         {
             "scope_type": b["data-scope-type"],
             "scope_id": b["data-scope-id"],
             "window": b["data-window"],
+            "period_start": b["data-period-start"],
             "spend_usd": b["data-spend"],
             "limit_usd": b["data-limit"],
             "percent": b["data-percent"],
@@ -86,21 +185,39 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
         }
         for b in html.with_class("budget")
     ]
-    assert shown_budgets == [
-        {k: v for k, v in item.items() if k != "period_start"} for item in budgets["items"]
-    ]
-    assert {b["level"] for b in shown_budgets} >= {"exceeded", "ok"}
-    days = [
-        {
-            "date": d["data-date"],
-            "requests": int(d["data-requests"]),
-            "customer_charge_usd": d["data-charge"],
-        }
-        for d in html.with_class("day")
-    ]
-    assert days == daily["items"]
-    assert len(days) == 30
-    for by in ("model", "user"):
+    assert shown_budgets == api["budgets"]
+    assert {b["level"] for b in shown_budgets} == {"ok", "warning", "exceeded"}
+    assert {b["data-window"]: b["data-progress"] for b in html.with_class("budget")} == {
+        "daily": "12 h of 24 h",
+        "monthly": f"day {NOW.day} of 30",
+    }
+
+    # The 30 days: each bar (oldest first) and each row of the table under the chart (newest
+    # first).
+    for css_class, order in (("day", 1), ("day-row", -1)):
+        days = [
+            {
+                "date": d["data-date"],
+                "requests": int(d["data-requests"]),
+                "customer_charge_usd": d["data-charge"],
+            }
+            for d in html.with_class(css_class)
+        ]
+        assert days[::order] == api["daily"]
+    assert len(api["daily"]) == 30
+    titles = [text for attrs, text in html.text_with_class("column")]
+    assert len(titles) == 30
+    for day, title in zip(api["daily"], titles, strict=True):
+        assert f"({day['customer_charge_usd']} USD)" in title
+    # The money axis: gridlines labelled in dollars, the top one at or above the highest day.
+    ticks = [text for _, text in html.text_with_class("tick")]
+    assert ticks[0] == "$0" or ticks[0].startswith("$0.0")
+    highest = max(Decimal(day["customer_charge_usd"]) for day in api["daily"])
+    assert Decimal(ticks[-1].removeprefix("$").replace(",", "")) >= highest > 0
+    assert len([text for _, text in html.text_with_class("day-label")]) == 5
+
+    # The top 10 of each; users link to their events.
+    for by in ("model", "user", "agent"):
         rows = [r for r in html.with_class("top") if r["data-by"] == by]
         assert [
             {
@@ -109,8 +226,94 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
                 "customer_charge_usd": r["data-charge"],
             }
             for r in rows
-        ] == [{k: item[k] for k in ("key", "requests", "customer_charge_usd")} for item in top[by]]
+        ] == [_items(item, "key", "requests", "customer_charge_usd") for item in api["top"][by]]
         assert rows
+    links = {a["href"] for a in html.tags("a")}
+    for item in api["top"]["user"]:
+        if item["key"] is not None:
+            user = quote(item["key"], safe="")
+            assert f"/ui/tenants/{quote(tenant, safe='')}/events?user_id={user}" in links
+    assert f"/ui/tenants/{tenant}/events?user_id=ann%20%26%20bob%2F%C3%BC%3Fx%3D1" in links
+
+    # This month's alerts, newest first, each with the period it is for.
+    fields = ("alert_id", "level", "threshold_pct", "spend_usd", "limit_usd")
+    fields += ("scope_type", "scope_id", "window", "period_start")
+    assert [
+        {name: a[f"data-{name.replace('_', '-')}"] for name in fields}
+        for a in html.with_class("alert")
+    ] == [{name: str(alert[name]) for name in fields} for alert in api["alerts"]]
+    assert api["alerts"]
+    assert ("alerts-more" in page.text) == (len(api["alerts"]) == 20)
+
+    # This month's preview invoice lines, as the finance route answers them.
+    assert lines.status_code == 200, lines.text
+    assert [
+        {
+            "deployment_id": None if line["data-null"] == "true" else line["data-deployment"],
+            "kind": line["data-kind"],
+            "qty": int(line["data-qty"]),
+            "amount_cents": int(line["data-amount-cents"]),
+        }
+        for line in html.with_class("line")
+    ] == [
+        _items(line, "deployment_id", "kind", "qty", "amount_cents")
+        for line in lines.json()["items"]
+    ]
+    assert lines.json()["items"]
+    assert int(html.by_id("lines-total")["data-amount-cents"]) == sum(
+        line["amount_cents"] for line in lines.json()["items"]
+    )
+
+    # Every amount reads as dollars and cents, the exact figure a hover away.
+    amounts = html.text_with_class("usd")
+    tops = sum(len(items) for items in api["top"].values())
+    assert len(amounts) == 2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"])
+    for attrs, text in amounts:
+        assert text == usd_text(Decimal(attrs["data-usd"]))
+        assert attrs["title"] == f"{attrs['data-usd']} USD"
+    assert "<$0.01" in {text for _, text in amounts}
+    assert " USD<" not in page.text  # no amount shown as a raw decimal
+
+
+async def test_a_member_sees_the_page_without_invoice_lines(pool: asyncpg.Pool) -> None:
+    tenant = await _tenant_with_usage(pool)
+    await run_rollup(pool, period=THIS_MONTH, tenant_id=tenant)
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        member = bearer(token("tenant-member", tenant))
+        page = await client.get(f"/ui/tenants/{tenant}", headers=member)
+        assert page.status_code == 200, page.text
+        assert (
+            await client.get(
+                f"/v1/tenants/{tenant}/invoice-lines", params={"period": THIS_MONTH}, headers=member
+            )
+        ).status_code == 403
+        admin_page = await client.get(
+            f"/ui/tenants/{tenant}", headers=bearer(token("platform-admin"))
+        )
+    html = _parse(page.text)
+    assert html.with_class("line") == []
+    assert "Invoice lines are shown to tenant admins." in page.text
+    # Everything else is there, as for an admin.
+    assert html.with_class("budget")
+    assert html.with_class("top")
+    assert html.with_class("alert")
+    assert _parse(admin_page.text).with_class("line")
+
+
+async def test_before_the_rollup_runs_the_page_says_no_preview_yet(pool: asyncpg.Pool) -> None:
+    tenant = unique("tenant")
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        page = await client.get(
+            f"/ui/tenants/{tenant}", headers=bearer(token("tenant-admin", tenant))
+        )
+    assert page.status_code == 200, page.text
+    html = _parse(page.text)
+    assert html.by_id("no-preview")
+    [refresh] = [m for m in html.tags("meta") if m.get("http-equiv") == "refresh"]
+    assert int(refresh["content"]) == 300
+    assert "No preview yet" in page.text
+    assert html.by_id("month")["data-charge"] == "0"
+    assert len(html.with_class("day")) == 30
 
 
 async def test_a_browser_may_send_the_token_as_a_cookie_to_the_page_only(
@@ -126,3 +329,31 @@ async def test_a_browser_may_send_the_token_as_a_cookie_to_the_page_only(
         assert (await client.get(f"/v1/tenants/{tenant}/budgets")).status_code == 401
         client.cookies.clear()
         assert (await client.get(f"/ui/tenants/{tenant}")).status_code == 401
+
+
+async def test_a_sign_in_link_keeps_a_valid_token_in_the_cookie_and_drops_it_from_the_address(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    valid = token("tenant-member", tenant)
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        signed_in = await client.get(f"/ui/tenants/{tenant}", params={"token": valid})
+        assert signed_in.status_code == 303
+        assert signed_in.headers["location"] == f"/ui/tenants/{tenant}"
+        set_cookie = signed_in.headers["set-cookie"]
+        assert set_cookie.startswith(f"llm_usage_token={valid};")
+        assert "HttpOnly" in set_cookie
+        assert "Path=/ui" in set_cookie
+        assert (await client.get(f"/ui/tenants/{tenant}")).status_code == 200
+        client.cookies.clear()
+        forged = await client.get(f"/ui/tenants/{tenant}", params={"token": valid + "x"})
+        assert forged.status_code == 401
+        assert "set-cookie" not in forged.headers
+        foreign = await client.get(f"/ui/tenants/{unique('tenant')}", params={"token": valid})
+        assert foreign.status_code == 403
+        # With a header, the header is the one checked: an unchecked link token is never kept.
+        both = await client.get(
+            f"/ui/tenants/{tenant}", params={"token": "unchecked"}, headers=bearer(valid)
+        )
+        assert both.status_code == 200
+        assert "set-cookie" not in both.headers

@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
+from llm_usage.api.ui_money import count_text, usd_text
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.budgets import ScopeType
@@ -80,7 +81,8 @@ async def test_the_page_in_chromium_shows_the_apis_numbers(
         ):
             await set_policy(connection, policy, actor="test")
     await clock.clear_of_midnight()  # the API's answers and the page must show the same day
-    await _usage(pool, tenant, clock.now())
+    now = clock.now()
+    await _usage(pool, tenant, now)
     member = token("tenant-member", tenant)
     async with httpx.AsyncClient(base_url=base, headers=bearer(member), timeout=10) as client:
         summary = (await client.get(f"/v1/tenants/{tenant}/usage/summary")).json()
@@ -88,7 +90,7 @@ async def test_the_page_in_chromium_shows_the_apis_numbers(
         daily = (await client.get(f"/v1/tenants/{tenant}/usage/daily")).json()["items"]
         models = (
             await client.get(
-                f"/v1/tenants/{tenant}/usage/breakdown", params={"by": "model", "limit": "5"}
+                f"/v1/tenants/{tenant}/usage/breakdown", params={"by": "model", "limit": "10"}
             )
         ).json()["items"]
 
@@ -112,21 +114,38 @@ async def test_the_page_in_chromium_shows_the_apis_numbers(
                 "elements => elements.map(e => [e.dataset.date, e.dataset.charge, "
                 "e.getBoundingClientRect().height])",
             )
+            # The hover text of each day's column: an SVG <title>, which browsers show as a tooltip.
+            hovers = await page.eval_on_selector_all(
+                "svg g.column > title", "titles => titles.map(t => t.textContent)"
+            )
+            ticks = await page.eval_on_selector_all(
+                "svg text.tick",
+                "ticks => ticks.map(t => [t.textContent, t.getBoundingClientRect().width])",
+            )
             model_rows = await page.eval_on_selector_all(
                 "tr.top[data-by=model]",
                 "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText))",
             )
+            amount_titles = await page.eval_on_selector_all(
+                "span.usd", "spans => spans.map(s => [s.textContent, s.title])"
+            )
+            # The table of every day opens without JavaScript.
+            assert not await page.is_visible("tr.day-row")
+            await page.click("details > summary")
+            assert await page.is_visible("tr.day-row")
             await page.screenshot(path=str(artifacts / "ui-tenant-page.png"), full_page=True)
         finally:
             await browser.close()
 
-    assert f"{summary['customer_charge_usd']} USD" in month_text
-    assert f"over {summary['requests']} requests" in month_text
+    assert usd_text(Decimal(summary["customer_charge_usd"])) in month_text
+    assert f"{count_text(summary['requests'])} requests" in month_text
     assert len(budget_texts) == len(budgets) == 3
     assert {budget["level"] for budget in budgets} >= {"ok", "exceeded"}
     for text, budget in zip(budget_texts, budgets, strict=True):
-        assert f"{budget['spend_usd']} of {budget['limit_usd']} USD" in text
-        assert f"({budget['percent']} %, {budget['level']})" in text
+        spend, limit = Decimal(budget["spend_usd"]), Decimal(budget["limit_usd"])
+        assert f"{usd_text(spend)} of {usd_text(limit)} ({budget['percent']} %)" in text
+        assert budget["level"] in text
+        assert (" h of 24 h" if budget["window"] == "daily" else f"day {now.day} of ") in text
     assert [(date, charge) for date, charge, _ in bars] == [
         (day["date"], day["customer_charge_usd"]) for day in daily
     ]
@@ -137,7 +156,27 @@ async def test_the_page_in_chromium_shows_the_apis_numbers(
     assert all(
         heights[day["date"]] == 0 for day in daily if Decimal(day["customer_charge_usd"]) == 0
     )
+    assert len(hovers) == len(daily) == 30
+    for hover, day in zip(hovers, daily, strict=True):
+        exact, requests = day["customer_charge_usd"], count_text(day["requests"])
+        assert f"{usd_text(Decimal(exact))} ({exact} USD), {requests} requests" in hover
+    # A labelled money axis: a few gridlines, from $0 up to at least the highest day.
+    assert 3 <= len(ticks) <= 5
+    assert all(width > 0 for _, width in ticks)
+    assert ticks[0][0] in {"$0", "$0.00"}
+    top = Decimal(ticks[-1][0].removeprefix("$").replace(",", ""))
+    assert top >= Decimal(highest["customer_charge_usd"])
     assert model_rows == [
-        [m["key"] or "none", str(m["requests"]), m["customer_charge_usd"]] for m in models
+        [
+            m["key"] or "none",
+            count_text(m["requests"]),
+            count_text(m["input_tokens"] + m["output_tokens"]),
+            usd_text(Decimal(m["customer_charge_usd"])),
+        ]
+        for m in models
     ]
+    assert amount_titles
+    for shown, title in amount_titles:
+        exact = title.removesuffix(" USD")
+        assert shown == usd_text(Decimal(exact))
     assert (artifacts / "ui-tenant-page.png").stat().st_size > 10_000

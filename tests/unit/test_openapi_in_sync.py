@@ -35,7 +35,7 @@ def test_every_operation_requires_a_bearer_token() -> None:
         for path, item in document["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 11
+    assert len(operations) == 14
     for path, method, operation in operations:
         assert path.startswith(("/v1/", "/ui/")), path
         assert operation.get("security") == [{"HTTPBearer": []}], f"{method} {path}"
@@ -46,5 +46,8 @@ def test_money_in_answers_is_a_string() -> None:
     schemas = openapi_document()["components"]["schemas"]
     for name in ("UsageSummaryAnswer", "BreakdownItemAnswer", "DailyItemAnswer"):
         assert schemas[name]["properties"]["customer_charge_usd"]["type"] == "string", name
+    for field in ("customer_charge_usd", "upstream_cost_usd"):
+        assert "string" in json.dumps(schemas["UsageEventAnswer"]["properties"][field]), field
+        assert "number" not in json.dumps(schemas["UsageEventAnswer"]["properties"][field]), field
     for field in ("spend_usd", "limit_usd", "percent"):
         assert schemas["BudgetAnswer"]["properties"][field]["type"] == "string", field

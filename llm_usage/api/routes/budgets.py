@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from llm_usage.api.context import Context
+from llm_usage.api.event_models import PolicyHistoryAnswer
 from llm_usage.api.guards import Member, TenantAdmin, TenantId
 from llm_usage.api.http import ERRORS, read_body
 from llm_usage.api.models import (
@@ -31,7 +32,12 @@ from llm_usage.domain.policies import (
     scope_id_for,
 )
 from llm_usage.storage import usage_reports
-from llm_usage.storage.budget_policies import delete_policy, set_policy, tenant_policies
+from llm_usage.storage.budget_policies import (
+    delete_policy,
+    policy_history,
+    set_policy,
+    tenant_policies,
+)
 from llm_usage.storage.budget_status import tenant_budget_status
 from llm_usage.storage.pool import connection_from
 
@@ -73,6 +79,19 @@ async def list_policies(principal: Member, context: Context, tenant_id: TenantId
     async with connection_from(context.pool) as connection:
         policies = await tenant_policies(connection, tenant_id)
     return PoliciesAnswer(items=policies)
+
+
+@router.get(
+    "/budget-policies/history",
+    summary="The audit of the tenant's policy changes, newest first: when, who, old and new",
+    description="What `llm-usage policy history --json` prints, newest first.",
+)
+async def policies_history(
+    principal: TenantAdmin, context: Context, tenant_id: TenantId
+) -> PolicyHistoryAnswer:
+    async with connection_from(context.pool) as connection:
+        entries = await policy_history(connection, tenant_id)
+    return PolicyHistoryAnswer(items=entries[::-1])
 
 
 @router.put(

@@ -1,0 +1,123 @@
+"""`/ui/tenants/{tenant_id}/events`: a tenant's events, newest first, a page at a time, for the
+support person who asks "what did this user spend yesterday, request by request".
+
+Server-rendered, no JavaScript. Each row carries the event's exact values in `data-` attributes
+(so a test can compare them with the API); a charge reads `$1.07`, with the exact figure in its
+`title`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from html import escape
+from typing import Final
+from urllib.parse import quote, urlencode
+
+from llm_usage.api.ui_money import request_usd_text
+from llm_usage.domain.money import canonical_decimal
+from llm_usage.storage.usage_event_pages import StoredUsageEvent
+
+_FILTER_LABELS: Final = {
+    "user_id": "user",
+    "agent_id": "agent",
+    "deployment_id": "deployment",
+    "model": "model",
+}
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
+h1 { font-size: 1.4rem; }
+table { border-collapse: collapse; } td, th { padding: .2rem .8rem; text-align: left; }
+tr:nth-child(even) td { background: #f6f6f6; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.muted { color: #777; } nav a { margin-right: 1rem; }
+"""
+
+
+def _text(value: str | None) -> str:
+    return escape(value) if value is not None else '<i class="muted">none</i>'
+
+
+def events_url(tenant_id: str, query: Mapping[str, str | None]) -> str:
+    """The page's address with `query` (parameters that are None left out)."""
+    kept = {name: value for name, value in query.items() if value is not None}
+    suffix = f"?{urlencode(kept)}" if kept else ""
+    return f"/ui/tenants/{quote(tenant_id, safe='')}/events{suffix}"
+
+
+def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]) -> str:
+    charge = canonical_decimal(event.customer_charge_usd)
+    user = (
+        f'<a href="{escape(events_url(tenant_id, {**base, "user_id": event.user_id}))}">'
+        f"{escape(event.user_id)}</a>"
+        if event.user_id is not None
+        else _text(None)
+    )
+    return (
+        f'<tr class="event" data-id="{escape(event.gateway_request_id)}" '
+        f'data-charge="{charge}" data-total-tokens="{event.total_tokens}">'
+        f"<td>{event.occurred_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}</td>"
+        f"<td>{user}</td><td>{_text(event.agent_id)}</td><td>{_text(event.deployment_id)}</td>"
+        f"<td>{_text(event.model)}</td>"
+        f'<td class="num" title="input {event.input_tokens}, output {event.output_tokens}">'
+        f"{event.total_tokens}</td>"
+        f'<td class="num charge" title="{charge} USD">{request_usd_text(event.customer_charge_usd)}'
+        f"</td></tr>"
+    )
+
+
+def _active_filters(filters: Mapping[str, str], start: datetime, end: datetime) -> str:
+    shown = [
+        f'<span class="filter" data-name="{name}" data-value="{escape(value)}">'
+        f"{_FILTER_LABELS[name]} <b>{escape(value)}</b></span>"
+        for name, value in filters.items()
+    ]
+    period = f"from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+    return f'<p id="filters">{", ".join([*shown, period])}</p>'
+
+
+def render_events_page(
+    *,
+    tenant_id: str,
+    events: Sequence[StoredUsageEvent],
+    filters: Mapping[str, str],
+    query: Mapping[str, str | None],
+    start: datetime,
+    end: datetime,
+    newer: str | None,
+    older: str | None,
+) -> str:
+    """The page. `query` is what its links keep (filters and range); `newer` and `older` are
+    the addresses of the neighbouring pages (None: there is none)."""
+    title = f"Events of {escape(tenant_id)}"
+    links = [f'<a id="back" href="/ui/tenants/{quote(tenant_id, safe="")}">Back to usage</a>']
+    if filters:
+        everything = {name: value for name, value in query.items() if name not in filters}
+        links.append(
+            f'<a id="all" href="{escape(events_url(tenant_id, everything))}">All events</a>'
+        )
+    if newer is not None:
+        links.append(f'<a id="newer" rel="prev" href="{escape(newer)}">&larr; Newer</a>')
+    if older is not None:
+        links.append(f'<a id="older" rel="next" href="{escape(older)}">Older &rarr;</a>')
+    if events:
+        rows = "".join(_row(event, tenant_id, query) for event in events)
+        table = (
+            "<table><tr><th>time (UTC)</th><th>user</th><th>agent</th><th>deployment</th>"
+            f'<th>model</th><th class="num">tokens</th><th class="num">charge</th></tr>{rows}'
+            "</table>"
+        )
+    else:
+        table = '<p class="muted">No events match.</p>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{_STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+{_active_filters(filters, start, end)}
+<nav>{"".join(links)}</nav>
+{table}
+</body></html>
+"""
