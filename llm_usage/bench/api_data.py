@@ -124,6 +124,11 @@ async def load_bench_data(
         row["part"]: (row["events"], row["tenants"])
         for row in await connection.fetch("SELECT part, events, tenants FROM bench_api_loaded")
     }
+    if not loaded and await connection.fetchval("SELECT EXISTS (SELECT FROM llm_usage_events)"):
+        raise SystemExit(
+            "the bench database holds events of an older `bench api` (no record of what it "
+            "loaded): drop it to load again"
+        )
     if "spread" in loaded and loaded["spread"] != (events, tenants):
         stored_events, stored_tenants = loaded["spread"]
         raise SystemExit(
