@@ -1,5 +1,5 @@
 """The usage consumer's batch handler: each batch's new events stored in one transaction, with
-the daily totals they add to, and every record settled against what is stored."""
+the daily aggregates they add to, and every record settled against what is stored."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from llm_usage.storage.event_ids import (
 from llm_usage.storage.flavour import Flavour, is_unique_violation
 from llm_usage.storage.partitions import attached_months
 from llm_usage.storage.pool import Connection, connection_from
+from llm_usage.storage.usage_dimensions import add_to_daily_dimensions, daily_dimensions
 from llm_usage.storage.usage_events import copy_usage_events, insert_new_usage_events
 from llm_usage.storage.usage_totals import add_to_daily_totals, daily_totals
 
@@ -164,8 +165,10 @@ class UsageRecorder:
         return outcome
 
     async def _add_to_daily_totals(self, connection: Connection, stored: list[UsageRow]) -> None:
-        """Once per batch, in key order: the rollup's pre-aggregate moves with the rows."""
+        """Once per batch, in key order: the rollup's and the reports' pre-aggregates move
+        with the rows (the dimensions under the month locks the totals took)."""
         await add_to_daily_totals(connection, daily_totals(stored))
+        await add_to_daily_dimensions(connection, daily_dimensions(stored))
 
 
 def _collect(written: ChunkWritten, stored_now: list[UsageRow]) -> BatchOutcome:

@@ -1,0 +1,157 @@
+"""The exact per-attribute daily aggregate of stored usage (`usage_daily_dimensions`), kept in
+the transaction that stores events, and filled from stored events where they were loaded
+without it (migration 0011, the API benchmark's loader)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import date
+from decimal import localcontext
+from enum import StrEnum
+from operator import attrgetter, itemgetter
+from typing import Any, Final
+
+from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.storage.pool import Connection
+
+
+class Dimension(StrEnum):
+    """An attribute usage is broken down by, and the event column that holds it."""
+
+    DEPLOYMENT = "deployment"
+    MODEL = "model"
+    PROVIDER = "provider"
+    USER = "user"
+    AGENT = "agent"
+    CHANNEL = "channel"
+    FEATURE = "feature"
+
+    @property
+    def column(self) -> str:
+        return _COLUMNS[self]
+
+
+_COLUMNS: Final = {
+    Dimension.DEPLOYMENT: "deployment_id",
+    Dimension.MODEL: "model",
+    Dimension.PROVIDER: "provider",
+    Dimension.USER: "user_id",
+    Dimension.AGENT: "agent_id",
+    Dimension.CHANNEL: "channel",
+    Dimension.FEATURE: "feature",
+}
+
+# Each event's value of every dimension, as (dimension, key) rows (the events' alias is `e`).
+FAN_OUT: Final = (
+    "CROSS JOIN LATERAL (VALUES "
+    + ", ".join(f"('{d.value}', e.{d.column})" for d in Dimension)
+    + ") AS v(dimension, key)"
+)
+
+# An event's figures the aggregate sums, besides its count: input, output, cached input,
+# reasoning and total tokens, and the exact charge.
+_FIGURES: Final = itemgetter(
+    *(
+        UsageRow._fields.index(name)
+        for name in ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens",
+                     "total_tokens", "customer_charge_usd")
+    )
+)  # fmt: skip
+_VALUES: Final = tuple((d.value, attrgetter(d.column)) for d in Dimension)
+
+DimensionKey = tuple[str, str, date, str | None]  # tenant_id, dimension, UTC day, key
+
+
+def daily_dimensions(events: Sequence[UsageRow]) -> dict[DimensionKey, list[Any]]:
+    """Exact sums per (tenant, dimension, UTC day, value) of `events`: [requests, input,
+    output, cached input, reasoning, total tokens, charge]."""
+    # Grouped per dimension into lists of figures, then summed column-wise by builtins: about
+    # a third of the time of adding each event's figures to seven running sums one by one.
+    # Decoding put occurred_at in UTC already.
+    tenant_days = [(e.tenant_id, e.occurred_at.date()) for e in events]
+    figures = [_FIGURES(e) for e in events]
+    sums: dict[DimensionKey, list[Any]] = {}
+    with localcontext(EXACT_CONTEXT):  # the charges' sum() is exact
+        for dimension, value_of in _VALUES:
+            groups: dict[tuple[tuple[str, date], str | None], list[tuple[Any, ...]]] = {}
+            values = map(value_of, events)
+            for figure, tenant_day, value in zip(figures, tenant_days, values, strict=True):
+                groups.setdefault((tenant_day, value), []).append(figure)
+            for ((tenant_id, day), value), members in groups.items():
+                sums[(tenant_id, dimension, day, value)] = [
+                    len(members),
+                    *map(sum, zip(*members, strict=True)),
+                ]
+    return sums
+
+
+# Rows in the order the caller sorted them, so replicas adding to the same rows lock them in
+# the same order. The DO UPDATE uses no function (Citus allows only IMMUTABLE ones there).
+_ADD = """
+    INSERT INTO usage_daily_dimensions AS d
+        (tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd)
+    SELECT tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+           cached_input_tokens, reasoning_tokens, total_tokens, charge_usd
+    FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
+                $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[])
+        WITH ORDINALITY
+        AS u(tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+             cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, n)
+    ORDER BY n
+    ON CONFLICT ON CONSTRAINT usage_daily_dimensions_key DO UPDATE SET
+        requests = d.requests + EXCLUDED.requests,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,
+        total_tokens = d.total_tokens + EXCLUDED.total_tokens,
+        charge_usd = d.charge_usd + EXCLUDED.charge_usd
+"""
+
+
+async def add_to_daily_dimensions(
+    connection: Connection, sums: Mapping[DimensionKey, Sequence[Any]]
+) -> None:
+    """Add newly stored events' `daily_dimensions` to the aggregate: one statement in the
+    caller's transaction, after `add_to_daily_totals` (which took the months' locks)."""
+    if not sums:
+        return
+    keys = sorted(sums, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
+    await connection.execute(
+        _ADD,
+        *([k[i] for k in keys] for i in range(4)),
+        *([sums[k][i] for k in keys] for i in range(7)),
+    )
+
+
+_FILL = f"""
+    INSERT INTO usage_daily_dimensions AS d
+        (tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd)
+    SELECT e.tenant_id, v.dimension, (e.occurred_at AT TIME ZONE 'UTC')::date, v.key,
+           count(*), sum(e.input_tokens), sum(e.output_tokens), sum(e.cached_input_tokens),
+           sum(e.reasoning_tokens), sum(e.total_tokens), sum(e.customer_charge_usd)
+    FROM llm_usage_events AS e
+    {FAN_OUT}
+    WHERE $1::text[] IS NULL OR e.tenant_id = ANY($1::text[])
+    GROUP BY e.tenant_id, v.dimension, (e.occurred_at AT TIME ZONE 'UTC')::date, v.key
+    ON CONFLICT ON CONSTRAINT usage_daily_dimensions_key DO UPDATE SET
+        requests = EXCLUDED.requests,
+        input_tokens = EXCLUDED.input_tokens,
+        output_tokens = EXCLUDED.output_tokens,
+        cached_input_tokens = EXCLUDED.cached_input_tokens,
+        reasoning_tokens = EXCLUDED.reasoning_tokens,
+        total_tokens = EXCLUDED.total_tokens,
+        charge_usd = EXCLUDED.charge_usd
+"""
+
+
+async def fill_from_events(
+    connection: Connection, *, tenant_ids: Sequence[str] | None = None
+) -> None:
+    """Set the aggregate's rows of `tenant_ids` (None: every tenant) to the sums of their stored
+    events: for events loaded straight into `llm_usage_events`. Running it again changes
+    nothing; no usage consumer may be storing those tenants' events meanwhile."""
+    await connection.execute(_FILL, None if tenant_ids is None else list(tenant_ids))
