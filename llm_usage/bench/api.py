@@ -45,6 +45,9 @@ SIZED_ROUTES: Final = ("breakdown", "summary", "daily")
 DIMENSIONS: Final = ("deployment", "model", "provider", "user", "agent", "channel", "feature")
 AUDIENCE: Final = "llm-usage-pipeline"
 INGEST_BATCH: Final = 1000
+# Issue 21's goals on this machine: every sized tenant's report one at a time, and the mix.
+ONE_AT_A_TIME_P99_MS: Final = 20.0
+MIXED_P99_MS: Final = 100.0
 # The old reports of a 10M-event tenant take seconds each: at least this many, however long.
 MIN_OLD_RUNS: Final = 3
 
@@ -308,6 +311,7 @@ async def measure_api(
         f"({len(mix):,} requests): {mixed.per_second:,.0f} requests/s, "
         f"p50 {mixed.p50_ms:.1f} ms, p99 {mixed.p99_ms:.1f} ms ({mixed.requests:,} requests)"
     )
+    print(goal_lines(sized, mixed))
     if ingest is not None:
         api_rate, batch_latencies, kafka_rate = ingest
         print(
@@ -386,3 +390,14 @@ def growth_lines(sized: Sequence[SizedFigures]) -> str:
             f"(before: x{large.old.percentile(0.99) / small.old.percentile(0.99):.1f})"
         )
     return "\n" + "\n".join(lines) if lines else ""
+
+
+def goal_lines(sized: Sequence[SizedFigures], mixed: WrkResult) -> str:
+    worst = max(sized, key=lambda found: found.new.p99_ms)
+    one = "met" if worst.new.p99_ms < ONE_AT_A_TIME_P99_MS else "NOT met"
+    many = "met" if mixed.p99_ms < MIXED_P99_MS else "NOT met"
+    return (
+        f"\ngoal: one at a time, p99 < {ONE_AT_A_TIME_P99_MS:.0f} ms for every sized tenant and "
+        f"route: {one} (worst {worst.new.p99_ms:.1f} ms, {worst.route} of {worst.events:,} "
+        f"events)\ngoal: under load, p99 < {MIXED_P99_MS:.0f} ms: {many} ({mixed.p99_ms:.1f} ms)"
+    )

@@ -44,6 +44,8 @@ async def test_bench_api_prints_old_and_new_figures_by_tenant_size(
         for route in ("breakdown", "summary", "daily"):
             assert re.search(rf"{route}: p99 from 300 to 3,000 events x[\d.]+ \(before: x", out)
         assert re.search(r"4 connections over every route of 22 tenants .* requests/s, p50", out)
+        assert re.search(r"goal: one at a time, p99 < 20 ms .*: (met|NOT met) \(worst", out)
+        assert re.search(r"goal: under load, p99 < 100 ms: (met|NOT met) \(", out)
         assert re.search(r"ingest: POST /v1/usage-events [\d,]+ events/s", out)
         # A second run reuses what the first loaded.
         await run(sizes=SIZES[:1], clients=2, ingest_events=0)

@@ -10,9 +10,23 @@ import sys
 import pytest
 
 from llm_usage.bench import cli
-from llm_usage.bench.api import Latencies, mixed_paths, route_paths
+from llm_usage.bench.api import (
+    Latencies,
+    SizedFigures,
+    goal_lines,
+    growth_lines,
+    mixed_paths,
+    route_paths,
+)
 from llm_usage.bench.api_data import Months, event_counts
-from llm_usage.bench.wrk import RESULT_MARK, WrkMissingError, lua_script, parse_result, wrk_binary
+from llm_usage.bench.wrk import (
+    RESULT_MARK,
+    WrkMissingError,
+    WrkResult,
+    lua_script,
+    parse_result,
+    wrk_binary,
+)
 from tests import clock
 
 
@@ -112,3 +126,39 @@ def test_without_wrk_one_line_says_how_to_install_it(monkeypatch: pytest.MonkeyP
         wrk_binary()
     assert "apt-get install wrk" in str(raised.value.code)
     assert "\n" not in str(raised.value.code)
+
+
+def _figures(events: int, route: str, new_p99: float, old_p99: float) -> SizedFigures:
+    return SizedFigures(
+        events, route, WrkResult(10, 1.0, 1.0, new_p99, new_p99), Latencies([old_p99 / 1000])
+    )
+
+
+def test_growth_is_the_largest_tenants_p99_over_the_smallests() -> None:
+    sized = [
+        _figures(10_000_000, "summary", 6.0, 3500.0),
+        _figures(1000, "summary", 4.0, 5.0),
+        _figures(1000, "daily", 4.0, 5.0),
+    ]
+    assert growth_lines(sized).strip() == (
+        "summary: p99 from 1,000 to 10,000,000 events x1.5 (before: x700.0)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("worst", "mixed", "one", "many"),
+    [
+        (19.9, 99.9, "met", "met"),
+        (20.0, 100.0, "NOT met", "NOT met"),
+        (25.0, 50.0, "NOT met", "met"),
+    ],
+)
+def test_the_goals_are_strictly_below_20_and_100_ms(
+    worst: float, mixed: float, one: str, many: str
+) -> None:
+    sized = [_figures(1000, "summary", 3.0, 1.0), _figures(10_000_000, "breakdown", worst, 1.0)]
+    lines = goal_lines(sized, WrkResult(100, 1.0, 1.0, mixed, mixed)).strip().splitlines()
+    assert lines[0].startswith("goal: one at a time")
+    assert f": {one} (worst {worst}" in lines[0]
+    assert "breakdown of 10,000,000 events" in lines[0]
+    assert lines[1].endswith(f": {many} ({mixed} ms)")
