@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from llm_usage.bench.api_data import Months, sized_tenant, spread_tenant
+from llm_usage.bench.raw_reports import COLUMNS, raw_report
 from llm_usage.bench.wrk import WrkResult, run_wrk, wrk_binary, wrk_version
 from llm_usage.testing.processes import spawn_llm_usage
 
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 BENCH_DATABASE: Final = "llm_usage_bench_api"
 SIZED_ROUTES: Final = ("breakdown", "summary", "daily")
-DIMENSIONS: Final = ("deployment", "model", "provider", "user", "agent", "channel", "feature")
+DIMENSIONS: Final = tuple(COLUMNS)
 AUDIENCE: Final = "llm-usage-pipeline"
 INGEST_BATCH: Final = 1000
 # Issue 21's goals on this machine: every sized tenant's report one at a time, and the mix.
@@ -163,8 +164,6 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 async def _old_route(
     connection: asyncpg.Connection, route: str, tenant: str, months: Months, seconds: float
 ) -> Latencies:
-    from llm_usage.bench.raw_reports import raw_report  # noqa: PLC0415 - asyncpg, late
-
     latencies = Latencies()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(latencies.seconds) < MIN_OLD_RUNS:
