@@ -44,10 +44,7 @@ class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", from_attributes=True)
 
 
-class UsageSummaryAnswer(_Answer):
-    tenant_id: str
-    from_: str = Field(alias="from", description="RFC 3339, UTC; included")
-    to: str = Field(description="RFC 3339, UTC; excluded")
+class _UsageFigures(_Answer):
     requests: int
     input_tokens: int
     output_tokens: int
@@ -56,15 +53,25 @@ class UsageSummaryAnswer(_Answer):
     total_tokens: int
     customer_charge_usd: UsdText = Money()
 
+
+class UsageTodayAnswer(_UsageFigures):
+    from_: str = Field(alias="from", description="today's UTC midnight, RFC 3339; included")
+    to: str = Field(description="now, RFC 3339, UTC; excluded")
+
     model_config = ConfigDict(populate_by_name=True)
 
 
-class BreakdownItemAnswer(_Answer):
+class UsageSummaryAnswer(_UsageFigures):
+    tenant_id: str
+    from_: str = Field(alias="from", description="RFC 3339, UTC; included")
+    to: str = Field(description="RFC 3339, UTC; excluded")
+    today: UsageTodayAnswer = Field(description="the same figures for today (UTC) up to now")
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class BreakdownItemAnswer(_UsageFigures):
     key: str | None = Field(description="the attribute's value; null for events without one")
-    requests: int
-    input_tokens: int
-    output_tokens: int
-    customer_charge_usd: UsdText = Money()
 
 
 class UsageBreakdownAnswer(_Answer):

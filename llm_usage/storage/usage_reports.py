@@ -1,49 +1,23 @@
 """Reads behind the HTTP API's usage reports: a tenant's totals, breakdowns and daily series.
 
-Where a report's range is made of whole UTC days and the daily pre-aggregate
-(`usage_daily_totals`, kept exact in the usage consumer's own transaction) has the numbers it
-needs, the report reads that; otherwise it reads the raw events through the index on
-(tenant_id, occurred_at). Every query is parameterised; column names come only from the fixed
-table of dimensions below. Sums are exact (`numeric`); counts are `bigint`.
+Every report reads the exact per-attribute daily aggregate (`usage_daily_dimensions`, kept in
+the usage consumer's own transaction) for the whole UTC days of its range, and raw events only
+for the days the range cuts (domain/report_days.py says how): its cost does not grow with the
+tenant's events. One statement per report; every query is parameterised, and column names come
+only from the fixed table of dimensions. Sums are exact (`numeric`); counts are `bigint`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
-from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
+from llm_usage.domain.report_days import RawPiece, read_plan
 from llm_usage.storage.pool import Connection
-
-
-class Dimension(StrEnum):
-    """What a breakdown groups by, and the event column that holds it."""
-
-    DEPLOYMENT = "deployment"
-    MODEL = "model"
-    PROVIDER = "provider"
-    USER = "user"
-    AGENT = "agent"
-    CHANNEL = "channel"
-    FEATURE = "feature"
-
-    @property
-    def column(self) -> str:
-        return _COLUMNS[self]
-
-
-_COLUMNS: Final = {
-    Dimension.DEPLOYMENT: "deployment_id",
-    Dimension.MODEL: "model",
-    Dimension.PROVIDER: "provider",
-    Dimension.USER: "user_id",
-    Dimension.AGENT: "agent_id",
-    Dimension.CHANNEL: "channel",
-    Dimension.FEATURE: "feature",
-}
+from llm_usage.storage.usage_dimensions import Dimension
 
 
 @dataclass(frozen=True)
@@ -63,6 +37,9 @@ class BreakdownItem:
     requests: int
     input_tokens: int
     output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
     customer_charge_usd: Decimal
 
 
@@ -73,65 +50,83 @@ class DailyItem:
     customer_charge_usd: Decimal
 
 
-def whole_day(moment: datetime) -> date | None:
-    """The UTC day `moment` starts, if it is a UTC midnight; else None."""
-    utc = moment.astimezone(UTC)
-    return utc.date() if utc.timetz().replace(tzinfo=None) == time(0) else None
-
-
-# The summary needs cached, reasoning and total tokens, which the daily pre-aggregate does not
-# keep: it reads the events, from the covering index of migration 0005 alone.
-SUMMARY_QUERY = """
-    SELECT count(*) AS requests,
-           coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
-           coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
-           coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
-           coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
-           coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
-           coalesce(sum(customer_charge_usd), 0) AS customer_charge_usd
+# The range's parts, each row signed: the aggregate's rows of the dimension ($2) over the days
+# [$3, $4), and per raw piece ($5/$6/$7, $8/$9/$10: start, end, sign; null start and end for
+# none) the events' sums per `{key}`, grouped by `{group}`. $1 is the tenant. Raw pieces read
+# the covering index of migration 0005 alone.
+_RAW_PIECE = """
+    SELECT {key} AS key, ${sign}::int * count(*) AS requests,
+           ${sign}::int * sum(input_tokens) AS input_tokens,
+           ${sign}::int * sum(output_tokens) AS output_tokens,
+           ${sign}::int * sum(cached_input_tokens) AS cached_input_tokens,
+           ${sign}::int * sum(reasoning_tokens) AS reasoning_tokens,
+           ${sign}::int * sum(total_tokens) AS total_tokens,
+           ${sign}::int * sum(customer_charge_usd) AS charge_usd
     FROM llm_usage_events
-    WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+    WHERE tenant_id = $1 AND occurred_at >= ${start} AND occurred_at < ${end}
+    {group}
 """
+_PARTS = """
+    SELECT key, requests, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens,
+           total_tokens, charge_usd
+    FROM usage_daily_dimensions
+    WHERE tenant_id = $1 AND dimension = $2 AND day >= $3 AND day < $4
+    UNION ALL {first}
+    UNION ALL {second}
+"""
+_SUMS = """
+    coalesce(sum(requests), 0)::bigint AS requests,
+    coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
+    coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
+    coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
+    coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
+    coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
+    coalesce(sum(charge_usd), 0) AS customer_charge_usd
+"""
+
+
+def _parts(key: str, group: str) -> str:
+    first = _RAW_PIECE.format(key=key, group=group, start=5, end=6, sign=7)
+    second = _RAW_PIECE.format(key=key, group=group, start=8, end=9, sign=10)
+    return _PARTS.format(first=first, second=second)
+
+
+# Every event is in exactly one row of the `deployment` dimension: their sum is the total. The
+# raw pieces need no grouping (an aggregate without GROUP BY: one row, null sums when empty).
+SUMMARY_QUERY = f"SELECT {_SUMS} FROM ({_parts('NULL::text', '')}) AS parts"
+
+
+def breakdown_query(by: Dimension) -> str:
+    """The breakdown; $1 tenant, $2 dimension, $3-$10 the read plan's parts, $11 limit."""
+    parts = _parts(by.column, f"GROUP BY {by.column}")
+    return f"""
+        SELECT key, {_SUMS} FROM ({parts}) AS parts
+        GROUP BY key
+        HAVING sum(requests) <> 0
+        ORDER BY customer_charge_usd DESC, requests DESC, key ASC NULLS FIRST
+        LIMIT $11
+    """
+
+
+def _plan_arguments(start: datetime, end: datetime) -> list[Any]:
+    """$3-$10 of the queries above: the aggregate's days and two raw pieces (or none)."""
+    plan = read_plan(start, end)
+    pieces: list[RawPiece | None] = [*plan.raw, None, None][:2]
+    arguments: list[Any] = [plan.first_day, plan.end_day]
+    for piece in pieces:
+        arguments += [None, None, 0] if piece is None else [piece.start, piece.end, piece.sign]
+    return arguments
 
 
 async def usage_summary(
     connection: Connection, tenant_id: str, *, start: datetime, end: datetime
 ) -> UsageSummary:
     """Totals over the tenant's events with start <= occurred_at < end."""
-    row = await connection.fetchrow(SUMMARY_QUERY, tenant_id, start, end)
+    row = await connection.fetchrow(
+        SUMMARY_QUERY, tenant_id, Dimension.DEPLOYMENT.value, *_plan_arguments(start, end)
+    )
     assert row is not None  # an aggregate without GROUP BY always answers one row
     return UsageSummary(**dict(row))
-
-
-_ORDER_AND_LIMIT = """
-    ORDER BY customer_charge_usd DESC, requests DESC, key ASC NULLS FIRST
-    LIMIT $4
-"""
-# The `key` column of the events, by name from the fixed table above (never from input). Every
-# column it reads is in the covering index of migration 0005.
-_BREAKDOWN_EVENTS = """
-    SELECT {column} AS key, count(*) AS requests,
-           sum(input_tokens)::bigint AS input_tokens,
-           sum(output_tokens)::bigint AS output_tokens,
-           sum(customer_charge_usd) AS customer_charge_usd
-    FROM llm_usage_events
-    WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3
-    GROUP BY {column}
-"""
-_BREAKDOWN_DAILY_DEPLOYMENTS = """
-    SELECT deployment_id AS key, sum(requests)::bigint AS requests,
-           sum(input_tokens)::bigint AS input_tokens,
-           sum(output_tokens)::bigint AS output_tokens,
-           sum(charge_usd) AS customer_charge_usd
-    FROM usage_daily_totals
-    WHERE tenant_id = $1 AND day >= $2 AND day < $3
-    GROUP BY deployment_id
-"""
-
-
-def breakdown_query(by: Dimension) -> str:
-    """The breakdown over raw events; $1 tenant, $2 start, $3 end, $4 limit."""
-    return _BREAKDOWN_EVENTS.format(column=by.column) + _ORDER_AND_LIMIT
 
 
 async def usage_breakdown(
@@ -143,22 +138,20 @@ async def usage_breakdown(
     end: datetime,
     limit: int,
 ) -> list[BreakdownItem]:
-    """The tenant's usage per value of `by` (null is one value of its own), highest charge
-    first (then most requests, then by key, null first), at most `limit` items."""
-    first_day, end_day = whole_day(start), whole_day(end)
-    if by is Dimension.DEPLOYMENT and first_day is not None and end_day is not None:
-        query = _BREAKDOWN_DAILY_DEPLOYMENTS + _ORDER_AND_LIMIT
-        rows = await connection.fetch(query, tenant_id, first_day, end_day, limit)
-    else:
-        query = breakdown_query(by)
-        rows = await connection.fetch(query, tenant_id, start, end, limit)
+    """The tenant's usage per value of `by` (null is one value of its own) over its events with
+    start <= occurred_at < end, highest charge first (then most requests, then by key, null
+    first), at most `limit` items."""
+    rows = await connection.fetch(
+        breakdown_query(by), tenant_id, by.value, *_plan_arguments(start, end), limit
+    )
     return [BreakdownItem(**dict(row)) for row in rows]
 
 
+# Whole UTC days from the aggregate alone: the sum of a day's `deployment` rows is its usage.
 _DAILY = """
     SELECT day, sum(requests)::bigint AS requests, sum(charge_usd) AS customer_charge_usd
-    FROM usage_daily_totals
-    WHERE tenant_id = $1 AND day >= $2 AND day <= $3
+    FROM usage_daily_dimensions
+    WHERE tenant_id = $1 AND dimension = 'deployment' AND day >= $2 AND day <= $3
     GROUP BY day
 """
 

@@ -11,7 +11,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,12 +24,14 @@ from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.budgets import BudgetWindow, ScopeType, budget_status, period_start
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.domain.policies import BudgetPolicy
+from llm_usage.domain.report_days import read_plan
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.lines import usage_lines
 from llm_usage.rollup.run import run_rollup
 from llm_usage.storage.budget_outbox import pending_alerts
 from llm_usage.storage.budget_policies import set_policy
-from llm_usage.storage.usage_reports import SUMMARY_QUERY, Dimension, breakdown_query
+from llm_usage.storage.usage_dimensions import Dimension
+from llm_usage.storage.usage_reports import SUMMARY_QUERY, breakdown_query
 from tests import clock
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
@@ -120,27 +122,16 @@ def _breakdown(rows: Sequence[asyncpg.Record], column: str, limit: int) -> list[
     groups: dict[str | None, list[asyncpg.Record]] = defaultdict(list)
     for row in rows:
         groups[row[column]].append(row)
-    items = [
-        (
-            key,
-            len(found),
-            sum(r["input_tokens"] for r in found),
-            sum(r["output_tokens"] for r in found),
-            sum((r["customer_charge_usd"] for r in found), Decimal(0)),
+    items = [{"key": key, **_summary(found)} for key, found in groups.items()]
+    items.sort(
+        key=lambda i: (
+            -Decimal(i["customer_charge_usd"]),
+            -i["requests"],
+            i["key"] is not None,
+            i["key"] or "",
         )
-        for key, found in groups.items()
-    ]
-    items.sort(key=lambda i: (-i[4], -i[1], i[0] is not None, i[0] or ""))
-    return [
-        {
-            "key": key,
-            "requests": requests,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "customer_charge_usd": _money(charge),
-        }
-        for key, requests, input_tokens, output_tokens, charge in items[:limit]
-    ]
+    )
+    return items[:limit]
 
 
 def _utc(text: str) -> str:
@@ -188,6 +179,11 @@ async def test_summary_and_breakdowns_equal_the_raw_events(pool: asyncpg.Pool, t
                 "from": _utc(start_text) if start_text else f"{YEAR}-11-01T00:00:00Z",
                 "to": _utc(end_text) if end_text else f"{YEAR}-11-24T12:00:00Z",
                 **_summary(selected),
+                "today": {
+                    "from": f"{YEAR}-11-24T00:00:00Z",
+                    "to": f"{YEAR}-11-24T12:00:00Z",
+                    **_summary(_in(rows, datetime(YEAR, 11, 24, tzinfo=UTC), NOW)),
+                },
             }
             for by, column in DIMENSIONS.items():
                 for limit in (1000, 2):
@@ -372,15 +368,6 @@ async def test_invoice_lines_equal_the_lines_built_from_the_raw_events(
         assert answer.json() == {"period": f"{YEAR}-09", "closed": False, "items": []}
 
 
-def test_whole_days_are_recognised() -> None:
-    from llm_usage.storage.usage_reports import whole_day  # noqa: PLC0415
-
-    assert whole_day(datetime(YEAR, 11, 1, tzinfo=UTC)) == date(YEAR, 11, 1)
-    assert whole_day(datetime(YEAR, 11, 1, 1, tzinfo=UTC)) is None
-    assert whole_day(parse_instant(f"{YEAR}-11-02T02:00:00+02:00")) == date(YEAR, 11, 2)
-    assert whole_day(datetime(YEAR, 11, 1, 0, 0, 0, 1, tzinfo=UTC)) is None
-
-
 async def test_equal_charges_are_ordered_by_requests_then_key_null_first(
     pool: asyncpg.Pool,
 ) -> None:
@@ -408,23 +395,31 @@ async def test_equal_charges_are_ordered_by_requests_then_key_null_first(
 
 
 @pytest.mark.parametrize("by", [None, *Dimension])
-async def test_reports_on_raw_events_are_answered_from_the_index_alone(
+async def test_reports_read_the_aggregate_and_raw_edges_from_indexes_alone(
     pool: asyncpg.Pool, by: Dimension | None
 ) -> None:
-    """Every column a raw-event report reads is in the covering index: a column added to a
-    query but not to the index would make each event cost a heap page again."""
+    """Every column a report reads of the raw events is in the covering index, and the
+    aggregate is read through its key: a column added to a query but not to the index would
+    make each event cost a heap page again."""
     query = SUMMARY_QUERY if by is None else breakdown_query(by)
+    start, end = NOW - timedelta(days=30, hours=3), NOW + timedelta(hours=1)
+    plan = read_plan(start, end)
+    assert len(plan.raw) == 2  # both edges cut a day: both raw pieces are read
+    pieces = [value for p in plan.raw for value in (p.start, p.end, p.sign)]
     async with pool.acquire() as connection, connection.transaction():
-        # Forbid the other plans, so that the plan shows what the index can do on its own.
+        # Forbid the other plans, so that the plan shows what the indexes can do on their own.
         await connection.execute("SET LOCAL enable_seqscan = off")
         await connection.execute("SET LOCAL enable_bitmapscan = off")
-        plan = await connection.fetchval(
+        explained = await connection.fetchval(
             f"EXPLAIN (FORMAT JSON) {query}",
             "t",
-            NOW - timedelta(days=30),
-            NOW,
+            (by or Dimension.DEPLOYMENT).value,
+            plan.first_day,
+            plan.end_day,
+            *pieces,
             *([10] if by else []),
         )
-    text = str(plan)  # EXPLAIN's JSON, as text
-    assert '"Index Only Scan"' in text, text
+    text = str(explained)  # EXPLAIN's JSON, as text
+    assert text.count('"Index Only Scan"') == 2, text
+    assert '"usage_daily_dimensions_key"' in text, text
     assert '"Seq Scan"' not in text, text

@@ -12,7 +12,7 @@ from llm_usage.api.http import ERRORS
 from llm_usage.storage import usage_reports
 from llm_usage.storage.budget_status import tenant_budget_status
 from llm_usage.storage.pool import connection_from
-from llm_usage.storage.usage_reports import Dimension
+from llm_usage.storage.usage_dimensions import Dimension
 
 router = APIRouter(tags=["ui"], responses=ERRORS)
 

@@ -11,11 +11,18 @@ from fastapi import APIRouter, Query
 from llm_usage.api.context import Context
 from llm_usage.api.guards import Member, TenantId
 from llm_usage.api.http import ERRORS
-from llm_usage.api.models import UsageBreakdownAnswer, UsageDailyAnswer, UsageSummaryAnswer
+from llm_usage.api.models import (
+    UsageBreakdownAnswer,
+    UsageDailyAnswer,
+    UsageSummaryAnswer,
+    UsageTodayAnswer,
+)
 from llm_usage.api.params import rfc3339, time_range
+from llm_usage.domain.periods import utc_day
+from llm_usage.domain.report_days import midnight
 from llm_usage.storage import usage_reports
 from llm_usage.storage.pool import connection_from
-from llm_usage.storage.usage_reports import Dimension
+from llm_usage.storage.usage_dimensions import Dimension
 
 MAX_DAYS: Final = 366
 MAX_BREAKDOWN_ITEMS: Final = 1000
@@ -29,7 +36,7 @@ From = Annotated[
 To = Annotated[str | None, Query(description="RFC 3339 or a date; default: now")]
 
 
-@router.get("/summary", summary="Totals over [from, to)")
+@router.get("/summary", summary="Totals over [from, to), and today's so far")
 async def usage_summary(
     principal: Member,
     context: Context,
@@ -37,11 +44,18 @@ async def usage_summary(
     from_: From = None,
     to: To = None,
 ) -> UsageSummaryAnswer:
-    start, end = time_range(from_, to, now=context.clock())
+    now = context.clock()
+    start, end = time_range(from_, to, now=now)
+    today_start = midnight(utc_day(now))
     async with connection_from(context.pool) as connection:
         summary = await usage_reports.usage_summary(connection, tenant_id, start=start, end=end)
+        today = await usage_reports.usage_summary(connection, tenant_id, start=today_start, end=now)
     return UsageSummaryAnswer(
-        tenant_id=tenant_id, from_=rfc3339(start), to=rfc3339(end), **asdict(summary)
+        tenant_id=tenant_id,
+        from_=rfc3339(start),
+        to=rfc3339(end),
+        today=UsageTodayAnswer(from_=rfc3339(today_start), to=rfc3339(now), **asdict(today)),
+        **asdict(summary),
     )
 
 
