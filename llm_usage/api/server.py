@@ -55,8 +55,9 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; a taken port or an unknown host is one line."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on host:port; a taken port or an unknown host is one line. With
+    `reuse_port`, other processes that ask for it too may listen on the same port."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
@@ -67,6 +68,8 @@ def bind(host: str, port: int) -> socket.socket:
     family, kind, protocol, _, address = infos[0]
     listener = socket.socket(family, kind, protocol)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         listener.bind(address)
         listener.listen(2048)
@@ -98,7 +101,7 @@ async def serve_api(
     """Serve until SIGTERM/SIGINT; `on_listening(host, port)` once the socket is bound."""
     verifier = TokenVerifier.from_settings(settings)
     clock = worker_clock()
-    listener = bind(settings.api_host, settings.api_port)
+    listener = bind(settings.api_host, settings.api_port, reuse_port=settings.api_reuse_port)
     try:
         pool = await create_pool(settings.database_url, size=settings.database_pool_size)
     except BaseException:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llm_usage.bench.api_data import event_counts
 from llm_usage.cli.args import Commands, fraction, positive_int, positive_seconds
 
 if TYPE_CHECKING:
@@ -91,7 +92,15 @@ def _add_budget(benchmarks: Commands) -> None:
 
 def _add_api(benchmarks: Commands) -> None:
     api = benchmarks.add_parser(
-        "api", help="HTTP API latency under 50 clients; growth with a tenant's size; HTTP ingest"
+        "api",
+        help="HTTP API (wrk, one API process a core): reports one at a time by a tenant's size, "
+        "old and new; 50 clients; HTTP ingest",
+    )
+    api.add_argument(
+        "--sizes",
+        type=_event_counts,
+        default="1k,100k,1m,10m",
+        help="events of each sized tenant, all in last month (default: 1k,100k,1m,10m)",
     )
     api.add_argument("--events", type=positive_int, default=10_000_000)
     api.add_argument("--tenants", type=positive_int, default=1_000)
@@ -99,6 +108,13 @@ def _add_api(benchmarks: Commands) -> None:
     api.add_argument("--seconds", type=float, default=30.0)
     api.add_argument("--ingest-events", type=positive_int, default=50_000)
     api.set_defaults(run=_runs("llm_usage.bench.api", "run_api_benchmark"))
+
+
+def _event_counts(text: str) -> list[int]:
+    try:
+        return event_counts(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_rollup(benchmarks: Commands) -> None:

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # JWKS file of public keys (RS256/ES256); checked when the API starts, not by the workers.
     api_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - a service's default
     api_port: int = Field(default=8080, ge=0, le=65535)
+    # Several `serve api` processes on one host share API_PORT (SO_REUSEPORT; the kernel spreads
+    # connections): one process per core without a process manager.
+    api_reuse_port: bool = False
     api_jwt_secret: SecretStr | None = None
     api_jwt_jwks_file: str | None = None
     api_jwt_audience: str = Field(default="llm-usage-pipeline", min_length=1)
