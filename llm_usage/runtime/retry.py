@@ -46,10 +46,17 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# The one exception to matching by type: a Citus coordinator reports a worker's deadlock (or its
+# own distributed-deadlock detector cancelling one transaction) as SQLSTATE XX000, not 40P01.
+_CITUS_DEADLOCKS = ("deadlock detected", "involved in a distributed deadlock")
+
+
 def is_transient(error: BaseException) -> bool:
     """True for failures that go away by themselves: a restarting database, a moving leader."""
     if isinstance(error, _TRANSIENT_ERRORS):
         return True
+    if isinstance(error, asyncpg.exceptions.InternalServerError):
+        return any(text in str(error) for text in _CITUS_DEADLOCKS)
     return isinstance(error, KafkaError) and bool(getattr(error, "retriable", False))
 
 

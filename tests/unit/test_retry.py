@@ -47,6 +47,15 @@ def in_seconds(seconds: float) -> float:
         (asyncpg.exceptions.CheckViolationError(), False),
         (UnknownTopicOrPartitionError(), True),
         (ValueError("bug"), False),
+        # A Citus coordinator reports a worker's deadlock as XX000; any other XX000 is a fault.
+        (asyncpg.exceptions.InternalServerError("deadlock detected"), True),
+        (
+            asyncpg.exceptions.InternalServerError(
+                "canceling the transaction since it was involved in a distributed deadlock"
+            ),
+            True,
+        ),
+        (asyncpg.exceptions.InternalServerError("could not find block containing chunk"), False),
     ],
 )
 def test_is_transient(error: BaseException, transient: bool) -> None:
