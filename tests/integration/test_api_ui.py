@@ -104,9 +104,13 @@ async def _tenant_with_usage(pool: asyncpg.Pool) -> str:
     ]
     await _store(pool, _random_events(tenant, 200, random.Random(3)) + odd)
     async with pool.acquire() as connection:
-        # As the outbox relay marks what the alerts topic acknowledged.
+        # As the outbox relay marks what the alerts topic acknowledged; decided at the tests'
+        # clock (the outbox stamps the database's own time), so they are "this month's".
         await connection.execute(
-            "UPDATE budget_alert_outbox SET published_at = now() WHERE tenant_id = $1", tenant
+            "UPDATE budget_alert_outbox SET published_at = $2, created_at = $2 "
+            "WHERE tenant_id = $1",
+            tenant,
+            LATE_TODAY,
         )
     return tenant
 
