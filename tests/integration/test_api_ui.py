@@ -240,8 +240,17 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
     assert f"/ui/tenants/{tenant}/events?user_id=ann%20%26%20bob%2F%C3%BC%3Fx%3D1" in links
 
     # This month's alerts, newest first, each with the period it is for.
-    fields = ("alert_id", "level", "threshold_pct", "spend_usd", "limit_usd")
-    fields += ("scope_type", "scope_id", "window", "period_start")
+    fields: tuple[str, ...] = (
+        "alert_id",
+        "level",
+        "threshold_pct",
+        "spend_usd",
+        "limit_usd",
+        "scope_type",
+        "scope_id",
+        "window",
+        "period_start",
+    )
     assert [
         {name: a[f"data-{name.replace('_', '-')}"] for name in fields}
         for a in html.with_class("alert")

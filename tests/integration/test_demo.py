@@ -69,7 +69,7 @@ SERVING = "  Serving the API here until Ctrl-C."
 
 
 async def _read_until(stream: asyncio.StreamReader, last_line: str) -> str:
-    lines = []
+    lines: list[str] = []
     while True:
         line = (await stream.readline()).decode()
         assert line, "the demo ended before it served the page:\n" + "".join(lines)
