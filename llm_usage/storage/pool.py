@@ -72,6 +72,20 @@ async def connection_from(
         await pool.release(connection)
 
 
+@asynccontextmanager
+async def snapshot_from(
+    pool: asyncpg.Pool,
+) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+    """Borrow a connection (as `connection_from`) inside a read-only REPEATABLE READ
+    transaction: every read through it sees the same snapshot, so figures read one after the
+    other agree with each other even while events arrive."""
+    async with (
+        connection_from(pool) as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        yield connection
+
+
 def _is_stuck(error: asyncpg.InterfaceError) -> bool:
     """asyncpg's own words for a connection whose previous operation never finished."""
     return "another operation is in progress" in str(error)

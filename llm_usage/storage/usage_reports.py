@@ -108,9 +108,9 @@ def breakdown_query(by: Dimension) -> str:
     """
 
 
-def _plan_arguments(start: datetime, end: datetime) -> list[Any]:
+def _plan_arguments(start: datetime, end: datetime, now: datetime) -> list[Any]:
     """$3-$10 of the queries above: the aggregate's days and two raw pieces (or none)."""
-    plan = read_plan(start, end)
+    plan = read_plan(start, end, now=now)
     pieces: list[RawPiece | None] = [*plan.raw, None, None][:2]
     arguments: list[Any] = [plan.first_day, plan.end_day]
     for piece in pieces:
@@ -119,11 +119,12 @@ def _plan_arguments(start: datetime, end: datetime) -> list[Any]:
 
 
 async def usage_summary(
-    connection: Connection, tenant_id: str, *, start: datetime, end: datetime
+    connection: Connection, tenant_id: str, *, start: datetime, end: datetime, now: datetime
 ) -> UsageSummary:
-    """Totals over the tenant's events with start <= occurred_at < end."""
+    """Totals over the tenant's events with start <= occurred_at < end (`now`, the current
+    instant, only chooses how they are read)."""
     row = await connection.fetchrow(
-        SUMMARY_QUERY, tenant_id, Dimension.DEPLOYMENT.value, *_plan_arguments(start, end)
+        SUMMARY_QUERY, tenant_id, Dimension.DEPLOYMENT.value, *_plan_arguments(start, end, now)
     )
     assert row is not None  # an aggregate without GROUP BY always answers one row
     return UsageSummary(**dict(row))
@@ -136,13 +137,14 @@ async def usage_breakdown(
     by: Dimension,
     start: datetime,
     end: datetime,
+    now: datetime,
     limit: int,
 ) -> list[BreakdownItem]:
     """The tenant's usage per value of `by` (null is one value of its own) over its events with
     start <= occurred_at < end, highest charge first (then most requests, then by key, null
-    first), at most `limit` items."""
+    first), at most `limit` items (`now` as in `usage_summary`)."""
     rows = await connection.fetch(
-        breakdown_query(by), tenant_id, by.value, *_plan_arguments(start, end), limit
+        breakdown_query(by), tenant_id, by.value, *_plan_arguments(start, end, now), limit
     )
     return [BreakdownItem(**dict(row)) for row in rows]
 

@@ -403,7 +403,7 @@ async def test_reports_read_the_aggregate_and_raw_edges_from_indexes_alone(
     make each event cost a heap page again."""
     query = SUMMARY_QUERY if by is None else breakdown_query(by)
     start, end = NOW - timedelta(days=30, hours=3), NOW + timedelta(hours=1)
-    plan = read_plan(start, end)
+    plan = read_plan(start, end, now=NOW)
     assert len(plan.raw) == 2  # both edges cut a day: both raw pieces are read
     pieces = [value for p in plan.raw for value in (p.start, p.end, p.sign)]
     async with pool.acquire() as connection, connection.transaction():

@@ -126,11 +126,11 @@ async def _assert_reports_equal_raw(
 ) -> None:
     async with pool.acquire() as connection:
         for start, end in ranges:
-            summary = await usage_summary(connection, tenant, start=start, end=end)
+            summary = await usage_summary(connection, tenant, start=start, end=end, now=NOW)
             assert summary.__dict__ == await _raw_summary(pool, tenant, start, end), (start, end)
             for by in Dimension:
                 items = await usage_breakdown(
-                    connection, tenant, by=by, start=start, end=end, limit=1000
+                    connection, tenant, by=by, start=start, end=end, now=NOW, limit=1000
                 )
                 expected = await _raw_breakdown(pool, tenant, by, start, end)
                 assert [item.__dict__ for item in items] == expected, (by, start, end)

@@ -16,7 +16,7 @@ from llm_usage.domain.periods import current_period
 from llm_usage.storage import usage_reports
 from llm_usage.storage.budget_status import tenant_budget_status
 from llm_usage.storage.invoice_lines import lines_for
-from llm_usage.storage.pool import connection_from
+from llm_usage.storage.pool import snapshot_from
 from llm_usage.storage.usage_dimensions import Dimension
 
 router = APIRouter(tags=["ui"], responses=ERRORS)
@@ -70,19 +70,20 @@ async def tenant_page(
     sees_lines = principal.may(Role.TENANT_ADMIN, tenant_id)
     # One snapshot for every section, so that the month's figure, its top lists and its
     # invoice lines agree with each other even while events arrive.
-    async with (
-        connection_from(context.pool) as connection,
-        connection.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        month = await usage_reports.usage_summary(connection, tenant_id, start=start, end=end)
-        today = await usage_reports.usage_summary(connection, tenant_id, start=today_start, end=end)
+    async with snapshot_from(context.pool) as connection:
+        month = await usage_reports.usage_summary(
+            connection, tenant_id, start=start, end=end, now=now
+        )
+        today = await usage_reports.usage_summary(
+            connection, tenant_id, start=today_start, end=end, now=now
+        )
         budgets = await tenant_budget_status(connection, tenant_id, now=now)
         daily = await usage_reports.usage_daily(
             connection, tenant_id, first_day=first_day.date(), last_day=last_day.date()
         )
         top = {
             by: await usage_reports.usage_breakdown(
-                connection, tenant_id, by=by, start=start, end=end, limit=ui.TOP
+                connection, tenant_id, by=by, start=start, end=end, now=now, limit=ui.TOP
             )
             for by in (Dimension.MODEL, Dimension.USER, Dimension.AGENT)
         }

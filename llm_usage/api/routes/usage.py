@@ -21,7 +21,7 @@ from llm_usage.api.params import rfc3339, time_range
 from llm_usage.domain.periods import utc_day
 from llm_usage.domain.report_days import midnight
 from llm_usage.storage import usage_reports
-from llm_usage.storage.pool import connection_from
+from llm_usage.storage.pool import connection_from, snapshot_from
 from llm_usage.storage.usage_dimensions import Dimension
 
 MAX_DAYS: Final = 366
@@ -47,9 +47,14 @@ async def usage_summary(
     now = context.clock()
     start, end = time_range(from_, to, now=now)
     today_start = midnight(utc_day(now))
-    async with connection_from(context.pool) as connection:
-        summary = await usage_reports.usage_summary(connection, tenant_id, start=start, end=end)
-        today = await usage_reports.usage_summary(connection, tenant_id, start=today_start, end=now)
+    # One snapshot for both, so that today's figure never disagrees with the period's.
+    async with snapshot_from(context.pool) as connection:
+        summary = await usage_reports.usage_summary(
+            connection, tenant_id, start=start, end=end, now=now
+        )
+        today = await usage_reports.usage_summary(
+            connection, tenant_id, start=today_start, end=now, now=now
+        )
     return UsageSummaryAnswer(
         tenant_id=tenant_id,
         from_=rfc3339(start),
@@ -74,10 +79,11 @@ async def usage_breakdown(  # noqa: PLR0917 - FastAPI passes parameters by name
         int, Query(ge=1, le=MAX_BREAKDOWN_ITEMS, description="at most this many items")
     ] = 100,
 ) -> UsageBreakdownAnswer:
-    start, end = time_range(from_, to, now=context.clock())
+    now = context.clock()
+    start, end = time_range(from_, to, now=now)
     async with connection_from(context.pool) as connection:
         items = await usage_reports.usage_breakdown(
-            connection, tenant_id, by=by, start=start, end=end, limit=limit
+            connection, tenant_id, by=by, start=start, end=end, now=now, limit=limit
         )
     return UsageBreakdownAnswer(by=by, from_=rfc3339(start), to=rfc3339(end), items=items)
 
