@@ -11,6 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from llm_usage.domain.periods import start_of_month
 
 MAX_RANGE_DAYS: Final = 366
+# A range's instants are at most the last day's midnight: a report reads whole UTC days, and
+# the day after 9999-12-31 cannot be written.
+LATEST: Final = datetime.combine(date.max, time(0), UTC)
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _RFC3339 = re.compile(
@@ -55,10 +58,13 @@ def time_range(
     from_text: str | None, to_text: str | None, *, now: datetime
 ) -> tuple[datetime, datetime]:
     """[from, to) from the query: `from` defaults to the start of this UTC month, `to` to now;
-    from <= to and at most MAX_RANGE_DAYS apart."""
+    from <= to, at most MAX_RANGE_DAYS apart, neither after LATEST."""
     utc_now = now.astimezone(UTC)
     start = query_instant("from", from_text, start_of_month(utc_now))
     end = query_instant("to", to_text, utc_now)
+    for name, moment, text in (("from", start, from_text), ("to", end, to_text)):
+        if moment > LATEST:
+            raise invalid(("query", name), f"must not be after {rfc3339(LATEST)}", text)
     if end < start:
         name = "to" if to_text is not None else "from"
         raise invalid(("query", name), "`to` must not be before `from`", to_text or from_text)

@@ -47,6 +47,9 @@ def test_the_default_range_is_this_utc_month_up_to_now() -> None:
         ("2025-01-01", "2026-11-01", "from"),
         (None, "2028-01-01", "to"),
         ("someday", None, "from"),
+        # Past the last day's midnight: the day after it cannot be written.
+        ("9999-12-30", "9999-12-31T00:00:01Z", "to"),
+        ("9999-12-31T06:00:00Z", "9999-12-31T07:00:00Z", "from"),
     ],
 )
 def test_a_bad_range_names_the_parameter(start: str | None, end: str | None, field: str) -> None:
