@@ -13,6 +13,7 @@ from llm_usage.domain.periods import add_months
 from llm_usage.domain.retention import months_to_create, partition_name
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
+from llm_usage.storage.usage_dimensions import forget_days
 
 
 class StoredMonths(NamedTuple):
@@ -103,9 +104,14 @@ async def detach_partition(connection: Connection, month: date) -> None:
     the month `detaching` first (the retention floor moves past it, so new batches dead-letter
     its events `expired`), then `DETACH ... CONCURRENTLY`, which waits for the batches that may
     still write to it. A detach interrupted half-way is finished (`FINALIZE`). On Citus, which
-    refuses CONCURRENTLY, a plain `DETACH`."""
+    refuses CONCURRENTLY, a plain `DETACH`.
+
+    The month's rows of the daily aggregate go with its partition, in the transactions that
+    mark it `detaching` and `detached` (the second takes those of the batches that were still
+    writing): a report never reads a retired month's whole days from the aggregate and its cut
+    days from raw events that are gone."""
     name = partition_name(month)
-    await set_month_state(connection, month, "detaching")
+    await _mark_retiring(connection, month, "detaching")
     pending = await connection.fetchval(
         "SELECT inhdetachpending FROM pg_inherits "
         "WHERE inhrelid = to_regclass($1) AND inhparent = 'llm_usage_events'::regclass",
@@ -122,7 +128,14 @@ async def detach_partition(connection: Connection, month: date) -> None:
         await connection.execute(
             f"ALTER TABLE llm_usage_events DETACH PARTITION {name} CONCURRENTLY"
         )
-    await set_month_state(connection, month, "detached")
+    await _mark_retiring(connection, month, "detached")
+
+
+async def _mark_retiring(connection: Connection, month: date, state: str) -> None:
+    """Record `state` for `month` and delete its days from the daily aggregate, at once."""
+    async with connection.transaction():
+        await forget_days(connection, month, add_months(month, 1))
+        await set_month_state(connection, month, state)
 
 
 async def drop_detached(connection: Connection, month: date) -> None:

@@ -155,3 +155,11 @@ async def fill_from_events(
     events: for events loaded straight into `llm_usage_events`. Running it again changes
     nothing; no usage consumer may be storing those tenants' events meanwhile."""
     await connection.execute(_FILL, None if tenant_ids is None else list(tenant_ids))
+
+
+async def forget_days(connection: Connection, first_day: date, end_day: date) -> None:
+    """Delete every tenant's aggregate rows of the days [first_day, end_day): a month whose
+    events are retired must not be reported from the aggregate while its raw events are gone."""
+    await connection.execute(
+        "DELETE FROM usage_daily_dimensions WHERE day >= $1 AND day < $2", first_day, end_day
+    )

@@ -190,6 +190,10 @@ async def test_a_month_past_retention_is_detached_archived_and_dropped_on_citus(
         )
         tenant = unique("tenant")
         assert await _store_on(fresh_database, tenant, oldest, 40) == {"recorded": 40}
+        kept = unique("tenant")
+        assert await _store_on(fresh_database, kept, clock.this_month(), 2) == {"recorded": 2}
+        aggregate = "SELECT count(*) FROM usage_daily_dimensions WHERE tenant_id = $1"
+        assert await connection.fetchval(aggregate, tenant) == 7
 
         [retired] = await retire_months(
             connection,
@@ -201,6 +205,9 @@ async def test_a_month_past_retention_is_detached_archived_and_dropped_on_citus(
         assert retired.month == oldest
         assert retired.dropped, retired.report.differences
         assert retired.report.rows == 40
+        # The month's aggregate went with it (a DELETE over every shard); the kept one's stays.
+        assert await connection.fetchval(aggregate, tenant) == 0
+        assert await connection.fetchval(aggregate, kept) == 7
         assert await connection.fetchval("SELECT to_regclass($1)", partition) is None
         assert (
             await connection.fetchval(
@@ -209,7 +216,7 @@ async def test_a_month_past_retention_is_detached_archived_and_dropped_on_citus(
             == "dropped"
         )
         assert await _store_on(fresh_database, tenant, oldest, 1) == {"dead_lettered": 1}
-        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 0
+        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 2  # kept
     finally:
         await connection.close()
 

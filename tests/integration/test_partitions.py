@@ -237,11 +237,13 @@ async def test_a_database_of_the_previous_release_is_migrated_while_it_writes(
         await connection.close()
 
 
-async def store_events_in(database_url: str, month: date, count: int) -> str:
-    """`count` events of a new tenant on the month's first day, stored by the usage consumer's
-    handler; returns the tenant."""
+async def store_events_in(
+    database_url: str, month: date, count: int, *, at: datetime | None = None
+) -> str:
+    """`count` events of a new tenant on the month's first day (or `at`), stored by the usage
+    consumer's handler; returns the tenant."""
     tenant = unique("tenant")
-    occurred = datetime.combine(month, time(9), tzinfo=UTC).isoformat()
+    occurred = (at or datetime.combine(month, time(9), tzinfo=UTC)).isoformat()
     records = [
         consumer_record(encode(usage_event(tenant, occurred_at=occurred)), offset=n)
         for n in range(count)
@@ -265,12 +267,31 @@ async def test_a_month_past_retention_is_archived_verified_dropped_and_then_expi
         await migrate(connection, retention_months=1)
         oldest = (await months(connection))[0]
         tenant = await store_events_in(empty_database_url, oldest, 40)
+        kept = await store_events_in(
+            empty_database_url, clock.this_month(), 3, at=clock.earlier_today()
+        )
+        aggregate = "SELECT count(*) FROM usage_daily_dimensions WHERE tenant_id = $1"
+        assert await connection.fetchval(aggregate, tenant) > 0
+        kept_rows = await connection.fetch(
+            "SELECT * FROM usage_daily_dimensions WHERE tenant_id = $1 ORDER BY dimension, key",
+            kept,
+        )
+        assert len(kept_rows) == 7  # one value of each dimension, one day
         a_month_later = add_months(clock.today().replace(day=1), 1)
 
         [retired] = await retire_months(
             connection, today=a_month_later, retention_months=1, target=target
         )
 
+        # The retired month's aggregate went with its events; the kept month's is untouched.
+        assert await connection.fetchval(aggregate, tenant) == 0
+        assert (
+            await connection.fetch(
+                "SELECT * FROM usage_daily_dimensions WHERE tenant_id = $1 ORDER BY dimension, key",
+                kept,
+            )
+            == kept_rows
+        )
         assert retired.month == oldest
         assert retired.dropped, retired.report.differences
         assert retired.report.rows == 40
@@ -291,7 +312,7 @@ async def test_a_month_past_retention_is_archived_verified_dropped_and_then_expi
         assert restored == Decimal("0.0054") * 40
         # A late event of the dropped month is expired, never a stalled partition.
         await store_events_in(empty_database_url, oldest, 1)
-        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 0
+        assert await connection.fetchval("SELECT count(*) FROM llm_usage_events") == 3  # kept
         # Nothing is left to do, and the dropped month is never created again.
         assert (
             await retire_months(connection, today=a_month_later, retention_months=1, target=target)
