@@ -1,6 +1,9 @@
 """The drill-down's query, shared by its route and its page: the filters, the range and the
 opaque cursor that says where the next page starts.
 
+A filter that no stored attribute can hold (NUL, a lone surrogate) is a 422 naming it, before
+asyncpg would fail on it.
+
 A cursor is the URL-safe base64 (unpadded) of the JSON `[occurred_at, gateway_request_id]` of the
 last event of a page. It is bound to nothing else: the tenant always comes from the path (so a
 cursor never reaches another tenant's events) and the filters from the query. Anything that does
@@ -16,6 +19,7 @@ from datetime import datetime
 from typing import Final
 
 from llm_usage.api.params import invalid, parse_instant, rfc3339, time_range
+from llm_usage.domain.ids import is_clean_id, is_storable_text
 from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition
 
 DEFAULT_LIMIT: Final = 100
@@ -43,7 +47,11 @@ def decode_cursor(cursor: str, name: str = "cursor") -> EventPosition:
         moment, request_id = decoded
         if not isinstance(moment, str) or not isinstance(request_id, str):
             raise ValueError("not two strings")
-        if not 1 <= len(request_id) <= _MAX_ID_LENGTH:
+        # A stored id is clean (the contract's rule): NUL or a lone surrogate would otherwise
+        # reach asyncpg, which cannot send them.
+        if not 1 <= len(request_id) <= _MAX_ID_LENGTH or not (
+            is_clean_id(request_id) and is_storable_text(request_id)
+        ):
             raise ValueError("not a request id")
         return EventPosition(parse_instant(moment), request_id)
     except (ValueError, UnicodeError, binascii.Error, RecursionError, OverflowError):
@@ -66,6 +74,15 @@ def event_query(
     (the page's own way back to newer events) wins over `cursor`."""
     start, end = time_range(from_text, to_text, now=now)
     chosen = {column: value for column, value in filters.items() if value is not None}
+    for column, value in chosen.items():
+        # Only what no stored attribute can hold: a tab, say, may be in one (and found).
+        if not is_storable_text(value):
+            raise invalid(
+                ("query", column),
+                "must not contain NUL (\\u0000) or a lone surrogate: no event holds one",
+                # Spelled out: the 422's JSON cannot encode a lone surrogate itself.
+                value.encode("utf-8", "backslashreplace").decode("utf-8"),
+            )
     if before is not None:
         return EventPageRequest(
             start, end, limit, before=decode_cursor(before, "before"), filters=chosen

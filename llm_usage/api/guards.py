@@ -29,21 +29,25 @@ _bearer = HTTPBearer(
 _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
-def guard(role: Role, *, cookie: bool = False) -> Callable[..., Awaitable[Principal]]:
+def guard(
+    role: Role, *, cookie: bool = False, link: bool = False
+) -> Callable[..., Awaitable[Principal]]:
     """The caller, if a valid token gives `role` on the path's tenant; else 401 or 403. With
-    `cookie`, a page for browsers also takes the token from a `token` query parameter (a link
-    that signs a browser in) or the `UI_TOKEN_COOKIE` cookie (only pages that change nothing: a
-    cookie is sent by the browser whoever made the request)."""
+    `cookie`, a page for browsers also takes the token from the `UI_TOKEN_COOKIE` cookie (only
+    pages that change nothing: a cookie is sent by the browser whoever made the request). With
+    `link`, before the cookie, from a non-empty `token` query parameter: only the page that signs
+    a browser in, which moves it to the cookie at once, so no other page leaves a JWT in the
+    address bar (and in history and logs)."""
 
     async def authorize(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         presented = credentials.credentials if credentials is not None else None
+        if presented is None and link:
+            presented = request.query_params.get(UI_TOKEN_PARAMETER) or None
         if presented is None and cookie:
-            presented = request.query_params.get(UI_TOKEN_PARAMETER) or request.cookies.get(
-                UI_TOKEN_COOKIE
-            )
+            presented = request.cookies.get(UI_TOKEN_COOKIE)
         if presented is None:
             raise HTTPException(401, "send `Authorization: Bearer <JWT>`", headers=_UNAUTHENTICATED)
         try:
@@ -63,6 +67,7 @@ def guard(role: Role, *, cookie: bool = False) -> Callable[..., Awaitable[Princi
 
 Member = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER))]
 PageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True))]
+SignInPageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True, link=True))]
 TenantAdmin = Annotated[Principal, Depends(guard(Role.TENANT_ADMIN))]
 PlatformAdmin = Annotated[Principal, Depends(guard(Role.PLATFORM_ADMIN))]
 

@@ -39,11 +39,16 @@ def _text(value: str | None) -> str:
     return escape(value) if value is not None else '<i class="muted">none</i>'
 
 
+def tenant_page_url(tenant_id: str) -> str:
+    """The tenant's page; the id URL-encoded whole (a `%41` in it stays `%41`)."""
+    return f"/ui/tenants/{quote(tenant_id, safe='')}"
+
+
 def events_url(tenant_id: str, query: Mapping[str, str | None]) -> str:
     """The page's address with `query` (parameters that are None left out)."""
     kept = {name: value for name, value in query.items() if value is not None}
     suffix = f"?{urlencode(kept)}" if kept else ""
-    return f"/ui/tenants/{quote(tenant_id, safe='')}/events{suffix}"
+    return f"{tenant_page_url(tenant_id)}/events{suffix}"
 
 
 def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]) -> str:
@@ -91,7 +96,7 @@ def render_events_page(
     """The page. `query` is what its links keep (filters and range); `newer` and `older` are
     the addresses of the neighbouring pages (None: there is none)."""
     title = f"Events of {escape(tenant_id)}"
-    links = [f'<a id="back" href="/ui/tenants/{quote(tenant_id, safe="")}">Back to usage</a>']
+    links = [f'<a id="back" href="{tenant_page_url(tenant_id)}">Back to usage</a>']
     if filters:
         everything = {name: value for name, value in query.items() if name not in filters}
         links.append(

@@ -8,10 +8,17 @@ import re
 # no control characters (Unicode category Cc), which no gateway means and every person misreads.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ID_JSON_PATTERN = r"^(?!\s)[^\u0000-\u001f\u007f-\u009f]*(?<!\s)$"
+# What PostgreSQL text cannot hold: NUL, and a lone surrogate (no UTF-8 spelling).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def has_control_character(value: str) -> bool:
     return _CONTROL_CHARACTERS.search(value) is not None
+
+
+def is_storable_text(value: str) -> bool:
+    """Whether PostgreSQL text can hold `value` (asyncpg fails on it otherwise)."""
+    return _UNSTORABLE.search(value) is None
 
 
 def is_clean_id(value: str) -> bool:

@@ -370,3 +370,46 @@ async def test_a_sign_in_link_keeps_a_valid_token_in_the_cookie_and_drops_it_fro
         )
         assert both.status_code == 200
         assert "set-cookie" not in both.headers
+
+
+async def test_a_sign_in_link_leads_back_to_its_own_tenant_whatever_its_id_holds(
+    pool: asyncpg.Pool,
+) -> None:
+    # Decoded, `%2541` is `%41`, which a browser reads as `A`: the page of another tenant.
+    tenant = f"{unique('tenant')} a%41b"
+    lookalike = tenant.replace("%41", "A")
+    address = f"/ui/tenants/{quote(tenant, safe='')}"
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        signed_in = await client.get(address, params={"token": token("tenant-member", tenant)})
+        assert signed_in.status_code == 303
+        assert signed_in.headers["location"] == address
+        assert address.endswith("%20a%2541b")
+        page = await client.get(signed_in.headers["location"])
+        assert page.status_code == 200, page.text
+        assert (await client.get(f"/ui/tenants/{quote(lookalike, safe='')}")).status_code == 403
+
+
+async def test_an_empty_link_token_is_no_token_and_keeps_the_cookie(pool: asyncpg.Pool) -> None:
+    tenant = unique("tenant")
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        assert (await client.get(f"/ui/tenants/{tenant}", params={"token": ""})).status_code == 401
+        client.cookies.update({"llm_usage_token": token("tenant-member", tenant)})
+        page = await client.get(f"/ui/tenants/{tenant}", params={"token": ""})
+        assert page.status_code == 200, page.text
+        assert "set-cookie" not in page.headers
+        assert (await client.get(f"/ui/tenants/{tenant}")).status_code == 200
+
+
+async def test_only_the_tenant_page_takes_a_token_from_the_address(pool: asyncpg.Pool) -> None:
+    tenant = unique("tenant")
+    valid = token("tenant-member", tenant)
+    events = f"/ui/tenants/{tenant}/events"
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        assert (await client.get(events, params={"token": valid})).status_code == 401
+        # With a cookie, a token in the address is neither checked nor kept.
+        client.cookies.update({"llm_usage_token": valid})
+        page = await client.get(events, params={"token": token("tenant-member", unique("t"))})
+        assert page.status_code == 200, page.text
+        assert "set-cookie" not in page.headers
+        client.cookies.update({"llm_usage_token": token("tenant-member", unique("tenant"))})
+        assert (await client.get(events, params={"token": valid})).status_code == 403

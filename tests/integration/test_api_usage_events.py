@@ -19,8 +19,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi.exceptions import RequestValidationError
 
-from llm_usage.api.event_cursors import encode_cursor
+from llm_usage.api.event_cursors import encode_cursor, event_query
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition, page_statement
@@ -186,6 +187,11 @@ async def test_filters_select_equal_attributes(
         base64.urlsafe_b64encode(b'{"occurred_at": "2026-01-01T00:00:00Z"}').decode(),
         base64.urlsafe_b64encode(b'["2026-01-01T00:00:00Z", ""]').decode(),
         "x" * 5000,
+        # Ids no event has, NUL and a lone surrogate among them (asyncpg cannot send either).
+        *(
+            encode_cursor(EventPosition(NOW, request_id))
+            for request_id in ("req\x00", "req-\ud800", "req\t1", " req")
+        ),
     ],
 )
 async def test_a_malformed_cursor_is_a_422_naming_it(
@@ -415,3 +421,42 @@ async def test_policy_history_is_newest_first_for_tenant_admins_only(pool: async
     assert items[1]["new_policy"]["monthly_limit_usd"] == "250.5"
     assert items[3]["old_policy"] is None
     assert member.status_code == 403
+
+
+@pytest.mark.parametrize("name", ["user_id", "agent_id", "deployment_id", "model"])
+@pytest.mark.parametrize("page", [False, True])
+async def test_a_filter_no_stored_text_can_hold_is_a_422_naming_it(
+    pool: asyncpg.Pool, name: str, page: bool
+) -> None:
+    tenant = unique("tenant")
+    url = f"/ui/tenants/{tenant}/events" if page else f"/v1/tenants/{tenant}/usage/events"
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        answer = await client.get(
+            url,
+            params={name: "user\x00a"},
+            headers=bearer(token("tenant-member", tenant)),
+        )
+        # Any other control character may be in a stored attribute: it is searched for.
+        tab = await client.get(
+            url, params={name: "a\tb"}, headers=bearer(token("tenant-member", tenant))
+        )
+    assert answer.status_code == 422, answer.text
+    assert [error["loc"] for error in answer.json()["detail"]] == [["query", name]]
+    assert tab.status_code == 200, tab.text
+
+
+def test_a_lone_surrogate_in_a_filter_is_refused_before_the_database() -> None:
+    # A query string cannot carry one (Starlette decodes it with replacement characters), but
+    # the check is the query's own, whatever builds it.
+    with pytest.raises(RequestValidationError) as raised:
+        event_query(
+            now=NOW,
+            from_text=None,
+            to_text=None,
+            filters={"user_id": "a", "model": "gpt-\ud800"},
+            limit=10,
+            cursor=None,
+        )
+    [error] = raised.value.errors()
+    assert error["loc"] == ("query", "model")
+    assert error["input"] == "gpt-\\ud800"

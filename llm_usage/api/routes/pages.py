@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from llm_usage.api import ui
+from llm_usage.api import ui, ui_events
 from llm_usage.api.auth import Role
 from llm_usage.api.context import Context
-from llm_usage.api.guards import UI_TOKEN_COOKIE, UI_TOKEN_PARAMETER, PageMember, TenantId
+from llm_usage.api.guards import UI_TOKEN_COOKIE, UI_TOKEN_PARAMETER, SignInPageMember, TenantId
 from llm_usage.api.http import ERRORS
 from llm_usage.domain.periods import current_period
 from llm_usage.storage import usage_reports
@@ -33,11 +33,11 @@ router = APIRouter(tags=["ui"], responses=ERRORS)
         "HTML. The token comes as `Authorization: Bearer` or, from a browser, in the "
         f"`{UI_TOKEN_COOKIE}` cookie. A link with `?{UI_TOKEN_PARAMETER}=<JWT>` signs a browser "
         "in: a valid token there is answered with that cookie and a redirect to the page "
-        "without it."
+        "without it (an empty one is ignored). Other pages ignore the parameter."
     ),
 )
 async def tenant_page(
-    principal: PageMember,
+    principal: SignInPageMember,
     context: Context,
     tenant_id: TenantId,
     request: Request,
@@ -49,10 +49,11 @@ async def tenant_page(
         ),
     ] = None,
 ) -> Response:
-    if token is not None and "authorization" not in request.headers:
+    if token and "authorization" not in request.headers:
         # Without a header the guard checked this token: keep it in the cookie, and take it out
-        # of the address bar.
-        signed_in = RedirectResponse(request.url.path, status_code=303)
+        # of the address bar. Not `request.url.path`: that is decoded, so a tenant id holding
+        # `%41` would lead to the page of the tenant whose id holds `A`.
+        signed_in = RedirectResponse(ui_events.tenant_page_url(tenant_id), status_code=303)
         signed_in.set_cookie(
             UI_TOKEN_COOKIE,
             token,
