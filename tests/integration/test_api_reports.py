@@ -408,6 +408,9 @@ async def test_reports_read_the_aggregate_and_raw_edges_from_indexes_alone(
     pieces = [value for p in plan.raw for value in (p.start, p.end, p.sign)]
     async with pool.acquire() as connection, connection.transaction():
         # Forbid the other plans, so that the plan shows what the indexes can do on their own.
+        # On Citus the shards' plans are made on the workers: the settings must travel there
+        # (on one PostgreSQL this is a placeholder setting that nothing reads).
+        await connection.execute("SET LOCAL citus.propagate_set_commands = 'local'")
         await connection.execute("SET LOCAL enable_seqscan = off")
         await connection.execute("SET LOCAL enable_bitmapscan = off")
         explained = await connection.fetchval(
