@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.usage_event import UnpricedEvent
 
 MAX_EVENTS: Final = 1000
 MAX_EVENT_BYTES: Final = 64 * 1024
@@ -140,9 +141,10 @@ def check_events(events: Sequence[object], *, now: datetime) -> list[Checked]:
                 Checked(_gateway_request_id(value), raw, None, decoded.reason, decoded.detail)
             )
         else:
-            checked.append(
-                Checked(decoded.gateway_request_id, raw, decoded.tenant_id.encode(), None, None)
-            )
+            # An event without a charge is accepted too: the consumers price it from the price
+            # table, or dead-letter it `unpriced`.
+            row = decoded.row if isinstance(decoded, UnpricedEvent) else decoded
+            checked.append(Checked(row.gateway_request_id, raw, row.tenant_id.encode(), None, None))
     return checked
 
 

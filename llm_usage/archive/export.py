@@ -58,6 +58,7 @@ _ARROW_TYPES: Final = {
     "bigint": pa.int64(),
     "numeric": MONEY_TYPE,
     "timestamptz": TIME_TYPE,
+    "boolean": pa.bool_(),
 }
 ARCHIVE_SCHEMA: Final = pa.schema(
     [pa.field(name, _ARROW_TYPES[pg_type]) for name, pg_type in ARCHIVE_COLUMNS.items()]
@@ -228,6 +229,8 @@ def _csv_reader(source: _ChunkQueue) -> pacsv.CSVStreamingReader:
             null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=False,
+            true_values=["t"],  # how COPY writes a boolean
+            false_values=["f"],
         ),
     )
 

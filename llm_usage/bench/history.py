@@ -43,6 +43,7 @@ from llm_usage.local.paths import state_dir
 from llm_usage.local.postgres import LocalPostgres
 from llm_usage.local.sample_events import SampleTenant, sample_event
 from llm_usage.runtime.handler import BatchResult, Record
+from llm_usage.runtime.pricing import PriceSnapshot
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.migrate import bundled_migrations, migrate
 from llm_usage.storage.partitions import detach_partition, drop_detached
@@ -414,7 +415,9 @@ async def _land_old(pool: asyncpg.Pool, records: Sequence[Record]) -> int:
     stored_now: list[UsageRow] = []
     async with pool.acquire() as connection, connection.transaction():
         for start in range(0, len(records), OLD_CHUNK):
-            batch = decode_batch(records[start : start + OLD_CHUNK], now=now)
+            batch = decode_batch(
+                records[start : start + OLD_CHUNK], now=now, prices=PriceSnapshot()
+            )
             stored = {
                 row[0]
                 for row in await connection.fetch(_OLD_SELECT_STORED, list(batch.occurrences))

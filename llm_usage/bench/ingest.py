@@ -54,7 +54,6 @@ from llm_usage.kafka.clients import client_options, new_reader, start_client
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.run import settings_for_local_run
 from llm_usage.local.sample_events import sample_stream
-from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.migrate import migrate
@@ -369,7 +368,7 @@ def _unique_events(values: list[bytes], *, now: datetime) -> list[UsageRow]:
     seen: dict[str, UsageRow] = {}
     for value in values:
         decoded = decode_usage_event(value, now=now)
-        assert not isinstance(decoded, Rejection), decoded
+        assert isinstance(decoded, UsageRow), decoded
         seen.setdefault(decoded.gateway_request_id, decoded)
     return list(seen.values())
 
@@ -546,7 +545,7 @@ async def _measure_naive(pool: asyncpg.Pool, values: list[bytes], now: datetime)
         started = time.perf_counter()
         for value in values:
             event = decode_usage_event(value, now=now)
-            assert not isinstance(event, Rejection)
+            assert isinstance(event, UsageRow), event
             async with connection.transaction():
                 known = await connection.fetchval(
                     "SELECT 1 FROM llm_usage_events WHERE gateway_request_id = $1",

@@ -18,6 +18,7 @@ from llm_usage.schemas.dead_letter import (
     OFFSET_HEADER,
     PARTITION_HEADER,
     REASON_HEADER,
+    REPLAYED_FROM_HEADER,
     TOPIC_HEADER,
     DeadLetterReason,
 )
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
     from aiokafka.structs import ConsumerRecord
 
     from llm_usage.core.settings import Settings
-
-REPLAYED_FROM_HEADER = "dlq.replayed_from"
 
 
 def add_parser(commands: Commands) -> None:

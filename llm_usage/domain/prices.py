@@ -41,6 +41,8 @@ class Price:
     output: Decimal
     reasoning: Decimal
     request_fee_usd: Decimal = Decimal(0)
+    # When the row was added (the database's clock); None for a row not stored yet.
+    created_at: datetime | None = None
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -115,6 +117,22 @@ def in_effect(rows: Sequence[Price], at: datetime) -> Price | None:
     `rows` are that pair's rows in ascending `effective_from`."""
     index = bisect.bisect_right(rows, at, key=lambda row: row.effective_from)
     return rows[index - 1] if index else None
+
+
+def in_effect_for_event(rows: Sequence[Price], at: datetime, *, replayed: bool) -> Price | None:
+    """The row that prices an event of `at`: `in_effect`, except that a row added less than
+    `PRICE_CHANGE_LEAD` before `at` does not price a live event.
+
+    Only a pair's first row can be such a row (every later one starts at least the lead after it
+    is added), when it was backdated or starts soon. Without this rule a consumer that read
+    the table just before the row was added and one that read it just after would disagree on
+    an event stamped up to five minutes ahead. A replayed dead letter (`dlq replay`, after the
+    price was added on purpose) is priced from `effective_from` alone.
+    """
+    row = in_effect(rows, at)
+    if row is None or replayed or row.created_at is None:
+        return row
+    return row if row.created_at + PRICE_CHANGE_LEAD <= at else None
 
 
 def refusal_of_new_price(new: Price, existing: Sequence[Price], *, now: datetime) -> str | None:

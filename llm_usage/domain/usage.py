@@ -17,6 +17,8 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     requests: int = 0
+    # The part of `charge_usd` the price table estimated (the gateway sent no charge).
+    estimated_charge_usd: Decimal = Decimal(0)
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -24,6 +26,7 @@ class Usage:
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.requests + other.requests,
+            EXACT_CONTEXT.add(self.estimated_charge_usd, other.estimated_charge_usd),
         )
 
     def __sub__(self, other: Usage) -> Usage:
@@ -32,4 +35,5 @@ class Usage:
             self.input_tokens - other.input_tokens,
             self.output_tokens - other.output_tokens,
             self.requests - other.requests,
+            EXACT_CONTEXT.subtract(self.estimated_charge_usd, other.estimated_charge_usd),
         )

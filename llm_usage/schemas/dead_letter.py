@@ -16,6 +16,7 @@ class DeadLetterReason(StrEnum):
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
     TOO_LARGE = "too_large"
     EXPIRED = "expired"  # its month is past retention: no partition can hold it any more
+    UNPRICED = "unpriced"  # no charge sent and no price in effect for its provider and model
 
 
 REASON_HEADER = "dlq.reason"
@@ -24,6 +25,8 @@ TOPIC_HEADER = "dlq.topic"
 PARTITION_HEADER = "dlq.partition"
 OFFSET_HEADER = "dlq.offset"
 FAILED_AT_HEADER = "dlq.failed_at"
+# Set by `dlq replay` on what it republishes: the dead letter it came from.
+REPLAYED_FROM_HEADER = "dlq.replayed_from"
 
 DLQ_HEADER_NAMES = (
     REASON_HEADER,

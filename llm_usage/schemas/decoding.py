@@ -14,6 +14,7 @@ from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.fast_decoding import fast_decode
 from llm_usage.schemas.usage_event import (
     NO_NUL_PATTERN,
+    UnpricedEvent,
     UsageEvent,
     UsageRow,
     json_kind,
@@ -131,9 +132,12 @@ def _parse_json(value: bytes) -> object:
         return Rejection(DeadLetterReason.INVALID_JSON, "not JSON: nested too deeply to read")
 
 
-def decode_usage_event(value: bytes | None, *, now: datetime) -> UsageRow | Rejection:
+def decode_usage_event(
+    value: bytes | None, *, now: datetime
+) -> UsageRow | UnpricedEvent | Rejection:
     """The stored values of the event in `value`, validated against `now`, or the `Rejection`
-    saying why it is refused.
+    saying why it is refused. An event that sent no charge is an `UnpricedEvent`: the price
+    table (runtime/pricing.py) decides its charge or its `unpriced` dead letter.
 
     A plainly valid event takes the compiled fast path; anything else is decided and worded by
     the reference (`decode_usage_event_reference`), so the answer is the reference's either way.

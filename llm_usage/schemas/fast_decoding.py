@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 from llm_usage.domain.money import cents_to_usd, usd_to_cents
 from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
+    EVENT_FIELD_COUNT,
     FIRST_STORABLE_INSTANT,
     LAST_STORABLE_INSTANT,
     MAX_CENTS_DISAGREEMENT,
@@ -32,6 +33,7 @@ from llm_usage.schemas.usage_event import (
     MAX_TEXT_LENGTH,
     MAX_WHOLE_DIGITS,
     MarkupMode,
+    UnpricedEvent,
     UsageRow,
     exact_decimal,
 )
@@ -73,7 +75,7 @@ class _Event(Struct, kw_only=True, forbid_unknown_fields=True):
 
 _DECODER = msgspec.json.Decoder(_Event)
 _FIELD_COUNT: Final = len(_Event.__struct_fields__)
-_ROW_LENGTH: Final = len(UsageRow._fields)
+_ROW_LENGTH: Final = EVENT_FIELD_COUNT
 # What a field that was not sent stands for; UNSET where it is derived from other fields.
 _ABSENT: Final = (
     *(UNSET, UNSET),  # the ids are required
@@ -106,15 +108,19 @@ _TIME = re.compile(
     r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"  # Python reads +05:75; pydantic refuses it
 )
 _new_row = tuple.__new__
+# The row's last two fields: whether the price table priced it, and from which row.
+_GATEWAY_PRICED: Final = [False, None]
+_TO_BE_PRICED: Final = [True, None]
+_PLACEHOLDER_CHARGE: Final = Decimal(0)
 
 
 class _NotSureError(Exception):
     """The fast path cannot vouch for this event: the reference decides."""
 
 
-def fast_decode(value: bytes, *, now: datetime) -> UsageRow | None:
-    """The stored values of the event in `value` if it plainly keeps every rule; None when the
-    reference must decide."""
+def fast_decode(value: bytes, *, now: datetime) -> UsageRow | UnpricedEvent | None:
+    """The stored values of the event in `value` if it plainly keeps every rule (unpriced when
+    it sent no charge); None when the reference must decide."""
     try:
         event = _DECODER.decode(value)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -156,7 +162,9 @@ def _key_endings(raw: bytes) -> int:
     return len(_KEY_ENDINGS.findall(raw))
 
 
-def _row(event: _Event, values: tuple[object, ...], absent: int, now: datetime) -> UsageRow:
+def _row(
+    event: _Event, values: tuple[object, ...], absent: int, now: datetime
+) -> UsageRow | UnpricedEvent:
     _require_clean_id(event.gateway_request_id)
     _require_clean_id(event.tenant_id)
     derived_absent = (
@@ -176,8 +184,13 @@ def _row(event: _Event, values: tuple[object, ...], absent: int, now: datetime) 
     upstream = row[_UPSTREAM]
     if upstream is not None:
         row[_UPSTREAM] = _exact_or_null(upstream)  # type: ignore[arg-type]
-    row[_USD] = _charge(row[_USD], row[_CENTS])  # type: ignore[arg-type]
     row[_OCCURRED_AT] = _occurred_at(row[_OCCURRED_AT], now)  # type: ignore[arg-type]
+    if row[_USD] is UNSET and row[_CENTS] is None:
+        row[_USD] = _PLACEHOLDER_CHARGE
+        row += _TO_BE_PRICED
+        return UnpricedEvent(_new_row(UsageRow, row))
+    row[_USD] = _charge(row[_USD], row[_CENTS])  # type: ignore[arg-type]
+    row += _GATEWAY_PRICED
     return _new_row(UsageRow, row)
 
 

@@ -238,13 +238,11 @@ def _publisher_view_of_json_schema(schema: dict[str, Any]) -> None:
     schema["description"] = (
         "One llm_usage_recorded event per billable LLM request. Unknown fields are ignored. "
         "Decimals are exact (a string is preferred), at most 12 digits before the point and 18 "
-        "after. At least one of customer_charge_usd and customer_charge_cents; with both, "
-        "|round_half_up(customer_charge_usd x 100) - customer_charge_cents| <= 1."
+        "after. With both customer_charge_usd and customer_charge_cents, "
+        "|round_half_up(customer_charge_usd x 100) - customer_charge_cents| <= 1. With "
+        "neither, the pipeline prices the event from its price table (provider and model "
+        "required; charge_estimated) or dead-letters it as unpriced."
     )
-    schema["anyOf"] = [
-        {"required": ["customer_charge_usd"]},
-        {"required": ["customer_charge_cents"]},
-    ]
 
 
 class UsageEvent(BaseModel):
@@ -288,8 +286,12 @@ class UsageEvent(BaseModel):
     """Default input_tokens + output_tokens."""
     upstream_cost_usd: ExactUsd | None = None
     """What the provider charged the gateway: an exact decimal ≥ 0."""
-    customer_charge_usd: ExactUsd = Field(default=Decimal(0), json_schema_extra=_without_default)
-    """The exact charge to bill, a decimal ≥ 0 (a string is preferred); cents / 100 when absent."""
+    # Not sent reads as None (the price table may price the event: `usage_row` says so); null
+    # is refused, since an explicit null exact charge is more likely a serialiser's mistake
+    # than a request to price. After validation it is None only when no charge was sent.
+    customer_charge_usd: ExactUsd = Field(default=None, json_schema_extra=_without_default)  # type: ignore[assignment]
+    """The exact charge to bill, a decimal ≥ 0 (a string is preferred); cents / 100 when absent.
+    With neither, the price table prices the event from its provider and model."""
     # Unlike the exact charge, null reads as "not sent": it is only a display value, and null is
     # how most serialisers (this model's own `model_dump`) write an absent optional number.
     customer_charge_cents: Count | None = None
@@ -350,12 +352,7 @@ class UsageEvent(BaseModel):
         if "customer_charge_usd" in provided:
             if cents is not None:
                 _require_agreement(self.customer_charge_usd, cents)
-        elif cents is None:
-            raise PydanticCustomError(
-                "charge_missing",
-                "customer_charge_usd or customer_charge_cents is required",
-            )
-        else:
+        elif cents is not None:
             usd = cents_to_usd(cents)
             if usd.adjusted() >= MAX_WHOLE_DIGITS:
                 raise PydanticCustomError(
@@ -400,14 +397,32 @@ class UsageRow(NamedTuple):
     customer_charge_cents: int | None
     markup_mode: str | None
     occurred_at: datetime
+    # Whether the price table computed the charge (the gateway sent none), and the
+    # `effective_from` of the row of the event's provider and model that priced it.
+    charge_estimated: bool = False
+    price_effective_from: datetime | None = None
 
 
-_ROW_VALUES = operator.itemgetter(*UsageRow._fields)
+class UnpricedEvent(NamedTuple):
+    """A valid event that sent no charge: the price table must price it before it is stored or
+    counted. `row.customer_charge_usd` is a placeholder 0 until then."""
+
+    row: UsageRow
 
 
-def usage_row(event: UsageEvent) -> UsageRow:
-    """The stored values of a validated `event`."""
-    return UsageRow._make(_ROW_VALUES(event.__dict__))
+# The fields the event itself gives, in the row's order; the pricing ones come after them.
+EVENT_FIELD_COUNT = 20
+_ROW_VALUES = operator.itemgetter(*UsageRow._fields[:EVENT_FIELD_COUNT])
+_GATEWAY_PRICED = (False, None)
+
+
+def usage_row(event: UsageEvent) -> UsageRow | UnpricedEvent:
+    """The stored values of a validated `event`; an `UnpricedEvent` when it sent no charge."""
+    values = _ROW_VALUES(event.__dict__)
+    if event.customer_charge_usd is None:
+        placeholder = (*values[:16], Decimal(0), *values[17:], True, None)
+        return UnpricedEvent(UsageRow._make(placeholder))
+    return UsageRow._make(values + _GATEWAY_PRICED)
 
 
 def _now_from(context: object) -> datetime:

@@ -4,9 +4,9 @@ without it (migration 0011, the API benchmark's loader)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
-from decimal import localcontext
+from decimal import Decimal, localcontext
 from enum import StrEnum
 from operator import attrgetter, itemgetter
 from typing import Any, Final
@@ -58,6 +58,13 @@ _FIGURES: Final = itemgetter(
                      "total_tokens", "customer_charge_usd")
     )
 )  # fmt: skip
+
+
+def _charge(event: UsageRow) -> tuple[Decimal]:
+    return (event.customer_charge_usd,)
+
+
+_ZERO: Final = Decimal(0)
 _VALUES: Final = tuple((d.value, attrgetter(d.column)) for d in Dimension)
 
 DimensionKey = tuple[str, str, date, str | None]  # tenant_id, dimension, UTC day, key
@@ -65,12 +72,24 @@ DimensionKey = tuple[str, str, date, str | None]  # tenant_id, dimension, UTC da
 
 def daily_dimensions(events: Sequence[UsageRow]) -> dict[DimensionKey, list[Any]]:
     """Exact sums per (tenant, dimension, UTC day, value) of `events`: [requests, input,
-    output, cached input, reasoning, total tokens, charge]."""
+    output, cached input, reasoning, total tokens, charge, estimated charge]."""
+    sums = _grouped_sums(events, _FIGURES)
+    estimated = [e for e in events if e.charge_estimated]
+    estimated_sums = _grouped_sums(estimated, _charge) if estimated else {}
+    for key, figures in sums.items():
+        found = estimated_sums.get(key)
+        figures.append(_ZERO if found is None else found[1])
+    return sums
+
+
+def _grouped_sums(
+    events: Sequence[UsageRow], figures_of: Callable[[UsageRow], Any]
+) -> dict[DimensionKey, list[Any]]:
     # Grouped per dimension into lists of figures, then summed column-wise by builtins: about
     # a third of the time of adding each event's figures to seven running sums one by one.
     # Decoding put occurred_at in UTC already.
     tenant_days = [(e.tenant_id, e.occurred_at.date()) for e in events]
-    figures = [_FIGURES(e) for e in events]
+    figures = [figures_of(e) for e in events]
     sums: dict[DimensionKey, list[Any]] = {}
     with localcontext(EXACT_CONTEXT):  # the charges' sum() is exact
         for dimension, value_of in _VALUES:
@@ -91,14 +110,16 @@ def daily_dimensions(events: Sequence[UsageRow]) -> dict[DimensionKey, list[Any]
 _ADD = """
     INSERT INTO usage_daily_dimensions AS d
         (tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
-         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd)
+         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, estimated_charge_usd)
     SELECT tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
-           cached_input_tokens, reasoning_tokens, total_tokens, charge_usd
+           cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, estimated_charge_usd
     FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
-                $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[])
+                $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
+                $12::numeric[])
         WITH ORDINALITY
         AS u(tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
-             cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, n)
+             cached_input_tokens, reasoning_tokens, total_tokens, charge_usd,
+             estimated_charge_usd, n)
     ORDER BY n
     ON CONFLICT ON CONSTRAINT usage_daily_dimensions_key DO UPDATE SET
         requests = d.requests + EXCLUDED.requests,
@@ -107,7 +128,8 @@ _ADD = """
         cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
         reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,
         total_tokens = d.total_tokens + EXCLUDED.total_tokens,
-        charge_usd = d.charge_usd + EXCLUDED.charge_usd
+        charge_usd = d.charge_usd + EXCLUDED.charge_usd,
+        estimated_charge_usd = d.estimated_charge_usd + EXCLUDED.estimated_charge_usd
 """
 
 
@@ -122,17 +144,18 @@ async def add_to_daily_dimensions(
     await connection.execute(
         _ADD,
         *([k[i] for k in keys] for i in range(4)),
-        *([sums[k][i] for k in keys] for i in range(7)),
+        *([sums[k][i] for k in keys] for i in range(8)),
     )
 
 
 _FILL = f"""
     INSERT INTO usage_daily_dimensions AS d
         (tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
-         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd)
+         cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, estimated_charge_usd)
     SELECT e.tenant_id, v.dimension, (e.occurred_at AT TIME ZONE 'UTC')::date, v.key,
            count(*), sum(e.input_tokens), sum(e.output_tokens), sum(e.cached_input_tokens),
-           sum(e.reasoning_tokens), sum(e.total_tokens), sum(e.customer_charge_usd)
+           sum(e.reasoning_tokens), sum(e.total_tokens), sum(e.customer_charge_usd),
+           coalesce(sum(e.customer_charge_usd) FILTER (WHERE e.charge_estimated), 0)
     FROM llm_usage_events AS e
     {_FAN_OUT}
     WHERE $1::text[] IS NULL OR e.tenant_id = ANY($1::text[])
@@ -144,7 +167,8 @@ _FILL = f"""
         cached_input_tokens = EXCLUDED.cached_input_tokens,
         reasoning_tokens = EXCLUDED.reasoning_tokens,
         total_tokens = EXCLUDED.total_tokens,
-        charge_usd = EXCLUDED.charge_usd
+        charge_usd = EXCLUDED.charge_usd,
+        estimated_charge_usd = EXCLUDED.estimated_charge_usd
 """
 
 

@@ -30,6 +30,8 @@ USAGE_EVENT_COLUMNS: Mapping[str, str] = {
     "customer_charge_cents": "bigint",
     "markup_mode": "text",
     "occurred_at": "timestamptz",
+    "charge_estimated": "boolean",
+    "price_effective_from": "timestamptz",
 }
 
 _COLUMN_LIST = ", ".join(USAGE_EVENT_COLUMNS)

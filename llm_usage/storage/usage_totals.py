@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import date
+from decimal import Decimal
 from typing import Any
 
 from llm_usage.domain.money import EXACT_CONTEXT
@@ -23,14 +24,20 @@ def daily_totals(events: Iterable[UsageRow]) -> dict[TotalsKey, Usage]:
         # Decoding put occurred_at in UTC already.
         key = (event.tenant_id, event.deployment_id, event.occurred_at.date())
         found = sums.get(key)
+        charge = event.customer_charge_usd
+        estimated = charge if event.charge_estimated else _ZERO
         if found is None:
-            sums[key] = [event.customer_charge_usd, event.input_tokens, event.output_tokens, 1]
+            sums[key] = [charge, event.input_tokens, event.output_tokens, 1, estimated]
         else:
-            found[0] = add(found[0], event.customer_charge_usd)
+            found[0] = add(found[0], charge)
             found[1] += event.input_tokens
             found[2] += event.output_tokens
             found[3] += 1
+            found[4] = add(found[4], estimated)
     return {key: Usage(*values) for key, values in sums.items()}
+
+
+_ZERO = Decimal(0)
 
 
 # A month's lock (two-int4 advisory key: this class, the month's index): a batch takes it shared
@@ -59,19 +66,22 @@ _LOCK_MONTHS = """
 _ADD = """
     WITH added AS (
         INSERT INTO usage_daily_totals AS t
-            (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests)
-        SELECT tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests
+            (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests,
+             estimated_charge_usd)
+        SELECT tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests,
+               estimated_charge_usd
         FROM unnest($1::text[], $2::text[], $3::date[], $4::numeric[], $5::bigint[],
-                    $6::bigint[], $7::bigint[])
+                    $6::bigint[], $7::bigint[], $8::numeric[])
             WITH ORDINALITY
             AS u(tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens,
-                 requests, n)
+                 requests, estimated_charge_usd, n)
         ORDER BY n
         ON CONFLICT ON CONSTRAINT usage_daily_totals_key DO UPDATE SET
             charge_usd = t.charge_usd + EXCLUDED.charge_usd,
             input_tokens = t.input_tokens + EXCLUDED.input_tokens,
             output_tokens = t.output_tokens + EXCLUDED.output_tokens,
-            requests = t.requests + EXCLUDED.requests
+            requests = t.requests + EXCLUDED.requests,
+            estimated_charge_usd = t.estimated_charge_usd + EXCLUDED.estimated_charge_usd
     ), late AS (
         SELECT DISTINCT u.tenant_id, to_char(u.day, 'YYYY-MM') AS period
         FROM unnest($1::text[], $3::date[]) AS u(tenant_id, day)
@@ -102,4 +112,5 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
         [totals[k].input_tokens for k in keys],
         [totals[k].output_tokens for k in keys],
         [totals[k].requests for k in keys],
+        [totals[k].estimated_charge_usd for k in keys],
     )

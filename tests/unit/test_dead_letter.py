@@ -47,6 +47,7 @@ def test_there_are_exactly_the_reasons_of_the_contract() -> None:
         "conflicting_duplicate",
         "too_large",
         "expired",
+        "unpriced",
     }
 
 

@@ -24,6 +24,7 @@ from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event, decode_usage_event_reference
 from llm_usage.schemas.fast_decoding import fast_decode
 from llm_usage.schemas.usage_event import (
+    EVENT_FIELD_COUNT,
     EVENT_TYPE,
     SCHEMA_VERSION,
     UsageEvent,
@@ -318,8 +319,9 @@ def test_names_given_twice_unclean_ids_and_key_like_text_never_take_the_fast_pat
 def test_the_struct_the_row_and_the_table_list_the_columns_in_one_order() -> None:
     # The fast path builds a row by position from the struct's values, and COPY writes a row
     # by position into USAGE_EVENT_COLUMNS.
-    row_length = len(UsageRow._fields)
-    assert fast_decoding._Event.__struct_fields__[:row_length] == UsageRow._fields
+    row_length = EVENT_FIELD_COUNT
+    assert fast_decoding._Event.__struct_fields__[:row_length] == UsageRow._fields[:row_length]
+    assert UsageRow._fields[row_length:] == ("charge_estimated", "price_effective_from")
     assert tuple(USAGE_EVENT_COLUMNS) == UsageRow._fields
     assert set(fast_decoding._Event.__struct_fields__) == set(UsageEvent.model_fields)
     # Its fixed values are the model's.

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, decode_usage_event
-from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 BASE_EVENT = (
@@ -285,11 +285,21 @@ def test_a_broken_rule_is_a_schema_violation_naming_the_field_and_why(
     assert refused.detail == detail
 
 
-def test_a_missing_charge_names_both_charge_fields() -> None:
+@pytest.mark.parametrize("spaced", [False, True], ids=["fast path", "reference"])
+def test_without_a_charge_the_event_is_left_to_the_price_table(spaced: bool) -> None:
     data = json.loads(event_json())
     del data["customer_charge_usd"]
-    refused = rejection(json.dumps(data).encode())
-    assert refused.detail == "customer_charge_usd or customer_charge_cents is required"
+    # Spaces before the colons send the event through the reference model.
+    value = json.dumps(data, separators=(", ", " : ") if spaced else (",", ":")).encode()
+    decoded = decode_usage_event(value, now=NOW)
+    assert isinstance(decoded, UnpricedEvent)
+    row = decoded.row
+    assert (row.customer_charge_usd, row.charge_estimated, row.price_effective_from) == (
+        Decimal(0),
+        True,
+        None,
+    )
+    assert row.gateway_request_id == data["gateway_request_id"]
 
 
 def test_the_detail_stays_short_however_many_rules_are_broken() -> None:

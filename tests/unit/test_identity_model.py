@@ -20,6 +20,7 @@ from llm_usage.consumers.usage.settle import (
     settle_batch,
     tier_one_key,
 )
+from llm_usage.runtime.pricing import PriceSnapshot
 from llm_usage.schemas.usage_event import conflicting_fields
 from llm_usage.storage.event_ids import KnownIdentities
 from tests.records import consumer_record
@@ -72,7 +73,9 @@ def test_two_tiers(sends: list[dict[str, Any]], window_hours: int, floor_month: 
             "occurred_at": occurred.isoformat(),
         }
         batch = decode_batch(
-            [consumer_record(json.dumps(data).encode(), offset=offset)], now=DECODED_AT
+            [consumer_record(json.dumps(data).encode(), offset=offset)],
+            now=DECODED_AT,
+            prices=PriceSnapshot(),
         )
         [copy] = batch.first_occurrences()
         key = tier_one_key(copy)

@@ -20,11 +20,15 @@ from llm_usage.consumers.usage.settle import (
     tier_one_key,
 )
 from llm_usage.runtime.handler import BatchOutcome
+from llm_usage.runtime.pricing import PriceSnapshot
 from llm_usage.schemas.dead_letter import DeadLetterReason
 from llm_usage.storage.event_ids import KnownIdentities
 from tests.records import consumer_record
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+NO_PRICES = PriceSnapshot()
 
 
 def record(value: bytes | None, offset: int) -> ConsumerRecord[bytes, bytes]:
@@ -57,11 +61,13 @@ def land(batch: DecodedBatch, known: KnownIdentities | None = None) -> BatchOutc
 
 def stored_as(data: bytes) -> dict[str, Any]:
     """The conflict fields of `data` as PostgreSQL gives them back."""
-    return conflict_view(decode_batch([record(data, 0)], now=NOW).first_occurrences()[0])
+    return conflict_view(
+        decode_batch([record(data, 0)], now=NOW, prices=NO_PRICES).first_occurrences()[0]
+    )
 
 
 def test_first_occurrence_is_recorded_and_exact_repeats_are_duplicates() -> None:
-    batch = decode_batch([record(event(), 0), record(event(), 1)], now=NOW)
+    batch = decode_batch([record(event(), 0), record(event(), 1)], now=NOW, prices=NO_PRICES)
     chunk = plan(batch)
     assert [e.gateway_request_id for e in chunk.new_in_window] == ["r1"]
     outcome = land(batch)
@@ -71,7 +77,7 @@ def test_first_occurrence_is_recorded_and_exact_repeats_are_duplicates() -> None
 
 def test_repeat_with_other_values_in_the_same_batch_is_a_conflict() -> None:
     conflicting = record(event(input_tokens=11), 1)
-    batch = decode_batch([record(event(), 0), conflicting], now=NOW)
+    batch = decode_batch([record(event(), 0), conflicting], now=NOW, prices=NO_PRICES)
     outcome = land(batch)
     assert outcome.counts == {"recorded": 1, "conflict": 1}
     [letter] = outcome.dead_letters
@@ -86,6 +92,7 @@ def test_an_id_in_the_window_is_judged_against_the_window_not_the_batch() -> Non
     batch = decode_batch(
         [record(event(output_tokens=6), 5), record(event(customer_charge_usd="0.5000"), 6)],
         now=NOW,
+        prices=NO_PRICES,
     )
     chunk = plan(batch, KnownIdentities(window={"r1": window}))
     # The budget consumer saw it first: the equal copy is stored, the window is not added to.
@@ -97,7 +104,7 @@ def test_an_id_in_the_window_is_judged_against_the_window_not_the_batch() -> Non
 
 
 def test_a_window_row_of_another_tenant_makes_every_copy_a_conflict() -> None:
-    batch = decode_batch([record(event(), 0)], now=NOW)
+    batch = decode_batch([record(event(), 0)], now=NOW, prices=NO_PRICES)
     chunk = plan(batch, KnownIdentities(window={"r1": stored_as(event(tenant_id="t2"))}))
     assert chunk.to_store == []
     outcome = settle_batch(batch, chunk, inserted=set())
@@ -106,7 +113,7 @@ def test_a_window_row_of_another_tenant_makes_every_copy_a_conflict() -> None:
 
 
 def test_an_id_stored_and_already_in_the_window_is_a_duplicate() -> None:
-    batch = decode_batch([record(event(), 0)], now=NOW)
+    batch = decode_batch([record(event(), 0)], now=NOW, prices=NO_PRICES)
     [copy] = batch.first_occurrences()
     known = KnownIdentities(
         window={"r1": stored_as(event())}, stored={tier_one_key(copy): stored_as(event())}
@@ -118,7 +125,7 @@ def test_an_id_stored_and_already_in_the_window_is_a_duplicate() -> None:
 def test_past_the_window_the_tier_one_row_decides() -> None:
     # Stored long ago, forgotten by the window: an identical re-send meets its Tier 1 row.
     same, other_charge = record(event(), 0), record(event(customer_charge_usd="0.60"), 1)
-    batch = decode_batch([same, other_charge], now=NOW)
+    batch = decode_batch([same, other_charge], now=NOW, prices=NO_PRICES)
     [copy] = batch.first_occurrences()[:1]
     chunk = plan(batch, KnownIdentities(stored={tier_one_key(copy): stored_as(event())}))
     assert chunk.to_store == []
@@ -130,7 +137,7 @@ def test_past_the_window_the_tier_one_row_decides() -> None:
 
 def test_an_event_of_a_month_past_retention_is_expired_and_nothing_else() -> None:
     old = record(event(gateway_request_id="r0", occurred_at="2024-10-31T23:59:59Z"), 0)
-    batch = decode_batch([old, record(event(), 1)], now=NOW)
+    batch = decode_batch([old, record(event(), 1)], now=NOW, prices=NO_PRICES)
     chunk = plan(batch, floor=date(2024, 11, 1))
     outcome = settle_batch(batch, chunk, inserted={e.gateway_request_id for e in chunk.to_store})
     assert outcome.counts == {"recorded": 1, "dead_lettered": 1}
@@ -141,7 +148,9 @@ def test_an_event_of_a_month_past_retention_is_expired_and_nothing_else() -> Non
 
 def test_rejected_records_become_dead_letters_and_do_not_block_the_rest() -> None:
     batch = decode_batch(
-        [record(b"{not json", 0), record(event(), 1), record(None, 2), record(b"[]", 3)], now=NOW
+        [record(b"{not json", 0), record(event(), 1), record(None, 2), record(b"[]", 3)],
+        now=NOW,
+        prices=NO_PRICES,
     )
     outcome = land(batch)
     assert outcome.counts == {"recorded": 1, "dead_lettered": 3}

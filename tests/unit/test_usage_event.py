@@ -13,8 +13,10 @@ from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
     CONFLICT_FIELDS,
     MissingNowError,
+    UnpricedEvent,
     UsageEvent,
     conflicting_fields,
+    usage_row,
 )
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -495,8 +497,12 @@ def test_with_only_usd_cents_stay_absent() -> None:
     assert event.customer_charge_usd == Decimal("0.0054")
 
 
-def test_without_either_charge_the_event_is_refused() -> None:
-    assert error_types(event_data(customer_charge_usd=ABSENT)) == [((), "charge_missing")]
+def test_without_either_charge_the_event_is_left_to_the_price_table() -> None:
+    event = validate(event_data(customer_charge_usd=ABSENT))
+    assert event.customer_charge_usd is None
+    unpriced = usage_row(event)
+    assert isinstance(unpriced, UnpricedEvent)
+    assert unpriced.row.charge_estimated
 
 
 def test_a_null_exact_charge_is_refused_rather_than_read_as_absent() -> None:
@@ -507,7 +513,7 @@ def test_a_null_exact_charge_is_refused_rather_than_read_as_absent() -> None:
 def test_null_cents_read_as_not_sent() -> None:
     assert validate(event_data(customer_charge_cents=None)).customer_charge_cents is None
     data = event_data(customer_charge_usd=ABSENT, customer_charge_cents=None)
-    assert error_types(data) == [((), "charge_missing")]
+    assert isinstance(usage_row(validate(data)), UnpricedEvent)
 
 
 # --- total_tokens --------------------------------------------------------------------------

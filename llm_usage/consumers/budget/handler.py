@@ -16,9 +16,10 @@ from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
+from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.usage_event import UsageRow
+from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import (
     StagedEvent,
@@ -37,6 +38,7 @@ def decode_for_counting(
     records: Sequence[Record],
     *,
     now: datetime,
+    prices: PriceSnapshot,
     events: dict[str, UsageRow],
     counts: Counter[BatchResult],
 ) -> None:
@@ -48,6 +50,8 @@ def decode_for_counting(
     """
     for record in records:
         decoded = decode_usage_event(record.value, now=now)
+        if isinstance(decoded, UnpricedEvent):
+            decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             counts[BatchResult.REJECTED] += 1
         elif decoded.gateway_request_id in events:
@@ -74,6 +78,7 @@ class BudgetCounter:
         self._pool = pool
         self._clock = clock
         self._flavour = Flavour()  # a Citus coordinator or one node: asked once
+        self._prices = PriceBook(pool)
         self._ahead: PreparedAhead[_Decoded] = PreparedAhead(self._decode)
 
     def prepare_ahead(self, records: Sequence[Record]) -> None:
@@ -81,12 +86,17 @@ class BudgetCounter:
         self._ahead.start(records)
 
     async def _decode(self, records: Sequence[Record]) -> _Decoded:
+        prices = await self._prices.ready(records)
         now = self._clock()
         events: dict[str, UsageRow] = {}
         counts: Counter[BatchResult] = Counter()
         for start in range(0, len(records), _DECODE_SLICE):
             decode_for_counting(
-                records[start : start + _DECODE_SLICE], now=now, events=events, counts=counts
+                records[start : start + _DECODE_SLICE],
+                now=now,
+                prices=prices,
+                events=events,
+                counts=counts,
             )
             await asyncio.sleep(0)  # the alert relay and heartbeats share this event loop
         return _Decoded(events, counts)

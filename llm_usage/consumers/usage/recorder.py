@@ -22,6 +22,7 @@ from llm_usage.consumers.usage.settle import (
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, Record
 from llm_usage.runtime.isolation import DatabaseRefusesRowsError
+from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.runtime.retry import cancel_quietly
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.event_ids import (
@@ -86,6 +87,7 @@ class UsageRecorder:
         self._clock = clock
         self._chunk_records = chunk_records
         self._flavour = Flavour()  # a Citus coordinator or one node: asked once
+        self._prices = PriceBook(pool)
         self._ahead: PreparedAhead[list[DecodedBatch]] = PreparedAhead(self._decode_chunks)
 
     def prepare_ahead(self, records: Sequence[Record]) -> None:
@@ -120,9 +122,10 @@ class UsageRecorder:
                 ) from error
 
     async def _decode_chunks(self, records: Sequence[Record]) -> list[DecodedBatch]:
+        prices = await self._prices.ready(records)
         now = self._clock()
         return [
-            await _decode_yielding(records[start : start + self._chunk_records], now)
+            await _decode_yielding(records[start : start + self._chunk_records], now, prices)
             for start in range(0, len(records), self._chunk_records)
         ]
 
@@ -139,6 +142,7 @@ class UsageRecorder:
         outcome = BatchOutcome()
         stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
+        prices = await self._prices.ready(records)  # for the chunks not decoded ahead
         async with connection.transaction():
             floor = (await attached_months(connection)).oldest
             try:
@@ -146,7 +150,7 @@ class UsageRecorder:
                     if index == len(decoded):
                         decoded.append(
                             await _decode_yielding(
-                                records[start : start + self._chunk_records], now
+                                records[start : start + self._chunk_records], now, prices
                             )
                         )
                     chunk = decoded[index]
@@ -176,10 +180,12 @@ def _collect(written: ChunkWritten, stored_now: list[UsageRow]) -> BatchOutcome:
     return written.outcome
 
 
-async def _decode_yielding(records: Sequence[Record], now: datetime) -> DecodedBatch:
+async def _decode_yielding(
+    records: Sequence[Record], now: datetime, prices: PriceSnapshot
+) -> DecodedBatch:
     batch = DecodedBatch()
     for start in range(0, len(records), _DECODE_SLICE):
-        decode_batch(records[start : start + _DECODE_SLICE], now=now, into=batch)
+        decode_batch(records[start : start + _DECODE_SLICE], now=now, prices=prices, into=batch)
         await asyncio.sleep(0)
     return batch
 

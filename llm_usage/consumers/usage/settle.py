@@ -12,9 +12,15 @@ from typing import Any, NamedTuple
 
 from llm_usage.domain.identity import Identity, identity_of, is_expired
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
+from llm_usage.runtime.pricing import PriceSnapshot
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.decoding import decode_usage_event
-from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageRow, conflicting_fields
+from llm_usage.schemas.usage_event import (
+    CONFLICT_FIELDS,
+    UnpricedEvent,
+    UsageRow,
+    conflicting_fields,
+)
 from llm_usage.storage.event_ids import KnownIdentities, TierOneKey
 
 
@@ -31,13 +37,19 @@ class DecodedBatch:
 
 
 def decode_batch(
-    records: Sequence[Record], *, now: datetime, into: DecodedBatch | None = None
+    records: Sequence[Record],
+    *,
+    now: datetime,
+    prices: PriceSnapshot,
+    into: DecodedBatch | None = None,
 ) -> DecodedBatch:
-    """Decode every record (adding to `into`, if given); a record that breaks a rule becomes a
-    dead letter, never an error."""
+    """Decode every record (adding to `into`, if given), pricing those that sent no charge; a
+    record that breaks a rule or has no price becomes a dead letter, never an error."""
     batch = DecodedBatch() if into is None else into
     for record in records:
         decoded = decode_usage_event(record.value, now=now)
+        if isinstance(decoded, UnpricedEvent):
+            decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             batch.rejected.append(DeadLetter(record, decoded.reason, decoded.detail))
         else:
