@@ -273,7 +273,8 @@ def _litellm_number(model: str, field: str, value: object, scale: int) -> Decima
             f"{model}: {field} {value} has more digits than a price can keep"
         ) from None
     return _exact(
-        scaled, lambda reason: f"{model}: {field} {value} ({scaled} {_unit(scale)}) {reason}"
+        scaled,
+        lambda reason: f"{model}: {field} {value} ({scaled:f} {_unit(scale)}): {reason}",
     )
 
 
@@ -294,7 +295,7 @@ def _check_name(name: str, where: str) -> None:
     # The same limits as the event's provider and model, so every row can match an event.
     if not name or len(name) > MAX_TEXT_LENGTH or "\x00" in name:
         raise PriceListError(
-            f"{where} must be 1 to {MAX_TEXT_LENGTH} characters without NUL, not {name!r}"
+            f"{where}: must be 1 to {MAX_TEXT_LENGTH} characters without NUL, not {name!r}"
         )
 
 
