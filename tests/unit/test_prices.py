@@ -23,6 +23,7 @@ from llm_usage.domain.prices import (
     refusal_of_new_price,
 )
 from tests import clock
+from tests.money import EVENT_DECIMALS
 
 NOW = clock.now()
 MICROSECOND = timedelta(microseconds=1)
@@ -38,6 +39,18 @@ FULL = new_price(
     request_fee_usd=Decimal("0.001"),
 )
 DEFAULTS = new_price("openai", "gpt-4o", NOW, input=Decimal("2.5"), output=Decimal(10))
+
+
+def cost_of(price: Price, tokens: tuple[int, int, int, int]) -> Decimal:
+    """`cost_usd` of (input, output, cached input, reasoning) tokens."""
+    input_tokens, output_tokens, cached, reasoning = tokens
+    return cost_usd(
+        price,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached,
+        reasoning_tokens=reasoning,
+    )
 
 
 def test_new_price_defaults_cached_to_input_reasoning_to_output_and_no_fee() -> None:
@@ -73,17 +86,7 @@ def test_new_price_defaults_cached_to_input_reasoning_to_output_and_no_fee() -> 
 def test_cost_usd_prices_each_kind_of_token_at_its_rate_exactly(
     price: Price, tokens: tuple[int, int, int, int], expected: str
 ) -> None:
-    input_tokens, output_tokens, cached, reasoning = tokens
-
-    cost = cost_usd(
-        price,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=cached,
-        reasoning_tokens=reasoning,
-    )
-
-    assert cost == Decimal(expected)
+    assert cost_of(price, tokens) == Decimal(expected)
 
 
 @pytest.mark.parametrize(
@@ -96,16 +99,8 @@ def test_cost_usd_prices_each_kind_of_token_at_its_rate_exactly(
 def test_tokens_that_contradict_the_convention_cannot_be_priced(
     tokens: tuple[int, int, int, int], message: str
 ) -> None:
-    input_tokens, output_tokens, cached, reasoning = tokens
-
     with pytest.raises(UnpriceableTokensError, match=f"^{re.escape(message)}$"):
-        cost_usd(
-            FULL,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cached_input_tokens=cached,
-            reasoning_tokens=reasoning,
-        )
+        cost_of(FULL, tokens)
 
 
 def rows_from(*offsets: timedelta) -> list[Price]:
@@ -199,14 +194,8 @@ def test_negative_or_non_finite_prices_are_refused_even_as_a_first_row(
     assert answer.startswith(f"{field} must be a decimal ≥ 0")
 
 
-# Every price a row can hold: 12 digits before the point, 18 after.
-PRICES = st.decimals(
-    min_value=Decimal(0),
-    max_value=Decimal("999999999999.999999999999999999"),
-    places=18,
-    allow_nan=False,
-    allow_infinity=False,
-)
+# Every price a row can hold: the same limits as the event's decimals.
+PRICES = EVENT_DECIMALS
 BIGINT = st.integers(min_value=0, max_value=2**63 - 1)
 
 
@@ -244,13 +233,7 @@ def test_the_cost_is_the_contract_formula_computed_independently_with_fractions(
     if defaults:
         cached_price, reasoning_price, fee = input_price, output_price, Decimal(0)
 
-    cost = cost_usd(
-        price,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        cached_input_tokens=cached,
-        reasoning_tokens=reasoning,
-    )
+    cost = cost_of(price, tokens)
 
     expected = (
         (input_tokens - cached) * Fraction(input_price)
