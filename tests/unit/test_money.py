@@ -12,16 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_usage.domain.money import cents_to_usd, round_half_up, usd_to_cents
-from tests.money import exact_sum
-
-# Every value a decimal field of the usage event can carry: 12 digits before the point, 18 after.
-EVENT_DECIMALS = st.decimals(
-    min_value=Decimal(0),
-    max_value=Decimal("999999999999.999999999999999999"),
-    places=18,
-    allow_nan=False,
-    allow_infinity=False,
-)
+from tests.money import EVENT_DECIMALS, exact_sum
 
 
 def half_up_cents(usd: Decimal) -> int:
