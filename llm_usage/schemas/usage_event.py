@@ -225,7 +225,9 @@ SchemaVersion = Annotated[
     GetPydanticSchema(_schema_version_schema),
     WithJsonSchema({"type": "integer", "const": SCHEMA_VERSION}),
 ]
-MarkupMode = Literal["flat_percent", "fixed_per_token", "plan_inclusive"]
+# Open: a mode the gateway adds later is stored as sent, never a reason to refuse usage. Known
+# today: flat_percent, fixed_per_token, plan_inclusive.
+MarkupMode = Text
 
 
 def _without_default(schema: dict[str, Any]) -> None:
@@ -295,6 +297,8 @@ class UsageEvent(BaseModel):
     customer_charge_cents: Count | None = None
     """The gateway's own rounding, for display; within 1 cent of customer_charge_usd."""
     markup_mode: MarkupMode | None = None
+    """How the gateway priced the charge: any text of at most 200 characters (known:
+    flat_percent, fixed_per_token, plan_inclusive)."""
     occurred_at: OccurredAt
     """RFC 3339 with an offset, stored as UTC; at most 5 minutes after now."""
 
