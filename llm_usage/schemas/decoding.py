@@ -10,9 +10,14 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.fast_decoding import fast_decode
-from llm_usage.schemas.period_charge import PERIOD_CHARGE_EVENT_TYPE, PeriodCharge
+from llm_usage.schemas.period_charge import (
+    PERIOD_CHARGE_EVENT_TYPE,
+    PeriodChargeEvent,
+    period_charge_row,
+)
 from llm_usage.schemas.usage_event import (
     NO_NUL_PATTERN,
     UsageEvent,
@@ -165,9 +170,10 @@ def decode_usage_topic_record(
         return data
     if data.get("event_type") == PERIOD_CHARGE_EVENT_TYPE:
         try:
-            return PeriodCharge.model_validate(data, context={"now": now})
+            charge = PeriodChargeEvent.model_validate(data, context={"now": now})
         except ValidationError as error:
             return Rejection(DeadLetterReason.SCHEMA_VIOLATION, describe_validation_error(error))
+        return period_charge_row(charge)
     event = _validated_usage_event(data, now)
     return event if isinstance(event, Rejection) else usage_row(event)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from llm_usage.schemas.period_charge import PeriodCharge
+from llm_usage.schemas.period_charge import PeriodChargeEvent
 from llm_usage.schemas.usage_event import UsageEvent
 
 SCHEMA_PATH = Path(__file__).with_name("usage_event.v1.schema.json")
@@ -45,7 +45,7 @@ def render_usage_event_json_schema() -> str:
 
 def period_charge_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the period charges the usage consumer accepts."""
-    return _json_schema(PeriodCharge)
+    return _json_schema(PeriodChargeEvent)
 
 
 def render_period_charge_json_schema() -> str:

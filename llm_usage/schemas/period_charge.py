@@ -3,16 +3,16 @@ plan-inclusive tenant's month (docs/contract.md, "Other events on the usage topi
 
 It shares the usage event's rules for what it has in common: ids, the exact decimal read from its
 literal digits, and `occurred_at`. Validate with
-`PeriodCharge.model_validate(data, context={"now": now})`.
+`PeriodChargeEvent.model_validate(data, context={"now": now})`.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.schemas.usage_event import (
     SCHEMA_VERSION,
     ExactUsd,
@@ -27,17 +27,6 @@ from llm_usage.schemas.usage_event import (
 PERIOD_CHARGE_EVENT_TYPE: Final = "llm_period_charge_recorded"
 PERIOD_PATTERN = r"^[0-9]{4}-(0[1-9]|1[0-2])$"
 
-# What must match a stored period charge of the same id for a copy to be a plain duplicate.
-PERIOD_CHARGE_CONFLICT_FIELDS: tuple[str, ...] = (
-    "tenant_id",
-    "deployment_id",
-    "period",
-    "period_charge_usd",
-    "occurred_at",
-)
-
-_CONFLICT_VALUES = operator.attrgetter(*PERIOD_CHARGE_CONFLICT_FIELDS)
-
 Period = Annotated[str, Field(strict=True, pattern=PERIOD_PATTERN)]
 
 
@@ -51,7 +40,7 @@ def _publisher_view_of_json_schema(schema: dict[str, Any]) -> None:
     )
 
 
-class PeriodCharge(BaseModel):
+class PeriodChargeEvent(BaseModel):
     """One period charge as the gateway published it, validated; `occurred_at` is in UTC."""
 
     model_config = ConfigDict(
@@ -82,20 +71,14 @@ class PeriodCharge(BaseModel):
     _clean_id = field_validator("period_charge_id", "tenant_id")(clean_id)
     _in_utc_and_not_in_the_future = field_validator("occurred_at")(in_utc_and_not_in_the_future)
 
-    def conflict_view(self) -> tuple[object, ...]:
-        """The values a copy under the same id must repeat to be a duplicate."""
-        return _CONFLICT_VALUES(self)  # type: ignore[no-any-return]
 
-
-def differing_fields(stored: PeriodCharge, incoming: PeriodCharge) -> list[str]:
-    """The conflict fields whose values differ (decimals by value, times as instants)."""
-    return [
-        name
-        for name, was, now in zip(
-            PERIOD_CHARGE_CONFLICT_FIELDS,
-            stored.conflict_view(),
-            incoming.conflict_view(),
-            strict=True,
-        )
-        if was != now
-    ]
+def period_charge_row(event: PeriodChargeEvent) -> PeriodCharge:
+    """The stored values of a validated `event`."""
+    return PeriodCharge(
+        tenant_id=event.tenant_id,
+        period_charge_id=event.period_charge_id,
+        deployment_id=event.deployment_id,
+        period=event.period,
+        period_charge_usd=event.period_charge_usd,
+        occurred_at=event.occurred_at,
+    )
