@@ -23,7 +23,10 @@ def _key(charge: PeriodCharge) -> PeriodChargeKey:
 
 def first_copies(copies: Sequence[tuple[Record, PeriodCharge]]) -> list[PeriodCharge]:
     """One charge per (tenant, id), the first seen: the one to try to insert."""
-    return list({_key(charge): charge for _, charge in reversed(copies)}.values())
+    firsts: dict[PeriodChargeKey, PeriodCharge] = {}
+    for _, charge in copies:
+        firsts.setdefault(_key(charge), charge)
+    return list(firsts.values())
 
 
 def settle_period_charges(
