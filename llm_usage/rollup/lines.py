@@ -23,9 +23,12 @@ from llm_usage.domain.invoices import (
     USAGE_KIND,
     InvoiceLine,
 )
-from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.money import canonical_decimal, usd_to_cents
 from llm_usage.domain.period_charges import LineKey, PeriodCharge
 from llm_usage.domain.usage import Usage
+
+# The line's meta key for the part of its charge the price table estimated.
+ESTIMATED_META = "estimated_charge_usd"
 
 
 def usage_description(usage: Usage) -> str:
@@ -49,8 +52,16 @@ def usage_line(tenant_id: str, period: str, deployment_id: str | None, usage: Us
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "requests": usage.requests,
+            **estimated_meta(usage),
         },
     )
+
+
+def estimated_meta(usage: Usage) -> dict[str, str]:
+    """How much of the line's exact charge the price table estimated (a string), when any."""
+    if not usage.estimated_charge_usd:
+        return {}
+    return {ESTIMATED_META: canonical_decimal(usage.estimated_charge_usd)}
 
 
 def usage_lines(
@@ -162,6 +173,7 @@ def adjustment_line(
             "output_tokens": late.output_tokens,
             "requests": late.requests,
             "original_period": original_period,
+            **estimated_meta(late),
             **charge_meta,
         },
     )
@@ -178,6 +190,7 @@ def billed_so_far(lines: Iterable[InvoiceLine]) -> dict[tuple[str, str | None, s
             int(line.meta.get("input_tokens", 0)),
             int(line.meta.get("output_tokens", 0)),
             int(line.meta.get("requests", 0)),
+            Decimal(str(line.meta.get(ESTIMATED_META, 0))),
         )
         billed[key] = Billed(before.cents + line.amount_cents, before.usage + usage)
     return billed

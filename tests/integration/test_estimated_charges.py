@@ -3,6 +3,10 @@ price covers dead-lettered `unpriced`, and stored once a price exists and they a
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -144,6 +148,19 @@ async def test_both_consumers_price_an_event_without_a_charge_from_the_same_row(
     )
     assert totals is not None
     assert (totals["charge"], totals["estimated"]) == (total, expected + Decimal("0.012"))
+
+    # The month's invoice line says how much of it was estimated.
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llm_usage", "rollup", "run"),
+        *("--period", month.strftime("%Y-%m"), "--tenant", tenant, "--json"),
+        env={**os.environ, **topics.environment()},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0
+    [line] = [json.loads(text) for text in out.decode().splitlines()]
+    assert line["amount_cents"] == 2  # 0.0197 rounded once
+    assert Decimal(line["meta"]["estimated_charge_usd"]) == expected + Decimal("0.012")
 
     [letter] = await read_topic(kafka_bootstrap_servers, topics.dlq, expected=1)
     assert header(letter, "dlq.reason") == "unpriced"
