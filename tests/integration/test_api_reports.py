@@ -34,7 +34,7 @@ from llm_usage.storage.usage_dimensions import Dimension
 from llm_usage.storage.usage_reports import SUMMARY_QUERY, breakdown_query
 from tests import clock
 from tests.api_support import api_client, bearer, token
-from tests.integration.pipeline import encode, unique, usage_event
+from tests.integration.pipeline import add_price, encode, unique, usage_event
 from tests.records import consumer_record
 
 # The reports' "now": 24 November of last year, a fixed day inside the months every database
@@ -52,9 +52,15 @@ DIMENSIONS = {
 }
 
 
+# The price of the events that send no charge (their charge is estimated), in effect before the
+# earliest of them.
+PRICED = ("reports-provider", "reports-model")
+
+
 def _random_events(tenant: str, count: int, rng: random.Random) -> list[dict[str, Any]]:
     """Events from early October to now: some at exact UTC midnights, attributes often null,
-    charges of every scale (and ties, so that the order of equal charges is tested too)."""
+    charges of every scale (and ties, so that the order of equal charges is tested too); one in
+    five sends no charge, so the price table estimates it."""
     events = []
     for _ in range(count):
         if rng.random() < 0.1:
@@ -83,11 +89,27 @@ def _random_events(tenant: str, count: int, rng: random.Random) -> list[dict[str
             event[field] = rng.choice([None, f"{field}-a", f"{field}-b", f"{field}-c"])
         if rng.random() < 0.3:
             event["total_tokens"] = event["input_tokens"] + event["output_tokens"] + 7
+        if rng.random() < 0.2:
+            del event["customer_charge_usd"], event["customer_charge_cents"]
+            event["provider"], event["model"] = PRICED
+            # Priced tokens are parts of their kinds (cached of input, reasoning of output).
+            event["cached_input_tokens"] = min(event["cached_input_tokens"], event["input_tokens"])
+            event["reasoning_tokens"] = min(event["reasoning_tokens"], event["output_tokens"])
         events.append(event)
     return events
 
 
+async def _add_report_price(pool: asyncpg.Pool) -> None:
+    """The price of PRICED, once per database (tests share it)."""
+    if await pool.fetchval("SELECT count(*) FROM prices WHERE provider = $1", PRICED[0]) == 0:
+        since = NOW - timedelta(days=400)
+        await add_price(
+            pool, *PRICED, effective_from=since, created_at=since, input="2.5", output="10.125"
+        )
+
+
 async def _store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
+    await _add_report_price(pool)
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
     for start in range(0, len(records), 100):
         batch = records[start : start + 100]
@@ -114,6 +136,9 @@ def _summary(rows: Sequence[asyncpg.Record]) -> dict[str, Any]:
         **{name: sum(row[name] for row in rows) for name in (*counts, "total_tokens")},
         "customer_charge_usd": _money(
             sum((row["customer_charge_usd"] for row in rows), Decimal(0))
+        ),
+        "estimated_charge_usd": _money(
+            sum((row["customer_charge_usd"] for row in rows if row["charge_estimated"]), Decimal(0))
         ),
     }
 
@@ -235,6 +260,12 @@ async def test_daily_equals_the_raw_events_day_by_day(
                 "requests": len(selected),
                 "customer_charge_usd": _money(
                     sum((r["customer_charge_usd"] for r in selected), Decimal(0))
+                ),
+                "estimated_charge_usd": _money(
+                    sum(
+                        (r["customer_charge_usd"] for r in selected if r["charge_estimated"]),
+                        Decimal(0),
+                    )
                 ),
             }
         )
