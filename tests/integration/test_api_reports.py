@@ -34,7 +34,7 @@ from llm_usage.storage.usage_dimensions import Dimension
 from llm_usage.storage.usage_reports import SUMMARY_QUERY, breakdown_query
 from tests import clock
 from tests.api_support import api_client, bearer, token
-from tests.integration.pipeline import add_price, encode, unique, usage_event
+from tests.integration.pipeline import add_price, encode, unique, unpriced_event, usage_event
 from tests.records import consumer_record
 
 # The reports' "now": 24 November of last year, a fixed day inside the months every database
@@ -99,7 +99,7 @@ def _random_events(tenant: str, count: int, rng: random.Random) -> list[dict[str
     return events
 
 
-async def _add_report_price(pool: asyncpg.Pool) -> None:
+async def add_report_price(pool: asyncpg.Pool) -> None:
     """The price of PRICED, once per database (tests share it)."""
     if await pool.fetchval("SELECT count(*) FROM prices WHERE provider = $1", PRICED[0]) == 0:
         since = NOW - timedelta(days=400)
@@ -109,7 +109,7 @@ async def _add_report_price(pool: asyncpg.Pool) -> None:
 
 
 async def _store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
-    await _add_report_price(pool)
+    await add_report_price(pool)
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
     for start in range(0, len(records), 100):
         batch = records[start : start + 100]
@@ -458,3 +458,72 @@ async def test_reports_read_the_aggregate_and_raw_edges_from_indexes_alone(
     # On Citus the one shard's index: the same name with the shard's number after it.
     assert '"Index Name": "usage_daily_dimensions_key' in text, text
     assert '"Seq Scan"' not in text, text
+
+
+async def _explain_summary(pool: asyncpg.Pool, tenant: str, start: datetime, end: datetime) -> str:
+    plan = read_plan(start, end, now=NOW)
+    pieces = [value for p in plan.raw for value in (p.start, p.end, p.sign)]
+    rows = await pool.fetch(
+        f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {SUMMARY_QUERY}",
+        tenant,
+        Dimension.DEPLOYMENT.value,
+        plan.first_day,
+        plan.end_day,
+        *pieces,
+    )
+    return "\n".join(row[0] for row in rows)
+
+
+def _estimated_scans(text: str) -> list[str]:
+    """The plan's lines of the estimated branches' scans: the only reads of raw events that
+    are not index-only (they need `charge_estimated`, which the covering index lacks)."""
+    return [
+        line
+        for line in text.splitlines()
+        if "Index Scan using" in line and "llm_usage_events" in line
+    ]
+
+
+async def test_the_estimated_branches_run_only_on_days_with_an_estimated_charge(
+    pool: asyncpg.Pool,
+) -> None:
+    """Without an estimated charge on a cut day, its estimated branch is never executed (the
+    one-time filter reads the day's aggregate row, not its events); with one, it is, and the
+    sums stay exact."""
+    tenant = unique("tenant")
+    start, end = NOW - timedelta(days=30, hours=3), NOW + timedelta(hours=1)
+    plan = read_plan(start, end, now=NOW)
+    assert len(plan.raw) == 2  # both edges cut a day
+    first_cut = plan.raw[0].start
+    charged = [first_cut + timedelta(hours=1), start + timedelta(hours=1), NOW - timedelta(hours=1)]
+    await _store(pool, [usage_event(tenant, occurred_at=clock.iso(at)) for at in charged])
+    text = await _explain_summary(pool, tenant, start, end)
+    scans = _estimated_scans(text)
+    assert len(scans) == 2, text
+    assert all("(never executed)" in line for line in scans), text
+
+    # Estimated charges on the first cut day, inside the range and in its raw piece outside it.
+    await _store(
+        pool,
+        [
+            unpriced_event(tenant, *PRICED, occurred_at=clock.iso(at))
+            for at in (first_cut + timedelta(minutes=30), start + timedelta(minutes=30))
+        ],
+    )
+    text = await _explain_summary(pool, tenant, start, end)
+    first, second = _estimated_scans(text)
+    assert "(never executed)" not in first, text
+    assert "(never executed)" in second, text  # the last day has none still
+
+    rows = await _raw(pool, tenant)
+    assert sum(row["charge_estimated"] for row in rows) == 2
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        answer = await client.get(
+            f"/v1/tenants/{tenant}/usage/summary",
+            params={"from": clock.iso(start), "to": clock.iso(end)},
+            headers=bearer(token("tenant-member", tenant)),
+        )
+    body = answer.json()
+    expected = _summary(_in(rows, start, end))
+    assert Decimal(expected["estimated_charge_usd"]) > 0
+    assert {name: body[name] for name in expected} == expected
