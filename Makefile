@@ -53,7 +53,9 @@ CALENDAR_TESTS := tests/unit tests/integration/test_alerts_docs_example.py \
 	tests/integration/test_metric_names.py tests/integration/test_policies.py \
 	tests/integration/test_rollup.py tests/integration/test_usage_consumer.py \
 	tests/integration/test_usage_recorder.py tests/integration/test_partitions.py \
-	tests/integration/test_usage_dimensions.py tests/integration/test_api_usage_events.py
+	tests/integration/test_usage_dimensions.py tests/integration/test_api_usage_events.py \
+	tests/integration/test_estimated_charges.py \
+	tests/integration/test_period_charges.py
 test-calendar: install
 	set -e; for now in $$($(PY) -m tests.clock); do \
 		LLM_USAGE_TEST_NOW=$$now $(PY) -m pytest -q $(CALENDAR_TESTS); \
@@ -85,7 +87,8 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_late_marks.py \
 	tests/integration/test_api_reports.py \
 	tests/integration/test_usage_dimensions.py \
-	tests/integration/test_api_policies.py
+	tests/integration/test_api_policies.py \
+	tests/integration/test_period_charges.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.

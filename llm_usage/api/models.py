@@ -163,7 +163,7 @@ class InvoiceLineAnswer(_Answer):
     tenant_id: str
     period: str
     deployment_id: str | None
-    kind: Literal["llm_usage", "llm_usage_adjustment"]
+    kind: Literal["llm_usage", "llm_usage_adjustment", "llm_usage_plan_true_up"]
     resource_kind: str
     unit: str
     unit_price_cents: int | None

@@ -61,6 +61,12 @@ def _add_ingest(benchmarks: Commands) -> None:
         default=3,
         help="rounds of (a), (b), (c), interleaved; medians and spreads over them",
     )
+    ingest.add_argument(
+        "--estimated-share",
+        type=fraction,
+        default=0.2,
+        help="(e): (a) again with this share of the events sent without a charge (0: skip)",
+    )
     ingest.set_defaults(run=_runs("llm_usage.bench.ingest", "run_ingest_benchmark"))
 
 

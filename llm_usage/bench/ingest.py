@@ -13,6 +13,11 @@ about `--dup-rate` re-sends on top, which (a) reads and settles but does not sto
     It is then stopped with SIGTERM and must exit 0.
 (b) the naive service: per event, an existence check and an insert in their own transaction;
 (c) the database ceiling: the same rows COPYed straight into the same table, no Kafka.
+(e) (a) again on the same stream with `--estimated-share` of its unique events sent without a
+    charge, so the consumer prices them from the price table. The bench database's price table
+    holds the sample models' prices (added, as far as the consumer can tell, days ago) in every
+    round, so (a) and (e) pay the same drift check of `upstream_cost_usd`: e/a is the cost of
+    estimating alone.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -53,10 +58,11 @@ from llm_usage.core.settings import Settings
 from llm_usage.kafka.clients import client_options, new_reader, start_client
 from llm_usage.kafka.topics import ensure_topics
 from llm_usage.local.run import settings_for_local_run
-from llm_usage.local.sample_events import sample_stream
+from llm_usage.local.sample_events import sample_price_rows, sample_stream, without_charge
 from llm_usage.schemas.decoding import decode_usage_event
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.migrate import migrate
+from llm_usage.storage.pool import Connection
 from llm_usage.storage.usage_events import USAGE_EVENT_COLUMNS
 
 BENCH_DATABASE = "llm_usage_bench"
@@ -66,6 +72,7 @@ TARGET_A_OVER_C = 0.5
 TARGET_A_OVER_B = 20.0
 TARGET_CPU_US_PER_EVENT = 20.0
 TARGET_PEAK_RSS_MIB = 200.0
+TARGET_E_OVER_A = 0.95  # issue 22: 20 % estimated within 5 % of the all-priced stream
 MIB = 1024 * 1024
 
 _OFFSETS_POLL_SECONDS = 0.05  # how often the group's committed offsets are read while timing
@@ -202,6 +209,7 @@ class RunFigures:
     consumer: ConsumerRun
     naive: Measurement
     ceiling: Measurement
+    estimated: ConsumerRun | None = None  # (e), when measured
 
     @property
     def a_over_c(self) -> float:
@@ -210,6 +218,10 @@ class RunFigures:
     @property
     def a_over_b(self) -> float:
         return self.consumer.rate / self.naive.rate
+
+    @property
+    def e_over_a(self) -> float | None:
+        return None if self.estimated is None else self.estimated.rate / self.consumer.rate
 
     def a_over_c_bound(self, cores: int) -> float:
         """The a/c this machine could give at most: (a) with all `cores` busy on its work."""
@@ -245,14 +257,21 @@ def consumer_line(run: ConsumerRun) -> str:
 def run_table(runs: Sequence[RunFigures]) -> list[str]:
     """The figures of every run as a Markdown table (BENCHMARKS.md takes it as it is)."""
     lines = [
-        "| run | (a) consumer | (b) naive | (c) COPY ceiling | a/c | a/b | µs/event | peak RSS |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | (a) consumer | (b) naive | (c) COPY ceiling | a/c | a/b | µs/event | peak RSS "
+        "| (e) estimated | e/a |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for number, run in enumerate(runs, start=1):
+        estimated = (
+            "- | -"
+            if run.estimated is None or run.e_over_a is None
+            else f"{run.estimated.rate:,.0f} rows/s | {run.e_over_a:.3f}"
+        )
         lines.append(
             f"| {number} | {run.consumer.rate:,.0f} rows/s | {run.naive.rate:,.0f} rows/s | "
             f"{run.ceiling.rate:,.0f} rows/s | {run.a_over_c:.2f} | {run.a_over_b:.1f} | "
-            f"{run.consumer.cpu_us_per_event:.1f} | {_mib(run.consumer.peak_rss_bytes)} MiB |"
+            f"{run.consumer.cpu_us_per_event:.1f} | {_mib(run.consumer.peak_rss_bytes)} MiB | "
+            f"{estimated} |"
         )
     return lines
 
@@ -285,6 +304,18 @@ def summary_lines(runs: Sequence[RunFigures], *, cores: int) -> list[str]:
         f"{TARGET_CPU_US_PER_EVENT:g}: {_verdict(cpu.median <= TARGET_CPU_US_PER_EVENT)}",
         f"  peak RSS       {rss.describe('.0f')} MiB   target <= {TARGET_PEAK_RSS_MIB:g}: "
         f"{_verdict(rss.high <= TARGET_PEAK_RSS_MIB)}",
+        *_estimated_lines(runs),
+    ]
+
+
+def _estimated_lines(runs: Sequence[RunFigures]) -> list[str]:
+    ratios = [ratio for run in runs if (ratio := run.e_over_a) is not None]
+    if not ratios:
+        return []
+    e_over_a = Spread.of(ratios)
+    return [
+        f"  e/a            {e_over_a.describe('.3f')}   target >= {TARGET_E_OVER_A:g}: "
+        f"{_verdict(e_over_a.median >= TARGET_E_OVER_A)}"
     ]
 
 
@@ -297,7 +328,12 @@ def load_average() -> str:
 
 
 async def run_ingest_benchmark(
-    *, events: int, dup_rate: float, naive_events: int, runs: int = 3
+    *,
+    events: int,
+    dup_rate: float,
+    naive_events: int,
+    runs: int = 3,
+    estimated_share: float = 0.2,
 ) -> None:
     """Measure (a), (b) and (c) `runs` times each, interleaved, on the same machine, database
     and data; print every run and the median and spread of the ratios."""
@@ -310,6 +346,7 @@ async def run_ingest_benchmark(
         random.Random(run_id), count=events, dup_rate=dup_rate, id_prefix=f"bench-{run_id}", now=now
     )
     unique_events = _unique_events([value for _, value, _ in stream], now=now)
+    estimating = _with_estimated_share(stream, estimated_share, run_id)
     print(
         f"{events:,} events ({len(unique_events):,} unique, dup rate {dup_rate}); "
         f"{runs} run{'s' if runs != 1 else ''} of (a), (b), (c); consumer batch "
@@ -325,6 +362,7 @@ async def run_ingest_benchmark(
     try:
         async with pool.acquire() as connection:
             await migrate(connection)
+            await _add_sample_prices(connection, now)
             print(f"PostgreSQL {await connection.fetchval('SHOW server_version')}")
         for number in range(1, runs + 1):
             print(f"\nrun {number} of {runs}, load average {load_average()}")
@@ -348,13 +386,66 @@ async def run_ingest_benchmark(
             print(f"  {_measurement_line(naive)}")
             ceiling = await _measure_copy(pool, unique_events)
             print(f"  {_measurement_line(ceiling)}")
-            figures.append(RunFigures(consumer, naive, ceiling))
+            estimated = None
+            if estimated_share > 0:
+                estimated = await _measure_consumer(
+                    bench.model_copy(
+                        update={
+                            "usage_topic": f"bench-{run_id}-{number}e.usage",
+                            "dlq_topic": f"bench-{run_id}-{number}e.usage.dlq",
+                            "usage_group_id": f"bench-{run_id}-{number}e",
+                        }
+                    ),
+                    estimating,
+                    pool,
+                    len(unique_events),
+                )
+                share = await pool.fetchval(
+                    "SELECT avg(charge_estimated::int) FROM llm_usage_events"
+                )
+                print(
+                    f"  (e) {estimated_share:.0%} without a charge ({share:.1%} of the rows "
+                    f"stored estimated): {consumer_line(estimated)}"
+                )
+            figures.append(RunFigures(consumer, naive, ceiling, estimated))
     finally:
         await pool.close()
 
     print(f"\nload average at the end {load_average()}\n")
     for line in [*run_table(figures), "", *summary_lines(figures, cores=machine_cores())]:
         print(line)
+
+
+def _with_estimated_share(
+    stream: list[tuple[bytes, bytes, dict[str, object]]], share: float, seed: str
+) -> list[tuple[bytes, bytes, dict[str, object]]]:
+    """`stream` with about `share` of its unique events (every copy alike) sent without a
+    charge."""
+    chosen: dict[object, bool] = {}
+    rng = random.Random(f"{seed}-estimated")
+    changed = []
+    for key, value, event in stream:
+        request_id = event["gateway_request_id"]
+        if request_id not in chosen:
+            chosen[request_id] = rng.random() < share
+        changed.append((key, without_charge(value) if chosen[request_id] else value, event))
+    return changed
+
+
+_ADD_PRICE = """
+    INSERT INTO prices (provider, model, effective_from, input, cached_input, output, reasoning,
+                        created_at, created_by)
+    VALUES ($1, $2, $3, $4, $4, $5, $5, $3, 'bench')
+    ON CONFLICT DO NOTHING
+"""
+
+
+async def _add_sample_prices(connection: Connection, now: datetime) -> None:
+    """The sample models' prices, as if added a week ago: every event of the stream (the last
+    hour) is priced live. Straight into the table, since `prices set` stamps rows with now."""
+    added = now - timedelta(days=7)
+    for provider, model, input_price, output_price in sample_price_rows():
+        await connection.execute(_ADD_PRICE, provider, model, added, input_price, output_price)
 
 
 def _measurement_line(measured: Measurement) -> str:

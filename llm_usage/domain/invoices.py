@@ -9,6 +9,7 @@ from typing import Any
 
 USAGE_KIND = "llm_usage"
 ADJUSTMENT_KIND = "llm_usage_adjustment"
+PLAN_TRUE_UP_KIND = "llm_usage_plan_true_up"
 RESOURCE_KIND = "llm_tokens"
 UNIT = "token"
 

@@ -74,6 +74,19 @@ def sample_event(
     }
 
 
+def sample_price_rows() -> list[tuple[str, str, Decimal, Decimal]]:
+    """The sample models' list prices: (provider, model, USD per million input tokens, per
+    million output tokens), the rates the events' `upstream_cost_usd` was computed with."""
+    return [(provider, model, inp, out) for provider, model, inp, out in _MODELS]
+
+
+def without_charge(value: bytes) -> bytes:
+    """An event's bytes with both charge fields left out: for the price table to price."""
+    event = json.loads(value)
+    del event["customer_charge_usd"], event["customer_charge_cents"]
+    return json.dumps(event).encode()
+
+
 def sample_stream(
     rng: random.Random,
     *,

@@ -5,6 +5,10 @@ Money is summed exactly and rounded once, half up, per line. A late event for a 
 billed as a true-up: what the month's exact total rounds to now, minus what was already billed
 for it, so that the lines billing any (tenant, deployment, month) always add up to
 round_half_up(its exact total * 100).
+
+A month with a period charge (plan-inclusive) bills exactly that charge instead: its usage line
+as usual plus a true-up line to round_half_up(period charge * 100), and after close the
+adjustments true up to that amount too.
 """
 
 from __future__ import annotations
@@ -13,9 +17,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from llm_usage.domain.invoices import ADJUSTMENT_KIND, USAGE_KIND, InvoiceLine
-from llm_usage.domain.money import usd_to_cents
+from llm_usage.domain.invoices import (
+    ADJUSTMENT_KIND,
+    PLAN_TRUE_UP_KIND,
+    USAGE_KIND,
+    InvoiceLine,
+)
+from llm_usage.domain.money import canonical_decimal, usd_to_cents
+from llm_usage.domain.period_charges import LineKey, PeriodCharge
 from llm_usage.domain.usage import Usage
+
+# The line's meta key for the part of its charge the price table estimated.
+ESTIMATED_META = "estimated_charge_usd"
 
 
 def usage_description(usage: Usage) -> str:
@@ -39,8 +52,16 @@ def usage_line(tenant_id: str, period: str, deployment_id: str | None, usage: Us
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "requests": usage.requests,
+            **estimated_meta(usage),
         },
     )
+
+
+def estimated_meta(usage: Usage) -> dict[str, str]:
+    """How much of the line's exact charge the price table estimated (a string), when any."""
+    if not usage.estimated_charge_usd:
+        return {}
+    return {ESTIMATED_META: canonical_decimal(usage.estimated_charge_usd)}
 
 
 def usage_lines(
@@ -50,10 +71,64 @@ def usage_lines(
     lines = [
         usage_line(tenant_id, period, deployment_id, usage)
         for deployment_id, usage in sorted(
-            usage_by_deployment.items(), key=lambda item: (item[0] is not None, item[0] or "")
+            usage_by_deployment.items(), key=lambda item: line_order((tenant_id, item[0]))
         )
     ]
     return [line for line in lines if line.amount_cents != 0]
+
+
+def period_charge_meta(charge: PeriodCharge) -> dict[str, str]:
+    """What a line billing a period charge says of it: its id and exact amount (a string)."""
+    return {
+        "period_charge_id": charge.period_charge_id,
+        "period_charge_usd": str(charge.period_charge_usd),
+    }
+
+
+def plan_true_up_line(
+    *, period: str, usage_line_cents: int, charge: PeriodCharge
+) -> InvoiceLine | None:
+    """The line that makes a month with a period charge bill exactly that charge: its cents
+    minus what the usage line bills (negative when usage came to more); None at 0 cents."""
+    amount = usd_to_cents(charge.period_charge_usd) - usage_line_cents
+    if amount == 0:
+        return None
+    return InvoiceLine(
+        tenant_id=charge.tenant_id,
+        period=period,
+        deployment_id=charge.deployment_id,
+        kind=PLAN_TRUE_UP_KIND,
+        qty=0,
+        amount_cents=amount,
+        description=(
+            f"Plan-inclusive true-up to the period charge of {charge.period_charge_usd} USD"
+        ),
+        meta=period_charge_meta(charge),
+    )
+
+
+def plan_true_up_lines(
+    period: str, lines: Iterable[InvoiceLine], charges: Mapping[LineKey, PeriodCharge]
+) -> list[InvoiceLine]:
+    """The month's true-ups, one per (tenant, deployment) with a period charge, against the
+    month's usage `lines` (a deployment without one bills 0 cents of usage), in a stable order."""
+    usage_cents = {
+        (line.tenant_id, line.deployment_id): line.amount_cents
+        for line in lines
+        if line.kind == USAGE_KIND
+    }
+    true_ups = (
+        plan_true_up_line(
+            period=period, usage_line_cents=usage_cents.get(key, 0), charge=charges[key]
+        )
+        for key in sorted(charges, key=line_order)
+    )
+    return [line for line in true_ups if line is not None]
+
+
+def line_order(key: LineKey) -> tuple[str, bool, str]:
+    """(tenant, deployment) in the order lines are listed: null deployment first."""
+    return (key[0], key[1] is not None, key[1] or "")
 
 
 @dataclass(frozen=True)
@@ -72,14 +147,19 @@ def adjustment_line(
     original_period: str,
     total_now: Usage,
     billed: Billed,
+    period_charge: PeriodCharge | None = None,
 ) -> InvoiceLine | None:
-    """The true-up billed in `period` for late events of the closed `original_period`, or None
-    when it comes to 0 cents. Its amount makes every line billing the original month add up to
-    round_half_up(its exact total now * 100); its qty and meta are the late events' own."""
-    amount = usd_to_cents(total_now.charge_usd) - billed.cents
+    """The true-up billed in `period` for late events (or a superseding period charge) of the
+    closed `original_period`, or None when it comes to 0 cents. Its amount makes every line
+    billing the original month add up to round_half_up(its period charge * 100) when it has
+    one, else to round_half_up(its exact total now * 100); its qty and meta are the late
+    events' own (and the period charge it trues up to)."""
+    target = total_now.charge_usd if period_charge is None else period_charge.period_charge_usd
+    amount = usd_to_cents(target) - billed.cents
     if amount == 0:
         return None
     late = total_now - billed.usage
+    charge_meta = {} if period_charge is None else period_charge_meta(period_charge)
     return InvoiceLine(
         tenant_id=tenant_id,
         period=period,
@@ -93,6 +173,8 @@ def adjustment_line(
             "output_tokens": late.output_tokens,
             "requests": late.requests,
             "original_period": original_period,
+            **estimated_meta(late),
+            **charge_meta,
         },
     )
 
@@ -108,6 +190,7 @@ def billed_so_far(lines: Iterable[InvoiceLine]) -> dict[tuple[str, str | None, s
             int(line.meta.get("input_tokens", 0)),
             int(line.meta.get("output_tokens", 0)),
             int(line.meta.get("requests", 0)),
+            Decimal(str(line.meta.get(ESTIMATED_META, 0))),
         )
         billed[key] = Billed(before.cents + line.amount_cents, before.usage + usage)
     return billed

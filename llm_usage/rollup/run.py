@@ -12,6 +12,7 @@ import asyncpg
 
 from llm_usage.core.errors import UserFacingError
 from llm_usage.domain.invoices import InvoiceLine
+from llm_usage.domain.period_charges import effective_period_charges
 from llm_usage.domain.periods import (
     current_period,
     first_open_after,
@@ -21,7 +22,14 @@ from llm_usage.domain.periods import (
     parse_period,
 )
 from llm_usage.domain.usage import Usage
-from llm_usage.rollup.lines import Billed, adjustment_line, billed_so_far, usage_lines
+from llm_usage.rollup.lines import (
+    Billed,
+    adjustment_line,
+    billed_so_far,
+    line_order,
+    plan_true_up_lines,
+    usage_lines,
+)
 from llm_usage.storage.invoice_lines import (
     LateMark,
     close_period,
@@ -38,6 +46,7 @@ from llm_usage.storage.invoice_lines import (
     tenants_with_usage,
     usage_of_tenants,
 )
+from llm_usage.storage.period_charges import period_charges_of_month
 from llm_usage.storage.pool import Connection, connection_from
 
 # Tenants computed per step: the progress a long run reports, one query each.
@@ -87,6 +96,13 @@ async def _compute_lines(
             lines.extend(usage_lines(tenant, period, by_tenant[tenant]))
         if progress is not None:
             progress(min(start + TENANTS_PER_STEP, len(tenants)), len(tenants))
+    # Plan-inclusive deployments bill their period charge: a true-up beside each usage line.
+    charges = effective_period_charges(
+        await period_charges_of_month(
+            connection, period=period, tenants=None if tenant_id is None else [tenant_id]
+        )
+    )
+    lines.extend(plan_true_up_lines(period, lines, charges))
 
     # True-ups for the marked tenants of closed months whose late usage is billed in this month
     # (the first open month after them), on every run of it until it closes.
@@ -115,9 +131,12 @@ async def _compute_lines(
         billed = billed_so_far(
             await closed_lines_billing(connection, original_period=month, tenants=marked_tenants)
         )
+        month_charges = effective_period_charges(
+            await period_charges_of_month(connection, period=month, tenants=marked_tenants)
+        )
         for tenant, deployment in sorted(
-            totals.keys() | {(t, d) for t, d, _ in billed},
-            key=lambda k: (k[0], k[1] is not None, k[1] or ""),
+            totals.keys() | {(t, d) for t, d, _ in billed} | month_charges.keys(),
+            key=line_order,
         ):
             line = adjustment_line(
                 tenant_id=tenant,
@@ -126,6 +145,7 @@ async def _compute_lines(
                 original_period=month,
                 total_now=totals.get((tenant, deployment), Usage()),
                 billed=billed.get((tenant, deployment, month), Billed()),
+                period_charge=month_charges.get((tenant, deployment)),
             )
             if line is not None:
                 lines.append(line)

@@ -10,8 +10,14 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.fast_decoding import fast_decode
+from llm_usage.schemas.period_charge import (
+    PERIOD_CHARGE_EVENT_TYPE,
+    PeriodChargeEvent,
+    period_charge_row,
+)
 from llm_usage.schemas.usage_event import (
     NO_NUL_PATTERN,
     UnpricedEvent,
@@ -150,6 +156,33 @@ def decode_usage_event(
     return event if isinstance(event, Rejection) else usage_row(event)
 
 
+def decode_usage_topic_record(
+    value: bytes | None, *, now: datetime
+) -> UsageRow | UnpricedEvent | PeriodCharge | Rejection:
+    """What a record of the usage topic holds: a usage event's stored values (unpriced when it
+    sent no charge), a period charge
+    (`event_type` `llm_period_charge_recorded`), or the `Rejection` saying why it is refused.
+
+    A usage event costs what `decode_usage_event` costs: the fast path refuses every other event
+    type, and only then does the reference look at `event_type`.
+    """
+    if value is not None and len(value) <= MAX_EVENT_BYTES:
+        row = fast_decode(value, now=now)
+        if row is not None:
+            return row
+    data = _json_object(value)
+    if isinstance(data, Rejection):
+        return data
+    if data.get("event_type") == PERIOD_CHARGE_EVENT_TYPE:
+        try:
+            charge = PeriodChargeEvent.model_validate(data, context={"now": now})
+        except ValidationError as error:
+            return Rejection(DeadLetterReason.SCHEMA_VIOLATION, describe_validation_error(error))
+        return period_charge_row(charge)
+    event = _validated_usage_event(data, now)
+    return event if isinstance(event, Rejection) else usage_row(event)
+
+
 def decode_usage_event_reference(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:
     """The event in `value` as the pydantic model that states the contract reads it.
 
@@ -160,6 +193,10 @@ def decode_usage_event_reference(value: bytes | None, *, now: datetime) -> Usage
     data = _json_object(value)
     if isinstance(data, Rejection):
         return data
+    return _validated_usage_event(data, now)
+
+
+def _validated_usage_event(data: dict[str, object], now: datetime) -> UsageEvent | Rejection:
     try:
         return UsageEvent.model_validate(data, context={"now": now})
     except ValidationError as error:

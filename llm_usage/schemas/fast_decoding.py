@@ -32,7 +32,6 @@ from llm_usage.schemas.usage_event import (
     MAX_FUTURE_SKEW,
     MAX_TEXT_LENGTH,
     MAX_WHOLE_DIGITS,
-    MarkupMode,
     UnpricedEvent,
     UsageRow,
     exact_decimal,
@@ -65,7 +64,7 @@ class _Event(Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_cost_usd: Raw | UnsetType = UNSET  # msgspec allows no other type beside Raw
     customer_charge_usd: Raw | UnsetType = UNSET
     customer_charge_cents: Annotated[int, Meta(ge=0, le=BIGINT_MAX)] | UnsetType | None = UNSET
-    markup_mode: MarkupMode | UnsetType | None = UNSET
+    markup_mode: _Text = UNSET
     occurred_at: str
     # msgspec refuses `true` and `1.0` for these, as the reference does (EVENT_TYPE and
     # SCHEMA_VERSION; a unit test holds them equal).

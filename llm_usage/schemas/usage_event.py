@@ -225,7 +225,9 @@ SchemaVersion = Annotated[
     GetPydanticSchema(_schema_version_schema),
     WithJsonSchema({"type": "integer", "const": SCHEMA_VERSION}),
 ]
-MarkupMode = Literal["flat_percent", "fixed_per_token", "plan_inclusive"]
+# Open: a mode the gateway adds later is stored as sent, never a reason to refuse usage. Known
+# today: flat_percent, fixed_per_token, plan_inclusive.
+MarkupMode = Text
 
 
 def _without_default(schema: dict[str, Any]) -> None:
@@ -243,6 +245,42 @@ def _publisher_view_of_json_schema(schema: dict[str, Any]) -> None:
         "neither, the pipeline prices the event from its price table (provider and model "
         "required; charge_estimated) or dead-letters it as unpriced."
     )
+
+
+def clean_id(value: str) -> str:
+    """The contract's id rule beyond length: no surrounding whitespace, no control characters."""
+    if value != value.strip():
+        raise PydanticCustomError(
+            "id_whitespace", "must not begin or end with whitespace (the contract's id rule)"
+        )
+    if has_control_character(value):
+        raise PydanticCustomError(
+            "id_control_character",
+            "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+        )
+    return value
+
+
+def in_utc_and_not_in_the_future(value: datetime, info: ValidationInfo) -> datetime:
+    """`occurred_at` in UTC, storable, and at most 5 minutes after the context's `now`."""
+    now = _now_from(info.context)
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not FIRST_STORABLE_INSTANT <= utc <= LAST_STORABLE_INSTANT:
+        raise PydanticCustomError(
+            "datetime_out_of_range",
+            "must be after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z "
+            "once converted to UTC",
+        )
+    if utc - now > MAX_FUTURE_SKEW:
+        raise PydanticCustomError(
+            "datetime_in_future",
+            "is more than 5 minutes after now ({now})",
+            {"now": now.astimezone(UTC).isoformat()},
+        )
+    return utc
 
 
 class UsageEvent(BaseModel):
@@ -297,44 +335,13 @@ class UsageEvent(BaseModel):
     customer_charge_cents: Count | None = None
     """The gateway's own rounding, for display; within 1 cent of customer_charge_usd."""
     markup_mode: MarkupMode | None = None
+    """How the gateway priced the charge: any text of at most 200 characters (known:
+    flat_percent, fixed_per_token, plan_inclusive)."""
     occurred_at: OccurredAt
     """RFC 3339 with an offset, stored as UTC; at most 5 minutes after now."""
 
-    @field_validator("gateway_request_id", "tenant_id")
-    @classmethod
-    def _clean_id(cls, value: str) -> str:
-        if value != value.strip():
-            raise PydanticCustomError(
-                "id_whitespace", "must not begin or end with whitespace (the contract's id rule)"
-            )
-        if has_control_character(value):
-            raise PydanticCustomError(
-                "id_control_character",
-                "must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
-            )
-        return value
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _in_utc_and_not_in_the_future(cls, value: datetime, info: ValidationInfo) -> datetime:
-        now = _now_from(info.context)
-        try:
-            utc = value.astimezone(UTC)
-        except OverflowError:
-            utc = None
-        if utc is None or not FIRST_STORABLE_INSTANT <= utc <= LAST_STORABLE_INSTANT:
-            raise PydanticCustomError(
-                "datetime_out_of_range",
-                "must be after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z "
-                "once converted to UTC",
-            )
-        if utc - now > MAX_FUTURE_SKEW:
-            raise PydanticCustomError(
-                "datetime_in_future",
-                "is more than 5 minutes after now ({now})",
-                {"now": now.astimezone(UTC).isoformat()},
-            )
-        return utc
+    _clean_id = field_validator("gateway_request_id", "tenant_id")(clean_id)
+    _in_utc_and_not_in_the_future = field_validator("occurred_at")(in_utc_and_not_in_the_future)
 
     @model_validator(mode="after")
     def _derive_totals_and_check_charges(self) -> Self:

@@ -69,7 +69,8 @@ TenantRange = tuple[str, str]
 _MONTHLY_USAGE = """
     SELECT tenant_id, deployment_id, sum(charge_usd) AS charge_usd,
            sum(input_tokens)::bigint AS input_tokens,
-           sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests
+           sum(output_tokens)::bigint AS output_tokens, sum(requests)::bigint AS requests,
+           sum(estimated_charge_usd) AS estimated_charge_usd
     FROM usage_daily_totals
     WHERE day >= $1 AND day < $2 {tenants}
     GROUP BY tenant_id, deployment_id
@@ -82,6 +83,16 @@ _MONTHLY_USAGE = """
 # the array's length (BENCHMARKS.md, "monthly_usage").
 _MONTHLY_USAGE_IN_RANGE = _MONTHLY_USAGE.format(tenants="AND tenant_id >= $3 AND tenant_id <= $4")
 _MONTHLY_USAGE_ALL = _MONTHLY_USAGE.format(tenants="")
+
+
+def _usage_of(row: asyncpg.Record) -> Usage:
+    return Usage(
+        row["charge_usd"],
+        row["input_tokens"],
+        row["output_tokens"],
+        row["requests"],
+        row["estimated_charge_usd"],
+    )
 
 
 async def monthly_usage(
@@ -101,7 +112,7 @@ async def monthly_usage(
         (
             row["tenant_id"],
             row["deployment_id"],
-            Usage(row["charge_usd"], row["input_tokens"], row["output_tokens"], row["requests"]),
+            _usage_of(row),
         )
         for row in rows
     ]
@@ -177,7 +188,7 @@ async def usage_of_tenants(
         (
             row["tenant_id"],
             row["deployment_id"],
-            Usage(row["charge_usd"], row["input_tokens"], row["output_tokens"], row["requests"]),
+            _usage_of(row),
         )
         for row in rows
     ]

@@ -94,15 +94,21 @@ _ADD = """
 """
 
 
+async def lock_months_shared(connection: Connection, days: Iterable[date]) -> None:
+    """Take the shared lock of every month of `days`, in order, for the rest of the transaction:
+    what a batch does before it adds to those months (or marks them late)."""
+    await connection.execute(
+        _LOCK_MONTHS, MONTH_LOCK_CLASS, sorted({month_lock_id(day) for day in days})
+    )
+
+
 async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey, Usage]) -> None:
     """Add newly stored events' sums to the pre-aggregate, and mark the closed months they add
     to; two statements (the months' locks, then the upsert), in the caller's transaction."""
     if not totals:
         return
     keys = sorted(totals, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
-    await connection.execute(
-        _LOCK_MONTHS, MONTH_LOCK_CLASS, sorted({month_lock_id(k[2]) for k in keys})
-    )
+    await lock_months_shared(connection, (k[2] for k in keys))
     await connection.execute(
         _ADD,
         [k[0] for k in keys],

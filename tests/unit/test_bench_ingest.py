@@ -3,6 +3,7 @@ when its group has drained the topic, its metrics, and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -247,9 +248,21 @@ def test_run_table_has_a_row_per_run_in_order() -> None:
     assert table[0].startswith("| run | (a) consumer |")
     assert len(table) == 2 + len(RUNS)
     assert table[2] == (
-        "| 1 | 15,000 rows/s | 1,000 rows/s | 90,000 rows/s | 0.17 | 15.0 | 40.0 | 90 MiB |"
+        "| 1 | 15,000 rows/s | 1,000 rows/s | 90,000 rows/s | 0.17 | 15.0 | 40.0 | 90 MiB | - | - |"
     )
     assert table[4].startswith("| 3 | 10,000 rows/s | 500 rows/s | 100,000 rows/s | 0.10 | 20.0 |")
+
+
+def test_the_estimated_stream_is_shown_beside_the_all_priced_one() -> None:
+    # (e) drained the same 180,000 rows in 12.5 s where (a) took 12.0 s.
+    with_estimated = dataclasses.replace(
+        RUNS[0], estimated=_consumer(rows=180_000, seconds=12.5, cpu=8.0, peak_mib=90)
+    )
+    assert with_estimated.e_over_a == pytest.approx(12.0 / 12.5)
+    assert run_table([with_estimated])[2].endswith("| 14,400 rows/s | 0.960 |")
+    summary = "\n".join(summary_lines([with_estimated], cores=2))
+    assert "e/a            0.960 (0.960-0.960)   target >= 0.95: met" in summary
+    assert "e/a" not in "\n".join(summary_lines(RUNS, cores=2))
 
 
 def test_summary_gives_median_and_spread_against_each_goal() -> None:

@@ -148,7 +148,9 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "upstream_cost_usd": DECIMALS,
     "customer_charge_usd": DECIMALS,
     "customer_charge_cents": CENTS,
-    "markup_mode": st.sampled_from([None, "flat_percent", "plan_inclusive", "percent", 1]),
+    "markup_mode": st.sampled_from(
+        [None, "flat_percent", "plan_inclusive", "percent", "k" * 200, "k" * 201, "\x00", 1]
+    ),
     "occurred_at": TIMES,
 }
 VALID = json.loads(event_json(customer_charge_cents=1))

@@ -248,8 +248,8 @@ def test_json_that_is_not_an_object_is_a_schema_violation(value: bytes, kind: st
         (event_json(input_tokens=-1), "input_tokens: must be at least 0"),
         (event_json(total_tokens=2**63), "total_tokens: must be at most 9223372036854775807"),
         (
-            event_json(markup_mode="percent"),
-            "markup_mode: must be 'flat_percent', 'fixed_per_token' or 'plan_inclusive'",
+            event_json(markup_mode="k" * 201),
+            "markup_mode: at most 200 characters",
         ),
         (event_json(event_type="llm_budget_alert"), "event_type: must be 'llm_usage_recorded'"),
         (

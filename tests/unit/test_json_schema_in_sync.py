@@ -9,7 +9,10 @@ import pytest
 
 from llm_usage.schemas import json_schema
 from llm_usage.schemas.json_schema import (
+    PERIOD_CHARGE_SCHEMA_PATH,
     SCHEMA_PATH,
+    period_charge_json_schema,
+    render_period_charge_json_schema,
     render_usage_event_json_schema,
     usage_event_json_schema,
 )
@@ -27,6 +30,7 @@ def test_main_writes_sorted_indented_json_with_a_trailing_newline(
 ) -> None:
     target = tmp_path / "usage_event.v1.schema.json"
     monkeypatch.setattr(json_schema, "SCHEMA_PATH", target)
+    monkeypatch.setattr(json_schema, "PERIOD_CHARGE_SCHEMA_PATH", tmp_path / "period.json")
     json_schema.main()
     text = target.read_text(encoding="utf-8")
     assert text.endswith("}\n")
@@ -64,3 +68,26 @@ def test_the_schema_states_the_contract_constraints(
 @pytest.mark.parametrize("field", ["total_tokens", "customer_charge_usd"])
 def test_fields_derived_when_absent_claim_no_default(field: str) -> None:
     assert "default" not in usage_event_json_schema()["properties"][field]
+
+
+def test_the_committed_period_charge_schema_file_matches_the_model() -> None:
+    committed = PERIOD_CHARGE_SCHEMA_PATH.read_text(encoding="utf-8")
+    assert committed == render_period_charge_json_schema(), (
+        "schemas/period_charge.v1.schema.json is stale: "
+        "run `python -m llm_usage.schemas.json_schema`"
+    )
+
+
+def test_the_period_charge_schema_requires_its_type_and_reads_the_charge_exactly() -> None:
+    schema = period_charge_json_schema()
+    assert schema["required"] == [
+        "event_type",
+        "period_charge_id",
+        "tenant_id",
+        "period",
+        "period_charge_usd",
+        "occurred_at",
+    ]
+    assert schema["properties"]["event_type"]["const"] == "llm_period_charge_recorded"
+    assert schema["properties"]["period"]["pattern"] == "^[0-9]{4}-(0[1-9]|1[0-2])$"
+    assert schema["properties"]["period_charge_usd"]["anyOf"][0]["type"] == "string"

@@ -124,6 +124,8 @@ def test_a_minimal_event_gets_the_contract_defaults() -> None:
         ("markup_mode", "flat_percent", "flat_percent"),
         ("markup_mode", "fixed_per_token", "fixed_per_token"),
         ("markup_mode", "plan_inclusive", "plan_inclusive"),
+        ("markup_mode", "tiered_by_volume", "tiered_by_volume"),  # a mode added later is stored
+        ("markup_mode", "k" * 200, "k" * 200),
         ("markup_mode", None, None),
         ("upstream_cost_usd", None, None),
         ("upstream_cost_usd", "0.0045", Decimal("0.0045")),
@@ -312,9 +314,17 @@ def test_schema_version_when_present_must_be_the_integer_1(value: object) -> Non
     ]
 
 
-@pytest.mark.parametrize("value", ["percent", "FLAT_PERCENT", "", 1])
-def test_markup_mode_is_one_of_the_three_modes(value: object) -> None:
-    assert error_types(event_data(markup_mode=value)) == [(("markup_mode",), "literal_error")]
+@pytest.mark.parametrize("value", ["percent", "FLAT_PERCENT", "", "k" * 200])
+def test_markup_mode_is_an_open_string_stored_as_sent(value: str) -> None:
+    assert validate(event_data(markup_mode=value)).markup_mode == value
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("k" * 201, "string_too_long"), (1, "string_type"), ("a\x00b", "string_pattern_mismatch")],
+)
+def test_markup_mode_is_refused_only_when_it_cannot_be_stored(value: object, error: str) -> None:
+    assert error_types(event_data(markup_mode=value)) == [(("markup_mode",), error)]
 
 
 # --- occurred_at ---------------------------------------------------------------------------
@@ -557,11 +567,11 @@ def test_an_event_dumped_to_json_validates_to_the_same_event(data: dict[str, Any
 
 
 def test_all_broken_rules_are_reported_together() -> None:
-    data = event_data(tenant_id="", input_tokens=-1, markup_mode="x")
+    data = event_data(tenant_id="", input_tokens=-1, markup_mode="x" * 201)
     assert error_types(data) == [
         (("tenant_id",), "string_too_short"),
         (("input_tokens",), "greater_than_equal"),
-        (("markup_mode",), "literal_error"),
+        (("markup_mode",), "string_too_long"),
     ]
 
 

@@ -14,11 +14,12 @@ import asyncpg
 from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.domain.budgets import budget_horizon
+from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
 from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
-from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import (
@@ -49,11 +50,13 @@ def decode_for_counting(
     usage consumer, not this one, writes the DLQ).
     """
     for record in records:
-        decoded = decode_usage_event(record.value, now=now)
+        decoded = decode_usage_topic_record(record.value, now=now)
         if isinstance(decoded, UnpricedEvent):
             decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             counts[BatchResult.REJECTED] += 1
+        elif isinstance(decoded, PeriodCharge):  # billed by the rollup, never spend
+            continue
         elif decoded.gateway_request_id in events:
             counts[BatchResult.DUPLICATE] += 1
         else:

@@ -11,6 +11,7 @@ from datetime import date, datetime
 import asyncpg
 import structlog
 
+from llm_usage.consumers.usage.period_charges import record_period_charges
 from llm_usage.consumers.usage.settle import (
     ChunkPlan,
     DecodedBatch,
@@ -169,6 +170,8 @@ class UsageRecorder:
                 if writing is not None:  # an error before the last chunk was awaited
                     await cancel_quietly(writing)
             await self._add_to_daily_totals(connection, stored_now)
+            charges = [copy for chunk in decoded for copy in chunk.period_charges]
+            outcome = outcome.merge(await record_period_charges(connection, charges))
         return outcome
 
     async def _add_to_daily_totals(self, connection: Connection, stored: list[UsageRow]) -> None:

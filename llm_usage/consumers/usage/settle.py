@@ -11,10 +11,11 @@ from datetime import UTC, date, datetime, time
 from typing import Any, NamedTuple
 
 from llm_usage.domain.identity import Identity, identity_of, is_expired
+from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
 from llm_usage.runtime.pricing import PriceSnapshot
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
-from llm_usage.schemas.decoding import decode_usage_event
+from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.schemas.usage_event import (
     CONFLICT_FIELDS,
     UnpricedEvent,
@@ -26,10 +27,12 @@ from llm_usage.storage.event_ids import KnownIdentities, TierOneKey
 
 @dataclass
 class DecodedBatch:
-    """A batch after decoding: valid events grouped by id (first seen first), and the rejects."""
+    """A batch after decoding: valid events grouped by id (first seen first), the period
+    charges in batch order, and the rejects."""
 
     occurrences: dict[str, list[tuple[Record, UsageRow]]] = field(default_factory=dict)
     rejected: list[DeadLetter] = field(default_factory=list)
+    period_charges: list[tuple[Record, PeriodCharge]] = field(default_factory=list)
 
     def first_occurrences(self) -> list[UsageRow]:
         """One event per id: the one to try to insert."""
@@ -47,11 +50,13 @@ def decode_batch(
     record that breaks a rule or has no price becomes a dead letter, never an error."""
     batch = DecodedBatch() if into is None else into
     for record in records:
-        decoded = decode_usage_event(record.value, now=now)
+        decoded = decode_usage_topic_record(record.value, now=now)
         if isinstance(decoded, UnpricedEvent):
             decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             batch.rejected.append(DeadLetter(record, decoded.reason, decoded.detail))
+        elif isinstance(decoded, PeriodCharge):
+            batch.period_charges.append((record, decoded))
         else:
             batch.occurrences.setdefault(decoded.gateway_request_id, []).append((record, decoded))
     return batch
