@@ -368,8 +368,9 @@ async def test_invoice_lines_equal_the_lines_built_from_the_raw_events(
     october = _in(rows, datetime(YEAR, 10, 1, tzinfo=UTC), datetime(YEAR, 11, 1, tzinfo=UTC))
     by_deployment: dict[str | None, Usage] = defaultdict(Usage)
     for row in october:
+        estimated = row["customer_charge_usd"] if row["charge_estimated"] else Decimal(0)
         by_deployment[row["deployment_id"]] += Usage(
-            row["customer_charge_usd"], row["input_tokens"], row["output_tokens"], 1
+            row["customer_charge_usd"], row["input_tokens"], row["output_tokens"], 1, estimated
         )
     expected = [line.as_json() for line in usage_lines(tenant, f"{YEAR}-10", by_deployment)]
     assert expected
