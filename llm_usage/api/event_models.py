@@ -44,6 +44,13 @@ class UsageEventAnswer(_Answer):
     markup_mode: str | None
     occurred_at: TimeText = Field(description="RFC 3339, UTC")
     received_at: TimeText = Field(description="RFC 3339, UTC: when the pipeline stored it")
+    charge_estimated: bool = Field(
+        description="true: the gateway sent no charge and the price table estimated it"
+    )
+    price_effective_from: TimeText | None = Field(
+        description="RFC 3339, UTC: the `effective_from` of the price row (of the event's "
+        "provider and model) that estimated the charge; null when the gateway charged"
+    )
 
 
 class UsageEventsAnswer(_Answer):

@@ -52,6 +52,9 @@ class _UsageFigures(_Answer):
     reasoning_tokens: int
     total_tokens: int
     customer_charge_usd: UsdText = Money()
+    estimated_charge_usd: UsdText = Money(
+        "the part of customer_charge_usd the price table estimated (the gateway sent no charge)"
+    )
 
 
 class UsageTodayAnswer(_UsageFigures):
@@ -87,6 +90,9 @@ class DailyItemAnswer(_Answer):
     date: DayText = Field(validation_alias="day", description="the UTC day, YYYY-MM-DD")
     requests: int
     customer_charge_usd: UsdText = Money()
+    estimated_charge_usd: UsdText = Money(
+        "the part of customer_charge_usd the price table estimated (the gateway sent no charge)"
+    )
 
 
 class UsageDailyAnswer(_Answer):

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from llm_usage.api.ui_budgets import budgets_section
 from llm_usage.api.ui_chart import daily_chart
 from llm_usage.api.ui_dates import day_label, period_label
-from llm_usage.api.ui_money import cents_text, count_text, usd_html
+from llm_usage.api.ui_money import cents_text, count_text, estimated_html, usd_html
 from llm_usage.domain.budgets import BudgetStatus, BudgetWindow
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.money import canonical_decimal
@@ -39,7 +39,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5rem auto; padding: 0 1rem;
   max-width: 64rem; line-height: 1.4; }
 h1 { font-size: 1.4rem; margin-bottom: .2rem; } h2 { font-size: 1.1rem; margin: 2rem 0 .6rem; }
 h3 { font-size: 1rem; margin: .2rem 0 .4rem; }
-.muted, .asof { color: var(--muted); } .asof { margin-top: 0; }
+.muted, .asof, .estimated { color: var(--muted); } .asof { margin-top: 0; }
+.estimated { font-size: .85rem; }
 .tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); gap: 1rem; }
 .tile { border: 1px solid var(--line); border-radius: .5rem; padding: .8rem 1rem; }
 .tile .big { font-size: 1.8rem; font-weight: 600; }
@@ -114,8 +115,10 @@ def _tile(name: str, label: str, summary: UsageSummary) -> str:
         f'<div class="tile" id="{name}" data-requests="{summary.requests}" '
         f'data-total-tokens="{summary.total_tokens}" data-input-tokens="{summary.input_tokens}" '
         f'data-output-tokens="{summary.output_tokens}" '
-        f'data-charge="{canonical_decimal(summary.customer_charge_usd)}">'
+        f'data-charge="{canonical_decimal(summary.customer_charge_usd)}" '
+        f'data-estimated="{canonical_decimal(summary.estimated_charge_usd)}">'
         f'<h3>{label}</h3><div class="big">{usd_html(summary.customer_charge_usd)}</div>'
+        f"<div>{estimated_html(summary.estimated_charge_usd)}</div>"
         f"<div>{count_text(summary.requests)} requests · {count_text(summary.total_tokens)} tokens"
         f"</div></div>"
     )
@@ -136,10 +139,13 @@ def _top(by: str, items: Sequence[BreakdownItem], tenant_id: str) -> str:
             f'<tr class="top" data-by="{by}" data-key="{escape(item.key or "")}" '
             f'data-null="{str(item.key is None).lower()}" '
             f'data-charge="{canonical_decimal(item.customer_charge_usd)}" '
+            f'data-estimated="{canonical_decimal(item.estimated_charge_usd)}" '
             f'data-requests="{item.requests}"><td class="key">{name}</td>'
             f'<td class="num">{count_text(item.requests)}</td>'
             f'<td class="num">{count_text(item.input_tokens + item.output_tokens)}</td>'
-            f'<td class="num">{usd_html(item.customer_charge_usd)}</td></tr>'
+            f'<td class="num">{usd_html(item.customer_charge_usd)}'
+            f"{'<br>' if item.estimated_charge_usd > 0 else ''}"
+            f"{estimated_html(item.estimated_charge_usd)}</td></tr>"
         )
     return (
         f"<div><h3>Top {by}s</h3><table><thead><tr><th>{by}</th><th class=num>requests</th>"

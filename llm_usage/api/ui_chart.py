@@ -12,7 +12,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Final
 
 from llm_usage.api.ui_dates import day_label
-from llm_usage.api.ui_money import axis_text, count_text, usd_html, usd_text
+from llm_usage.api.ui_money import axis_text, count_text, estimated_html, usd_html, usd_text
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_reports import DailyItem
 
@@ -70,6 +70,12 @@ def daily_chart(items: Sequence[DailyItem]) -> str:
     for index, item in enumerate(items):
         x = _LEFT + column * index
         charge = canonical_decimal(item.customer_charge_usd)
+        estimated = canonical_decimal(item.estimated_charge_usd)
+        of_which = (
+            f", of which {usd_text(item.estimated_charge_usd)} estimated"
+            if item.estimated_charge_usd > 0
+            else ""
+        )
         height = item.customer_charge_usd * _PLOT_HEIGHT / top
         today = " today" if index == len(items) - 1 else ""
         label = (
@@ -81,20 +87,24 @@ def daily_chart(items: Sequence[DailyItem]) -> str:
         columns.append(
             f'<g class="column{today}"><title>{day_label(item.day)} {item.day.year}'
             f"{' (today, so far)' if today else ''}: {usd_text(item.customer_charge_usd)} "
-            f"({charge} USD), {count_text(item.requests)} requests</title>"
+            f"({charge} USD){of_which}, {count_text(item.requests)} requests</title>"
             f'<rect class="hit" x="{_number(x)}" y="{_TOP}" width="{_number(column)}" '
             f'height="{_PLOT_HEIGHT}"/>'
             f'<rect class="day" data-date="{item.day.isoformat()}" data-charge="{charge}" '
-            f'data-requests="{item.requests}" x="{_number(x + (column - bar) / 2)}" '
+            f'data-estimated="{estimated}" data-requests="{item.requests}" '
+            f'x="{_number(x + (column - bar) / 2)}" '
             f'y="{_number(y(item.customer_charge_usd))}" width="{_number(bar)}" '
             f'height="{_number(height)}"/>{label}</g>'
         )
     rows = "".join(
         f'<tr class="day-row" data-date="{item.day.isoformat()}" '
         f'data-requests="{item.requests}" '
-        f'data-charge="{canonical_decimal(item.customer_charge_usd)}">'
+        f'data-charge="{canonical_decimal(item.customer_charge_usd)}" '
+        f'data-estimated="{canonical_decimal(item.estimated_charge_usd)}">'
         f"<td>{item.day.isoformat()}</td><td class=num>{count_text(item.requests)}</td>"
-        f"<td class=num>{usd_html(item.customer_charge_usd)}</td></tr>"
+        f"<td class=num>{usd_html(item.customer_charge_usd)}"
+        f"{'<br>' if item.estimated_charge_usd > 0 else ''}"
+        f"{estimated_html(item.estimated_charge_usd)}</td></tr>"
         for item in reversed(items)
     )
     first, last = items[0].day, items[-1].day

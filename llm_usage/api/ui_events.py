@@ -31,7 +31,7 @@ h1 { font-size: 1.4rem; }
 table { border-collapse: collapse; } td, th { padding: .2rem .8rem; text-align: left; }
 tr:nth-child(even) td { background: #f6f6f6; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.muted { color: #777; } nav a { margin-right: 1rem; }
+.muted, .estimated { color: #777; } nav a { margin-right: 1rem; }
 """
 
 
@@ -51,6 +51,14 @@ def events_url(tenant_id: str, query: Mapping[str, str | None]) -> str:
     return f"{tenant_page_url(tenant_id)}/events{suffix}"
 
 
+def _estimated_mark(event: StoredUsageEvent) -> str:
+    if not event.charge_estimated:
+        return ""
+    since = event.price_effective_from
+    price = f" from the price of {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if since else ""
+    return f' <abbr class="estimated" title="estimated{price}">est.</abbr>'
+
+
 def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]) -> str:
     charge = canonical_decimal(event.customer_charge_usd)
     user = (
@@ -68,7 +76,7 @@ def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]
         f'<td class="num" title="input {event.input_tokens}, output {event.output_tokens}">'
         f"{event.total_tokens}</td>"
         f'<td class="num charge" title="{charge} USD">{request_usd_text(event.customer_charge_usd)}'
-        f"</td></tr>"
+        f"{_estimated_mark(event)}</td></tr>"
     )
 
 

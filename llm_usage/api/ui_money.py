@@ -46,6 +46,14 @@ def usd_html(amount: Decimal, *, css_class: str = "usd") -> str:
     )
 
 
+def estimated_html(amount: Decimal) -> str:
+    """ "of which estimated $X" (the part of a charge the price table estimated), or nothing when
+    none of it was: a charge the gateway sent whole reads as before."""
+    if amount <= 0:
+        return ""
+    return f'<span class="estimated">of which estimated {usd_html(amount)}</span>'
+
+
 def axis_text(value: Decimal, step: Decimal) -> str:
     """A money axis label: whole dollars when the gridlines are whole dollars apart, else as
     many places as the step needs, at least cents: `$20`, `$7.50`, `$0.002`."""

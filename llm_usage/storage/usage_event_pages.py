@@ -44,6 +44,8 @@ class StoredUsageEvent:
     markup_mode: str | None
     occurred_at: datetime
     received_at: datetime
+    charge_estimated: bool
+    price_effective_from: datetime | None
 
 
 _SELECTED: Final = ", ".join(column.name for column in fields(StoredUsageEvent))

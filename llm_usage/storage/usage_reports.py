@@ -29,6 +29,7 @@ class UsageSummary:
     reasoning_tokens: int
     total_tokens: int
     customer_charge_usd: Decimal
+    estimated_charge_usd: Decimal
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class BreakdownItem:
     reasoning_tokens: int
     total_tokens: int
     customer_charge_usd: Decimal
+    estimated_charge_usd: Decimal
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,13 @@ class DailyItem:
     day: date
     requests: int
     customer_charge_usd: Decimal
+    estimated_charge_usd: Decimal
 
 
 # The range's parts, each row signed: the aggregate's rows of the dimension ($2) over the days
 # [$3, $4), and per raw piece ($5/$6/$7, $8/$9/$10: start, end, sign; null start and end for
 # none) the events' sums per `{key}`, grouped by `{group}`. $1 is the tenant. Raw pieces read
-# the covering index of migration 0005 alone.
+# the covering index of migration 0009 alone.
 _RAW_PIECE = """
     SELECT {key} AS key, ${sign}::int * count(*) AS requests,
            ${sign}::int * sum(input_tokens) AS input_tokens,
@@ -61,18 +64,39 @@ _RAW_PIECE = """
            ${sign}::int * sum(cached_input_tokens) AS cached_input_tokens,
            ${sign}::int * sum(reasoning_tokens) AS reasoning_tokens,
            ${sign}::int * sum(total_tokens) AS total_tokens,
-           ${sign}::int * sum(customer_charge_usd) AS charge_usd
+           ${sign}::int * sum(customer_charge_usd) AS charge_usd,
+           0::numeric AS estimated_charge_usd
     FROM llm_usage_events
     WHERE tenant_id = $1 AND occurred_at >= ${start} AND occurred_at < ${end}
     {group}
 """
+# A raw piece's estimated charge. `charge_estimated` is not in the covering index, so reading it
+# costs a heap page per event of the piece: the uncorrelated subquery (a one-time filter,
+# evaluated once) skips the scan unless the aggregate says the piece's days (a piece never
+# crosses a UTC day; a null piece has none) hold an estimated charge at all.
+_ESTIMATED_PIECE = """
+    SELECT {key} AS key, 0::bigint AS requests, 0::bigint AS input_tokens,
+           0::bigint AS output_tokens, 0::bigint AS cached_input_tokens,
+           0::bigint AS reasoning_tokens, 0::bigint AS total_tokens, 0::numeric AS charge_usd,
+           ${sign}::int * sum(customer_charge_usd) AS estimated_charge_usd
+    FROM llm_usage_events
+    WHERE tenant_id = $1 AND occurred_at >= ${start} AND occurred_at < ${end}
+      AND charge_estimated
+      AND (SELECT coalesce(sum(estimated_charge_usd), 0) <> 0
+           FROM usage_daily_dimensions
+           WHERE tenant_id = $1 AND dimension = 'deployment'
+             AND day = (${start}::timestamptz AT TIME ZONE 'UTC')::date)
+    {group}
+"""
 _PARTS = """
     SELECT key, requests, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens,
-           total_tokens, charge_usd
+           total_tokens, charge_usd, estimated_charge_usd
     FROM usage_daily_dimensions
     WHERE tenant_id = $1 AND dimension = $2 AND day >= $3 AND day < $4
     UNION ALL {first}
     UNION ALL {second}
+    UNION ALL {first_estimated}
+    UNION ALL {second_estimated}
 """
 _SUMS = """
     coalesce(sum(requests), 0)::bigint AS requests,
@@ -81,14 +105,18 @@ _SUMS = """
     coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
     coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
     coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
-    coalesce(sum(charge_usd), 0) AS customer_charge_usd
+    coalesce(sum(charge_usd), 0) AS customer_charge_usd,
+    coalesce(sum(estimated_charge_usd), 0) AS estimated_charge_usd
 """
 
 
 def _parts(key: str, group: str) -> str:
-    first = _RAW_PIECE.format(key=key, group=group, start=5, end=6, sign=7)
-    second = _RAW_PIECE.format(key=key, group=group, start=8, end=9, sign=10)
-    return _PARTS.format(first=first, second=second)
+    pieces = [{"start": 5, "end": 6, "sign": 7}, {"start": 8, "end": 9, "sign": 10}]
+    raw = [_RAW_PIECE.format(key=key, group=group, **piece) for piece in pieces]
+    estimated = [_ESTIMATED_PIECE.format(key=key, group=group, **piece) for piece in pieces]
+    return _PARTS.format(
+        first=raw[0], second=raw[1], first_estimated=estimated[0], second_estimated=estimated[1]
+    )
 
 
 # Every event is in exactly one row of the `deployment` dimension: their sum is the total. The
@@ -151,7 +179,8 @@ async def usage_breakdown(
 
 # Whole UTC days from the aggregate alone: the sum of a day's `deployment` rows is its usage.
 _DAILY = """
-    SELECT day, sum(requests)::bigint AS requests, sum(charge_usd) AS customer_charge_usd
+    SELECT day, sum(requests)::bigint AS requests, sum(charge_usd) AS customer_charge_usd,
+           sum(estimated_charge_usd) AS estimated_charge_usd
     FROM usage_daily_dimensions
     WHERE tenant_id = $1 AND dimension = 'deployment' AND day >= $2 AND day <= $3
     GROUP BY day
@@ -170,9 +199,11 @@ async def usage_daily(
     while day <= last_day:
         row = found.get(day)
         items.append(
-            DailyItem(day, int(row["requests"]), row["customer_charge_usd"])
+            DailyItem(
+                day, int(row["requests"]), row["customer_charge_usd"], row["estimated_charge_usd"]
+            )
             if row is not None
-            else DailyItem(day, 0, Decimal(0))
+            else DailyItem(day, 0, Decimal(0), Decimal(0))
         )
         day += timedelta(days=1)
     return items

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -60,6 +61,43 @@ def usage_event(tenant_id: str, **fields: Any) -> dict[str, Any]:
     # The gateway's own rounding, as it would send it, unless the test says otherwise.
     event.setdefault("customer_charge_cents", usd_to_cents(Decimal(event["customer_charge_usd"])))
     return event
+
+
+def unpriced_event(tenant: str, provider: str, model: str, **fields: Any) -> dict[str, Any]:
+    """A usage event without a charge: the consumers price it from the price table."""
+    event = usage_event(tenant, provider=provider, model=model, **fields)
+    del event["customer_charge_usd"], event["customer_charge_cents"]
+    return event
+
+
+async def add_price(
+    pool: asyncpg.Pool,
+    provider: str,
+    model: str,
+    *,
+    effective_from: datetime,
+    created_at: datetime,
+    input: str,
+    output: str,
+    cached_input: str | None = None,
+    reasoning: str | None = None,
+    fee: str = "0",
+) -> None:
+    """A price row as if added at `created_at` (a backdated one: storage refuses those)."""
+    await pool.execute(
+        "INSERT INTO prices (provider, model, effective_from, input, cached_input, output, "
+        "reasoning, request_fee_usd, created_at, created_by) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'test')",
+        provider,
+        model,
+        effective_from,
+        Decimal(input),
+        Decimal(cached_input or input),
+        Decimal(output),
+        Decimal(reasoning or output),
+        Decimal(fee),
+        created_at,
+    )
 
 
 def encode(event: Mapping[str, Any]) -> bytes:

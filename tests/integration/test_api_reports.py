@@ -34,7 +34,7 @@ from llm_usage.storage.usage_dimensions import Dimension
 from llm_usage.storage.usage_reports import SUMMARY_QUERY, breakdown_query
 from tests import clock
 from tests.api_support import api_client, bearer, token
-from tests.integration.pipeline import encode, unique, usage_event
+from tests.integration.pipeline import add_price, encode, unique, unpriced_event, usage_event
 from tests.records import consumer_record
 
 # The reports' "now": 24 November of last year, a fixed day inside the months every database
@@ -52,9 +52,15 @@ DIMENSIONS = {
 }
 
 
+# The price of the events that send no charge (their charge is estimated), in effect before the
+# earliest of them.
+PRICED = ("reports-provider", "reports-model")
+
+
 def _random_events(tenant: str, count: int, rng: random.Random) -> list[dict[str, Any]]:
     """Events from early October to now: some at exact UTC midnights, attributes often null,
-    charges of every scale (and ties, so that the order of equal charges is tested too)."""
+    charges of every scale (and ties, so that the order of equal charges is tested too); one in
+    five sends no charge, so the price table estimates it."""
     events = []
     for _ in range(count):
         if rng.random() < 0.1:
@@ -83,11 +89,27 @@ def _random_events(tenant: str, count: int, rng: random.Random) -> list[dict[str
             event[field] = rng.choice([None, f"{field}-a", f"{field}-b", f"{field}-c"])
         if rng.random() < 0.3:
             event["total_tokens"] = event["input_tokens"] + event["output_tokens"] + 7
+        if rng.random() < 0.2:
+            del event["customer_charge_usd"], event["customer_charge_cents"]
+            event["provider"], event["model"] = PRICED
+            # Priced tokens are parts of their kinds (cached of input, reasoning of output).
+            event["cached_input_tokens"] = min(event["cached_input_tokens"], event["input_tokens"])
+            event["reasoning_tokens"] = min(event["reasoning_tokens"], event["output_tokens"])
         events.append(event)
     return events
 
 
+async def add_report_price(pool: asyncpg.Pool) -> None:
+    """The price of PRICED, once per database (tests share it)."""
+    if await pool.fetchval("SELECT count(*) FROM prices WHERE provider = $1", PRICED[0]) == 0:
+        since = NOW - timedelta(days=400)
+        await add_price(
+            pool, *PRICED, effective_from=since, created_at=since, input="2.5", output="10.125"
+        )
+
+
 async def _store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
+    await add_report_price(pool)
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
     for start in range(0, len(records), 100):
         batch = records[start : start + 100]
@@ -114,6 +136,9 @@ def _summary(rows: Sequence[asyncpg.Record]) -> dict[str, Any]:
         **{name: sum(row[name] for row in rows) for name in (*counts, "total_tokens")},
         "customer_charge_usd": _money(
             sum((row["customer_charge_usd"] for row in rows), Decimal(0))
+        ),
+        "estimated_charge_usd": _money(
+            sum((row["customer_charge_usd"] for row in rows if row["charge_estimated"]), Decimal(0))
         ),
     }
 
@@ -236,6 +261,12 @@ async def test_daily_equals_the_raw_events_day_by_day(
                 "customer_charge_usd": _money(
                     sum((r["customer_charge_usd"] for r in selected), Decimal(0))
                 ),
+                "estimated_charge_usd": _money(
+                    sum(
+                        (r["customer_charge_usd"] for r in selected if r["charge_estimated"]),
+                        Decimal(0),
+                    )
+                ),
             }
         )
     assert answer.json() == {"items": expected}
@@ -337,8 +368,9 @@ async def test_invoice_lines_equal_the_lines_built_from_the_raw_events(
     october = _in(rows, datetime(YEAR, 10, 1, tzinfo=UTC), datetime(YEAR, 11, 1, tzinfo=UTC))
     by_deployment: dict[str | None, Usage] = defaultdict(Usage)
     for row in october:
+        estimated = row["customer_charge_usd"] if row["charge_estimated"] else Decimal(0)
         by_deployment[row["deployment_id"]] += Usage(
-            row["customer_charge_usd"], row["input_tokens"], row["output_tokens"], 1
+            row["customer_charge_usd"], row["input_tokens"], row["output_tokens"], 1, estimated
         )
     expected = [line.as_json() for line in usage_lines(tenant, f"{YEAR}-10", by_deployment)]
     assert expected
@@ -427,3 +459,72 @@ async def test_reports_read_the_aggregate_and_raw_edges_from_indexes_alone(
     # On Citus the one shard's index: the same name with the shard's number after it.
     assert '"Index Name": "usage_daily_dimensions_key' in text, text
     assert '"Seq Scan"' not in text, text
+
+
+async def _explain_summary(pool: asyncpg.Pool, tenant: str, start: datetime, end: datetime) -> str:
+    plan = read_plan(start, end, now=NOW)
+    pieces = [value for p in plan.raw for value in (p.start, p.end, p.sign)]
+    rows = await pool.fetch(
+        f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {SUMMARY_QUERY}",
+        tenant,
+        Dimension.DEPLOYMENT.value,
+        plan.first_day,
+        plan.end_day,
+        *pieces,
+    )
+    return "\n".join(row[0] for row in rows)
+
+
+def _estimated_scans(text: str) -> list[str]:
+    """The plan's lines of the estimated branches' scans: the only reads of raw events that
+    are not index-only (they need `charge_estimated`, which the covering index lacks)."""
+    return [
+        line
+        for line in text.splitlines()
+        if "Index Scan using" in line and "llm_usage_events" in line
+    ]
+
+
+async def test_the_estimated_branches_run_only_on_days_with_an_estimated_charge(
+    pool: asyncpg.Pool,
+) -> None:
+    """Without an estimated charge on a cut day, its estimated branch is never executed (the
+    one-time filter reads the day's aggregate row, not its events); with one, it is, and the
+    sums stay exact."""
+    tenant = unique("tenant")
+    start, end = NOW - timedelta(days=30, hours=3), NOW + timedelta(hours=1)
+    plan = read_plan(start, end, now=NOW)
+    assert len(plan.raw) == 2  # both edges cut a day
+    first_cut = plan.raw[0].start
+    charged = [first_cut + timedelta(hours=1), start + timedelta(hours=1), NOW - timedelta(hours=1)]
+    await _store(pool, [usage_event(tenant, occurred_at=clock.iso(at)) for at in charged])
+    text = await _explain_summary(pool, tenant, start, end)
+    scans = _estimated_scans(text)
+    assert len(scans) == 2, text
+    assert all("(never executed)" in line for line in scans), text
+
+    # Estimated charges on the first cut day, inside the range and in its raw piece outside it.
+    await _store(
+        pool,
+        [
+            unpriced_event(tenant, *PRICED, occurred_at=clock.iso(at))
+            for at in (first_cut + timedelta(minutes=30), start + timedelta(minutes=30))
+        ],
+    )
+    text = await _explain_summary(pool, tenant, start, end)
+    first, second = _estimated_scans(text)
+    assert "(never executed)" not in first, text
+    assert "(never executed)" in second, text  # the last day has none still
+
+    rows = await _raw(pool, tenant)
+    assert sum(row["charge_estimated"] for row in rows) == 2
+    async with api_client(pool, clock=lambda: NOW) as (client, _):
+        answer = await client.get(
+            f"/v1/tenants/{tenant}/usage/summary",
+            params={"from": clock.iso(start), "to": clock.iso(end)},
+            headers=bearer(token("tenant-member", tenant)),
+        )
+    body = answer.json()
+    expected = _summary(_in(rows, start, end))
+    assert Decimal(expected["estimated_charge_usd"]) > 0
+    assert {name: body[name] for name in expected} == expected

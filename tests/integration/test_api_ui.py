@@ -147,6 +147,7 @@ def _summary(tile: dict[str, str]) -> dict[str, Any]:
         "output_tokens": int(tile["data-output-tokens"]),
         "total_tokens": int(tile["data-total-tokens"]),
         "customer_charge_usd": tile["data-charge"],
+        "estimated_charge_usd": tile["data-estimated"],
     }
 
 
@@ -168,7 +169,14 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
             f"/v1/tenants/{tenant}/invoice-lines", params={"period": THIS_MONTH}, headers=headers
         )
     html = _parse(page.text)
-    names = ("requests", "input_tokens", "output_tokens", "total_tokens", "customer_charge_usd")
+    names = (
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "customer_charge_usd",
+        "estimated_charge_usd",
+    )
 
     # Today and this month.
     assert _summary(html.by_id("month")) == _items(api["month"], *names)
@@ -204,6 +212,7 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
                 "date": d["data-date"],
                 "requests": int(d["data-requests"]),
                 "customer_charge_usd": d["data-charge"],
+                "estimated_charge_usd": d["data-estimated"],
             }
             for d in html.with_class(css_class)
         ]
@@ -228,10 +237,25 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
                 "key": None if r["data-null"] == "true" else r["data-key"],
                 "requests": int(r["data-requests"]),
                 "customer_charge_usd": r["data-charge"],
+                "estimated_charge_usd": r["data-estimated"],
             }
             for r in rows
-        ] == [_items(item, "key", "requests", "customer_charge_usd") for item in api["top"][by]]
+        ] == [
+            _items(item, "key", "requests", "customer_charge_usd", "estimated_charge_usd")
+            for item in api["top"][by]
+        ]
         assert rows
+    # "of which estimated $X" under every amount part of which was estimated, and only there.
+    assert Decimal(api["month"]["estimated_charge_usd"]) > 0
+    amounts = [*html.with_class("tile"), *html.with_class("day-row"), *html.with_class("top")]
+    shown = [
+        Decimal(amount["data-estimated"]) for amount in amounts if amount["data-estimated"] != "0"
+    ]
+    notes = html.text_with_class("estimated")
+    assert len(notes) == len(shown) > 0
+    for estimated, (_, text) in zip(shown, notes, strict=True):
+        assert text == f"of which estimated {usd_text(estimated)}"
+    assert len(amounts) > len(shown)  # some amounts have no estimated part
     links = {a["href"] for a in html.tags("a")}
     for item in api["top"]["user"]:
         if item["key"] is not None:
@@ -280,7 +304,10 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
     # Every amount reads as dollars and cents, the exact figure a hover away.
     amounts = html.text_with_class("usd")
     tops = sum(len(items) for items in api["top"].values())
-    assert len(amounts) == 2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"])
+    estimated = len(html.with_class("estimated"))  # each holds an amount of its own
+    assert len(amounts) == (
+        2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"]) + estimated
+    )
     for attrs, text in amounts:
         assert text == usd_text(Decimal(attrs["data-usd"]))
         assert attrs["title"] == f"{attrs['data-usd']} USD"
@@ -326,6 +353,8 @@ async def test_before_the_rollup_runs_the_page_says_no_preview_yet(pool: asyncpg
     assert int(refresh["content"]) == 300
     assert "No preview yet" in page.text
     assert html.by_id("month")["data-charge"] == "0"
+    assert html.by_id("month")["data-estimated"] == "0"
+    assert not html.with_class("estimated")
     assert len(html.with_class("day")) == 30
 
 

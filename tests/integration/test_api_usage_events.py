@@ -27,7 +27,7 @@ from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition, page_statement
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import encode, unique, usage_event
-from tests.integration.test_api_reports import NOW
+from tests.integration.test_api_reports import NOW, PRICED, add_report_price
 from tests.records import consumer_record
 
 MONTH_START = NOW.replace(day=1, hour=0)
@@ -50,11 +50,15 @@ def _events(tenant: str, count: int, rng: random.Random) -> list[dict[str, Any]]
         )
         for field in ("user_id", "agent_id", "deployment_id", "model"):
             event[field] = rng.choice([None, f"{field}-a", f"{field}-b"])
+        if rng.random() < 0.2:  # no charge sent: the price table estimates it
+            del event["customer_charge_usd"], event["customer_charge_cents"]
+            event["provider"], event["model"] = PRICED
         events.append(event)
     return events
 
 
 async def _store(pool: asyncpg.Pool, events: Sequence[dict[str, Any]]) -> None:
+    await add_report_price(pool)
     records = [consumer_record(encode(e), offset=n) for n, e in enumerate(events)]
     for start in range(0, len(records), 500):
         await UsageRecorder(pool=pool, clock=lambda: NOW).record_batch(records[start : start + 500])
@@ -74,8 +78,9 @@ def _as_answered(row: asyncpg.Record) -> dict[str, Any]:
     for name in ("customer_charge_usd", "upstream_cost_usd"):
         if answer[name] is not None:
             answer[name] = canonical_decimal(answer[name])
-    for name in ("occurred_at", "received_at"):
-        answer[name] = _utc(answer[name])
+    for name in ("occurred_at", "received_at", "price_effective_from"):
+        if answer[name] is not None:
+            answer[name] = _utc(answer[name])
     return answer
 
 
@@ -132,6 +137,11 @@ async def test_pages_walk_every_event_once_newest_first_through_ties(
     # `to` is excluded: the events at exactly NOW are not in [from, to).
     expected = [_as_answered(r) for r in in_range if r["occurred_at"] < NOW]
     assert items == expected
+    # Estimated charges say so, and from which price row.
+    assert {item["charge_estimated"] for item in items} == {True, False}
+    assert all(
+        (item["price_effective_from"] is not None) == item["charge_estimated"] for item in items
+    )
     assert len({item["gateway_request_id"] for item in items}) == len(items)
     assert pages == max(1, -(-len(expected) // limit))
 

@@ -7,15 +7,15 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
 from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
+    add_price,
     create_pipeline_topics,
     encode,
     header,
@@ -23,45 +23,11 @@ from tests.integration.pipeline import (
     read_topic,
     stored_for,
     unique,
+    unpriced_event,
     usage_event,
 )
 from tests.integration.test_budget_consumer import run_until_idle, set_policy, spend
 from tests.integration.test_dlq_replay import drain, replay
-
-
-def unpriced_event(tenant: str, provider: str, model: str, **fields: Any) -> dict[str, Any]:
-    event = usage_event(tenant, provider=provider, model=model, **fields)
-    del event["customer_charge_usd"], event["customer_charge_cents"]
-    return event
-
-
-async def add_price(
-    pool: asyncpg.Pool,
-    provider: str,
-    model: str,
-    *,
-    effective_from: datetime,
-    created_at: datetime,
-    input: str,
-    output: str,
-    cached_input: str | None = None,
-    reasoning: str | None = None,
-    fee: str = "0",
-) -> None:
-    await pool.execute(
-        "INSERT INTO prices (provider, model, effective_from, input, cached_input, output, "
-        "reasoning, request_fee_usd, created_at, created_by) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'test')",
-        provider,
-        model,
-        effective_from,
-        Decimal(input),
-        Decimal(cached_input or input),
-        Decimal(output),
-        Decimal(reasoning or output),
-        Decimal(fee),
-        created_at,
-    )
 
 
 async def run_both(topics: PipelineTopics) -> None:

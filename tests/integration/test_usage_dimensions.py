@@ -24,7 +24,7 @@ from llm_usage.domain.report_days import midnight
 from llm_usage.storage.usage_dimensions import Dimension, fill_from_events
 from llm_usage.storage.usage_reports import usage_breakdown, usage_daily, usage_summary
 from tests import clock
-from tests.integration.pipeline import unique, usage_event
+from tests.integration.pipeline import add_price, unique, unpriced_event, usage_event
 from tests.records import consumer_record
 
 NOW = clock.now()
@@ -48,6 +48,8 @@ _event = st.fixed_dictionaries(
         "cached_input_tokens": st.integers(0, 100),
         "reasoning_tokens": st.integers(0, 100),
         "charge": st.decimals(min_value=0, max_value=1000, places=9, allow_nan=False),
+        # No charge sent: the price table estimates it (the model is then never null).
+        "estimated": st.booleans(),
     }
 )
 # After the first copies: 'same' re-sends an earlier event, 'conflict' changes its tokens.
@@ -57,18 +59,47 @@ _instants = st.integers(0, int(SPAN.total_seconds() * 10**6)).map(
 )
 
 
+# The price rows of a run's estimated events: its own provider, these models, each priced
+# from before the earliest event (an earlier and a later row, so that events are priced by both).
+_MODELS = ("a", "b", "c")
+_PRICES = (("1.25", "10", "0.125", "40"), ("3", "15.000001", None, None))
+
+
 def _usage_event(run: str, spec: dict[str, Any]) -> dict[str, Any]:
     fields = dict(zip((d.column for d in Dimension), spec["attributes"], strict=True))
-    return usage_event(
-        f"{run}-{spec['tenant']}",
-        occurred_at=spec["at"].isoformat(),
-        customer_charge_usd=str(spec["charge"]),
-        input_tokens=spec["input_tokens"] + spec["cached_input_tokens"],
-        output_tokens=spec["output_tokens"] + spec["reasoning_tokens"],
-        cached_input_tokens=spec["cached_input_tokens"],
-        reasoning_tokens=spec["reasoning_tokens"],
-        **fields,
-    )
+    tenant = f"{run}-{spec['tenant']}"
+    tokens = {
+        "occurred_at": spec["at"].isoformat(),
+        "input_tokens": spec["input_tokens"] + spec["cached_input_tokens"],
+        "output_tokens": spec["output_tokens"] + spec["reasoning_tokens"],
+        "cached_input_tokens": spec["cached_input_tokens"],
+        "reasoning_tokens": spec["reasoning_tokens"],
+    }
+    if spec["estimated"]:
+        del fields["provider"], fields["model"]
+        model = spec["attributes"][[d.column for d in Dimension].index("model")] or "a"
+        return unpriced_event(tenant, run, model, **tokens, **fields)
+    return usage_event(tenant, customer_charge_usd=str(spec["charge"]), **tokens, **fields)
+
+
+async def _add_run_prices(pool: asyncpg.Pool, run: str) -> None:
+    first = NOW - SPAN - timedelta(days=1)
+    for model in _MODELS:
+        for days, (input, output, cached, reasoning) in zip(
+            (0, SPAN.days // 2), _PRICES, strict=True
+        ):
+            since = first + timedelta(days=days)
+            await add_price(
+                pool,
+                run,
+                model,
+                effective_from=since,
+                created_at=first,
+                input=input,
+                output=output,
+                cached_input=cached,
+                reasoning=reasoning,
+            )
 
 
 def _records(events: list[dict[str, Any]]) -> list[Any]:
@@ -84,7 +115,8 @@ _FIGURES = """
     coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
     coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
     coalesce(sum(total_tokens), 0)::bigint AS total_tokens,
-    coalesce(sum(customer_charge_usd), 0) AS customer_charge_usd
+    coalesce(sum(customer_charge_usd), 0) AS customer_charge_usd,
+    coalesce(sum(customer_charge_usd) FILTER (WHERE charge_estimated), 0) AS estimated_charge_usd
 """
 _RAW_WHERE = "WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3"
 
@@ -111,14 +143,16 @@ async def _raw_breakdown(
     return [dict(row) for row in rows]
 
 
-async def _raw_daily(pool: asyncpg.Pool, tenant: str) -> dict[Any, tuple[int, Decimal]]:
+async def _raw_daily(pool: asyncpg.Pool, tenant: str) -> dict[Any, tuple[int, Decimal, Decimal]]:
     rows = await pool.fetch(
         """SELECT (occurred_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
-                  sum(customer_charge_usd) AS charge
+                  sum(customer_charge_usd) AS charge,
+                  coalesce(sum(customer_charge_usd) FILTER (WHERE charge_estimated), 0)
+                      AS estimated
            FROM llm_usage_events WHERE tenant_id = $1 GROUP BY 1""",
         tenant,
     )
-    return {row["day"]: (row["requests"], row["charge"]) for row in rows}
+    return {row["day"]: (row["requests"], row["charge"], row["estimated"]) for row in rows}
 
 
 async def _assert_reports_equal_raw(
@@ -139,8 +173,9 @@ async def _assert_reports_equal_raw(
     raw = await _raw_daily(pool, tenant)
     assert len(daily) == (utc_day(NOW) - first_day).days + 1
     for item in daily:
-        assert (item.requests, item.customer_charge_usd) == raw.get(item.day, (0, Decimal(0)))
-    assert sum(item.requests for item in daily) == sum(r for r, _ in raw.values())
+        figures = (item.requests, item.customer_charge_usd, item.estimated_charge_usd)
+        assert figures == raw.get(item.day, (0, Decimal(0), Decimal(0)))
+    assert sum(item.requests for item in daily) == sum(r for r, _, _ in raw.values())
 
 
 @settings(
@@ -166,6 +201,7 @@ async def test_every_report_equals_the_raw_events_after_duplicates_late_events_a
     overlap: int,
 ) -> None:
     run = unique("dims")
+    await _add_run_prices(pool, run)
     events = [_usage_event(run, spec) for spec in specs]
     for kind, pick in copies:
         original = events[pick % len(events)]
@@ -201,6 +237,17 @@ async def test_every_report_equals_the_raw_events_after_duplicates_late_events_a
     ]
     for tenant in (f"{run}-t1", f"{run}-t2"):
         await _assert_reports_equal_raw(pool, tenant, ranges)
+    # Every event was stored (none dead-lettered unpriced), the estimated ones as such.
+    stored = await pool.fetch(
+        "SELECT charge_estimated, price_effective_from FROM llm_usage_events "
+        "WHERE tenant_id = ANY($1::text[])",
+        [f"{run}-t1", f"{run}-t2"],
+    )
+    assert len(stored) == len({event["gateway_request_id"] for event in events})
+    assert sum(row["charge_estimated"] for row in stored) == sum(s["estimated"] for s in specs)
+    assert all(
+        row["charge_estimated"] == (row["price_effective_from"] is not None) for row in stored
+    )
 
 
 async def test_the_fill_sets_the_aggregate_to_the_stored_events(pool: asyncpg.Pool) -> None:

@@ -14,6 +14,7 @@ from llm_usage.api.ui_money import (
     axis_text,
     cents_text,
     count_text,
+    estimated_html,
     request_usd_text,
     usd_html,
     usd_text,
@@ -122,3 +123,12 @@ def test_charges_read_as_dollars_with_tiny_amounts_exact() -> None:
         "1234.565": "$1,234.57",
     }
     assert {text: request_usd_text(Decimal(text)) for text in cases} == cases
+
+
+def test_an_estimated_part_shows_only_when_there_is_one() -> None:
+    assert estimated_html(Decimal(0)) == ""
+    assert estimated_html(Decimal("0.000")) == ""
+    shown = estimated_html(Decimal("1.2350"))
+    assert shown.startswith('<span class="estimated">of which estimated <span class="usd"')
+    assert 'data-usd="1.235"' in shown
+    assert ">$1.24</span>" in shown

@@ -99,19 +99,22 @@ class UsageRecorder:
         now = self._clock()
         # The chunks decoded so far: all of them when the batch was prepared ahead.
         decoded = await self._ahead.take(records) or []
+        # Read before the batch's connection is taken: reading them may take a connection of its
+        # own, and replicas holding one each while waiting for another would exhaust a small pool.
+        prices = await self._prices.ready(records)
         async with connection_from(self._pool) as connection:
             citus = await self._flavour.citus(connection)
             try:
                 try:
                     return await self._land(
-                        connection, records, decoded, now=now, copy=True, citus=citus
+                        connection, records, decoded, prices, now=now, copy=True, citus=citus
                     )
                 except _UNIQUE_VIOLATIONS as error:
                     if not is_unique_violation(error, citus=citus):
                         raise
                     log.info(LANDING_AGAIN)
                     return await self._land(
-                        connection, records, decoded, now=now, copy=False, citus=citus
+                        connection, records, decoded, prices, now=now, copy=False, citus=citus
                     )
             except asyncpg.exceptions.CheckViolationError as error:
                 if "no partition of relation" not in str(error):
@@ -135,6 +138,7 @@ class UsageRecorder:
         connection: Connection,
         records: Sequence[Record],
         decoded: list[DecodedBatch],
+        prices: PriceSnapshot,  # for the chunks not decoded ahead
         *,
         now: datetime,
         copy: bool,
@@ -143,8 +147,6 @@ class UsageRecorder:
         outcome = BatchOutcome()
         stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
-        # For the chunks not decoded ahead.
-        prices = await self._prices.ready(records, connection)
         async with connection.transaction():
             floor = (await attached_months(connection)).oldest
             try:
