@@ -77,6 +77,8 @@ def _events(count: int) -> list[tuple[Any, ...]]:
                 None if n % 9 == 0 else n % 100,
                 "percent",
                 occurred,
+                n % 4 == 0,  # estimated from the price row of the day before
+                occurred - timedelta(days=1) if n % 4 == 0 else None,
                 occurred + timedelta(milliseconds=250),
             )
         )
