@@ -178,6 +178,21 @@ async def run_rollup(
     return RollupResult(period, lines, False)
 
 
+async def month_lines(
+    connection: Connection, *, period: str, tenant_id: str | None = None
+) -> RollupResult:
+    """The month's lines as `rollup run` prints them, without storing anything: a closed month's
+    frozen lines, an open month's computed now. For readers such as `prices preview`."""
+    parse_period(period)
+    closed = set(await closed_periods(connection))
+    if period in closed:
+        return RollupResult(
+            period, await lines_for(connection, period=period, tenant_id=tenant_id), True
+        )
+    lines, _ = await _compute_lines(connection, period, tenant_id, closed)
+    return RollupResult(period, lines, False)
+
+
 async def close_month(
     pool: asyncpg.Pool, *, period: str, now: datetime, progress: Progress | None = None
 ) -> RollupResult:
