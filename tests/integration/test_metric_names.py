@@ -58,6 +58,7 @@ JOB_MATCHER = re.compile(r'\bjob\s*(=~|=)\s*"([^"]*)"')
 WITHOUT_SAMPLES_HERE = {
     "llm_usage_consumer_retries_total": "a retry after a transient failure",
     "llm_usage_consumer_undecodable_batches_total": "a record batch that cannot be decoded",
+    "llm_usage_price_drift_events_total": "an event whose upstream cost drifts from the prices",
 }
 SUFFIXES = {
     "counter": ("_total", "_created"),
