@@ -119,17 +119,27 @@ async def run_drift(args: argparse.Namespace, settings: Settings) -> None:
             connection, start=start, end=end, tenant_id=tenant, tolerance=tolerance
         )
     shown = pairs if args.all else [pair for pair in pairs if pair.drifts]
-    if args.json:
-        for pair in shown:
-            print(json.dumps(drift_json(period, pair)))
-        return
     drifting = sum(pair.drifts for pair in pairs)
-    print(
+    _print_report(
+        [drift_json(period, pair) for pair in shown],
         f"{period}: {drifting} of {len(pairs)} provider/model pairs with upstream costs differ "
-        f"from the price table (tolerance {canonical_decimal(args.tolerance_pct)} %)"
+        f"from the price table (tolerance {canonical_decimal(args.tolerance_pct)} %)",
+        _drift_table(shown) if shown else None,
+        as_json=args.json,
     )
-    if shown:
-        print(_drift_table(shown))
+
+
+def _print_report(
+    objects: Sequence[dict[str, Any]], heading: str, table: str | None, *, as_json: bool
+) -> None:
+    """One JSON object a line, or a heading and a table for people."""
+    if as_json:
+        for item in objects:
+            print(json.dumps(item))
+        return
+    print(heading)
+    if table is not None:
+        print(table)
 
 
 def drift_json(period: str, pair: PairDrift) -> dict[str, Any]:
@@ -183,17 +193,14 @@ async def run_preview(args: argparse.Namespace, settings: Settings) -> None:
         table = await load_prices(connection, None)
     prices_now = {pair: row for pair, rows in table.items() if (row := in_effect(rows, now))}
     lines = preview_lines(period, billed.lines, usage, prices_now)
-    if args.json:
-        for line in lines:
-            print(json.dumps(preview_json(period, line)))
-        return
     state = "closed" if billed.closed else "open"
-    print(
+    _print_report(
+        [preview_json(period, line) for line in lines],
         f"{period} ({state}): {len(lines)} lines under the price table in effect at "
-        f"{now.astimezone(UTC).isoformat(timespec='seconds')}; nothing was changed"
+        f"{now.astimezone(UTC).isoformat(timespec='seconds')}; nothing was changed",
+        _preview_table(lines) if lines else None,
+        as_json=args.json,
     )
-    if lines:
-        print(_preview_table(lines))
 
 
 def preview_json(period: str, line: PreviewLine) -> dict[str, Any]:
