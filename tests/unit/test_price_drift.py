@@ -3,12 +3,13 @@ events without a price, exact sums per pair, and the consumer's per-batch counte
 
 from __future__ import annotations
 
-import timeit
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.price_drift import (
@@ -19,11 +20,12 @@ from llm_usage.consumers.usage.price_drift import (
 from llm_usage.domain.price_drift import (
     ABSOLUTE_FLOOR_USD,
     DEFAULT_TOLERANCE,
+    DriftCheck,
     beyond_tolerance,
     check_event,
     drift_by_pair,
 )
-from llm_usage.domain.prices import new_price
+from llm_usage.domain.prices import Price, new_price
 from llm_usage.schemas.usage_event import UsageRow
 from tests.money import exact_sum
 
@@ -67,33 +69,36 @@ def test_the_defaults_are_one_percent_and_one_micro_dollar() -> None:
     assert beyond_tolerance(D("0.5000001"), D("0.5"), D(0), floor_usd=D(0)) is True
 
 
-def _check(upstream: str, price: object = PRICE, **tokens: int) -> object:
+def _check(upstream: str, price: Price | None = PRICE, **tokens: int) -> DriftCheck:
     counts = {"input_tokens": 1000, "output_tokens": 100, "cached_input_tokens": 0}
     counts |= {"reasoning_tokens": 0, **tokens}
     return check_event(
         ("openai", "gpt-4o-mini"),
+        input_tokens=counts["input_tokens"],
+        output_tokens=counts["output_tokens"],
+        cached_input_tokens=counts["cached_input_tokens"],
+        reasoning_tokens=counts["reasoning_tokens"],
         upstream_usd=D(upstream),
-        price=price,  # type: ignore[arg-type]
-        **counts,
+        price=price,
     )
 
 
 def test_an_event_is_compared_with_its_list_cost() -> None:
     # 1000 x 0.15 / 10⁶ + 100 x 0.60 / 10⁶ = 0.00015 + 0.00006
     check = _check("0.00021")
-    assert check.list_usd == D("0.00021")  # type: ignore[attr-defined]
-    assert check.difference_usd == 0  # type: ignore[attr-defined]
-    assert not check.beyond  # type: ignore[attr-defined]
+    assert check.list_usd == D("0.00021")
+    assert check.difference_usd == 0
+    assert not check.beyond
     stale = _check("0.0021")  # the gateway pays ten times the table
-    assert stale.beyond  # type: ignore[attr-defined]
-    assert stale.difference_usd == D("0.00189")  # type: ignore[attr-defined]
+    assert stale.beyond
+    assert stale.difference_usd == D("0.00189")
 
 
 def test_an_event_without_a_price_or_with_contradictory_tokens_is_not_compared() -> None:
     for check in (_check("1", price=None), _check("1", cached_input_tokens=1001)):
-        assert check.list_usd is None  # type: ignore[attr-defined]
-        assert check.difference_usd is None  # type: ignore[attr-defined]
-        assert not check.beyond  # type: ignore[attr-defined]
+        assert check.list_usd is None
+        assert check.difference_usd is None
+        assert not check.beyond
 
 
 def test_grouping_per_pair_sums_exactly_and_counts_the_unpriced() -> None:
@@ -186,28 +191,59 @@ def test_the_counter_counts_events_beyond_tolerance_under_the_row_of_their_time(
     assert _sample(registry, "openai", "gpt-4o-mini") == 2
 
 
-def test_the_counter_costs_little_per_event(capsys: pytest.CaptureFixture[str]) -> None:
-    """Printed for the report, not a timing assert: µs per event, beside a baseline that only
-    walks the rows."""
-    registry = CollectorRegistry()
-    counter = price_drift_counter(registry)
-    prices = {PRICE.pair: [PRICE, NEWER]}
-    moment = T0 + timedelta(days=1)
-    without = [_row(None, moment)] * 10_000
-    priced = [_row(D("0.00021"), moment)] * 10_000
+_RATES = st.decimals(min_value=0, max_value=100, places=6, allow_nan=False, allow_infinity=False)
+_TOKENS = st.integers(min_value=0, max_value=10**7)
 
-    def walk() -> None:
-        for row in priced:
-            if row.upstream_cost_usd is None:
-                continue
 
-    timings = {
-        "baseline (walk only)": walk,
-        "no upstream cost": lambda: count_drift(without, prices, counter),
-        "upstream cost, priced": lambda: count_drift(priced, prices, counter),
+@settings(max_examples=300, deadline=None)
+@given(
+    rates=st.tuples(_RATES, _RATES, _RATES, _RATES, _RATES.map(lambda fee: fee / 1000)),
+    tokens=st.tuples(_TOKENS, _TOKENS, _TOKENS, _TOKENS),
+    upstream=st.decimals(min_value=0, max_value=50, places=9, allow_nan=False),
+    nudge=st.sampled_from([None, "just within", "just beyond"]),
+)
+def test_the_consumers_whole_number_check_decides_as_check_event(
+    rates: tuple[Decimal, ...],
+    tokens: tuple[int, int, int, int],
+    upstream: Decimal,
+    nudge: str | None,
+) -> None:
+    price = new_price(
+        "openai",
+        "gpt-4o-mini",
+        T0,
+        input=rates[0],
+        cached_input=rates[1],
+        output=rates[2],
+        reasoning=rates[3],
+        request_fee_usd=rates[4],
+    )
+    input_tokens, cached, output_tokens, reasoning = tokens
+    fields = {
+        "input_tokens": input_tokens,
+        "cached_input_tokens": cached,
+        "output_tokens": output_tokens,
+        "reasoning_tokens": reasoning,
     }
-    with capsys.disabled():
-        for name, run in timings.items():
-            best = min(timeit.repeat(run, number=1, repeat=5))
-            print(f"\ncount_drift {name}: {best / 10_000 * 1e6:.3f} µs/event")  # noqa: T201
-    assert _sample(registry, "openai", "gpt-4o-mini") is None
+
+    def reference_for(upstream: Decimal) -> DriftCheck:
+        return check_event(
+            price.pair,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached,
+            reasoning_tokens=reasoning,
+            upstream_usd=upstream,
+            price=price,
+        )
+
+    reference = reference_for(upstream)
+    if nudge is not None and reference.list_usd is not None:
+        # Right at the tolerance's edge, where a rounding slip would show.
+        limit = max(reference.list_usd * DEFAULT_TOLERANCE, ABSOLUTE_FLOOR_USD)
+        step = Decimal("1e-30") if nudge == "just beyond" else 0
+        upstream = reference.list_usd + limit + step
+        reference = reference_for(upstream)
+    row = _row(upstream, T0 + timedelta(days=1), **fields)
+    counter = price_drift_counter(CollectorRegistry())
+    assert count_drift([row], {price.pair: [price]}, counter) == int(reference.beyond)
