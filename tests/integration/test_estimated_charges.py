@@ -11,7 +11,10 @@ from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.usage.price_drift import PRICE_DRIFT_METRIC, price_drift_counter
+from llm_usage.consumers.usage.recorder import UsageRecorder
 from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
@@ -28,6 +31,7 @@ from tests.integration.pipeline import (
 )
 from tests.integration.test_budget_consumer import run_until_idle, set_policy, spend
 from tests.integration.test_dlq_replay import drain, replay
+from tests.records import consumer_record
 
 
 async def run_both(topics: PipelineTopics) -> None:
@@ -164,3 +168,35 @@ async def test_an_unpriced_event_is_stored_and_counted_once_replayed_after_a_pri
     charge = Decimal("0.0081")  # 1200 x 3 + 300 x 15, per million
     assert (row["customer_charge_usd"], row["charge_estimated"]) == (charge, True)
     assert await spend(pool, tenant, "tenant", tenant, month) == charge
+
+
+async def test_the_usage_consumer_counts_stored_events_whose_upstream_cost_drifts(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant, provider = unique("tenant"), unique("provider")
+    occurred = clock.earlier_today()
+    await add_price(
+        pool,
+        provider,
+        "m",
+        effective_from=occurred - timedelta(days=1),
+        created_at=occurred - timedelta(days=2),
+        input="2",
+        output="8",
+    )
+    # List cost of 1200 in and 300 out: 0.0048. The gateway pays 0.0048, 0.00484 (within 1 %),
+    # 0.0060 (stale: 25 % over) and, for a copy of the stale one, nothing new.
+    sent = [
+        usage_event(tenant, provider=provider, model="m", upstream_cost_usd=cost)
+        for cost in ("0.0048", "0.00484", "0.0060", "0.0061")
+    ]
+    sent.append(sent[2])  # a duplicate is stored once, so checked once
+    registry = CollectorRegistry()
+    recorder = UsageRecorder(pool=pool, clock=clock.now, price_drift=price_drift_counter(registry))
+    records = [
+        consumer_record(encode(event), offset=offset, key=None) for offset, event in enumerate(sent)
+    ]
+    outcome = await recorder.record_batch(records)
+    assert outcome.counts == {"recorded": 4, "duplicate": 1}
+    drifted = registry.get_sample_value(PRICE_DRIFT_METRIC, {"provider": provider, "model": "m"})
+    assert drifted == 2

@@ -6,6 +6,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.partitions_watch import watch_partitions
+from llm_usage.consumers.usage.price_drift import price_drift_counter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
@@ -43,8 +44,10 @@ async def run_usage_consumer(
 def usage_consumer_spec(settings: Settings, registry: CollectorRegistry) -> ConsumerSpec:
     """The usage consumer as the runtime runs it: its topic, group, handler and DLQ."""
 
+    price_drift = price_drift_counter(registry)
+
     def make_handler(context: ConsumerContext) -> UsageRecorder:
-        return UsageRecorder(pool=context.pool, clock=context.clock)
+        return UsageRecorder(pool=context.pool, clock=context.clock, price_drift=price_drift)
 
     return ConsumerSpec(
         name="usage",

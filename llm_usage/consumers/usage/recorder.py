@@ -10,8 +10,10 @@ from datetime import date, datetime
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
 from llm_usage.consumers.usage.period_charges import record_period_charges
+from llm_usage.consumers.usage.price_drift import count_drift
 from llm_usage.consumers.usage.settle import (
     ChunkPlan,
     DecodedBatch,
@@ -83,8 +85,10 @@ class UsageRecorder:
         pool: asyncpg.Pool,
         clock: Callable[[], datetime],
         chunk_records: int = CHUNK_RECORDS,
+        price_drift: Counter | None = None,
     ) -> None:
         self._pool = pool
+        self._price_drift = price_drift
         self._clock = clock
         self._chunk_records = chunk_records
         self._flavour = Flavour()  # a Citus coordinator or one node: asked once
@@ -172,6 +176,8 @@ class UsageRecorder:
             await self._add_to_daily_totals(connection, stored_now)
             charges = [copy for chunk in decoded for copy in chunk.period_charges]
             outcome = outcome.merge(await record_period_charges(connection, charges))
+        if self._price_drift is not None:  # committed: each stored event is checked once
+            count_drift(stored_now, prices.rows, self._price_drift)
         return outcome
 
     async def _add_to_daily_totals(self, connection: Connection, stored: list[UsageRow]) -> None:
