@@ -15,6 +15,7 @@ from llm_usage.storage.prices import price_history
 from tests import clock
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import unique
+from tests.integration.test_prices_storage import db_now
 
 
 def price_row(provider: str, model: str, at: datetime | None, **fields: str) -> dict[str, Any]:
@@ -22,11 +23,6 @@ def price_row(provider: str, model: str, at: datetime | None, **fields: str) -> 
     if at is not None:
         row["effective_from"] = clock.iso(at)
     return {**row, **fields}
-
-
-async def db_now(pool: asyncpg.Pool) -> datetime:
-    moment: datetime = await pool.fetchval("SELECT clock_timestamp()")
-    return moment
 
 
 async def test_platform_admins_add_rows_any_role_reads_them_and_the_audit_names_the_sub(

@@ -17,11 +17,7 @@ from llm_usage.storage.prices import find_prices
 from tests import clock
 from tests.integration.pipeline import unique
 from tests.integration.test_policies import llm_usage
-
-
-async def db_now(pool: asyncpg.Pool) -> datetime:
-    moment: datetime = await pool.fetchval("SELECT clock_timestamp()")
-    return moment
+from tests.integration.test_prices_storage import db_now
 
 
 def listed(out: str) -> list[dict[str, str]]:
