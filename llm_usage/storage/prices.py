@@ -1,9 +1,11 @@
 """The price table in `prices`, and every row added to it in `price_changes`.
 
 Rows are only ever added. An addition is one transaction: the pairs it touches are locked (a
-transaction-level advisory lock per pair, so two admins adding to one pair take turns), the
-database clock is read under the lock, each row is judged by `refusal_of_new_price` against the
-pair's rows as they are now, and the rows and their audit are written, or nothing is.
+transaction-level advisory lock per pair, so two admins adding to one pair take turns; an
+addition of many pairs, an import, locks the whole table instead of holding thousands of
+locks), the database clock is read under the lock, each row is judged by
+`refusal_of_new_price` against the pair's rows as they are now, and the rows and their audit
+are written, or nothing is.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ from llm_usage.storage.pool import Connection
 
 Pair: TypeAlias = tuple[str, str]
 
-# Any constant works: the key space of the per-pair locks, apart from every other lock's.
+# Any constants work: the key space of the per-pair locks, apart from every other lock's, and
+# the whole table's key. Every addition holds the table's lock, shared when it locks its pairs
+# one by one, exclusive when it has more than MAX_PAIR_LOCKS pairs (each advisory lock takes a
+# slot of the server's shared lock table, sized by max_locks_per_transaction).
 PRICE_LOCK_CLASS: Final = 0x6C6C6D50  # "llmP"
+PRICE_TABLE_LOCK_KEY: Final = 0x6C6C6D5F70726963  # "llm_pric"
+MAX_PAIR_LOCKS: Final = 32
 MAX_NAME_LENGTH: Final = 200
 PRICE_FIELDS: Final = ("input", "cached_input", "output", "reasoning", "request_fee_usd")
 
@@ -242,10 +249,14 @@ class _Judged:
 
 async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: bool) -> _Judged:
     """Under the pairs' locks, what to add and what is there already."""
-    providers, models = _columns([price.pair for price in prices])
-    await connection.execute(_LOCK_PAIRS, PRICE_LOCK_CLASS, providers, models)
+    pairs = {price.pair for price in prices}
+    if len(pairs) > MAX_PAIR_LOCKS:
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", PRICE_TABLE_LOCK_KEY)
+    else:
+        await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", PRICE_TABLE_LOCK_KEY)
+        await connection.execute(_LOCK_PAIRS, PRICE_LOCK_CLASS, *_columns(pairs))
     now: datetime = await connection.fetchval("SELECT clock_timestamp()")
-    table = await load_prices(connection, {price.pair for price in prices})
+    table = await load_prices(connection, pairs)
     added: list[Price] = []
     unchanged: list[Price] = []
     predecessors: list[Price | None] = []

@@ -12,6 +12,7 @@ import pytest
 
 from llm_usage.domain.prices import PRICE_CHANGE_LEAD, Price, new_price
 from llm_usage.storage.prices import (
+    MAX_PAIR_LOCKS,
     PriceRefusedError,
     add_prices,
     find_prices,
@@ -139,15 +140,18 @@ async def test_a_dry_run_judges_and_adds_nothing(pool: asyncpg.Pool) -> None:
         assert await price_history(connection, provider) == []
 
 
+@pytest.mark.parametrize("first_adds", [1, MAX_PAIR_LOCKS + 1], ids=["one pair", "an import"])
 async def test_a_second_adder_waits_for_the_first_and_is_judged_against_its_row(
-    pool: asyncpg.Pool, database_url: str
+    pool: asyncpg.Pool, database_url: str, first_adds: int
 ) -> None:
     provider = unique("racer")
     now = await db_now(pool)
+    first = [row(provider, f"m{n}", now - timedelta(days=2)) for n in range(1, first_adds)]
     holder = await asyncpg.connect(database_url)
     try:
         async with holder.transaction():
-            await add_prices(holder, [row(provider, "m", now - timedelta(days=2))], actor="first")
+            first.append(row(provider, "m", now - timedelta(days=2)))
+            await add_prices(holder, first, actor="first")
             # Also a first row of the pair, as far as anything committed shows: without the
             # lock it would be judged against no rows and added beside the first.
             second = asyncio.create_task(
@@ -157,8 +161,8 @@ async def test_a_second_adder_waits_for_the_first_and_is_judged_against_its_row(
             async def second_waits_for_the_lock() -> bool:
                 waiting = await pool.fetchval(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-                    "AND classid = $1",
-                    0x6C6C6D50,
+                    "AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())"
                 )
                 return bool(waiting)
 
@@ -170,7 +174,8 @@ async def test_a_second_adder_waits_for_the_first_and_is_judged_against_its_row(
         await holder.close()
     async with pool.acquire() as connection:
         history = await price_history(connection, provider)
-    assert [change.actor for change in history] == ["first"]
+    assert {change.actor for change in history} == {"first"}
+    assert len(history) == first_adds
 
 
 async def test_of_many_racing_first_rows_exactly_one_is_added(
