@@ -25,7 +25,7 @@ from llm_usage.domain.prices import (
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.dead_letter import REPLAYED_FROM_HEADER, DeadLetterReason, Rejection
 from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
-from llm_usage.storage.pool import connection_from
+from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.prices import load_prices
 
 PricesByPair = Mapping[tuple[str, str], Sequence[Price]]
@@ -95,12 +95,19 @@ class PriceBook:
         self._snapshot: PriceSnapshot | None = None
         self._read_at = 0.0
 
-    async def ready(self, records: Sequence[Record]) -> PriceSnapshot:
-        """A copy fresh enough to price `records` with."""
+    async def ready(
+        self, records: Sequence[Record], *, connection: Connection | None = None
+    ) -> PriceSnapshot:
+        """A copy fresh enough to price `records` with, read through `connection` when the
+        caller holds one (borrowing a second from the pool could wait forever for the last one:
+        a pool of one, or every connection held by a batch waiting here)."""
         stale = self._monotonic() - self._read_at >= self._max_age
         if self._snapshot is None or stale or any(map(is_replayed, records)):
-            async with connection_from(self._pool) as connection:
+            if connection is not None:
                 rows = await load_prices(connection, None)
+            else:
+                async with connection_from(self._pool) as borrowed:
+                    rows = await load_prices(borrowed, None)
             self._snapshot = PriceSnapshot(rows)
             self._read_at = self._monotonic()
         return self._snapshot

@@ -142,7 +142,8 @@ class UsageRecorder:
         outcome = BatchOutcome()
         stored_now: list[UsageRow] = []
         writing: asyncio.Task[ChunkWritten] | None = None
-        prices = await self._prices.ready(records)  # for the chunks not decoded ahead
+        # For the chunks not decoded ahead.
+        prices = await self._prices.ready(records, connection=connection)
         async with connection.transaction():
             floor = (await attached_months(connection)).oldest
             try:
