@@ -13,7 +13,6 @@ ones of `llm_usage.cli.price_checks` (drift, preview) through its `add_price_che
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Mapping
@@ -202,16 +201,14 @@ async def prices_history(settings: Settings, args: argparse.Namespace, out: Text
 
 
 async def prices_import(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+    from llm_usage.schemas.price_lists import PriceListError, read_price_file  # noqa: PLC0415
     from llm_usage.storage.prices import add_prices  # noqa: PLC0415
 
-    # The readers are written beside this command (issue 22): imported by name when the
-    # command runs, so this module type-checks before they exist.
-    price_lists = importlib.import_module("llm_usage.schemas.price_lists")
     effective_from = _instant("--effective-from", args.effective_from)
     path = Path(args.file)
     try:
-        price_list = price_lists.read_price_file(path, effective_from=effective_from)
-    except price_lists.PriceListError as error:
+        price_list = read_price_file(path, effective_from=effective_from)
+    except PriceListError as error:
         where = "" if str(error).startswith(str(path)) else f"{path}: "
         raise ConfigurationError(f"{where}{error}") from None
     except OSError as error:

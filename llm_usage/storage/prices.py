@@ -41,14 +41,14 @@ PRICE_FIELDS: Final = ("input", "cached_input", "output", "reasoning", "request_
 
 _COLUMNS = f"provider, model, effective_from, {', '.join(PRICE_FIELDS)}"
 _ORDER = "ORDER BY provider, model, effective_from"
-_SELECT_ALL = f"SELECT {_COLUMNS} FROM prices {_ORDER}"
+_SELECT_ALL = f"SELECT {_COLUMNS}, created_at FROM prices {_ORDER}"
 _SELECT_PAIRS = f"""
-    SELECT {_COLUMNS} FROM prices
+    SELECT {_COLUMNS}, created_at FROM prices
     WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]))
     {_ORDER}
 """
 _SELECT_MATCHING = f"""
-    SELECT {_COLUMNS} FROM prices
+    SELECT {_COLUMNS}, created_at FROM prices
     WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR model = $2)
     {_ORDER}
 """
@@ -88,7 +88,8 @@ class PriceRefusedError(UserFacingError):
 
 @dataclass(frozen=True, slots=True)
 class PriceAddition:
-    """What `add_prices` did: the rows added, and those already in the table as given."""
+    """What `add_prices` did: the rows added and those already in the table as given, each
+    as stored (with its `created_at`)."""
 
     added: list[Price]
     unchanged: list[Price]
@@ -143,6 +144,7 @@ def _price_from_row(row: asyncpg.Record) -> Price:
         output=row["output"],
         reasoning=row["reasoning"],
         request_fee_usd=row["request_fee_usd"],
+        created_at=row["created_at"],
     )
 
 
@@ -239,6 +241,11 @@ async def add_prices(
     return addition
 
 
+def _same_prices(stored: Price, given: Price) -> bool:
+    """The same row but for when it was added (a stored row knows, a given one does not)."""
+    return dataclasses.replace(stored, created_at=given.created_at) == given
+
+
 @dataclass(frozen=True, slots=True)
 class _Judged:
     now: datetime  # the database's clock, read under the pairs' locks
@@ -268,8 +275,8 @@ async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: b
             price = dataclasses.replace(given, effective_from=start)
         at = price.effective_from
         same_instant = next((row for row in rows if row.effective_from == at), None)
-        if same_instant == price:
-            unchanged.append(price)
+        if same_instant is not None and _same_prices(same_instant, price):
+            unchanged.append(same_instant)
             continue
         if same_instant is not None:
             raise PriceRefusedError(
@@ -280,6 +287,7 @@ async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: b
         reason = refusal_of_new_price(price, rows, now=now)
         if reason is not None:
             raise PriceRefusedError(reason)
+        price = dataclasses.replace(price, created_at=now)
         predecessors.append(rows[-1] if rows else None)
         rows.append(price)
         added.append(price)

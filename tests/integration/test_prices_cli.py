@@ -8,12 +8,13 @@ import json
 import re
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from llm_usage.domain.prices import PRICE_CHANGE_LEAD
-from llm_usage.storage.prices import find_prices
+from llm_usage.storage.prices import find_prices, price_history
 from tests import clock
 from tests.integration.pipeline import unique
 from tests.integration.test_policies import llm_usage
@@ -123,6 +124,72 @@ async def test_a_refused_change_is_one_line_and_adds_nothing(
     async with pool.acquire() as connection:
         rows = (await find_prices(connection, provider=provider))[(provider, "claude")]
     assert [row.input for row in rows] == [Decimal(3)]
+
+
+async def test_import_adds_a_list_all_or_nothing_and_again_changes_nothing(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    provider = unique("imported")
+    csv_file = tmp_path / "prices.csv"
+    csv_file.write_text(
+        "provider,model,input,output,cached_input,notes\n"
+        f"{provider},m1,2.5,10,1.25,flagship\n"
+        f"{provider},m2,1.5e-1,0.6,,\n",
+        encoding="utf-8",
+    )
+    backdated = clock.iso(await db_now(pool) - timedelta(days=7))
+    command = ("prices", "import", str(csv_file), "--effective-from", backdated)
+
+    dry = await llm_usage(database_url, *command, "--dry-run")
+    assert dry.code == 0, dry
+    assert dry.out.splitlines()[-2:] == [
+        "would add 2 rows; 0 rows unchanged (already in the table as given); dry run: nothing "
+        "was changed",
+        "ignored: columns ignored: notes",
+    ]
+    async with pool.acquire() as connection:
+        assert await find_prices(connection, provider=provider) == {}
+
+    imported = await llm_usage(database_url, *command, "--actor", "importer")
+    assert imported.code == 0, imported
+    assert f"added {provider}/m2 from " in imported.out
+    assert "input 0.15, cached 0.15, output 0.6, reasoning 0.6, fee 0" in imported.out
+    again = await llm_usage(database_url, *command)
+    assert again.code == 0, again
+    assert "added 0 rows; 2 rows unchanged" in again.out
+
+    # A list whose one row would change a pair without the lead adds nothing at all.
+    csv_file.write_text(
+        f"provider,model,input,output\n{provider},m3,1,2\n{provider},m1,3,12\n", encoding="utf-8"
+    )
+    now = clock.iso(await db_now(pool))
+    refused = await llm_usage(
+        database_url, "prices", "import", str(csv_file), "--effective-from", now
+    )
+    assert refused.code == 2, refused
+    assert f"{provider}/m1 already has prices" in refused.err
+    async with pool.acquire() as connection:
+        assert set(await find_prices(connection, provider=provider)) == {
+            (provider, "m1"),
+            (provider, "m2"),
+        }
+        history = await price_history(connection, provider)
+    assert [change.actor for change in history] == ["importer", "importer"]
+
+
+async def test_import_of_a_file_it_cannot_use_is_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    litellm = tmp_path / "model_prices_and_context_window.json"
+    litellm.write_text('{"m": {"litellm_provider": "p", "input_cost_per_token": 1e-6}}')
+    for args, fragment in (
+        ((str(litellm),), "carries no dates"),
+        ((str(tmp_path / "absent.csv"),), "cannot read"),
+    ):
+        finished = await llm_usage(database_url, "prices", "import", *args)
+        assert finished.code == 2, finished
+        assert re.fullmatch(r"llm-usage: error: .+\n", finished.err), finished
+        assert fragment in finished.err, finished
 
 
 _SET = ("prices", "set", "--provider", "p-args", "--model", "m")

@@ -4,6 +4,7 @@ per-pair lock, all or nothing, each audited; an identical row again changes noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -31,6 +32,11 @@ async def db_now(pool: asyncpg.Pool) -> datetime:
     return moment
 
 
+def as_given(rows: list[Price]) -> list[Price]:
+    """The rows without when they were added, to compare with the rows given."""
+    return [dataclasses.replace(price, created_at=None) for price in rows]
+
+
 def row(provider: str, model: str, at: datetime, input: str = "2.5", output: str = "10") -> Price:
     return new_price(provider, model, at, input=D(input), output=D(output))
 
@@ -50,8 +56,11 @@ async def test_a_first_row_may_be_backdated_and_later_ones_start_after_the_lead(
         request_fee_usd=D("0.0001"),
     )
     added = await add_prices(pool, [first], actor="alice")
-    assert added.added == [first]
+    assert as_given(added.added) == [first]
     assert added.unchanged == []
+    # Stamped with the database's clock when added: the consumers' lead for a first row.
+    assert added.added[0].created_at is not None
+    assert now <= added.added[0].created_at <= await db_now(pool)
 
     too_soon = row(provider, model, now + PRICE_CHANGE_LEAD - timedelta(minutes=1), "3")
     with pytest.raises(PriceRefusedError, match="at least 10 minutes from now") as refused:
@@ -59,12 +68,13 @@ async def test_a_first_row_may_be_backdated_and_later_ones_start_after_the_lead(
     assert "\n" not in str(refused.value)
 
     later = row(provider, model, now + PRICE_CHANGE_LEAD + timedelta(minutes=5), "3")
-    await add_prices(pool, [later], actor="bob")
+    added_later = await add_prices(pool, [later], actor="bob")
 
     async with pool.acquire() as connection:
         table = await load_prices(connection, [(provider, model), (provider, "absent")])
         history = await price_history(connection, provider)
-    assert table == {(provider, model): [first, later]}
+    assert table == {(provider, model): [*added.added, *added_later.added]}
+    assert as_given(table[(provider, model)]) == [first, later]
     assert table[(provider, model)][0].cached_input == D("1.25")
     assert table[(provider, model)][0].reasoning == D("10")  # defaults to the output price
     assert [(c.actor, c.old_price, c.new_price) for c in history] == [
@@ -100,15 +110,14 @@ async def test_an_identical_row_again_changes_nothing_and_a_different_one_is_ref
 
     again = await add_prices(pool, [row(provider, "large", at, input="2.5")], actor="alice")
     assert again.added == []
-    assert again.unchanged == [first]
+    assert as_given(again.unchanged) == [first]
 
     with pytest.raises(PriceRefusedError, match="already has a different row"):
         await add_prices(pool, [row(provider, "large", at, input="2.6")], actor="alice")
     async with pool.acquire() as connection:
         assert len(await price_history(connection, provider, "large")) == 1
-        assert (await load_prices(connection, [(provider, "large")]))[(provider, "large")] == [
-            first
-        ]
+        stored = (await load_prices(connection, [(provider, "large")]))[(provider, "large")]
+    assert as_given(stored) == [first]
 
 
 async def test_earliest_starts_a_new_pair_now_and_a_change_after_the_lead(
@@ -134,7 +143,7 @@ async def test_a_dry_run_judges_and_adds_nothing(pool: asyncpg.Pool) -> None:
     provider = unique("cohere")
     at = await db_now(pool)
     dry = await add_prices(pool, [row(provider, "command", at)], actor="a", dry_run=True)
-    assert dry.added == [row(provider, "command", at)]
+    assert as_given(dry.added) == [row(provider, "command", at)]
     async with pool.acquire() as connection:
         assert await find_prices(connection, provider=provider) == {}
         assert await price_history(connection, provider) == []

@@ -77,7 +77,9 @@ async def test_a_worker_can_add_and_read_prices_with_its_role(worker: asyncpg.Co
     provider = unique("provider")
     price = new_price(provider, "m", clock.now(), input=Decimal(1), output=Decimal(2))
     await add_prices(worker, [price], actor="worker")
-    assert await load_prices(worker, [(provider, "m")]) == {(provider, "m"): [price]}
+    [stored] = (await load_prices(worker, [(provider, "m")]))[(provider, "m")]
+    assert stored.input == price.input
+    assert stored.effective_from == price.effective_from
 
 
 async def test_a_worker_can_store_usage_with_its_role(
