@@ -69,7 +69,8 @@ test-calendar: install
 # Duplicates, conflicts across months, two replicas racing (a COPY's unique violation comes back
 # as XX000 through the coordinator), SIGKILLed consumers, and the rollup's invariant (the
 # aggregate equals the raw events; late usage of closed months billed exactly once), and the
-# API's reports and policy changes through the coordinator.
+# API's reports and policy changes through the coordinator, and the price table (reference tables:
+# its per-pair advisory locks are the coordinator's, its racing adders still take turns).
 # test_partitions.py is not run here: it checks DETACH ... CONCURRENTLY, which Citus refuses;
 # test_citus.py checks the plain DETACH that `maintain` uses on Citus instead.
 CITUS_TESTS := tests/integration/test_citus.py \
@@ -89,7 +90,9 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_api_reports.py \
 	tests/integration/test_usage_dimensions.py \
 	tests/integration/test_api_policies.py \
-	tests/integration/test_period_charges.py
+	tests/integration/test_period_charges.py \
+	tests/integration/test_prices_storage.py \
+	tests/integration/test_api_prices.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.

@@ -21,6 +21,7 @@ from llm_usage.api.routes import (
     finance,
     ingest,
     pages,
+    prices,
     probes,
     usage,
     usage_events,
@@ -39,9 +40,9 @@ def create_app(context: ApiContext | None) -> FastAPI:
         title="llm-usage-pipeline API",
         version=API_VERSION,
         description=(
-            "Usage and budget reads for portals, budget policy changes, invoice lines, and the "
-            "gateways' HTTP ingest path. Money is an exact decimal string, counts are integers, "
-            "times RFC 3339 in UTC. See the contract's HTTP API section."
+            "Usage and budget reads for portals, budget policy changes, the price table, invoice "
+            "lines, and the gateways' HTTP ingest path. Money is an exact decimal string, counts "
+            "are integers, times RFC 3339 in UTC. See the contract's HTTP API section."
         ),
         docs_url=None,
         redoc_url=None,
@@ -50,7 +51,8 @@ def create_app(context: ApiContext | None) -> FastAPI:
     if context is not None:
         app.add_middleware(_MetricsMiddleware, context=context)
     _add_error_handlers(app)
-    for group in (probes, usage, usage_events, budgets, finance, ingest, pages, event_pages):
+    groups = (probes, usage, usage_events, budgets, prices, finance, ingest, pages, event_pages)
+    for group in groups:
         app.include_router(group.router)
     return app
 

@@ -30,9 +30,10 @@ _UNAUTHENTICATED: Final = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 def guard(
-    role: Role, *, cookie: bool = False, link: bool = False
+    role: Role, *, cookie: bool = False, link: bool = False, any_tenant: bool = False
 ) -> Callable[..., Awaitable[Principal]]:
-    """The caller, if a valid token gives `role` on the path's tenant; else 401 or 403. With
+    """The caller, if a valid token gives `role` on the path's tenant (with `any_tenant`, on
+    whichever tenant it names: a route about no tenant's data); else 401 or 403. With
     `cookie`, a page for browsers also takes the token from the `UI_TOKEN_COOKIE` cookie (only
     pages that change nothing: a cookie is sent by the browser whoever made the request). With
     `link`, before the cookie, from a non-empty `token` query parameter: only the page that signs
@@ -54,7 +55,7 @@ def guard(
             principal = api_context(request).verifier.verify(presented)
         except InvalidTokenError as error:
             raise HTTPException(401, str(error), headers=_UNAUTHENTICATED) from None
-        tenant_id = request.path_params.get("tenant_id")
+        tenant_id = principal.tenant_id if any_tenant else request.path_params.get("tenant_id")
         if not principal.may(role, tenant_id):
             if principal.role.rank < role.rank:
                 raise HTTPException(403, f"this needs the role {role.value} or above")
@@ -70,6 +71,8 @@ PageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True)
 SignInPageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True, link=True))]
 TenantAdmin = Annotated[Principal, Depends(guard(Role.TENANT_ADMIN))]
 PlatformAdmin = Annotated[Principal, Depends(guard(Role.PLATFORM_ADMIN))]
+# Any valid token, whatever its role and tenant: for what every tenant shares (the price table).
+AnyRole = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, any_tenant=True))]
 
 TenantId = Annotated[
     str,

@@ -15,8 +15,11 @@ if TYPE_CHECKING:
 
 
 @asynccontextmanager
-async def budget_tables(settings: Settings) -> AsyncIterator[Connection]:
-    """One connection; what a person can fix about the database becomes one line."""
+async def budget_tables(
+    settings: Settings, *, tables: str = "budget tables"
+) -> AsyncIterator[Connection]:
+    """One connection; what a person can fix about the database becomes one line (naming
+    `tables`, what the command reads and changes)."""
     import asyncpg  # noqa: PLC0415 - the database stack, when a command runs
 
     from llm_usage.storage.pool import CONNECTION_ERRORS, create_pool  # noqa: PLC0415
@@ -27,12 +30,12 @@ async def budget_tables(settings: Settings) -> AsyncIterator[Connection]:
             yield connection
     except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.UndefinedColumnError):
         raise UserFacingError(
-            "the database has no budget tables yet; run `llm-usage migrate` first"
+            f"the database has no {tables} yet; run `llm-usage migrate` first"
         ) from None
     except asyncpg.exceptions.InsufficientPrivilegeError as error:
         raise UserFacingError(
             f"the database user may not do this ({error}); use a user that may read and "
-            "change the budget tables"
+            f"change the {tables}"
         ) from None
     except asyncpg.exceptions.ReadOnlySQLTransactionError:
         raise UserFacingError(

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, time
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from llm_usage.cli.args import Commands, checked_period, checked_tenant
+from llm_usage.cli.args import checked_period, checked_tenant
 from llm_usage.cli.budget_tables import aligned_table
 from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import ServiceUnreachableError, UserFacingError
@@ -26,6 +26,7 @@ from llm_usage.domain.periods import next_month, parse_period
 from llm_usage.domain.price_drift import DEFAULT_TOLERANCE
 
 if TYPE_CHECKING:
+    from llm_usage.cli.prices import PriceActions
     from llm_usage.core.settings import Settings
     from llm_usage.domain.price_drift import PairDrift
     from llm_usage.domain.price_preview import PreviewLine
@@ -44,12 +45,12 @@ def tolerance_pct(text: str) -> Decimal:
     return value
 
 
-def add_price_check_commands(actions: Commands) -> None:
+def add_price_checks(actions: PriceActions) -> None:
     """Register `drift` and `preview` under the `prices` group's actions."""
     drift = actions.add_parser(
         "drift", help="provider/model pairs whose upstream costs differ from the price table"
     )
-    drift.set_defaults(run=run_drift)
+    drift.set_defaults(price_action=_action(run_drift))
     drift.add_argument("--period", required=True, metavar="YYYY-MM")
     drift.add_argument("--tenant", metavar="ID", help="only this tenant's events")
     drift.add_argument(
@@ -65,10 +66,21 @@ def add_price_check_commands(actions: Commands) -> None:
     preview = actions.add_parser(
         "preview", help="a month's invoice lines under today's prices, beside what was billed"
     )
-    preview.set_defaults(run=run_preview)
+    preview.set_defaults(price_action=_action(run_preview))
     preview.add_argument("--period", required=True, metavar="YYYY-MM")
     preview.add_argument("--tenant", metavar="ID", help="only this tenant's lines")
     preview.add_argument("--json", action="store_true", help="one JSON object a line")
+
+
+def _action(
+    run: Callable[[argparse.Namespace, Settings], Awaitable[None]],
+) -> Callable[[Settings, argparse.Namespace, TextIO], Awaitable[None]]:
+    """`run` as a `prices` action (which prints to stdout itself)."""
+
+    async def action(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+        await run(args, settings)
+
+    return action
 
 
 def _month(period: str) -> tuple[datetime, datetime]:

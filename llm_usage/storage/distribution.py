@@ -72,6 +72,10 @@ REFERENCE: tuple[Reference, ...] = (
     # do not include the partition column"); both are small (policy changes, alerts).
     Reference("budget_policy_audit"),
     Reference("budget_alert_outbox"),
+    # Read by every consumer to price events, changed rarely and by people: a copy on every
+    # node lets a worker's batch join it locally. The audit is keyed on a bigserial as above.
+    Reference("prices"),
+    Reference("price_changes"),
 )
 
 # Stay on the coordinator as plain tables (Citus may still read and write them in a transaction

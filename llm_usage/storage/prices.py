@@ -1,9 +1,11 @@
 """The price table in `prices`, and every row added to it in `price_changes`.
 
 Rows are only ever added. An addition is one transaction: the pairs it touches are locked (a
-transaction-level advisory lock per pair, so two admins adding to one pair take turns), the
-database clock is read under the lock, each row is judged by `refusal_of_new_price` against the
-pair's rows as they are now, and the rows and their audit are written, or nothing is.
+transaction-level advisory lock per pair, so two admins adding to one pair take turns; an
+addition of many pairs, an import, locks the whole table instead of holding thousands of
+locks), the database clock is read under the lock, each row is judged by
+`refusal_of_new_price` against the pair's rows as they are now, and the rows and their audit
+are written, or nothing is.
 """
 
 from __future__ import annotations
@@ -27,21 +29,26 @@ from llm_usage.storage.pool import Connection
 
 Pair: TypeAlias = tuple[str, str]
 
-# Any constant works: the key space of the per-pair locks, apart from every other lock's.
+# Any constants work: the key space of the per-pair locks, apart from every other lock's, and
+# the whole table's key. Every addition holds the table's lock, shared when it locks its pairs
+# one by one, exclusive when it has more than MAX_PAIR_LOCKS pairs (each advisory lock takes a
+# slot of the server's shared lock table, sized by max_locks_per_transaction).
 PRICE_LOCK_CLASS: Final = 0x6C6C6D50  # "llmP"
+PRICE_TABLE_LOCK_KEY: Final = 0x6C6C6D5F70726963  # "llm_pric"
+MAX_PAIR_LOCKS: Final = 32
 MAX_NAME_LENGTH: Final = 200
 PRICE_FIELDS: Final = ("input", "cached_input", "output", "reasoning", "request_fee_usd")
 
 _COLUMNS = f"provider, model, effective_from, {', '.join(PRICE_FIELDS)}"
 _ORDER = "ORDER BY provider, model, effective_from"
-_SELECT_ALL = f"SELECT {_COLUMNS} FROM prices {_ORDER}"
+_SELECT_ALL = f"SELECT {_COLUMNS}, created_at FROM prices {_ORDER}"
 _SELECT_PAIRS = f"""
-    SELECT {_COLUMNS} FROM prices
+    SELECT {_COLUMNS}, created_at FROM prices
     WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]))
     {_ORDER}
 """
 _SELECT_MATCHING = f"""
-    SELECT {_COLUMNS} FROM prices
+    SELECT {_COLUMNS}, created_at FROM prices
     WHERE ($1::text IS NULL OR provider = $1) AND ($2::text IS NULL OR model = $2)
     {_ORDER}
 """
@@ -81,7 +88,8 @@ class PriceRefusedError(UserFacingError):
 
 @dataclass(frozen=True, slots=True)
 class PriceAddition:
-    """What `add_prices` did: the rows added, and those already in the table as given."""
+    """What `add_prices` did: the rows added and those already in the table as given, each
+    as stored (with its `created_at`)."""
 
     added: list[Price]
     unchanged: list[Price]
@@ -136,6 +144,7 @@ def _price_from_row(row: asyncpg.Record) -> Price:
         output=row["output"],
         reasoning=row["reasoning"],
         request_fee_usd=row["request_fee_usd"],
+        created_at=row["created_at"],
     )
 
 
@@ -232,6 +241,11 @@ async def add_prices(
     return addition
 
 
+def _same_prices(stored: Price, given: Price) -> bool:
+    """The same row but for when it was added (a stored row knows, a given one does not)."""
+    return dataclasses.replace(stored, created_at=given.created_at) == given
+
+
 @dataclass(frozen=True, slots=True)
 class _Judged:
     now: datetime  # the database's clock, read under the pairs' locks
@@ -242,10 +256,14 @@ class _Judged:
 
 async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: bool) -> _Judged:
     """Under the pairs' locks, what to add and what is there already."""
-    providers, models = _columns([price.pair for price in prices])
-    await connection.execute(_LOCK_PAIRS, PRICE_LOCK_CLASS, providers, models)
+    pairs = {price.pair for price in prices}
+    if len(pairs) > MAX_PAIR_LOCKS:
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", PRICE_TABLE_LOCK_KEY)
+    else:
+        await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", PRICE_TABLE_LOCK_KEY)
+        await connection.execute(_LOCK_PAIRS, PRICE_LOCK_CLASS, *_columns(pairs))
     now: datetime = await connection.fetchval("SELECT clock_timestamp()")
-    table = await load_prices(connection, {price.pair for price in prices})
+    table = await load_prices(connection, pairs)
     added: list[Price] = []
     unchanged: list[Price] = []
     predecessors: list[Price | None] = []
@@ -257,8 +275,8 @@ async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: b
             price = dataclasses.replace(given, effective_from=start)
         at = price.effective_from
         same_instant = next((row for row in rows if row.effective_from == at), None)
-        if same_instant == price:
-            unchanged.append(price)
+        if same_instant is not None and _same_prices(same_instant, price):
+            unchanged.append(same_instant)
             continue
         if same_instant is not None:
             raise PriceRefusedError(
@@ -269,6 +287,7 @@ async def _judge(connection: Connection, prices: Sequence[Price], *, earliest: b
         reason = refusal_of_new_price(price, rows, now=now)
         if reason is not None:
             raise PriceRefusedError(reason)
+        price = dataclasses.replace(price, created_at=now)
         predecessors.append(rows[-1] if rows else None)
         rows.append(price)
         added.append(price)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import asyncpg
 import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.domain.prices import new_price
 from llm_usage.runtime.handler import Record
+from llm_usage.storage.prices import add_prices, load_prices
 from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
 from tests.records import consumer_record
@@ -56,6 +59,10 @@ def three_events_of(tenant: str) -> list[Record]:
         "CREATE TABLE sneaky (id int)",
         "DELETE FROM budget_policy_audit",
         "DELETE FROM invoice_periods",
+        # Price rows are only ever added: history must stay reproducible.
+        "UPDATE prices SET input = 0",
+        "DELETE FROM prices",
+        "DELETE FROM price_changes",
     ],
 )
 async def test_a_worker_cannot_change_the_schema_or_remove_usage(
@@ -63,6 +70,16 @@ async def test_a_worker_cannot_change_the_schema_or_remove_usage(
 ) -> None:
     with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
         await worker.execute(statement)
+
+
+async def test_a_worker_can_add_and_read_prices_with_its_role(worker: asyncpg.Connection) -> None:
+    # The API and `llm-usage prices` log in with the role; the consumers read the table.
+    provider = unique("provider")
+    price = new_price(provider, "m", clock.now(), input=Decimal(1), output=Decimal(2))
+    await add_prices(worker, [price], actor="worker")
+    [stored] = (await load_prices(worker, [(provider, "m")]))[(provider, "m")]
+    assert stored.input == price.input
+    assert stored.effective_from == price.effective_from
 
 
 async def test_a_worker_can_store_usage_with_its_role(

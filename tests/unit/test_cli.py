@@ -67,6 +67,7 @@ GROUP_COMMANDS = [
     "rollup",
     "dlq",
     "policy",
+    "prices",
     "budget",
     "archive",
     "serve",

@@ -35,7 +35,7 @@ def test_every_operation_requires_a_bearer_token() -> None:
         for path, item in document["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 14
+    assert len(operations) == 16
     for path, method, operation in operations:
         assert path.startswith(("/v1/", "/ui/")), path
         assert operation.get("security") == [{"HTTPBearer": []}], f"{method} {path}"
@@ -51,3 +51,5 @@ def test_money_in_answers_is_a_string() -> None:
         assert "number" not in json.dumps(schemas["UsageEventAnswer"]["properties"][field]), field
     for field in ("spend_usd", "limit_usd", "percent"):
         assert schemas["BudgetAnswer"]["properties"][field]["type"] == "string", field
+    for field in ("input", "cached_input", "output", "reasoning", "request_fee_usd"):
+        assert schemas["PriceAnswer"]["properties"][field]["type"] == "string", field

@@ -33,3 +33,5 @@ CREATE INDEX price_changes_pair ON price_changes (provider, model, id);
 -- with this role) add rows and their audit. Nothing updates or deletes either.
 GRANT SELECT, INSERT ON prices TO llm_usage_worker;
 GRANT SELECT, INSERT ON price_changes TO llm_usage_worker;
+-- 0004 granted the sequences that existed then; this one is new.
+GRANT USAGE ON SEQUENCE price_changes_id_seq TO llm_usage_worker;
