@@ -47,9 +47,11 @@ def test_money_is_the_one_exact_spelling(amount: Decimal, text: str) -> None:
         reasoning_tokens=1,
         total_tokens=5,
         customer_charge_usd=amount,
+        estimated_charge_usd=amount,
     )
     answer = UsageBreakdownAnswer(by=Dimension.MODEL, from_="a", to="b", items=[item])
-    assert answer.model_dump(mode="json", by_alias=True)["items"][0]["customer_charge_usd"] == text
+    dumped = answer.model_dump(mode="json", by_alias=True)["items"][0]
+    assert (dumped["customer_charge_usd"], dumped["estimated_charge_usd"]) == (text, text)
 
 
 def test_a_summary_answer_is_the_totals_with_their_range() -> None:
@@ -61,6 +63,7 @@ def test_a_summary_answer_is_the_totals_with_their_range() -> None:
         reasoning_tokens=4,
         total_tokens=37,
         customer_charge_usd=Decimal("0.5000"),
+        estimated_charge_usd=Decimal("0.1200"),
     )
     today = UsageTodayAnswer(
         from_="2026-11-24T00:00:00Z", to="2026-11-24T12:00:00Z", **vars(summary)
@@ -80,6 +83,7 @@ def test_a_summary_answer_is_the_totals_with_their_range() -> None:
         "reasoning_tokens": 4,
         "total_tokens": 37,
         "customer_charge_usd": "0.5",
+        "estimated_charge_usd": "0.12",
     }
     assert answer.model_dump(mode="json", by_alias=True) == {
         "tenant_id": "t1",
@@ -91,11 +95,17 @@ def test_a_summary_answer_is_the_totals_with_their_range() -> None:
 
 
 def test_a_day_is_named_by_its_date() -> None:
-    item = DailyItem(day=date(2026, 2, 28), requests=3, customer_charge_usd=Decimal("1.10"))
+    item = DailyItem(
+        day=date(2026, 2, 28),
+        requests=3,
+        customer_charge_usd=Decimal("1.10"),
+        estimated_charge_usd=Decimal(0),
+    )
     assert DailyItemAnswer.model_validate(item).model_dump(mode="json") == {
         "date": "2026-02-28",
         "requests": 3,
         "customer_charge_usd": "1.1",
+        "estimated_charge_usd": "0",
     }
 
 

@@ -27,6 +27,7 @@ from llm_usage.schemas.usage_event import (
     EVENT_FIELD_COUNT,
     EVENT_TYPE,
     SCHEMA_VERSION,
+    UnpricedEvent,
     UsageEvent,
     UsageRow,
     usage_row,
@@ -189,9 +190,15 @@ def raw_events(draw: st.DrawFn) -> bytes:
     return ("{" + body + "}").encode("utf-8", "surrogatepass")
 
 
-def assert_same_event(row: UsageRow, reference: UsageEvent) -> None:
-    """`row` holds exactly the values the reference model stores."""
-    expected = usage_row(reference)
+def assert_same_event(decoded: UsageRow | UnpricedEvent, reference: UsageEvent) -> None:
+    """`decoded` holds exactly the values the reference model stores (both unpriced alike
+    when the event sent no charge)."""
+    expected_decoded = usage_row(reference)
+    assert type(decoded) is type(expected_decoded)
+    row = decoded.row if isinstance(decoded, UnpricedEvent) else decoded
+    expected = (
+        expected_decoded.row if isinstance(expected_decoded, UnpricedEvent) else expected_decoded
+    )
     assert row == expected
     # Equal values may still differ in type (1 and True) or spelling (0.5 and 0.50, which is
     # stored too).
@@ -199,7 +206,7 @@ def assert_same_event(row: UsageRow, reference: UsageEvent) -> None:
     assert row.occurred_at.tzinfo == reference.occurred_at.tzinfo == UTC
 
 
-def assert_agree(raw: bytes) -> UsageRow | None:
+def assert_agree(raw: bytes) -> UsageRow | UnpricedEvent | None:
     reference = decode_usage_event_reference(raw, now=NOW)
     fast = fast_decode(raw, now=NOW)
     if fast is not None:
@@ -209,7 +216,7 @@ def assert_agree(raw: bytes) -> UsageRow | None:
     if isinstance(reference, Rejection):
         assert answer == reference
     else:
-        assert isinstance(answer, UsageRow)
+        assert isinstance(answer, UsageRow | UnpricedEvent)
         assert_same_event(answer, reference)
     return fast
 
