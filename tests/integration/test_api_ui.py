@@ -302,17 +302,17 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
     )
 
     # Every amount reads as dollars and cents, the exact figure a hover away.
-    amounts = html.text_with_class("usd")
+    usd_spans = html.text_with_class("usd")
     tops = sum(len(items) for items in api["top"].values())
-    estimated = len(html.with_class("estimated"))  # each holds an amount of its own
-    assert len(amounts) == (
-        2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"]) + estimated
+    estimated_shown = len(html.with_class("estimated"))  # each holds an amount of its own
+    assert len(usd_spans) == (
+        2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"]) + estimated_shown
     )
-    for attrs, text in amounts:
+    for attrs, text in usd_spans:
         assert text == usd_text(Decimal(attrs["data-usd"]))
         assert attrs["title"] == f"{attrs['data-usd']} USD"
-    assert "<$0.01" in {text for _, text in amounts}
-    assert " USD<" not in page.text  # no amount shown as a raw decimal
+    assert "<$0.01" in {text for _, text in usd_spans}
+    assert " USD<" not in page.text  # no amount usd_spans as a raw decimal
 
 
 async def test_a_member_sees_the_page_without_invoice_lines(pool: asyncpg.Pool) -> None:

@@ -67,7 +67,9 @@ def month(offset: int) -> str:
     return period_of(add_months(clock.this_month(), offset))
 
 
-def usage_in(tenant: str, period: str, charge: str, deployment: str | None = "dep-1") -> dict:
+def usage_in(
+    tenant: str, period: str, charge: str, deployment: str | None = "dep-1"
+) -> dict[str, Any]:
     return usage_event(
         tenant,
         deployment_id=deployment,

@@ -9,6 +9,7 @@ import re
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,7 +22,7 @@ from tests.integration.test_policies import llm_usage
 from tests.integration.test_prices_storage import db_now
 
 
-def listed(out: str) -> list[dict[str, str]]:
+def listed(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
