@@ -63,6 +63,12 @@ _ARROW_TYPES: Final = {
 ARCHIVE_SCHEMA: Final = pa.schema(
     [pa.field(name, _ARROW_TYPES[pg_type]) for name, pg_type in ARCHIVE_COLUMNS.items()]
 )
+# Columns added after archives were first written: an archive without them is one of an earlier
+# release, still verified and restored (every event then was charged by the gateway).
+LATER_COLUMNS: Final = ("charge_estimated", "price_effective_from")
+EARLIER_ARCHIVE_SCHEMA: Final = pa.schema(
+    [field for field in ARCHIVE_SCHEMA if field.name not in LATER_COLUMNS]
+)
 ROW_GROUP_ROWS: Final = 32 * 1024
 _CSV_BLOCK_BYTES: Final = 4 << 20
 _QUEUED_CHUNKS: Final = 64

@@ -15,7 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llm_usage.archive.export import ARCHIVE_SCHEMA, quoted_table, totals_of
+from llm_usage.archive.export import (
+    ARCHIVE_SCHEMA,
+    EARLIER_ARCHIVE_SCHEMA,
+    quoted_table,
+    totals_of,
+)
 from llm_usage.archive.manifest import (
     MANIFEST_NAME,
     SLICE_SQL,
@@ -120,7 +125,8 @@ def _read_totals(
     end = pa.scalar(_midnight(next_month(month)), pa.timestamp("us", tz="UTC"))
     with target.open_input(path) as stream:
         parquet = pq.ParquetFile(stream)
-        if not parquet.schema_arrow.equals(ARCHIVE_SCHEMA):
+        schema = parquet.schema_arrow
+        if not (schema.equals(ARCHIVE_SCHEMA) or schema.equals(EARLIER_ARCHIVE_SCHEMA)):
             return totals, [f"its columns are not the archive's: {parquet.schema_arrow}"]
         for batch in parquet.iter_batches(batch_size=64 * 1024):
             totals = totals + totals_of(batch)

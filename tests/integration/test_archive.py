@@ -9,6 +9,8 @@ over, nothing here compares it with now, so the date cannot age.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -18,9 +20,10 @@ from typing import Any
 
 import asyncpg
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
-from llm_usage.archive.export import ARCHIVE_COLUMNS, archive_table
+from llm_usage.archive.export import ARCHIVE_COLUMNS, LATER_COLUMNS, archive_table
 from llm_usage.archive.manifest import MANIFEST_NAME, SLICES, Manifest, tenant_slice
 from llm_usage.archive.restore import restore_month, restored_table_name
 from llm_usage.archive.retention import archive_and_verify
@@ -422,3 +425,48 @@ async def test_wrong_s3_keys_are_one_clear_error(s3_server: S3Server) -> None:
     )
     with pytest.raises(ServiceUnreachableError, match="cannot be reached or written"):
         target.months()
+
+
+async def test_an_archive_of_the_release_before_estimated_charges_verifies_and_restores(
+    pool: asyncpg.Pool, month_table: str, tmp_path: Path
+) -> None:
+    # An archive written before events had charge_estimated and price_effective_from: the same
+    # files without those columns, and a manifest saying so.
+    target = local_target(tmp_path / "archive")
+    async with pool.acquire() as connection:
+        await connection.execute(
+            f"UPDATE {month_table} SET charge_estimated = false, price_effective_from = NULL"
+        )
+        manifest = await archive_table(connection, table=month_table, month=MONTH, target=target)
+    directory = Path(target.month_dir("2024-03"))
+    files = []
+    for entry in manifest.files:
+        path = directory / entry.path
+        earlier = pq.read_table(path).drop_columns(list(LATER_COLUMNS))
+        pq.write_table(earlier, path)
+        content = path.read_bytes()
+        files.append(
+            dataclasses.replace(
+                entry, bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+            )
+        )
+    earlier_columns = [c for c in manifest.columns if c not in LATER_COLUMNS]
+    rewritten = dataclasses.replace(manifest, files=files, columns=earlier_columns)
+    (directory / MANIFEST_NAME).write_text(rewritten.to_json())
+
+    async with pool.acquire() as connection:
+        report = await verify_archive(target, MONTH, connection=connection, table=month_table)
+        assert report.ok, report.differences
+        await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+        assert await restore_month(connection, target, MONTH) == 5_000
+        restored = restored_table_name(MONTH)
+        flags = await connection.fetch(
+            f"SELECT DISTINCT charge_estimated, price_effective_from FROM {restored}"
+        )
+        assert [tuple(row) for row in flags] == [(False, None)]
+        columns = ", ".join(ARCHIVE_COLUMNS)
+        differing = await connection.fetchval(
+            f"SELECT count(*) FROM (SELECT {columns} FROM {month_table} "
+            f"EXCEPT ALL SELECT {columns} FROM {restored}) d"
+        )
+        assert differing == 0
