@@ -12,7 +12,12 @@ import pytest
 
 from llm_usage.storage.distribution import distribute
 from llm_usage.storage.migrate import migrate
-from tests.integration.pipeline import kill_leftovers, unique
+from tests.integration.pipeline import (
+    PipelineTopics,
+    create_pipeline_topics,
+    kill_leftovers,
+    unique,
+)
 
 _HERE = Path(__file__).parent
 
@@ -82,3 +87,14 @@ async def no_process_outlives_its_test() -> AsyncIterator[None]:
     """A consumer a failing test left running would keep reading, and loading the machine."""
     yield
     await kill_leftovers()
+
+
+@pytest.fixture
+async def topics(
+    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
+) -> PipelineTopics:
+    """A test's own usage, DLQ (and alerts) topics of 3 partitions, on a migrated database;
+    a module needing another shape defines its own."""
+    return await create_pipeline_topics(
+        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
+    )

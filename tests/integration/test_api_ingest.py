@@ -7,12 +7,10 @@ import json
 from decimal import Decimal
 
 import asyncpg
-import pytest
 
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import (
     PipelineTopics,
-    create_pipeline_topics,
     read_topic,
     spawn_consumer,
     stored_for,
@@ -20,15 +18,6 @@ from tests.integration.pipeline import (
     unique,
     usage_event,
 )
-
-
-@pytest.fixture
-async def topics(
-    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
-) -> PipelineTopics:
-    return await create_pipeline_topics(
-        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
-    )
 
 
 async def test_posted_events_are_published_then_stored_by_the_usage_consumer(

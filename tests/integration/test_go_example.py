@@ -23,7 +23,6 @@ from llm_usage.local.paths import cache_dir
 from tests.integration.interop import consume_until_idle, dead_letter_ends, exact_sum
 from tests.integration.pipeline import (
     PipelineTopics,
-    create_pipeline_topics,
     stored_for,
     tenant_totals,
     unique,
@@ -93,15 +92,6 @@ async def run_example(binary: Path, *args: str, env: dict[str, str]) -> tuple[in
         raise AssertionError(f"{binary.name} {' '.join(args)} did not finish in 150 s") from None
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
-
-
-@pytest.fixture
-async def topics(
-    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
-) -> PipelineTopics:
-    return await create_pipeline_topics(
-        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
-    )
 
 
 @pytest.mark.timeout(BUILD_SECONDS + 300)

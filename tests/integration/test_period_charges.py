@@ -16,7 +16,6 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import pytest
 
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.domain.money import usd_to_cents
@@ -26,7 +25,6 @@ from llm_usage.runtime.handler import BatchResult
 from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
-    create_pipeline_topics,
     encode,
     header,
     produce,
@@ -101,15 +99,6 @@ async def billed_per_month(pool: asyncpg.Pool, tenant: str) -> dict[tuple[str | 
 
 
 # --- the usage consumer, through Kafka ------------------------------------------------------
-
-
-@pytest.fixture
-async def topics(
-    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
-) -> PipelineTopics:
-    return await create_pipeline_topics(
-        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
-    )
 
 
 async def test_a_period_charge_is_stored_once_and_a_conflicting_copy_is_dead_lettered(

@@ -9,7 +9,6 @@ from datetime import timedelta, timezone
 from decimal import Decimal
 
 import asyncpg
-import pytest
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.consumer import run_usage_consumer
@@ -35,15 +34,6 @@ from tests.integration.pipeline import (
     writes_held,
 )
 from tests.unavailable import service_unavailable
-
-
-@pytest.fixture
-async def topics(
-    kafka_bootstrap_servers: str, database_url: str, pool: asyncpg.Pool
-) -> PipelineTopics:
-    return await create_pipeline_topics(
-        bootstrap_servers=kafka_bootstrap_servers, database_url=database_url, partitions=3
-    )
 
 
 async def consume_until_idle(
