@@ -10,6 +10,7 @@ priced once, at the rate of its kind.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -48,6 +49,12 @@ class Price:
     def pair(self) -> tuple[str, str]:
         return (self.provider, self.model)
 
+    @functools.cached_property
+    def whole_rates(self) -> WholeRates:
+        """The rates as whole numbers, worked out once per row (a consumer prices thousands of
+        events from one)."""
+        return WholeRates.of(self)
+
 
 def new_price(
     provider: str,
@@ -79,6 +86,54 @@ class UnpriceableTokensError(ValueError):
     reasoning than output tokens), so no price can be computed from them."""
 
 
+@dataclass(frozen=True)
+class WholeRates:
+    """A row's rates (per million tokens) and fee as whole numbers at one scale, so that a cost
+    is integer arithmetic: cost in USD = `total(...)` / 10**`scale`, exactly."""
+
+    input: int
+    cached_input: int
+    output: int
+    reasoning: int
+    fee: int
+    scale: int
+
+    @classmethod
+    def of(cls, price: Price) -> WholeRates:
+        rates = (price.input, price.cached_input, price.output, price.reasoning)
+        fee = price.request_fee_usd.scaleb(-_PER_MILLION, EXACT_CONTEXT)  # per million too
+        places = max(0, *(-int(value.as_tuple().exponent) for value in (*rates, fee)))
+        input, cached_input, output, reasoning, whole_fee = (
+            int(value.scaleb(places, EXACT_CONTEXT)) for value in (*rates, fee)
+        )
+        return cls(input, cached_input, output, reasoning, whole_fee, places - _PER_MILLION)
+
+    def total(
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int,
+        reasoning_tokens: int,
+    ) -> int:
+        """The cost times 10**scale; refuses tokens that contradict the convention."""
+        if cached_input_tokens > input_tokens:
+            raise UnpriceableTokensError(
+                f"cached_input_tokens ({cached_input_tokens}) exceeds input_tokens ({input_tokens})"
+            )
+        if reasoning_tokens > output_tokens:
+            raise UnpriceableTokensError(
+                f"reasoning_tokens ({reasoning_tokens}) exceeds output_tokens ({output_tokens})"
+            )
+        return (
+            (input_tokens - cached_input_tokens) * self.input
+            + cached_input_tokens * self.cached_input
+            + (output_tokens - reasoning_tokens) * self.output
+            + reasoning_tokens * self.reasoning
+            + self.fee
+        )
+
+
 def cost_usd(
     price: Price,
     *,
@@ -90,26 +145,14 @@ def cost_usd(
     """The exact charge of one request under `price`, never rounded: uncached input, cached
     input, non-reasoning output and reasoning tokens each at their rate, over a million, plus
     the request fee."""
-    if cached_input_tokens > input_tokens:
-        raise UnpriceableTokensError(
-            f"cached_input_tokens ({cached_input_tokens}) exceeds input_tokens ({input_tokens})"
-        )
-    if reasoning_tokens > output_tokens:
-        raise UnpriceableTokensError(
-            f"reasoning_tokens ({reasoning_tokens}) exceeds output_tokens ({output_tokens})"
-        )
-    exact = EXACT_CONTEXT
-    per_million = exact.add(
-        exact.add(
-            exact.multiply(Decimal(input_tokens - cached_input_tokens), price.input),
-            exact.multiply(Decimal(cached_input_tokens), price.cached_input),
-        ),
-        exact.add(
-            exact.multiply(Decimal(output_tokens - reasoning_tokens), price.output),
-            exact.multiply(Decimal(reasoning_tokens), price.reasoning),
-        ),
+    rates = price.whole_rates
+    total = rates.total(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_input_tokens,
+        reasoning_tokens=reasoning_tokens,
     )
-    return exact.add(per_million.scaleb(_PER_MILLION, exact), price.request_fee_usd)
+    return Decimal(total).scaleb(-rates.scale, EXACT_CONTEXT)
 
 
 def in_effect(rows: Sequence[Price], at: datetime) -> Price | None:

