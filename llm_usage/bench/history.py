@@ -88,7 +88,8 @@ _LOAD = f"""
         (ARRAY['chat', 'summarize', 'classify'])[1 + g % 7 % 3],
         'openai', 'gpt-4o-mini', 'chat.completions', i, o, i / 8, 0, i + o + i / 8,
         round((i * 0.15 + o * 0.60) / 1e6, 10), round((i * 0.15 + o * 0.60) * 1.2 / 1e6, 10),
-        round((i * 0.15 + o * 0.60) * 1.2 / 1e4), 'flat_percent', ts, ts + interval '2 seconds'
+        round((i * 0.15 + o * 0.60) * 1.2 / 1e4), 'flat_percent', ts, false, NULL,
+        ts + interval '2 seconds'
     FROM (
         SELECT g, 50 + floor(random() * 5950)::bigint AS i,
             10 + floor(random() * 1490)::bigint AS o,
