@@ -14,7 +14,7 @@ from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.periods import parse_period, period_of
 from llm_usage.domain.usage import Usage
 from llm_usage.storage.pool import Connection
-from llm_usage.storage.usage_totals import MONTH_LOCK_CLASS, month_lock_id
+from llm_usage.storage.usage_totals import lock_month_exclusively
 
 # One rollup or close at a time, per database: a run replaces an open month's lines whole.
 ROLLUP_LOCK_KEY = 0x6C6C6D5F726F6C6C
@@ -167,11 +167,7 @@ async def forget_late_marks(connection: Connection, marks: Sequence[LateMark]) -
 async def lock_month_for_close(connection: Connection, period: str) -> None:
     """Hold the month's lock exclusively for the rest of the transaction: usage batches adding to
     the month wait, and the ones under way have committed once it is held."""
-    await connection.execute(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        MONTH_LOCK_CLASS,
-        month_lock_id(parse_period(period)),
-    )
+    await lock_month_exclusively(connection, parse_period(period))
 
 
 async def usage_of_tenants(

@@ -14,6 +14,7 @@ from llm_usage.domain.retention import months_to_create, partition_name
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
 from llm_usage.storage.usage_dimensions import forget_days
+from llm_usage.storage.usage_totals import lock_month_exclusively
 
 
 class StoredMonths(NamedTuple):
@@ -132,8 +133,14 @@ async def detach_partition(connection: Connection, month: date) -> None:
 
 
 async def _mark_retiring(connection: Connection, month: date, state: str) -> None:
-    """Record `state` for `month` and delete its days from the daily aggregate, at once."""
+    """Record `state` for `month` and delete its days from the daily aggregate, at once.
+
+    Under the month's lock, taken exclusively as the close of a month does: usage batches add
+    to a month's aggregate rows only under that lock shared, so the delete waits for the
+    batches writing the month (and they for it) instead of locking their rows in another order
+    than theirs, which deadlocked."""
     async with connection.transaction():
+        await lock_month_exclusively(connection, month)
         await forget_days(connection, month, add_months(month, 1))
         await set_month_state(connection, month, state)
 

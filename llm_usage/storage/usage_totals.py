@@ -53,6 +53,14 @@ def month_lock_id(day: date) -> int:
     return day.year * 12 + day.month - 1
 
 
+async def lock_month_exclusively(connection: Connection, day: date) -> None:
+    """Hold the lock of `day`'s month exclusively for the rest of the transaction: usage batches
+    adding to the month wait, and the ones under way have committed once it is held."""
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)", MONTH_LOCK_CLASS, month_lock_id(day)
+    )
+
+
 _LOCK_MONTHS = """
     SELECT pg_advisory_xact_lock_shared($1, m) FROM unnest($2::int[]) AS u(m) ORDER BY m
 """
