@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # How often every policy is checked against the current day's and month's spend (a policy
     # change is noticed at once through LISTEN/NOTIFY; this is the safety net).
     budget_policy_sweep_seconds: float = Field(default=30.0, gt=0)
+    # A budget check's hold lasts this long unless the event with its gateway_request_id is
+    # counted first; the budget consumer's sweeper ends expired holds this often.
+    budget_hold_seconds: int = Field(default=300, ge=1, le=86_400)
+    budget_hold_sweep_seconds: float = Field(default=5.0, gt=0)
 
     # The rollup schedule: how often the current month's preview lines are refreshed, and how
     # long after a month ends it is run for the last time and closed.
