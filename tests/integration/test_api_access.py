@@ -66,6 +66,15 @@ _PRICE_ROW = {
     "input": "2.5",
     "output": "10",
 }
+_CHECK = {"gateway_request_id": unique("req"), "tenant_id": unique("tenant")}
+_CHARGE_CHECK = {**_CHECK, "estimated_charge_usd": "0.25"}
+_TOKENS_CHECK = {
+    **_CHECK,
+    "provider": unique("provider"),  # no price: the tokens cannot be priced
+    "model": "m",
+    "estimated_input_tokens": 10,
+    "estimated_output_tokens": 10,
+}
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/tenants/{tenant_id}/usage/summary"): Route(
         MEMBER,
@@ -213,6 +222,25 @@ ROUTES: dict[tuple[str, str], Route] = {
             Malformed(["body", "model"], body=json.dumps({**_PRICE_ROW, "model": ""}).encode()),
             Malformed(["body"], body=b"[]"),
             Malformed(["body"], body=b"{not json"),
+        ),
+    ),
+    ("POST", "/v1/budget-checks"): Route(
+        GATEWAY,
+        200,  # allowed (the tenant has no policy), then the same answer repeated
+        body=json.dumps(_CHARGE_CHECK).encode(),
+        malformed=(
+            Malformed(["body"], body=b"{not json"),
+            Malformed(["body"], body=json.dumps({**_TOKENS_CHECK, **_CHARGE_CHECK}).encode()),
+            Malformed(["body"], body=json.dumps(_CHECK).encode()),
+            Malformed(["body", "provider"], body=json.dumps(_TOKENS_CHECK).encode()),
+            Malformed(
+                ["body", "estimated_charge_usd"],
+                body=json.dumps({**_CHECK, "estimated_charge_usd": "-1"}).encode(),
+            ),
+            Malformed(
+                ["body", "gateway_request_id"],
+                body=json.dumps({**_CHARGE_CHECK, "gateway_request_id": " x"}).encode(),
+            ),
         ),
     ),
     ("POST", "/v1/usage-events"): Route(
