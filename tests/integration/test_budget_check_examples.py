@@ -6,8 +6,6 @@ listens."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +18,7 @@ from llm_usage.testing.processes import free_port
 from tests.api_support import token
 from tests.integration.budget_check_support import block_policy, serving
 from tests.integration.pipeline import unique
-from tests.integration.test_go_example import BUILD_SECONDS, EXAMPLE, go_environment
-from tests.unavailable import service_unavailable
+from tests.integration.test_go_example import EXAMPLE, build_example
 
 PYTHON_EXAMPLE = Path(__file__).parents[2] / "docs" / "examples" / "check_budget.py"
 
@@ -37,17 +34,8 @@ class Example:
 
 @pytest.fixture(scope="module")
 def go_budgetcheck(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        service_unavailable("no Go toolchain (`go`) on PATH: install Go 1.26 or newer")
     binary = tmp_path_factory.mktemp("go-budgetcheck") / "budgetcheck"
-    built = subprocess.run(
-        [go, "build", "-buildvcs=false", "-o", str(binary), "./budgetcheck"],
-        cwd=EXAMPLE, env=go_environment(), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=BUILD_SECONDS, check=False,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stdout + built.stderr
-    return binary
+    return build_example(EXAMPLE, "./budgetcheck", binary)
 
 
 @pytest.fixture(params=["python", "go"])
