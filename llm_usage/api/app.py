@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_usage.api.context import ApiContext
 from llm_usage.api.routes import (
+    budget_checks,
     budgets,
     event_pages,
     finance,
@@ -41,8 +42,9 @@ def create_app(context: ApiContext | None) -> FastAPI:
         version=API_VERSION,
         description=(
             "Usage and budget reads for portals, budget policy changes, the price table, invoice "
-            "lines, and the gateways' HTTP ingest path. Money is an exact decimal string, counts "
-            "are integers, times RFC 3339 in UTC. See the contract's HTTP API section."
+            "lines, and the gateways' HTTP ingest path and budget checks. Money is an exact "
+            "decimal string, counts are integers, times RFC 3339 in UTC. See the contract's HTTP "
+            "API section."
         ),
         docs_url=None,
         redoc_url=None,
@@ -51,7 +53,10 @@ def create_app(context: ApiContext | None) -> FastAPI:
     if context is not None:
         app.add_middleware(_MetricsMiddleware, context=context)
     _add_error_handlers(app)
-    groups = (probes, usage, usage_events, budgets, prices, finance, ingest, pages, event_pages)
+    groups = (
+        probes, usage, usage_events, budgets, prices, finance, ingest, budget_checks, pages,
+        event_pages,
+    )  # fmt: skip
     for group in groups:
         app.include_router(group.router)
     return app

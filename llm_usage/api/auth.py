@@ -3,7 +3,8 @@
 A token is valid only if its signature verifies with a configured key under an accepted
 algorithm (HS256 with `API_JWT_SECRET`, or RS256/ES256 with a key of `API_JWT_JWKS_FILE`; never
 `none`), it has not expired (`exp` is required), its `aud` is `API_JWT_AUDIENCE`, its `sub` names
-the caller, its `role` is one of the three roles, and a tenant role names its `tenant_id`.
+the caller, its `role` is one of the four roles, and a tenant role names its `tenant_id` (a
+gateway acts for any tenant, so a `tenant_id` on its token is ignored).
 Anything else is an `InvalidTokenError` (401). A valid token that may not do what it asks is a
 matter of `Principal.may` (403).
 """
@@ -32,6 +33,8 @@ SECRET_ALGORITHM: Final = "HS256"  # noqa: S105 - an algorithm name
 
 
 class Role(StrEnum):
+    # The LLM gateway: ingest and budget checks for any tenant, and nothing else.
+    GATEWAY = "gateway"
     TENANT_MEMBER = "tenant-member"
     TENANT_ADMIN = "tenant-admin"
     PLATFORM_ADMIN = "platform-admin"
@@ -41,7 +44,8 @@ class Role(StrEnum):
         return _RANKS[self]
 
 
-_RANKS = {Role.TENANT_MEMBER: 1, Role.TENANT_ADMIN: 2, Role.PLATFORM_ADMIN: 3}
+# The gateway ranks below a member: it reads nothing, so every route guarded by rank refuses it.
+_RANKS = {Role.GATEWAY: 0, Role.TENANT_MEMBER: 1, Role.TENANT_ADMIN: 2, Role.PLATFORM_ADMIN: 3}
 
 
 class InvalidTokenError(Exception):
@@ -54,7 +58,7 @@ class Principal:
 
     subject: str
     role: Role
-    tenant_id: str | None  # None for a platform admin
+    tenant_id: str | None  # None for a platform admin and a gateway
 
     def may(self, role: Role, tenant_id: str | None) -> bool:
         """Whether this caller has at least `role` on `tenant_id` (None: no tenant involved,
@@ -62,6 +66,11 @@ class Principal:
         if self.role is Role.PLATFORM_ADMIN:
             return True
         return tenant_id is not None and tenant_id == self.tenant_id and self.role.rank >= role.rank
+
+    @property
+    def is_gateway_caller(self) -> bool:
+        """Whether this caller may ingest and check budgets for any tenant."""
+        return self.role in (Role.GATEWAY, Role.PLATFORM_ADMIN)
 
 
 @dataclass(frozen=True)
@@ -204,7 +213,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise InvalidTokenError(
             f"`role` must be one of {', '.join(r.value for r in Role)}"
         ) from None
-    if role is Role.PLATFORM_ADMIN:
+    if role in (Role.PLATFORM_ADMIN, Role.GATEWAY):
         return Principal(subject=subject, role=role, tenant_id=None)
     try:
         tenant_id = check_tenant_id(claims.get("tenant_id"))

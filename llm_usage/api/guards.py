@@ -1,9 +1,9 @@
 """Who may call a route: FastAPI dependencies that take the caller from a Bearer JWT.
 
-Every `/v1` route takes its caller from a guard (`Member`, `TenantAdmin`, `PlatformAdmin`) as its
-first parameter. FastAPI runs dependencies before it validates path and query parameters, and
-the routes read their bodies themselves, so a request is judged in the contract's order:
-authentication (401), then access (403), then parameters (422).
+Every `/v1` route takes its caller from a guard (`Member`, `TenantAdmin`, `PlatformAdmin`,
+`GatewayCaller`) as its first parameter. FastAPI runs dependencies before it validates path and
+query parameters, and the routes read their bodies themselves, so a request is judged in the
+contract's order: authentication (401), then access (403), then parameters (422).
 """
 
 from __future__ import annotations
@@ -49,12 +49,7 @@ def guard(
             presented = request.query_params.get(UI_TOKEN_PARAMETER) or None
         if presented is None and cookie:
             presented = request.cookies.get(UI_TOKEN_COOKIE)
-        if presented is None:
-            raise HTTPException(401, "send `Authorization: Bearer <JWT>`", headers=_UNAUTHENTICATED)
-        try:
-            principal = api_context(request).verifier.verify(presented)
-        except InvalidTokenError as error:
-            raise HTTPException(401, str(error), headers=_UNAUTHENTICATED) from None
+        principal = _verified(request, presented)
         tenant_id = principal.tenant_id if any_tenant else request.path_params.get("tenant_id")
         if not principal.may(role, tenant_id):
             if principal.role.rank < role.rank:
@@ -66,11 +61,40 @@ def guard(
     return authorize
 
 
+def caller_of(*roles: Role) -> Callable[..., Awaitable[Principal]]:
+    """The caller, if a valid Bearer token has one of exactly these `roles` (whatever its
+    tenant: for routes that act for any tenant); else 401 or 403."""
+
+    async def authorize(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        principal = _verified(request, credentials.credentials if credentials else None)
+        if principal.role not in roles:
+            names = " or ".join(role.value for role in roles)
+            raise HTTPException(403, f"this needs the role {names}")
+        return principal
+
+    authorize.__name__ = "authorize_" + "_or_".join(role.name.lower() for role in roles)
+    return authorize
+
+
+def _verified(request: Request, presented: str | None) -> Principal:
+    if presented is None:
+        raise HTTPException(401, "send `Authorization: Bearer <JWT>`", headers=_UNAUTHENTICATED)
+    try:
+        return api_context(request).verifier.verify(presented)
+    except InvalidTokenError as error:
+        raise HTTPException(401, str(error), headers=_UNAUTHENTICATED) from None
+
+
 Member = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER))]
 PageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True))]
 SignInPageMember = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, cookie=True, link=True))]
 TenantAdmin = Annotated[Principal, Depends(guard(Role.TENANT_ADMIN))]
 PlatformAdmin = Annotated[Principal, Depends(guard(Role.PLATFORM_ADMIN))]
+# The gateways' routes (ingest, budget checks): a gateway or a platform admin, for any tenant.
+GatewayCaller = Annotated[Principal, Depends(caller_of(Role.GATEWAY, Role.PLATFORM_ADMIN))]
 # Any valid token, whatever its role and tenant: for what every tenant shares (the price table).
 AnyRole = Annotated[Principal, Depends(guard(Role.TENANT_MEMBER, any_tenant=True))]
 

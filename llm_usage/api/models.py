@@ -107,7 +107,11 @@ class BudgetAnswer(_Answer):
     spend_usd: UsdText = Money()
     limit_usd: UsdText = Money()
     percent: DecimalText = Field(description="spend / limit * 100, rounded half up to 2 places")
-    level: Literal["ok", "warning", "exceeded"]
+    level: Literal["ok", "warning", "exceeded"] = Field(description="from spend alone")
+    held_usd: UsdText = Money("what open holds of budget checks keep back in this period")
+    enforcement: Literal["alert", "block"] = Field(
+        description="`block`: budget checks that would pass the limit are denied"
+    )
 
 
 class BudgetsAnswer(_Answer):
@@ -127,6 +131,9 @@ class PolicyAnswer(_Answer):
     daily_limit_usd: UsdText | None = Money("exact USD, or null: no daily limit")
     monthly_limit_usd: UsdText | None = Money("exact USD, or null: no monthly limit")
     warn_threshold_pct: int
+    enforcement: Literal["alert", "block"] = Field(
+        description="`alert`: the limits only alert; `block`: budget checks are also denied"
+    )
 
 
 class PoliciesAnswer(_Answer):
@@ -157,6 +164,11 @@ class PolicyBody(BaseModel):
         default=None, description="exact USD > 0 as a string (`100`, `12.50`); null: no limit"
     )
     warn_threshold_pct: int = Field(default=80, ge=1, le=99)
+    enforcement: Literal["alert", "block"] = Field(
+        default="alert",
+        description="`block`: also deny budget checks (POST /v1/budget-checks) that would pass "
+        "a limit; `alert`: only alert",
+    )
 
 
 class InvoiceLineAnswer(_Answer):

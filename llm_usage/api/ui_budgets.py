@@ -1,6 +1,7 @@
 """The page's budgets: each policy window's spend against its limit, its level in colour and in
 words, and how far into its period (UTC day or month) it is, so that 60 % spent on day 6 of 31
-reads differently from 60 % spent on day 28."""
+reads differently from 60 % spent on day 28. A window whose limit blocks budget checks says so,
+and what open holds keep back is shown beside the spend when there is any."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from decimal import Decimal
 from html import escape
 
 from llm_usage.api.ui_money import usd_html
-from llm_usage.domain.budgets import BudgetStatus, BudgetWindow, period_end
+from llm_usage.domain.budgets import BudgetStatus, BudgetWindow, Enforcement, period_end
 from llm_usage.domain.money import canonical_decimal
 
 
@@ -51,6 +52,8 @@ def budgets_section(statuses: Sequence[BudgetStatus], *, now: datetime) -> str:
         fill = min(status.percent, Decimal(100))
         marker = (progress.fraction * 100).quantize(Decimal("0.1"))
         level = status.level.value
+        blocks = " · blocks" if status.enforcement is Enforcement.BLOCK else ""
+        held = f" + {usd_html(status.held_usd)} held" if status.held_usd else ""
         rows.append(
             f'<div class="budget level-{level}" '
             f'data-scope-type="{escape(status.scope_type.value)}" '
@@ -59,15 +62,17 @@ def budgets_section(statuses: Sequence[BudgetStatus], *, now: datetime) -> str:
             f'data-spend="{canonical_decimal(status.spend_usd)}" '
             f'data-limit="{canonical_decimal(status.limit_usd)}" '
             f'data-percent="{_percent(status.percent)}" data-level="{level}" '
+            f'data-held="{canonical_decimal(status.held_usd)}" '
+            f'data-enforcement="{status.enforcement.value}" '
             f'data-progress="{escape(progress.text)}">'
             f'<div class="budget-head"><span>{escape(status.scope_type.value)} '
-            f"<b>{escape(status.scope_id)}</b>, {status.window.value}</span>"
+            f"<b>{escape(status.scope_id)}</b>, {status.window.value}{blocks}</span>"
             f'<span class="badge">{level}</span></div>'
             f'<div class="track" role="img" aria-label="{_percent(status.percent)} % spent, '
             f'{escape(progress.text)}"><div class="fill" style="width: {_percent(fill)}%"></div>'
             f'<div class="now" style="left: {_percent(marker)}%" '
             f'title="{escape(progress.text)}"></div></div>'
-            f'<div class="budget-figures">{usd_html(status.spend_usd)} of '
+            f'<div class="budget-figures">{usd_html(status.spend_usd)}{held} of '
             f"{usd_html(status.limit_usd)} ({_percent(status.percent)} %) · "
             f'<span class="progress">{escape(progress.text)}</span></div></div>'
         )

@@ -104,9 +104,11 @@ def mixed_paths(tenants: Sequence[str], months: Months) -> list[str]:
     return paths
 
 
-async def _start_servers(
+async def start_api_servers(
     settings: Settings, url: str, secret: str, processes: int
 ) -> tuple[list[asyncio.subprocess.Process], str]:
+    """`processes` x `llm-usage serve api` on one port (API_REUSE_PORT), each with a pool of 8,
+    tokens signed with `secret` (HS256): the processes and their base URL."""
     environment = {
         **os.environ,
         "DATABASE_URL": url,
@@ -128,7 +130,7 @@ async def _start_servers(
         for _ in range(processes - 1):
             await _start_server(environment, started)
     except BaseException:
-        await _stop(started)
+        await stop_processes(started)
         raise
     return started, f"http://127.0.0.1:{port}"
 
@@ -148,7 +150,7 @@ async def _start_server(
             return int(json.loads(line)["port"])
 
 
-async def _stop(processes: list[asyncio.subprocess.Process]) -> None:
+async def stop_processes(processes: list[asyncio.subprocess.Process]) -> None:
     for process in processes:
         if process.returncode is None:
             process.terminate()
@@ -279,7 +281,7 @@ async def measure_api(
         await connection.close()
     secret = secrets.token_hex(32)
     cores = os.cpu_count() or 1
-    processes, base = await _start_servers(settings, url, secret, cores)
+    processes, base = await start_api_servers(settings, url, secret, cores)
     claims = {"aud": AUDIENCE, "exp": int(time.time()) + 86400, "sub": "bench"}
     admin = jwt.encode({**claims, "role": "platform-admin"}, secret, algorithm="HS256")
     headers = [f"Authorization: Bearer {admin}"]
@@ -297,7 +299,7 @@ async def measure_api(
             ) as client:
                 ingest = await _ingest(client, settings, events=ingest_events, now=now)
     finally:
-        await _stop(processes)
+        await stop_processes(processes)
     print(
         f"\n{sum(sizes) + events:,} events: sized tenants {', '.join(f'{s:,}' for s in sizes)} "
         f"in {months.last:%B %Y}, {events:,} over {tenants} tenants; {wrk}; {cores} API "

@@ -1,4 +1,4 @@
-"""`llm-usage bench ingest|budget|api|rollup|ingest-aggregate|history|lifecycle`: each
+"""`llm-usage bench ingest|budget|api|checks|rollup|ingest-aggregate|history|lifecycle`: each
 benchmark's arguments; the benchmark itself is imported when it runs (httpx and the profilers
 are not in every install)."""
 
@@ -39,6 +39,7 @@ def add_parser(commands: Commands) -> None:
     _add_ingest(benchmarks)
     _add_budget(benchmarks)
     _add_api(benchmarks)
+    _add_checks(benchmarks)
     _add_rollup(benchmarks)
     _add_ingest_aggregate(benchmarks)
     _add_history(benchmarks)
@@ -114,6 +115,43 @@ def _add_api(benchmarks: Commands) -> None:
     api.add_argument("--seconds", type=float, default=30.0)
     api.add_argument("--ingest-events", type=positive_int, default=50_000)
     api.set_defaults(run=_runs("llm_usage.bench.api", "run_api_benchmark"))
+
+
+def _add_checks(benchmarks: Commands) -> None:
+    checks = benchmarks.add_parser(
+        "checks",
+        help="POST /v1/budget-checks (wrk, one API process a core) on bench api's data: one at a "
+        "time, a paced rate over tenants, one hot tenant's ceiling",
+    )
+    checks.add_argument(
+        "--events",
+        type=positive_int,
+        default=10_000_000,
+        help="events of bench api's spread (loaded once, then reused; the same as bench api's)",
+    )
+    checks.add_argument("--tenants", type=positive_int, default=1_000)
+    checks.add_argument("--seconds", type=positive_seconds, default=20.0, help="per step")
+    checks.add_argument("--rate", type=positive_int, default=500, help="checks/s over every tenant")
+    checks.add_argument(
+        "--hot-rates",
+        type=_rates,
+        default="100,250,500,1000,2000",
+        metavar="N,N,...",
+        help="checks/s of one hot tenant, stepped through until p99 passes 50 ms",
+    )
+    checks.set_defaults(run=_runs("llm_usage.bench.checks", "run_checks_benchmark"))
+
+
+def _rates(text: str) -> list[int]:
+    try:
+        rates = [positive_int(part) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not rates: {text!r} (checks/s, e.g. 100,250,500)"
+        ) from None
+    if not rates:
+        raise argparse.ArgumentTypeError("name at least one rate, e.g. 100,250")
+    return sorted(set(rates))
 
 
 def _event_counts(text: str) -> list[int]:

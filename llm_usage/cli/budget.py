@@ -32,7 +32,8 @@ def add_parser(commands: Commands) -> None:
         parser_class=OneLineArgumentParser,
     )
     status = budget_commands.add_parser(
-        "status", help="this UTC day's and month's spend, limit, percent and level per policy"
+        "status",
+        help="this UTC day's and month's spend, held, limit, percent and level per policy",
     )
     status.add_argument("--tenant", required=True, metavar="ID")
     status.add_argument("--json", action="store_true", help="one JSON object a line")
@@ -67,9 +68,11 @@ async def budget_status(
         "WINDOW",
         "PERIOD_START",
         "SPEND_USD",
+        "HELD_USD",
         "LIMIT_USD",
         "PERCENT",
         "LEVEL",
+        "ENFORCEMENT",
     ]
     rows = [
         [
@@ -78,10 +81,12 @@ async def budget_status(
             status.window.value,
             status.period_start.isoformat(),
             canonical_decimal(status.spend_usd),
+            canonical_decimal(status.held_usd),
             canonical_decimal(status.limit_usd),
             format(status.percent, "f"),
             status.level.value,
+            status.enforcement.value,
         ]
         for status in statuses
     ]
-    print(aligned_table(headers, rows, right={4, 5, 6}), file=out)
+    print(aligned_table(headers, rows, right={4, 5, 6, 7}), file=out)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from llm_usage.cli.args import Commands, OneLineArgumentParser, checked_tenant
 from llm_usage.cli.budget_tables import aligned_table, budget_tables
 from llm_usage.core.errors import ConfigurationError, UserFacingError
-from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.budgets import Enforcement, ScopeType
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.domain.policies import (
     BudgetPolicy,
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
 
 
-# Every scope type, for help texts.
+# Every scope type and enforcement, for help texts.
 SCOPE_CHOICES = "|".join(scope.value for scope in ScopeType)
+ENFORCEMENT_CHOICES = "|".join(each.value for each in Enforcement)
 
 # The command-line spelling of each policy field, for error messages.
 _FLAGS = {
@@ -44,6 +45,7 @@ _FLAGS = {
     "daily_limit_usd": "--daily-limit-usd",
     "monthly_limit_usd": "--monthly-limit-usd",
     "warn_threshold_pct": "--warn-pct",
+    "enforcement": "--enforcement",
     "actor": "--actor",
 }
 
@@ -78,10 +80,12 @@ def _limit(value: Decimal | None) -> str:
 
 
 def describe_policy(policy: BudgetPolicy) -> str:
-    """`daily 100 USD, monthly -, warning at 80%` (`-`: no limit for that window)."""
+    """`daily 100 USD, monthly -, warning at 80%` (`-`: no limit for that window), and
+    `, blocking checks` when the limits also deny budget checks."""
+    blocking = ", blocking checks" if policy.enforcement is Enforcement.BLOCK else ""
     return (
         f"daily {_limit(policy.daily_limit_usd)}, monthly {_limit(policy.monthly_limit_usd)}, "
-        f"warning at {policy.warn_threshold_pct}%"
+        f"warning at {policy.warn_threshold_pct}%{blocking}"
     )
 
 
@@ -100,6 +104,7 @@ async def policy_set(settings: Settings, args: argparse.Namespace, out: TextIO) 
             daily_limit_usd=args.daily_limit_usd,
             monthly_limit_usd=args.monthly_limit_usd,
             warn_threshold_pct=args.warn_pct,
+            enforcement=args.enforcement,
         )
         actor = check_actor(default_actor() if args.actor is None else args.actor)
     except InvalidPolicyError as error:
@@ -159,10 +164,18 @@ async def policy_list(settings: Settings, args: argparse.Namespace, out: TextIO)
                 _amount(policy.daily_limit_usd),
                 _amount(policy.monthly_limit_usd),
                 str(policy.warn_threshold_pct),
+                policy.enforcement.value,
             ]
             for policy in policies
         ]
-        headers = ["SCOPE_TYPE", "SCOPE_ID", "DAILY_LIMIT_USD", "MONTHLY_LIMIT_USD", "WARN_PCT"]
+        headers = [
+            "SCOPE_TYPE",
+            "SCOPE_ID",
+            "DAILY_LIMIT_USD",
+            "MONTHLY_LIMIT_USD",
+            "WARN_PCT",
+            "ENFORCEMENT",
+        ]
         print(aligned_table(headers, rows, right={2, 3, 4}), file=out)
 
 
@@ -239,6 +252,12 @@ def add_parser(commands: Commands) -> None:
     policy_set.add_argument("--daily-limit-usd", metavar="X", help="exact USD, more than 0")
     policy_set.add_argument("--monthly-limit-usd", metavar="Y", help="exact USD, more than 0")
     policy_set.add_argument("--warn-pct", metavar="N", help="warn at N%% of a limit (1-99) [80]")
+    policy_set.add_argument(
+        "--enforcement",
+        metavar=ENFORCEMENT_CHOICES,
+        help="alert: the limits only alert; block: budget checks that would pass one are also "
+        "denied [alert]",
+    )
     for scoped in (policy_set, policy_delete):
         scoped.add_argument(
             "--actor", metavar="NAME", help="who, for the audit [the OS user, else unknown]"

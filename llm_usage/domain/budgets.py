@@ -29,6 +29,14 @@ class BudgetWindow(StrEnum):
     MONTHLY = "monthly"
 
 
+class Enforcement(StrEnum):
+    """What a policy's limits do: only `alert`, or also `block` the budget checks that would
+    pass them."""
+
+    ALERT = "alert"
+    BLOCK = "block"
+
+
 class AlertLevel(StrEnum):
     """In the order they are reached (and emitted, when one event crosses both)."""
 
@@ -204,7 +212,9 @@ def percent_of_limit(spend_usd: Decimal, limit_usd: Decimal) -> Decimal:
 
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
-    """One policy window in its current period: spend, limit, percent and level."""
+    """One policy window in its current period: spend, limit, percent and level, and what open
+    holds of budget checks keep back in it. The level is a function of spend alone: alerts are
+    about spend, not holds."""
 
     scope_type: ScopeType
     scope_id: str
@@ -215,6 +225,8 @@ class BudgetStatus:
     warn_threshold_pct: int
     percent: Decimal
     level: BudgetLevel
+    held_usd: Decimal = Decimal(0)
+    enforcement: Enforcement = Enforcement.ALERT
 
     def to_json(self) -> dict[str, Any]:
         """The contract's fields; amounts and percent as exact decimal strings."""
@@ -227,6 +239,8 @@ class BudgetStatus:
             "limit_usd": canonical_decimal(self.limit_usd),
             "percent": format(self.percent, "f"),
             "level": self.level.value,
+            "held_usd": canonical_decimal(self.held_usd),
+            "enforcement": self.enforcement.value,
         }
 
 
@@ -239,6 +253,8 @@ def budget_status(
     spend_usd: Decimal,
     limit_usd: Decimal,
     warn_threshold_pct: int,
+    held_usd: Decimal = Decimal(0),
+    enforcement: Enforcement = Enforcement.ALERT,
 ) -> BudgetStatus:
     """Where `spend_usd` stands against `limit_usd` for one policy window and period."""
     return BudgetStatus(
@@ -251,6 +267,8 @@ def budget_status(
         warn_threshold_pct=warn_threshold_pct,
         percent=percent_of_limit(spend_usd, limit_usd),
         level=budget_level(spend_usd, limit_usd, warn_threshold_pct),
+        held_usd=held_usd,
+        enforcement=enforcement,
     )
 
 

@@ -1,8 +1,8 @@
 """A budget policy and the status of its limits: pure values and rules, no I/O.
 
-What `policy set` (and the HTTP API) accept is decided here: the policy's ids, its exact limits
-and its warn percentage. So is what `budget status` shows for a spend counter against a limit:
-the percent and the level.
+What `policy set` (and the HTTP API) accept is decided here: the policy's ids, its exact limits,
+its warn percentage and its enforcement (limits that only alert, or also block budget checks).
+So is what `budget status` shows for a spend counter against a limit: the percent and the level.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, TypeAlias
 
-from llm_usage.domain.budgets import BudgetWindow, ScopeType
+from llm_usage.domain.budgets import BudgetWindow, Enforcement, ScopeType
 from llm_usage.domain.ids import is_clean_id
 from llm_usage.domain.money import canonical_decimal
 
@@ -117,6 +117,7 @@ class BudgetPolicy:
     daily_limit_usd: Decimal | None = None
     monthly_limit_usd: Decimal | None = None
     warn_threshold_pct: int = DEFAULT_WARN_THRESHOLD_PCT
+    enforcement: Enforcement = Enforcement.ALERT
 
     def __post_init__(self) -> None:
         check_tenant_id(self.tenant_id)
@@ -138,6 +139,7 @@ class BudgetPolicy:
         if self.daily_limit_usd is None and self.monthly_limit_usd is None:
             raise InvalidPolicyError(None, "a policy needs a daily limit, a monthly limit or both")
         _check_warn_pct(self.warn_threshold_pct)
+        object.__setattr__(self, "enforcement", parse_enforcement(self.enforcement))
 
     @property
     def key(self) -> PolicyKey:
@@ -166,11 +168,13 @@ class BudgetPolicy:
             "daily_limit_usd": _amount_or_none(self.daily_limit_usd),
             "monthly_limit_usd": _amount_or_none(self.monthly_limit_usd),
             "warn_threshold_pct": self.warn_threshold_pct,
+            "enforcement": self.enforcement.value,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BudgetPolicy:
-        """The inverse of `to_json`; limits must be decimal strings (or null)."""
+        """The inverse of `to_json`; limits must be decimal strings (or null). Audit entries
+        written before enforcement existed have none: those policies only alerted."""
         return cls(
             tenant_id=data["tenant_id"],
             scope_type=data["scope_type"],
@@ -178,10 +182,12 @@ class BudgetPolicy:
             daily_limit_usd=_json_amount("daily_limit_usd", data.get("daily_limit_usd")),
             monthly_limit_usd=_json_amount("monthly_limit_usd", data.get("monthly_limit_usd")),
             warn_threshold_pct=data.get("warn_threshold_pct", DEFAULT_WARN_THRESHOLD_PCT),
+            enforcement=data.get("enforcement", Enforcement.ALERT),
         )
 
 
 _SCOPE_NAMES = ", ".join(scope.value for scope in ScopeType)
+_ENFORCEMENT_NAMES = ", ".join(each.value for each in Enforcement)
 
 
 def _amount_or_none(value: Decimal | None) -> str | None:
@@ -217,6 +223,18 @@ def parse_warn_pct(text: str) -> int:
     return _check_warn_pct(int(text))
 
 
+def parse_enforcement(value: object) -> Enforcement:
+    """`alert` or `block` (its text or the enum itself)."""
+    if not isinstance(value, str):  # an Enforcement is a str too
+        raise InvalidPolicyError("enforcement", f"must be a string, not {type(value).__name__}")
+    try:
+        return Enforcement(value)
+    except ValueError:
+        raise InvalidPolicyError(
+            "enforcement", f"must be one of {_ENFORCEMENT_NAMES}, not {value!r}"
+        ) from None
+
+
 def parse_scope_type(text: str) -> ScopeType:
     try:
         return ScopeType(text)
@@ -250,6 +268,7 @@ def policy_from_text(
     daily_limit_usd: str | None,
     monthly_limit_usd: str | None,
     warn_threshold_pct: str | None,
+    enforcement: str | None = None,
 ) -> BudgetPolicy:
     """A policy from the text a person typed; omitted limits are absent (no limit)."""
     check_tenant_id(tenant_id)
@@ -271,4 +290,5 @@ def policy_from_text(
             if warn_threshold_pct is None
             else parse_warn_pct(warn_threshold_pct)
         ),
+        enforcement=Enforcement.ALERT if enforcement is None else parse_enforcement(enforcement),
     )

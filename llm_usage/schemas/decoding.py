@@ -110,7 +110,7 @@ def _json_object(value: bytes | None) -> dict[str, object] | Rejection:
             DeadLetterReason.TOO_LARGE,
             f"the value is {len(value)} bytes; at most {MAX_EVENT_BYTES} are accepted",
         )
-    data = _parse_json(value)
+    data = parse_exact_json(value)
     if isinstance(data, dict | Rejection):
         return data
     return Rejection(
@@ -119,7 +119,7 @@ def _json_object(value: bytes | None) -> dict[str, object] | Rejection:
     )
 
 
-def _parse_json(value: bytes) -> object:
+def parse_exact_json(value: bytes) -> object:
     """The JSON value in UTF-8 `value`, or a `Rejection` (`invalid_json`) saying why it is not."""
     try:
         return _JSON.decode(value.decode())

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.budgets import Enforcement, ScopeType
 from llm_usage.domain.policies import BudgetPolicy, InvalidPolicyError, PolicyKey
 from llm_usage.storage.pool import Connection
 
@@ -24,7 +24,10 @@ from llm_usage.storage.pool import Connection
 NOTIFY_CHANNEL: Final = "budget_policies"
 MAX_ACTOR_LENGTH: Final = 200
 
-_COLUMNS = "tenant_id, scope_type, scope_id, daily_limit_usd, monthly_limit_usd, warn_threshold_pct"
+_COLUMNS = (
+    "tenant_id, scope_type, scope_id, daily_limit_usd, monthly_limit_usd, warn_threshold_pct, "
+    "enforcement"
+)
 _KEY_MATCHES = "tenant_id = $1 AND scope_type = $2 AND scope_id = $3"
 
 _SELECT_FOR_UPDATE = f"SELECT {_COLUMNS} FROM budget_policies WHERE {_KEY_MATCHES} FOR UPDATE"
@@ -32,17 +35,17 @@ _SELECT_FOR_UPDATE = f"SELECT {_COLUMNS} FROM budget_policies WHERE {_KEY_MATCHE
 # does nothing once it commits: the caller goes back to locking the row that one created.
 _INSERT_IF_ABSENT = f"""
     INSERT INTO budget_policies ({_COLUMNS}, updated_at)
-    VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())
+    VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp())
     ON CONFLICT (tenant_id, scope_type, scope_id) DO NOTHING
     RETURNING true
 """
-# The time is the database's clock_timestamp() read under the row lock ($7): Citus refuses a
+# The time is the database's clock_timestamp() read under the row lock ($8): Citus refuses a
 # volatile function in an UPDATE of a distributed table ("functions used in UPDATE queries on
 # distributed tables must not be VOLATILE").
 _UPDATE = f"""
     UPDATE budget_policies
-    SET daily_limit_usd = $4, monthly_limit_usd = $5, warn_threshold_pct = $6,
-        updated_at = $7
+    SET daily_limit_usd = $4, monthly_limit_usd = $5, warn_threshold_pct = $6, enforcement = $7,
+        updated_at = $8
     WHERE {_KEY_MATCHES}
 """
 _DELETE = f"DELETE FROM budget_policies WHERE {_KEY_MATCHES} RETURNING {_COLUMNS}"
@@ -119,6 +122,7 @@ def _policy_from_row(row: asyncpg.Record) -> BudgetPolicy:
         daily_limit_usd=row["daily_limit_usd"],
         monthly_limit_usd=row["monthly_limit_usd"],
         warn_threshold_pct=row["warn_threshold_pct"],
+        enforcement=Enforcement(row["enforcement"]),
     )
 
 
@@ -160,6 +164,7 @@ async def set_policy(connection: Connection, policy: BudgetPolicy, *, actor: str
         policy.daily_limit_usd,
         policy.monthly_limit_usd,
         policy.warn_threshold_pct,
+        policy.enforcement.value,
     )
     async with connection.transaction():
         for _ in range(_MAX_SET_ROUNDS):

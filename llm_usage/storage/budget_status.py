@@ -1,7 +1,8 @@
 """A tenant's budgets in their current periods: policies joined to the spend counters.
 
-Spend comes from `budget_spend`, the counters the budget consumer keeps; events are never
-summed here. One query for the whole tenant, whatever the number of policies.
+Spend comes from `budget_spend`, the counters the budget consumer keeps, and what open holds
+keep back from `budget_held` (placed - ended, per counter); events are never summed here. One
+query for the whole tenant, whatever the number of policies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from llm_usage.domain.budgets import (
     BudgetStatus,
     BudgetWindow,
     CounterKey,
+    Enforcement,
     ScopeType,
     budget_status,
     period_start,
@@ -21,10 +23,12 @@ from llm_usage.domain.budgets import (
 from llm_usage.storage.pool import Connection
 
 # Each policy once per window it has a limit for, with that window's current period; the
-# counter of exactly that period, or 0 when nothing has been counted in it yet.
+# counter of exactly that period, or 0 when nothing has been counted in it yet; the same for what
+# is held on it. Read without locks: a snapshot for people and alerts, never a decision.
 _SELECT_STATUS = """
     SELECT p.tenant_id, p.scope_type, p.scope_id, w."window", w.period_start, w.limit_usd,
-           p.warn_threshold_pct, coalesce(s.spend_usd, 0) AS spend_usd
+           p.warn_threshold_pct, p.enforcement, coalesce(s.spend_usd, 0) AS spend_usd,
+           coalesce(h.placed_usd - h.ended_usd, 0) AS held_usd
     FROM budget_policies AS p
     CROSS JOIN LATERAL (
         VALUES ('daily', $2::date, p.daily_limit_usd),
@@ -36,6 +40,12 @@ _SELECT_STATUS = """
         AND s.scope_id = p.scope_id
         AND s."window" = w."window"
         AND s.period_start = w.period_start
+    LEFT JOIN budget_held AS h
+        ON h.tenant_id = p.tenant_id
+        AND h.scope_type = p.scope_type
+        AND h.scope_id = p.scope_id
+        AND h."window" = w."window"
+        AND h.period_start = w.period_start
     WHERE ($1::text IS NULL OR p.tenant_id = $1) AND w.limit_usd IS NOT NULL
     ORDER BY p.tenant_id,
              array_position(ARRAY['tenant', 'deployment', 'user', 'agent'], p.scope_type),
@@ -46,12 +56,15 @@ _SELECT_STATUS = """
 
 @dataclass(frozen=True)
 class PolicyWindow:
-    """One window of a policy in its current period, with the spend counted in it."""
+    """One window of a policy in its current period, with the spend counted in it and what open
+    holds keep back."""
 
     counter: CounterKey
     limit_usd: Decimal
     warn_threshold_pct: int
     spend_usd: Decimal
+    held_usd: Decimal = Decimal(0)
+    enforcement: Enforcement = Enforcement.ALERT
 
 
 async def current_policy_windows(
@@ -78,6 +91,8 @@ async def current_policy_windows(
             limit_usd=row["limit_usd"],
             warn_threshold_pct=row["warn_threshold_pct"],
             spend_usd=row["spend_usd"],
+            held_usd=row["held_usd"],
+            enforcement=Enforcement(row["enforcement"]),
         )
         for row in rows
     ]
@@ -96,6 +111,8 @@ async def tenant_budget_status(
             spend_usd=window.spend_usd,
             limit_usd=window.limit_usd,
             warn_threshold_pct=window.warn_threshold_pct,
+            held_usd=window.held_usd,
+            enforcement=window.enforcement,
         )
         for window in await current_policy_windows(connection, now=now, tenant_id=tenant_id)
     ]

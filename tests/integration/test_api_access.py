@@ -28,7 +28,8 @@ from tests.api_support import AUDIENCE, SECRET, api_client, bearer, token, unsig
 from tests.integration.pipeline import unique
 
 MEMBER, ADMIN, PLATFORM = "tenant-member", "tenant-admin", "platform-admin"
-RANK = {MEMBER: 1, ADMIN: 2, PLATFORM: 3}
+GATEWAY = "gateway"
+RANK = {GATEWAY: 0, MEMBER: 1, ADMIN: 2, PLATFORM: 3}
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 # From then to now (`to`'s default) is longer than a range may be.
 TEN_YEARS_AGO = (clock.today() - timedelta(days=3653)).isoformat()
@@ -49,7 +50,7 @@ class Malformed:
 
 @dataclass(frozen=True)
 class Route:
-    least_role: str
+    least_role: str  # GATEWAY: exactly the gateway and platform admins, not by rank
     ok_status: int
     query: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
@@ -64,6 +65,15 @@ _PRICE_ROW = {
     "effective_from": f"{_DAY}T00:00:00Z",
     "input": "2.5",
     "output": "10",
+}
+_CHECK = {"gateway_request_id": unique("req"), "tenant_id": unique("tenant")}
+_CHARGE_CHECK = {**_CHECK, "estimated_charge_usd": "0.25"}
+_TOKENS_CHECK = {
+    **_CHECK,
+    "provider": unique("provider"),  # no price: the tokens cannot be priced
+    "model": "m",
+    "estimated_input_tokens": 10,
+    "estimated_output_tokens": 10,
 }
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/tenants/{tenant_id}/usage/summary"): Route(
@@ -214,8 +224,27 @@ ROUTES: dict[tuple[str, str], Route] = {
             Malformed(["body"], body=b"{not json"),
         ),
     ),
+    ("POST", "/v1/budget-checks"): Route(
+        GATEWAY,
+        200,  # allowed (the tenant has no policy), then the same answer repeated
+        body=json.dumps(_CHARGE_CHECK).encode(),
+        malformed=(
+            Malformed(["body"], body=b"{not json"),
+            Malformed(["body"], body=json.dumps({**_TOKENS_CHECK, **_CHARGE_CHECK}).encode()),
+            Malformed(["body"], body=json.dumps(_CHECK).encode()),
+            Malformed(["body", "provider"], body=json.dumps(_TOKENS_CHECK).encode()),
+            Malformed(
+                ["body", "estimated_charge_usd"],
+                body=json.dumps({**_CHECK, "estimated_charge_usd": "-1"}).encode(),
+            ),
+            Malformed(
+                ["body", "gateway_request_id"],
+                body=json.dumps({**_CHARGE_CHECK, "gateway_request_id": " x"}).encode(),
+            ),
+        ),
+    ),
     ("POST", "/v1/usage-events"): Route(
-        PLATFORM,
+        GATEWAY,
         200,
         body=b"[]",
         malformed=(
@@ -254,6 +283,12 @@ def _bad_tokens(tenant: str) -> dict[str, dict[str, str]]:
         "tenant member with an empty tenant_id": bearer(token(MEMBER, "")),
         "tenant_id not a string": bearer(token(MEMBER, 7)),
     }
+
+
+def _allowed(role: str, route: Route) -> bool:
+    if route.least_role == GATEWAY:
+        return role in (GATEWAY, PLATFORM)
+    return RANK[role] >= RANK[route.least_role]
 
 
 def _url(path: str, tenant: str) -> str:
@@ -302,11 +337,14 @@ def test_every_served_route_is_in_the_document_or_a_public_probe() -> None:
 
 async def test_every_route_answers_each_caller_as_the_contract_says(pool: asyncpg.Pool) -> None:
     tenant, foreign = unique("tenant"), unique("tenant")
-    roles = {
-        MEMBER: bearer(token(MEMBER, tenant)),
-        ADMIN: bearer(token(ADMIN, tenant)),
-        PLATFORM: bearer(token(PLATFORM)),
-    }
+    roles = [
+        (MEMBER, bearer(token(MEMBER, tenant))),
+        (ADMIN, bearer(token(ADMIN, tenant))),
+        (PLATFORM, bearer(token(PLATFORM))),
+        (GATEWAY, bearer(token(GATEWAY))),
+        # A gateway acts for any tenant: a tenant_id on its token gives it no tenant's data.
+        (GATEWAY, bearer(token(GATEWAY, tenant))),
+    ]
     foreign_tokens = {
         "foreign member": bearer(token(MEMBER, foreign)),
         "foreign admin": bearer(token(ADMIN, foreign)),
@@ -330,7 +368,7 @@ async def test_every_route_answers_each_caller_as_the_contract_says(pool: asyncp
                     checked += 1
             # A route about no tenant's data that tenant roles may call (the price table):
             # another tenant's token is as good as the path tenant's.
-            shared = not tenant_scoped and route.least_role != PLATFORM
+            shared = not tenant_scoped and route.least_role not in (PLATFORM, GATEWAY)
             for name, headers in foreign_tokens.items():
                 for index, (query, body, path_tenant) in enumerate(requests):
                     answer = await _call(
@@ -340,8 +378,8 @@ async def test_every_route_answers_each_caller_as_the_contract_says(pool: asyncp
                     expected = (route.ok_status if index == 0 else 422) if shared else 403
                     assert answer.status_code == expected, (method, path, name, query, answer.text)
                     checked += 1
-            for role, headers in roles.items():
-                allowed = RANK[role] >= RANK[route.least_role]
+            for role, headers in roles:
+                allowed = _allowed(role, route)
                 answer = await _call(
                     client, method, path, tenant=tenant, headers=headers,
                     query=route.query, body=route.body,

@@ -35,6 +35,7 @@ async def test_put_get_delete_are_audited_with_the_callers_sub(pool: asyncpg.Poo
                 "daily_limit_usd": "100",
                 "monthly_limit_usd": None,
                 "warn_threshold_pct": 80,
+                "enforcement": "alert",
             },
             "previous": None,
         }
@@ -109,6 +110,7 @@ async def test_policy_rules_are_the_command_lines(pool: asyncpg.Pool) -> None:
         "monthly_limit_usd": {"scope_type": "tenant", "monthly_limit_usd": "1" * 13},
         "scope_id": {"scope_type": "tenant", "scope_id": "other", "daily_limit_usd": "1"},
         "scope_type": {"scope_type": "galaxy", "daily_limit_usd": "1"},
+        "enforcement": {"scope_type": "tenant", "daily_limit_usd": "1", "enforcement": "deny"},
     }
     async with api_client(pool) as (client, _):
         for field, body in cases.items():
@@ -117,3 +119,36 @@ async def test_policy_rules_are_the_command_lines(pool: asyncpg.Pool) -> None:
             assert ["body", field] in [error["loc"] for error in answer.json()["detail"]]
         listed = await client.get(url, headers=admin)
     assert listed.json() == {"items": []}
+
+
+async def test_enforcement_alone_is_a_change_listed_and_audited(pool: asyncpg.Pool) -> None:
+    tenant = unique("tenant")
+    admin = bearer(token("tenant-admin", tenant, sub="carol@acme"))
+    url = f"/v1/tenants/{tenant}/budget-policies"
+    body = {"scope_type": "user", "scope_id": "u1", "monthly_limit_usd": "50"}
+    async with api_client(pool) as (client, _):
+        created = await client.put(url, content=json.dumps(body), headers=admin)
+        assert created.json()["policy"]["enforcement"] == "alert"
+        blocking = await client.put(
+            url, content=json.dumps({**body, "enforcement": "block"}), headers=admin
+        )
+        assert blocking.status_code == 200, blocking.text
+        assert blocking.json()["result"] == "replaced"
+        assert blocking.json()["previous"]["enforcement"] == "alert"
+        assert blocking.json()["policy"]["enforcement"] == "block"
+        again = await client.put(
+            url, content=json.dumps({**body, "enforcement": "block"}), headers=admin
+        )
+        assert again.json()["result"] == "unchanged"
+        listed = await client.get(url, headers=bearer(token("tenant-member", tenant)))
+        history = await client.get(f"{url}/history", headers=admin)
+    assert [p["enforcement"] for p in listed.json()["items"]] == ["block"]
+    # Newest first: the change of enforcement is the newest entry, the creation the oldest.
+    changes = [
+        (
+            entry["old_policy"] and entry["old_policy"]["enforcement"],
+            entry["new_policy"]["enforcement"],
+        )
+        for entry in history.json()["items"]
+    ]
+    assert changes == [("alert", "block"), (None, "alert")]

@@ -21,13 +21,20 @@ import pytest
 from llm_usage.api.params import parse_instant
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
-from llm_usage.domain.budgets import BudgetWindow, ScopeType, budget_status, period_start
+from llm_usage.domain.budgets import (
+    BudgetWindow,
+    Enforcement,
+    ScopeType,
+    budget_status,
+    period_start,
+)
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.domain.report_days import read_plan
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.lines import usage_lines
 from llm_usage.rollup.run import run_rollup
+from llm_usage.storage.budget_holds import place_check
 from llm_usage.storage.budget_outbox import pending_alerts
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.storage.usage_dimensions import Dimension
@@ -298,7 +305,9 @@ async def test_budgets_and_alerts_equal_the_raw_events(pool: asyncpg.Pool) -> No
         BudgetPolicy(
             tenant, ScopeType.DEPLOYMENT, "deployment_id-a", Decimal("0.3"), Decimal("1e6"), 50
         ),
-        BudgetPolicy(tenant, ScopeType.USER, "user_id-b", daily_limit_usd=Decimal("1000")),
+        BudgetPolicy(
+            tenant, ScopeType.USER, "user_id-b", Decimal("1000"), enforcement=Enforcement.BLOCK
+        ),
         BudgetPolicy(tenant, ScopeType.AGENT, "nobody", daily_limit_usd=Decimal("3")),
     ]
     async with pool.acquire() as connection:
@@ -306,6 +315,34 @@ async def test_budgets_and_alerts_equal_the_raw_events(pool: asyncpg.Pool) -> No
             await set_policy(connection, policy, actor="test")
     await _store(pool, _random_events(tenant, 300, random.Random(7)))
     rows = await _raw(pool, tenant)
+    # Open holds of two budget checks (deployment, user, amount), on NOW's day and month.
+    checks = [("deployment_id-a", None, Decimal("0.25")), (None, "user_id-b", Decimal("0.5"))]
+    async with pool.acquire() as connection:
+        for index, (deployment, user, amount) in enumerate(checks):
+            outcome = await place_check(
+                connection,
+                tenant_id=tenant,
+                gateway_request_id=unique("check"),
+                deployment_id=deployment,
+                user_id=user,
+                agent_id=None,
+                amount_usd=amount,
+                now=NOW,
+                hold_seconds=300,
+            )
+            assert outcome.decision == "allow", (index, outcome)
+
+    def held(policy: BudgetPolicy) -> Decimal:
+        scope_id = {
+            ScopeType.TENANT: lambda deployment, user: tenant,
+            ScopeType.DEPLOYMENT: lambda deployment, user: deployment,
+            ScopeType.USER: lambda deployment, user: user,
+            ScopeType.AGENT: lambda deployment, user: None,
+        }[policy.scope_type]
+        return sum(
+            (amount for d, u, amount in checks if scope_id(d, u) == policy.scope_id), Decimal(0)
+        )
+
     expected = [
         budget_status(
             scope_type=policy.scope_type,
@@ -315,11 +352,14 @@ async def test_budgets_and_alerts_equal_the_raw_events(pool: asyncpg.Pool) -> No
             spend_usd=_spend(rows, policy, window),
             limit_usd=limit,
             warn_threshold_pct=policy.warn_threshold_pct,
+            held_usd=held(policy),
+            enforcement=policy.enforcement,
         ).to_json()
         for policy in policies
         for window, limit in policy.limits()
     ]
     assert {status["level"] for status in expected} >= {"ok", "exceeded"}
+    assert {status["held_usd"] for status in expected} == {"0", "0.25", "0.5", "0.75"}
 
     # Alerts decided by the budget consumer are emitted once the relay has published them.
     async with pool.acquire() as connection:

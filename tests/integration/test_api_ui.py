@@ -16,10 +16,11 @@ import asyncpg
 import httpx
 
 from llm_usage.api.ui_money import usd_text
-from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.budgets import Enforcement, ScopeType
 from llm_usage.domain.periods import start_of_month
 from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.rollup.run import run_rollup
+from llm_usage.storage.budget_holds import place_check
 from llm_usage.storage.budget_policies import set_policy
 from tests.api_support import api_client, bearer, token
 from tests.integration.pipeline import unique, usage_event
@@ -80,12 +81,19 @@ def _parse(text: str) -> _Elements:
 
 
 async def _tenant_with_usage(pool: asyncpg.Pool) -> str:
-    """A tenant with two months of usage, budgets at every level and published alerts."""
+    """A tenant with two months of usage, budgets at every level (one blocking, some with a
+    budget check's hold open) and published alerts."""
     tenant = unique("tenant")
     async with pool.acquire() as connection:
         for policy in (
             BudgetPolicy(tenant, ScopeType.TENANT, tenant, Decimal("1"), Decimal("80")),
-            BudgetPolicy(tenant, ScopeType.USER, "user_id-a", monthly_limit_usd=Decimal("1e9")),
+            BudgetPolicy(
+                tenant,
+                ScopeType.USER,
+                "user_id-a",
+                monthly_limit_usd=Decimal("1e9"),
+                enforcement=Enforcement.BLOCK,
+            ),
             BudgetPolicy(tenant, ScopeType.USER, ODD_USER, daily_limit_usd=Decimal("0.5")),
             BudgetPolicy(tenant, ScopeType.AGENT, ODD_AGENT, Decimal("0.0000012"), None, 80),
         ):
@@ -112,6 +120,18 @@ async def _tenant_with_usage(pool: asyncpg.Pool) -> str:
             tenant,
             LATE_TODAY,
         )
+        outcome = await place_check(
+            connection,
+            tenant_id=tenant,
+            gateway_request_id=unique("check"),
+            deployment_id=None,
+            user_id="user_id-a",
+            agent_id=None,
+            amount_usd=Decimal("0.25"),
+            now=LATE_TODAY,
+            hold_seconds=300,
+        )
+        assert outcome.decision == "allow", outcome
     return tenant
 
 
@@ -194,10 +214,21 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
             "limit_usd": b["data-limit"],
             "percent": b["data-percent"],
             "level": b["data-level"],
+            "held_usd": b["data-held"],
+            "enforcement": b["data-enforcement"],
         }
         for b in html.with_class("budget")
     ]
     assert shown_budgets == api["budgets"]
+    held_shown = [b for b in shown_budgets if b["held_usd"] != "0"]
+    assert [(b["scope_type"], b["held_usd"]) for b in held_shown] == [
+        ("tenant", "0.25"),
+        ("tenant", "0.25"),
+        ("user", "0.25"),
+    ]
+    blocking = [b for b in html.with_class("budget") if b["data-enforcement"] == "block"]
+    assert [b["data-scope-id"] for b in blocking] == ["user_id-a"]
+    assert page.text.count(" · blocks</span>") == 1
     assert {b["level"] for b in shown_budgets} == {"ok", "warning", "exceeded"}
     assert {b["data-window"]: b["data-progress"] for b in html.with_class("budget")} == {
         "daily": "12 h of 24 h",
@@ -306,7 +337,13 @@ async def test_the_page_shows_the_apis_numbers(pool: asyncpg.Pool) -> None:
     tops = sum(len(items) for items in api["top"].values())
     estimated_shown = len(html.with_class("estimated"))  # each holds an amount of its own
     assert len(usd_spans) == (
-        2 + 2 * len(api["budgets"]) + 30 + tops + 2 * len(api["alerts"]) + estimated_shown
+        2
+        + 2 * len(api["budgets"])
+        + len(held_shown)
+        + 30
+        + tops
+        + 2 * len(api["alerts"])
+        + estimated_shown
     )
     for attrs, text in usd_spans:
         assert text == usd_text(Decimal(attrs["data-usd"]))

@@ -52,17 +52,15 @@ def go_environment() -> dict[str, str]:
     return {**os.environ, "GOMODCACHE": str(cache / "mod"), "GOCACHE": str(cache / "build")}
 
 
-@pytest.fixture(scope="module")
-def go_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example, built once for this module's tests."""
+def build_example(directory: Path, package: str, binary: Path) -> Path:
+    """`go build` of `package` (relative to the module) into `binary`, from the committed go.sum."""
     go = shutil.which("go")
     if go is None:
         service_unavailable("no Go toolchain (`go`) on PATH: install Go 1.26 or newer")
-    binary = tmp_path_factory.mktemp("go-example") / "publish-usage-event"
     try:
         built = subprocess.run(
-            [go, "build", "-buildvcs=false", "-o", str(binary), "."],
-            cwd=EXAMPLE,
+            [go, "build", "-buildvcs=false", "-o", str(binary), package],
+            cwd=directory,
             env=go_environment(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -71,9 +69,17 @@ def go_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"`go build` of {EXAMPLE} took longer than {BUILD_SECONDS} s")
+        pytest.fail(f"`go build` of {directory / package} took longer than {BUILD_SECONDS} s")
     assert built.returncode == 0, built.stdout + built.stderr
     return binary
+
+
+@pytest.fixture(scope="module")
+def go_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example, built once for this module's tests."""
+    return build_example(
+        EXAMPLE, ".", tmp_path_factory.mktemp("go-example") / "publish-usage-event"
+    )
 
 
 async def run_example(binary: Path, *args: str, env: dict[str, str]) -> tuple[int, str]:

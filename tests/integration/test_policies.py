@@ -19,7 +19,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from llm_usage.domain.budgets import BudgetLevel, BudgetWindow, ScopeType, period_start
+from llm_usage.domain.budgets import (
+    BudgetLevel,
+    BudgetWindow,
+    Enforcement,
+    ScopeType,
+    period_start,
+)
 from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import (
     NOTIFY_CHANNEL,
@@ -33,6 +39,7 @@ from tests import clock
 from tests.integration.pipeline import unique, wait_until
 
 D = Decimal
+BLOCK = Enforcement.BLOCK
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ def policy_json(
     pct: int = 80,
     *,
     scope: tuple[str, str] | None = None,
+    enforcement: str = "alert",
 ) -> dict[str, Any]:
     scope_type, scope_id = scope or ("tenant", tenant_id)
     return {
@@ -92,6 +100,7 @@ def policy_json(
         "daily_limit_usd": daily,
         "monthly_limit_usd": monthly,
         "warn_threshold_pct": pct,
+        "enforcement": enforcement,
     }
 
 
@@ -206,6 +215,47 @@ async def test_set_replace_and_delete_are_audited_old_to_new_exactly(
         assert await tenant_policies(connection, tenant) == []
 
 
+async def test_enforcement_is_set_described_and_audited(database_url: str) -> None:
+    tenant = unique("t-block")
+    base = ["policy", "set", "--tenant", tenant, "--scope", "agent", "--scope-id", "bot"]
+    limits = ["--daily-limit-usd", "3", "--actor", "alice"]
+    created = await llm_usage(database_url, *base, *limits, "--enforcement", "block")
+    assert created.code == 0, created
+    assert created.out.endswith("daily 3 USD, monthly -, warning at 80%, blocking checks\n")
+    # Back to alert (the default): a change of enforcement alone is audited.
+    relaxed = await llm_usage(database_url, *base, *limits)
+    assert relaxed.code == 0, relaxed
+    assert relaxed.out.startswith("replaced ")
+    assert "(was: daily 3 USD, monthly -, warning at 80%, blocking checks)" in relaxed.out
+    listed = await llm_usage(database_url, "policy", "list", "--tenant", tenant, "--json")
+    assert [json.loads(line)["enforcement"] for line in listed.out.splitlines()] == ["alert"]
+    scope = ("agent", "bot")
+    assert [(e["old_policy"], e["new_policy"]) for e in await history(database_url, tenant)] == [
+        (None, policy_json(tenant, "3", None, scope=scope, enforcement="block")),
+        (
+            policy_json(tenant, "3", None, scope=scope, enforcement="block"),
+            policy_json(tenant, "3", None, scope=scope),
+        ),
+    ]
+
+
+async def test_an_audit_entry_from_before_enforcement_reads_as_alert(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    tenant = unique("t-old-audit")
+    older = policy_json(tenant, "7", None)
+    del older["enforcement"]
+    await pool.execute(
+        "INSERT INTO budget_policy_audit (tenant_id, scope_type, scope_id, changed_at, actor, "
+        "old_policy, new_policy) VALUES ($1, 'tenant', $1, now(), 'before', NULL, $2::jsonb)",
+        tenant,
+        json.dumps(older),
+    )
+    table = await llm_usage(database_url, "policy", "history", "--tenant", tenant)
+    assert table.code == 0, table
+    assert table.out.splitlines()[1].endswith("daily 7 USD, monthly -, warning at 80%")
+
+
 async def test_policy_list_is_an_aligned_table_in_scope_order(
     pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -214,7 +264,7 @@ async def test_policy_list_is_an_aligned_table_in_scope_order(
         for policy in (
             BudgetPolicy(tenant, ScopeType.USER, "u-1", None, D("250"), 90),
             BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-b", D("12.5"), D("300")),
-            BudgetPolicy(tenant, ScopeType.TENANT, tenant, D("1000")),
+            BudgetPolicy(tenant, ScopeType.TENANT, tenant, D("1000"), enforcement=BLOCK),
             BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-a", D("0.000000000000000001")),
         ):
             await set_policy(connection, policy, actor="test")
@@ -223,11 +273,12 @@ async def test_policy_list_is_an_aligned_table_in_scope_order(
     assert listed.code == 0, listed
     assert len(tenant) == 17  # the widest scope id: the table below is laid out for it
     assert listed.out.splitlines() == [
-        "SCOPE_TYPE  SCOPE_ID                DAILY_LIMIT_USD  MONTHLY_LIMIT_USD  WARN_PCT",
-        f"tenant      {tenant}                  1000                  -        80",
-        "deployment  dep-a              0.000000000000000001                  -        80",
-        "deployment  dep-b                              12.5                300        80",
-        "user        u-1                                   -                250        90",
+        "SCOPE_TYPE  SCOPE_ID                DAILY_LIMIT_USD  MONTHLY_LIMIT_USD  WARN_PCT  "
+        "ENFORCEMENT",
+        f"tenant      {tenant}                  1000                  -        80  block",
+        "deployment  dep-a              0.000000000000000001                  -        80  alert",
+        "deployment  dep-b                              12.5                300        80  alert",
+        "user        u-1                                   -                250        90  alert",
     ]
     empty = await llm_usage(database_url, "policy", "list", "--tenant", unique("t-none"))
     assert empty.code == 0, empty
@@ -434,6 +485,28 @@ async def insert_spend(
     )
 
 
+async def insert_held(
+    pool: asyncpg.Pool,
+    tenant: str,
+    scope: tuple[str, str],
+    *,
+    window: BudgetWindow,
+    start: date,
+    placed: str,
+    ended: str,
+) -> None:
+    await pool.execute(
+        'INSERT INTO budget_held (tenant_id, scope_type, scope_id, "window", period_start, '
+        "placed_usd, ended_usd) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        tenant,
+        *scope,
+        window.value,
+        start,
+        D(placed),
+        D(ended),
+    )
+
+
 async def test_status_reads_the_current_periods_counters_at_their_exact_thresholds(
     pool: asyncpg.Pool,
 ) -> None:
@@ -443,7 +516,7 @@ async def test_status_reads_the_current_periods_counters_at_their_exact_threshol
     async with pool.acquire() as connection:
         for policy in (
             BudgetPolicy(tenant, ScopeType.TENANT, tenant, D("100"), D("1000"), 80),
-            BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-a", D("5"), None, 50),
+            BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-a", D("5"), None, 50, BLOCK),
             BudgetPolicy(tenant, ScopeType.USER, "u-1", None, D("200")),
             BudgetPolicy(tenant, ScopeType.AGENT, "bot", D("3")),
         ):
@@ -462,18 +535,32 @@ async def test_status_reads_the_current_periods_counters_at_their_exact_threshol
         (other, ("agent", "bot"), daily, today, "3"),
     ]:
         await insert_spend(pool, owner, scope, window=window, start=start, spend=spend)
+    # What open holds keep back: placed - ended, of the current period's counter only.
+    for owner, scope, window, start, placed, ended in [
+        (tenant, ("tenant", tenant), daily, today, "12.5", "2.25"),
+        (tenant, ("tenant", tenant), monthly, month, "3", "3"),  # every hold ended
+        (tenant, ("tenant", tenant), monthly, date(2026, 2, 1), "40", "0"),
+        (tenant, ("deployment", "dep-a"), daily, today, "0.0001", "0"),
+        (tenant, ("user", "u-2"), monthly, month, "8", "0"),  # no policy
+        (other, ("agent", "bot"), daily, today, "1", "0"),
+    ]:
+        await insert_held(
+            pool, owner, scope, window=window, start=start, placed=placed, ended=ended
+        )
 
     async with pool.acquire() as connection:
         statuses = await tenant_budget_status(connection, tenant, now=now)
     fields = ("scope_type", "scope_id", "window", "period_start", "spend_usd", "limit_usd")
+    more = ("percent", "level", "held_usd", "enforcement")
+    day = "2026-03-01"
     assert [s.to_json() for s in statuses] == [
-        dict(zip((*fields, "percent", "level"), values, strict=True))
+        dict(zip((*fields, *more), values, strict=True))
         for values in [
-            ("tenant", tenant, "daily", "2026-03-01", "80", "100", "80.00", "warning"),
-            ("tenant", tenant, "monthly", "2026-03-01", "1000", "1000", "100.00", "exceeded"),
-            ("deployment", "dep-a", "daily", "2026-03-01", "2.4999", "5", "50.00", "ok"),
-            ("user", "u-1", "monthly", "2026-03-01", "159.999", "200", "80.00", "ok"),
-            ("agent", "bot", "daily", "2026-03-01", "0", "3", "0.00", "ok"),
+            ("tenant", tenant, "daily", day, "80", "100", "80.00", "warning", "10.25", "alert"),
+            ("tenant", tenant, "monthly", day, "1000", "1000", "100.00", "exceeded", "0", "alert"),
+            ("deployment", "dep-a", "daily", day, "2.4999", "5", "50.00", "ok", "0.0001", "block"),
+            ("user", "u-1", "monthly", day, "159.999", "200", "80.00", "ok", "0", "alert"),
+            ("agent", "bot", "daily", day, "0", "3", "0.00", "ok", "0", "alert"),
         ]
     ]
     assert statuses[0].level is BudgetLevel.WARNING
@@ -482,9 +569,11 @@ async def test_status_reads_the_current_periods_counters_at_their_exact_threshol
         earlier = await tenant_budget_status(
             connection, tenant, now=datetime(2026, 2, 28, 23, 59, 59, 999999, tzinfo=UTC)
         )
-    assert [(s.window, str(s.period_start), s.spend_usd, s.level) for s in earlier[:2]] == [
-        (BudgetWindow.DAILY, "2026-02-28", D("99"), BudgetLevel.WARNING),
-        (BudgetWindow.MONTHLY, "2026-02-01", D("9999"), BudgetLevel.EXCEEDED),
+    assert [
+        (s.window, str(s.period_start), s.spend_usd, s.level, s.held_usd) for s in earlier[:2]
+    ] == [
+        (BudgetWindow.DAILY, "2026-02-28", D("99"), BudgetLevel.WARNING, D(0)),
+        (BudgetWindow.MONTHLY, "2026-02-01", D("9999"), BudgetLevel.EXCEEDED, D(40)),
     ]
 
 
@@ -495,7 +584,7 @@ async def test_budget_status_command_prints_a_table_or_json_lines(
     async with pool.acquire() as connection:
         await set_policy(
             connection,
-            BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-7", D("10"), D("100"), 80),
+            BudgetPolicy(tenant, ScopeType.DEPLOYMENT, "dep-7", D("10"), D("100"), 80, BLOCK),
             actor="test",
         )
     await clock.clear_of_midnight()  # the command reads today's and this month's counters
@@ -505,6 +594,9 @@ async def test_budget_status_command_prints_a_table_or_json_lines(
     # Exactly 80% of the daily limit, exactly the monthly limit.
     await insert_spend(pool, tenant, dep, window=BudgetWindow.DAILY, start=day, spend="8.000")
     await insert_spend(pool, tenant, dep, window=BudgetWindow.MONTHLY, start=month, spend="100")
+    await insert_held(
+        pool, tenant, dep, window=BudgetWindow.DAILY, start=day, placed="1.50", ended="0.25"
+    )
 
     as_json = await llm_usage(database_url, "budget", "status", "--tenant", tenant, "--json")
     assert as_json.code == 0, as_json
@@ -518,6 +610,8 @@ async def test_budget_status_command_prints_a_table_or_json_lines(
             "limit_usd": "10",
             "percent": "80.00",
             "level": "warning",
+            "held_usd": "1.25",
+            "enforcement": "block",
         },
         {
             **common,
@@ -527,15 +621,20 @@ async def test_budget_status_command_prints_a_table_or_json_lines(
             "limit_usd": "100",
             "percent": "100.00",
             "level": "exceeded",
+            "held_usd": "0",
+            "enforcement": "block",
         },
     ]
 
     table = await llm_usage(database_url, "budget", "status", "--tenant", tenant)
     assert table.code == 0, table
     assert table.out.splitlines() == [
-        "SCOPE_TYPE  SCOPE_ID  WINDOW   PERIOD_START  SPEND_USD  LIMIT_USD  PERCENT  LEVEL",
-        f"deployment  dep-7     daily    {day}            8         10    80.00  warning",
-        f"deployment  dep-7     monthly  {month}          100        100   100.00  exceeded",
+        "SCOPE_TYPE  SCOPE_ID  WINDOW   PERIOD_START  SPEND_USD  HELD_USD  LIMIT_USD  PERCENT  "
+        "LEVEL     ENFORCEMENT",
+        f"deployment  dep-7     daily    {day}            8      1.25         10    80.00  "
+        "warning   block",
+        f"deployment  dep-7     monthly  {month}          100         0        100   100.00  "
+        "exceeded  block",
     ]
     empty = await llm_usage(database_url, "budget", "status", "--tenant", unique("t-none"))
     assert empty.code == 0, empty
@@ -558,6 +657,7 @@ _DAILY = "--daily-limit-usd"
         ((*_SET, "org", _DAILY, "1"), "--scope must be one of tenant, deployment, user, agent"),
         ((*_SET, "agent", _DAILY, "1"), "--scope-id is required when the scope is agent"),
         ((*_SET, "tenant", "--monthly-limit-usd", "1.0000000000000000001"), "18 digits after"),
+        ((*_SET, "tenant", _DAILY, "1", "--enforcement", "deny"), "--enforcement must be one of"),
         (("policy", "delete", "--tenant", "t-args", "--scope", "user"), "--scope-id is required"),
     ],
 )

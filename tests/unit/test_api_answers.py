@@ -20,7 +20,7 @@ from llm_usage.api.models import (
     UsageSummaryAnswer,
     UsageTodayAnswer,
 )
-from llm_usage.domain.budgets import BudgetWindow, ScopeType, budget_status
+from llm_usage.domain.budgets import BudgetWindow, Enforcement, ScopeType, budget_status
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.usage_dimensions import Dimension
@@ -110,10 +110,18 @@ def test_a_day_is_named_by_its_date() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spend", "limit"),
-    [("0", "100"), ("80", "100"), ("33.3333", "100.00"), ("150", "1E+2"), ("1", "3")],
+    ("spend", "limit", "held", "enforcement"),
+    [
+        ("0", "100", "0", Enforcement.ALERT),
+        ("80", "100", "0.000", Enforcement.BLOCK),
+        ("33.3333", "100.00", "12.50", Enforcement.BLOCK),
+        ("150", "1E+2", "1E-18", Enforcement.ALERT),
+        ("1", "3", "2", Enforcement.BLOCK),
+    ],
 )
-def test_a_budget_answer_is_the_status_as_budget_status_prints_it(spend: str, limit: str) -> None:
+def test_a_budget_answer_is_the_status_as_budget_status_prints_it(
+    spend: str, limit: str, held: str, enforcement: Enforcement
+) -> None:
     status = budget_status(
         scope_type=ScopeType.USER,
         scope_id="u1",
@@ -122,6 +130,8 @@ def test_a_budget_answer_is_the_status_as_budget_status_prints_it(spend: str, li
         spend_usd=Decimal(spend),
         limit_usd=Decimal(limit),
         warn_threshold_pct=80,
+        held_usd=Decimal(held),
+        enforcement=enforcement,
     )
     assert BudgetAnswer.model_validate(status).model_dump(mode="json") == status.to_json()
 
@@ -136,6 +146,9 @@ def test_a_budget_answer_is_the_status_as_budget_status_prints_it(spend: str, li
             "d1",
             monthly_limit_usd=Decimal("1E+3"),
             warn_threshold_pct=50,
+        ),
+        BudgetPolicy(
+            "t1", ScopeType.AGENT, "a1", Decimal(1), Decimal(9), enforcement=Enforcement.BLOCK
         ),
     ],
 )

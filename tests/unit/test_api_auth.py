@@ -31,6 +31,36 @@ def test_a_platform_admin_belongs_to_no_tenant() -> None:
     assert principal.may(Role.TENANT_ADMIN, "any-tenant")
 
 
+@pytest.mark.parametrize("tenant_claim", [None, "acme", ""])
+def test_a_gateway_token_needs_no_tenant_and_any_tenant_it_names_is_ignored(
+    tenant_claim: str | None,
+) -> None:
+    principal = HS.verify(token("gateway", tenant_claim, sub="gw-1"))
+    assert principal == Principal(subject="gw-1", role=Role.GATEWAY, tenant_id=None)
+    assert principal.is_gateway_caller
+
+
+@pytest.mark.parametrize("needed", list(Role))
+@pytest.mark.parametrize("tenant", ["acme", None])
+def test_a_gateway_may_read_or_change_nothing_by_rank(needed: Role, tenant: str | None) -> None:
+    assert not HS.verify(token("gateway", "acme")).may(needed, tenant)
+
+
+@pytest.mark.parametrize(
+    ("role", "tenant", "gateway_caller"),
+    [
+        ("gateway", None, True),
+        ("platform-admin", None, True),
+        ("tenant-admin", "acme", False),
+        ("tenant-member", "acme", False),
+    ],
+)
+def test_only_gateways_and_platform_admins_are_gateway_callers(
+    role: str, tenant: str | None, gateway_caller: bool
+) -> None:
+    assert HS.verify(token(role, tenant)).is_gateway_caller is gateway_caller
+
+
 @pytest.mark.parametrize(
     ("role", "needed", "tenant", "allowed"),
     [

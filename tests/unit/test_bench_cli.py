@@ -16,6 +16,7 @@ BENCHMARKS = {
     "ingest": ("llm_usage.bench.ingest", "run_ingest_benchmark"),
     "budget": ("llm_usage.bench.budget", "run_budget_benchmark"),
     "api": ("llm_usage.bench.api", "run_api_benchmark"),
+    "checks": ("llm_usage.bench.checks", "run_checks_benchmark"),
     "rollup": ("llm_usage.bench.rollup", "run_rollup_benchmark"),
     "ingest-aggregate": ("llm_usage.bench.rollup", "run_aggregate_cost_benchmark"),
 }
@@ -50,3 +51,12 @@ async def test_each_benchmark_gets_every_option_it_takes(
 def test_an_option_reaches_its_benchmark_as_parsed() -> None:
     args = _parse("budget", "--profile-consumer", "out.html", "--rate", "7")
     assert (str(args.profile_consumer), args.rate) == ("out.html", 7)
+
+
+def test_checks_takes_its_hot_rates_as_a_list_of_rates() -> None:
+    args = _parse("checks", "--hot-rates", "500,100,100", "--seconds", "1", "--events", "2000")
+    assert (args.hot_rates, args.seconds, args.events) == ([100, 500], 1.0, 2000)
+    assert _parse("checks").hot_rates == [100, 250, 500, 1000, 2000]
+    for bad in ("0,100", "fast", ","):
+        with pytest.raises(SystemExit):
+            _parse("checks", "--hot-rates", bad)

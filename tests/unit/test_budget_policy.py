@@ -15,6 +15,7 @@ from llm_usage.cli.main import run
 from llm_usage.domain.budgets import (
     BudgetLevel,
     BudgetWindow,
+    Enforcement,
     ScopeType,
     budget_level,
     budget_status,
@@ -33,12 +34,18 @@ def _text(**overrides: str | None) -> dict[str, str | None]:
         "daily_limit_usd": "100",
         "monthly_limit_usd": None,
         "warn_threshold_pct": None,
+        "enforcement": None,
     }
     arguments.update(overrides)
     return arguments
 
 
-def _dep(daily: str | None = "100", monthly: str | None = None, pct: int = 80) -> BudgetPolicy:
+def _dep(
+    daily: str | None = "100",
+    monthly: str | None = None,
+    pct: int = 80,
+    enforcement: Enforcement = Enforcement.ALERT,
+) -> BudgetPolicy:
     return BudgetPolicy(
         tenant_id="acme",
         scope_type=ScopeType.DEPLOYMENT,
@@ -46,6 +53,7 @@ def _dep(daily: str | None = "100", monthly: str | None = None, pct: int = 80) -
         daily_limit_usd=None if daily is None else D(daily),
         monthly_limit_usd=None if monthly is None else D(monthly),
         warn_threshold_pct=pct,
+        enforcement=enforcement,
     )
 
 
@@ -76,12 +84,16 @@ def _scope(scope_type: ScopeType, scope_id: str) -> BudgetPolicy:
         ({"daily_limit_usd": ".5"}, _dep("0.5")),
         ({"daily_limit_usd": "+7"}, _dep("7")),
         ({"daily_limit_usd": "0.1"}, _dep("0.1")),
+        ({"enforcement": "alert"}, _dep()),
+        ({"enforcement": "block"}, _dep(enforcement=Enforcement.BLOCK)),
     ],
 )
 def test_valid_policy_text(overrides: dict[str, str | None], expected: BudgetPolicy) -> None:
     policy = policy_from_text(**_text(**overrides))  # type: ignore[arg-type]
     assert policy == expected
     assert isinstance(policy.scope_type, ScopeType)
+    assert isinstance(policy.enforcement, Enforcement)
+    assert policy.enforcement is expected.enforcement
     for window, limit in policy.limits():
         assert isinstance(limit, Decimal)
         assert limit == expected.limit_for(window)
@@ -131,6 +143,9 @@ def test_a_limit_is_read_from_its_digits_never_through_a_float() -> None:
         ({"tenant_id": ""}, "tenant_id", "1 to 200 characters"),
         ({"tenant_id": " acme"}, "tenant_id", "no leading or trailing whitespace"),
         ({"tenant_id": "ac\tme"}, "tenant_id", "no control characters"),
+        ({"enforcement": "deny"}, "enforcement", "one of alert, block, not 'deny'"),
+        ({"enforcement": "Block"}, "enforcement", "one of alert, block"),
+        ({"enforcement": ""}, "enforcement", "one of alert, block"),
     ],
 )
 def test_invalid_policy_text_names_the_field(
@@ -155,6 +170,9 @@ def test_invalid_policy_text_names_the_field(
         ({"scope_type": ScopeType.TENANT}, "scope_id"),
         ({"scope_id": "a\x00b"}, "scope_id"),
         ({"tenant_id": None}, "tenant_id"),
+        ({"enforcement": "deny"}, "enforcement"),
+        ({"enforcement": None}, "enforcement"),
+        ({"enforcement": True}, "enforcement"),
     ],
 )
 def test_a_policy_is_valid_by_construction(fields: dict[str, Any], field: str) -> None:
@@ -189,6 +207,7 @@ def test_json_has_exact_decimal_strings_and_reads_back() -> None:
         "daily_limit_usd": "100",
         "monthly_limit_usd": "0.000000000000000001",
         "warn_threshold_pct": 75,
+        "enforcement": "alert",
     }
     assert BudgetPolicy.from_json(policy.to_json()) == policy
     only_daily = BudgetPolicy("acme", ScopeType.TENANT, "acme", D("5"))
@@ -196,6 +215,24 @@ def test_json_has_exact_decimal_strings_and_reads_back() -> None:
     assert BudgetPolicy.from_json(only_daily.to_json()) == only_daily
     with pytest.raises(InvalidPolicyError):
         BudgetPolicy.from_json({**policy.to_json(), "daily_limit_usd": 100.0})
+
+
+def test_enforcement_is_part_of_the_policy_and_of_its_json() -> None:
+    alerting = _dep()
+    blocking = _dep(enforcement=Enforcement.BLOCK)
+    # A change of enforcement alone is a change (set_policy audits it), never "unchanged".
+    assert alerting != blocking
+    assert alerting == _dep(enforcement="alert")  # type: ignore[arg-type]
+    assert blocking.to_json()["enforcement"] == "block"
+    read_back = BudgetPolicy.from_json(blocking.to_json())
+    assert read_back == blocking
+    assert read_back.enforcement is Enforcement.BLOCK
+    # Audit entries written before enforcement existed: those policies only alerted.
+    older = {key: value for key, value in blocking.to_json().items() if key != "enforcement"}
+    assert BudgetPolicy.from_json(older).enforcement is Enforcement.ALERT
+    with pytest.raises(InvalidPolicyError) as raised:
+        BudgetPolicy.from_json({**blocking.to_json(), "enforcement": "deny"})
+    assert raised.value.field == "enforcement"
 
 
 # limit 100, warning at 80%: the warning threshold is 80, exactly.
@@ -297,7 +334,24 @@ def test_status_line_json_has_the_contract_fields_as_exact_strings() -> None:
         "limit_usd": "100",
         "percent": "81.20",
         "level": "warning",
+        "held_usd": "0",
+        "enforcement": "alert",
     }
+    held = budget_status(
+        scope_type=ScopeType.TENANT,
+        scope_id="acme",
+        window=BudgetWindow.DAILY,
+        period_start=date(2026, 11, 3),
+        spend_usd=D("99.5"),
+        limit_usd=D("100"),
+        warn_threshold_pct=80,
+        held_usd=D("0.50000"),
+        enforcement=Enforcement.BLOCK,
+    )
+    # The level is spend's alone: spend + held reaches the limit, spend does not.
+    assert held.level is BudgetLevel.WARNING
+    assert held.to_json()["held_usd"] == "0.5"
+    assert held.to_json()["enforcement"] == "block"
 
 
 _SET = ["policy", "set", "--tenant", "acme"]
@@ -318,6 +372,8 @@ _LIMIT = ["--daily-limit-usd", "1"]
         ([*_SET, "--scope", "deployment", *_LIMIT], "--scope-id is required"),
         ([*_SET_TENANT, "--scope-id", "other", *_LIMIT], "--scope-id of a tenant policy is"),
         ([*_SET_TENANT, *_LIMIT, "--actor", ""], "--actor must be 1 to 200"),
+        ([*_SET_TENANT, *_LIMIT, "--enforcement", "deny"], "--enforcement must be one of alert"),
+        ([*_SET_TENANT, *_LIMIT, "--enforcement"], "expected one argument"),
         (["policy", "set", "--scope", "tenant", *_LIMIT], "required: --tenant"),
         ([*_SET_TENANT, "--daily-limit-usd"], "expected one argument"),
         ([*_SET_TENANT, *_LIMIT, "--weekly-limit-usd", "5"], "unrecognized arguments"),

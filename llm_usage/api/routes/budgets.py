@@ -23,7 +23,7 @@ from llm_usage.api.models import (
     PolicyChangeAnswer,
 )
 from llm_usage.api.params import invalid, query_instant
-from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.budgets import Enforcement, ScopeType
 from llm_usage.domain.policies import (
     BudgetPolicy,
     InvalidPolicyError,
@@ -48,7 +48,8 @@ router = APIRouter(prefix="/v1/tenants/{tenant_id}", tags=["budgets"], responses
 
 
 @router.get(
-    "/budgets", summary="Each policy window in its current period: spend, limit, percent, level"
+    "/budgets",
+    summary="Each policy window in its current period: spend, held, limit, percent, level",
 )
 async def budgets(principal: Member, context: Context, tenant_id: TenantId) -> BudgetsAnswer:
     async with connection_from(context.pool) as connection:
@@ -188,6 +189,7 @@ def policy_from_body(tenant_id: str, body: bytes) -> BudgetPolicy:
                 else parse_limit_usd("monthly_limit_usd", parsed.monthly_limit_usd)
             ),
             warn_threshold_pct=parsed.warn_threshold_pct,
+            enforcement=Enforcement(parsed.enforcement),
         )
     except InvalidPolicyError as error:
         raise _policy_error(error, "body") from None

@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException, Request
 
 from llm_usage.api import ingest
 from llm_usage.api.context import Context
-from llm_usage.api.guards import PlatformAdmin
+from llm_usage.api.guards import GatewayCaller
 from llm_usage.api.http import ERRORS, read_body
 from llm_usage.api.models import ErrorAnswer, IngestAnswer
 from llm_usage.api.params import invalid
@@ -43,7 +43,7 @@ router = APIRouter(tags=["ingest"], responses=ERRORS)
     },
 )
 async def post_usage_events(
-    principal: PlatformAdmin, context: Context, request: Request
+    principal: GatewayCaller, context: Context, request: Request
 ) -> IngestAnswer:
     body = await read_body(request, ingest.MAX_BODY_BYTES)
     try:
