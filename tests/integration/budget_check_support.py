@@ -65,16 +65,16 @@ class Api:
     port: int
     log_dir: Path
 
-    async def start(self, count: int = 1, **extra: str) -> None:
+    async def start(self, count: int = 1, env: dict[str, str] | None = None) -> None:
         """`count` more `serve api` processes on this port (sharing it when more than one)."""
         if count > 1 or self.processes:
-            extra = {"API_REUSE_PORT": "true", **extra}
+            env = {"API_REUSE_PORT": "true", **(env or {})}
         started = []
         for _ in range(count):
             log_path = self.log_dir / f"api-{unique('log')}.log"
             process = await spawn_llm_usage(
                 "serve", "api",
-                env=_environment(self.database_url, self.port, **extra), log_path=log_path,
+                env=_environment(self.database_url, self.port, **(env or {})), log_path=log_path,
             )  # fmt: skip
             started.append((process, log_path))
         for process, log_path in started:
@@ -91,12 +91,12 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def serving(
-    database_url: str, tmp_path: Path, count: int = 1, **extra: str
+    database_url: str, tmp_path: Path, count: int = 1, env: dict[str, str] | None = None
 ) -> AsyncIterator[Api]:
     port = free_port()
     api = Api(f"http://127.0.0.1:{port}", [], database_url, port, tmp_path)
     try:
-        await api.start(count, **extra)
+        await api.start(count, env)
         yield api
     finally:
         await api.stop()

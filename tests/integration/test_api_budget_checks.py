@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -105,7 +105,7 @@ async def holds_of(pool: asyncpg.Pool, tenant: str) -> dict[str, asyncpg.Record]
 
 def open_amounts(holds: dict[str, asyncpg.Record]) -> dict[SpendKey, Decimal]:
     """Σ amount of the open holds per counter, from the rows alone."""
-    amounts: Counter[SpendKey] = Counter()
+    amounts: defaultdict[SpendKey, Decimal] = defaultdict(Decimal)
     for row in holds.values():
         if row["state"] == "open":
             keys = hold_counters(
@@ -374,7 +374,7 @@ async def test_an_api_crash_after_the_decision_then_a_repeat_answers_it_placed_o
     tenant = unique("tenant")
     await block_policy(pool, tenant, daily="10")
     body = charge_check(tenant, "4")
-    async with serving(database_url, tmp_path, **{FAULT_VARIABLE: FAULT_CHECK_ANSWERED}) as api:
+    async with serving(database_url, tmp_path, env={FAULT_VARIABLE: FAULT_CHECK_ANSWERED}) as api:
         async with client(api) as http:
             try:
                 answer = await post_check(http, body)
