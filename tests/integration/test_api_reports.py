@@ -333,12 +333,14 @@ async def test_budgets_and_alerts_equal_the_raw_events(pool: asyncpg.Pool) -> No
             assert outcome.decision == "allow", (index, outcome)
 
     def held(policy: BudgetPolicy) -> Decimal:
-        scope_id = {
-            ScopeType.TENANT: lambda deployment, user: tenant,
-            ScopeType.DEPLOYMENT: lambda deployment, user: deployment,
-            ScopeType.USER: lambda deployment, user: user,
-            ScopeType.AGENT: lambda deployment, user: None,
-        }[policy.scope_type]
+        def scope_id(deployment: str | None, user: str | None) -> str | None:
+            return {
+                ScopeType.TENANT: tenant,
+                ScopeType.DEPLOYMENT: deployment,
+                ScopeType.USER: user,
+                ScopeType.AGENT: None,
+            }[policy.scope_type]
+
         return sum(
             (amount for d, u, amount in checks if scope_id(d, u) == policy.scope_id), Decimal(0)
         )
