@@ -247,7 +247,8 @@ async def test_a_restart_after_the_hold_expired_counts_the_event_once_and_ends_t
     assert not await counted(pool, event)
 
     # The hold expires while the consumer is down (its own sweeper may have done it already).
-    await sweep_holds(pool, now=clock.now(), hold_seconds=1)
+    # The sweep's hold_seconds only decides when ended rows are forgotten: not yet.
+    await sweep_holds(pool, now=clock.now(), hold_seconds=HOLD_SECONDS)
     expired = await hold_row(pool, event)
     assert expired is not None
     assert (expired["state"], expired["ended_by"]) == ("expired", "sweeper")
@@ -268,11 +269,13 @@ async def test_the_sweeper_expires_a_hold_whose_event_never_comes_then_forgets_i
     never_sent = usage_event(tenant)
     await check(pool, never_sent, "0.25", now=clock.now(), hold_seconds=1)
     port = free_port()
+    # The sweeper forgets an ended row BUDGET_HOLD_SECONDS after its expiry: 3 s here, so that
+    # the test sees the row expired before it is gone.
     consumer = await spawn_consumer(
         topics,
         env=budget_env(
             topics,
-            BUDGET_HOLD_SECONDS="1",
+            BUDGET_HOLD_SECONDS="3",
             BUDGET_HOLD_SWEEP_SECONDS="0.2",
             METRICS_PORT=str(port),
         ),
