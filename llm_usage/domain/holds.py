@@ -103,6 +103,7 @@ def _add(a: Decimal, b: Decimal) -> Decimal:
 @dataclass
 class _Hold:
     request_id: str
+    day: date
     counters: tuple[SpendKey, ...]
     amount: Decimal
     expires_at: datetime
@@ -152,7 +153,8 @@ class HoldLedger:
                 first.outcome.estimated_charge_usd,
                 "repeat",
             )
-        counters = tuple(hold_counters(tenant_id, *attributions, utc_day(self.now)))
+        day = utc_day(self.now)
+        counters = tuple(hold_counters(tenant_id, *attributions, day))
         denied = sorted(
             (
                 DeniedLimit(
@@ -168,12 +170,12 @@ class HoldLedger:
         if denied:
             outcome = CheckOutcome(DENY, tuple(denied), None, amount, "new")
             self.holds[(tenant_id, request_id)] = _Hold(
-                request_id, counters, amount, expires_at, outcome, "denied"
+                request_id, day, counters, amount, expires_at, outcome, "denied"
             )
             return outcome
         outcome = CheckOutcome(ALLOW, (), expires_at, amount, "new")
         self.holds[(tenant_id, request_id)] = _Hold(
-            request_id, counters, amount, expires_at, outcome, "open"
+            request_id, day, counters, amount, expires_at, outcome, "open"
         )
         for key in counters:
             self.placed[key] = _add(self.placed.get(key, Decimal(0)), amount)
@@ -186,16 +188,19 @@ class HoldLedger:
         attributions: tuple[str | None, str | None, str | None],
         actual: Decimal,
         day: date,
+        *,
+        sees_hold: bool = True,
     ) -> str | None:
         """The budget consumer counts an event (first copy only) and settles its open hold in
-        the same transaction; returns "settled" when it ended one."""
+        the same transaction; returns "settled" when it ended one. With `sees_hold` False the
+        batch raced the check (design §5.1): it counts, and the hold stays open for the sweeper."""
         if (tenant_id, request_id) in self.counted:
             return None
         self.counted[(tenant_id, request_id)] = actual
         counters = hold_counters(tenant_id, *attributions, day)
         hold = self.holds.get((tenant_id, request_id))
         held_on: set[SpendKey] = set()
-        if hold is not None and hold.state == "open":
+        if sees_hold and hold is not None and hold.state == "open":
             self._end(hold, SETTLED)
             held_on = set(hold.counters)
             for key in hold.counters:

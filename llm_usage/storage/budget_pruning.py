@@ -1,5 +1,6 @@
-"""Budget periods past the horizon are no longer evaluated: their spend counters and their
-published alerts are deleted, in bounded batches, by `llm-usage maintain` (the schema owner).
+"""Budget periods past the horizon are no longer evaluated: their spend counters, what checks
+held on them, and their published alerts are deleted, in bounded batches, by `llm-usage
+maintain` (the schema owner).
 
 The horizon (domain/budgets.py `budget_horizon`): the current and the previous UTC month are
 evaluated, with every day of them; anything older is not. A period is pruned only once it ended
@@ -26,14 +27,19 @@ from llm_usage.storage.pool import Connection
 # the budget consumer's upserts never wait behind a long delete.
 PRUNE_BATCH_ROWS = 10_000
 
-_PRUNE_SPEND = """
-    DELETE FROM budget_spend
+# The spend counters, and what checks held on them (budget_held, keyed the same way): a hold
+# lasts minutes, so a period this old holds nothing any more.
+_PRUNE_COUNTERS = tuple(
+    f"""
+    DELETE FROM {table}
     WHERE (tenant_id, scope_type, scope_id, "window", period_start) IN (
-        SELECT tenant_id, scope_type, scope_id, "window", period_start FROM budget_spend
+        SELECT tenant_id, scope_type, scope_id, "window", period_start FROM {table}
         WHERE period_start < $1
         LIMIT $2
     )
 """
+    for table in ("budget_spend", "budget_held")
+)
 
 # Walks the outbox by `seq` (its primary key) once: alerts of old periods are mostly old alerts,
 # and an unpublished one is never deleted.
@@ -55,16 +61,17 @@ _PRUNE_ALERTS = """
 async def prune_budget_periods(
     connection: Connection, *, before: date, batch_rows: int = PRUNE_BATCH_ROWS
 ) -> int:
-    """Delete the spend counters of periods starting before `before`, and their alerts that
-    were published, `batch_rows` at a time, each batch in a transaction of its own; return how
-    many rows were deleted in all. Call it outside a transaction."""
+    """Delete the spend counters of periods starting before `before`, what checks held on them,
+    and their alerts that were published, `batch_rows` at a time, each batch in a transaction of
+    its own; return how many rows were deleted in all. Call it outside a transaction."""
     deleted = 0
-    while True:
-        status = await connection.execute(_PRUNE_SPEND, before, batch_rows)
-        count = int(status.rsplit(" ", 1)[-1])
-        deleted += count
-        if count < batch_rows:
-            break
+    for prune in _PRUNE_COUNTERS:
+        while True:
+            status = await connection.execute(prune, before, batch_rows)
+            count = int(status.rsplit(" ", 1)[-1])
+            deleted += count
+            if count < batch_rows:
+                break
     last_seq = 0
     while True:
         row = await connection.fetchrow(_PRUNE_ALERTS, before, batch_rows, last_seq)

@@ -58,6 +58,10 @@ DISTRIBUTED: tuple[Distributed, ...] = (
     Distributed("budget_policies", "tenant_id", "llm_usage_events"),
     Distributed("usage_late_marks", "tenant_id", "llm_usage_events"),
     Distributed("period_charges", "tenant_id", "llm_usage_events"),
+    # A budget check's statements all name its tenant: each runs on the tenant's worker, with
+    # that tenant's spend counters and policies.
+    Distributed("budget_holds", "tenant_id", "llm_usage_events"),
+    Distributed("budget_held", "tenant_id", "llm_usage_events"),
     # The id window is keyed on the id alone, whatever the tenant: its own group.
     Distributed("usage_event_ids", "gateway_request_id", shard_count=ID_WINDOW_SHARDS),
     # The budget consumer's ids from before the window (read until they age out).

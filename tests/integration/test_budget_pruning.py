@@ -56,9 +56,17 @@ def test_the_horizon_is_the_previous_utc_month(now: datetime, horizon: date) -> 
 
 
 async def add_counter(pool: asyncpg.Pool, tenant: str, window: str, start: date) -> None:
+    """A spend counter, and what checks held on it."""
     await pool.execute(
         'INSERT INTO budget_spend (tenant_id, scope_type, scope_id, "window", period_start, '
         "spend_usd) VALUES ($1, 'tenant', $1, $2, $3, 1)",
+        tenant,
+        window,
+        start,
+    )
+    await pool.execute(
+        'INSERT INTO budget_held (tenant_id, scope_type, scope_id, "window", period_start, '
+        "placed_usd, ended_usd) VALUES ($1, 'tenant', $1, $2, $3, 2, 2)",
         tenant,
         window,
         start,
@@ -101,17 +109,18 @@ async def test_old_periods_go_in_batches_and_the_horizon_and_unpublished_alerts_
 
     async with pool.acquire() as connection:
         deleted = await prune_budget_periods(connection, before=horizon, batch_rows=4)
-        assert deleted == 3 * len(tenants) + len(old_published)
+        assert deleted == 2 * 3 * len(tenants) + len(old_published)
         assert await prune_budget_periods(connection, before=horizon, batch_rows=4) == 0
 
-    left = await pool.fetch(
-        'SELECT "window", period_start, count(*) FROM budget_spend GROUP BY 1, 2 ORDER BY 1, 2'
-    )
-    assert [tuple(row) for row in left] == [
-        ("daily", horizon, len(tenants)),
-        ("monthly", horizon, len(tenants)),
-        ("monthly", clock.this_month(), len(tenants)),
-    ]
+    for table in ("budget_spend", "budget_held"):
+        left = await pool.fetch(
+            f'SELECT "window", period_start, count(*) FROM {table} GROUP BY 1, 2 ORDER BY 1, 2'
+        )
+        assert [tuple(row) for row in left] == [
+            ("daily", horizon, len(tenants)),
+            ("monthly", horizon, len(tenants)),
+            ("monthly", clock.this_month(), len(tenants)),
+        ], table
     alerts = {
         row["alert_id"] for row in await pool.fetch("SELECT alert_id FROM budget_alert_outbox")
     }

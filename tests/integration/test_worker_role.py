@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -13,6 +14,7 @@ from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.prices import new_price
 from llm_usage.runtime.handler import Record
+from llm_usage.storage.budget_holds import place_check, release_counted_holds, sweep_holds
 from llm_usage.storage.prices import add_prices, load_prices
 from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
@@ -118,3 +120,49 @@ async def test_a_worker_can_count_budgets_where_public_may_not_create_temporary_
         )
         == 2
     )  # its day and its month
+
+
+async def test_a_worker_can_check_budgets_settle_and_sweep_holds_with_its_role(
+    worker: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+) -> None:
+    # The API checks (the function budget_check); the budget consumer settles and sweeps.
+    tenant = unique("tenant")
+    now = clock.now()
+    await pool.execute(
+        "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, daily_limit_usd, "
+        "enforcement) VALUES ($1, 'tenant', $1, 1, 'block')",
+        tenant,
+    )
+
+    async def decide(request_id: str) -> str:
+        outcome = await place_check(
+            worker,
+            tenant_id=tenant,
+            gateway_request_id=request_id,
+            deployment_id=None,
+            user_id=None,
+            agent_id=None,
+            amount_usd=Decimal(1),
+            now=now,
+            hold_seconds=1,
+        )
+        return outcome.decision
+
+    assert [await decide("settled"), await decide("denied")] == ["allow", "deny"]
+    async with worker.transaction():
+        ended = await release_counted_holds(worker, [(tenant, "settled", Decimal(1))], now=now)
+    assert [hold.how for hold in ended] == ["settled"]
+    assert await decide("expiring") == "allow"  # the settlement made room for it
+
+    # The sweeper takes two connections: one holds the round's lock, the other ends holds.
+    user = await worker.fetchval("SELECT current_user")
+    sweeper_pool = await asyncpg.create_pool(database_url, user=user, min_size=2, max_size=2)
+    assert sweeper_pool is not None
+    try:
+        swept = await sweep_holds(sweeper_pool, now=now + timedelta(seconds=3), hold_seconds=1)
+    finally:
+        await sweeper_pool.close()
+    assert swept.ran
+    assert swept.forgotten >= 2
+    mine = [(hold.gateway_request_id, hold.how) for hold in swept.ended if hold.tenant_id == tenant]
+    assert mine == [("expiring", "expired")]

@@ -30,6 +30,8 @@ def test_events_and_tenant_tables_share_a_group_and_the_id_window_has_its_own() 
         "budget_spend",
         "budget_policies",
         "usage_late_marks",
+        "budget_holds",
+        "budget_held",
     ):
         assert by_table[table].colocate_with == "llm_usage_events"
     assert by_table["usage_event_ids"].column == "gateway_request_id"
