@@ -36,6 +36,7 @@ from llm_usage.storage.budget_spend import (
     stage_events,
 )
 from llm_usage.storage.flavour import Flavour
+from llm_usage.storage.hold_presence import any_open_hold
 from llm_usage.storage.pool import connection_from
 
 # Records decoded between two yields to the event loop.
@@ -145,11 +146,13 @@ class BudgetCounter:
             # Last, so the holds' counter rows (which every check locks) are held only for the
             # moment before COMMIT, not while the spend counters are upserted.
             crash_here(FAULT_BEFORE_HOLD_RELEASE)
-            ended = await release_counted_holds(
-                connection,
-                [(e.tenant_id, e.gateway_request_id, e.customer_charge_usd) for e in new_events],
-                now=now,
-            )
+            ended: list[EndedHold] = []
+            if await any_open_hold(connection):
+                counted = [
+                    (event.tenant_id, event.gateway_request_id, event.customer_charge_usd)
+                    for event in new_events
+                ]
+                ended = await release_counted_holds(connection, counted, now=now)
         self._report(ended, events)
         return BatchOutcome(counts)
 
