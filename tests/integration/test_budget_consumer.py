@@ -22,6 +22,7 @@ from aiokafka.structs import TopicPartition
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
 from llm_usage.domain.budgets import AlertLevel, BudgetWindow, ScopeType, alert_id_for
 from llm_usage.kafka.topics import ensure_topics
+from llm_usage.storage.budget_holds import held_by_counter, place_check
 from llm_usage.testing.topics import end_offsets, partitions_of
 from tests import clock
 from tests.integration.pipeline import (
@@ -415,6 +416,21 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
         )
         for n in range(3000)
     ]
+    # Every tenth request was checked first: its hold must end exactly once, with its batch.
+    checked = events[::10]
+    async with pool.acquire() as connection:
+        for event in checked:
+            await place_check(
+                connection,
+                tenant_id=tenant,
+                gateway_request_id=event["gateway_request_id"],
+                deployment_id=event["deployment_id"],
+                user_id=event["user_id"],
+                agent_id=None,
+                amount_usd=Decimal(event["customer_charge_usd"]),
+                now=at,
+                hold_seconds=3600,
+            )
     await produce(
         kafka_bootstrap_servers,
         topics.usage,
@@ -457,6 +473,15 @@ async def test_two_replicas_killed_at_random_count_exactly_and_alert_once(
         for level in ("warning", "exceeded")
     )
     assert len({a["alert_id"] for a in alerts}) == len(alerts)
+    ended = await pool.fetch(
+        "SELECT state, ended_by, count(*) AS n FROM budget_holds WHERE tenant_id = $1 "
+        "GROUP BY state, ended_by",
+        tenant,
+    )
+    assert {(r["state"], r["ended_by"]): r["n"] for r in ended} == {
+        ("settled", "consumer"): len(checked)
+    }
+    assert set((await held_by_counter(pool, tenant)).values()) == {Decimal(0)}  # type: ignore[arg-type]
 
 
 async def test_a_database_restart_mid_stream_loses_and_doubles_nothing(

@@ -2,9 +2,11 @@
 
 A usage consumer, a budget consumer, a rollup schedule and `serve api` run as real processes;
 they are fed a few events (a malformed one and a conflicting duplicate among them, and enough
-spend to cross a budget; one accepted and one rejected through the API's ingest) so the labelled
-counters have samples; then their /metrics are scraped. A rule or a
-panel on a name that does not exist would never fire or show anything, silently.
+spend to cross a budget; one accepted and one rejected through the API's ingest, the accepted one
+after a budget check that holds its estimate, and a check that a blocking limit denies) so the
+labelled counters have samples, and the budget consumer settles the hold and sweeps; then their
+/metrics are scraped. A rule or a panel on a name that does not exist would never fire or show
+anything, silently.
 """
 
 from __future__ import annotations
@@ -260,7 +262,7 @@ async def workers(
     running = Workers(usage, budget, rollup, api, ports)
     try:
         await feed(topics, consumers_database)
-        await feed_api(ports["api"])
+        await feed_api(ports["api"], consumers_database)
         yield running
     finally:
         for process in (usage.process, budget.process, rollup, api):
@@ -335,22 +337,55 @@ async def feed(topics: PipelineTopics, database_url: str) -> None:
     )
 
 
-async def feed_api(port: int) -> None:
-    """One event the API accepts (it lands on the usage topic) and one it rejects, once it
-    listens: the ingest counter gets both results, the request counter and histogram a sample."""
+async def feed_api(port: int, database_url: str) -> None:
+    """Once the API listens: a budget check it allows (holding the estimate) and one a blocking
+    limit denies; then the allowed request's event, which it accepts (it lands on the usage topic,
+    and the budget consumer settles the hold), and one it rejects: the check and ingest counters
+    get every result, the request counter and histogram a sample."""
 
     async def listening() -> bool:
         return await asyncio.to_thread(scrape, port) is not None
 
     await wait_until(listening, within=60, message=f"`serve api` never listened on {port}")
-    tenant = unique("api-tenant")
-    events = [usage_event(tenant), usage_event(tenant, input_tokens=-1)]
+    tenant, blocked = unique("api-tenant"), unique("api-blocked")
+    await asyncpg_execute(
+        database_url,
+        "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, daily_limit_usd, "
+        "enforcement) VALUES ($1, 'tenant', $1, 0.001, 'block')",
+        blocked,
+    )
+    allowed = usage_event(tenant)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        for check_tenant, request_id, decision in (
+            (tenant, allowed["gateway_request_id"], "allow"),
+            (blocked, unique("req"), "deny"),
+        ):
+            answer = await client.post(
+                "/v1/budget-checks",
+                json={
+                    "gateway_request_id": request_id,
+                    "tenant_id": check_tenant,
+                    "estimated_charge_usd": "0.01",
+                },
+                headers=bearer(token("gateway")),
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["decision"] == decision, answer.text
         answer = await client.post(
-            "/v1/usage-events", json=events, headers=bearer(token("platform-admin"))
+            "/v1/usage-events",
+            json=[allowed, usage_event(tenant, input_tokens=-1)],
+            headers=bearer(token("platform-admin")),
         )
     assert answer.status_code == 200, answer.text
     assert [r["status"] for r in answer.json()["results"]] == ["accepted", "rejected"]
+
+
+async def asyncpg_execute(database_url: str, statement: str, *args: object) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(statement, *args)
+    finally:
+        await connection.close()
 
 
 async def test_every_metric_the_rules_and_the_dashboard_use_is_served(workers: Workers) -> None:
@@ -367,6 +402,11 @@ async def test_every_metric_the_rules_and_the_dashboard_use_is_served(workers: W
         ("api", "llm_usage_api_ingested_events_total", {"result": "accepted"}, 1),
         ("api", "llm_usage_api_ingested_events_total", {"result": "rejected"}, 1),
         ("api", "llm_usage_api_requests_total", {"route": "/v1/usage-events"}, 1),
+        ("api", "llm_usage_api_budget_checks_total", {"decision": "allow"}, 1),
+        ("api", "llm_usage_api_budget_checks_total", {"decision": "deny"}, 1),
+        ("api", "llm_usage_api_budget_check_denials_total", {"scope_type": "tenant"}, 1),
+        ("budget", "llm_usage_budget_holds_ended_total", {"how": "settled"}, 1),
+        ("budget", "llm_usage_budget_hold_sweeps_total", {"result": "swept"}, 1),
     ]
     seen: dict[str, float] = {}
 

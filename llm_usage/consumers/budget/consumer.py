@@ -7,6 +7,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.budget.handler import BudgetCounter
+from llm_usage.consumers.budget.holds_sweep import hold_sweeper
 from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.consumers.budget.relay import alert_relay
 from llm_usage.consumers.budget.watcher import watch_policies
@@ -22,18 +23,19 @@ log = structlog.get_logger(__name__)
 async def require_budget_tables(pool: asyncpg.Pool) -> None:
     """Refuse to start against a database without the budget tables."""
     async with connection_from(pool) as connection:
-        if await connection.fetchval("SELECT to_regclass('budget_spend')") is None:
-            raise ConfigurationError(
-                "table budget_spend does not exist in DATABASE_URL's database; "
-                "run `llm-usage migrate` first"
-            )
+        for table in ("budget_spend", "budget_holds"):
+            if await connection.fetchval("SELECT to_regclass($1)", table) is None:
+                raise ConfigurationError(
+                    f"table {table} does not exist in DATABASE_URL's database; "
+                    "run `llm-usage migrate` first"
+                )
 
 
 def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> ConsumerSpec:
     """Same topic as the usage consumer, its own group, no dead-letter topic of its own."""
 
     def make_handler(context: ConsumerContext) -> BudgetCounter:
-        return BudgetCounter(pool=context.pool, clock=context.clock)
+        return BudgetCounter(pool=context.pool, clock=context.clock, holds=metrics.holds)
 
     return ConsumerSpec(
         name="budget",
@@ -46,6 +48,7 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
         side_tasks=(
             alert_relay(metrics),
             watch_policies,
+            hold_sweeper(metrics.holds),
         ),
     )
 

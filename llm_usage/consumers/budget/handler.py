@@ -1,5 +1,6 @@
 """The budget consumer's batch handler: count each event once, add it to every counter it
-touches, and decide the alerts it crosses — all in one transaction."""
+touches, decide the alerts it crosses, and end the budget-check holds of the events it counted —
+all in one transaction."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.counting import contributions_to
+from llm_usage.consumers.budget.hold_outcomes import observe_ended_holds
+from llm_usage.consumers.budget.metrics import HoldMetrics
+from llm_usage.core.faults import crash_here
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.period_charges import PeriodCharge
+from llm_usage.domain.periods import utc_day
 from llm_usage.runtime.ahead import PreparedAhead
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
 from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
+from llm_usage.storage.budget_holds import EndedHold, release_counted_holds
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import (
     StagedEvent,
@@ -29,10 +36,13 @@ from llm_usage.storage.budget_spend import (
     stage_events,
 )
 from llm_usage.storage.flavour import Flavour
+from llm_usage.storage.hold_presence import any_open_hold
 from llm_usage.storage.pool import connection_from
 
 # Records decoded between two yields to the event loop.
 _DECODE_SLICE = 250
+# Between counting a batch and ending its holds, before COMMIT (tests crash here).
+FAULT_BEFORE_HOLD_RELEASE = "budget_between_count_and_release"
 
 
 def decode_for_counting(
@@ -70,16 +80,19 @@ class _Decoded:
 
 
 class BudgetCounter:
-    """Lands a batch in one transaction: the new ids, the counters, the alerts they cross."""
+    """Lands a batch in one transaction: the new ids, the counters, the alerts they cross, the
+    holds of the newly counted ids ended."""
 
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         clock: Callable[[], datetime],
+        holds: HoldMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
+        self._holds = holds or HoldMetrics.create(CollectorRegistry())
         self._flavour = Flavour()  # a Citus coordinator or one node: asked once
         self._prices = PriceBook(pool)
         self._ahead: PreparedAhead[_Decoded] = PreparedAhead(self._decode)
@@ -118,23 +131,38 @@ class BudgetCounter:
             counts[BatchResult.DUPLICATE] += len(counted_before)
             if len(counted_before) == len(events):
                 return BatchOutcome(counts)
+            new_events = [
+                event for request_id, event in events.items() if request_id not in counted_before
+            ]
             limited = await add_staged_to_counters(connection, evaluated_from=budget_horizon(now))
             crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
             if crossing:
                 # Which event crossed: the batch's new events, in order, on the counters that
                 # cross (a handful in a batch of thousands).
-                contributions = contributions_to(
-                    crossing,
-                    (
-                        event
-                        for request_id, event in events.items()
-                        if request_id not in counted_before
-                    ),
-                )
+                contributions = contributions_to(crossing, new_events)
                 await insert_alerts(
                     connection, alerts_crossed(contributions, crossing, emitted_at=now)
                 )
+            # Last, so the holds' counter rows (which every check locks) are held only for the
+            # moment before COMMIT, not while the spend counters are upserted.
+            crash_here(FAULT_BEFORE_HOLD_RELEASE)
+            ended: list[EndedHold] = []
+            if await any_open_hold(connection):
+                counted = [
+                    (event.tenant_id, event.gateway_request_id, event.customer_charge_usd)
+                    for event in new_events
+                ]
+                ended = await release_counted_holds(connection, counted, now=now)
+        self._report(ended, events)
         return BatchOutcome(counts)
+
+    def _report(self, ended: Sequence[EndedHold], events: dict[str, UsageRow]) -> None:
+        """Count the committed batch's settled holds; an event's day only for those."""
+        event_days = {
+            hold.gateway_request_id: utc_day(events[hold.gateway_request_id].occurred_at)
+            for hold in ended
+        }
+        observe_ended_holds(ended, self._holds, event_days=event_days)
 
 
 def _staged(event: UsageRow) -> StagedEvent:

@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS budget_held (
 ALTER TABLE budget_held SET (fillfactor = 50);
 CREATE INDEX IF NOT EXISTS budget_held_period_start ON budget_held (period_start);  -- pruning
 
+-- A wait over 2 s for the counters ends the check (the API answers 503, to be retried with the
+-- same id). On Citus the locks are waited for on the tenant's worker, which the timeout reaches
+-- only as a SET LOCAL that Citus propagates: it does so inside a function called from a query
+-- (here, `PERFORM` in budget_check), not from a statement of the function called by the client.
+-- On plain PostgreSQL citus.propagate_set_commands is a placeholder setting, without effect.
+CREATE OR REPLACE FUNCTION budget_check_lock_timeout() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    SET LOCAL citus.propagate_set_commands = 'local';
+    SET LOCAL lock_timeout = '2s';
+END
+$$;
+
 -- The check (storage/budget_holds.py `place_check`), called in autocommit so that its row locks
 -- are held only while it runs. Python passes the counters (domain/holds.py `hold_counters`) as
 -- four parallel arrays in lock order, so the scope rule stays in one place. Every statement
@@ -81,7 +94,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_denied jsonb;
 BEGIN
-    PERFORM set_config('lock_timeout', '2s', true);
+    PERFORM budget_check_lock_timeout();
     -- 1. A repeat answers what the first check answered, and holds nothing more.
     RETURN QUERY SELECT h.decision, h.denied_by, h.expires_at, h.amount_usd, true
         FROM budget_holds AS h
@@ -154,5 +167,6 @@ $$;
 -- The API checks and the budget consumer settles and sweeps, both as the worker role.
 GRANT SELECT, INSERT, UPDATE, DELETE ON budget_holds TO llm_usage_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON budget_held TO llm_usage_worker;
+GRANT EXECUTE ON FUNCTION budget_check_lock_timeout() TO llm_usage_worker;
 GRANT EXECUTE ON FUNCTION budget_check(text, text, text, text, text, date, numeric,
     timestamptz, timestamptz, text[], text[], text[], date[]) TO llm_usage_worker;
