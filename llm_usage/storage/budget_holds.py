@@ -80,6 +80,22 @@ async def request_counted(connection: Connection, tenant_id: str, gateway_reques
     return found is not None and found == tenant_id
 
 
+_FIRST_ANSWER = """
+    SELECT decision AS o_decision, denied_by AS o_denied_by, expires_at AS o_expires_at,
+           amount_usd AS o_amount_usd, true AS o_repeated
+    FROM budget_holds WHERE tenant_id = $1 AND gateway_request_id = $2
+"""
+
+
+async def first_answer(
+    connection: Connection, tenant_id: str, gateway_request_id: str
+) -> CheckOutcome | None:
+    """The answer a check of this request was given, while it is remembered: a repeat of a
+    check whose event has since been counted still answers what it answered first."""
+    row = await connection.fetchrow(_FIRST_ANSWER, tenant_id, gateway_request_id)
+    return None if row is None else _outcome(row)
+
+
 _CHECK = """
     SELECT o_decision, o_denied_by, o_expires_at, o_amount_usd, o_repeated
     FROM budget_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
@@ -128,6 +144,10 @@ async def place_check(
             "try again with the same gateway_request_id"
         ) from error
     assert row is not None
+    return _outcome(row)
+
+
+def _outcome(row: asyncpg.Record) -> CheckOutcome:
     decision: str = row["o_decision"]
     return CheckOutcome(
         decision=decision,
@@ -299,15 +319,14 @@ async def sweep_holds(
     otherwise), end recent open holds whose event is counted (`settled_late`: the check raced
     the batch that counted it), and forget ended rows past `expires_at + hold_seconds`.
 
-    Takes two connections from the pool: one holds the round's advisory lock in a transaction,
-    the other ends holds tenant by tenant, a transaction each."""
-    async with connection_from(pool) as lock_connection, lock_connection.transaction():
-        if not await lock_connection.fetchval(
-            "SELECT pg_try_advisory_xact_lock($1)", HOLD_SWEEP_LOCK_KEY
-        ):
+    Takes one connection from the pool (a budget consumer may run with a pool of 1): it holds
+    the round's advisory lock for its session while it ends holds tenant by tenant, a
+    transaction each; the pool's reset on release unlocks it should the unlock itself fail."""
+    async with connection_from(pool) as connection:
+        if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", HOLD_SWEEP_LOCK_KEY):
             return SweepResult(False, [], 0, 0, 0.0)
-        ended: list[EndedHold] = []
-        async with connection_from(pool) as connection:
+        try:
+            ended: list[EndedHold] = []
             for row in await connection.fetch(_TENANTS_EXPIRING, now, SWEEP_TENANTS):
                 tenant_id = row["tenant_id"]
                 while True:
@@ -323,6 +342,8 @@ async def sweep_holds(
             ended += await _counted_pass(connection, now, hold_seconds, sweep_seconds)
             status = await connection.execute(_FORGET, now - timedelta(seconds=hold_seconds))
             summary = await connection.fetchrow(_OPEN_SUMMARY)
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock($1)", HOLD_SWEEP_LOCK_KEY)
         assert summary is not None
         oldest: datetime | None = summary["oldest"]
         return SweepResult(

@@ -302,11 +302,17 @@ async def test_a_repeated_id_answers_the_first_answer_and_holds_once(
         deny_repeats = await asyncio.gather(*(post_check(http, body) for body in [denied] * 5))
         assert {answer.content for answer in repeats} == {first_allow.content}
         assert {answer.content for answer in deny_repeats} == {first_deny.content}
+        # Both events counted since (a gateway failing open may send a denied one): a repeat
+        # still answers the first answer, not "counted".
+        for body in (allowed, denied):
+            await count_event(pool, tenant, body["gateway_request_id"], Decimal(3))
+        after = [await post_check(http, body) for body in (allowed, denied)]
+        assert [answer.content for answer in after] == [first_allow.content, first_deny.content]
         assert (
             await metric(
                 http, "llm_usage_api_budget_checks_total", decision="allow", answer="repeat"
             )
-            == 21
+            == 22
         )
         assert await metric(http, "llm_usage_api_budget_check_denials_total") == 1
     holds = await assert_bookkeeping(pool, tenant)

@@ -30,7 +30,12 @@ from llm_usage.schemas.budget_check import (
     MalformedCheckError,
     parse_budget_check,
 )
-from llm_usage.storage.budget_holds import BudgetCheckBusy, place_check, request_counted
+from llm_usage.storage.budget_holds import (
+    BudgetCheckBusy,
+    first_answer,
+    place_check,
+    request_counted,
+)
 from llm_usage.storage.pool import Connection, connection_from
 from llm_usage.storage.prices import load_prices
 
@@ -72,7 +77,9 @@ async def post_budget_check(
         if estimate is None:
             estimate = await _priced(connection, check, now=now)
         if await request_counted(connection, check.tenant_id, check.gateway_request_id):
-            outcome = CheckOutcome(ALLOW, (), None, estimate, "counted")
+            outcome = await first_answer(
+                connection, check.tenant_id, check.gateway_request_id
+            ) or CheckOutcome(ALLOW, (), None, estimate, "counted")
         else:
             try:
                 outcome = await place_check(
