@@ -28,7 +28,8 @@ from llm_usage.storage.budget_holds import (
 )
 from llm_usage.storage.distribution import distribute
 from llm_usage.storage.flavour import citus_installed
-from llm_usage.storage.migrate import bundled_migrations, migrate
+from llm_usage.storage.migrate import DEFAULT_RETENTION_MONTHS, bundled_migrations, migrate
+from llm_usage.storage.partitions import create_partitions
 from llm_usage.storage.pool import Connection
 from tests import clock
 from tests.integration.pipeline import unique
@@ -514,6 +515,10 @@ async def test_0015_upgrades_a_running_database_and_runs_twice(empty_database_ur
     connection = await asyncpg.connect(empty_database_url)
     try:
         await migrate(connection, until="0014")
+        # A live database has its months (migrating `until` stops before creating them).
+        await create_partitions(
+            connection, today=clock.today(), retention_months=DEFAULT_RETENTION_MONTHS
+        )
         citus = await citus_installed(connection)
         if citus:
             await distribute(connection)
