@@ -70,7 +70,8 @@ test-calendar: install
 # as XX000 through the coordinator), SIGKILLed consumers, and the rollup's invariant (the
 # aggregate equals the raw events; late usage of closed months billed exactly once), and the
 # API's reports and policy changes through the coordinator, and the price table (reference tables:
-# its per-pair advisory locks are the coordinator's, its racing adders still take turns).
+# its per-pair advisory locks are the coordinator's, its racing adders still take turns), and the
+# budget check's function, its settlement across shards and the holds' sweeper (issue 23).
 # test_partitions.py is not run here: it checks DETACH ... CONCURRENTLY, which Citus refuses;
 # test_citus.py checks the plain DETACH that `maintain` uses on Citus instead.
 CITUS_TESTS := tests/integration/test_citus.py \
@@ -92,7 +93,9 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_api_policies.py \
 	tests/integration/test_period_charges.py \
 	tests/integration/test_prices_storage.py \
-	tests/integration/test_api_prices.py
+	tests/integration/test_api_prices.py \
+	tests/integration/test_budget_holds_storage.py \
+	tests/integration/test_budget_holds_property.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.

@@ -32,7 +32,7 @@ from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.domain.periods import utc_day
 from llm_usage.storage.pool import Connection, connection_from
 
-# pg_try_advisory_xact_lock key: "llm-usage hold sweep" — one sweeper per database at a time.
+# pg_try_advisory_lock key: "llm-usage hold sweep" — one sweeper per database at a time.
 HOLD_SWEEP_LOCK_KEY: Final = 0x6C6C6D5F68737770
 # Rows one sweeper transaction ends (per tenant), and tenants one round visits.
 SWEEP_BATCH_ROWS: Final = 5_000
@@ -319,42 +319,45 @@ async def sweep_holds(
     otherwise), end recent open holds whose event is counted (`settled_late`: the check raced
     the batch that counted it), and forget ended rows past `expires_at + hold_seconds`.
 
-    Takes one connection from the pool (a budget consumer may run with a pool of 1): it holds
-    the round's advisory lock for its session while it ends holds tenant by tenant, a
-    transaction each; the pool's reset on release unlocks it should the unlock itself fail."""
+    One connection: it holds the round's advisory lock (a session lock, unlocked at the end;
+    if the round fails, the pool's reset of the connection unlocks it) and ends holds tenant by
+    tenant, a short transaction each, so no check waits for the whole round."""
     async with connection_from(pool) as connection:
         if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", HOLD_SWEEP_LOCK_KEY):
             return SweepResult(False, [], 0, 0, 0.0)
-        try:
-            ended: list[EndedHold] = []
-            for row in await connection.fetch(_TENANTS_EXPIRING, now, SWEEP_TENANTS):
-                tenant_id = row["tenant_id"]
-                while True:
-                    ids = [
-                        found["gateway_request_id"]
-                        for found in await connection.fetch(
-                            _EXPIRED_IDS, tenant_id, now, SWEEP_BATCH_ROWS
-                        )
-                    ]
-                    ended += await _end_holds(connection, tenant_id, ids, now)
-                    if len(ids) < SWEEP_BATCH_ROWS:
-                        break
-            ended += await _counted_pass(connection, now, hold_seconds, sweep_seconds)
-            status = await connection.execute(_FORGET, now - timedelta(seconds=hold_seconds))
-            summary = await connection.fetchrow(_OPEN_SUMMARY)
-        finally:
-            await connection.execute("SELECT pg_advisory_unlock($1)", HOLD_SWEEP_LOCK_KEY)
-        assert summary is not None
-        oldest: datetime | None = summary["oldest"]
-        return SweepResult(
-            ran=True,
-            ended=ended,
-            forgotten=int(status.rsplit(" ", 1)[-1]),
-            open_holds=int(summary["open_holds"]),
-            oldest_open_age_seconds=(
-                0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
-            ),
-        )
+        result = await _sweep_round(connection, now, hold_seconds, sweep_seconds)
+        await connection.execute("SELECT pg_advisory_unlock($1)", HOLD_SWEEP_LOCK_KEY)
+        return result
+
+
+async def _sweep_round(
+    connection: Connection, now: datetime, hold_seconds: int, sweep_seconds: float
+) -> SweepResult:
+    ended: list[EndedHold] = []
+    for row in await connection.fetch(_TENANTS_EXPIRING, now, SWEEP_TENANTS):
+        tenant_id = row["tenant_id"]
+        while True:
+            ids = [
+                found["gateway_request_id"]
+                for found in await connection.fetch(_EXPIRED_IDS, tenant_id, now, SWEEP_BATCH_ROWS)
+            ]
+            ended_now = await _end_holds(connection, tenant_id, ids, now)
+            ended += ended_now
+            # A full batch that ended nothing is locked by batches settling it: next round.
+            if len(ids) < SWEEP_BATCH_ROWS or not ended_now:
+                break
+    ended += await _counted_pass(connection, now, hold_seconds, sweep_seconds)
+    status = await connection.execute(_FORGET, now - timedelta(seconds=hold_seconds))
+    summary = await connection.fetchrow(_OPEN_SUMMARY)
+    assert summary is not None
+    oldest: datetime | None = summary["oldest"]
+    return SweepResult(
+        ran=True,
+        ended=ended,
+        forgotten=int(status.rsplit(" ", 1)[-1]),
+        open_holds=int(summary["open_holds"]),
+        oldest_open_age_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
+    )
 
 
 async def _counted_pass(

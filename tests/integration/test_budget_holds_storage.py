@@ -26,7 +26,10 @@ from llm_usage.storage.budget_holds import (
     request_counted,
     sweep_holds,
 )
-from llm_usage.storage.migrate import bundled_migrations
+from llm_usage.storage.distribution import distribute
+from llm_usage.storage.flavour import citus_installed
+from llm_usage.storage.migrate import DEFAULT_RETENTION_MONTHS, bundled_migrations, migrate
+from llm_usage.storage.partitions import create_partitions
 from llm_usage.storage.pool import Connection
 from tests import clock
 from tests.integration.pipeline import unique
@@ -83,17 +86,41 @@ async def check(
     agent_id: str | None = None,
 ) -> CheckOutcome:
     async with pool.acquire() as connection:
-        return await place_check(
+        return await check_on(
             connection,
-            tenant_id=tenant_id,
-            gateway_request_id=request_id,
-            deployment_id=deployment_id,
-            user_id=user_id,
-            agent_id=agent_id,
-            amount_usd=amount,
+            tenant_id,
+            request_id,
+            amount,
             now=now,
-            hold_seconds=HOLD_SECONDS,
+            user_id=user_id,
+            deployment_id=deployment_id,
+            agent_id=agent_id,
         )
+
+
+async def check_on(
+    connection: Connection,
+    tenant_id: str,
+    request_id: str,
+    amount: Decimal = Decimal(1),
+    *,
+    now: datetime,
+    hold_seconds: int = HOLD_SECONDS,
+    user_id: str | None = None,
+    deployment_id: str | None = None,
+    agent_id: str | None = None,
+) -> CheckOutcome:
+    return await place_check(
+        connection,
+        tenant_id=tenant_id,
+        gateway_request_id=request_id,
+        deployment_id=deployment_id,
+        user_id=user_id,
+        agent_id=agent_id,
+        amount_usd=amount,
+        now=now,
+        hold_seconds=hold_seconds,
+    )
 
 
 async def held_now(pool: asyncpg.Pool, tenant_id: str) -> dict[SpendKey, Decimal]:
@@ -366,17 +393,7 @@ async def test_a_check_racing_the_batch_that_counts_it_is_settled_by_the_sweeper
         # The check runs before the batch commits: it cannot see the count, nor the batch its hold.
         async with pool.acquire() as api:
             assert not await request_counted(api, tenant, request_id)
-            outcome = await place_check(
-                api,
-                tenant_id=tenant,
-                gateway_request_id=request_id,
-                deployment_id=None,
-                user_id=None,
-                agent_id=None,
-                amount_usd=Decimal(1),
-                now=now,
-                hold_seconds=HOLD_SECONDS,
-            )
+            outcome = await check_on(api, tenant, request_id, now=now)
         await transaction.commit()
     assert outcome.decision == "allow"
     assert (await hold_rows(pool, tenant))[request_id]["state"] == "open"
@@ -492,14 +509,72 @@ async def test_one_sweeper_works_at_a_time(wide_pool: asyncpg.Pool) -> None:
     assert set((await held_now(wide_pool, tenant)).values()) == {Decimal(0)}
 
 
-async def test_the_migration_runs_twice(pool: asyncpg.Pool) -> None:
-    (migration,) = [m for m in bundled_migrations() if m.version == "0015_budget_holds"]
+async def test_0015_upgrades_a_running_database_and_runs_twice(empty_database_url: str) -> None:
+    # As `llm-usage migrate` upgrades a live database: on Citus its tables are distributed
+    # already, and the new ones are distributed after.
+    connection = await asyncpg.connect(empty_database_url)
+    try:
+        await migrate(connection, until="0014")
+        # A live database has its months (migrating `until` stops before creating them).
+        await create_partitions(
+            connection, today=clock.today(), retention_months=DEFAULT_RETENTION_MONTHS
+        )
+        citus = await citus_installed(connection)
+        if citus:
+            await distribute(connection)
+        assert await migrate(connection) == ["0015_budget_holds"]
+        if citus:
+            assert sorted(await distribute(connection)) == [
+                "budget_held (on tenant_id, with llm_usage_events)",
+                "budget_holds (on tenant_id, with llm_usage_events)",
+            ]
+        tenant = unique("holds-tenant")
+        await connection.execute(
+            "INSERT INTO budget_policies (tenant_id, scope_type, scope_id, daily_limit_usd, "
+            "enforcement) VALUES ($1, 'tenant', $1, 1, 'block')",
+            tenant,
+        )
+        now = clock.now()
+
+        async def decide(request_id: str) -> str:
+            outcome = await check_on(connection, tenant, request_id, now=now)
+            return f"{outcome.decision} {outcome.answer}"
+
+        assert [await decide("kept"), await decide("other")] == ["allow new", "deny new"]
+
+        (migration,) = [m for m in bundled_migrations() if m.version == "0015_budget_holds"]
+        async with connection.transaction():
+            await connection.execute(migration.sql)
+
+        assert [await decide("kept"), await decide("other")] == ["allow repeat", "deny repeat"]
+        # Room on every page for the checks' updates to stay HOT, as budget_spend's.
+        options = await connection.fetchval(
+            "SELECT reloptions FROM pg_class WHERE relname = 'budget_held'"
+        )
+        assert options == ["fillfactor=50"]
+    finally:
+        await connection.close()
+
+
+async def test_a_sweep_needs_one_connection(pool: asyncpg.Pool, database_url: str) -> None:
+    # The budget consumer's pool may be of one connection (BUDGET_DATABASE_POOL_SIZE=1).
     tenant = unique("holds-tenant")
     now = clock.now()
-    await check(pool, tenant, "kept", now=now)
-
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(migration.sql)
-
-    assert (await hold_rows(pool, tenant))["kept"]["state"] == "open"
-    assert (await check(pool, tenant, "kept", now=now)).answer == "repeat"
+    await check(pool, tenant, "r", now=now)
+    single = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    assert single is not None
+    try:
+        swept = await asyncio.wait_for(
+            sweep_holds(
+                single, now=now + timedelta(seconds=HOLD_SECONDS), hold_seconds=HOLD_SECONDS
+            ),
+            timeout=30,
+        )
+        # The round's lock went with it: the next round works too.
+        again = await sweep_holds(single, now=now, hold_seconds=HOLD_SECONDS)
+    finally:
+        await single.close()
+    assert [(h.gateway_request_id, h.how) for h in swept.ended if h.tenant_id == tenant] == [
+        ("r", "expired")
+    ]
+    assert again.ran

@@ -14,10 +14,11 @@ from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.prices import new_price
 from llm_usage.runtime.handler import Record
-from llm_usage.storage.budget_holds import place_check, release_counted_holds, sweep_holds
+from llm_usage.storage.budget_holds import release_counted_holds, sweep_holds
 from llm_usage.storage.prices import add_prices, load_prices
 from tests import clock
 from tests.integration.pipeline import encode, unique, usage_event
+from tests.integration.test_budget_holds_storage import check_on
 from tests.records import consumer_record
 
 
@@ -135,18 +136,7 @@ async def test_a_worker_can_check_budgets_settle_and_sweep_holds_with_its_role(
     )
 
     async def decide(request_id: str) -> str:
-        outcome = await place_check(
-            worker,
-            tenant_id=tenant,
-            gateway_request_id=request_id,
-            deployment_id=None,
-            user_id=None,
-            agent_id=None,
-            amount_usd=Decimal(1),
-            now=now,
-            hold_seconds=1,
-        )
-        return outcome.decision
+        return (await check_on(worker, tenant, request_id, now=now, hold_seconds=1)).decision
 
     assert [await decide("settled"), await decide("denied")] == ["allow", "deny"]
     async with worker.transaction():

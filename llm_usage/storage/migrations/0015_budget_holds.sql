@@ -1,5 +1,10 @@
 -- Issue 23: blocking limits, and holds the gateway places before a request (POST /v1/budget-checks).
 
+-- On Citus, once budget_policies is distributed, its ALTER below runs on the shards in parallel,
+-- after which Citus refuses to propagate the functions' CREATE in the same transaction; one
+-- connection per worker lets it do both (a placeholder setting on plain PostgreSQL).
+SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+
 -- A policy's limits alert (today's behaviour) or also block checks. Constant default: no rewrite.
 ALTER TABLE budget_policies
     ADD COLUMN IF NOT EXISTS enforcement text NOT NULL DEFAULT 'alert';
@@ -46,8 +51,8 @@ CREATE TABLE IF NOT EXISTS budget_holds (
 CREATE INDEX IF NOT EXISTS budget_holds_open ON budget_holds (expires_at) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS budget_holds_ended ON budget_holds (expires_at) WHERE state <> 'open';
 
--- What is held per counter: placed (by allows) and ended (settled or expired), both only ever grow;
--- held = placed - ended. Created at 0 by the first check that needs the counter, and locked by
+-- What is held per counter: placed (by allows) and ended (settled or expired), both only ever
+-- grow, and held = placed - ended. Created at 0 by the first check that needs the counter, and locked by
 -- every check, settlement and expiry in the SpendKey order (COLLATE "C"). No CHECK (ended <= placed):
 -- PostgreSQL checks constraints on the proposed row of INSERT ... ON CONFLICT before it finds the
 -- conflict, and settlement adds to `ended_usd` by that upsert (tests and reconcile check it).
@@ -60,10 +65,12 @@ CREATE TABLE IF NOT EXISTS budget_held (
     placed_usd   numeric NOT NULL DEFAULT 0 CONSTRAINT budget_held_placed CHECK (placed_usd >= 0),
     ended_usd    numeric NOT NULL DEFAULT 0 CONSTRAINT budget_held_ended CHECK (ended_usd >= 0),
     CONSTRAINT budget_held_pkey PRIMARY KEY (tenant_id, scope_type, scope_id, "window", period_start)
-);
--- Every check and settlement updates these rows: HOT updates, as budget_spend (0007).
-ALTER TABLE budget_held SET (fillfactor = 50);
-CREATE INDEX IF NOT EXISTS budget_held_period_start ON budget_held (period_start);  -- pruning
+-- Every check and settlement updates these rows: HOT updates, as budget_spend (0007). Set here,
+-- not by ALTER TABLE: run again on Citus, that ALTER of the distributed table is sent to the
+-- shards with the whole migration's text, which they refuse (multiple commands).
+) WITH (fillfactor = 50);
+-- Pruning walks old periods.
+CREATE INDEX IF NOT EXISTS budget_held_period_start ON budget_held (period_start);
 
 -- A wait over 2 s for the counters ends the check (the API answers 503, to be retried with the
 -- same id). On Citus the locks are waited for on the tenant's worker, which the timeout reaches
