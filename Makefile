@@ -95,7 +95,9 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_prices_storage.py \
 	tests/integration/test_api_prices.py \
 	tests/integration/test_budget_holds_storage.py \
-	tests/integration/test_budget_holds_property.py
+	tests/integration/test_budget_holds_property.py \
+	tests/integration/test_budget_settlement.py \
+	tests/integration/test_api_budget_checks.py::test_500_checks_allow_exactly_50
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.
