@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from llm_usage.storage.pool import Connection
 
-_ANY_OPEN = "SELECT EXISTS (SELECT FROM budget_holds WHERE state = 'open')"
+# Not `SELECT EXISTS (SELECT FROM …)`: Citus refuses a subquery with no column.
+_ANY_OPEN = "SELECT 1 FROM budget_holds WHERE state = 'open' LIMIT 1"
 
 
 async def any_open_hold(connection: Connection) -> bool:
     """Whether some tenant has an open hold (in this transaction's view)."""
-    return bool(await connection.fetchval(_ANY_OPEN))
+    return await connection.fetchval(_ANY_OPEN) is not None
