@@ -231,7 +231,8 @@ async def run_api_benchmark(
 
     wrk_binary()  # before anything is started or loaded
     await measure_api(
-        settings_for_local_run(),
+        # In a thread: starting the services runs event loops of its own.
+        await asyncio.to_thread(settings_for_local_run),
         database=BENCH_DATABASE,
         sizes=sizes,
         events=events,

@@ -239,7 +239,8 @@ async def run_checks_benchmark(
 
     wrk_binary()  # before anything is started or loaded
     await measure_checks(
-        settings_for_local_run(),
+        # In a thread: starting the services runs event loops of its own.
+        await asyncio.to_thread(settings_for_local_run),
         database=BENCH_DATABASE,
         events=events,
         tenants=tenants,
