@@ -348,6 +348,44 @@ async def _steps(
         length: float = seconds,
     ) -> Step:
         connections, delay = (1, None) if step_rate is None else pacing(step_rate)
+        found = await measured(
+            name,
+            tenants,
+            step_rate,
+            connections,
+            delay,
+            watched=watched,
+            errors_allowed=errors_allowed,
+            length=length,
+        )
+        # wrk is closed-loop: each connection waits its delay after an answer, so the rate
+        # reached falls short by the answers' latency. Once, take that latency off the delay.
+        if step_rate is not None and delay is not None and found.reached < 0.95 * step_rate:
+            shorter = max(1, delay - round(found.result.p50_ms))
+            if shorter < delay:
+                found = await measured(
+                    name,
+                    tenants,
+                    step_rate,
+                    connections,
+                    shorter,
+                    watched=watched,
+                    errors_allowed=errors_allowed,
+                    length=length,
+                )
+        return found
+
+    async def measured(
+        name: str,
+        tenants: list[str],
+        step_rate: int | None,
+        connections: int,
+        delay: int | None,
+        *,
+        watched: bool,
+        errors_allowed: bool,
+        length: float,
+    ) -> Step:
         text = check_script(tenants, run=uuid.uuid4().hex[:12], delay_ms=delay)
         before = await _decisions(connection)
         running = asyncio.ensure_future(
