@@ -5,9 +5,12 @@ the sweeper expires the holds whose events never come. Real Kafka, real PostgreS
 
 from __future__ import annotations
 
+import asyncio
 import signal
+from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,6 +27,7 @@ from llm_usage.kafka.topics import ensure_topics
 from llm_usage.storage.budget_holds import held_by_counter, place_check, sweep_holds
 from llm_usage.testing.processes import free_port
 from tests import clock
+from tests.integration.budget_check_support import block_policy, serving
 from tests.integration.pipeline import (
     PipelineTopics,
     create_pipeline_topics,
@@ -34,6 +38,7 @@ from tests.integration.pipeline import (
     usage_event,
     wait_until,
 )
+from tests.integration.test_api_budget_checks import Monitor, charge_check, check_all, client
 from tests.integration.test_budget_consumer import budget_env, run_until_idle
 from tests.integration.test_metric_names import sample_value
 from tests.records import consumer_record
@@ -316,3 +321,119 @@ async def test_the_sweeper_expires_a_hold_whose_event_never_comes_then_forgets_i
     consumer.process.send_signal(signal.SIGTERM)
     assert await consumer.finished(within=40) == 0, consumer.log_tail()
     assert consumer.logged("Budget holds expired before their events were counted.")
+
+
+# --- checks through the real API while a real budget consumer settles and expires holds --------
+
+
+async def test_events_settling_while_checks_arrive_keep_every_sample_within_the_limit(
+    topics: PipelineTopics, pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """Waves of $1 checks against a $50 blocking limit while the allowed requests' events (half
+    charged $1, half $0.50) are counted and settle their holds: no sample of spend + held ever
+    passes $50, each hold ends once with the actual charge, and a last wave after everything
+    settled takes exactly the room that is left."""
+    tenant = unique("tenant")
+    await block_policy(pool, tenant, daily="50")
+    consumer = await spawn_consumer(topics, env=budget_env(topics), worker="budget")
+    monitor = Monitor(pool, tenant)
+    actual: dict[str, Decimal] = {}
+    try:
+        async with serving(database_url, tmp_path) as api, client(api) as http, monitor.watching():
+            for wave in range(5):
+                bodies = [charge_check(tenant, "1") for _ in range(25)]
+                answers = await check_all(http, bodies)
+                events = []
+                for index, (body, answer) in enumerate(zip(bodies, answers, strict=True)):
+                    if answer["decision"] == "allow":
+                        charge = Decimal("0.5") if (wave + index) % 2 else Decimal(1)
+                        actual[body["gateway_request_id"]] = charge
+                        events.append(usage_event(
+                            tenant, gateway_request_id=body["gateway_request_id"],
+                            customer_charge_usd=str(charge), occurred_at=clock.iso(clock.now()),
+                        ))  # fmt: skip
+                if events:
+                    await publish(topics, *events)
+                await asyncio.sleep(0.3)
+
+            async def settled() -> bool:
+                states = await pool.fetch(
+                    "SELECT state FROM budget_holds WHERE tenant_id = $1 AND state = 'open'",
+                    tenant,
+                )
+                return not states
+
+            await wait_until(settled, within=60, message=f"holds open\n{consumer.log_tail()}")
+            spent = sum(actual.values(), Decimal(0))
+            last = await check_all(http, [charge_check(tenant, "1") for _ in range(60)])
+    finally:
+        await consumer.killed()
+    assert monitor.samples > 0
+    assert max(monitor.highest.values()) <= Decimal(50), monitor.highest
+    assert len(actual) >= 50  # the first waves alone fill the room
+    # Everything counted, each hold settled once with its actual charge by the consumer (or,
+    # for a check that raced the batch counting its event, by the sweeper).
+    rows = {
+        row["gateway_request_id"]: row
+        for row in await pool.fetch(
+            "SELECT * FROM budget_holds WHERE tenant_id = $1 AND decision = 'allow'", tenant
+        )
+    }
+    settled_rows = {key: row for key, row in rows.items() if key in actual}
+    assert {key: row["settled_charge_usd"] for key, row in settled_rows.items()} == actual
+    assert {row["state"] for row in settled_rows.values()} == {"settled"}
+    assert (await tenant_spend(pool, tenant))["daily"] == spent
+    # The last wave takes exactly the room left: floor(50 - spent) checks of $1.
+    room = int((Decimal(50) - spent) // 1)
+    assert Counter(answer["decision"] for answer in last) == Counter(allow=room, deny=60 - room)
+    assert await held(pool, tenant) == {Decimal(room)}  # the tenant's daily and monthly
+
+
+async def test_holds_expiring_give_their_room_back_each_exactly_once(
+    topics: PipelineTopics, pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """BUDGET_HOLD_SECONDS=1: 500 checks allow 50 (and more as the first expire); once the
+    sweeper of a running budget consumer has expired them, 500 more allow 50 again; every
+    allowed hold ends `expired`, once, and no instant holds more than the limit."""
+    tenant = unique("tenant")
+    await block_policy(pool, tenant, daily="50")
+    short = {"BUDGET_HOLD_SECONDS": "1", "BUDGET_HOLD_SWEEP_SECONDS": "0.2"}
+    port = free_port()
+    consumer = await spawn_consumer(
+        topics, env=budget_env(topics, **short, METRICS_PORT=str(port)), worker="budget"
+    )
+    monitor = Monitor(pool, tenant)
+    try:
+        async with (
+            serving(database_url, tmp_path, env=short) as api,
+            client(api) as http,
+            monitor.watching(),
+        ):
+            first = await check_all(http, [charge_check(tenant) for _ in range(500)])
+
+            async def expired() -> bool:
+                return await held(pool, tenant) == {Decimal(0)}
+
+            await wait_until(expired, within=30, message=f"not expired\n{consumer.log_tail()}")
+            second = await check_all(http, [charge_check(tenant) for _ in range(500)])
+            await wait_until(expired, within=30, message=f"not expired\n{consumer.log_tail()}")
+            ended = await sample_value(port, "llm_usage_budget_holds_ended_total")
+            expired_holds = await sample_value(
+                port, "llm_usage_budget_holds_ended_total", how="expired"
+            )
+    finally:
+        await consumer.killed()
+    # A wave takes longer than a hold lives, so holds expiring mid-wave give room back: each
+    # wave allows its 50 and more, and the monitor proves no instant held more than the limit.
+    allowed = [sum(answer["decision"] == "allow" for answer in wave) for wave in (first, second)]
+    assert min(allowed) >= 50, allowed
+    assert max(monitor.highest.values()) <= Decimal(50), monitor.highest
+    # Each allowed hold ended once, as expired (ended rows are forgotten 1 s after expiry, so
+    # the sweeper's count says it); what was placed was all given back.
+    assert (ended, expired_holds) == (sum(allowed), sum(allowed))
+    rows = await pool.fetch(
+        "SELECT state, ended_by FROM budget_holds WHERE tenant_id = $1 AND decision = 'allow'",
+        tenant,
+    )
+    assert {(row["state"], row["ended_by"]) for row in rows} <= {("expired", "sweeper")}
+    assert await held(pool, tenant) == {Decimal(0)}
