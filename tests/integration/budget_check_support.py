@@ -15,7 +15,7 @@ import asyncpg
 
 from llm_usage.api.server import LISTENING
 from llm_usage.core.faults import FAULT_VARIABLE
-from llm_usage.domain.budgets import ScopeType
+from llm_usage.domain.budgets import Enforcement, ScopeType
 from llm_usage.domain.policies import BudgetPolicy
 from llm_usage.storage.budget_policies import set_policy
 from llm_usage.testing.processes import free_port, spawn_llm_usage
@@ -111,20 +111,14 @@ async def block_policy(
     daily: str | None = None,
     monthly: str | None = None,
 ) -> None:
-    """A policy set as `policy set` sets it, then made blocking."""
+    """A blocking policy, set as `policy set --enforcement block` sets it."""
     policy = BudgetPolicy(
         tenant,
         scope_type,
         scope_id or tenant,
         daily_limit_usd=Decimal(daily) if daily else None,
         monthly_limit_usd=Decimal(monthly) if monthly else None,
+        enforcement=Enforcement.BLOCK,
     )
     async with pool.acquire() as connection:
         await set_policy(connection, policy, actor="test")
-        await connection.execute(
-            "UPDATE budget_policies SET enforcement = 'block' "
-            "WHERE tenant_id = $1 AND scope_type = $2 AND scope_id = $3",
-            tenant,
-            scope_type.value,
-            policy.scope_id,
-        )
