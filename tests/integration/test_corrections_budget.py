@@ -10,19 +10,23 @@ the `usage_corrections` verdict the usage consumer would write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+from collections import Counter
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.corrections import Correction
+from llm_usage.runtime.correction_metrics import CORRECTION_RESULTS, correction_metrics
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.storage.budget_spend import move_counters
@@ -119,8 +123,19 @@ def expected(
     }
 
 
-def budget(pool: asyncpg.Pool) -> BudgetCounter:
-    return BudgetCounter(pool=pool, clock=clock.now)
+def budget(pool: asyncpg.Pool, registry: CollectorRegistry | None = None) -> BudgetCounter:
+    metrics = correction_metrics(registry, "budget") if registry else None
+    return BudgetCounter(pool=pool, clock=clock.now, corrections=metrics)
+
+
+def results(registry: CollectorRegistry) -> dict[str, float]:
+    """llm_usage_corrections_total{consumer="budget"} by result, those above 0."""
+    found = {}
+    for result in CORRECTION_RESULTS:
+        labels = {"consumer": "budget", "result": result}
+        if value := registry.get_sample_value("llm_usage_corrections_total", labels):
+            found[result] = value
+    return found
 
 
 async def test_counters_move_by_the_exact_difference_once(pool: asyncpg.Pool) -> None:
@@ -146,9 +161,11 @@ async def test_counters_move_by_the_exact_difference_once(pool: asyncpg.Pool) ->
     for one in sent:
         await judge(pool, one)
 
-    outcome = await budget(pool).record_batch(records(*sent))
+    registry = CollectorRegistry()
+    outcome = await budget(pool, registry).record_batch(records(*sent))
 
     assert +outcome.counts == {"recorded": 5}
+    assert results(registry) == {"applied": 4, "superseded": 1}
     lowered_to, raised_to = Decimal("0.000000000000000001"), Decimal("1.00")
     dep_1 = str(lowered_to + raised_to)
     assert await counters(pool, tenant) == expected(
@@ -168,8 +185,12 @@ async def test_counters_move_by_the_exact_difference_once(pool: asyncpg.Pool) ->
 
     # Every copy again (a replay), and the events again: nothing moves.
     before = await counters(pool, tenant)
-    again = await budget(pool).record_batch(records(*sent, voided, lowered, raised, moved))
+    registry = CollectorRegistry()
+    again = await budget(pool, registry).record_batch(
+        records(*sent, voided, lowered, raised, moved)
+    )
     assert +again.counts == {"duplicate": 9}
+    assert results(registry) == {"duplicate": 5}
     assert await counters(pool, tenant) == before
 
 
@@ -197,6 +218,50 @@ async def test_a_correction_waits_until_its_event_is_counted(pool: asyncpg.Pool)
     assert not await pool.fetchval(
         "SELECT count(*) FROM correction_waits WHERE tenant_id = $1", tenant
     )
+
+
+async def test_two_replicas_apply_one_correction_once(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The correction buckets serialise the two; the second finds the first's record."""
+    tenant = unique("tenant")
+    events = [usage_event(tenant, customer_charge_usd="0.25") for _ in range(20)]
+    await store(pool, *events)
+    await budget(pool).record_batch(records(*events))
+    sent = [correction(event, customer_charge_usd="0.75") for event in events]
+    for one in sent:
+        await judge(pool, one)
+    batch = records(*sent)
+
+    # Both replicas are in their transactions at once: a counter row they both move is held
+    # until each is waiting (the first on the row, the second on the first's buckets).
+    replica_pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(
+                "SELECT FROM budget_spend WHERE tenant_id = $1 FOR UPDATE", tenant
+            )
+            replicas = [
+                asyncio.create_task(budget(replica_pool).record_batch(batch)) for _ in range(2)
+            ]
+
+            async def both_waiting() -> bool:
+                waiting = await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+                return bool(waiting >= 2)
+
+            await wait_until(both_waiting, within=30, message="the replicas did not both wait")
+        first, second = await asyncio.gather(*replicas)
+    finally:
+        await blocker.close()
+        await replica_pool.close()
+
+    assert first.counts + second.counts == Counter({"recorded": 20, "duplicate": 20})
+    monthly = await counters(pool, tenant)
+    assert monthly[("tenant", tenant, "monthly", clock.this_month())] == Decimal("15.00")
 
 
 async def test_a_move_up_alerts_once_and_a_move_down_never(pool: asyncpg.Pool) -> None:
