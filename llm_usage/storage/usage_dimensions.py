@@ -4,7 +4,7 @@ without it (migration 0011, the API benchmark's loader)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date
 from decimal import Decimal, localcontext
 from enum import StrEnum
@@ -14,6 +14,7 @@ from typing import Any, Final
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
+from llm_usage.storage.usage_totals import MissingAggregateError
 
 
 class Dimension(StrEnum):
@@ -146,6 +147,73 @@ async def add_to_daily_dimensions(
         *([k[i] for k in keys] for i in range(4)),
         *([sums[k][i] for k in keys] for i in range(8)),
     )
+
+
+def _sorted_dimension_keys(keys: Iterable[DimensionKey]) -> list[DimensionKey]:
+    return sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
+
+
+_LOCK_EXISTING = """
+    SELECT 1 FROM usage_daily_dimensions AS d
+    JOIN unnest($1::text[], $2::text[], $3::date[], $4::text[]) WITH ORDINALITY
+        AS u(tenant_id, dimension, day, key, n)
+      ON d.tenant_id = u.tenant_id AND d.dimension = u.dimension AND d.day = u.day
+     AND d.key IS NOT DISTINCT FROM u.key
+    ORDER BY u.n
+    FOR UPDATE OF d
+"""
+# A signed move of rows that exist; the upsert cannot lower a row (design §5.3).
+_MOVE_EXISTING = """
+    UPDATE usage_daily_dimensions AS d SET
+        requests = d.requests + u.requests,
+        input_tokens = d.input_tokens + u.input_tokens,
+        output_tokens = d.output_tokens + u.output_tokens,
+        cached_input_tokens = d.cached_input_tokens + u.cached_input_tokens,
+        reasoning_tokens = d.reasoning_tokens + u.reasoning_tokens,
+        total_tokens = d.total_tokens + u.total_tokens,
+        charge_usd = d.charge_usd + u.charge_usd,
+        estimated_charge_usd = d.estimated_charge_usd + u.estimated_charge_usd
+    FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
+                $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
+                $12::numeric[])
+        AS u(tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+             cached_input_tokens, reasoning_tokens, total_tokens, charge_usd,
+             estimated_charge_usd)
+    WHERE d.tenant_id = u.tenant_id AND d.dimension = u.dimension AND d.day = u.day
+      AND d.key IS NOT DISTINCT FROM u.key
+    RETURNING 1
+"""
+
+
+def _columns(keys: list[DimensionKey], sums: Mapping[DimensionKey, Sequence[Any]]) -> list[Any]:
+    return [
+        *([k[i] for k in keys] for i in range(4)),
+        *([sums[k][i] for k in keys] for i in range(8)),
+    ]
+
+
+async def move_daily_dimensions(
+    connection: Connection, net: Mapping[DimensionKey, Sequence[Any]]
+) -> None:
+    """Move the aggregate by signed sums (a batch's events plus its corrections' deltas), after
+    `move_daily_totals` (which took the months' locks); for batches with corrections only.
+    Keys that shrink in any figure are updated in place once every existing row of `net` is
+    locked in key order; the others go through the usual upsert."""
+    keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
+    if not keys:
+        return
+    shrinking = [k for k in keys if any(figure < 0 for figure in net[k])]
+    growing = [k for k in keys if not any(figure < 0 for figure in net[k])]
+    if shrinking:
+        await connection.execute(_LOCK_EXISTING, *([k[i] for k in keys] for i in range(4)))
+        moved = await connection.fetch(_MOVE_EXISTING, *_columns(shrinking, net))
+        if len(moved) != len(shrinking):
+            raise MissingAggregateError(
+                f"{len(shrinking) - len(moved)} daily dimension rows to lower do not exist: "
+                "a correction removed usage that was never added"
+            )
+    if growing:
+        await connection.execute(_ADD, *_columns(growing, net))
 
 
 _FILL = f"""
