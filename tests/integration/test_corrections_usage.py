@@ -11,10 +11,14 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.correction_waits import retry_round
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
+from llm_usage.domain.periods import add_months, period_of
+from llm_usage.rollup.run import close_month, run_rollup
+from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
 from tests import clock
 from tests.integration.pipeline import (
@@ -381,3 +385,69 @@ async def test_a_crash_before_commit_applies_nothing_and_the_restart_applies_onc
     assert list(await history(pool, tenant)) == [body["correction_id"]]
     assert await totals(pool, tenant) == {}
     await assert_aggregates_are_the_effective_events(pool, tenant)
+
+
+async def test_a_correction_of_an_event_past_the_window_is_found_with_or_without_the_hint(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    hinted, unhinted = usage_event(tenant), usage_event(tenant)
+    await land(pool, hinted, unhinted)
+    # As if both had left the id window (DEDUP_WINDOW_HOURS): only Tier 1 knows them.
+    await pool.execute(
+        "DELETE FROM usage_event_ids WHERE gateway_request_id = ANY($1::text[])",
+        [hinted["gateway_request_id"], unhinted["gateway_request_id"]],
+    )
+    registry = CollectorRegistry()
+    metrics = correction_metrics(registry, "usage")
+    recorder = UsageRecorder(pool=pool, clock=clock.now, correction_metrics=metrics)
+    outcome = await recorder.record_batch(
+        records([correction(hinted, "void"), correction(unhinted, "void", hint=False)])
+    )
+
+    assert outcome.counts == {"recorded": 2}
+    assert await totals(pool, tenant) == {}
+    slow = registry.get_sample_value(
+        "llm_usage_corrections_slow_lookups_total", {"consumer": "usage"}
+    )
+    assert slow == 1  # only the one without a hint walked the tenant's events
+    applied = registry.get_sample_value(
+        "llm_usage_corrections_total", {"consumer": "usage", "result": "applied"}
+    )
+    assert applied == 2
+
+
+async def test_a_correction_of_a_closed_month_is_late_and_marks_the_month(
+    rollup_db: tuple[str, asyncpg.Pool],
+) -> None:
+    _, pool = rollup_db
+    await clock.clear_of_midnight()
+    tenant = unique("tenant")
+    last_month = add_months(clock.this_month(), -1)
+    period = period_of(last_month)
+    event = usage_event(
+        tenant,
+        customer_charge_usd="1.00",
+        occurred_at=f"{last_month + timedelta(days=9)}T12:00:00Z",
+    )
+    await land(pool, event)
+    await close_month(pool, period=period, now=clock.now())
+    void = correction(event, "void")
+    await land(pool, void)
+
+    row = (await history(pool, tenant))[void["correction_id"]]
+    assert (row["late"], row["billed_in"]) == (True, None)
+    marked = await pool.fetchval(
+        "SELECT count(*) FROM usage_late_marks WHERE tenant_id = $1 AND period = $2",
+        tenant,
+        period,
+    )
+    assert marked == 1
+    assert await totals(pool, tenant) == {}
+    # The next open month's run trues the closed month down to nothing.
+    preview = await run_rollup(pool, period=period_of(clock.this_month()))
+    assert [
+        (line.original_period, line.amount_cents)
+        for line in preview.lines
+        if line.tenant_id == tenant and line.kind == "llm_usage_adjustment"
+    ] == [(period, -100)]
