@@ -14,7 +14,7 @@ from typing import Any, Final
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
-from llm_usage.storage.usage_totals import MissingAggregateError
+from llm_usage.storage.usage_totals import lower_existing
 
 
 class Dimension(StrEnum):
@@ -141,7 +141,7 @@ async def add_to_daily_dimensions(
     caller's transaction, after `add_to_daily_totals` (which took the months' locks)."""
     if not sums:
         return
-    keys = sorted(sums, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
+    keys = _sorted_dimension_keys(sums)
     await connection.execute(
         _ADD,
         *([k[i] for k in keys] for i in range(4)),
@@ -205,13 +205,12 @@ async def move_daily_dimensions(
     shrinking = [k for k in keys if any(figure < 0 for figure in net[k])]
     growing = [k for k in keys if not any(figure < 0 for figure in net[k])]
     if shrinking:
-        await connection.execute(_LOCK_EXISTING, *([k[i] for k in keys] for i in range(4)))
-        moved = await connection.fetch(_MOVE_EXISTING, *_columns(shrinking, net))
-        if len(moved) != len(shrinking):
-            raise MissingAggregateError(
-                f"{len(shrinking) - len(moved)} daily dimension rows to lower do not exist: "
-                "a correction removed usage that was never added"
-            )
+        await lower_existing(
+            connection,
+            lock=(_LOCK_EXISTING, [[k[i] for k in keys] for i in range(4)]),
+            move=(_MOVE_EXISTING, _columns(shrinking, net)),
+            what="daily dimensions",
+        )
     if growing:
         await connection.execute(_ADD, *_columns(growing, net))
 

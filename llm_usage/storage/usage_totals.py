@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -124,7 +124,7 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
     to; two statements (the months' locks, then the upsert), in the caller's transaction."""
     if not totals:
         return
-    keys = sorted(totals, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+    keys = _sorted_keys(totals)
     await lock_months_shared(connection, (k[2] for k in keys))
     await connection.execute(
         _ADD,
@@ -186,6 +186,26 @@ _MOVE_EXISTING = """
 """
 
 
+async def lower_existing(
+    connection: Connection,
+    *,
+    lock: tuple[str, Sequence[Any]],
+    move: tuple[str, Sequence[Any]],
+    what: str,
+) -> None:
+    """Lock every existing row of a move's keys (`lock`: a statement locking them in key
+    order, and its arguments), then move the rows that shrink in place (`move`: an UPDATE
+    returning a row for each of them); one not found is a bug, never retried."""
+    await connection.execute(lock[0], *lock[1])
+    moved = await connection.fetch(move[0], *move[1])
+    expected = len(move[1][0])
+    if len(moved) != expected:
+        raise MissingAggregateError(
+            f"{expected - len(moved)} rows of {what} to lower do not exist: a correction "
+            "removed usage that was never added"
+        )
+
+
 def _figures(keys: list[TotalsKey], net: Mapping[TotalsKey, Usage]) -> list[list[Any]]:
     return [
         [k[0] for k in keys],
@@ -213,13 +233,12 @@ async def move_daily_totals(connection: Connection, net: Mapping[TotalsKey, Usag
     shrinking = [k for k in keys if _shrinks(net[k])]
     growing = [k for k in keys if not _shrinks(net[k])]
     if shrinking:
-        await connection.execute(_LOCK_EXISTING, *_figures(keys, net)[:3])
-        moved = await connection.fetch(_MOVE_EXISTING, *_figures(shrinking, net))
-        if len(moved) != len(shrinking):
-            raise MissingAggregateError(
-                f"{len(shrinking) - len(moved)} daily totals to lower do not exist: "
-                "a correction removed usage that was never added"
-            )
+        await lower_existing(
+            connection,
+            lock=(_LOCK_EXISTING, _figures(keys, net)[:3]),
+            move=(_MOVE_EXISTING, _figures(shrinking, net)),
+            what="daily totals",
+        )
     await connection.execute(
         _ADD_MARKING_ALL, *_figures(growing, net), [k[0] for k in keys], [k[2] for k in keys]
     )

@@ -11,15 +11,18 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.usage.correction_waits import retry_round
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
 from llm_usage.domain.periods import add_months, period_of
+from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
+from llm_usage.storage.usage_totals import MissingAggregateError, move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
@@ -451,3 +454,22 @@ async def test_a_correction_of_a_closed_month_is_late_and_marks_the_month(
         for line in preview.lines
         if line.tenant_id == tenant and line.kind == "llm_usage_adjustment"
     ] == [(period, -100)]
+
+
+async def test_signed_moves_lower_existing_rows_and_refuse_to_lower_missing_ones(
+    pool: asyncpg.Pool,
+) -> None:
+    await clock.clear_of_midnight()
+    tenant = unique("tenant")
+    day = clock.today()
+    await land(pool, usage_event(tenant, deployment_id=None, customer_charge_usd="0.50"))
+    mixed = Usage(Decimal("-0.25"), 10, -300, 0, Decimal(0))  # some figures up, some down
+    async with pool.acquire() as connection, connection.transaction():
+        await move_daily_totals(connection, {(tenant, None, day): mixed})
+    assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
+
+    lowering_nothing = Usage(Decimal("-1"), 0, 0, -1, Decimal(0))
+    with pytest.raises(MissingAggregateError):
+        async with pool.acquire() as connection, connection.transaction():
+            await move_daily_totals(connection, {(tenant, "dep-9", day): lowering_nothing})
+    assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
