@@ -5,6 +5,7 @@ values, and both aggregates moved exactly as if the corrected event had been sto
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -473,3 +474,48 @@ async def test_signed_moves_lower_existing_rows_and_refuse_to_lower_missing_ones
         async with pool.acquire() as connection, connection.transaction():
             await move_daily_totals(connection, {(tenant, "dep-9", day): lowering_nothing})
     assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
+
+
+async def test_a_replayed_unknown_correction_applies_once_its_event_is_stored(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    event = usage_event(tenant)
+    void = correction(event, "void")
+    assert (await land(pool, void, wait=0.001)).counts == {"deferred": 1}
+    sink = Collected()
+    later = clock.now() + timedelta(seconds=1)
+    assert (await retry_round(pool, sink, now=later, wait_seconds=0.001)).results["unknown"] == 1
+    [letter] = sink.letters
+    assert letter.reason == "unknown_event"
+    assert (await history(pool, tenant))[void["correction_id"]]["verdict"] == "unknown"
+
+    await land(pool, event)
+    assert (await land(pool, void)).counts == {"recorded": 1}  # the DLQ replay
+    row = (await history(pool, tenant))[void["correction_id"]]
+    assert (row["verdict"], row["won"]) == ("applied", True)
+    assert await totals(pool, tenant) == {}
+    await assert_aggregates_are_the_effective_events(pool, tenant)
+
+
+async def test_two_replicas_correcting_one_event_at_once_apply_each_correction_once(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    event = usage_event(tenant)
+    await land(pool, event)
+    ones = [
+        correction(event, fields={"input_tokens": n}, after=timedelta(seconds=n))
+        for n in range(1, 7)
+    ]
+    # Two partitions' batches (keyed by something else than the tenant), landed at once, each
+    # with some corrections of the same event and a copy of one of the other's.
+    first = UsageRecorder(pool=pool, clock=clock.now).record_batch(records([*ones[::2], ones[1]]))
+    second = UsageRecorder(pool=pool, clock=clock.now).record_batch(records([*ones[1::2], ones[0]]))
+    outcomes = await asyncio.gather(first, second)
+
+    counts = outcomes[0].counts + outcomes[1].counts
+    assert counts == {"recorded": 6, "duplicate": 2}
+    assert (await effective(pool, event))["input_tokens"] == 6
+    assert len(await history(pool, tenant)) == 6
+    await assert_aggregates_are_the_effective_events(pool, tenant)
