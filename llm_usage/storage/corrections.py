@@ -210,21 +210,27 @@ class FoundEvents:
 
 
 _EVENT_COLUMNS = ", ".join(f"e.{column}" for column in USAGE_EVENT_COLUMNS)
-# Per correction, the event's occurred_at from the id window (when its tenant matches) and the
-# hint, each probed on the Tier 1 key: one index probe per candidate, pruned to its month.
-_FIND = f"""
-    SELECT DISTINCT ON (k.tenant_id, k.id) {_EVENT_COLUMNS}
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, id, hint)
-    LEFT JOIN usage_event_ids AS w ON w.gateway_request_id = k.id AND w.tenant_id = k.tenant_id
-    CROSS JOIN LATERAL (VALUES (w.occurred_at), (k.hint)) AS c(occurred_at)
-    JOIN LATERAL (
+# The window's rows of the ids, by a join on its distribution column (a form Citus runs too).
+_WINDOW_TIMES = """
+    SELECT i.gateway_request_id, i.tenant_id, i.occurred_at
+    FROM unnest($1::text[]) AS ids(id)
+    JOIN usage_event_ids AS i ON i.gateway_request_id = ids.id
+"""
+# The rows stored under candidate Tier 1 keys: the events by `= ANY` of the keys' arrays in a
+# CTE, joined back to the keys (storage/event_ids.py's form for Citus; a batch has few
+# corrections, so one form serves both).
+_STORED_ROWS = f"""
+    WITH k AS (
+        SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[])
+            AS k(tenant_id, occurred_at, id)
+    ), e AS (
         SELECT * FROM llm_usage_events
-        WHERE tenant_id = k.tenant_id AND occurred_at = c.occurred_at
-          AND gateway_request_id = k.id
-        LIMIT 1
-    ) AS e ON true
-    WHERE c.occurred_at IS NOT NULL
-    ORDER BY k.tenant_id, k.id
+        WHERE gateway_request_id = ANY($3::text[]) AND tenant_id = ANY($1::text[])
+          AND occurred_at = ANY($2::timestamptz[])
+    )
+    SELECT {_EVENT_COLUMNS}
+    FROM k JOIN e ON e.tenant_id = k.tenant_id AND e.occurred_at = k.occurred_at
+                 AND e.gateway_request_id = k.id
 """
 # The slow path, for a correction without a hint whose id left the window: the tenant's part of
 # the Tier 1 index, month by month (design §5.1.3).
@@ -250,19 +256,26 @@ async def find_events(connection: Connection, corrections: Sequence[Correction])
     if not wanted:
         return FoundEvents({})
     keys = list(wanted)
-    rows = {
-        (row["tenant_id"], row["gateway_request_id"]): _row(row)
-        for row in await connection.fetch(
-            _FIND, [k[0] for k in keys], [k[1] for k in keys], [wanted[k] for k in keys]
-        )
+    candidates: set[TierOneKey] = {
+        (k[0], hint, k[1]) for k, hint in wanted.items() if hint is not None
     }
+    for row in await connection.fetch(_WINDOW_TIMES, list({k[1] for k in keys})):
+        if (row["tenant_id"], row["gateway_request_id"]) in wanted:  # the window: any tenant's
+            candidates.add((row["tenant_id"], row["occurred_at"], row["gateway_request_id"]))
+    rows: dict[EventKey, UsageRow] = {}
+    if candidates:
+        probe = list(candidates)
+        for found in await connection.fetch(
+            _STORED_ROWS, [k[0] for k in probe], [k[1] for k in probe], [k[2] for k in probe]
+        ):
+            rows[(found["tenant_id"], found["gateway_request_id"])] = _row(found)
     slow = 0
     for key in keys:
         if key not in rows and wanted[key] is None:
             slow += 1
-            found = await connection.fetchrow(_FIND_SLOW, *key)
-            if found is not None:
-                rows[key] = _row(found)
+            walked = await connection.fetchrow(_FIND_SLOW, *key)
+            if walked is not None:
+                rows[key] = _row(walked)
     return FoundEvents(rows, slow)
 
 

@@ -14,7 +14,6 @@ from typing import Any, Final
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.pool import Connection
-from llm_usage.storage.usage_totals import lower_existing
 
 
 class Dimension(StrEnum):
@@ -153,17 +152,9 @@ def _sorted_dimension_keys(keys: Iterable[DimensionKey]) -> list[DimensionKey]:
     return sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
 
 
-_LOCK_EXISTING = """
-    SELECT 1 FROM usage_daily_dimensions AS d
-    JOIN unnest($1::text[], $2::text[], $3::date[], $4::text[]) WITH ORDINALITY
-        AS u(tenant_id, dimension, day, key, n)
-      ON d.tenant_id = u.tenant_id AND d.dimension = u.dimension AND d.day = u.day
-     AND d.key IS NOT DISTINCT FROM u.key
-    ORDER BY u.n
-    FOR UPDATE OF d
-"""
-# A signed move of rows that exist; the upsert cannot lower a row (design §5.3).
-_MOVE_EXISTING = """
+# The falling figures of rows the same transaction's upsert has just locked (as in
+# usage_totals._LOWER: the upsert cannot lower a row; a row lowered below zero is refused).
+_LOWER = """
     UPDATE usage_daily_dimensions AS d SET
         requests = d.requests + u.requests,
         input_tokens = d.input_tokens + u.input_tokens,
@@ -181,7 +172,6 @@ _MOVE_EXISTING = """
              estimated_charge_usd)
     WHERE d.tenant_id = u.tenant_id AND d.dimension = u.dimension AND d.day = u.day
       AND d.key IS NOT DISTINCT FROM u.key
-    RETURNING 1
 """
 
 
@@ -197,22 +187,17 @@ async def move_daily_dimensions(
 ) -> None:
     """Move the aggregate by signed sums (a batch's events plus its corrections' deltas), after
     `move_daily_totals` (which took the months' locks); for batches with corrections only.
-    Keys that shrink in any figure are updated in place once every existing row of `net` is
-    locked in key order; the others go through the usual upsert."""
+    The upsert of every key's rising figures locks the rows in key order, then the falling
+    figures lower the rows it locked."""
     keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
     if not keys:
         return
-    shrinking = [k for k in keys if any(figure < 0 for figure in net[k])]
-    growing = [k for k in keys if not any(figure < 0 for figure in net[k])]
-    if shrinking:
-        await lower_existing(
-            connection,
-            lock=(_LOCK_EXISTING, [[k[i] for k in keys] for i in range(4)]),
-            move=(_MOVE_EXISTING, _columns(shrinking, net)),
-            what="daily dimensions",
-        )
-    if growing:
-        await connection.execute(_ADD, *_columns(growing, net))
+    rising = {k: [max(f, 0) for f in net[k]] for k in keys}
+    await connection.execute(_ADD, *_columns(keys, rising))
+    falling = {k: [min(f, 0) for f in net[k]] for k in keys}
+    lowered = [k for k in keys if any(falling[k])]
+    if lowered:
+        await connection.execute(_LOWER, *_columns(lowered, falling))
 
 
 _FILL = f"""

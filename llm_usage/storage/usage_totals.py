@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import date
 from decimal import Decimal
 from typing import Any
 
-from llm_usage.core.errors import PipelineError
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.domain.usage import Usage
 from llm_usage.schemas.usage_event import UsageRow
@@ -66,15 +65,13 @@ _LOCK_MONTHS = """
     SELECT pg_advisory_xact_lock_shared($1, m) FROM unnest($2::int[]) AS u(m) ORDER BY m
 """
 
-
 # Rows in sorted key order, so replicas adding to the same days lock them in the same order. The
 # same statement marks each (tenant, closed month) it adds to: late usage the rollup trues up.
 # `updated_at` is no longer set: no indexed column changes, so the update can be HOT. Runs as is
 # on a Citus coordinator too (tables distributed on tenant_id, invoice_periods local); there a
 # DO UPDATE may use no function that is not IMMUTABLE (hence no now()), and a join of the batch's
 # rows with invoice_periods under the DISTINCT loses its collation (hence IN).
-def _add_statement(late_tenants: str, late_days: str) -> str:
-    return f"""
+_ADD = """
     WITH added AS (
         INSERT INTO usage_daily_totals AS t
             (tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests,
@@ -95,7 +92,7 @@ def _add_statement(late_tenants: str, late_days: str) -> str:
             estimated_charge_usd = t.estimated_charge_usd + EXCLUDED.estimated_charge_usd
     ), late AS (
         SELECT DISTINCT u.tenant_id, to_char(u.day, 'YYYY-MM') AS period
-        FROM unnest({late_tenants}::text[], {late_days}::date[]) AS u(tenant_id, day)
+        FROM unnest($1::text[], $3::date[]) AS u(tenant_id, day)
         WHERE to_char(u.day, 'YYYY-MM') IN (SELECT period FROM invoice_periods)
     )
     INSERT INTO usage_late_marks AS m (tenant_id, period)
@@ -103,12 +100,6 @@ def _add_statement(late_tenants: str, late_days: str) -> str:
     ON CONFLICT (tenant_id, period) DO UPDATE SET
         marked_at = EXCLUDED.marked_at, batches = m.batches + 1
 """
-
-
-_ADD = _add_statement("$1", "$3")
-# The same upsert for the keys that only grow, with the late marks of every key moved (the
-# ones that shrink too: a correction of a closed month is late usage, design §5.3).
-_ADD_MARKING_ALL = _add_statement("$9", "$10")
 
 
 async def lock_months_shared(connection: Connection, days: Iterable[date]) -> None:
@@ -126,8 +117,15 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
         return
     keys = _sorted_keys(totals)
     await lock_months_shared(connection, (k[2] for k in keys))
-    await connection.execute(
-        _ADD,
+    await connection.execute(_ADD, *_columns(keys, totals))
+
+
+def _sorted_keys(keys: Iterable[TotalsKey]) -> list[TotalsKey]:
+    return sorted(keys, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+
+
+def _columns(keys: list[TotalsKey], totals: Mapping[TotalsKey, Usage]) -> list[list[Any]]:
+    return [
         [k[0] for k in keys],
         [k[1] for k in keys],
         [k[2] for k in keys],
@@ -136,40 +134,33 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
         [totals[k].output_tokens for k in keys],
         [totals[k].requests for k in keys],
         [totals[k].estimated_charge_usd for k in keys],
-    )
+    ]
 
 
-class MissingAggregateError(PipelineError):
-    """A move would lower an aggregate row that does not exist: a bug, never retried."""
+def _rising(usage: Usage) -> Usage:
+    return Usage(*(max(figure, 0) for figure in _figures(usage)))
 
 
-def _sorted_keys(keys: Iterable[TotalsKey]) -> list[TotalsKey]:
-    return sorted(keys, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+def _falling(usage: Usage) -> Usage:
+    return Usage(*(min(figure, 0) for figure in _figures(usage)))
 
 
-def _shrinks(usage: Usage) -> bool:
+def _figures(usage: Usage) -> tuple[Any, ...]:
     return (
-        usage.charge_usd < 0
-        or usage.input_tokens < 0
-        or usage.output_tokens < 0
-        or usage.requests < 0
-        or usage.estimated_charge_usd < 0
+        usage.charge_usd,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.requests,
+        usage.estimated_charge_usd,
     )
 
 
-# Every existing row of the keys, locked in key order (the order of the upsert's conflicts):
-# a replica moving the same keys waits here rather than deadlocking half-way.
-_LOCK_EXISTING = """
-    SELECT 1 FROM usage_daily_totals AS t
-    JOIN unnest($1::text[], $2::text[], $3::date[]) WITH ORDINALITY AS u(tenant_id, d, day, n)
-      ON t.tenant_id = u.tenant_id AND t.deployment_id IS NOT DISTINCT FROM u.d
-     AND t.day = u.day
-    ORDER BY u.n
-    FOR UPDATE OF t
-"""
-# A signed move of rows that exist (they hold the contribution being removed). An upsert cannot
-# do it: PostgreSQL checks the proposed row's CHECK (>= 0) before it finds the conflict.
-_MOVE_EXISTING = """
+# The falling parts of rows the same transaction's upsert has just locked (or created, at zero):
+# an upsert cannot lower a row, since PostgreSQL checks the proposed row's CHECK (>= 0) before it
+# finds the conflict. A row lowered below zero is refused by that CHECK: a correction removing
+# what was never added, a bug. UPDATE ... FROM unnest runs on a Citus coordinator as it is (as
+# budget_holds' settling does).
+_LOWER = """
     UPDATE usage_daily_totals AS t SET
         charge_usd = t.charge_usd + u.charge_usd,
         input_tokens = t.input_tokens + u.input_tokens,
@@ -182,63 +173,23 @@ _MOVE_EXISTING = """
              estimated_charge_usd)
     WHERE t.tenant_id = u.tenant_id AND t.deployment_id IS NOT DISTINCT FROM u.d
       AND t.day = u.day
-    RETURNING 1
 """
-
-
-async def lower_existing(
-    connection: Connection,
-    *,
-    lock: tuple[str, Sequence[Any]],
-    move: tuple[str, Sequence[Any]],
-    what: str,
-) -> None:
-    """Lock every existing row of a move's keys (`lock`: a statement locking them in key
-    order, and its arguments), then move the rows that shrink in place (`move`: an UPDATE
-    returning a row for each of them); one not found is a bug, never retried."""
-    await connection.execute(lock[0], *lock[1])
-    moved = await connection.fetch(move[0], *move[1])
-    expected = len(move[1][0])
-    if len(moved) != expected:
-        raise MissingAggregateError(
-            f"{expected - len(moved)} rows of {what} to lower do not exist: a correction "
-            "removed usage that was never added"
-        )
-
-
-def _figures(keys: list[TotalsKey], net: Mapping[TotalsKey, Usage]) -> list[list[Any]]:
-    return [
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [net[k].charge_usd for k in keys],
-        [net[k].input_tokens for k in keys],
-        [net[k].output_tokens for k in keys],
-        [net[k].requests for k in keys],
-        [net[k].estimated_charge_usd for k in keys],
-    ]
 
 
 async def move_daily_totals(connection: Connection, net: Mapping[TotalsKey, Usage]) -> None:
     """Move the pre-aggregate by signed sums (a batch's events plus its corrections' deltas),
-    and mark the closed months any of them touches; for batches with corrections only.
+    marking the closed months any of them touches; for batches with corrections only.
 
-    Keys that shrink in any figure are updated in place after every existing row of `net` is
-    locked in key order; the others go through the usual upsert.
+    Two statements after the months' locks: the upsert of every key's rising figures (it locks
+    every row in key order, as a plain batch does, and marks the late months), then the update
+    of the falling figures of the rows it locked.
     """
     keys = _sorted_keys(k for k, usage in net.items() if usage != Usage())
     if not keys:
         return
     await lock_months_shared(connection, (k[2] for k in keys))
-    shrinking = [k for k in keys if _shrinks(net[k])]
-    growing = [k for k in keys if not _shrinks(net[k])]
-    if shrinking:
-        await lower_existing(
-            connection,
-            lock=(_LOCK_EXISTING, _figures(keys, net)[:3]),
-            move=(_MOVE_EXISTING, _figures(shrinking, net)),
-            what="daily totals",
-        )
-    await connection.execute(
-        _ADD_MARKING_ALL, *_figures(growing, net), [k[0] for k in keys], [k[2] for k in keys]
-    )
+    await connection.execute(_ADD, *_columns(keys, {k: _rising(net[k]) for k in keys}))
+    falling = {k: _falling(net[k]) for k in keys}
+    lowered = [k for k in keys if falling[k] != Usage()]
+    if lowered:
+        await connection.execute(_LOWER, *_columns(lowered, falling))

@@ -23,7 +23,7 @@ from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
-from llm_usage.storage.usage_totals import MissingAggregateError, move_daily_totals
+from llm_usage.storage.usage_totals import move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
     PipelineTopics,
@@ -457,7 +457,7 @@ async def test_a_correction_of_a_closed_month_is_late_and_marks_the_month(
     ] == [(period, -100)]
 
 
-async def test_signed_moves_lower_existing_rows_and_refuse_to_lower_missing_ones(
+async def test_signed_moves_lower_existing_rows_and_refuse_to_go_below_zero(
     pool: asyncpg.Pool,
 ) -> None:
     await clock.clear_of_midnight()
@@ -470,7 +470,7 @@ async def test_signed_moves_lower_existing_rows_and_refuse_to_lower_missing_ones
     assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
 
     lowering_nothing = Usage(Decimal("-1"), 0, 0, -1, Decimal(0))
-    with pytest.raises(MissingAggregateError):
+    with pytest.raises(asyncpg.CheckViolationError):
         async with pool.acquire() as connection, connection.transaction():
             await move_daily_totals(connection, {(tenant, "dep-9", day): lowering_nothing})
     assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
