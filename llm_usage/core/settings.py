@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     budget_hold_seconds: int = Field(default=300, ge=1, le=86_400)
     budget_hold_sweep_seconds: float = Field(default=5.0, gt=0)
 
+    # Corrections (llm_usage_corrected): how long one waits for its event before it is
+    # dead-lettered `unknown_event`, and how often waiting corrections are tried again.
+    correction_wait_seconds: float = Field(default=900.0, gt=0)
+    correction_retry_seconds: float = Field(default=2.0, gt=0)
+    # How often the rollup leader reconciles the current and previous month; 0 disables.
+    reconcile_interval_minutes: float = Field(default=60.0, ge=0)
+
     # The rollup schedule: how often the current month's preview lines are refreshed, and how
     # long after a month ends it is run for the last time and closed.
     rollup_preview_minutes: float = Field(default=15.0, gt=0)

@@ -34,6 +34,7 @@ class BatchResult(StrEnum):
     DEAD_LETTERED = "dead_lettered"  # not stored; on the dead-letter topic with the reason
     REFUSED_BY_DATABASE = "refused_by_database"  # valid, but PostgreSQL refused the row
     REJECTED = "rejected"  # invalid, skipped by a consumer without a dead-letter topic
+    DEFERRED = "deferred"  # a correction parked until its event is stored (or its wait ends)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ class DeadLetterReason(StrEnum):
     TOO_LARGE = "too_large"
     EXPIRED = "expired"  # its month is past retention: no partition can hold it any more
     UNPRICED = "unpriced"  # no charge sent and no price in effect for its provider and model
+    UNKNOWN_EVENT = "unknown_event"  # a correction whose event was not stored within the wait
 
 
 REASON_HEADER = "dlq.reason"

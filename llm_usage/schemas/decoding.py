@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from llm_usage.domain.corrections import Correction
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
 from llm_usage.schemas.fast_decoding import fast_decode
@@ -17,6 +18,11 @@ from llm_usage.schemas.period_charge import (
     PERIOD_CHARGE_EVENT_TYPE,
     PeriodChargeEvent,
     period_charge_row,
+)
+from llm_usage.schemas.usage_correction import (
+    CORRECTION_EVENT_TYPE,
+    UsageCorrectionEvent,
+    correction_row,
 )
 from llm_usage.schemas.usage_event import (
     NO_NUL_PATTERN,
@@ -42,6 +48,7 @@ _EXPLANATIONS = {
     "greater_than_equal": "must be at least {ge}",
     "less_than_equal": "must be at most {le}",
     "literal_error": "must be {expected}",
+    "extra_forbidden": "is not a field a correction can change",
 }
 
 
@@ -158,10 +165,10 @@ def decode_usage_event(
 
 def decode_usage_topic_record(
     value: bytes | None, *, now: datetime
-) -> UsageRow | UnpricedEvent | PeriodCharge | Rejection:
+) -> UsageRow | UnpricedEvent | PeriodCharge | Correction | Rejection:
     """What a record of the usage topic holds: a usage event's stored values (unpriced when it
-    sent no charge), a period charge
-    (`event_type` `llm_period_charge_recorded`), or the `Rejection` saying why it is refused.
+    sent no charge), a period charge (`event_type` `llm_period_charge_recorded`), a correction
+    (`llm_usage_corrected`), or the `Rejection` saying why it is refused.
 
     A usage event costs what `decode_usage_event` costs: the fast path refuses every other event
     type, and only then does the reference look at `event_type`.
@@ -173,14 +180,32 @@ def decode_usage_topic_record(
     data = _json_object(value)
     if isinstance(data, Rejection):
         return data
-    if data.get("event_type") == PERIOD_CHARGE_EVENT_TYPE:
-        try:
-            charge = PeriodChargeEvent.model_validate(data, context={"now": now})
-        except ValidationError as error:
-            return Rejection(DeadLetterReason.SCHEMA_VIOLATION, describe_validation_error(error))
-        return period_charge_row(charge)
+    other = _other_event(data, now)
+    if other is not None:
+        return other
     event = _validated_usage_event(data, now)
     return event if isinstance(event, Rejection) else usage_row(event)
+
+
+def _other_event(
+    data: dict[str, object], now: datetime
+) -> PeriodCharge | Correction | Rejection | None:
+    """A period charge or a correction, by `event_type`; None for anything else."""
+    model: type[PeriodChargeEvent | UsageCorrectionEvent]
+    event_type = data.get("event_type")
+    if event_type == PERIOD_CHARGE_EVENT_TYPE:
+        model = PeriodChargeEvent
+    elif event_type == CORRECTION_EVENT_TYPE:
+        model = UsageCorrectionEvent
+    else:
+        return None
+    try:
+        event = model.model_validate(data, context={"now": now})
+    except ValidationError as error:
+        return Rejection(DeadLetterReason.SCHEMA_VIOLATION, describe_validation_error(error))
+    if isinstance(event, PeriodChargeEvent):
+        return period_charge_row(event)
+    return correction_row(event)
 
 
 def decode_usage_event_reference(value: bytes | None, *, now: datetime) -> UsageEvent | Rejection:

@@ -358,7 +358,7 @@ class UsageEvent(BaseModel):
         cents = self.customer_charge_cents
         if "customer_charge_usd" in provided:
             if cents is not None:
-                _require_agreement(self.customer_charge_usd, cents)
+                require_agreement(self.customer_charge_usd, cents)
         elif cents is not None:
             usd = cents_to_usd(cents)
             if usd.adjusted() >= MAX_WHOLE_DIGITS:
@@ -443,7 +443,7 @@ def _now_from(context: object) -> datetime:
     return now
 
 
-def _require_agreement(usd: Decimal, cents: int) -> None:
+def require_agreement(usd: Decimal, cents: int) -> None:
     rounded = usd_to_cents(usd)
     if abs(rounded - cents) > MAX_CENTS_DISAGREEMENT:
         raise PydanticCustomError(

@@ -62,6 +62,11 @@ DISTRIBUTED: tuple[Distributed, ...] = (
     # that tenant's spend counters and policies.
     Distributed("budget_holds", "tenant_id", "llm_usage_events"),
     Distributed("budget_held", "tenant_id", "llm_usage_events"),
+    # Corrections (issue 24): a correction is applied in the tenant's batch, beside its event.
+    Distributed("usage_corrections", "tenant_id", "llm_usage_events"),
+    Distributed("usage_event_effective", "tenant_id", "llm_usage_events"),
+    Distributed("correction_waits", "tenant_id", "llm_usage_events"),
+    Distributed("budget_corrections", "tenant_id", "llm_usage_events"),
     # The id window is keyed on the id alone, whatever the tenant: its own group.
     Distributed("usage_event_ids", "gateway_request_id", shard_count=ID_WINDOW_SHARDS),
     # The budget consumer's ids from before the window (read until they age out).

@@ -58,9 +58,9 @@ _TENANTS = """
     ORDER BY tenant_id
 """
 
-# The events the period's numbers are made of. One place to change when corrections land: the
-# effective view, voided events left out.
-_EVENTS: Final = "llm_usage_events"
+# The events the period's numbers are made of: each with its corrections applied (0016's view),
+# voided ones left out.
+_EVENTS: Final = "llm_usage_events_effective"
 _SET_COLUMNS: Final = ", ".join(d.column for d in Dimension)
 
 # Q1, the one pass: every dimension's daily sums in one scan (hashed grouping sets).
@@ -73,7 +73,7 @@ _SETS = f"""
     FROM (SELECT *, (occurred_at AT TIME ZONE 'UTC')::date AS day
           FROM {_EVENTS}
           WHERE tenant_id >= $1 AND tenant_id <= $2
-            AND occurred_at >= $3 AND occurred_at < $4) AS e
+            AND occurred_at >= $3 AND occurred_at < $4 AND NOT voided) AS e
     GROUP BY GROUPING SETS ({", ".join(f"(tenant_id, day, {d.column})" for d in Dimension)})
 """
 # grouping() sets a bit, first argument highest, for each column the row is not grouped by.

@@ -48,6 +48,7 @@ def test_there_are_exactly_the_reasons_of_the_contract() -> None:
         "too_large",
         "expired",
         "unpriced",
+        "unknown_event",
     }
 
 

@@ -32,6 +32,10 @@ def test_events_and_tenant_tables_share_a_group_and_the_id_window_has_its_own() 
         "usage_late_marks",
         "budget_holds",
         "budget_held",
+        "usage_corrections",
+        "usage_event_effective",
+        "correction_waits",
+        "budget_corrections",
     ):
         assert by_table[table].colocate_with == "llm_usage_events"
     assert by_table["usage_event_ids"].column == "gateway_request_id"

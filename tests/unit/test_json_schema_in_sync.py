@@ -9,10 +9,12 @@ import pytest
 
 from llm_usage.schemas import json_schema
 from llm_usage.schemas.json_schema import (
+    CORRECTION_SCHEMA_PATH,
     PERIOD_CHARGE_SCHEMA_PATH,
     SCHEMA_PATH,
     period_charge_json_schema,
     render_period_charge_json_schema,
+    render_usage_correction_json_schema,
     render_usage_event_json_schema,
     usage_event_json_schema,
 )
@@ -31,6 +33,7 @@ def test_main_writes_sorted_indented_json_with_a_trailing_newline(
     target = tmp_path / "usage_event.v1.schema.json"
     monkeypatch.setattr(json_schema, "SCHEMA_PATH", target)
     monkeypatch.setattr(json_schema, "PERIOD_CHARGE_SCHEMA_PATH", tmp_path / "period.json")
+    monkeypatch.setattr(json_schema, "CORRECTION_SCHEMA_PATH", tmp_path / "correction.json")
     json_schema.main()
     text = target.read_text(encoding="utf-8")
     assert text.endswith("}\n")
@@ -91,3 +94,27 @@ def test_the_period_charge_schema_requires_its_type_and_reads_the_charge_exactly
     assert schema["properties"]["event_type"]["const"] == "llm_period_charge_recorded"
     assert schema["properties"]["period"]["pattern"] == "^[0-9]{4}-(0[1-9]|1[0-2])$"
     assert schema["properties"]["period_charge_usd"]["anyOf"][0]["type"] == "string"
+
+
+def test_the_committed_correction_schema_file_matches_the_model() -> None:
+    committed = CORRECTION_SCHEMA_PATH.read_text(encoding="utf-8")
+    assert committed == render_usage_correction_json_schema(), (
+        "schemas/usage_correction.v1.schema.json is stale: "
+        "run `python -m llm_usage.schemas.json_schema`"
+    )
+
+
+def test_the_correction_schema_refuses_unknown_corrected_fields() -> None:
+    schema = json.loads(render_usage_correction_json_schema())
+    fields = schema["$defs"]["AmendFields"]
+    assert fields["additionalProperties"] is False
+    assert schema["required"] == [
+        "event_type",
+        "correction_id",
+        "gateway_request_id",
+        "tenant_id",
+        "action",
+        "reason",
+        "actor",
+        "occurred_at",
+    ]

@@ -19,6 +19,7 @@ from llm_usage.consumers.budget.hold_outcomes import observe_ended_holds
 from llm_usage.consumers.budget.metrics import HoldMetrics
 from llm_usage.core.faults import crash_here
 from llm_usage.domain.budgets import budget_horizon
+from llm_usage.domain.corrections import Correction
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.periods import utc_day
 from llm_usage.runtime.ahead import PreparedAhead
@@ -65,7 +66,7 @@ def decode_for_counting(
             decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             counts[BatchResult.REJECTED] += 1
-        elif isinstance(decoded, PeriodCharge):  # billed by the rollup, never spend
+        elif isinstance(decoded, PeriodCharge | Correction):  # period charges: the rollup's
             continue
         elif decoded.gateway_request_id in events:
             counts[BatchResult.DUPLICATE] += 1

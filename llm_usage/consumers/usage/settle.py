@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from typing import Any, NamedTuple
 
+from llm_usage.domain.corrections import Correction
 from llm_usage.domain.identity import Identity, identity_of, is_expired
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, DeadLetter, Record
@@ -28,11 +29,12 @@ from llm_usage.storage.event_ids import KnownIdentities, TierOneKey
 @dataclass
 class DecodedBatch:
     """A batch after decoding: valid events grouped by id (first seen first), the period
-    charges in batch order, and the rejects."""
+    charges and the corrections in batch order, and the rejects."""
 
     occurrences: dict[str, list[tuple[Record, UsageRow]]] = field(default_factory=dict)
     rejected: list[DeadLetter] = field(default_factory=list)
     period_charges: list[tuple[Record, PeriodCharge]] = field(default_factory=list)
+    corrections: list[tuple[Record, Correction]] = field(default_factory=list)
 
     def first_occurrences(self) -> list[UsageRow]:
         """One event per id: the one to try to insert."""
@@ -57,6 +59,8 @@ def decode_batch(
             batch.rejected.append(DeadLetter(record, decoded.reason, decoded.detail))
         elif isinstance(decoded, PeriodCharge):
             batch.period_charges.append((record, decoded))
+        elif isinstance(decoded, Correction):
+            batch.corrections.append((record, decoded))
         else:
             batch.occurrences.setdefault(decoded.gateway_request_id, []).append((record, decoded))
     return batch
