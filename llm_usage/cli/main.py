@@ -26,6 +26,7 @@ COMMAND_GROUPS: Final = (
     "llm_usage.cli.demo",
     "llm_usage.bench.cli",
     "llm_usage.cli.rollup",
+    "llm_usage.cli.reconcile",
     "llm_usage.cli.dlq",
     "llm_usage.cli.policy",
     "llm_usage.cli.prices",

@@ -182,6 +182,36 @@ def adjustment_line(
     )
 
 
+def adjustment_lines(
+    *,
+    period: str,
+    original_period: str,
+    totals: Mapping[LineKey, Usage],
+    billed: Mapping[tuple[str, str | None, str], Billed],
+    charges: Mapping[LineKey, PeriodCharge],
+    corrections: Mapping[LineKey, Sequence[str]] | None = None,
+) -> list[InvoiceLine]:
+    """The true-ups billed in `period` for the closed `original_period`, one per (tenant,
+    deployment) with usage now, billed lines or a period charge (0-cent ones left out), in line
+    order: `totals` and `charges` of the month, `billed` as `billed_so_far` gives it, and the
+    late corrections each trues up."""
+    keys = totals.keys() | {(t, d) for t, d, m in billed if m == original_period} | charges.keys()
+    lines = (
+        adjustment_line(
+            tenant_id=tenant,
+            period=period,
+            deployment_id=deployment,
+            original_period=original_period,
+            total_now=totals.get((tenant, deployment), Usage()),
+            billed=billed.get((tenant, deployment, original_period), Billed()),
+            period_charge=charges.get((tenant, deployment)),
+            correction_ids=(corrections or {}).get((tenant, deployment), ()),
+        )
+        for tenant, deployment in sorted(keys, key=line_order)
+    )
+    return [line for line in lines if line is not None]
+
+
 def billed_so_far(lines: Iterable[InvoiceLine]) -> dict[tuple[str, str | None, str], Billed]:
     """For each (tenant, deployment, original month): the cents and usage its lines billed."""
     billed: dict[tuple[str, str | None, str], Billed] = {}

@@ -23,10 +23,8 @@ from llm_usage.domain.periods import (
 )
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.lines import (
-    Billed,
-    adjustment_line,
+    adjustment_lines,
     billed_so_far,
-    line_order,
     plan_true_up_lines,
     usage_lines,
 )
@@ -156,22 +154,14 @@ async def _compute_lines(
         month_charges = effective_period_charges(
             await period_charges_of_month(connection, period=month, tenants=marked_tenants)
         )
-        for tenant, deployment in sorted(
-            totals.keys() | {(t, d) for t, d, _ in billed} | month_charges.keys(),
-            key=line_order,
-        ):
-            line = adjustment_line(
-                tenant_id=tenant,
-                period=period,
-                deployment_id=deployment,
-                original_period=month,
-                total_now=totals.get((tenant, deployment), Usage()),
-                billed=billed.get((tenant, deployment, month), Billed()),
-                period_charge=month_charges.get((tenant, deployment)),
-                correction_ids=corrections.get((tenant, deployment), ()),
-            )
-            if line is not None:
-                lines.append(line)
+        lines += adjustment_lines(
+            period=period,
+            original_period=month,
+            totals=totals,
+            billed=billed,
+            charges=month_charges,
+            corrections=corrections,
+        )
     return ComputedLines(lines, handled, sorted(considered))
 
 

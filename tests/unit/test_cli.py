@@ -65,6 +65,7 @@ GROUP_COMMANDS = [
     "demo",
     "bench",
     "rollup",
+    "reconcile",
     "dlq",
     "policy",
     "prices",
