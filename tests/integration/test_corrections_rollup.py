@@ -12,8 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
 from llm_usage.domain.periods import add_months, period_of
+from llm_usage.rollup.reconcile import reconcile
 from llm_usage.rollup.run import close_month, run_rollup
 from tests import clock
 from tests.integration.pipeline import unique, usage_event
@@ -76,7 +78,7 @@ def random_correction(rng: random.Random, event: dict[str, Any], step: int) -> d
 async def test_corrections_of_closed_months_keep_every_month_billed_at_its_exact_total(
     rollup_db: tuple[str, asyncpg.Pool], seed: int
 ) -> None:
-    _, pool = rollup_db
+    url, pool = rollup_db
     await clock.clear_of_midnight()
     rng = random.Random(seed)
     tenant = unique("tenant")
@@ -135,3 +137,13 @@ async def test_corrections_of_closed_months_keep_every_month_billed_at_its_exact
         if line.tenant_id == tenant:
             assert set(line.meta.get("correction_ids", [])) <= {c["correction_id"] for c in later}
     await assert_billed_at_exact_totals(pool, tenant, months)
+    # And reconcile, recomputing every month from the effective events, finds nothing to say.
+    report = await reconcile(
+        pool,
+        Settings(database_url=url),
+        periods=[*map(period_of, months), billing_month, period_of(this_month)],
+        tenant_id=tenant,
+        confirm_seconds=0,
+        read_topic=False,
+    )
+    assert report.drifts == [], [drift.text() for drift in report.drifts]
