@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from llm_usage.consumers.usage.recorder import UsageRecorder
-from llm_usage.domain.corrections import Effective
+from llm_usage.domain.corrections import Effective, original
 from tests import clock
 from tests.integration.pipeline import encode, usage_event
 from tests.records import consumer_record
@@ -29,6 +29,26 @@ async def store_event(pool: asyncpg.Pool, tenant: str, **fields: Any) -> asyncpg
     )
     assert row is not None
     return row
+
+
+class _Figures:
+    """A stored row read through attributes, as `original` reads a stored event."""
+
+    def __init__(self, row: asyncpg.Record) -> None:
+        self._row = row
+
+    def __getattr__(self, name: str) -> Any:
+        return self._row[name]
+
+
+def as_stored(event: asyncpg.Record) -> Effective:
+    """What a stored event contributes before any correction."""
+    return original(_Figures(event))
+
+
+def utc_text(moment: datetime) -> str:
+    """As the API writes a time: RFC 3339 in UTC with `Z`."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 async def set_effective(

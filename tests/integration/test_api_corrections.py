@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import replace
-from datetime import UTC, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,16 +17,18 @@ import httpx
 import pytest
 
 from llm_usage.core.settings import Settings
-from llm_usage.domain.corrections import Action, Correction, original
+from llm_usage.domain.corrections import Action, Correction
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from tests import clock
 from tests.api_support import api_client, bearer, token
 from tests.integration.budget_check_support import serving
 from tests.integration.correction_support import (
     add_correction,
+    as_stored,
     park_correction,
     set_effective,
     store_event,
+    utc_text,
 )
 from tests.integration.pipeline import (
     PipelineTopics,
@@ -36,10 +38,6 @@ from tests.integration.pipeline import (
 )
 
 ADMIN = bearer(token("platform-admin", sub="ops@example.com"))
-
-
-def _utc(moment: Any) -> str:
-    return str(moment.astimezone(UTC).isoformat().replace("+00:00", "Z"))
 
 
 def _corrections(gateway_request_id: str) -> str:
@@ -269,7 +267,7 @@ async def test_an_amend_starts_from_the_current_effective_values(
     tenant = unique("tenant")
     event = await store_event(pool, tenant)
     earlier = replace(
-        original(_Figures(event)),
+        as_stored(event),
         deployment_id="dep-7",
         customer_charge_usd=Decimal("0.0100"),
         customer_charge_cents=1,
@@ -303,16 +301,6 @@ async def test_an_amend_starts_from_the_current_effective_values(
     }
 
 
-class _Figures:
-    """A stored row read through attributes, as `original` reads a stored event."""
-
-    def __init__(self, row: asyncpg.Record) -> None:
-        self._row = row
-
-    def __getattr__(self, name: str) -> Any:
-        return self._row[name]
-
-
 async def test_a_void_with_its_own_id_and_time_is_published_as_sent_and_repeats_unchanged(
     topics: PipelineTopics, pool: asyncpg.Pool
 ) -> None:
@@ -324,7 +312,7 @@ async def test_a_void_with_its_own_id_and_time_is_published_as_sent_and_repeats_
         "fields": {},
         "reason": "test traffic",
         "correction_id": "c-void-1",
-        "occurred_at": _utc(decided),
+        "occurred_at": utc_text(decided),
     }
     async with api_client(pool, settings=topics.settings) as (client, _):
         answers = [
@@ -357,7 +345,7 @@ async def test_the_event_shows_its_effective_values_and_history_oldest_first(
         pool, event, "c-c", action="void", occurred_at=start + timedelta(minutes=1), won=False
     )
     moved = replace(
-        original(_Figures(event)),
+        as_stored(event),
         user_id="user-9",
         customer_charge_usd=Decimal("0.0100"),
         customer_charge_cents=None,
@@ -394,7 +382,7 @@ async def test_the_event_shows_its_effective_values_and_history_oldest_first(
             "fields": {"user_id": "user-9", "customer_charge_usd": "0.0100"},
             "reason": "reason of c-b",
             "actor": "ops@example.com",
-            "occurred_at": _utc(start + timedelta(minutes=2)),
+            "occurred_at": utc_text(start + timedelta(minutes=2)),
             "received_at": shown["corrections"][2]["received_at"],
             "verdict": "applied",
             "won": True,
@@ -420,7 +408,7 @@ async def test_a_voided_event_says_so_and_still_shows_its_figures(pool: asyncpg.
     tenant = unique("tenant")
     event = await store_event(pool, tenant)
     await add_correction(pool, event, "c-void", action="void", occurred_at=clock.now())
-    await set_effective(pool, event, replace(original(_Figures(event)), voided=True), winner="c")
+    await set_effective(pool, event, replace(as_stored(event), voided=True), winner="c")
     async with api_client(pool) as (client, _):
         shown = (
             await client.get(f"/v1/usage-events/{event['gateway_request_id']}", headers=ADMIN)
@@ -448,9 +436,9 @@ async def test_an_event_past_the_id_window_is_found_by_its_tenant_with_or_withou
         assert unnamed.status_code == 422
         for params in (
             {"tenant_id": tenant},
-            {"tenant_id": tenant, "event_occurred_at": _utc(event["occurred_at"])},
+            {"tenant_id": tenant, "event_occurred_at": utc_text(event["occurred_at"])},
             # A wrong hint only costs the slower search.
-            {"tenant_id": tenant, "event_occurred_at": _utc(clock.now() - timedelta(days=3))},
+            {"tenant_id": tenant, "event_occurred_at": utc_text(clock.now() - timedelta(days=3))},
         ):
             answer = await client.get(url, params=params, headers=ADMIN)
             assert answer.status_code == 200, (params, answer.text)
@@ -461,7 +449,7 @@ async def test_an_event_past_the_id_window_is_found_by_its_tenant_with_or_withou
         )
         assert posted.status_code == 202, posted.text
     [record] = await _published(topics)
-    assert json.loads(record.value)["event_occurred_at"] == _utc(event["occurred_at"])
+    assert json.loads(record.value)["event_occurred_at"] == utc_text(event["occurred_at"])
 
 
 async def test_an_unreachable_broker_is_a_503_naming_the_correction_id(pool: asyncpg.Pool) -> None:

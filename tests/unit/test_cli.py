@@ -66,6 +66,7 @@ GROUP_COMMANDS = [
     "bench",
     "rollup",
     "dlq",
+    "events",
     "policy",
     "prices",
     "budget",
