@@ -14,12 +14,21 @@ from llm_usage.consumers.usage.corrections import (
     add_dimensions,
     add_totals,
     dimensions_contribution,
+    judge,
     plan_corrections,
     totals_contribution,
 )
-from llm_usage.domain.corrections import Action, Correction, effective_after, original, winner
+from llm_usage.domain.corrections import (
+    Action,
+    Correction,
+    Verdict,
+    effective_after,
+    original,
+    winner,
+)
 from llm_usage.schemas.usage_event import UsageRow
-from llm_usage.storage.corrections import EffectiveNow
+from llm_usage.storage.corrections import EffectiveNow, JudgedCorrection
+from tests.records import consumer_record
 
 EVENT_AT = datetime(2026, 11, 14, 9, 0, tzinfo=UTC)
 LATER = EVENT_AT + timedelta(days=1)
@@ -191,3 +200,35 @@ def test_any_order_one_at_a_time_ends_in_the_winners_contribution(
     assert totals == totals_contribution(event, final)
     assert dimensions == dimensions_contribution(event, final)
     assert state[(event.tenant_id, event.occurred_at, event.gateway_request_id)].effective == final
+
+
+def judged_as(verdict: Verdict, c: Correction) -> JudgedCorrection:
+    return JudgedCorrection(verdict, c, won=True, late=False, billed_in=None, received_at=LATER)
+
+
+def test_judging_keeps_the_first_copy_and_settles_the_others_against_it() -> None:
+    void, amend = correction("c1", Action.VOID), correction("c2", input_tokens=1)
+    reused = correction("c1", input_tokens=1)
+    copies = [
+        (consumer_record(b"", offset=n), c) for n, c in enumerate([void, void, reused, amend])
+    ]
+    judging = judge(copies, {})
+    assert [c for _, c in judging.candidates] == [void, amend]
+    assert judging.outcome.counts == {"duplicate": 1, "conflict": 1}
+    [letter] = judging.outcome.dead_letters
+    assert letter.record.offset == 2
+    assert letter.reason == "conflicting_duplicate"
+    assert "action, fields" in letter.detail
+
+
+def test_judging_an_applied_key_ends_its_wait_and_an_unknown_one_is_judged_again() -> None:
+    applied, unknown = correction("c1", Action.VOID), correction("c2", Action.VOID)
+    known = {
+        applied.key: judged_as(Verdict.APPLIED, applied),
+        unknown.key: judged_as(Verdict.UNKNOWN, unknown),
+    }
+    copies = [(consumer_record(b"", offset=n), c) for n, c in enumerate([applied, unknown])]
+    judging = judge(copies, known)
+    assert [c for _, c in judging.candidates] == [unknown]
+    assert judging.outcome.counts == {"duplicate": 1}
+    assert judging.resolved == [applied.key]
