@@ -13,7 +13,7 @@ adjustments true up to that amount too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -148,12 +148,14 @@ def adjustment_line(
     total_now: Usage,
     billed: Billed,
     period_charge: PeriodCharge | None = None,
+    correction_ids: Sequence[str] = (),
 ) -> InvoiceLine | None:
     """The true-up billed in `period` for late events (or a superseding period charge) of the
     closed `original_period`, or None when it comes to 0 cents. Its amount makes every line
     billing the original month add up to round_half_up(its period charge * 100) when it has
     one, else to round_half_up(its exact total now * 100); its qty and meta are the late
-    events' own (and the period charge it trues up to)."""
+    events' own (and the period charge it trues up to), negative when corrections took usage
+    away; `correction_ids` names the late corrections it trues up."""
     target = total_now.charge_usd if period_charge is None else period_charge.period_charge_usd
     amount = usd_to_cents(target) - billed.cents
     if amount == 0:
@@ -175,8 +177,39 @@ def adjustment_line(
             "original_period": original_period,
             **estimated_meta(late),
             **charge_meta,
+            **({"correction_ids": sorted(correction_ids)} if correction_ids else {}),
         },
     )
+
+
+def adjustment_lines(
+    *,
+    period: str,
+    original_period: str,
+    totals: Mapping[LineKey, Usage],
+    billed: Mapping[tuple[str, str | None, str], Billed],
+    charges: Mapping[LineKey, PeriodCharge],
+    corrections: Mapping[LineKey, Sequence[str]] | None = None,
+) -> list[InvoiceLine]:
+    """The true-ups billed in `period` for the closed `original_period`, one per (tenant,
+    deployment) with usage now, billed lines or a period charge (0-cent ones left out), in line
+    order: `totals` and `charges` of the month, `billed` as `billed_so_far` gives it, and the
+    late corrections each trues up."""
+    keys = totals.keys() | {(t, d) for t, d, m in billed if m == original_period} | charges.keys()
+    lines = (
+        adjustment_line(
+            tenant_id=tenant,
+            period=period,
+            deployment_id=deployment,
+            original_period=original_period,
+            total_now=totals.get((tenant, deployment), Usage()),
+            billed=billed.get((tenant, deployment, original_period), Billed()),
+            period_charge=charges.get((tenant, deployment)),
+            correction_ids=(corrections or {}).get((tenant, deployment), ()),
+        )
+        for tenant, deployment in sorted(keys, key=line_order)
+    )
+    return [line for line in lines if line is not None]
 
 
 def billed_so_far(lines: Iterable[InvoiceLine]) -> dict[tuple[str, str | None, str], Billed]:

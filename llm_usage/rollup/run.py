@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 
@@ -23,12 +23,15 @@ from llm_usage.domain.periods import (
 )
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.lines import (
-    Billed,
-    adjustment_line,
+    adjustment_lines,
     billed_so_far,
-    line_order,
     plan_true_up_lines,
     usage_lines,
+)
+from llm_usage.storage.correction_billing import (
+    CorrectionKey,
+    mark_corrections_billed,
+    unbilled_corrections,
 )
 from llm_usage.storage.invoice_lines import (
     LateMark,
@@ -67,14 +70,21 @@ class RollupResult:
     closed: bool
 
 
+class ComputedLines(NamedTuple):
+    lines: list[InvoiceLine]
+    handled: list[LateMark]  # the marks of late usage whose true-ups the lines hold
+    corrections: list[CorrectionKey]  # the late corrections those true-ups considered
+
+
 async def _compute_lines(
     connection: Connection,
     period: str,
     tenant_id: str | None,
     closed: set[str],
     progress: Progress | None = None,
-) -> tuple[list[InvoiceLine], list[LateMark]]:
-    """The month's lines, and the marks of late usage whose true-ups they hold."""
+) -> ComputedLines:
+    """The month's lines, the marks of late usage whose true-ups they hold, and the late
+    corrections those true-ups considered."""
     first_day = parse_period(period)
     after = next_month(first_day)
     tenants = (
@@ -116,9 +126,19 @@ async def _compute_lines(
     marked: dict[str, set[str]] = {}
     for mark in handled:
         marked.setdefault(mark.period, set()).add(mark.tenant_id)
+    considered: list[CorrectionKey] = []
     for month in sorted(marked):
         month_first = parse_period(month)
         marked_tenants = sorted(marked[month])
+        corrections = await unbilled_corrections(
+            connection,
+            first_day=month_first,
+            next_month=next_month(month_first),
+            tenants=marked_tenants,
+        )
+        considered.extend(
+            {(tenant, cid) for (tenant, _), ids in corrections.items() for cid in ids}
+        )
         totals = {
             (tenant, deployment): usage
             for tenant, deployment, usage in await usage_of_tenants(
@@ -134,22 +154,15 @@ async def _compute_lines(
         month_charges = effective_period_charges(
             await period_charges_of_month(connection, period=month, tenants=marked_tenants)
         )
-        for tenant, deployment in sorted(
-            totals.keys() | {(t, d) for t, d, _ in billed} | month_charges.keys(),
-            key=line_order,
-        ):
-            line = adjustment_line(
-                tenant_id=tenant,
-                period=period,
-                deployment_id=deployment,
-                original_period=month,
-                total_now=totals.get((tenant, deployment), Usage()),
-                billed=billed.get((tenant, deployment, month), Billed()),
-                period_charge=month_charges.get((tenant, deployment)),
-            )
-            if line is not None:
-                lines.append(line)
-    return lines, handled
+        lines += adjustment_lines(
+            period=period,
+            original_period=month,
+            totals=totals,
+            billed=billed,
+            charges=month_charges,
+            corrections=corrections,
+        )
+    return ComputedLines(lines, handled, sorted(considered))
 
 
 async def run_rollup(
@@ -168,7 +181,7 @@ async def run_rollup(
         if period in closed:
             frozen = await lines_for(connection, period=period, tenant_id=tenant_id)
             return RollupResult(period, frozen, True)
-        lines, _ = await _compute_lines(connection, period, tenant_id, closed, progress)
+        lines = (await _compute_lines(connection, period, tenant_id, closed, progress)).lines
         await replace_open_lines(
             connection,
             period=period,
@@ -189,7 +202,7 @@ async def month_lines(
         return RollupResult(
             period, await lines_for(connection, period=period, tenant_id=tenant_id), True
         )
-    lines, _ = await _compute_lines(connection, period, tenant_id, closed)
+    lines = (await _compute_lines(connection, period, tenant_id, closed)).lines
     return RollupResult(period, lines, False)
 
 
@@ -220,11 +233,14 @@ async def close_month(
         # Batches adding to this month wait from here until the close commits: the ones under
         # way have committed (their usage is read below); later ones see the month closed.
         await lock_month_for_close(connection, period)
-        lines, handled = await _compute_lines(connection, period, None, closed, progress)
+        lines, handled, corrections = await _compute_lines(
+            connection, period, None, closed, progress
+        )
         await replace_open_lines(connection, period=period, tenant_id=None, lines=lines)
         await close_period(connection, period)
         # Billed for good in these final lines (unless a batch marked one again meanwhile).
         await forget_late_marks(connection, handled)
+        await mark_corrections_billed(connection, period=period, corrections=corrections)
     return RollupResult(period, [replace(line, closed=True) for line in lines], True)
 
 

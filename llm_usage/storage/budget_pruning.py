@@ -41,6 +41,17 @@ _PRUNE_COUNTERS = tuple(
     for table in ("budget_spend", "budget_held")
 )
 
+# What the budget consumer applied of corrections: a correction applied before the horizon
+# corrects an event older still, which counts toward no period any more, so its record can go.
+_PRUNE_CORRECTIONS = """
+    DELETE FROM budget_corrections
+    WHERE (tenant_id, correction_id) IN (
+        SELECT tenant_id, correction_id FROM budget_corrections
+        WHERE applied_at < $1
+        LIMIT $2
+    )
+"""
+
 # Walks the outbox by `seq` (its primary key) once: alerts of old periods are mostly old alerts,
 # and an unpublished one is never deleted.
 _PRUNE_ALERTS = """
@@ -62,10 +73,11 @@ async def prune_budget_periods(
     connection: Connection, *, before: date, batch_rows: int = PRUNE_BATCH_ROWS
 ) -> int:
     """Delete the spend counters of periods starting before `before`, what checks held on them,
-    and their alerts that were published, `batch_rows` at a time, each batch in a transaction of
+    the budget consumer's records of corrections applied before it, and their alerts that were
+    published, `batch_rows` at a time, each batch in a transaction of
     its own; return how many rows were deleted in all. Call it outside a transaction."""
     deleted = 0
-    for prune in _PRUNE_COUNTERS:
+    for prune in (*_PRUNE_COUNTERS, _PRUNE_CORRECTIONS):
         while True:
             status = await connection.execute(prune, before, batch_rows)
             count = int(status.rsplit(" ", 1)[-1])

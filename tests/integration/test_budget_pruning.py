@@ -104,12 +104,21 @@ async def test_old_periods_go_in_batches_and_the_horizon_and_unpublished_alerts_
         await add_counter(pool, tenant, "monthly", horizon)
         await add_counter(pool, tenant, "monthly", clock.this_month())
     old_published = [await add_alert(pool, t, old_month, published=True) for t in tenants]
+    for tenant in tenants[:5]:  # corrections applied before the horizon go, later ones stay
+        for applied_on in (before, horizon):
+            await pool.execute(
+                "INSERT INTO budget_corrections (tenant_id, correction_id, gateway_request_id, "
+                "applied_at) VALUES ($1, $2, 'req', $3::date::timestamptz)",
+                tenant,
+                unique("correction"),
+                applied_on,
+            )
     old_unpublished = await add_alert(pool, tenants[0], before, published=False)
     inside = await add_alert(pool, tenants[1], horizon, published=True)
 
     async with pool.acquire() as connection:
         deleted = await prune_budget_periods(connection, before=horizon, batch_rows=4)
-        assert deleted == 2 * 3 * len(tenants) + len(old_published)
+        assert deleted == 2 * 3 * len(tenants) + 5 + len(old_published)
         assert await prune_budget_periods(connection, before=horizon, batch_rows=4) == 0
 
     for table in ("budget_spend", "budget_held"):
@@ -121,6 +130,10 @@ async def test_old_periods_go_in_batches_and_the_horizon_and_unpublished_alerts_
             ("monthly", horizon, len(tenants)),
             ("monthly", clock.this_month(), len(tenants)),
         ], table
+    kept = await pool.fetch(
+        "SELECT applied_at FROM budget_corrections WHERE tenant_id = ANY($1)", tenants
+    )
+    assert sorted(row["applied_at"].date() for row in kept) == [horizon] * 5
     alerts = {
         row["alert_id"] for row in await pool.fetch("SELECT alert_id FROM budget_alert_outbox")
     }

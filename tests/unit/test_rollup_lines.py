@@ -129,9 +129,9 @@ def test_true_ups_keep_every_month_at_its_total_rounded_once() -> None:
         assert sum(line.amount_cents for line in billed_lines) == usd_to_cents(exact)
 
 
-def test_a_true_up_is_never_negative() -> None:
-    # Charges are never negative, so a month's exact total only grows and never rounds lower
-    # than what was billed for it.
+def test_late_usage_alone_never_makes_a_negative_true_up() -> None:
+    # Charges are never negative, so without corrections a month's exact total only grows and
+    # never rounds lower than what was billed for it.
     for cents_billed, total in [(1, D("0.005")), (2, D("0.015")), (0, D("0.0049"))]:
         line = adjustment_line(
             tenant_id="t",
@@ -158,3 +158,32 @@ def test_the_progress_bar_draws_in_place_and_only_for_long_runs() -> None:
     bar(1000, 1000)
     bar.finish()
     assert stream.getvalue() == "\rtenants [##........] 200/1000\rtenants [##########] 1000/1000\n"
+
+
+def test_a_void_after_the_close_is_a_negative_true_up_naming_its_corrections() -> None:
+    billed = Billed(150, Usage(D("0"), 300, 120, 3))
+    line = adjustment_line(
+        tenant_id="t1",
+        period="2026-12",
+        deployment_id="d",
+        original_period="2026-11",
+        total_now=Usage(D("1.004"), 200, 80, 2),  # one of the three requests voided
+        billed=billed,
+        correction_ids=["c-9", "c-10"],
+    )
+    assert line is not None
+    assert line.amount_cents == 100 - 150
+    assert line.qty == -140
+    assert line.meta["requests"] == -1
+    assert line.meta["correction_ids"] == ["c-10", "c-9"]
+    assert "-100 in / -40 out (-1 requests)" in line.description
+    unnamed = adjustment_line(
+        tenant_id="t1",
+        period="2026-12",
+        deployment_id="d",
+        original_period="2026-11",
+        total_now=Usage(D("1.004"), 200, 80, 2),
+        billed=billed,
+    )
+    assert unnamed is not None
+    assert "correction_ids" not in unnamed.meta

@@ -10,16 +10,14 @@ second time. Then it publishes what is left, in the order the alerts were decide
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from datetime import UTC, datetime
 
 import structlog
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from llm_usage.consumers.budget.metrics import BudgetMetrics
 from llm_usage.core.faults import crash_here
+from llm_usage.kafka.alert_topic import alert_ids_after
 from llm_usage.kafka.clients import new_reader, start_client
 from llm_usage.runtime.handler import ConsumerContext, SideTask
 from llm_usage.runtime.leadership import Leadership, Lease, lead_while_held
@@ -152,7 +150,7 @@ class AlertRelay:
         reader = new_reader(self._settings)
         await start_client(reader, self._settings)
         try:
-            found, ends = await _alert_ids_after(
+            found, ends = await alert_ids_after(
                 reader, [TopicPartition(self._topic, p) for p in partitions], positions
             )
         finally:
@@ -168,45 +166,7 @@ class AlertRelay:
             )
 
 
-async def _alert_ids_after(
-    reader: AIOKafkaConsumer, partitions: list[TopicPartition], positions: dict[int, int]
-) -> tuple[list[str], dict[int, int]]:
-    """The alert ids on `partitions` from `positions` (the beginning where none is recorded) to
-    their current ends, and those ends."""
-    reader.assign(partitions)
-    ends = {tp.partition: offset for tp, offset in (await reader.end_offsets(partitions)).items()}
-    # One request for every partition's first offset, then plain seeks: aiokafka's
-    # seek_to_beginning waits for its fetcher's next round (up to fetch_max_wait_ms, 500 ms)
-    # per call, which held a starting relay's first alerts back by seconds on 6 partitions.
-    # A recorded position that retention has deleted since starts at the first offset kept.
-    starts = await reader.beginning_offsets(partitions)
-    for tp in partitions:
-        reader.seek(tp, max(positions.get(tp.partition, 0), starts[tp]))
-    found: list[str] = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        remaining = [tp for tp in partitions if await reader.position(tp) < ends[tp.partition]]
-        if not remaining:
-            return found, ends
-        fetched = await reader.getmany(*remaining, timeout_ms=500)
-        found.extend(
-            alert_id
-            for records in fetched.values()
-            for record in records
-            if (alert_id := _alert_id_of(record.value)) is not None
-        )
-    raise TimeoutError(f"could not read the alerts topic to its end within 120 s: {partitions}")
-
-
 def _seconds_since(moment: datetime) -> float:
     """The age of `moment`, a time the database's `now()` gave: measured on the wall clock,
     never on the worker's clock (which a soak simulates days in the past)."""
     return (datetime.now(UTC) - moment).total_seconds()
-
-
-def _alert_id_of(value: bytes | None) -> str | None:
-    try:
-        alert_id = json.loads(value or b"")["alert_id"]
-    except (ValueError, TypeError, KeyError):
-        return None  # not an alert of ours; nothing to mark
-    return str(alert_id)
