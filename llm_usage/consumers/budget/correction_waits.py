@@ -12,20 +12,24 @@ from datetime import datetime
 
 import structlog
 
-from llm_usage.consumers.budget.corrections import DEFERRED, Received, apply_corrections
+from llm_usage.consumers.budget.corrections import (
+    BUDGET,
+    DEFERRED,
+    Received,
+    apply_corrections,
+)
 from llm_usage.domain.corrections import Correction
 from llm_usage.runtime.correction_metrics import CorrectionMetrics
 from llm_usage.runtime.handler import ConsumerContext, SideTask
 from llm_usage.runtime.retry import is_transient, sleep_unless_stopping
 from llm_usage.schemas.decoding import decode_usage_topic_record
-from llm_usage.storage.budget_corrections import (
-    Parked,
+from llm_usage.storage.corrections import (
+    Waiting,
+    claim_waits,
+    forget_waits,
     lock_correction_buckets,
-    still_waiting,
-    take_waiting,
-    unpark,
-    wait_figures,
-    waiting_of_tenant,
+    wait_summary,
+    waiting_events,
     waiting_tenants,
 )
 from llm_usage.storage.pool import Connection, connection_from
@@ -50,13 +54,13 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     error (the next round tries again)."""
     try:
         async with connection_from(context.pool) as connection:
-            for tenant_id in await waiting_tenants(connection):
+            for tenant_id in await waiting_tenants(connection, BUDGET):
                 async with connection.transaction():
                     results = await _retry_tenant(connection, tenant_id, now=context.clock())
                 for result in results:  # committed
                     if result != DEFERRED:  # counted once, when it was parked
                         metrics.count(result)
-            waiting, oldest = await wait_figures(connection)
+            summary = await wait_summary(connection, BUDGET)
     except Exception as error:
         if not is_transient(error):
             raise
@@ -65,7 +69,8 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
         )
         return False
     now = context.clock()
-    metrics.waiting.labels(metrics.consumer).set(waiting)
+    metrics.waiting.labels(metrics.consumer).set(summary.waiting)
+    oldest = summary.oldest_first_seen_at
     age = (now - oldest).total_seconds() if oldest is not None else 0.0
     metrics.oldest_wait.labels(metrics.consumer).set(max(age, 0.0))
     return True
@@ -74,33 +79,33 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
 async def _retry_tenant(connection: Connection, tenant_id: str, *, now: datetime) -> list[str]:
     """Try the tenant's parked corrections that no other replica is trying; what became of
     each."""
-    parked = await waiting_of_tenant(connection, tenant_id)
-    await lock_correction_buckets(connection, ((tenant_id, request_id) for _, request_id in parked))
-    taken = await take_waiting(
-        connection, tenant_id, [correction_id for correction_id, _ in parked]
-    )
+    events = set(await waiting_events(connection, BUDGET, tenant_id))
+    await lock_correction_buckets(connection, sorted(events))
+    # A row parked since `events` was read is left to the next round: its bucket is not held.
+    claimed = [
+        waiting
+        for waiting in await claim_waits(connection, BUDGET, tenant_id)
+        if (waiting.tenant_id, waiting.gateway_request_id) in events
+    ]
     received: list[Received] = []
     unreadable: list[tuple[str, str]] = []
-    for row in taken:
-        correction = _decoded(row, now=now)
+    for waiting in claimed:
+        correction = _decoded(waiting, now=now)
         if correction is None:
-            unreadable.append((row.tenant_id, row.correction_id))
+            unreadable.append((waiting.tenant_id, waiting.correction_id))
         else:
-            received.append(Received(correction, row))
+            received.append(Received(correction))
     results = await apply_corrections(connection, received, now=now)
-    waits = [
+    resolved = [
         item.correction.key
         for item, result in zip(received, results, strict=True)
-        if result == DEFERRED
+        if result != DEFERRED
     ]
-    await still_waiting(connection, waits)
-    await unpark(
-        connection, {item.correction.key for item in received} - set(waits) | set(unreadable)
-    )
+    await forget_waits(connection, BUDGET, resolved + unreadable)
     return results
 
 
-def _decoded(row: Parked, *, now: datetime) -> Correction | None:
+def _decoded(row: Waiting, *, now: datetime) -> Correction | None:
     """The parked record as the correction it was when parked (None, logged: it no longer
     decodes as one, e.g. after a downgrade)."""
     decoded = decode_usage_topic_record(row.value, now=now)

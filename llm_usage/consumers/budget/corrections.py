@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -32,24 +32,19 @@ from llm_usage.domain.corrections import (
 )
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.runtime.handler import BatchResult, Record
-from llm_usage.schemas.usage_event import UsageRow
 from llm_usage.storage.budget_corrections import (
-    CorrectionKey,
-    EventKey,
-    Parked,
-    applied_here,
-    applied_history,
+    applied_to_events,
     record_applied,
-    stored_correction,
-    stored_originals,
-    usage_verdicts,
     window_counted,
 )
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import move_counters
+from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
 from llm_usage.storage.pool import Connection
 
 log = structlog.get_logger(__name__)
+
+BUDGET: Final = "budget"  # the consumer, as correction_waits and the metrics name it
 
 # What became of a correction: the `result` label of llm_usage_corrections_total.
 APPLIED: Final = "applied"  # it won: the counters moved to its values
@@ -72,39 +67,23 @@ BATCH_RESULTS: Final[Mapping[str, BatchResult]] = {
 
 @dataclass(frozen=True)
 class Received:
-    """A correction as a record brought it, with that record byte for byte (to park it)."""
+    """A correction, and the record that brought it (None when it comes back from its wait)."""
 
     correction: Correction
-    parked: Parked
-
-    @classmethod
-    def of(cls, correction: Correction, record: Record) -> Received:
-        return cls(
-            correction,
-            Parked(
-                tenant_id=correction.tenant_id,
-                correction_id=correction.correction_id,
-                gateway_request_id=correction.gateway_request_id,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key,
-                value=record.value,
-            ),
-        )
+    record: Record | None = None
 
 
 async def apply_corrections(
     connection: Connection, received: Sequence[Received], *, now: datetime
 ) -> list[str]:
     """Apply the corrections the usage consumer applied and whose events are counted, in order;
-    return what became of each (`APPLIED`, `DEFERRED`, …), in `received`'s order."""
-    keys = [item.correction.key for item in received]
-    verdicts = await usage_verdicts(connection, keys)
-    done = await applied_here(connection, keys)
+    return what became of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order."""
+    done = await applied_to_events(connection, {item.correction.event for item in received})
+    keys = {item.correction.key for item in received}
+    verdicts = await judged(connection, sorted(keys | done))
     results: list[str] = []
     first: dict[CorrectionKey, Correction] = {}
-    ready: dict[int, Correction] = {}  # position → the usage consumer's row of it
+    ready: dict[int, Correction] = {}  # position -> the usage consumer's copy of it
     for position, item in enumerate(received):
         correction = item.correction
         if correction.key in first:  # an earlier copy in this batch decides
@@ -112,29 +91,32 @@ async def apply_corrections(
             results.append(DUPLICATE if same else CONFLICT)
             continue
         first[correction.key] = correction
-        row = verdicts.get(correction.key)
-        stored = stored_correction(row) if row is not None else None
-        if stored is not None and not same_correction(stored, correction):
+        verdict = verdicts.get(correction.key)
+        if verdict is not None and not same_correction(verdict.correction, correction):
             results.append(CONFLICT)
         elif correction.key in done:
             results.append(DUPLICATE)
-        elif row is None:
+        elif verdict is None:
             results.append(DEFERRED)
-        elif row["verdict"] != Verdict.APPLIED:
+        elif verdict.verdict is not Verdict.APPLIED:
             results.append(UNKNOWN)
         else:
-            assert stored is not None
-            ready[position] = stored
-            results.append(APPLIED)  # for now: counted and stored are asked below
+            ready[position] = verdict.correction
+            results.append(APPLIED)  # unless its event is not counted, or no longer stored
     if ready:
-        await _apply_ready(connection, ready, verdicts, results, now=now)
+        history: dict[EventKey, list[Correction]] = {}
+        for key in done:
+            if key in verdicts:
+                applied = verdicts[key].correction
+                history.setdefault(applied.event, []).append(applied)
+        await _apply_ready(connection, ready, history, results, now=now)
     return results
 
 
 async def _apply_ready(
     connection: Connection,
     ready: dict[int, Correction],
-    verdicts: Mapping[CorrectionKey, Any],
+    history: dict[EventKey, list[Correction]],
     results: list[str],
     *,
     now: datetime,
@@ -148,24 +130,16 @@ async def _apply_ready(
             del ready[position]
     if not ready:
         return
-    event_times = {
-        c.event: verdicts[c.key]["event_occurred_at"] for c in ready.values()
-    }  # where the usage consumer found the event
-    originals = await stored_originals(
-        connection, [(tenant, at, request_id) for (tenant, request_id), at in event_times.items()]
-    )
-    applied: dict[EventKey, list[Correction]] = {event: [] for event in event_times}
-    for row in await applied_history(connection, event_times):
-        correction = stored_correction(row)
-        applied[correction.event].append(correction)
+    # Where the usage consumer found each event (`event_occurred_at`): one probe of its key.
+    found = await find_events(connection, list(ready.values()))
 
     horizon = budget_horizon(now)
     net: dict[SpendKey, Decimal] = {}
     contributions: dict[SpendKey, list[Contribution]] = {}
     recorded: list[tuple[str, str, str]] = []
     for position, correction in ready.items():
-        row = originals.get(correction.event)
-        if row is None:  # its month left the database since the usage consumer applied it
+        stored = found.rows.get(correction.event)
+        if stored is None:  # its month left the database since the usage consumer applied it
             log.warning(
                 "A correction's event is no longer stored; it moves no counter.",
                 tenant_id=correction.tenant_id,
@@ -174,12 +148,11 @@ async def _apply_ready(
             )
             results[position] = UNKNOWN
             continue
-        stored = UsageRow(*(row[field] for field in UsageRow._fields))
         figures = original(stored)
-        history = applied[correction.event]
-        before = effective_after(figures, winner(history))
-        history.append(correction)
-        last = winner(history)
+        applied = history.setdefault(correction.event, [])
+        before = effective_after(figures, winner(applied))
+        applied.append(correction)
+        last = winner(applied)
         after = effective_after(figures, last)
         moved = spend_delta(
             spend_contribution(stored.tenant_id, stored.occurred_at, before, horizon=horizon),

@@ -8,7 +8,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.corrections import (
     BATCH_RESULTS,
+    BUDGET,
     DEFERRED,
     Received,
     apply_corrections,
@@ -36,7 +37,6 @@ from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
-from llm_usage.storage.budget_corrections import lock_correction_buckets, park, unpark
 from llm_usage.storage.budget_holds import EndedHold, release_counted_holds
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import (
@@ -44,6 +44,12 @@ from llm_usage.storage.budget_spend import (
     add_staged_to_counters,
     count_staged_events,
     stage_events,
+)
+from llm_usage.storage.corrections import (
+    Waiting,
+    forget_waits,
+    lock_correction_buckets,
+    park,
 )
 from llm_usage.storage.flavour import Flavour
 from llm_usage.storage.hold_presence import any_open_hold
@@ -81,7 +87,7 @@ def decode_for_counting(
         elif isinstance(decoded, PeriodCharge):  # billed by the rollup, never spend
             continue
         elif isinstance(decoded, Correction):
-            corrections.append(Received.of(decoded, record))
+            corrections.append(Received(decoded, record))
         elif decoded.gateway_request_id in events:
             counts[BatchResult.DUPLICATE] += 1
         else:
@@ -206,11 +212,16 @@ class BudgetCounter:
         the same batch); park those that must wait, forget the parked copies of the others.
         Return what became of each."""
         results = await apply_corrections(connection, corrections, now=now)
-        outcomes = list(zip(corrections, results, strict=True))
-        waiting = [item.parked for item, result in outcomes if result == DEFERRED]
-        await park(connection, waiting, now=now, wait_seconds=self._correction_wait_seconds)
-        waits = {(parked.tenant_id, parked.correction_id) for parked in waiting}
-        await unpark(connection, {item.correction.key for item, _ in outcomes} - waits)
+        until = now + timedelta(seconds=self._correction_wait_seconds)
+        waiting = [
+            _waiting(item, first_seen_at=now, wait_until=until)
+            for item, result in zip(corrections, results, strict=True)
+            if result == DEFERRED
+        ]
+        await park(connection, BUDGET, waiting)
+        waits = {(w.tenant_id, w.correction_id) for w in waiting}
+        resolved = {item.correction.key for item in corrections} - waits
+        await forget_waits(connection, BUDGET, sorted(resolved))
         return results
 
     def _report(self, ended: Sequence[EndedHold], events: dict[str, UsageRow]) -> None:
@@ -237,4 +248,22 @@ def _staged(event: UsageRow) -> StagedEvent:
         event.reasoning_tokens,
         event.total_tokens,
         event.occurred_at,
+    )
+
+
+def _waiting(item: Received, *, first_seen_at: datetime, wait_until: datetime) -> Waiting:
+    """A correction to park, with the record that brought it byte for byte."""
+    correction, record = item.correction, item.record
+    assert record is not None  # a batch's corrections come from its records
+    return Waiting(
+        tenant_id=correction.tenant_id,
+        correction_id=correction.correction_id,
+        gateway_request_id=correction.gateway_request_id,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        first_seen_at=first_seen_at,
+        wait_until=wait_until,
     )
