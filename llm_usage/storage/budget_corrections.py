@@ -19,13 +19,12 @@ _APPLIED_TO_EVENTS = """
     FROM budget_corrections
     WHERE (tenant_id, gateway_request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
-# One probe of the window per id (pruned at run time to the id's slice, as storage/event_ids.py).
+# The window's rows of the ids, by a join on its distribution column (a form Citus runs too, as
+# storage/corrections.py's look-up).
 _WINDOW = """
-    SELECT k.id, w.tenant_id, w.counted
-    FROM unnest($1::text[]) AS k(id)
-    JOIN LATERAL (
-        SELECT tenant_id, counted FROM usage_event_ids WHERE gateway_request_id = k.id LIMIT 1
-    ) AS w ON true
+    SELECT i.gateway_request_id AS id, i.tenant_id, i.counted
+    FROM unnest($1::text[]) AS ids(id)
+    JOIN usage_event_ids AS i ON i.gateway_request_id = ids.id
 """
 _RECORD_APPLIED = """
     INSERT INTO budget_corrections (tenant_id, correction_id, gateway_request_id, applied_at)

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 async def require_budget_tables(pool: asyncpg.Pool) -> None:
     """Refuse to start against a database without the budget tables."""
     async with connection_from(pool) as connection:
-        for table in ("budget_spend", "budget_holds"):
+        for table in ("budget_spend", "budget_holds", "budget_corrections"):
             if await connection.fetchval("SELECT to_regclass($1)", table) is None:
                 raise ConfigurationError(
                     f"table {table} does not exist in DATABASE_URL's database; "
