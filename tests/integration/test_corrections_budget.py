@@ -26,6 +26,7 @@ from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.corrections import Correction
+from llm_usage.domain.periods import period_of
 from llm_usage.runtime.correction_metrics import CORRECTION_RESULTS, correction_metrics
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.decoding import decode_usage_topic_record
@@ -34,6 +35,7 @@ from tests import clock
 from tests.integration import test_budget_consumer
 from tests.integration.pipeline import (
     PipelineTopics,
+    assert_reconciled,
     encode,
     produce,
     spawn_consumer,
@@ -41,7 +43,12 @@ from tests.integration.pipeline import (
     usage_event,
     wait_until,
 )
-from tests.integration.test_budget_consumer import alerts_on, budget_env, set_policy
+from tests.integration.test_budget_consumer import (
+    alerts_on,
+    budget_env,
+    run_until_idle,
+    set_policy,
+)
 from tests.records import consumer_record
 
 _counter = iter(range(10**9))
@@ -435,3 +442,41 @@ async def test_the_consumer_follows_the_usage_verdict_and_drops_an_unknown(
         "SELECT correction_id FROM budget_corrections WHERE tenant_id = $1", tenant
     )
     assert [r[0] for r in applied] == [raised["correction_id"]]
+
+
+async def test_both_consumers_agree_on_a_stream_of_corrections(
+    topics: PipelineTopics, pool: asyncpg.Pool
+) -> None:
+    """The usage consumer's verdicts, then the budget consumer's counters: reconcile finds the
+    counters equal to the effective events, and the applied corrections all counted."""
+    await clock.clear_of_midnight()
+    tenant = unique("tenant")
+    at = clock.earlier_today()
+    voided, moved, twice = [
+        usage_event(tenant, customer_charge_usd=charge, occurred_at=clock.iso(at))
+        for charge in ("0.40", "0.30", "0.20")
+    ]
+    sent = [
+        correction(voided, "void"),
+        correction(moved, deployment_id="dep-2", user_id="user-2", customer_charge_usd="0.35"),
+        correction(twice, minutes=2, customer_charge_usd="0.05"),  # wins, though first here
+        correction(twice, minutes=1, customer_charge_usd="7"),
+    ]
+    await produce(
+        topics.settings.kafka_bootstrap_servers,
+        topics.usage,
+        [(tenant.encode(), encode(v)) for v in (voided, moved, twice, *sent)],
+    )
+    usage = await spawn_consumer(topics, "--exit-when-idle", "3", env=topics.environment())
+    assert await usage.finished(within=120) == 0, usage.log_tail()
+    await run_until_idle(topics)
+
+    spend = {
+        ("tenant", tenant): "0.40",
+        ("deployment", "dep-1"): "0.05",
+        ("user", "user-1"): "0.05",
+        ("deployment", "dep-2"): "0.35",
+        ("user", "user-2"): "0.35",
+    }
+    assert await counters(pool, tenant) == expected(at, spend)
+    await assert_reconciled(pool, topics.settings, [period_of(clock.this_month())], tenant)
