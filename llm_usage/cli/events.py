@@ -24,7 +24,7 @@ from llm_usage.cli.args import (
     OneLineArgumentParser,
     checked_instant,
     checked_tenant,
-    whole_number,
+    non_negative_int,
 )
 from llm_usage.cli.budget_tables import aligned_table, budget_tables
 from llm_usage.cli.policy import default_actor
@@ -269,13 +269,6 @@ async def run_events_command(args: argparse.Namespace, settings: Settings) -> No
     await action(settings, args, sys.stdout)
 
 
-def count(text: str) -> int:
-    value = whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return value
-
-
 def _words(name: str, prefix: str) -> str:
     return f"{prefix} {name.removesuffix('_id').replace('_', ' ')}"
 
@@ -324,11 +317,18 @@ def add_parser(commands: Commands) -> None:
         )
     for name in COUNT_FIELDS:
         amend.add_argument(
-            FLAGS[name], type=count, metavar="N", dest=name, help=_words(name, "the corrected")
+            FLAGS[name],
+            type=non_negative_int,
+            metavar="N",
+            dest=name,
+            help=_words(name, "the corrected"),
         )
     amend.add_argument("--charge-usd", metavar="X", help="the exact charge, a decimal")
     amend.add_argument(
-        "--charge-cents", type=count, metavar="N", help="the gateway's own rounding of it"
+        "--charge-cents",
+        type=non_negative_int,
+        metavar="N",
+        help="the gateway's own rounding of it",
     )
     for name, noun in ATTRIBUTIONS.items():
         choice = amend.add_mutually_exclusive_group()
