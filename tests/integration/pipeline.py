@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
 from llm_usage.kafka.topics import ensure_topics
+from llm_usage.rollup.reconcile import reconcile
 from llm_usage.testing.processes import spawn_llm_usage
 from llm_usage.testing.topics import end_offsets
 from tests import clock
@@ -449,3 +450,19 @@ def logged_matching(consumer: RunningConsumer, prefix: str) -> list[tuple[int, d
             if str(entry.get("event", "")).startswith(prefix):
                 found.append((index, entry))
     return found
+
+
+async def assert_reconciled(
+    pool: asyncpg.Pool, settings: Settings, periods: Sequence[str], tenant_id: str
+) -> None:
+    """`reconcile` over `periods` finds no drift in `tenant_id`'s numbers: everything the
+    workers derived equals what its raw events (with their corrections) make it."""
+    report = await reconcile(
+        pool,
+        settings,
+        periods=periods,
+        tenant_id=tenant_id,
+        confirm_seconds=0,
+        read_topic=False,
+    )
+    assert report.drifts == [], [drift.text() for drift in report.drifts]
