@@ -16,7 +16,7 @@ import json
 import socket
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from llm_usage.cli.args import (
@@ -28,6 +28,7 @@ from llm_usage.cli.args import (
 )
 from llm_usage.cli.budget_tables import aligned_table, budget_tables
 from llm_usage.cli.policy import default_actor
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError, UserFacingError
 from llm_usage.domain.ids import is_clean_id, is_storable_text
 
@@ -198,7 +199,7 @@ async def events_correct(settings: Settings, args: argparse.Namespace, out: Text
     gateway_request_id = checked_request_id(args.gateway_request_id)
     tenant_id = None if args.tenant is None else checked_tenant(args.tenant)
     hint = checked_instant("--event-occurred-at", args.event_occurred_at)
-    now = datetime.now(UTC)
+    now = worker_clock()()
     asked = CorrectionAsked(
         action=args.events_command,
         changes=asked_changes(args) if args.events_command == "amend" else {},
