@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -390,6 +390,44 @@ class Waiting:
     value: bytes
     first_seen_at: datetime
     wait_until: datetime
+
+    @classmethod
+    def of(
+        cls,
+        record: ParkedRecord,
+        correction: Correction,
+        *,
+        first_seen_at: datetime,
+        wait_until: datetime,
+    ) -> Waiting:
+        """`correction` parked with the record that brought it, byte for byte."""
+        return cls(
+            tenant_id=correction.tenant_id,
+            correction_id=correction.correction_id,
+            gateway_request_id=correction.gateway_request_id,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            first_seen_at=first_seen_at,
+            wait_until=wait_until,
+        )
+
+
+class ParkedRecord(Protocol):
+    """What a parked correction keeps of its Kafka record (an aiokafka ConsumerRecord)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes: ...
 
 
 _PARK = """

@@ -213,11 +213,13 @@ class BudgetCounter:
         Return what became of each."""
         results = await apply_corrections(connection, corrections, now=now)
         until = now + timedelta(seconds=self._correction_wait_seconds)
-        waiting = [
-            _waiting(item, first_seen_at=now, wait_until=until)
-            for item, result in zip(corrections, results, strict=True)
-            if result == DEFERRED
-        ]
+        waiting: list[Waiting] = []
+        for item, result in zip(corrections, results, strict=True):
+            if result == DEFERRED:
+                assert item.record is not None  # a batch's corrections come from its records
+                waiting.append(
+                    Waiting.of(item.record, item.correction, first_seen_at=now, wait_until=until)
+                )
         await park(connection, BUDGET, waiting)
         waits = {(w.tenant_id, w.correction_id) for w in waiting}
         resolved = {item.correction.key for item in corrections} - waits
@@ -248,22 +250,4 @@ def _staged(event: UsageRow) -> StagedEvent:
         event.reasoning_tokens,
         event.total_tokens,
         event.occurred_at,
-    )
-
-
-def _waiting(item: Received, *, first_seen_at: datetime, wait_until: datetime) -> Waiting:
-    """A correction to park, with the record that brought it byte for byte."""
-    correction, record = item.correction, item.record
-    assert record is not None  # a batch's corrections come from its records
-    return Waiting(
-        tenant_id=correction.tenant_id,
-        correction_id=correction.correction_id,
-        gateway_request_id=correction.gateway_request_id,
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        first_seen_at=first_seen_at,
-        wait_until=wait_until,
     )

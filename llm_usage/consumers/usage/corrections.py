@@ -289,7 +289,11 @@ async def apply_corrections(
     await write_effective(connection, plan.effective)
     await forget_waits(connection, CONSUMER, [*judging.resolved, *(c.key for c in applicable)])
     until = now + timedelta(seconds=wait_seconds)
-    await park(connection, CONSUMER, [_waiting(r, c, now, until) for r, c in waiting])
+    await park(
+        connection,
+        CONSUMER,
+        [Waiting.of(r, c, first_seen_at=now, wait_until=until) for r, c in waiting],
+    )
     outcome = judging.outcome
     outcome.counts[BatchResult.RECORDED] += len(applicable)
     if waiting:
@@ -306,21 +310,6 @@ async def apply_corrections(
     outcome.counts = +outcome.counts  # no zero counts
     return AppliedCorrections(
         outcome, plan.totals, plan.dimensions, waiting, +results, found.slow_lookups
-    )
-
-
-def _waiting(record: Record, correction: Correction, now: datetime, until: datetime) -> Waiting:
-    return Waiting(
-        tenant_id=correction.tenant_id,
-        correction_id=correction.correction_id,
-        gateway_request_id=correction.gateway_request_id,
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        first_seen_at=now,
-        wait_until=until,
     )
 
 
