@@ -74,7 +74,9 @@ test-calendar: install
 # aggregate equals the raw events; late usage of closed months billed exactly once), and the
 # API's reports and policy changes through the coordinator, and the price table (reference tables:
 # its per-pair advisory locks are the coordinator's, its racing adders still take turns), and the
-# budget check's function, its settlement across shards and the holds' sweeper (issue 23).
+# budget check's function, its settlement across shards and the holds' sweeper (issue 23), and
+# corrections through both consumers (signed moves of distributed rows, the bucket locks) and
+# reconcile (grouping sets one tenant at a time, issue 24).
 # test_partitions.py is not run here: it checks DETACH ... CONCURRENTLY, which Citus refuses;
 # test_citus.py checks the plain DETACH that `maintain` uses on Citus instead.
 CITUS_TESTS := tests/integration/test_citus.py \
@@ -100,12 +102,19 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_budget_holds_storage.py \
 	tests/integration/test_budget_holds_property.py \
 	tests/integration/test_budget_settlement.py \
-	tests/integration/test_api_budget_checks.py::test_500_checks_allow_exactly_50
+	tests/integration/test_api_budget_checks.py::test_500_checks_allow_exactly_50 \
+	tests/integration/test_corrections_usage.py \
+	tests/integration/test_corrections_budget.py \
+	"tests/integration/test_corrections_rollup.py::test_corrections_of_closed_months_keep_every_month_billed_at_its_exact_total[1]" \
+	tests/integration/test_reconcile.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.
+# - test_two_replicas_apply_one_correction_once waits until two sessions wait on a lock in the
+#   coordinator's pg_stat_activity; on Citus they wait on the workers, where the rows are.
 CITUS_DESELECT := \
-	--deselect tests/integration/test_late_marks.py::test_daily_total_updates_are_hot
+	--deselect tests/integration/test_late_marks.py::test_daily_total_updates_are_hot \
+	--deselect tests/integration/test_corrections_budget.py::test_two_replicas_apply_one_correction_once
 test-citus: install
 	LLM_USAGE_TEST_CITUS=1 $(PY) -m pytest -q $(CITUS_TESTS) $(CITUS_DESELECT)
 
