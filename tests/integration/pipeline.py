@@ -449,3 +449,12 @@ def logged_matching(consumer: RunningConsumer, prefix: str) -> list[tuple[int, d
             if str(entry.get("event", "")).startswith(prefix):
                 found.append((index, entry))
     return found
+
+
+async def drop_database(database_url: str, name: str) -> None:
+    """Drop database `name` of the server at `database_url`, whoever is connected to it."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
