@@ -18,6 +18,7 @@ from llm_usage.api.context import ApiContext
 from llm_usage.api.routes import (
     budget_checks,
     budgets,
+    corrections,
     event_pages,
     finance,
     ingest,
@@ -42,7 +43,8 @@ def create_app(context: ApiContext | None) -> FastAPI:
         version=API_VERSION,
         description=(
             "Usage and budget reads for portals, budget policy changes, the price table, invoice "
-            "lines, and the gateways' HTTP ingest path and budget checks. Money is an exact "
+            "lines, corrections of stored events, and the gateways' HTTP ingest path and budget "
+            "checks. Money is an exact "
             "decimal string, counts are integers, times RFC 3339 in UTC. See the contract's HTTP "
             "API section."
         ),
@@ -54,8 +56,8 @@ def create_app(context: ApiContext | None) -> FastAPI:
         app.add_middleware(_MetricsMiddleware, context=context)
     _add_error_handlers(app)
     groups = (
-        probes, usage, usage_events, budgets, prices, finance, ingest, budget_checks, pages,
-        event_pages,
+        probes, usage, usage_events, budgets, prices, finance, ingest, corrections,
+        budget_checks, pages, event_pages,
     )  # fmt: skip
     for group in groups:
         app.include_router(group.router)

@@ -19,9 +19,8 @@ def _utc_text(value: object) -> object:
 TimeText = Annotated[str, BeforeValidator(_utc_text)]
 
 
-class UsageEventAnswer(_Answer):
-    """A stored usage event, every column. Corrections do not exist yet, so its effective values
-    are these stored ones."""
+class StoredEventAnswer(_Answer):
+    """A stored usage event, every column, as the gateway sent it (corrections never change it)."""
 
     gateway_request_id: str
     tenant_id: str
@@ -51,6 +50,30 @@ class UsageEventAnswer(_Answer):
         description="RFC 3339, UTC: the `effective_from` of the price row (of the event's "
         "provider and model) that estimated the charge; null when the gateway charged"
     )
+
+
+class EffectiveAnswer(_Answer):
+    """What an event contributes now: its stored values with the winning correction applied."""
+
+    deployment_id: str | None
+    user_id: str | None
+    agent_id: str | None
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    customer_charge_usd: UsdText = Money("the exact charge it counts for now")
+    customer_charge_cents: int | None
+    charge_estimated: bool = Field(description="true: the charge is the price table's estimate")
+    voided: bool = Field(description="true: voided, it counts for nothing (figures as before)")
+
+
+class UsageEventAnswer(StoredEventAnswer):
+    """A stored usage event, every column, and its effective values."""
+
+    effective: EffectiveAnswer
+    corrected: bool = Field(description="true: a correction applies (`effective` is not as sent)")
 
 
 class UsageEventsAnswer(_Answer):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from datetime import datetime
 from typing import NoReturn, TypeAlias
 
 from llm_usage.core.errors import ConfigurationError
@@ -76,6 +77,18 @@ def checked_tenant(text: str) -> str:
         return check_tenant_id(text)
     except InvalidPolicyError as error:
         raise ConfigurationError(f"--tenant {error.problem}") from None
+
+
+def checked_instant(flag: str, text: str | None) -> datetime | None:
+    """An RFC 3339 time or a date (`--at`, `--effective-from`), checked when the command runs."""
+    from llm_usage.api.params import parse_instant  # noqa: PLC0415 - when a command runs
+
+    if text is None:
+        return None
+    try:
+        return parse_instant(text)
+    except (ValueError, OverflowError) as error:
+        raise ConfigurationError(f"{flag} {error}, not {text!r}") from None
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -28,6 +28,7 @@ COMMAND_GROUPS: Final = (
     "llm_usage.cli.rollup",
     "llm_usage.cli.reconcile",
     "llm_usage.cli.dlq",
+    "llm_usage.cli.events",
     "llm_usage.cli.policy",
     "llm_usage.cli.prices",
     "llm_usage.cli.budget",
@@ -46,8 +47,9 @@ DESCRIPTION = (
     "LLM usage pipeline: the gateway's usage events from Kafka into PostgreSQL exactly once "
     "(consume usage); budget policies, spend against them and alerts when a threshold is "
     "crossed (policy, budget, consume budget); the price table (prices); monthly invoice "
-    "lines (rollup); the HTTP API for portals and the gateway (serve api); and operations: "
-    "migrations, topics, dead-letter replay, local services (migrate, topics, dlq, dev, demo)."
+    "lines (rollup); corrections of stored events (events); the HTTP API for portals and the "
+    "gateway (serve api); and operations: migrations, topics, dead-letter replay, local "
+    "services (migrate, topics, dlq, dev, demo)."
 )
 
 

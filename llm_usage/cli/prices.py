@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
-from llm_usage.cli.args import Commands, OneLineArgumentParser
+from llm_usage.cli.args import Commands, OneLineArgumentParser, checked_instant
 from llm_usage.cli.budget_tables import aligned_table, budget_tables
 from llm_usage.cli.policy import default_actor
 from llm_usage.cli.price_checks import add_price_checks
@@ -67,17 +67,6 @@ def _decimal(flag: str, text: str | None) -> Decimal | None:
         return exact_decimal(text)
     except PydanticCustomError as error:
         raise ConfigurationError(f"{flag} {error.message()}, not {text!r}") from None
-
-
-def _instant(flag: str, text: str | None) -> datetime | None:
-    from llm_usage.api.params import parse_instant  # noqa: PLC0415 - when a command runs
-
-    if text is None:
-        return None
-    try:
-        return parse_instant(text)
-    except (ValueError, OverflowError) as error:
-        raise ConfigurationError(f"{flag} {error}, not {text!r}") from None
 
 
 def _actor(args: argparse.Namespace) -> str:
@@ -135,7 +124,7 @@ def _report(addition: PriceAddition, out: TextIO, *, dry_run: bool) -> None:
 async def prices_set(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.storage.prices import add_prices  # noqa: PLC0415
 
-    effective_from = _instant("--effective-from", args.effective_from)
+    effective_from = checked_instant("--effective-from", args.effective_from)
     input_usd = _decimal("--input", args.input)
     output_usd = _decimal("--output", args.output)
     assert input_usd is not None  # a required argument
@@ -162,7 +151,7 @@ async def prices_set(settings: Settings, args: argparse.Namespace, out: TextIO) 
 async def prices_list(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.storage.prices import find_prices, price_json  # noqa: PLC0415
 
-    at = _instant("--at", args.at)
+    at = checked_instant("--at", args.at)
     async with budget_tables(settings, tables=_TABLES) as connection:
         table = await find_prices(connection, provider=args.provider, model=args.model)
     if at is None:
@@ -205,7 +194,7 @@ async def prices_import(settings: Settings, args: argparse.Namespace, out: TextI
     from llm_usage.schemas.price_lists import PriceListError, read_price_file  # noqa: PLC0415
     from llm_usage.storage.prices import add_prices  # noqa: PLC0415
 
-    effective_from = _instant("--effective-from", args.effective_from)
+    effective_from = checked_instant("--effective-from", args.effective_from)
     path = Path(args.file)
     try:
         price_list = read_price_file(path, effective_from=effective_from)

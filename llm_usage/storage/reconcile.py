@@ -25,6 +25,7 @@ from llm_usage.domain.reconcile import (
     TotalsKey,
 )
 from llm_usage.domain.usage import Usage
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.invoice_lines import (
     GroupUsage,
     closed_lines_billing,
@@ -57,6 +58,16 @@ _TENANTS = """
     UNION SELECT tenant_id FROM budget_alert_outbox WHERE period_start >= $3 AND period_start < $4
     ORDER BY tenant_id
 """
+# Citus plans a recursive CTE only with a filter on the distribution column: on a coordinator
+# the month's events are listed by their tenants instead (each worker scans its shards).
+_TENANTS_CITUS: Final = (
+    _TENANTS[: _TENANTS.index("WITH RECURSIVE")]
+    + (
+        "SELECT DISTINCT tenant_id FROM llm_usage_events "
+        "WHERE occurred_at >= $1 AND occurred_at < $2"
+    )
+    + _TENANTS[_TENANTS.index("\n    UNION SELECT tenant_id FROM usage_daily_totals") :]
+)
 
 # The events the period's numbers are made of: each with its corrections applied (0016's view),
 # voided ones left out.
@@ -76,6 +87,10 @@ _SETS = f"""
             AND occurred_at >= $3 AND occurred_at < $4 AND NOT voided) AS e
     GROUP BY GROUPING SETS ({", ".join(f"(tenant_id, day, {d.column})" for d in Dimension)})
 """
+# Citus runs grouping sets only in a query routed to one shard: one tenant at a time there.
+_SETS_OF_TENANT: Final = _SETS.replace(
+    "WHERE tenant_id >= $1 AND tenant_id <= $2", "WHERE tenant_id = $1 AND $1 = $2"
+)
 # grouping() sets a bit, first argument highest, for each column the row is not grouped by.
 _ALL_GROUPED: Final = (1 << len(Dimension)) - 1
 _SET_OF_GROUPING: Final = {
@@ -170,7 +185,7 @@ async def tenants_of_period(connection: Connection, month: Month) -> list[str]:
     """Every tenant with events, aggregates, counters, lines or alerts in the month, in the
     database's order of tenant_id."""
     rows = await connection.fetch(
-        _TENANTS,
+        _TENANTS_CITUS if await citus_installed(connection) else _TENANTS,
         _midnight(month.first_day),
         _midnight(month.next_month),
         month.first_day,
@@ -192,9 +207,16 @@ async def read_chunk(
     lo, hi = tenants[0], tenants[-1]
     days = (lo, hi, month.first_day, month.next_month)
     sets: dict[DimensionKey, list[Any]] = {}
-    for row in await connection.fetch(
-        _SETS, lo, hi, _midnight(month.first_day), _midnight(month.next_month)
-    ):
+    period = (_midnight(month.first_day), _midnight(month.next_month))
+    if await citus_installed(connection):
+        set_rows = [
+            row
+            for tenant in tenants
+            for row in await connection.fetch(_SETS_OF_TENANT, tenant, tenant, *period)
+        ]
+    else:
+        set_rows = await connection.fetch(_SETS, lo, hi, *period)
+    for row in set_rows:
         dimension = _SET_OF_GROUPING[row["g"]]
         key = (row["tenant_id"], dimension.value, row["day"], row[dimension.column])
         sets[key] = list(row.values())[3 + len(Dimension) :]

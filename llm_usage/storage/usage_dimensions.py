@@ -4,7 +4,7 @@ without it (migration 0011, the API benchmark's loader)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date
 from decimal import Decimal, localcontext
 from enum import StrEnum
@@ -140,12 +140,64 @@ async def add_to_daily_dimensions(
     caller's transaction, after `add_to_daily_totals` (which took the months' locks)."""
     if not sums:
         return
-    keys = sorted(sums, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
+    keys = _sorted_dimension_keys(sums)
     await connection.execute(
         _ADD,
         *([k[i] for k in keys] for i in range(4)),
         *([sums[k][i] for k in keys] for i in range(8)),
     )
+
+
+def _sorted_dimension_keys(keys: Iterable[DimensionKey]) -> list[DimensionKey]:
+    return sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3] is not None, k[3] or ""))
+
+
+# The falling figures of rows the same transaction's upsert has just locked (as in
+# usage_totals._LOWER: the upsert cannot lower a row; a row lowered below zero is refused).
+_LOWER = """
+    UPDATE usage_daily_dimensions AS d SET
+        requests = d.requests + u.requests,
+        input_tokens = d.input_tokens + u.input_tokens,
+        output_tokens = d.output_tokens + u.output_tokens,
+        cached_input_tokens = d.cached_input_tokens + u.cached_input_tokens,
+        reasoning_tokens = d.reasoning_tokens + u.reasoning_tokens,
+        total_tokens = d.total_tokens + u.total_tokens,
+        charge_usd = d.charge_usd + u.charge_usd,
+        estimated_charge_usd = d.estimated_charge_usd + u.estimated_charge_usd
+    FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::bigint[], $6::bigint[],
+                $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::numeric[],
+                $12::numeric[])
+        AS u(tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
+             cached_input_tokens, reasoning_tokens, total_tokens, charge_usd,
+             estimated_charge_usd)
+    WHERE d.tenant_id = u.tenant_id AND d.dimension = u.dimension AND d.day = u.day
+      AND d.key IS NOT DISTINCT FROM u.key
+"""
+
+
+def _columns(keys: list[DimensionKey], sums: Mapping[DimensionKey, Sequence[Any]]) -> list[Any]:
+    return [
+        *([k[i] for k in keys] for i in range(4)),
+        *([sums[k][i] for k in keys] for i in range(8)),
+    ]
+
+
+async def move_daily_dimensions(
+    connection: Connection, net: Mapping[DimensionKey, Sequence[Any]]
+) -> None:
+    """Move the aggregate by signed sums (a batch's events plus its corrections' deltas), after
+    `move_daily_totals` (which took the months' locks); for batches with corrections only.
+    The upsert of every key's rising figures locks the rows in key order, then the falling
+    figures lower the rows it locked."""
+    keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
+    if not keys:
+        return
+    rising = {k: [max(f, 0) for f in net[k]] for k in keys}
+    await connection.execute(_ADD, *_columns(keys, rising))
+    falling = {k: [min(f, 0) for f in net[k]] for k in keys}
+    lowered = [k for k in keys if any(falling[k])]
+    if lowered:
+        await connection.execute(_LOWER, *_columns(lowered, falling))
 
 
 _FILL = f"""

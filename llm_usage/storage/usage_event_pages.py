@@ -4,6 +4,10 @@ Pages are ordered by (occurred_at DESC, gateway_request_id DESC): the Tier 1 ind
 (tenant_id, occurred_at, gateway_request_id) read backwards, partition after partition, so a page
 costs its own rows, never a sort of the range and never an OFFSET. The next page starts strictly
 after the last row of this one, so rows that share an `occurred_at` are neither lost nor repeated.
+
+Each event comes with its effective values: `usage_event_effective` (a row per corrected event,
+keyed as the event) is probed per row read, and the filters on attribution judge the effective
+deployment, user and agent, as the reports do.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final
 
+import asyncpg
+
+from llm_usage.domain.corrections import Effective, original
 from llm_usage.storage.pool import Connection
 
-# The filters a page may take: each is an equality on the event column of the same name.
+# The filters a page may take: each is an equality on the event's attribute of the same name
+# (the effective one for those a correction may change).
 FILTER_COLUMNS: Final = ("user_id", "agent_id", "deployment_id", "model")
+EFFECTIVE_COLUMNS: Final = tuple(column.name for column in fields(Effective))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +57,27 @@ class StoredUsageEvent:
     price_effective_from: datetime | None
 
 
-_SELECTED: Final = ", ".join(column.name for column in fields(StoredUsageEvent))
+STORED_COLUMNS: Final = tuple(column.name for column in fields(StoredUsageEvent))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEventItem(StoredUsageEvent):
+    """A stored event with what it contributes now (its own values unless `corrected`)."""
+
+    effective: Effective
+    corrected: bool
+
+
+# The event's columns, then the effective row's (null when never corrected) as `f_<column>`.
+_SELECTED: Final = ", ".join(
+    [f"e.{column}" for column in STORED_COLUMNS]
+    + ["f.tenant_id IS NOT NULL AS corrected"]
+    + [f"f.{column} AS f_{column}" for column in EFFECTIVE_COLUMNS]
+)
+_JOINED: Final = (
+    "llm_usage_events AS e LEFT JOIN usage_event_effective AS f ON f.tenant_id = e.tenant_id "
+    "AND f.occurred_at = e.occurred_at AND f.gateway_request_id = e.gateway_request_id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +93,7 @@ class UsageEventPage:
     """Events newest first; `more`: further events lie beyond the page in the direction read
     (older when read after a position or from the top, newer when read before one)."""
 
-    items: list[StoredUsageEvent]
+    items: list[UsageEventItem]
     more: bool
 
     @property
@@ -94,31 +123,43 @@ def page_query(filters: tuple[str, ...], *, bound: str | None) -> str:
     `occurred_at < end` over the row comparison, which cost a page 6,533 buffers 295,000
     events deep instead of 106).
     """
-    conditions = ["tenant_id = $1"]
+    conditions = ["e.tenant_id = $1"]
     if bound == "after":
         conditions += [
-            "occurred_at >= $2",
-            "occurred_at <= $3",
-            "(occurred_at, gateway_request_id) < ($3, $5)",
+            "e.occurred_at >= $2",
+            "e.occurred_at <= $3",
+            "(e.occurred_at, e.gateway_request_id) < ($3, $5)",
         ]
     elif bound == "before":
         conditions += [
-            "occurred_at >= $2",
-            "(occurred_at, gateway_request_id) > ($2, $5)",
-            "occurred_at < $3",
+            "e.occurred_at >= $2",
+            "(e.occurred_at, e.gateway_request_id) > ($2, $5)",
+            "e.occurred_at < $3",
         ]
     else:
-        conditions += ["occurred_at >= $2", "occurred_at < $3"]
+        conditions += ["e.occurred_at >= $2", "e.occurred_at < $3"]
     order = "ASC" if bound == "before" else "DESC"
     number = 5 if bound is None else 6
     for column in filters:
         if column not in FILTER_COLUMNS:
             raise ValueError(f"cannot filter events by {column!r}")
-        conditions.append(f"{column} = ${number}")
+        conditions.append(_equal(column, number))
         number += 1
     return (
-        f"SELECT {_SELECTED} FROM llm_usage_events WHERE {' AND '.join(conditions)} "
-        f"ORDER BY occurred_at {order}, gateway_request_id {order} LIMIT $4"
+        f"SELECT {_SELECTED} FROM {_JOINED} WHERE {' AND '.join(conditions)} "
+        f"ORDER BY e.occurred_at {order}, e.gateway_request_id {order} LIMIT $4"
+    )
+
+
+def _equal(column: str, number: int) -> str:
+    """The event's attribute as it counts now (the effective row's for a corrected event) equals
+    parameter `number`. Written as a boolean CASE rather than `CASE … END = $n`: the planner
+    takes an equality on an expression to keep 0.5 % of the rows, then expects a filtered page
+    to read the whole range and sorts it; a boolean expression it takes as keeping half."""
+    if column not in EFFECTIVE_COLUMNS:
+        return f"e.{column} = ${number}"
+    return (
+        f"CASE WHEN f.tenant_id IS NULL THEN e.{column} = ${number} ELSE f.{column} = ${number} END"
     )
 
 
@@ -184,7 +225,16 @@ async def usage_event_page(
     """The page `request` asks for of the tenant's events."""
     query, arguments = page_statement(tenant_id, request)
     rows = await connection.fetch(query, *arguments)
-    items = [StoredUsageEvent(**dict(row)) for row in rows[: request.limit]]
+    items = [_item(row) for row in rows[: request.limit]]
     if request.before is not None:
         items.reverse()
     return UsageEventPage(items=items, more=len(rows) > request.limit)
+
+
+def _item(row: asyncpg.Record) -> UsageEventItem:
+    stored = {column: row[column] for column in STORED_COLUMNS}
+    if row["corrected"]:
+        effective = Effective(**{column: row[f"f_{column}"] for column in EFFECTIVE_COLUMNS})
+    else:
+        effective = original(StoredUsageEvent(**stored))
+    return UsageEventItem(**stored, effective=effective, corrected=row["corrected"])

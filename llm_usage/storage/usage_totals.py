@@ -115,10 +115,17 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
     to; two statements (the months' locks, then the upsert), in the caller's transaction."""
     if not totals:
         return
-    keys = sorted(totals, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+    keys = _sorted_keys(totals)
     await lock_months_shared(connection, (k[2] for k in keys))
-    await connection.execute(
-        _ADD,
+    await connection.execute(_ADD, *_columns(keys, totals))
+
+
+def _sorted_keys(keys: Iterable[TotalsKey]) -> list[TotalsKey]:
+    return sorted(keys, key=lambda k: (k[0], k[1] is not None, k[1] or "", k[2]))
+
+
+def _columns(keys: list[TotalsKey], totals: Mapping[TotalsKey, Usage]) -> list[list[Any]]:
+    return [
         [k[0] for k in keys],
         [k[1] for k in keys],
         [k[2] for k in keys],
@@ -127,4 +134,62 @@ async def add_to_daily_totals(connection: Connection, totals: Mapping[TotalsKey,
         [totals[k].output_tokens for k in keys],
         [totals[k].requests for k in keys],
         [totals[k].estimated_charge_usd for k in keys],
+    ]
+
+
+def _rising(usage: Usage) -> Usage:
+    return Usage(*(max(figure, 0) for figure in _figures(usage)))
+
+
+def _falling(usage: Usage) -> Usage:
+    return Usage(*(min(figure, 0) for figure in _figures(usage)))
+
+
+def _figures(usage: Usage) -> tuple[Any, ...]:
+    return (
+        usage.charge_usd,
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.requests,
+        usage.estimated_charge_usd,
     )
+
+
+# The falling parts of rows the same transaction's upsert has just locked (or created, at zero):
+# an upsert cannot lower a row, since PostgreSQL checks the proposed row's CHECK (>= 0) before it
+# finds the conflict. A row lowered below zero is refused by that CHECK: a correction removing
+# what was never added, a bug. UPDATE ... FROM unnest runs on a Citus coordinator as it is (as
+# budget_holds' settling does).
+_LOWER = """
+    UPDATE usage_daily_totals AS t SET
+        charge_usd = t.charge_usd + u.charge_usd,
+        input_tokens = t.input_tokens + u.input_tokens,
+        output_tokens = t.output_tokens + u.output_tokens,
+        requests = t.requests + u.requests,
+        estimated_charge_usd = t.estimated_charge_usd + u.estimated_charge_usd
+    FROM unnest($1::text[], $2::text[], $3::date[], $4::numeric[], $5::bigint[], $6::bigint[],
+                $7::bigint[], $8::numeric[])
+        AS u(tenant_id, d, day, charge_usd, input_tokens, output_tokens, requests,
+             estimated_charge_usd)
+    WHERE t.tenant_id = u.tenant_id AND t.deployment_id IS NOT DISTINCT FROM u.d
+      AND t.day = u.day
+"""
+
+
+async def move_daily_totals(connection: Connection, net: Mapping[TotalsKey, Usage]) -> None:
+    """Move the pre-aggregate by signed sums (a batch's events plus its corrections' deltas),
+    marking the closed months any of them touches; for batches with corrections only.
+
+    Two statements after the months' locks: the upsert of every key's rising figures (it locks
+    every row in key order, as a plain batch does, and marks the late months), then the update
+    of the falling figures of the rows it locked.
+    """
+    keys = _sorted_keys(k for k, usage in net.items() if usage != Usage())
+    if not keys:
+        return
+    await lock_months_shared(connection, (k[2] for k in keys))
+    await connection.execute(_ADD, *_columns(keys, {k: _rising(net[k]) for k in keys}))
+    falling = {k: _falling(net[k]) for k in keys}
+    lowered = [k for k in keys if falling[k] != Usage()]
+    if lowered:
+        await connection.execute(_LOWER, *_columns(lowered, falling))

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 
 from llm_usage.api.event_cursors import encode_cursor, event_query
 from llm_usage.consumers.usage.recorder import UsageRecorder
+from llm_usage.domain.corrections import CORRIGIBLE_FIELDS
 from llm_usage.domain.money import canonical_decimal
 from llm_usage.storage.usage_event_pages import EventPageRequest, EventPosition, page_statement
 from tests.api_support import api_client, bearer, token
@@ -81,6 +82,10 @@ def _as_answered(row: asyncpg.Record) -> dict[str, Any]:
     for name in ("occurred_at", "received_at", "price_effective_from"):
         if answer[name] is not None:
             answer[name] = _utc(answer[name])
+    # Never corrected: what it counts for is what was stored.
+    effective = {name: answer[name] for name in (*CORRIGIBLE_FIELDS, "charge_estimated")}
+    answer["effective"] = {**effective, "voided": False}
+    answer["corrected"] = False
     return answer
 
 
@@ -277,8 +282,23 @@ async def test_the_page_plan_reads_the_identity_index_backwards_without_a_sort(
     # Deep in the range (nine in ten of the tenant's events are newer), and near its top.
     deep = EventPosition(NOW - timedelta(days=45), "req-m")
     near = EventPosition(NOW - timedelta(days=1), "req-m")
+    # One event in a hundred corrected (its user moved), as the consumers would leave it.
+    await pool.execute(
+        """
+        INSERT INTO usage_event_effective (tenant_id, occurred_at, gateway_request_id,
+            winner_occurred_at, winner_id, voided, user_id, input_tokens, output_tokens,
+            cached_input_tokens, reasoning_tokens, total_tokens, customer_charge_usd,
+            charge_estimated, corrections)
+        SELECT tenant_id, occurred_at, gateway_request_id, $2, 'c-' || gateway_request_id,
+               false, 'u-2', 10, 5, 0, 0, 15, 0.0054, false, 1
+        FROM llm_usage_events WHERE tenant_id = $1 AND gateway_request_id LIKE '%00'
+        """,
+        tenant,
+        NOW,
+    )
     async with pool.acquire() as connection:
         await connection.execute("ANALYZE llm_usage_events")
+        await connection.execute("ANALYZE usage_event_effective")
         identity = set(
             await connection.fetchval(
                 "SELECT array_agg(c.relname::text) FROM pg_inherits AS i "
@@ -304,6 +324,11 @@ async def test_the_page_plan_reads_the_identity_index_backwards_without_a_sort(
             kinds = {node["Node Type"] for node in nodes}
             assert not kinds & {"Sort", "Incremental Sort"}, kinds
             scans = [node for node in nodes if "Scan" in node["Node Type"]]
+            # The effective values: a probe of their key (the tenant's slice of it), never a
+            # scan of every corrected event.
+            effective = [s for s in scans if s["Relation Name"] == "usage_event_effective"]
+            assert [s["Index Name"] for s in effective] == ["usage_event_effective_pkey"], top
+            scans = [s for s in scans if s not in effective]
             assert scans
             for scan in scans:
                 assert scan["Node Type"] == "Index Scan", scan

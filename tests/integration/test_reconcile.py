@@ -154,9 +154,11 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         )
     await pool.execute("DELETE FROM budget_alert_outbox WHERE tenant_id = $1", missing)
     await pool.execute(
-        "UPDATE budget_alert_outbox SET created_at = created_at - interval '10 minutes' "
-        "WHERE tenant_id = $1",
+        # A constant, not `created_at - interval`: Citus refuses a STABLE function of a column
+        # in an UPDATE.
+        "UPDATE budget_alert_outbox SET created_at = $2 WHERE tenant_id = $1",
         unpublished,
+        datetime.now(UTC) - timedelta(minutes=10),  # the database's clock, not the workers'
     )
     await pool.execute("DELETE FROM budget_alert_outbox WHERE tenant_id = $1", not_stored)
     await pool.execute(

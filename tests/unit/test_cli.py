@@ -67,6 +67,7 @@ GROUP_COMMANDS = [
     "rollup",
     "reconcile",
     "dlq",
+    "events",
     "policy",
     "prices",
     "budget",

@@ -35,7 +35,7 @@ def test_every_operation_requires_a_bearer_token() -> None:
         for path, item in document["paths"].items()
         for method, operation in item.items()
     ]
-    assert len(operations) == 17
+    assert len(operations) == 19
     for path, method, operation in operations:
         assert path.startswith(("/v1/", "/ui/")), path
         assert operation.get("security") == [{"HTTPBearer": []}], f"{method} {path}"

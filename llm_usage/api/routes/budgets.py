@@ -3,17 +3,15 @@ against its budgets, the alerts it was sent, and its policies (changed by tenant
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Final
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
 from llm_usage.api.context import Context
 from llm_usage.api.event_models import PolicyHistoryAnswer
 from llm_usage.api.guards import Member, TenantAdmin, TenantId
-from llm_usage.api.http import ERRORS, read_body
+from llm_usage.api.http import ERRORS, body_model, read_body
 from llm_usage.api.models import (
     AlertsAnswer,
     BudgetsAnswer,
@@ -157,21 +155,7 @@ async def delete_scope_policy(
 def policy_from_body(tenant_id: str, body: bytes) -> BudgetPolicy:
     """The policy a PUT body describes, checked as `llm-usage policy set` checks its arguments;
     anything wrong is a 422 naming the field."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise invalid(("body",), f"not a JSON object: {error}") from None
-    if not isinstance(data, dict):
-        raise invalid(("body",), "must be a JSON object", data)
-    try:
-        parsed = PolicyBody.model_validate(data, strict=True)
-    except ValidationError as error:
-        raise RequestValidationError(
-            [
-                {**each, "loc": ("body", *each["loc"])}
-                for each in error.errors(include_url=False, include_context=False)
-            ]
-        ) from None
+    parsed = body_model(body, PolicyBody)
     try:
         scope = ScopeType(parsed.scope_type)
         return BudgetPolicy(

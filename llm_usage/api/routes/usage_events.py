@@ -22,7 +22,9 @@ from llm_usage.storage.usage_event_pages import usage_event_page
 
 router = APIRouter(prefix="/v1/tenants/{tenant_id}/usage", tags=["usage"], responses=ERRORS)
 
-Equal = Annotated[str | None, Query(description="only events whose attribute equals this")]
+Equal = Annotated[
+    str | None, Query(description="only events whose (effective) attribute equals this")
+]
 
 
 @router.get(
@@ -32,8 +34,9 @@ Equal = Annotated[str | None, Query(description="only events whose attribute equ
         "Every stored field of each event with `from <= occurred_at < to`, newest first (by "
         "`occurred_at`, then `gateway_request_id`, both descending), matching every filter given. "
         "`next_cursor` fetches the next, older page: pass it back with the same filters; it is "
-        "null on the last page. Corrections do not exist yet, so the effective values are the "
-        "stored ones."
+        "null on the last page. Each event has its stored values and `effective`, what it counts "
+        "for now (`corrected`: a correction applies; a voided event counts for nothing). The "
+        "filters on user, agent and deployment match the effective ones."
     ),
 )
 async def usage_events(  # noqa: PLR0917 - FastAPI passes parameters by name

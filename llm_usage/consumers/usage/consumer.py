@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.usage.correction_waits import correction_waits
 from llm_usage.consumers.usage.partitions_watch import watch_partitions
 from llm_usage.consumers.usage.price_drift import price_drift_counter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.errors import ConfigurationError
 from llm_usage.core.settings import Settings
+from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import ConsumerContext, ConsumerSpec
 from llm_usage.runtime.process import run_consumer
 from llm_usage.storage.usage_events import usage_table_exists
@@ -45,9 +47,16 @@ def usage_consumer_spec(settings: Settings, registry: CollectorRegistry) -> Cons
     """The usage consumer as the runtime runs it: its topic, group, handler and DLQ."""
 
     price_drift = price_drift_counter(registry)
+    corrections = correction_metrics(registry, "usage")
 
     def make_handler(context: ConsumerContext) -> UsageRecorder:
-        return UsageRecorder(pool=context.pool, clock=context.clock, price_drift=price_drift)
+        return UsageRecorder(
+            pool=context.pool,
+            clock=context.clock,
+            price_drift=price_drift,
+            correction_wait_seconds=context.settings.correction_wait_seconds,
+            correction_metrics=corrections,
+        )
 
     return ConsumerSpec(
         name="usage",
@@ -56,5 +65,5 @@ def usage_consumer_spec(settings: Settings, registry: CollectorRegistry) -> Cons
         make_handler=make_handler,
         dead_letter_topic=settings.dlq_topic,
         check_database=require_migrated,
-        side_tasks=(watch_partitions(registry),),
+        side_tasks=(watch_partitions(registry), correction_waits(corrections)),
     )

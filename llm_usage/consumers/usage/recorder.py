@@ -12,6 +12,11 @@ import asyncpg
 import structlog
 from prometheus_client import Counter
 
+from llm_usage.consumers.usage.corrections import (
+    apply_corrections,
+    count_corrections,
+    move_aggregates,
+)
 from llm_usage.consumers.usage.period_charges import record_period_charges
 from llm_usage.consumers.usage.price_drift import count_drift
 from llm_usage.consumers.usage.settle import (
@@ -22,7 +27,9 @@ from llm_usage.consumers.usage.settle import (
     plan_chunk,
     settle_batch,
 )
+from llm_usage.core.faults import crash_here
 from llm_usage.runtime.ahead import PreparedAhead
+from llm_usage.runtime.correction_metrics import CorrectionMetrics
 from llm_usage.runtime.handler import BatchOutcome, Record
 from llm_usage.runtime.isolation import DatabaseRefusesRowsError
 from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
@@ -86,8 +93,12 @@ class UsageRecorder:
         clock: Callable[[], datetime],
         chunk_records: int = CHUNK_RECORDS,
         price_drift: Counter | None = None,
+        correction_wait_seconds: float = 900.0,
+        correction_metrics: CorrectionMetrics | None = None,
     ) -> None:
         self._pool = pool
+        self._correction_wait_seconds = correction_wait_seconds
+        self._correction_metrics = correction_metrics
         self._price_drift = price_drift
         self._clock = clock
         self._chunk_records = chunk_records
@@ -173,11 +184,24 @@ class UsageRecorder:
             finally:
                 if writing is not None:  # an error before the last chunk was awaited
                     await cancel_quietly(writing)
-            await self._add_to_daily_totals(connection, stored_now)
+            corrections = [copy for chunk in decoded for copy in chunk.corrections]
+            applied = None
+            if corrections:  # after the events (it may correct one of them), before the sums
+                applied = await apply_corrections(
+                    connection, corrections, now=now, wait_seconds=self._correction_wait_seconds
+                )
+                outcome = outcome.merge(applied.outcome)
+                await move_aggregates(connection, stored_now, applied)
+            else:
+                await self._add_to_daily_totals(connection, stored_now)
             charges = [copy for chunk in decoded for copy in chunk.period_charges]
             outcome = outcome.merge(await record_period_charges(connection, charges))
+            if applied is not None:
+                crash_here("usage_corrections_written")
         if self._price_drift is not None:  # committed: each stored event is checked once
             count_drift(stored_now, prices.rows, self._price_drift)
+        if applied is not None and self._correction_metrics is not None:
+            count_corrections(self._correction_metrics, applied)
         return outcome
 
     async def _add_to_daily_totals(self, connection: Connection, stored: list[UsageRow]) -> None:
