@@ -32,10 +32,12 @@ from llm_usage.domain.reconcile import (
     by_kind,
     compare_alerts,
     compare_counters,
+    compare_effective,
     compare_holds,
     compare_invoices,
     compare_topic,
     compare_usage,
+    compare_waits,
     confirmed,
     expected_invoices,
     expected_spend,
@@ -51,8 +53,12 @@ from llm_usage.storage.reconcile import (
     ClosedMonthRows,
     Month,
     read_chunk,
+    stuck_waits,
     tenants_of_period,
 )
+
+# A correction waiting this long past CORRECTION_WAIT_SECONDS is stuck (design §10.3).
+STUCK_MARGIN_SECONDS = 300.0
 
 # Tenants per snapshot: short enough that no snapshot holds back the counters' pruning for long.
 TENANTS_PER_CHUNK = 200
@@ -122,8 +128,15 @@ async def reconcile(
                 _Chunk(month, tenants[i : i + TENANTS_PER_CHUNK], period in closed)
                 for i in range(0, len(tenants), TENANTS_PER_CHUNK)
             ]
+        # Waiting corrections belong to no month: checked once, past the usage consumer's
+        # deadline and a margin for its next round.
+        stuck = await stuck_waits(
+            connection,
+            older_than_seconds=settings.correction_wait_seconds + STUCK_MARGIN_SECONDS,
+            tenant_id=tenant_id,
+        )
     topic = await read_alerts(settings) if read_topic else None
-    drifts: list[Drift] = []
+    drifts: list[Drift] = compare_waits(stuck)
     events = 0
     lagging: list[_Chunk] = []
     for chunk in chunks:
@@ -182,6 +195,8 @@ def judge(
             (alert.alert_id for alert in rows.outbox),
         )
     drifts += compare_holds(rows.open_holds, rows.held)
+    corrected = rows.corrections
+    drifts += compare_effective(corrected.originals, corrected.history, corrected.effective)
     return drifts
 
 

@@ -15,16 +15,21 @@ from decimal import Decimal
 from typing import Any, Final
 
 from llm_usage.domain.budgets import SpendKey
+from llm_usage.domain.corrections import Correction, Effective
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.reconcile import (
+    EFFECTIVE_FIELDS,
     DimensionKey,
+    EventKey,
     OpenHold,
     OutboxAlert,
     Policy,
+    StuckWait,
     TotalsKey,
 )
 from llm_usage.domain.usage import Usage
+from llm_usage.storage.corrections import correction_of
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.invoice_lines import (
     GroupUsage,
@@ -139,6 +144,39 @@ _OPEN_HOLDS = """
 """
 
 
+# The chunk's applied corrections of events of the month, their effective rows, and the events.
+_HISTORY = """
+    SELECT tenant_id, correction_id, gateway_request_id, action, fields::text AS fields, reason,
+           actor, occurred_at, event_occurred_at
+    FROM usage_corrections
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND verdict = 'applied'
+      AND event_occurred_at >= $3 AND event_occurred_at < $4
+"""
+_EFFECTIVE_ROWS = f"""
+    SELECT tenant_id, occurred_at, gateway_request_id, {", ".join(EFFECTIVE_FIELDS)}
+    FROM usage_event_effective
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4
+"""
+_CORRECTED_EVENTS = f"""
+    SELECT tenant_id, occurred_at, gateway_request_id,
+           {", ".join(c for c in EFFECTIVE_FIELDS if c != "voided")}
+    FROM llm_usage_events
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4
+      AND (tenant_id, occurred_at, gateway_request_id) IN (
+          SELECT tenant_id, event_occurred_at, gateway_request_id FROM usage_corrections
+          WHERE tenant_id >= $1 AND tenant_id <= $2 AND verdict = 'applied'
+            AND event_occurred_at >= $3 AND event_occurred_at < $4
+          UNION
+          SELECT tenant_id, occurred_at, gateway_request_id FROM usage_event_effective
+          WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4)
+"""
+_STUCK_WAITS = """
+    SELECT consumer, tenant_id, correction_id FROM correction_waits
+    WHERE first_seen_at < now() - make_interval(secs => $1)
+      AND ($2::text IS NULL OR tenant_id = $2)
+"""
+
+
 @dataclass(frozen=True)
 class Month:
     """The period reconciled: its first day, the next month's, and its name."""
@@ -158,6 +196,16 @@ class ClosedMonthRows:
     marked_usage: list[GroupUsage] = field(default_factory=list)  # theirs, from the aggregate
 
 
+@dataclass(frozen=True)
+class CorrectionRows:
+    """The month's corrected events of a chunk: each as stored, its applied corrections, and
+    its `usage_event_effective` row."""
+
+    originals: dict[EventKey, Effective]
+    history: dict[EventKey, list[Correction]]
+    effective: dict[EventKey, Effective]
+
+
 @dataclass
 class ChunkRows:
     """Everything one chunk's snapshot holds."""
@@ -171,6 +219,7 @@ class ChunkRows:
     held: dict[SpendKey, Decimal]
     open_holds: list[OpenHold]
     closed: ClosedMonthRows | None  # None: the month is open
+    corrections: CorrectionRows = field(default_factory=lambda: CorrectionRows({}, {}, {}))
 
     @property
     def events(self) -> int:
@@ -236,7 +285,38 @@ async def read_chunk(
     held = {(r[0], r[1], r[2], r[3], r[4]): r[5] for r in await connection.fetch(_HELD, *days)}
     holds = [OpenHold(*r.values()) for r in await connection.fetch(_OPEN_HOLDS, *days)]
     closed_rows = await _closed_month(connection, month, tenants) if closed else None
-    return ChunkRows(sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows)
+    corrections = await _corrections(connection, lo, hi, period)
+    return ChunkRows(
+        sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows, corrections
+    )
+
+
+async def _corrections(
+    connection: Connection, lo: str, hi: str, period: tuple[datetime, datetime]
+) -> CorrectionRows:
+    history: dict[EventKey, list[Correction]] = {}
+    for row in await connection.fetch(_HISTORY, lo, hi, *period):
+        key = (row["tenant_id"], row["event_occurred_at"], row["gateway_request_id"])
+        history.setdefault(key, []).append(correction_of(row))
+    effective = {
+        (r[0], r[1], r[2]): Effective(*list(r.values())[3:])
+        for r in await connection.fetch(_EFFECTIVE_ROWS, lo, hi, *period)
+    }
+    originals = {
+        (r[0], r[1], r[2]): Effective(*list(r.values())[3:])
+        for r in await connection.fetch(_CORRECTED_EVENTS, lo, hi, *period)
+    }
+    return CorrectionRows(originals, history, effective)
+
+
+async def stuck_waits(
+    connection: Connection, *, older_than_seconds: float, tenant_id: str | None
+) -> list[StuckWait]:
+    """Corrections (of any month) still waiting after `older_than_seconds`."""
+    return [
+        StuckWait(*row.values())
+        for row in await connection.fetch(_STUCK_WAITS, older_than_seconds, tenant_id)
+    ]
 
 
 async def _closed_month(
