@@ -297,3 +297,12 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+async def test_reconcile_of_a_database_not_migrated_is_one_line_and_exit_2(
+    empty_database_url: str,
+) -> None:
+    refused = _cli({"DATABASE_URL": empty_database_url}, "reconcile", "--no-topic")
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("llm-usage: error: reconcile could not run: UndefinedTableError"), line
