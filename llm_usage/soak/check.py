@@ -18,6 +18,7 @@ import asyncpg
 from aiokafka import ConsumerRecord
 
 from llm_usage.core.clock import SimulatedClock
+from llm_usage.core.settings import Settings
 from llm_usage.domain.budgets import (
     AlertLevel,
     BudgetWindow,
@@ -26,7 +27,9 @@ from llm_usage.domain.budgets import (
     period_start,
     threshold_usd,
 )
-from llm_usage.domain.money import EXACT_CONTEXT, usd_to_cents
+from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.domain.reconcile import DriftKind
+from llm_usage.rollup.reconcile import ReconcileReport, reconcile
 from llm_usage.rollup.run import run_rollup
 from llm_usage.schemas.dead_letter import REASON_HEADER
 from llm_usage.soak.ledger import Ledger, SentEvent, value_digest
@@ -131,20 +134,6 @@ def spend_from_events(events: Iterable[SentEvent]) -> dict[SpendKey, Decimal]:
     return dict(sums)
 
 
-def compare_counters(
-    expected: Mapping[SpendKey, Decimal], counters: Mapping[SpendKey, Decimal]
-) -> CheckRow:
-    wrong = sorted(
-        key for key in set(expected) | set(counters) if expected.get(key) != counters.get(key)
-    )
-    return _row(
-        "budget counters equal the sums of raw events",
-        f"{len(expected)} counters",
-        f"{len(counters)} counters, {len(wrong)} differ",
-        [f"{key}: {counters.get(key)} != {expected.get(key)}" for key in wrong],
-    )
-
-
 class PolicyVersion:
     """One policy as it was set: its limits, and the simulated time it was set."""
 
@@ -227,52 +216,42 @@ def compare_alerts(
     )
 
 
-# (tenant, deployment, month) -> cents
-InvoiceKey: TypeAlias = tuple[str, str | None, str]
+# What reconcile checks, shown as two of the checker's rows.
+_INVOICE_KINDS = frozenset({DriftKind.INVOICE_TOTAL})
 
 
-def exact_cents(events: Iterable[SentEvent], months: set[str]) -> dict[InvoiceKey, int]:
-    sums: dict[InvoiceKey, Decimal] = defaultdict(Decimal)
-    for event in events:
-        month = event.occurred_at.strftime("%Y-%m")
-        if month in months:
-            key = (event.tenant_id, event.deployment_id, month)
-            sums[key] = EXACT_CONTEXT.add(sums[key], event.customer_charge_usd)
-    return {key: usd_to_cents(total) for key, total in sums.items()}
-
-
-def compare_invoices(
-    expected: Mapping[InvoiceKey, int], billed: Mapping[InvoiceKey, int], adjustments: int
-) -> CheckRow:
-    """Per closed month, tenant and deployment: its line plus its adjustments equal the cents
-    of its exact total (a group whose total rounds to 0 cents has no line)."""
-    keys = {key for key in set(expected) | set(billed) if expected.get(key, 0) or billed.get(key)}
-    wrong = sorted(keys, key=str)
-    wrong = [key for key in wrong if expected.get(key, 0) != billed.get(key, 0)]
-    months = sorted({key[2] for key in expected})
-    problems = [f"{key}: billed {billed.get(key, 0)} != {expected.get(key, 0)}" for key in wrong]
-    if not months:
-        problems.append("no month was closed during the run")
-    return _row(
-        "closed months: lines + adjustments = round_half_up(exact total x 100)",
-        f"{len(keys)} groups in {', '.join(months) or 'no month'}",
-        f"{len(wrong)} differ; {adjustments} adjustment lines",
-        problems,
+def reconcile_rows(report: ReconcileReport, closed: set[str]) -> tuple[CheckRow, CheckRow]:
+    """Reconcile's drifts as the checker's rows: everything derived from the raw events (usage
+    aggregates, budget counters, alerts against the outbox and the topic, holds), and the closed
+    months' invoices. Reconcile, not a copy of it, recomputes both."""
+    derived = [d for d in report.drifts if d.kind not in _INVOICE_KINDS]
+    invoices = [d for d in report.drifts if d.kind in _INVOICE_KINDS]
+    problems = [] if closed else ["no month was closed during the run"]
+    return (
+        _row(
+            "reconcile: aggregates, budget counters, alerts and holds equal the raw events",
+            f"no drift over {', '.join(report.periods)} ({report.events} events)",
+            f"{len(derived)} drifts",
+            [d.text() for d in derived],
+        ),
+        _row(
+            "reconcile: closed months bill round_half_up(exact total x 100)",
+            f"no drift in {', '.join(sorted(closed)) or 'no month'}",
+            f"{len(invoices)} drifts",
+            [d.text() for d in invoices] + problems,
+        ),
     )
 
 
 async def check_soak(
     *,
     pool: asyncpg.Pool,
-    bootstrap_servers: str,
-    usage_topic: str,
-    dlq_topic: str,
-    alerts_topic: str,
+    settings: Settings,
     ledger: Ledger,
     clock: SimulatedClock,
     open_period: str,
 ) -> CheckReport:
-    del usage_topic  # what is stored is checked against the ledger, not against the topic
+    bootstrap_servers = settings.kafka_bootstrap_servers
     await run_rollup(pool, period=open_period)  # adjustments for late events of closed months
     async with pool.acquire() as connection:
         rows = await connection.fetch(
@@ -286,22 +265,11 @@ async def check_soak(
                 "SELECT gateway_request_id FROM usage_event_ids WHERE counted"
             )
         ]
-        counters = {
-            (r[0], r[1], r[2], r[3], r[4]): r[5]
-            for r in await connection.fetch(
-                'SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd '
-                "FROM budget_spend"
-            )
-        }
         audit = await connection.fetch(
             "SELECT tenant_id, scope_type, scope_id, changed_at, new_policy "
             "FROM budget_policy_audit ORDER BY id"
         )
         closed = {r[0] for r in await connection.fetch("SELECT period FROM invoice_periods")}
-        lines = await connection.fetch(
-            "SELECT tenant_id, deployment_id, kind, original_period, amount_cents "
-            "FROM invoice_lines"
-        )
     stored = {
         r["gateway_request_id"]: SentEvent(**{k: r[k] for k in r.keys()}, acked_at=0.0)  # noqa: SIM118
         for r in rows
@@ -317,26 +285,23 @@ async def check_soak(
     spend = spend_from_events(stored.values())
     expected, forbidden = expected_alerts(spend, history)
     alerts = [
-        json.loads(r.value or b"{}") for r in await read_topic(bootstrap_servers, alerts_topic)
+        json.loads(r.value or b"{}")
+        for r in await read_topic(bootstrap_servers, settings.alerts_topic)
     ]
     dead = [
         (value_digest(r.value or b""), dict(r.headers).get(REASON_HEADER, b"").decode())
-        for r in await read_topic(bootstrap_servers, dlq_topic)
+        for r in await read_topic(bootstrap_servers, settings.dlq_topic)
     ]
-    billed: dict[InvoiceKey, int] = defaultdict(int)
-    for line in lines:
-        if line["original_period"] in closed:
-            key = (line["tenant_id"], line["deployment_id"], line["original_period"])
-            billed[key] += line["amount_cents"]
-    adjustments = sum(1 for line in lines if line["kind"] == "llm_usage_adjustment")
+    months = sorted({event.occurred_at.strftime("%Y-%m") for event in stored.values()})
+    # The workers are stopped and drained: nothing lags, so no second read.
+    report = await reconcile(pool, settings, periods=months, confirm_seconds=0, now=clock.now())
     return CheckReport(
         rows=(
             compare_stored(ledger, stored, len(rows)),
             compare_aborted(ledger.aborted_ids, stored, counted),
             compare_dead_letters(ledger, dead),
-            compare_counters(spend, counters),
             compare_alerts(expected, forbidden, alerts),
-            compare_invoices(exact_cents(stored.values(), closed), billed, adjustments),
+            *reconcile_rows(report, closed),
         )
     )
 

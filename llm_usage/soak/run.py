@@ -181,10 +181,7 @@ async def _run(
     print(f"workers stopped: {returncodes}", flush=True)
     check = await check_soak(
         pool=pool,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        usage_topic=settings.usage_topic,
-        dlq_topic=settings.dlq_topic,
-        alerts_topic=settings.alerts_topic,
+        settings=settings,
         ledger=ledger,
         clock=scenario.clock,
         open_period=current_period(scenario.clock.now()),

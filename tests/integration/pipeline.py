@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 from llm_usage.core.settings import Settings
 from llm_usage.domain.money import usd_to_cents
 from llm_usage.kafka.topics import ensure_topics
+from llm_usage.rollup.reconcile import reconcile
 from llm_usage.testing.processes import spawn_llm_usage
 from llm_usage.testing.topics import end_offsets
 from tests import clock
@@ -458,3 +459,19 @@ async def drop_database(database_url: str, name: str) -> None:
         await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await connection.close()
+
+
+async def assert_reconciled(
+    pool: asyncpg.Pool, settings: Settings, periods: Sequence[str], tenant_id: str
+) -> None:
+    """`reconcile` over `periods` finds no drift in `tenant_id`'s numbers: everything the
+    workers derived equals what its raw events (with their corrections) make it."""
+    report = await reconcile(
+        pool,
+        settings,
+        periods=periods,
+        tenant_id=tenant_id,
+        confirm_seconds=0,
+        read_topic=False,
+    )
+    assert report.drifts == [], [drift.text() for drift in report.drifts]

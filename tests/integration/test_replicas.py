@@ -17,10 +17,11 @@ import asyncpg
 import pytest
 
 from llm_usage.consumers.usage.recorder import LANDING_AGAIN
-from llm_usage.domain.periods import add_months
+from llm_usage.domain.periods import add_months, period_of
 from tests import clock
 from tests.integration.pipeline import (
     RunningConsumer,
+    assert_reconciled,
     create_pipeline_topics,
     encode,
     header,
@@ -208,3 +209,6 @@ async def test_conflicting_copies_in_two_months_raced_by_usage_and_budget_replic
     [dead] = await read_topic(kafka_bootstrap_servers, topics.dlq, expected=1)
     assert header(dead, "dlq.reason") == "conflicting_duplicate"
     assert dead.value == encode(copies[1 - winner])
+    await assert_reconciled(
+        pool, topics.settings, [period_of(last_month), period_of(this_month)], tenant
+    )
