@@ -45,6 +45,7 @@ class DriftKind(StrEnum):
     ALERT_UNPUBLISHED = "alert_unpublished"
     HOLD_LEDGER = "hold_ledger"
     CORRECTION_EFFECTIVE = "correction_effective"
+    CORRECTION_BUDGET = "correction_budget"
     CORRECTION_STUCK = "correction_stuck"
 
 
@@ -59,6 +60,7 @@ LAGGING_KINDS: Final = frozenset(
         DriftKind.ALERT_NOT_ON_TOPIC,
         DriftKind.ALERT_UNPUBLISHED,
         DriftKind.HOLD_LEDGER,
+        DriftKind.CORRECTION_BUDGET,
     }
 )
 
@@ -527,6 +529,30 @@ def _field_difference(expected: Any, found: Any) -> Any:
         return isinstance(value, Decimal | int) and not isinstance(value, bool)
 
     return _minus(found, expected) if number(expected) and number(found) else found
+
+
+class BudgetRecord(NamedTuple):
+    """A correction the usage consumer judged, and whether the budget consumer recorded it."""
+
+    tenant_id: str
+    correction_id: str
+    applied: bool  # the usage consumer's verdict: the budget consumer must apply it too
+    recorded: bool  # `budget_corrections` holds it
+
+
+def compare_budget_records(records: Iterable[BudgetRecord]) -> list[Drift]:
+    """Every applied correction recorded by the budget consumer, and no other (1 or 0 each)."""
+    return [
+        Drift(
+            DriftKind.CORRECTION_BUDGET,
+            (("tenant_id", r.tenant_id), ("correction_id", r.correction_id)),
+            int(r.applied),
+            int(r.recorded),
+            int(r.recorded) - int(r.applied),
+        )
+        for r in sorted(records)
+        if r.applied != r.recorded
+    ]
 
 
 class StuckWait(NamedTuple):

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +31,7 @@ from llm_usage.domain.reconcile import (
     alerts_due,
     by_kind,
     compare_alerts,
+    compare_budget_records,
     compare_counters,
     compare_effective,
     compare_holds,
@@ -98,6 +99,7 @@ class _Chunk:
     month: Month
     tenants: Sequence[str]
     closed: bool
+    horizon: date
 
 
 async def reconcile(
@@ -125,7 +127,7 @@ async def reconcile(
                 [tenant_id] if tenant_id is not None else await tenants_of_period(connection, month)
             )
             chunks += [
-                _Chunk(month, tenants[i : i + TENANTS_PER_CHUNK], period in closed)
+                _Chunk(month, tenants[i : i + TENANTS_PER_CHUNK], period in closed, horizon)
                 for i in range(0, len(tenants), TENANTS_PER_CHUNK)
             ]
         # Waiting corrections belong to no month: checked once, past the usage consumer's
@@ -163,7 +165,9 @@ async def reconcile(
 
 async def _read(pool: asyncpg.Pool, chunk: _Chunk) -> ChunkRows:
     async with snapshot_from(pool) as connection:
-        return await read_chunk(connection, chunk.month, chunk.tenants, closed=chunk.closed)
+        return await read_chunk(
+            connection, chunk.month, chunk.tenants, closed=chunk.closed, horizon=chunk.horizon
+        )
 
 
 def judge(
@@ -197,6 +201,7 @@ def judge(
     drifts += compare_holds(rows.open_holds, rows.held)
     corrected = rows.corrections
     drifts += compare_effective(corrected.originals, corrected.history, corrected.effective)
+    drifts += compare_budget_records(corrected.budget)
     return drifts
 
 

@@ -20,6 +20,7 @@ from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.reconcile import (
     EFFECTIVE_FIELDS,
+    BudgetRecord,
     DimensionKey,
     EventKey,
     OpenHold,
@@ -170,6 +171,18 @@ _CORRECTED_EVENTS = f"""
           SELECT tenant_id, occurred_at, gateway_request_id FROM usage_event_effective
           WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4)
 """
+# Each judged correction of the month's events from the budget horizon on ($5: earlier days
+# count toward no counter, and their records are pruned), and whether the budget consumer
+# recorded it.
+_BUDGET_RECORDS = """
+    SELECT c.tenant_id, c.correction_id, c.verdict = 'applied',
+           EXISTS (SELECT FROM budget_corrections AS b
+                   WHERE b.tenant_id = c.tenant_id AND b.correction_id = c.correction_id)
+    FROM usage_corrections AS c
+    WHERE c.tenant_id >= $1 AND c.tenant_id <= $2
+      AND c.event_occurred_at >= $3 AND c.event_occurred_at < $4
+      AND c.event_occurred_at >= $5
+"""
 _STUCK_WAITS = """
     SELECT consumer, tenant_id, correction_id FROM correction_waits
     WHERE first_seen_at < now() - make_interval(secs => $1)
@@ -204,6 +217,7 @@ class CorrectionRows:
     originals: dict[EventKey, Effective]
     history: dict[EventKey, list[Correction]]
     effective: dict[EventKey, Effective]
+    budget: list[BudgetRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -249,10 +263,16 @@ def _midnight(day: date) -> datetime:
 
 
 async def read_chunk(
-    connection: Connection, month: Month, tenants: Sequence[str], *, closed: bool
+    connection: Connection,
+    month: Month,
+    tenants: Sequence[str],
+    *,
+    closed: bool,
+    horizon: date = date.min,
 ) -> ChunkRows:
     """The rows of the chunk from `tenants[0]` to `tenants[-1]` (both included, in the order
-    `tenants_of_period` gives): run inside one snapshot (storage/pool.snapshot_from)."""
+    `tenants_of_period` gives): run inside one snapshot (storage/pool.snapshot_from). Budget
+    records are read for events from the budget `horizon` on."""
     lo, hi = tenants[0], tenants[-1]
     days = (lo, hi, month.first_day, month.next_month)
     sets: dict[DimensionKey, list[Any]] = {}
@@ -285,14 +305,14 @@ async def read_chunk(
     held = {(r[0], r[1], r[2], r[3], r[4]): r[5] for r in await connection.fetch(_HELD, *days)}
     holds = [OpenHold(*r.values()) for r in await connection.fetch(_OPEN_HOLDS, *days)]
     closed_rows = await _closed_month(connection, month, tenants) if closed else None
-    corrections = await _corrections(connection, lo, hi, period)
+    corrections = await _corrections(connection, lo, hi, period, horizon)
     return ChunkRows(
         sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows, corrections
     )
 
 
 async def _corrections(
-    connection: Connection, lo: str, hi: str, period: tuple[datetime, datetime]
+    connection: Connection, lo: str, hi: str, period: tuple[datetime, datetime], horizon: date
 ) -> CorrectionRows:
     history: dict[EventKey, list[Correction]] = {}
     for row in await connection.fetch(_HISTORY, lo, hi, *period):
@@ -306,7 +326,13 @@ async def _corrections(
         (r[0], r[1], r[2]): Effective(*list(r.values())[3:])
         for r in await connection.fetch(_CORRECTED_EVENTS, lo, hi, *period)
     }
-    return CorrectionRows(originals, history, effective)
+    budget = [
+        BudgetRecord(*r.values())
+        for r in await connection.fetch(
+            _BUDGET_RECORDS, lo, hi, *period, _midnight(max(horizon, date(1, 1, 2)))
+        )
+    ]
+    return CorrectionRows(originals, history, effective, budget)
 
 
 async def stuck_waits(

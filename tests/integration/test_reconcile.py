@@ -146,6 +146,13 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
             for n, e in enumerate(amended)
         ]
     )
+    # What the budget consumer records of them (this amend moves no counter).
+    await pool.execute(
+        "INSERT INTO budget_corrections (tenant_id, correction_id, gateway_request_id, "
+        "applied_at) SELECT tenant_id, correction_id, gateway_request_id, now() "
+        "FROM usage_corrections WHERE tenant_id = ANY($1::text[]) AND verdict = 'applied'",
+        [clean, corrected],
+    )
     await close_month(pool, period=months[0], now=now)
     await _publish(pool, settings, [clean, not_stored, twice])
 
@@ -209,6 +216,7 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         today.date(),
     )
 
+    await pool.execute("DELETE FROM budget_corrections WHERE tenant_id = $1", corrected)
     await pool.execute(
         "UPDATE usage_event_effective SET reasoning_tokens = reasoning_tokens + 1 "
         "WHERE tenant_id = $1",
@@ -250,7 +258,7 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         held: [("hold_ledger", "1")],
         # The edited row is what the effective view reads: each dimension's sum of it too.
         corrected: [("usage_dimension", {"reasoning_tokens": -1})] * 7
-        + [("correction_effective", {"reasoning_tokens": 1})],
+        + [("correction_effective", {"reasoning_tokens": 1}), ("correction_budget", -1)],
         waiting: [("correction_stuck", 1)],
     }
     keys = {d.tenant_id: d.as_json()["key"] for d in report.drifts}

@@ -12,6 +12,7 @@ from llm_usage.domain.budgets import AlertLevel, CounterKey
 from llm_usage.domain.corrections import Action, Correction, Effective
 from llm_usage.domain.reconcile import (
     EFFECTIVE_FIELDS,
+    BudgetRecord,
     Drift,
     DriftKind,
     OpenHold,
@@ -22,6 +23,7 @@ from llm_usage.domain.reconcile import (
     alerts_due,
     by_kind,
     compare_alerts,
+    compare_budget_records,
     compare_counters,
     compare_effective,
     compare_holds,
@@ -353,3 +355,18 @@ def test_waits_past_their_deadline_are_stuck() -> None:
             1,
         ),
     ]
+
+
+def test_the_budget_consumer_records_every_applied_correction_and_no_other() -> None:
+    records = [
+        BudgetRecord("t1", "c1", applied=True, recorded=True),
+        BudgetRecord("t1", "c2", applied=True, recorded=False),  # not applied to the counters
+        BudgetRecord("t1", "c3", applied=False, recorded=True),  # applied though judged unknown
+        BudgetRecord("t1", "c4", applied=False, recorded=False),
+    ]
+    drifts = compare_budget_records(records)
+    assert [(d.key[1][1], d.expected, d.found, d.difference) for d in drifts] == [
+        ("c2", 1, 0, -1),
+        ("c3", 0, 1, 1),
+    ]
+    assert needs_confirming(drifts) == drifts  # the budget consumer may still be catching up
