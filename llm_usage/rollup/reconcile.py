@@ -175,7 +175,7 @@ def judge(
     month: Month,
     tenants: Sequence[str],
     *,
-    horizon: Any,
+    horizon: date,
     topic: TopicAlerts | None,
 ) -> list[Drift]:
     """Every drift of one chunk's snapshot (and of the topic's alerts of its tenants)."""
