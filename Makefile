@@ -58,7 +58,8 @@ CALENDAR_TESTS := tests/unit tests/integration/test_alerts_docs_example.py \
 	tests/integration/test_period_charges.py \
 	tests/integration/test_price_checks.py \
 	tests/integration/test_corrections_usage.py \
-	tests/integration/test_corrections_rollup.py tests/integration/test_reconcile.py
+	tests/integration/test_corrections_rollup.py tests/integration/test_reconcile.py \
+	tests/integration/test_api_corrections.py tests/integration/test_cli_events.py
 test-calendar: install
 	set -e; for now in $$($(PY) -m tests.clock); do \
 		LLM_USAGE_TEST_NOW=$$now $(PY) -m pytest -q $(CALENDAR_TESTS); \

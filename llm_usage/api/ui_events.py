@@ -1,9 +1,10 @@
 """`/ui/tenants/{tenant_id}/events`: a tenant's events, newest first, a page at a time, for the
 support person who asks "what did this user spend yesterday, request by request".
 
-Server-rendered, no JavaScript. Each row carries the event's exact values in `data-` attributes
-(so a test can compare them with the API); a charge reads `$1.07`, with the exact figure in its
-`title`.
+Server-rendered, no JavaScript. Each row shows what the event counts for now (its effective
+values: a corrected event says so, with what was sent in the mark's `title`; a voided one is
+struck through) and carries those exact values in `data-` attributes (so a test can compare them
+with the API); a charge reads `$1.07`, with the exact figure in its `title`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from urllib.parse import quote, urlencode
 
 from llm_usage.api.ui_money import request_usd_text
 from llm_usage.domain.money import canonical_decimal
-from llm_usage.storage.usage_event_pages import StoredUsageEvent
+from llm_usage.storage.usage_event_pages import UsageEventItem
 
 _FILTER_LABELS: Final = {
     "user_id": "user",
@@ -31,7 +32,8 @@ h1 { font-size: 1.4rem; }
 table { border-collapse: collapse; } td, th { padding: .2rem .8rem; text-align: left; }
 tr:nth-child(even) td { background: #f6f6f6; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.muted, .estimated { color: #777; } nav a { margin-right: 1rem; }
+.muted, .estimated, .corrected { color: #777; } nav a { margin-right: 1rem; }
+tr[data-voided="true"] td { text-decoration: line-through; color: #777; }
 """
 
 
@@ -51,32 +53,47 @@ def events_url(tenant_id: str, query: Mapping[str, str | None]) -> str:
     return f"{tenant_page_url(tenant_id)}/events{suffix}"
 
 
-def _estimated_mark(event: StoredUsageEvent) -> str:
-    if not event.charge_estimated:
+def _estimated_mark(event: UsageEventItem) -> str:
+    if not event.effective.charge_estimated:
         return ""
     since = event.price_effective_from
     price = f" from the price of {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if since else ""
     return f' <abbr class="estimated" title="estimated{price}">est.</abbr>'
 
 
-def _row(event: StoredUsageEvent, tenant_id: str, base: Mapping[str, str | None]) -> str:
-    charge = canonical_decimal(event.customer_charge_usd)
+def _corrected_mark(event: UsageEventItem) -> str:
+    """What a correction changed: the values as sent, in the mark's title."""
+    if not event.corrected:
+        return ""
+    word = "voided" if event.effective.voided else "corrected"
+    sent = (
+        f"as sent: {canonical_decimal(event.customer_charge_usd)} USD, {event.total_tokens} "
+        f"tokens, user {event.user_id}, agent {event.agent_id}, deployment {event.deployment_id}"
+    )
+    return f' <abbr class="corrected" title="{escape(f"{word}; {sent}")}">{word}</abbr>'
+
+
+def _row(event: UsageEventItem, tenant_id: str, base: Mapping[str, str | None]) -> str:
+    shown = event.effective
+    charge = canonical_decimal(shown.customer_charge_usd)
     user = (
-        f'<a href="{escape(events_url(tenant_id, {**base, "user_id": event.user_id}))}">'
-        f"{escape(event.user_id)}</a>"
-        if event.user_id is not None
+        f'<a href="{escape(events_url(tenant_id, {**base, "user_id": shown.user_id}))}">'
+        f"{escape(shown.user_id)}</a>"
+        if shown.user_id is not None
         else _text(None)
     )
     return (
         f'<tr class="event" data-id="{escape(event.gateway_request_id)}" '
-        f'data-charge="{charge}" data-total-tokens="{event.total_tokens}">'
+        f'data-charge="{charge}" data-total-tokens="{shown.total_tokens}" '
+        f'data-corrected="{str(event.corrected).lower()}" '
+        f'data-voided="{str(shown.voided).lower()}">'
         f"<td>{event.occurred_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}</td>"
-        f"<td>{user}</td><td>{_text(event.agent_id)}</td><td>{_text(event.deployment_id)}</td>"
+        f"<td>{user}</td><td>{_text(shown.agent_id)}</td><td>{_text(shown.deployment_id)}</td>"
         f"<td>{_text(event.model)}</td>"
-        f'<td class="num" title="input {event.input_tokens}, output {event.output_tokens}">'
-        f"{event.total_tokens}</td>"
-        f'<td class="num charge" title="{charge} USD">{request_usd_text(event.customer_charge_usd)}'
-        f"{_estimated_mark(event)}</td></tr>"
+        f'<td class="num" title="input {shown.input_tokens}, output {shown.output_tokens}">'
+        f"{shown.total_tokens}</td>"
+        f'<td class="num charge" title="{charge} USD">{request_usd_text(shown.customer_charge_usd)}'
+        f"{_estimated_mark(event)}{_corrected_mark(event)}</td></tr>"
     )
 
 
@@ -93,7 +110,7 @@ def _active_filters(filters: Mapping[str, str], start: datetime, end: datetime) 
 def render_events_page(
     *,
     tenant_id: str,
-    events: Sequence[StoredUsageEvent],
+    events: Sequence[UsageEventItem],
     filters: Mapping[str, str],
     query: Mapping[str, str | None],
     start: datetime,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm_usage.bench.api_data import event_counts
-from llm_usage.cli.args import Commands, fraction, positive_int, positive_seconds
+from llm_usage.cli.args import Commands, fraction, non_negative_int, positive_int, positive_seconds
 
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
@@ -68,6 +68,14 @@ def _add_ingest(benchmarks: Commands) -> None:
         type=fraction,
         default=0.2,
         help="(e): (a) again with this share of the events sent without a charge (0: skip)",
+    )
+    ingest.add_argument(
+        "--corrections",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="(k): (a) again with N corrections mixed in (40%% void, 50%% amend, 10%% "
+        "corrected twice, 1%% before their event) [0: skip]",
     )
     ingest.set_defaults(run=_runs("llm_usage.bench.ingest", "run_ingest_benchmark"))
 

@@ -13,6 +13,10 @@ about `--dup-rate` re-sends on top, which (a) reads and settles but does not sto
     It is then stopped with SIGTERM and must exit 0.
 (b) the naive service: per event, an existence check and an insert in their own transaction;
 (c) the database ceiling: the same rows COPYed straight into the same table, no Kafka.
+(k) with `--corrections N`: (a) again on the same stream with N corrections mixed in (design
+    §13.2, `bench.support.with_corrections`); k/a compares their rows/s (events only), and its
+    records/s counts the corrections too. Every correction must be judged (applied, or parked for
+    its event) by the end.
 (e) (a) again on the same stream with `--estimated-share` of its unique events sent without a
     charge, so the consumer prices them from the price table. The bench database's price table
     holds the sample models' prices (added, as far as the consumer can tell, days ago) in every
@@ -51,6 +55,7 @@ from llm_usage.bench.support import (
     machine_busy_cpu_seconds,
     machine_cores,
     publish_backlog,
+    with_corrections,
 )
 from llm_usage.core.errors import UserFacingError
 from llm_usage.core.logs import configure_logging
@@ -73,6 +78,7 @@ TARGET_A_OVER_B = 20.0
 TARGET_CPU_US_PER_EVENT = 20.0
 TARGET_PEAK_RSS_MIB = 200.0
 TARGET_E_OVER_A = 0.95  # issue 22: 20 % estimated within 5 % of the all-priced stream
+TARGET_K_OVER_A = 0.9  # issue 24: 5 % corrections within 10 % of the stream without
 MIB = 1024 * 1024
 
 _OFFSETS_POLL_SECONDS = 0.05  # how often the group's committed offsets are read while timing
@@ -210,6 +216,7 @@ class RunFigures:
     naive: Measurement
     ceiling: Measurement
     estimated: ConsumerRun | None = None  # (e), when measured
+    corrected: ConsumerRun | None = None  # (k), when measured
 
     @property
     def a_over_c(self) -> float:
@@ -222,6 +229,10 @@ class RunFigures:
     @property
     def e_over_a(self) -> float | None:
         return None if self.estimated is None else self.estimated.rate / self.consumer.rate
+
+    @property
+    def k_over_a(self) -> float | None:
+        return None if self.corrected is None else self.corrected.rate / self.consumer.rate
 
     def a_over_c_bound(self, cores: int) -> float:
         """The a/c this machine could give at most: (a) with all `cores` busy on its work."""
@@ -305,6 +316,7 @@ def summary_lines(runs: Sequence[RunFigures], *, cores: int) -> list[str]:
         f"  peak RSS       {rss.describe('.0f')} MiB   target <= {TARGET_PEAK_RSS_MIB:g}: "
         f"{_verdict(rss.high <= TARGET_PEAK_RSS_MIB)}",
         *_estimated_lines(runs),
+        *_corrected_lines(runs),
     ]
 
 
@@ -316,6 +328,19 @@ def _estimated_lines(runs: Sequence[RunFigures]) -> list[str]:
     return [
         f"  e/a            {e_over_a.describe('.3f')}   target >= {TARGET_E_OVER_A:g}: "
         f"{_verdict(e_over_a.median >= TARGET_E_OVER_A)}"
+    ]
+
+
+def _corrected_lines(runs: Sequence[RunFigures]) -> list[str]:
+    measured = [(run.corrected, ratio) for run in runs if run.corrected and (ratio := run.k_over_a)]
+    if not measured:
+        return []
+    k_over_a = Spread.of(ratio for _, ratio in measured)
+    records = Spread.of(run.events_read / run.seconds for run, _ in measured)
+    return [
+        f"  k/a            {k_over_a.describe('.3f')}   target >= {TARGET_K_OVER_A:g}: "
+        f"{_verdict(k_over_a.median >= TARGET_K_OVER_A)}; (k) read "
+        f"{records.describe(',.0f')} records/s, corrections included"
     ]
 
 
@@ -334,6 +359,7 @@ async def run_ingest_benchmark(
     naive_events: int,
     runs: int = 3,
     estimated_share: float = 0.2,
+    corrections: int = 0,
 ) -> None:
     """Measure (a), (b) and (c) `runs` times each, interleaved, on the same machine, database
     and data; print every run and the median and spread of the ratios."""
@@ -347,6 +373,7 @@ async def run_ingest_benchmark(
     )
     unique_events = _unique_events([value for _, value, _ in stream], now=now)
     estimating = _with_estimated_share(stream, estimated_share, run_id)
+    correcting = with_corrections(stream, corrections, random.Random(f"{run_id}-c"), now=now)
     print(
         f"{events:,} events ({len(unique_events):,} unique, dup rate {dup_rate}); "
         f"{runs} run{'s' if runs != 1 else ''} of (a), (b), (c); consumer batch "
@@ -366,13 +393,9 @@ async def run_ingest_benchmark(
             print(f"PostgreSQL {await connection.fetchval('SHOW server_version')}")
         for number in range(1, runs + 1):
             print(f"\nrun {number} of {runs}, load average {load_average()}")
-            bench = settings.model_copy(
-                update={
-                    "database_url": database_url,
-                    "usage_topic": f"bench-{run_id}-{number}.usage",
-                    "dlq_topic": f"bench-{run_id}-{number}.usage.dlq",
-                    "usage_group_id": f"bench-{run_id}-{number}",
-                }
+            bench = _topics_of(
+                settings.model_copy(update={"database_url": database_url}),
+                f"bench-{run_id}-{number}",
             )
             consumer = await _measure_consumer(bench, stream, pool, len(unique_events))
             print(f"  (a) {consumer_line(consumer)}")
@@ -389,13 +412,7 @@ async def run_ingest_benchmark(
             estimated = None
             if estimated_share > 0:
                 estimated = await _measure_consumer(
-                    bench.model_copy(
-                        update={
-                            "usage_topic": f"bench-{run_id}-{number}e.usage",
-                            "dlq_topic": f"bench-{run_id}-{number}e.usage.dlq",
-                            "usage_group_id": f"bench-{run_id}-{number}e",
-                        }
-                    ),
+                    _topics_of(bench, f"bench-{run_id}-{number}e"),
                     estimating,
                     pool,
                     len(unique_events),
@@ -407,13 +424,34 @@ async def run_ingest_benchmark(
                     f"  (e) {estimated_share:.0%} without a charge ({share:.1%} of the rows "
                     f"stored estimated): {consumer_line(estimated)}"
                 )
-            figures.append(RunFigures(consumer, naive, ceiling, estimated))
+            corrected = None
+            if corrections > 0:
+                corrected = await _measure_consumer(
+                    _topics_of(bench, f"bench-{run_id}-{number}k"),
+                    correcting,
+                    pool,
+                    len(unique_events),
+                )
+                await _verify_judged(pool, corrections)
+                print(f"  (k) {corrections:,} corrections mixed in: {consumer_line(corrected)}")
+            figures.append(RunFigures(consumer, naive, ceiling, estimated, corrected))
     finally:
         await pool.close()
 
     print(f"\nload average at the end {load_average()}\n")
     for line in [*run_table(figures), "", *summary_lines(figures, cores=machine_cores())]:
         print(line)
+
+
+def _topics_of(settings: Settings, name: str) -> Settings:
+    """`settings` with topics and a group of their own, named after `name`."""
+    return settings.model_copy(
+        update={
+            "usage_topic": f"{name}.usage",
+            "dlq_topic": f"{name}.usage.dlq",
+            "usage_group_id": name,
+        }
+    )
 
 
 def _with_estimated_share(
@@ -480,7 +518,10 @@ async def _measure_consumer(
         if sum(end_offsets.values()) != len(stream):
             raise AssertionError(f"{bench.usage_topic} holds {sum(end_offsets.values())} records")
         print(f"  published {len(stream):,} events in {seconds:.1f} s (not timed)")
-        await pool.execute("TRUNCATE llm_usage_events, usage_event_ids, usage_daily_totals")
+        await pool.execute(
+            "TRUNCATE llm_usage_events, usage_event_ids, usage_daily_totals, usage_corrections, "
+            "usage_event_effective, correction_waits"
+        )
         freeze_harness_objects()
         run = await _drain(bench, admin, pool, end_offsets, unique)
         await _verify_stored(pool, unique)
@@ -610,6 +651,17 @@ async def _wait_until_drained(
             if time.perf_counter() - reached_at > _STALL_SECONDS:
                 raise AssertionError(f"offsets at the end, but {stored} of {unique} rows stored")
         await asyncio.sleep(_OFFSETS_POLL_SECONDS)
+
+
+async def _verify_judged(pool: asyncpg.Pool, expected: int) -> None:
+    """Every correction applied, or parked for an event that came after it (the wait's retry is
+    not timed)."""
+    judged = await pool.fetchval(
+        "SELECT (SELECT count(*) FROM usage_corrections WHERE verdict = 'applied') "
+        "+ (SELECT count(*) FROM correction_waits WHERE consumer = 'usage')"
+    )
+    if judged != expected:
+        raise AssertionError(f"the consumer judged {judged} corrections, expected {expected}")
 
 
 async def _verify_stored(pool: asyncpg.Pool, expected: int) -> None:

@@ -8,12 +8,17 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -30,6 +35,7 @@ from llm_usage.runtime.handler import (
     Record,
 )
 from llm_usage.runtime.process import run_consumer
+from llm_usage.schemas.usage_correction import CORRECTION_EVENT_TYPE
 from llm_usage.testing.processes import WorkerProcess
 
 
@@ -280,3 +286,83 @@ async def child_consumer(
         ready_poll=ready_poll_seconds,
     ) as child:
         yield child
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrections mixed into a backlog (`bench ingest|budget --corrections N`, design §13.2): the
+# same mix for both benches, generated once here.
+
+StreamRecord = tuple[bytes, bytes, dict[str, Any]]
+VOID_SHARE = 0.4  # of all corrections; amends are 0.5, corrections of corrections 0.1
+RECORRECTED_SHARE = 0.1
+EARLY_SHARE = 0.01  # sent before their event (they wait for it)
+
+
+def _correction(
+    event: dict[str, Any], number: int, *, action: str, occurred_at: datetime, rng: random.Random
+) -> dict[str, Any]:
+    correction: dict[str, Any] = {
+        "event_type": CORRECTION_EVENT_TYPE,
+        "schema_version": 1,
+        "correction_id": f"{event['gateway_request_id']}-c{number}",
+        "gateway_request_id": event["gateway_request_id"],
+        "tenant_id": event["tenant_id"],
+        "action": action,
+        "reason": "bench",
+        "actor": "bench@localhost",
+        "occurred_at": occurred_at.isoformat().replace("+00:00", "Z"),
+        "event_occurred_at": event["occurred_at"],
+    }
+    if action == "amend":
+        charge = Decimal(event["customer_charge_usd"]) * rng.choice([Decimal("0.5"), Decimal(2)])
+        correction["fields"] = {
+            "input_tokens": rng.randint(0, 2 * event["input_tokens"]),
+            "output_tokens": event["output_tokens"],
+            "customer_charge_usd": str(charge),
+            "user_id": rng.choice([event.get("user_id"), "bench-moved-user"]),
+        }
+    return correction
+
+
+def with_corrections(
+    stream: Sequence[StreamRecord], count: int, rng: random.Random, *, now: datetime
+) -> list[StreamRecord]:
+    """`stream` with `count` corrections of its events mixed in, keyed by tenant as the events:
+    40 % voids, 50 % amends, 10 % second corrections of an event already corrected (later by
+    `occurred_at`, so they win); each after its event, but 1 % before it."""
+    first_seen: dict[str, int] = {}
+    for position, (_, _, event) in enumerate(stream):
+        first_seen.setdefault(event["gateway_request_id"], position)
+    again = round(count * RECORRECTED_SHARE)
+    firsts = count - again
+    if firsts > len(first_seen) or again > firsts:
+        raise ValueError(f"{count} corrections need more than {len(first_seen)} distinct events")
+    targets = rng.sample(sorted(first_seen), firsts)
+    voids = round(count * VOID_SHARE)
+    early = set(rng.sample(range(firsts), round(count * EARLY_SHARE)))
+    inserted: list[tuple[int, int, StreamRecord]] = []  # (before which position, order, record)
+    for number, request_id in enumerate(targets):
+        position = first_seen[request_id]
+        key, _, event = stream[position]
+        action = "void" if number < voids else "amend"
+        decided = now - timedelta(seconds=120 - rng.random())
+        correction = _correction(event, 1, action=action, occurred_at=decided, rng=rng)
+        at = rng.randint(0, position) if number in early else rng.randint(position + 1, len(stream))
+        inserted.append((at, number, (key, json.dumps(correction).encode(), correction)))
+        if number < again:  # corrected again, later: an amend over it
+            later = _correction(
+                event, 2, action="amend", occurred_at=now - timedelta(seconds=60), rng=rng
+            )
+            inserted.append(
+                (max(at, position + 1), count + number, (key, json.dumps(later).encode(), later))
+            )
+    mixed: list[StreamRecord] = []
+    pending = sorted(inserted, key=lambda entry: entry[:2])
+    index = 0
+    for position in range(len(stream) + 1):
+        while index < len(pending) and pending[index][0] == position:
+            mixed.append(pending[index][2])
+            index += 1
+        if position < len(stream):
+            mixed.append(stream[position])
+    return mixed

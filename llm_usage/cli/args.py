@@ -45,6 +45,13 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = whole_number(text)
     if value < 1:

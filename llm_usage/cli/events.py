@@ -16,7 +16,7 @@ import json
 import socket
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from llm_usage.cli.args import (
@@ -24,10 +24,11 @@ from llm_usage.cli.args import (
     OneLineArgumentParser,
     checked_instant,
     checked_tenant,
-    whole_number,
+    non_negative_int,
 )
 from llm_usage.cli.budget_tables import aligned_table, budget_tables
 from llm_usage.cli.policy import default_actor
+from llm_usage.core.clock import worker_clock
 from llm_usage.core.errors import ConfigurationError, ServiceUnreachableError, UserFacingError
 from llm_usage.domain.ids import is_clean_id, is_storable_text
 
@@ -198,7 +199,7 @@ async def events_correct(settings: Settings, args: argparse.Namespace, out: Text
     gateway_request_id = checked_request_id(args.gateway_request_id)
     tenant_id = None if args.tenant is None else checked_tenant(args.tenant)
     hint = checked_instant("--event-occurred-at", args.event_occurred_at)
-    now = datetime.now(UTC)
+    now = worker_clock()()
     asked = CorrectionAsked(
         action=args.events_command,
         changes=asked_changes(args) if args.events_command == "amend" else {},
@@ -269,13 +270,6 @@ async def run_events_command(args: argparse.Namespace, settings: Settings) -> No
     await action(settings, args, sys.stdout)
 
 
-def count(text: str) -> int:
-    value = whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return value
-
-
 def _words(name: str, prefix: str) -> str:
     return f"{prefix} {name.removesuffix('_id').replace('_', ' ')}"
 
@@ -324,11 +318,18 @@ def add_parser(commands: Commands) -> None:
         )
     for name in COUNT_FIELDS:
         amend.add_argument(
-            FLAGS[name], type=count, metavar="N", dest=name, help=_words(name, "the corrected")
+            FLAGS[name],
+            type=non_negative_int,
+            metavar="N",
+            dest=name,
+            help=_words(name, "the corrected"),
         )
     amend.add_argument("--charge-usd", metavar="X", help="the exact charge, a decimal")
     amend.add_argument(
-        "--charge-cents", type=count, metavar="N", help="the gateway's own rounding of it"
+        "--charge-cents",
+        type=non_negative_int,
+        metavar="N",
+        help="the gateway's own rounding of it",
     )
     for name, noun in ATTRIBUTIONS.items():
         choice = amend.add_mutually_exclusive_group()

@@ -171,7 +171,12 @@ def effective_after(first: Effective, win: Correction | None) -> Effective:
     elif "customer_charge_usd" in fields and "customer_charge_cents" not in fields:
         # The original's cents described the original charge, not this one.
         fields["customer_charge_cents"] = None
-    if "customer_charge_usd" in fields:
+    if (
+        "customer_charge_usd" in fields
+        and fields["customer_charge_usd"] != first.customer_charge_usd
+    ):
+        # A person stated this charge. A complete amend repeating the original charge (it
+        # corrected something else) leaves the price table's estimate an estimate.
         fields["charge_estimated"] = False
     if "total_tokens" not in fields and ("input_tokens" in fields or "output_tokens" in fields):
         input_tokens = fields.get("input_tokens", first.input_tokens)

@@ -7,7 +7,7 @@ them in the same order and cannot deadlock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from typing import NamedTuple
@@ -131,6 +131,21 @@ _COUNT_STAGED_CITUS = _replaced(
     _replaced(_COUNT_STAGED, _CORRELATED_TESTS, _JOINED_TESTS), _FLOOR_END, _JOINS
 )
 
+
+def _added_to_counters(amount: str, source: str) -> str:
+    """The upsert that adds `amount` of each row of `source` to its counter, in key order."""
+    return f"""
+        INSERT INTO budget_spend
+            (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
+        SELECT tenant_id, scope_type, scope_id, "window", period_start, {amount}
+        FROM {source}
+        ORDER BY tenant_id COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C",
+            "window" COLLATE "C", period_start
+        ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
+            DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
+        RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd"""
+
+
 # Every scope an event names (its tenant, and each attribution that is not null), in its own
 # UTC day and month; summed exactly (numeric); added to the counters in key order. The addition
 # and the value after it come from one statement per row under the row's lock, so
@@ -155,16 +170,7 @@ _ADD_STAGED_TO_COUNTERS = f"""
             sum(charge_usd) AS increment_usd
         FROM contributions
         GROUP BY tenant_id, scope_type, scope_id, "window", period_start
-    ), added AS (
-        INSERT INTO budget_spend
-            (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
-        SELECT tenant_id, scope_type, scope_id, "window", period_start, increment_usd
-        FROM increments
-        ORDER BY tenant_id COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C",
-            "window" COLLATE "C", period_start
-        ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
-            DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
-        RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd
+    ), added AS ({_added_to_counters("increment_usd", "increments")}
     ), limited AS (
         SELECT added.*, i.increment_usd, p.warn_threshold_pct,
             CASE added."window" WHEN 'daily' THEN p.daily_limit_usd
@@ -221,4 +227,63 @@ async def add_staged_to_counters(
         tenant_id, scope_type, scope_id, window, start, after, increment, limit, pct = row
         key = (tenant_id, scope_type, scope_id, window, start)
         limited[key] = LimitedCounter(subtract(after, increment), after, limit, pct)
+    return limited
+
+
+# A signed move of counters (corrections, design §6.5). PostgreSQL checks `spend_usd >= 0` on the
+# row an INSERT … ON CONFLICT proposes before it finds the conflict, so a negative move cannot
+# ride today's upsert. The first statement therefore walks every key of the move in key order —
+# the one lock order of every writer of these rows — adding the positive amounts and 0 to the
+# others (which locks them, and creates a missing key at 0); the second subtracts the negative
+# amounts from rows this transaction already holds. A negative move of a counter that held less
+# (a bug: a correction removes only what was counted) fails the CHECK instead of going below 0.
+_MOVE_KEYS = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
+            AS m(tenant_id, scope_type, scope_id, "window", period_start, delta_usd)"""
+_MOVE_UP = f"""
+    WITH moves AS (
+        SELECT * FROM {_MOVE_KEYS}
+    ), added AS ({_added_to_counters("greatest(delta_usd, 0)", "moves")}
+    )
+    SELECT a.tenant_id, a.scope_type, a.scope_id, a."window", a.period_start, a.spend_usd,
+        m.delta_usd, p.warn_threshold_pct,
+        CASE a."window" WHEN 'daily' THEN p.daily_limit_usd
+            ELSE p.monthly_limit_usd END AS limit_usd
+    FROM added AS a
+    JOIN moves AS m USING (tenant_id, scope_type, scope_id, "window", period_start)
+    JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
+    WHERE m.delta_usd > 0
+"""
+_MOVE_DOWN = f"""
+    UPDATE budget_spend AS s SET spend_usd = s.spend_usd + m.delta_usd
+    FROM {_MOVE_KEYS}
+    WHERE s.tenant_id = m.tenant_id AND s.scope_type = m.scope_type
+      AND s.scope_id = m.scope_id AND s."window" = m."window"
+      AND s.period_start = m.period_start
+"""
+
+
+def _move_arguments(moves: list[tuple[SpendKey, Decimal]]) -> list[list[object]]:
+    """The moves as the statements' six arrays: the key's five columns and the amount."""
+    columns: list[list[object]] = [[key[i] for key, _ in moves] for i in range(5)]
+    return [*columns, [delta for _, delta in moves]]
+
+
+async def move_counters(
+    connection: Connection, net: Mapping[SpendKey, Decimal]
+) -> dict[SpendKey, LimitedCounter]:
+    """Move each counter of `net` by its signed amount; return, for every counter moved up whose
+    scope's policy sets a limit for its window, its value before and after, and that limit."""
+    moves = sorted((key, delta) for key, delta in net.items() if delta)
+    if not moves:
+        return {}
+    subtract = EXACT_CONTEXT.subtract
+    limited: dict[SpendKey, LimitedCounter] = {}
+    for row in await connection.fetch(_MOVE_UP, *_move_arguments(moves)):
+        tenant_id, scope_type, scope_id, window, start, after, delta, pct, limit = row
+        if limit is not None:
+            key = (tenant_id, scope_type, scope_id, window, start)
+            limited[key] = LimitedCounter(subtract(after, delta), after, limit, pct)
+    down = [(key, delta) for key, delta in moves if delta < 0]
+    if down:
+        await connection.execute(_MOVE_DOWN, *_move_arguments(down))
     return limited

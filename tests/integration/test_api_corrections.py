@@ -5,6 +5,7 @@ what is shown once the consumers have applied corrections (their rows written he
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -492,3 +493,39 @@ async def test_the_serve_api_process_publishes_a_correction(
     assert isinstance(decoded, Correction)
     assert decoded.fields["agent_id"] == "agent-2"
     assert decoded.actor == "ops@example.com"
+
+
+async def test_the_events_page_shows_what_each_event_counts_for_now(pool: asyncpg.Pool) -> None:
+    tenant = unique("tenant")
+    kept, moved, voided = [await store_event(pool, tenant) for _ in range(3)]
+    await set_effective(
+        pool,
+        moved,
+        replace(as_stored(moved), user_id="user-9", customer_charge_usd=Decimal("0.0100")),
+        winner="c-move",
+    )
+    await set_effective(pool, voided, replace(as_stored(voided), voided=True), winner="c-void")
+    async with api_client(pool) as (client, _):
+        client.cookies.update({"llm_usage_token": token("tenant-member", tenant)})
+        answer = await client.get(f"/ui/tenants/{tenant}/events")
+    assert answer.status_code == 200, answer.text
+    rows = {
+        found["data-id"]: found
+        for found in (
+            dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', row))
+            for row in re.findall(r'<tr class="event"[^>]*>', answer.text)
+        )
+    }
+    assert {name: rows[name]["data-charge"] for name in rows} == {
+        kept["gateway_request_id"]: "0.0054",
+        moved["gateway_request_id"]: "0.01",
+        voided["gateway_request_id"]: "0.0054",
+    }
+    assert rows[kept["gateway_request_id"]]["data-corrected"] == "false"
+    assert rows[moved["gateway_request_id"]]["data-corrected"] == "true"
+    assert rows[voided["gateway_request_id"]]["data-voided"] == "true"
+    assert rows[moved["gateway_request_id"]]["data-voided"] == "false"
+    # The user shown (and linked) is the effective one; what was sent is in the mark.
+    assert "user_id=user-9" in answer.text
+    assert "corrected; as sent: 0.0054 USD, 1500 tokens, user user-1" in answer.text
+    assert ">voided</abbr>" in answer.text

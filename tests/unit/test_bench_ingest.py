@@ -265,6 +265,23 @@ def test_the_estimated_stream_is_shown_beside_the_all_priced_one() -> None:
     assert "e/a" not in "\n".join(summary_lines(RUNS, cores=2))
 
 
+def test_the_stream_with_corrections_is_compared_with_the_one_without() -> None:
+    # (k) drained the same 180,000 rows (and its 200,000 records) in 13.0 s where (a) took 12.0 s.
+    corrected = _consumer(rows=180_000, seconds=13.0, cpu=8.0, peak_mib=90)
+    with_corrections = dataclasses.replace(RUNS[0], corrected=corrected)
+    assert with_corrections.k_over_a == pytest.approx(12.0 / 13.0)
+    summary = "\n".join(summary_lines([with_corrections], cores=2))
+    assert (
+        "k/a            0.923 (0.923-0.923)   target >= 0.9: met; (k) read 15,385 "
+        "(15,385-15,385) records/s, corrections included"
+    ) in summary
+    slow = dataclasses.replace(corrected, seconds=24.0)
+    assert "0.500 (0.500-0.500)   target >= 0.9: MISSED" in "\n".join(
+        summary_lines([dataclasses.replace(RUNS[0], corrected=slow)], cores=2)
+    )
+    assert "k/a" not in "\n".join(summary_lines(RUNS, cores=2))
+
+
 def test_summary_gives_median_and_spread_against_each_goal() -> None:
     summary = "\n".join(summary_lines(RUNS, cores=2))
     assert "of 3 runs" in summary

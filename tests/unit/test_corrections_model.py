@@ -85,6 +85,8 @@ def test_a_corrected_charge_is_no_longer_estimated_and_forgets_the_old_cents() -
     assert amended.customer_charge_usd == Decimal("1.005")
     assert amended.customer_charge_cents is None
     assert not amended.charge_estimated
+    same = effective_after(ORIGINAL, correction("s", customer_charge_usd=Decimal("0.420")))
+    assert same.charge_estimated  # a complete amend of another field repeats the charge
     by_cents = effective_after(ORIGINAL, correction("b", customer_charge_cents=250))
     assert by_cents.customer_charge_usd == Decimal("2.50")
     assert by_cents.customer_charge_cents == 250

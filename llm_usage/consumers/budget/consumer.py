@@ -6,6 +6,7 @@ import asyncpg
 import structlog
 from prometheus_client import CollectorRegistry
 
+from llm_usage.consumers.budget.correction_waits import correction_waits
 from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.budget.holds_sweep import hold_sweeper
 from llm_usage.consumers.budget.metrics import BudgetMetrics
@@ -23,7 +24,7 @@ log = structlog.get_logger(__name__)
 async def require_budget_tables(pool: asyncpg.Pool) -> None:
     """Refuse to start against a database without the budget tables."""
     async with connection_from(pool) as connection:
-        for table in ("budget_spend", "budget_holds"):
+        for table in ("budget_spend", "budget_holds", "budget_corrections"):
             if await connection.fetchval("SELECT to_regclass($1)", table) is None:
                 raise ConfigurationError(
                     f"table {table} does not exist in DATABASE_URL's database; "
@@ -35,7 +36,13 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
     """Same topic as the usage consumer, its own group, no dead-letter topic of its own."""
 
     def make_handler(context: ConsumerContext) -> BudgetCounter:
-        return BudgetCounter(pool=context.pool, clock=context.clock, holds=metrics.holds)
+        return BudgetCounter(
+            pool=context.pool,
+            clock=context.clock,
+            holds=metrics.holds,
+            corrections=metrics.corrections,
+            correction_wait_seconds=settings.correction_wait_seconds,
+        )
 
     return ConsumerSpec(
         name="budget",
@@ -49,6 +56,7 @@ def budget_consumer_spec(settings: Settings, metrics: BudgetMetrics) -> Consumer
             alert_relay(metrics),
             watch_policies,
             hold_sweeper(metrics.holds),
+            correction_waits(metrics.corrections),
         ),
     )
 

@@ -5,14 +5,16 @@ Inside a batch a counter is a plain `SpendKey` tuple, not a `CounterKey`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Protocol
 
 from llm_usage.consumers.budget.crossing import Contribution
-from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, ScopeType, SpendKey
-from llm_usage.domain.periods import month_end
+from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, ScopeType, SpendKey, period_start
+from llm_usage.domain.corrections import Effective
+from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.domain.periods import month_end, utc_day
 
 _TENANT = ScopeType.TENANT.value
 _DAILY = BudgetWindow.DAILY.value
@@ -74,3 +76,38 @@ def contributions_to(
                     contribution = Contribution(event.gateway_request_id, event.customer_charge_usd)
                 contributions.append(contribution)
     return found
+
+
+def spend_contribution(
+    tenant_id: str, occurred_at: datetime, event: Effective, *, horizon: date
+) -> dict[SpendKey, Decimal]:
+    """What an event with these effective values adds to the counters: its charge to every scope
+    it names (`SCOPE_FIELDS`: the tenant, each attribution that is not null) in its own UTC day
+    and month. Nothing when it is voided, or its day is before the budget `horizon` (such days
+    count in no period)."""
+    if event.voided or utc_day(occurred_at) < horizon:
+        return {}
+    scopes = [
+        (scope_type.value, tenant_id if field == "tenant_id" else getattr(event, field))
+        for scope_type, field in SCOPE_FIELDS
+    ]
+    return {
+        (tenant_id, scope_type, scope_id, window.value, period_start(window, occurred_at)): (
+            event.customer_charge_usd
+        )
+        for scope_type, scope_id in scopes
+        if scope_id is not None
+        for window in BudgetWindow
+    }
+
+
+def spend_delta(
+    old: Mapping[SpendKey, Decimal], new: Mapping[SpendKey, Decimal]
+) -> dict[SpendKey, Decimal]:
+    """`new` minus `old` per counter, exactly; counters that do not move are left out."""
+    moved: dict[SpendKey, Decimal] = {}
+    for key in old.keys() | new.keys():
+        difference = EXACT_CONTEXT.subtract(new.get(key, Decimal(0)), old.get(key, Decimal(0)))
+        if difference:
+            moved[key] = difference
+    return moved

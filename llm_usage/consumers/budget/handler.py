@@ -8,21 +8,30 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 from prometheus_client import CollectorRegistry
 
 from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
+from llm_usage.consumers.budget.corrections import (
+    BATCH_RESULTS,
+    BUDGET,
+    DEFERRED,
+    Received,
+    apply_corrections,
+)
 from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.consumers.budget.hold_outcomes import observe_ended_holds
 from llm_usage.consumers.budget.metrics import HoldMetrics
 from llm_usage.core.faults import crash_here
+from llm_usage.core.settings import Settings
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.corrections import Correction
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.periods import utc_day
 from llm_usage.runtime.ahead import PreparedAhead
+from llm_usage.runtime.correction_metrics import CorrectionMetrics, correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, BatchResult, Record
 from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
@@ -36,12 +45,20 @@ from llm_usage.storage.budget_spend import (
     count_staged_events,
     stage_events,
 )
+from llm_usage.storage.corrections import (
+    Waiting,
+    forget_waits,
+    lock_correction_buckets,
+    park,
+)
 from llm_usage.storage.flavour import Flavour
 from llm_usage.storage.hold_presence import any_open_hold
-from llm_usage.storage.pool import connection_from
+from llm_usage.storage.pool import Connection, connection_from
 
 # Records decoded between two yields to the event loop.
 _DECODE_SLICE = 250
+# Until the settings say otherwise: how long a parked correction may wait for its verdict.
+CORRECTION_WAIT_SECONDS = Settings.model_fields["correction_wait_seconds"].default
 # Between counting a batch and ending its holds, before COMMIT (tests crash here).
 FAULT_BEFORE_HOLD_RELEASE = "budget_between_count_and_release"
 
@@ -53,9 +70,10 @@ def decode_for_counting(
     prices: PriceSnapshot,
     events: dict[str, UsageRow],
     counts: Counter[BatchResult],
+    corrections: list[Received],
 ) -> None:
-    """Add the records' valid events to `events`, one per id (the first), and count what
-    became of the others.
+    """Add the records' valid events to `events`, one per id (the first), their corrections to
+    `corrections` (in order), and count what became of the others.
 
     The usage consumer's own rules decide validity: what it would dead-letter never counts (the
     usage consumer, not this one, writes the DLQ).
@@ -66,8 +84,10 @@ def decode_for_counting(
             decoded = prices.price(record, decoded)
         if isinstance(decoded, Rejection):
             counts[BatchResult.REJECTED] += 1
-        elif isinstance(decoded, PeriodCharge | Correction):  # period charges: the rollup's
+        elif isinstance(decoded, PeriodCharge):  # billed by the rollup, never spend
             continue
+        elif isinstance(decoded, Correction):
+            corrections.append(Received(decoded, record))
         elif decoded.gateway_request_id in events:
             counts[BatchResult.DUPLICATE] += 1
         else:
@@ -77,6 +97,7 @@ def decode_for_counting(
 @dataclass(frozen=True)
 class _Decoded:
     events: dict[str, UsageRow]  # the first valid event of each id
+    corrections: list[Received]  # every correction, in order
     counts: Counter[BatchResult]  # what became of the others
 
 
@@ -90,10 +111,14 @@ class BudgetCounter:
         pool: asyncpg.Pool,
         clock: Callable[[], datetime],
         holds: HoldMetrics | None = None,
+        corrections: CorrectionMetrics | None = None,
+        correction_wait_seconds: float = CORRECTION_WAIT_SECONDS,
     ) -> None:
         self._pool = pool
         self._clock = clock
         self._holds = holds or HoldMetrics.create(CollectorRegistry())
+        self._corrections = corrections or correction_metrics(CollectorRegistry(), "budget")
+        self._correction_wait_seconds = correction_wait_seconds
         self._flavour = Flavour()  # a Citus coordinator or one node: asked once
         self._prices = PriceBook(pool)
         self._ahead: PreparedAhead[_Decoded] = PreparedAhead(self._decode)
@@ -106,6 +131,7 @@ class BudgetCounter:
         prices = await self._prices.ready(records)
         now = self._clock()
         events: dict[str, UsageRow] = {}
+        corrections: list[Received] = []
         counts: Counter[BatchResult] = Counter()
         for start in range(0, len(records), _DECODE_SLICE):
             decode_for_counting(
@@ -114,48 +140,89 @@ class BudgetCounter:
                 prices=prices,
                 events=events,
                 counts=counts,
+                corrections=corrections,
             )
             await asyncio.sleep(0)  # the alert relay and heartbeats share this event loop
-        return _Decoded(events, counts)
+        return _Decoded(events, corrections, counts)
 
     async def record_batch(self, records: Sequence[Record]) -> BatchOutcome:
         decoded = await self._ahead.take(records) or await self._decode(records)
         now = self._clock()
-        events, counts = decoded.events, decoded.counts
-        if not events:
+        events, corrections, counts = decoded.events, decoded.corrections, decoded.counts
+        if not events and not corrections:
             return BatchOutcome(counts)
+        new_events: list[UsageRow] = []
+        corrected: list[str] = []
         async with connection_from(self._pool) as connection, connection.transaction():
-            await stage_events(connection, map(_staged, events.values()))
-            citus = await self._flavour.citus(connection)
-            counted_before = await count_staged_events(connection, citus=citus)
-            counts[BatchResult.RECORDED] += len(events) - len(counted_before)
-            counts[BatchResult.DUPLICATE] += len(counted_before)
-            if len(counted_before) == len(events):
-                return BatchOutcome(counts)
-            new_events = [
-                event for request_id, event in events.items() if request_id not in counted_before
-            ]
-            limited = await add_staged_to_counters(connection, evaluated_from=budget_horizon(now))
-            crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
-            if crossing:
-                # Which event crossed: the batch's new events, in order, on the counters that
-                # cross (a handful in a batch of thousands).
-                contributions = contributions_to(crossing, new_events)
-                await insert_alerts(
-                    connection, alerts_crossed(contributions, crossing, emitted_at=now)
-                )
+            if corrections:  # the first locks of the transaction (design §7)
+                await lock_correction_buckets(connection, (c.correction.event for c in corrections))
+            if events:
+                new_events = await self._count(connection, events, counts, now=now)
+            if corrections:
+                corrected = await self._correct(connection, corrections, now=now)
             # Last, so the holds' counter rows (which every check locks) are held only for the
             # moment before COMMIT, not while the spend counters are upserted.
             crash_here(FAULT_BEFORE_HOLD_RELEASE)
             ended: list[EndedHold] = []
-            if await any_open_hold(connection):
+            if new_events and await any_open_hold(connection):
                 counted = [
                     (event.tenant_id, event.gateway_request_id, event.customer_charge_usd)
                     for event in new_events
                 ]
                 ended = await release_counted_holds(connection, counted, now=now)
         self._report(ended, events)
+        for result in corrected:
+            counts[BATCH_RESULTS[result]] += 1
+            self._corrections.count(result)
         return BatchOutcome(counts)
+
+    async def _count(
+        self,
+        connection: Connection,
+        events: dict[str, UsageRow],
+        counts: Counter[BatchResult],
+        *,
+        now: datetime,
+    ) -> list[UsageRow]:
+        """Count the events not counted before, add them to their counters and insert the alerts
+        they cross; return them."""
+        await stage_events(connection, map(_staged, events.values()))
+        citus = await self._flavour.citus(connection)
+        counted_before = await count_staged_events(connection, citus=citus)
+        counts[BatchResult.RECORDED] += len(events) - len(counted_before)
+        counts[BatchResult.DUPLICATE] += len(counted_before)
+        if len(counted_before) == len(events):
+            return []
+        new_events = [
+            event for request_id, event in events.items() if request_id not in counted_before
+        ]
+        limited = await add_staged_to_counters(connection, evaluated_from=budget_horizon(now))
+        crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
+        if crossing:
+            # Which event crossed: the batch's new events, in order, on the counters that
+            # cross (a handful in a batch of thousands).
+            contributions = contributions_to(crossing, new_events)
+            await insert_alerts(connection, alerts_crossed(contributions, crossing, emitted_at=now))
+        return new_events
+
+    async def _correct(
+        self, connection: Connection, corrections: list[Received], *, now: datetime
+    ) -> list[str]:
+        """Apply the batch's corrections after its events (a correction may follow its event in
+        the same batch); park those that must wait, forget the parked copies of the others.
+        Return what became of each."""
+        results = await apply_corrections(connection, corrections, now=now)
+        until = now + timedelta(seconds=self._correction_wait_seconds)
+        waiting = [
+            _waiting(item, first_seen_at=now, wait_until=until)
+            for item, result in zip(corrections, results, strict=True)
+            if result == DEFERRED
+        ]
+        await park(connection, BUDGET, waiting)
+        waits = {(w.tenant_id, w.correction_id) for w in waiting}
+        resolved = {item.correction.key for item in corrections} - waits
+        await forget_waits(connection, BUDGET, sorted(resolved))
+        return results
 
     def _report(self, ended: Sequence[EndedHold], events: dict[str, UsageRow]) -> None:
         """Count the committed batch's settled holds; an event's day only for those."""
@@ -181,4 +248,22 @@ def _staged(event: UsageRow) -> StagedEvent:
         event.reasoning_tokens,
         event.total_tokens,
         event.occurred_at,
+    )
+
+
+def _waiting(item: Received, *, first_seen_at: datetime, wait_until: datetime) -> Waiting:
+    """A correction to park, with the record that brought it byte for byte."""
+    correction, record = item.correction, item.record
+    assert record is not None  # a batch's corrections come from its records
+    return Waiting(
+        tenant_id=correction.tenant_id,
+        correction_id=correction.correction_id,
+        gateway_request_id=correction.gateway_request_id,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        first_seen_at=first_seen_at,
+        wait_until=wait_until,
     )

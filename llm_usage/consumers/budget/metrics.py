@@ -1,5 +1,5 @@
-"""Metrics of the budget consumer beside the runtime's: alerts, the outbox, the relay, and the
-gateway's holds (settled in the batch, expired by the sweeper)."""
+"""Metrics of the budget consumer beside the runtime's: alerts, the outbox, the relay, the
+gateway's holds (settled in the batch, expired by the sweeper) and corrections."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llm_usage.domain.holds import EXPIRED, SETTLED, SETTLED_LATE
+from llm_usage.runtime.correction_metrics import CorrectionMetrics, correction_metrics
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class BudgetMetrics:
     alert_latency: Histogram
     relay_leader: Gauge
     holds: HoldMetrics
+    corrections: CorrectionMetrics
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> BudgetMetrics:
@@ -50,6 +52,7 @@ class BudgetMetrics:
                 registry=registry,
             ),
             holds=HoldMetrics.create(registry),
+            corrections=correction_metrics(registry, "budget"),
         )
 
 

@@ -1,0 +1,175 @@
+"""The budget consumer applies corrections (design §6): it follows the usage consumer's verdict,
+moves the counters by the exact difference the correction makes, and alerts the levels a move up
+crosses — once, as the outbox's alert key guarantees; a move down alerts nothing and retracts
+nothing.
+
+The caller holds the corrections' bucket locks (`lock_correction_buckets`) from the start of its
+transaction, so two replicas never apply the same correction, or two corrections of one event,
+at the same time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Final
+
+import structlog
+
+from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
+from llm_usage.consumers.budget.counting import spend_contribution, spend_delta
+from llm_usage.consumers.budget.crossing import Contribution
+from llm_usage.domain.budgets import SpendKey, budget_horizon
+from llm_usage.domain.corrections import (
+    Correction,
+    Verdict,
+    effective_after,
+    original,
+    same_correction,
+    winner,
+)
+from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.runtime.handler import BatchResult, Record
+from llm_usage.storage.budget_corrections import (
+    applied_to_events,
+    record_applied,
+    window_counted,
+)
+from llm_usage.storage.budget_outbox import insert_alerts
+from llm_usage.storage.budget_spend import move_counters
+from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
+from llm_usage.storage.pool import Connection
+
+log = structlog.get_logger(__name__)
+
+BUDGET: Final = "budget"  # the consumer, as correction_waits and the metrics name it
+
+# What became of a correction: the `result` label of llm_usage_corrections_total.
+APPLIED: Final = "applied"  # it won: the counters moved to its values
+SUPERSEDED: Final = "superseded"  # applied, but a later correction of its event still wins
+DUPLICATE: Final = "duplicate"  # applied before (or an earlier copy in the batch decides)
+CONFLICT: Final = "conflict"  # its id was judged with other content: ignored, as by usage
+DEFERRED: Final = "deferred"  # waits for the usage consumer's verdict or its event's count
+UNKNOWN: Final = "unknown"  # the usage consumer found no event for it: dropped
+
+# The batch's own count of a record (the events metric's `result`).
+BATCH_RESULTS: Final[Mapping[str, BatchResult]] = {
+    APPLIED: BatchResult.RECORDED,
+    SUPERSEDED: BatchResult.RECORDED,
+    DUPLICATE: BatchResult.DUPLICATE,
+    CONFLICT: BatchResult.REJECTED,
+    DEFERRED: BatchResult.DEFERRED,
+    UNKNOWN: BatchResult.REJECTED,
+}
+
+
+@dataclass(frozen=True)
+class Received:
+    """A correction, and the record that brought it (None when it comes back from its wait)."""
+
+    correction: Correction
+    record: Record | None = None
+
+
+async def apply_corrections(
+    connection: Connection, received: Sequence[Received], *, now: datetime
+) -> list[str]:
+    """Apply the corrections the usage consumer applied and whose events are counted, in order;
+    return what became of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order."""
+    done = await applied_to_events(connection, {item.correction.event for item in received})
+    keys = {item.correction.key for item in received}
+    verdicts = await judged(connection, sorted(keys | done))
+    results: list[str] = []
+    first: dict[CorrectionKey, Correction] = {}
+    ready: dict[int, Correction] = {}  # position -> the usage consumer's copy of it
+    for position, item in enumerate(received):
+        correction = item.correction
+        if correction.key in first:  # an earlier copy in this batch decides
+            same = same_correction(first[correction.key], correction)
+            results.append(DUPLICATE if same else CONFLICT)
+            continue
+        first[correction.key] = correction
+        verdict = verdicts.get(correction.key)
+        if verdict is not None and not same_correction(verdict.correction, correction):
+            results.append(CONFLICT)
+        elif correction.key in done:
+            results.append(DUPLICATE)
+        elif verdict is None:
+            results.append(DEFERRED)
+        elif verdict.verdict is not Verdict.APPLIED:
+            results.append(UNKNOWN)
+        else:
+            ready[position] = verdict.correction
+            results.append(APPLIED)  # unless its event is not counted, or no longer stored
+    if ready:
+        history: dict[EventKey, list[Correction]] = {}
+        for key in done:
+            if key in verdicts:
+                applied = verdicts[key].correction
+                history.setdefault(applied.event, []).append(applied)
+        await _apply_ready(connection, ready, history, results, now=now)
+    return results
+
+
+async def _apply_ready(
+    connection: Connection,
+    ready: dict[int, Correction],
+    history: dict[EventKey, list[Correction]],
+    results: list[str],
+    *,
+    now: datetime,
+) -> None:
+    """Move the counters for the corrections the usage consumer applied; a correction whose
+    event is not counted yet waits (a move before the count it corrects could go below 0)."""
+    counted = await window_counted(connection, {c.event for c in ready.values()})
+    for position, correction in list(ready.items()):
+        if not counted.get(correction.event, True):  # no window row: older than it, counted
+            results[position] = DEFERRED
+            del ready[position]
+    if not ready:
+        return
+    # Where the usage consumer found each event (`event_occurred_at`): one probe of its key.
+    found = await find_events(connection, list(ready.values()))
+
+    horizon = budget_horizon(now)
+    net: dict[SpendKey, Decimal] = {}
+    contributions: dict[SpendKey, list[Contribution]] = {}
+    recorded: list[tuple[str, str, str]] = []
+    for position, correction in ready.items():
+        stored = found.rows.get(correction.event)
+        if stored is None:  # its month left the database since the usage consumer applied it
+            log.warning(
+                "A correction's event is no longer stored; it moves no counter.",
+                tenant_id=correction.tenant_id,
+                correction_id=correction.correction_id,
+                gateway_request_id=correction.gateway_request_id,
+            )
+            results[position] = UNKNOWN
+            continue
+        figures = original(stored)
+        applied = history.setdefault(correction.event, [])
+        before = effective_after(figures, winner(applied))
+        applied.append(correction)
+        last = winner(applied)
+        after = effective_after(figures, last)
+        moved = spend_delta(
+            spend_contribution(stored.tenant_id, stored.occurred_at, before, horizon=horizon),
+            spend_contribution(stored.tenant_id, stored.occurred_at, after, horizon=horizon),
+        )
+        for key, amount in moved.items():
+            net[key] = EXACT_CONTEXT.add(net.get(key, Decimal(0)), amount)
+            contributions.setdefault(key, []).append(
+                Contribution(correction.gateway_request_id, amount)
+            )
+        won = last is not None and last.key == correction.key
+        results[position] = APPLIED if won else SUPERSEDED
+        recorded.append((*correction.key, correction.gateway_request_id))
+
+    limited = await move_counters(connection, net)
+    crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
+    if crossing:
+        wanted = {key: contributions[key] for key in crossing}
+        await insert_alerts(connection, alerts_crossed(wanted, crossing, emitted_at=now))
+    await record_applied(connection, recorded, now=now)

@@ -1,0 +1,69 @@
+"""The budget consumer's own records of corrections (design §6): which corrections it applied
+to the counters (`budget_corrections`, its idempotency record) and whether the id window has
+counted an event. The usage consumer's verdicts, the events and the waits are read and written
+through storage/corrections.py.
+
+Every read takes the whole batch's keys at once: one round trip per kind per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from llm_usage.storage.corrections import CorrectionKey, EventKey
+from llm_usage.storage.pool import Connection
+
+_APPLIED_TO_EVENTS = """
+    SELECT tenant_id, correction_id
+    FROM budget_corrections
+    WHERE (tenant_id, gateway_request_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+# The window's rows of the ids, by a join on its distribution column (a form Citus runs too, as
+# storage/corrections.py's look-up).
+_WINDOW = """
+    SELECT i.gateway_request_id AS id, i.tenant_id, i.counted
+    FROM unnest($1::text[]) AS ids(id)
+    JOIN usage_event_ids AS i ON i.gateway_request_id = ids.id
+"""
+_RECORD_APPLIED = """
+    INSERT INTO budget_corrections (tenant_id, correction_id, gateway_request_id, applied_at)
+    SELECT t, c, g, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, c, g)
+    ORDER BY t COLLATE "C", c COLLATE "C"
+    ON CONFLICT DO NOTHING
+"""
+
+
+async def applied_to_events(
+    connection: Connection, events: Iterable[EventKey]
+) -> set[CorrectionKey]:
+    """Every correction of these events (tenant_id, gateway_request_id) this consumer applied
+    to the counters."""
+    keys = sorted(set(events))
+    if not keys:
+        return set()
+    rows = await connection.fetch(_APPLIED_TO_EVENTS, [k[0] for k in keys], [k[1] for k in keys])
+    return {(row["tenant_id"], row["correction_id"]) for row in rows}
+
+
+async def window_counted(
+    connection: Connection, events: Iterable[EventKey]
+) -> dict[EventKey, bool]:
+    """Whether the id window says each event is counted; an event with no window row of its
+    tenant is absent (it is older than the window)."""
+    wanted = set(events)
+    rows = await connection.fetch(_WINDOW, sorted({request_id for _, request_id in wanted}))
+    return {
+        (row["tenant_id"], row["id"]): row["counted"]
+        for row in rows
+        if (row["tenant_id"], row["id"]) in wanted
+    }
+
+
+async def record_applied(
+    connection: Connection, applied: Sequence[tuple[str, str, str]], *, now: datetime
+) -> None:
+    """Remember each (tenant_id, correction_id, gateway_request_id) as applied to the counters."""
+    if applied:
+        columns = [[row[i] for row in applied] for i in range(3)]
+        await connection.execute(_RECORD_APPLIED, *columns, now)
