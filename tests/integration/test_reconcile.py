@@ -135,24 +135,23 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
             _event(tenant, last_month, "1.005", deployment_id=None),
         ]
     await _fill(pool, events)
-    # A correction through the usage consumer (budget counters do not move: reasoning tokens
-    # count toward no spend), for `corrected` and `clean`.
+    # An amend of a charge and of reasoning tokens, for `corrected` and `clean`, through both
+    # consumers: the aggregates, the counters and the budget's records move with it.
     amended = [e for e in events if e["tenant_id"] in (clean, corrected)][:1] + [
         e for e in events if e["tenant_id"] == corrected
     ][:1]
-    await UsageRecorder(pool=pool, clock=clock.now).record_batch(
-        [
-            consumer_record(encode(_amend(e, reasoning_tokens=7)), offset=n)
-            for n, e in enumerate(amended)
-        ]
-    )
-    # What the budget consumer records of them (this amend moves no counter).
-    await pool.execute(
-        "INSERT INTO budget_corrections (tenant_id, correction_id, gateway_request_id, "
-        "applied_at) SELECT tenant_id, correction_id, gateway_request_id, now() "
-        "FROM usage_corrections WHERE tenant_id = ANY($1::text[]) AND verdict = 'applied'",
+    corrections = [
+        consumer_record(
+            encode(_amend(e, customer_charge_usd="0.0060", reasoning_tokens=7)), offset=n
+        )
+        for n, e in enumerate(amended)
+    ]
+    await UsageRecorder(pool=pool, clock=clock.now).record_batch(corrections)
+    await BudgetCounter(pool=pool, clock=clock.now).record_batch(corrections)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM budget_corrections WHERE tenant_id = ANY($1::text[])",
         [clean, corrected],
-    )
+    ) == len(amended)
     await close_month(pool, period=months[0], now=now)
     await _publish(pool, settings, [clean, not_stored, twice])
 
