@@ -1,6 +1,6 @@
-"""`llm-usage bench ingest|budget|api|checks|rollup|ingest-aggregate|history|lifecycle`: each
-benchmark's arguments; the benchmark itself is imported when it runs (httpx and the profilers
-are not in every install)."""
+"""`llm-usage bench ingest|budget|api|checks|rollup|ingest-aggregate|history|lifecycle|
+reconcile`: each benchmark's arguments; the benchmark itself is imported when it runs (httpx and
+the profilers are not in every install)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def add_parser(commands: Commands) -> None:
     _add_ingest_aggregate(benchmarks)
     _add_history(benchmarks)
     _add_lifecycle(benchmarks)
+    _add_reconcile(benchmarks)
 
 
 def _add_ingest(benchmarks: Commands) -> None:
@@ -253,3 +254,19 @@ def _add_lifecycle(benchmarks: Commands) -> None:
     )
     lifecycle.add_argument("--batch", type=positive_int, default=500, help="CONSUMER_MAX_BATCH")
     lifecycle.set_defaults(run=_runs("llm_usage.bench.lifecycle", "run_lifecycle_benchmark"))
+
+
+def _add_reconcile(benchmarks: Commands) -> None:
+    reconcile = benchmarks.add_parser(
+        "reconcile",
+        help="reconcile over bench api's data (this and last month, without the alerts topic)",
+    )
+    reconcile.add_argument(
+        "--events",
+        type=positive_int,
+        default=10_000_000,
+        help="events of bench api's spread (loaded once, then reused; the same as bench api's)",
+    )
+    reconcile.add_argument("--tenants", type=positive_int, default=1_000)
+    reconcile.add_argument("--repeats", type=positive_int, default=3)
+    reconcile.set_defaults(run=_runs("llm_usage.bench.reconcile", "run_reconcile_benchmark"))

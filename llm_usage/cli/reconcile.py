@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, TextIO
 
 from llm_usage.cli.args import Commands, checked_period, checked_tenant, number_of_seconds
 from llm_usage.core.clock import worker_clock
-from llm_usage.core.errors import PipelineError, ServiceUnreachableError, TransientError
+from llm_usage.core.errors import (
+    ConfigurationError,
+    PipelineError,
+    ServiceUnreachableError,
+    TransientError,
+)
 from llm_usage.domain.periods import current_period
 
 if TYPE_CHECKING:
@@ -52,6 +57,8 @@ def add_parser(commands: Commands) -> None:
 
 
 async def run_reconcile_command(args: argparse.Namespace, settings: Settings) -> None:
+    import asyncpg  # noqa: PLC0415 - the database stack, when the command runs
+
     from llm_usage.rollup.reconcile import reconcile  # noqa: PLC0415 - the rollup's stack
     from llm_usage.storage.pool import create_pool  # noqa: PLC0415
 
@@ -72,6 +79,11 @@ async def run_reconcile_command(args: argparse.Namespace, settings: Settings) ->
     except (TransientError, OSError) as error:
         raise ServiceUnreachableError(
             f"reconcile could not run: {type(error).__name__}: {error}"
+        ) from None
+    except asyncpg.PostgresError as error:  # e.g. a database not migrated, a missing grant
+        raise ConfigurationError(
+            f"reconcile could not run: {type(error).__name__}: {error} (is the database "
+            "migrated, and may this role read it?)"
         ) from None
     finally:
         await pool.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -25,6 +25,7 @@ from llm_usage.domain.budgets import (
     period_start,
     threshold_usd,
 )
+from llm_usage.domain.corrections import Correction, Effective, effective_after, winner
 from llm_usage.domain.holds import hold_counters
 from llm_usage.domain.money import EXACT_CONTEXT, usd_to_cents
 from llm_usage.domain.periods import month_start, period_of
@@ -43,6 +44,9 @@ class DriftKind(StrEnum):
     ALERT_NOT_ON_TOPIC = "alert_not_on_topic"
     ALERT_UNPUBLISHED = "alert_unpublished"
     HOLD_LEDGER = "hold_ledger"
+    CORRECTION_EFFECTIVE = "correction_effective"
+    CORRECTION_BUDGET = "correction_budget"
+    CORRECTION_STUCK = "correction_stuck"
 
 
 # Written by another worker than the events they derive from (the budget consumer, the relay):
@@ -56,6 +60,7 @@ LAGGING_KINDS: Final = frozenset(
         DriftKind.ALERT_NOT_ON_TOPIC,
         DriftKind.ALERT_UNPUBLISHED,
         DriftKind.HOLD_LEDGER,
+        DriftKind.CORRECTION_BUDGET,
     }
 )
 
@@ -465,6 +470,115 @@ def _alert(kind: DriftKind, tenant_id: str, alert_id: str, expected: int, found:
     return Drift(
         kind, (("tenant_id", tenant_id), ("alert_id", alert_id)), expected, found, found - expected
     )
+
+
+# ---- corrections ---------------------------------------------------------------------------
+
+# A corrected event: (tenant_id, occurred_at, gateway_request_id), its Tier 1 key.
+EventKey: TypeAlias = tuple[str, datetime, str]
+# Every value of an effective row, in Effective's order.
+EFFECTIVE_FIELDS: Final = tuple(f.name for f in fields(Effective))
+
+
+def compare_effective(
+    originals: Mapping[EventKey, Effective],
+    history: Mapping[EventKey, Sequence[Correction]],
+    stored: Mapping[EventKey, Effective],
+) -> list[Drift]:
+    """`usage_event_effective` against the original event with the winner of its applied
+    corrections laid over it; a row for an event without applied corrections is a drift too.
+    Events no longer stored (`originals` lacks them) are not judged. The difference lists each
+    field that differs: numbers as found - expected, the others as the value found."""
+    drifts = []
+    for key in sorted((history.keys() | stored.keys()) & originals.keys()):
+        corrections = history.get(key, ())
+        expected = effective_after(originals[key], winner(corrections)) if corrections else None
+        found = stored.get(key)
+        if expected == found:
+            continue
+        want = None if expected is None else _fields(expected)
+        have = None if found is None else _fields(found)
+        names = [n for n in EFFECTIVE_FIELDS if (want or {}).get(n) != (have or {}).get(n)]
+        difference = {
+            name: _field_difference((want or {}).get(name), (have or {}).get(name))
+            for name in names
+        }
+        tenant, occurred_at, request_id = key
+        drifts.append(
+            Drift(
+                DriftKind.CORRECTION_EFFECTIVE,
+                (
+                    ("tenant_id", tenant),
+                    ("occurred_at", occurred_at),
+                    ("gateway_request_id", request_id),
+                ),
+                want,
+                have,
+                difference,
+            )
+        )
+    return drifts
+
+
+def _fields(effective: Effective) -> dict[str, Any]:
+    return {name: getattr(effective, name) for name in EFFECTIVE_FIELDS}
+
+
+def _field_difference(expected: Any, found: Any) -> Any:
+    def number(value: Any) -> bool:
+        return isinstance(value, Decimal | int) and not isinstance(value, bool)
+
+    return _minus(found, expected) if number(expected) and number(found) else found
+
+
+class BudgetRecord(NamedTuple):
+    """A correction the usage consumer judged, and whether the budget consumer recorded it."""
+
+    tenant_id: str
+    correction_id: str
+    applied: bool  # the usage consumer's verdict: the budget consumer must apply it too
+    recorded: bool  # `budget_corrections` holds it
+
+
+def compare_budget_records(records: Iterable[BudgetRecord]) -> list[Drift]:
+    """Every applied correction recorded by the budget consumer, and no other (1 or 0 each)."""
+    return [
+        Drift(
+            DriftKind.CORRECTION_BUDGET,
+            (("tenant_id", r.tenant_id), ("correction_id", r.correction_id)),
+            int(r.applied),
+            int(r.recorded),
+            int(r.recorded) - int(r.applied),
+        )
+        for r in sorted(records)
+        if r.applied != r.recorded
+    ]
+
+
+class StuckWait(NamedTuple):
+    """A correction still waiting past the usage consumer's deadline and a margin."""
+
+    consumer: str
+    tenant_id: str
+    correction_id: str
+
+
+def compare_waits(stuck: Iterable[StuckWait]) -> list[Drift]:
+    """Every correction waiting past its deadline: none is expected."""
+    return [
+        Drift(
+            DriftKind.CORRECTION_STUCK,
+            (
+                ("tenant_id", wait.tenant_id),
+                ("consumer", wait.consumer),
+                ("correction_id", wait.correction_id),
+            ),
+            0,
+            1,
+            1,
+        )
+        for wait in sorted(stuck, key=lambda w: (w.tenant_id, w.consumer, w.correction_id))
+    ]
 
 
 # ---- confirmation --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,11 +31,14 @@ from llm_usage.domain.reconcile import (
     alerts_due,
     by_kind,
     compare_alerts,
+    compare_budget_records,
     compare_counters,
+    compare_effective,
     compare_holds,
     compare_invoices,
     compare_topic,
     compare_usage,
+    compare_waits,
     confirmed,
     expected_invoices,
     expected_spend,
@@ -51,8 +54,12 @@ from llm_usage.storage.reconcile import (
     ClosedMonthRows,
     Month,
     read_chunk,
+    stuck_waits,
     tenants_of_period,
 )
+
+# A correction waiting this long past CORRECTION_WAIT_SECONDS is stuck (design §10.3).
+STUCK_MARGIN_SECONDS = 300.0
 
 # Tenants per snapshot: short enough that no snapshot holds back the counters' pruning for long.
 TENANTS_PER_CHUNK = 200
@@ -92,6 +99,7 @@ class _Chunk:
     month: Month
     tenants: Sequence[str]
     closed: bool
+    horizon: date
 
 
 async def reconcile(
@@ -119,11 +127,18 @@ async def reconcile(
                 [tenant_id] if tenant_id is not None else await tenants_of_period(connection, month)
             )
             chunks += [
-                _Chunk(month, tenants[i : i + TENANTS_PER_CHUNK], period in closed)
+                _Chunk(month, tenants[i : i + TENANTS_PER_CHUNK], period in closed, horizon)
                 for i in range(0, len(tenants), TENANTS_PER_CHUNK)
             ]
+        # Waiting corrections belong to no month: checked once, past the usage consumer's
+        # deadline and a margin for its next round.
+        stuck = await stuck_waits(
+            connection,
+            older_than_seconds=settings.correction_wait_seconds + STUCK_MARGIN_SECONDS,
+            tenant_id=tenant_id,
+        )
     topic = await read_alerts(settings) if read_topic else None
-    drifts: list[Drift] = []
+    drifts: list[Drift] = compare_waits(stuck)
     events = 0
     lagging: list[_Chunk] = []
     for chunk in chunks:
@@ -150,7 +165,9 @@ async def reconcile(
 
 async def _read(pool: asyncpg.Pool, chunk: _Chunk) -> ChunkRows:
     async with snapshot_from(pool) as connection:
-        return await read_chunk(connection, chunk.month, chunk.tenants, closed=chunk.closed)
+        return await read_chunk(
+            connection, chunk.month, chunk.tenants, closed=chunk.closed, horizon=chunk.horizon
+        )
 
 
 def judge(
@@ -158,7 +175,7 @@ def judge(
     month: Month,
     tenants: Sequence[str],
     *,
-    horizon: Any,
+    horizon: date,
     topic: TopicAlerts | None,
 ) -> list[Drift]:
     """Every drift of one chunk's snapshot (and of the topic's alerts of its tenants)."""
@@ -182,6 +199,9 @@ def judge(
             (alert.alert_id for alert in rows.outbox),
         )
     drifts += compare_holds(rows.open_holds, rows.held)
+    corrected = rows.corrections
+    drifts += compare_effective(corrected.originals, corrected.history, corrected.effective)
+    drifts += compare_budget_records(corrected.budget)
     return drifts
 
 

@@ -17,7 +17,15 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llm_usage.core.settings import Settings
-from llm_usage.domain.periods import current_period, following_period, parse_period
+from llm_usage.domain.periods import (
+    add_months,
+    current_period,
+    following_period,
+    parse_period,
+    period_of,
+)
+from llm_usage.domain.reconcile import DriftKind
+from llm_usage.rollup.reconcile import reconcile
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.handler import WorkerContext
 from llm_usage.runtime.leadership import Leadership, Lease, lead_while_held
@@ -34,6 +42,9 @@ SCHEDULE_LOCK_KEY = 0x6C6C6D5F73636864
 _TICK_SECONDS = 30.0
 _RETRY_SECONDS = 60.0
 _STANDBY_SECONDS = 5.0
+# A scheduled reconcile reads lagging candidates again this much later (design §10.3).
+RECONCILE_CONFIRM_SECONDS = 30.0
+_RECONCILE_RETRY = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,10 @@ class ScheduleMetrics:
     months_closed: Counter
     failures: Counter
     leader: Gauge
+    reconcile_drifts: Gauge
+    reconcile_last_success: Gauge
+    reconcile_duration: Histogram
+    reconcile_events_read: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ScheduleMetrics:
@@ -77,7 +92,37 @@ class ScheduleMetrics:
                 "1 on the one replica that runs the schedule, 0 on the others.",
                 registry=registry,
             ),
+            reconcile_drifts=_every_kind_at_zero(
+                Gauge(
+                    "llm_usage_reconcile_drifts",
+                    "Drifts the last reconcile found (confirmed), by kind.",
+                    ["kind"],
+                    registry=registry,
+                )
+            ),
+            reconcile_last_success=Gauge(
+                "llm_usage_reconcile_last_success_timestamp_seconds",
+                "When a scheduled reconcile last ran to its end, Unix time.",
+                registry=registry,
+            ),
+            reconcile_duration=Histogram(
+                "llm_usage_reconcile_duration_seconds",
+                "Duration of one scheduled reconcile (both months, the confirmation included).",
+                buckets=(1, 5, 10, 30, 60, 120, 300),
+                registry=registry,
+            ),
+            reconcile_events_read=Counter(
+                "llm_usage_reconcile_events_read",
+                "Events the scheduled reconciles read.",
+                registry=registry,
+            ),
         )
+
+
+def _every_kind_at_zero(gauge: Gauge) -> Gauge:
+    for kind in DriftKind:
+        gauge.labels(kind.value).set(0)
+    return gauge
 
 
 def months_due_for_closing(
@@ -114,6 +159,7 @@ class RollupScheduler:
         self._health = health
         self._clock = clock
         self._next_preview: datetime | None = None
+        self._next_reconcile: datetime | None = None
 
     async def tick(self) -> None:
         """One round of work as the leader: close what is due, refresh the preview if due."""
@@ -139,6 +185,45 @@ class RollupScheduler:
             self._metrics.lines_written.inc(len(result.lines))
             self._next_preview = now + timedelta(minutes=self._settings.rollup_preview_minutes)
             log.info("Preview lines refreshed.", period=result.period, lines=len(result.lines))
+        await self.reconcile_if_due(now)
+
+    async def reconcile_if_due(self, now: datetime) -> None:
+        """Reconcile this month and the previous one every RECONCILE_INTERVAL_MINUTES (0: never).
+        A failure is logged and tried again 5 minutes later: it never stops the rollup."""
+        interval = self._settings.reconcile_interval_minutes
+        if interval <= 0 or (self._next_reconcile is not None and now < self._next_reconcile):
+            return
+        this_month = current_period(now)
+        periods = [period_of(add_months(parse_period(this_month), -1)), this_month]
+        started = time.perf_counter()
+        try:
+            report = await reconcile(
+                self._pool,
+                self._settings,
+                periods=periods,
+                confirm_seconds=RECONCILE_CONFIRM_SECONDS,
+                # The schedule's replicas have no Kafka access: the topic's kinds are the
+                # command's (`llm-usage reconcile`) and the soak's.
+                read_topic=False,
+                now=now,
+            )
+        except Exception as error:  # noqa: BLE001 - logged; the rollup goes on
+            self._next_reconcile = now + _RECONCILE_RETRY
+            log.error(
+                "Reconcile failed; it will be tried again.",
+                error=f"{type(error).__name__}: {error}",
+                retry_in_seconds=_RECONCILE_RETRY.total_seconds(),
+            )
+            return
+        self._next_reconcile = now + timedelta(minutes=interval)
+        for kind, count in report.by_kind.items():
+            self._metrics.reconcile_drifts.labels(kind).set(count)
+        self._metrics.reconcile_events_read.inc(report.events)
+        self._metrics.reconcile_duration.observe(time.perf_counter() - started)
+        self._metrics.reconcile_last_success.set(time.time())
+        for drift in report.drifts:
+            log.error("Reconcile found a drift.", drift=drift.text())
+        log.info("Reconciled.", **report.summary())
 
     async def _timed(self, work: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -178,6 +263,13 @@ class RollupScheduler:
         rolled back and is retried a minute later; anything else is raised."""
         self._health.started()
         log.info("This replica runs the rollup schedule.")
+        try:
+            await self._lead(lease, stopping)
+        finally:
+            # Only the leader's drift gauges count (LLMUsageReconcileDrift sums the replicas').
+            _every_kind_at_zero(self._metrics.reconcile_drifts)
+
+    async def _lead(self, lease: Lease, stopping: asyncio.Event) -> None:
         sleep = sleep_unless_stopping(stopping)
         while not stopping.is_set():
             lease.ensure_held()

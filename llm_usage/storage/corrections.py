@@ -73,7 +73,8 @@ def fields_from_json(stored: Mapping[str, Any]) -> dict[str, object]:
     }
 
 
-def _correction_of(row: asyncpg.Record) -> Correction:
+def correction_of(row: asyncpg.Record) -> Correction:
+    """A `usage_corrections` row (its fields read as text) as the model's Correction."""
     return Correction(
         tenant_id=row["tenant_id"],
         correction_id=row["correction_id"],
@@ -108,7 +109,7 @@ async def judged(
     return {
         (row["tenant_id"], row["correction_id"]): JudgedCorrection(
             verdict=Verdict(row["verdict"]),
-            correction=_correction_of(row),
+            correction=correction_of(row),
             won=row["won"],
             late=row["late"],
             billed_in=row["billed_in"],

@@ -15,16 +15,22 @@ from decimal import Decimal
 from typing import Any, Final
 
 from llm_usage.domain.budgets import SpendKey
+from llm_usage.domain.corrections import Correction, Effective
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.reconcile import (
+    EFFECTIVE_FIELDS,
+    BudgetRecord,
     DimensionKey,
+    EventKey,
     OpenHold,
     OutboxAlert,
     Policy,
+    StuckWait,
     TotalsKey,
 )
 from llm_usage.domain.usage import Usage
+from llm_usage.storage.corrections import correction_of
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.invoice_lines import (
     GroupUsage,
@@ -139,6 +145,51 @@ _OPEN_HOLDS = """
 """
 
 
+# The chunk's applied corrections of events of the month, their effective rows, and the events.
+_HISTORY = """
+    SELECT tenant_id, correction_id, gateway_request_id, action, fields::text AS fields, reason,
+           actor, occurred_at, event_occurred_at
+    FROM usage_corrections
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND verdict = 'applied'
+      AND event_occurred_at >= $3 AND event_occurred_at < $4
+"""
+_EFFECTIVE_ROWS = f"""
+    SELECT tenant_id, occurred_at, gateway_request_id, {", ".join(EFFECTIVE_FIELDS)}
+    FROM usage_event_effective
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4
+"""
+_CORRECTED_EVENTS = f"""
+    SELECT tenant_id, occurred_at, gateway_request_id,
+           {", ".join(c for c in EFFECTIVE_FIELDS if c != "voided")}
+    FROM llm_usage_events
+    WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4
+      AND (tenant_id, occurred_at, gateway_request_id) IN (
+          SELECT tenant_id, event_occurred_at, gateway_request_id FROM usage_corrections
+          WHERE tenant_id >= $1 AND tenant_id <= $2 AND verdict = 'applied'
+            AND event_occurred_at >= $3 AND event_occurred_at < $4
+          UNION
+          SELECT tenant_id, occurred_at, gateway_request_id FROM usage_event_effective
+          WHERE tenant_id >= $1 AND tenant_id <= $2 AND occurred_at >= $3 AND occurred_at < $4)
+"""
+# Each judged correction of the month's events from the budget horizon on ($5: earlier days
+# count toward no counter, and their records are pruned), and whether the budget consumer
+# recorded it.
+_BUDGET_RECORDS = """
+    SELECT c.tenant_id, c.correction_id, c.verdict = 'applied',
+           EXISTS (SELECT FROM budget_corrections AS b
+                   WHERE b.tenant_id = c.tenant_id AND b.correction_id = c.correction_id)
+    FROM usage_corrections AS c
+    WHERE c.tenant_id >= $1 AND c.tenant_id <= $2
+      AND c.event_occurred_at >= $3 AND c.event_occurred_at < $4
+      AND c.event_occurred_at >= $5
+"""
+_STUCK_WAITS = """
+    SELECT consumer, tenant_id, correction_id FROM correction_waits
+    WHERE first_seen_at < now() - make_interval(secs => $1)
+      AND ($2::text IS NULL OR tenant_id = $2)
+"""
+
+
 @dataclass(frozen=True)
 class Month:
     """The period reconciled: its first day, the next month's, and its name."""
@@ -158,6 +209,17 @@ class ClosedMonthRows:
     marked_usage: list[GroupUsage] = field(default_factory=list)  # theirs, from the aggregate
 
 
+@dataclass(frozen=True)
+class CorrectionRows:
+    """The month's corrected events of a chunk: each as stored, its applied corrections, and
+    its `usage_event_effective` row."""
+
+    originals: dict[EventKey, Effective]
+    history: dict[EventKey, list[Correction]]
+    effective: dict[EventKey, Effective]
+    budget: list[BudgetRecord] = field(default_factory=list)
+
+
 @dataclass
 class ChunkRows:
     """Everything one chunk's snapshot holds."""
@@ -171,6 +233,7 @@ class ChunkRows:
     held: dict[SpendKey, Decimal]
     open_holds: list[OpenHold]
     closed: ClosedMonthRows | None  # None: the month is open
+    corrections: CorrectionRows = field(default_factory=lambda: CorrectionRows({}, {}, {}))
 
     @property
     def events(self) -> int:
@@ -200,10 +263,16 @@ def _midnight(day: date) -> datetime:
 
 
 async def read_chunk(
-    connection: Connection, month: Month, tenants: Sequence[str], *, closed: bool
+    connection: Connection,
+    month: Month,
+    tenants: Sequence[str],
+    *,
+    closed: bool,
+    horizon: date = date.min,
 ) -> ChunkRows:
     """The rows of the chunk from `tenants[0]` to `tenants[-1]` (both included, in the order
-    `tenants_of_period` gives): run inside one snapshot (storage/pool.snapshot_from)."""
+    `tenants_of_period` gives): run inside one snapshot (storage/pool.snapshot_from). Budget
+    records are read for events from the budget `horizon` on."""
     lo, hi = tenants[0], tenants[-1]
     days = (lo, hi, month.first_day, month.next_month)
     sets: dict[DimensionKey, list[Any]] = {}
@@ -236,7 +305,44 @@ async def read_chunk(
     held = {(r[0], r[1], r[2], r[3], r[4]): r[5] for r in await connection.fetch(_HELD, *days)}
     holds = [OpenHold(*r.values()) for r in await connection.fetch(_OPEN_HOLDS, *days)]
     closed_rows = await _closed_month(connection, month, tenants) if closed else None
-    return ChunkRows(sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows)
+    corrections = await _corrections(connection, lo, hi, period, horizon)
+    return ChunkRows(
+        sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows, corrections
+    )
+
+
+async def _corrections(
+    connection: Connection, lo: str, hi: str, period: tuple[datetime, datetime], horizon: date
+) -> CorrectionRows:
+    history: dict[EventKey, list[Correction]] = {}
+    for row in await connection.fetch(_HISTORY, lo, hi, *period):
+        key = (row["tenant_id"], row["event_occurred_at"], row["gateway_request_id"])
+        history.setdefault(key, []).append(correction_of(row))
+    effective = {
+        (r[0], r[1], r[2]): Effective(*list(r.values())[3:])
+        for r in await connection.fetch(_EFFECTIVE_ROWS, lo, hi, *period)
+    }
+    originals = {
+        (r[0], r[1], r[2]): Effective(*list(r.values())[3:])
+        for r in await connection.fetch(_CORRECTED_EVENTS, lo, hi, *period)
+    }
+    budget = [
+        BudgetRecord(*r.values())
+        for r in await connection.fetch(
+            _BUDGET_RECORDS, lo, hi, *period, _midnight(max(horizon, date(1, 1, 2)))
+        )
+    ]
+    return CorrectionRows(originals, history, effective, budget)
+
+
+async def stuck_waits(
+    connection: Connection, *, older_than_seconds: float, tenant_id: str | None
+) -> list[StuckWait]:
+    """Corrections (of any month) still waiting after `older_than_seconds`."""
+    return [
+        StuckWait(*row.values())
+        for row in await connection.fetch(_STUCK_WAITS, older_than_seconds, tenant_id)
+    ]
 
 
 async def _closed_month(

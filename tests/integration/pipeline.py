@@ -452,6 +452,15 @@ def logged_matching(consumer: RunningConsumer, prefix: str) -> list[tuple[int, d
     return found
 
 
+async def drop_database(database_url: str, name: str) -> None:
+    """Drop database `name` of the server at `database_url`, whoever is connected to it."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
 async def assert_reconciled(
     pool: asyncpg.Pool, settings: Settings, periods: Sequence[str], tenant_id: str
 ) -> None:

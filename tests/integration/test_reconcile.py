@@ -74,6 +74,23 @@ async def _publish(pool: asyncpg.Pool, settings: Settings, tenants: Sequence[str
     )
 
 
+def _amend(event: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An amend of `event`, as `llm-usage events amend` publishes it (a partial one here)."""
+    return {
+        "event_type": "llm_usage_corrected",
+        "schema_version": 1,
+        "correction_id": unique("corr"),
+        "gateway_request_id": event["gateway_request_id"],
+        "tenant_id": event["tenant_id"],
+        "action": "amend",
+        "fields": fields,
+        "reason": "a reconcile test",
+        "actor": "tests",
+        "occurred_at": clock.iso(clock.earlier_today()),
+        "event_occurred_at": event["occurred_at"],
+    }
+
+
 def _named(drifts: Sequence[Drift]) -> dict[str, list[tuple[str, Any]]]:
     by_tenant: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for drift in drifts:
@@ -101,11 +118,12 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
     missing, unpublished, off_topic, not_stored, twice, held = (
         unique(n) for n in ("miss", "unpub", "offt", "nost", "twice", "held")
     )
+    corrected, waiting = unique("corr"), unique("wait")
     alerting = [clean, missing, unpublished, off_topic, not_stored, twice]
     for tenant in alerting:
         await _policy(pool, tenant, "0.019")  # a warning only
     events = []
-    for tenant in [clean, counter, totals, dimension, held, *alerting[1:]]:
+    for tenant in [clean, counter, totals, dimension, held, corrected, *alerting[1:]]:
         events += [
             _event(tenant, today, "0.0054", deployment_id="dep-1", user_id="u-1"),
             _event(tenant, today, "0.0100", deployment_id="dep-2", user_id=None, agent_id="a-1"),
@@ -117,6 +135,23 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
             _event(tenant, last_month, "1.005", deployment_id=None),
         ]
     await _fill(pool, events)
+    # An amend of a charge and of reasoning tokens, for `corrected` and `clean`, through both
+    # consumers: the aggregates, the counters and the budget's records move with it.
+    amended = [e for e in events if e["tenant_id"] in (clean, corrected)][:1] + [
+        e for e in events if e["tenant_id"] == corrected
+    ][:1]
+    corrections = [
+        consumer_record(
+            encode(_amend(e, customer_charge_usd="0.0060", reasoning_tokens=7)), offset=n
+        )
+        for n, e in enumerate(amended)
+    ]
+    await UsageRecorder(pool=pool, clock=clock.now).record_batch(corrections)
+    await BudgetCounter(pool=pool, clock=clock.now).record_batch(corrections)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM budget_corrections WHERE tenant_id = ANY($1::text[])",
+        [clean, corrected],
+    ) == len(amended)
     await close_month(pool, period=months[0], now=now)
     await _publish(pool, settings, [clean, not_stored, twice])
 
@@ -180,6 +215,20 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         today.date(),
     )
 
+    await pool.execute("DELETE FROM budget_corrections WHERE tenant_id = $1", corrected)
+    await pool.execute(
+        "UPDATE usage_event_effective SET reasoning_tokens = reasoning_tokens + 1 "
+        "WHERE tenant_id = $1",
+        corrected,
+    )
+    await pool.execute(
+        "INSERT INTO correction_waits (consumer, tenant_id, correction_id, gateway_request_id, "
+        "record_topic, record_partition, record_offset, record_value, first_seen_at, wait_until) "
+        "VALUES ('usage', $1, 'c-stuck', 'req-never', 'usage', 0, 0, '\\x7b7d', $2, $2)",
+        waiting,
+        datetime.now(UTC) - timedelta(hours=1),  # the database's clock, not the workers'
+    )
+
     report = await reconcile(pool, settings, periods=months, confirm_seconds=0.2, now=now)
     assert report.confirmed_after_seconds == 0.2
     found = _named(report.drifts)
@@ -206,6 +255,10 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         not_stored: [("alert_not_in_outbox", 1)],
         twice: [("alert_twice_on_topic", 1)],
         held: [("hold_ledger", "1")],
+        # The edited row is what the effective view reads: each dimension's sum of it too.
+        corrected: [("usage_dimension", {"reasoning_tokens": -1})] * 7
+        + [("correction_effective", {"reasoning_tokens": 1}), ("correction_budget", -1)],
+        waiting: [("correction_stuck", 1)],
     }
     keys = {d.tenant_id: d.as_json()["key"] for d in report.drifts}
     assert keys[counter] == {
@@ -251,3 +304,12 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+async def test_reconcile_of_a_database_not_migrated_is_one_line_and_exit_2(
+    empty_database_url: str,
+) -> None:
+    refused = _cli({"DATABASE_URL": empty_database_url}, "reconcile", "--no-topic")
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("llm-usage: error: reconcile could not run: UndefinedTableError"), line

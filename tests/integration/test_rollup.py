@@ -273,7 +273,12 @@ async def test_the_schedule_closes_a_month_only_after_its_grace(
     tenant = unique("tenant")
     await store(pool, [event(tenant, "2026-10-30", "1"), event(tenant, "2026-11-02", "2")])
     clock = [datetime(2026, 10, 31, 23, 0, tzinfo=UTC)]
-    settings = Settings(database_url=url, rollup_close_grace_hours=48, rollup_preview_minutes=15)
+    settings = Settings(
+        database_url=url,
+        rollup_close_grace_hours=48,
+        rollup_preview_minutes=15,
+        reconcile_interval_minutes=0,  # tests/unit/test_rollup_schedule.py has its cadence
+    )
     scheduler = RollupScheduler(
         settings=settings,
         pool=pool,
@@ -308,7 +313,12 @@ async def test_one_schedule_replica_works_and_another_takes_over_when_it_dies(
         await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "llm_usage", "rollup", "schedule"),
-            env={**os.environ, "DATABASE_URL": url, "METRICS_PORT": str(port)},
+            env={
+                **os.environ,
+                "DATABASE_URL": url,
+                "METRICS_PORT": str(port),
+                "RECONCILE_INTERVAL_MINUTES": "0",
+            },
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )

@@ -4,25 +4,33 @@ nothing when the rows agree, and the confirmation of lagging candidates."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from llm_usage.domain.budgets import AlertLevel, CounterKey
+from llm_usage.domain.corrections import Action, Correction, Effective
 from llm_usage.domain.reconcile import (
+    EFFECTIVE_FIELDS,
+    BudgetRecord,
     Drift,
     DriftKind,
     OpenHold,
     OutboxAlert,
     Policy,
+    StuckWait,
     TopicAlerts,
     alerts_due,
     by_kind,
     compare_alerts,
+    compare_budget_records,
     compare_counters,
+    compare_effective,
     compare_holds,
     compare_invoices,
     compare_topic,
     compare_usage,
+    compare_waits,
     confirmed,
     expected_invoices,
     expected_spend,
@@ -282,3 +290,83 @@ def test_json_lines_carry_exact_strings_and_every_kind_is_counted() -> None:
     assert counts["budget_counter"] == 2
     assert set(counts) == {kind.value for kind in DriftKind}
     assert sum(counts.values()) == 2
+
+
+EVENT_AT = datetime(2031, 5, 14, 9, tzinfo=UTC)
+EVENT = ("t1", EVENT_AT, "req-1")
+STORED = Effective("dep-1", "u-1", None, 100, 10, 0, 0, 110, D("0.0054"), 1, False)
+
+
+def correction(correction_id: str, minute: int, action: Action, **fields: object) -> Correction:
+    return Correction(
+        tenant_id="t1",
+        correction_id=correction_id,
+        gateway_request_id="req-1",
+        action=action,
+        fields=fields,
+        reason="r",
+        actor="a",
+        occurred_at=EVENT_AT + timedelta(minutes=minute),
+        event_occurred_at=EVENT_AT,
+    )
+
+
+def test_the_effective_row_is_the_original_with_the_winner_laid_over_it() -> None:
+    amend = correction("c1", 1, Action.AMEND, deployment_id="dep-2", input_tokens=50)
+    void = correction("c0", 0, Action.VOID)  # older: loses
+    right = replace(STORED, deployment_id="dep-2", input_tokens=50, total_tokens=60)
+    history = {EVENT: [void, amend]}
+    assert compare_effective({EVENT: STORED}, history, {EVENT: right}) == []
+    wrong = replace(right, input_tokens=51, deployment_id="dep-3")
+    [drift] = compare_effective({EVENT: STORED}, history, {EVENT: wrong})
+    assert drift.kind is DriftKind.CORRECTION_EFFECTIVE
+    assert drift.key == (
+        ("tenant_id", "t1"),
+        ("occurred_at", EVENT_AT),
+        ("gateway_request_id", "req-1"),
+    )
+    assert drift.difference == {"deployment_id": "dep-3", "input_tokens": 1}
+    assert drift.as_json()["key"]["occurred_at"] == "2031-05-14T09:00:00+00:00"
+
+
+def test_an_effective_row_without_history_or_history_without_a_row() -> None:
+    [extra] = compare_effective({EVENT: STORED}, {}, {EVENT: STORED})
+    assert (extra.expected, extra.found is not None) == (None, True)
+    void = correction("c0", 0, Action.VOID)
+    [lost] = compare_effective({EVENT: STORED}, {EVENT: [void]}, {})
+    assert lost.found is None
+    # Every field that is not null as expected, found as none.
+    assert lost.difference == {name: None for name in EFFECTIVE_FIELDS if name != "agent_id"}
+    # An event no longer stored (retention) is not judged.
+    assert compare_effective({}, {EVENT: [void]}, {}) == []
+
+
+def test_waits_past_their_deadline_are_stuck() -> None:
+    drifts = compare_waits([StuckWait("budget", "t2", "c9"), StuckWait("usage", "t1", "c1")])
+    assert [(d.kind, d.key, d.difference) for d in drifts] == [
+        (
+            DriftKind.CORRECTION_STUCK,
+            (("tenant_id", "t1"), ("consumer", "usage"), ("correction_id", "c1")),
+            1,
+        ),
+        (
+            DriftKind.CORRECTION_STUCK,
+            (("tenant_id", "t2"), ("consumer", "budget"), ("correction_id", "c9")),
+            1,
+        ),
+    ]
+
+
+def test_the_budget_consumer_records_every_applied_correction_and_no_other() -> None:
+    records = [
+        BudgetRecord("t1", "c1", applied=True, recorded=True),
+        BudgetRecord("t1", "c2", applied=True, recorded=False),  # not applied to the counters
+        BudgetRecord("t1", "c3", applied=False, recorded=True),  # applied though judged unknown
+        BudgetRecord("t1", "c4", applied=False, recorded=False),
+    ]
+    drifts = compare_budget_records(records)
+    assert [(d.key[1][1], d.expected, d.found, d.difference) for d in drifts] == [
+        ("c2", 1, 0, -1),
+        ("c3", 0, 1, 1),
+    ]
+    assert needs_confirming(drifts) == drifts  # the budget consumer may still be catching up
