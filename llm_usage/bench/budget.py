@@ -13,6 +13,13 @@ throughput beside the usage consumer's, measured in the same run.
    BUDGET_MAX_BATCH, decode-ahead on, as ops run it) drains the same backlog again with a group
    of its own into emptied counters; its resident memory is sampled as it goes and its peak is
    the kernel's high-water mark (VmHWM), as `bench ingest` reports the usage consumer's.
+4. Corrections (`--corrections N`, design §13.2): the same backlog with N corrections mixed in
+   (`bench.support.with_corrections`, the mix `bench ingest` uses) is published on a topic of its
+   own; `--corrections-runs` rounds each drain the backlog without and then with them (the usage
+   consumer first, untimed; then the budget consumer, timed), with fresh groups into emptied
+   tables. Reported: the budget consumer's events/s (events only) and records/s (corrections
+   included) of each, and with/without (goal >= 0.9). Every correction must be applied
+   (`budget_corrections`) or parked by the end.
 
 The workload is generated up front, so which event crosses which level of which policy is known
 before anything is published: every alert that arrives is checked against that prediction,
@@ -45,9 +52,10 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_usage.bench.ingest import rss_at
+from llm_usage.bench.ingest import Spread, rss_at
 from llm_usage.bench.support import (
     Measurement,
+    StreamRecord,
     TimedRun,
     bench_database,
     freeze_harness_objects,
@@ -55,6 +63,8 @@ from llm_usage.bench.support import (
     process_memory,
     publish_backlog,
     time_consumer,
+    verify_judged,
+    with_corrections,
 )
 from llm_usage.consumers.budget.consumer import budget_consumer_spec
 from llm_usage.consumers.budget.crossing import Contribution, crossings_by_events
@@ -80,6 +90,7 @@ WARN_PCT = 80
 LIMIT_SHARE = (0.05, 0.95)
 TARGET_P99_SECONDS = 1.0
 PARTITIONS = 6
+TARGET_CORRECTED_OVER_PLAIN = 0.9  # issue 24: 5 % corrections within 10 % of the backlog without
 _LIMIT_QUANTUM = Decimal("1e-10")  # the sample charges' own precision
 _TICK_SECONDS = 0.002  # the publisher wakes this often and sends what is due
 _READY_WITHIN_SECONDS = 90.0
@@ -99,6 +110,20 @@ _BENCH_TABLES = (
     "budget_spend",
     "budget_alert_outbox",
     "budget_alert_relay_positions",
+)
+# What a drain of a backlog writes, emptied before each one.
+_DRAIN_TABLES = (
+    "llm_usage_events",
+    "usage_event_ids",
+    "usage_daily_totals",
+    "usage_daily_dimensions",
+    "budget_spend",
+    "budget_alert_outbox",
+    "budget_alert_relay_positions",
+    "usage_corrections",
+    "usage_event_effective",
+    "correction_waits",
+    "budget_corrections",
 )
 
 
@@ -155,6 +180,7 @@ class Workload:
 
     tenant_prefix: str
     records: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stream: list[StreamRecord] = field(default_factory=list)  # the records with their events
     # For each record, the index of the record that first carried its id (itself, unless it
     # is a re-send): the first is the one that counts, so its publish time is the one to stamp.
     first_index: list[int] = field(default_factory=list)
@@ -227,7 +253,7 @@ def build_workload(
         now=now,
         tenants=bench_tenants(tenant_prefix, tenants=tenants, deployments=deployments),
     )
-    workload = Workload(tenant_prefix)
+    workload = Workload(tenant_prefix, stream=stream)
     contributions: dict[CounterKey, list[Contribution]] = {}
     this_month = period_start(BudgetWindow.MONTHLY, now)
     spend: dict[tuple[str, ScopeType, str], Decimal] = {}
@@ -276,6 +302,61 @@ def metric_totals(exposition: str, *, consumer: str) -> dict[str, float]:
                 continue
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
+
+
+@dataclass(frozen=True)
+class CorrectionsRound:
+    """One round of the corrections comparison: the budget consumer's busy seconds on the
+    backlog without its corrections and with them."""
+
+    events: int  # the backlog's records without the corrections (re-sends included)
+    corrections: int
+    plain_seconds: float
+    corrected_seconds: float
+
+    @property
+    def plain_rate(self) -> float:
+        return self.events / self.plain_seconds
+
+    @property
+    def corrected_rate(self) -> float:
+        """Events/s with the corrections mixed in, counting the events only."""
+        return self.events / self.corrected_seconds
+
+    @property
+    def corrected_records_rate(self) -> float:
+        """Records/s with the corrections mixed in, counting them too."""
+        return (self.events + self.corrections) / self.corrected_seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.corrected_rate / self.plain_rate
+
+
+def corrections_round_line(number: int, run: CorrectionsRound) -> str:
+    return (
+        f"  round {number}: without {run.plain_rate:,.0f} events/s ({run.plain_seconds:.2f} s); "
+        f"with {run.corrections:,} corrections {run.corrected_rate:,.0f} events/s, "
+        f"{run.corrected_records_rate:,.0f} records/s ({run.corrected_seconds:.2f} s); "
+        f"with/without {run.ratio:.3f}"
+    )
+
+
+def corrections_lines(rounds: Sequence[CorrectionsRound]) -> list[str]:
+    """The budget consumer with and without the corrections: medians and spreads over the
+    rounds, and the goal."""
+    ratio = Spread.of(run.ratio for run in rounds)
+    verdict = "met" if ratio.median >= TARGET_CORRECTED_OVER_PLAIN else "MISSED"
+    return [
+        f"\nBudget consumer with {rounds[0].corrections:,} corrections mixed into the backlog "
+        f"and without, {len(rounds)} round{'s' if len(rounds) != 1 else ''} (median (range))",
+        f"  without      {Spread.of(run.plain_rate for run in rounds).describe(',.0f')} events/s",
+        f"  with         {Spread.of(run.corrected_rate for run in rounds).describe(',.0f')} "
+        f"events/s (events only), "
+        f"{Spread.of(run.corrected_records_rate for run in rounds).describe(',.0f')} records/s",
+        f"  with/without {ratio.describe('.3f')}   target >= {TARGET_CORRECTED_OVER_PLAIN:g}: "
+        f"{verdict}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,9 +724,9 @@ async def _run_memory(
     """The budget consumer as its own process drains `backlog` (already on bench's usage topic)
     with a group of its own, into counters emptied first, until it has counted as many events
     as the in-process run did."""
-    await pool.execute(
-        "TRUNCATE usage_event_ids, budget_spend, budget_alert_outbox, budget_alert_relay_positions"
-    )
+    # The events too: the budget consumer takes an id the window does not hold but whose event is
+    # stored for one older than the window, counted before (the two-tier identity).
+    await pool.execute(f"TRUNCATE {', '.join(_DRAIN_TABLES)}")
     async with budget_consumer_process(bench, profile=None) as consumer:
         ready_rss = process_memory(consumer.pid).rss_bytes
         cpu_before = consumer.cpu_seconds()
@@ -692,6 +773,88 @@ async def _run_memory(
         outbox=_outbox_agrees(await _decided_alerts(pool, backlog.tenant_prefix), backlog.expected),
         log_path=consumer.log_path,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Draining a backlog in this process: the throughput run and the corrections rounds.
+
+
+@dataclass(frozen=True)
+class Drained:
+    usage: TimedRun
+    budget: TimedRun
+    stored: int  # rows in llm_usage_events once the usage consumer was idle
+    counted: int  # ids the budget consumer counted
+
+
+async def _drain_backlog(bench: Settings, pool: asyncpg.Pool) -> Drained:
+    """Into emptied tables, the usage consumer and then the budget consumer drain bench's usage
+    topic with bench's groups, each in this process, timed from first fetch to last commit."""
+    await pool.execute(f"TRUNCATE {', '.join(_DRAIN_TABLES)}")
+    freeze_harness_objects()
+    usage = await time_consumer(bench, usage_consumer_spec(bench, CollectorRegistry()))
+    stored = await pool.fetchval("SELECT count(*) FROM llm_usage_events")
+    budget = await time_consumer(
+        bench, budget_consumer_spec(bench, BudgetMetrics.create(CollectorRegistry()))
+    )
+    counted = await pool.fetchval("SELECT count(*) FROM usage_event_ids WHERE counted")
+    return Drained(usage, budget, stored, counted)
+
+
+def _with_groups(bench: Settings, name: str) -> Settings:
+    return bench.model_copy(
+        update={"usage_group_id": f"{name}-usage", "budget_group_id": f"{name}-budget"}
+    )
+
+
+async def _run_corrections(
+    bench: Settings,
+    pool: asyncpg.Pool,
+    backlog: Workload,
+    *,
+    corrections: int,
+    rounds: int,
+    rng: random.Random,
+    now: datetime,
+) -> list[CorrectionsRound]:
+    """Rounds of the backlog (already on bench's usage topic) drained without and then with
+    `corrections` mixed in (published once on a topic of their own), each with fresh groups."""
+    mixed = with_corrections(backlog.stream, corrections, rng, now=now)
+    corrected = bench.model_copy(update={"usage_topic": f"{bench.usage_topic}-corrected"})
+    await ensure_topics(corrected, [corrected.usage_topic], partitions=PARTITIONS)
+    published = await publish_backlog(
+        corrected, corrected.usage_topic, [(key, value) for key, value, _ in mixed]
+    )
+    print(
+        f"\ncorrections: the backlog with {corrections:,} corrections mixed in, "
+        f"{len(mixed):,} records published in {published:.1f} s (not timed); {rounds} "
+        f"round{'s' if rounds != 1 else ''} without, then with"
+    )
+    results: list[CorrectionsRound] = []
+    for number in range(1, rounds + 1):
+        drains = []
+        for settings, name in ((bench, f"{number}"), (corrected, f"{number}k")):
+            drained = await _drain_backlog(
+                _with_groups(settings, f"{bench.budget_group_id}-{name}"), pool
+            )
+            if drained.stored != backlog.unique or drained.counted != backlog.unique:
+                raise AssertionError(
+                    f"round {name}: {drained.stored:,} events stored and {drained.counted:,} "
+                    f"counted of {backlog.unique:,} unique"
+                )
+            drains.append(drained)
+        await verify_judged(pool, corrections, consumer="budget")
+        plain, with_them = drains
+        results.append(
+            CorrectionsRound(
+                events=len(backlog.records),
+                corrections=corrections,
+                plain_seconds=plain.budget.seconds,
+                corrected_seconds=with_them.budget.seconds,
+            )
+        )
+        print(corrections_round_line(number, results[-1]))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,9 +911,12 @@ async def run_budget_benchmark(
     backlog_events: int,
     dup_rate: float,
     profile_consumer: Path | None = None,
+    corrections: int = 0,
+    corrections_runs: int = 3,
 ) -> None:
     """Measure alert latency at `rate` events/s for `seconds`, then both consumers' throughput
-    on a backlog; print the figures and whether the targets are met."""
+    on a backlog (and, with `corrections`, the budget consumer's with them mixed in and
+    without, `corrections_runs` rounds); print the figures and whether the targets are met."""
     configure_logging(log_format="console", level="WARNING")
     settings = await asyncio.to_thread(settings_for_local_run)
     database_url = await bench_database(settings.database_url, BENCH_DATABASE)
@@ -832,17 +998,7 @@ async def run_budget_benchmark(
             f"{len(backlog.expected):,} alerts predicted; published in {published:.1f} s "
             "(not timed)"
         )
-        await pool.execute("TRUNCATE llm_usage_events, usage_event_ids, budget_spend")
-        freeze_harness_objects()
-        usage = await time_consumer(
-            backlog_bench, usage_consumer_spec(backlog_bench, CollectorRegistry())
-        )
-        stored = await pool.fetchval("SELECT count(*) FROM llm_usage_events")
-        budget = await time_consumer(
-            backlog_bench,
-            budget_consumer_spec(backlog_bench, BudgetMetrics.create(CollectorRegistry())),
-        )
-        counted = await pool.fetchval("SELECT count(*) FROM usage_event_ids WHERE counted")
+        drained = await _drain_backlog(backlog_bench, pool)
         backlog_outbox = _outbox_agrees(
             await _decided_alerts(pool, backlog.tenant_prefix), backlog.expected
         )
@@ -852,7 +1008,22 @@ async def run_budget_benchmark(
             backlog_bench.model_copy(update={"budget_group_id": f"bench-{run_id}-budget-memory"}),
             pool,
             backlog,
-            counted_in_process=counted,
+            counted_in_process=drained.counted,
+        )
+
+        # 4. The budget consumer with corrections mixed into the backlog and without.
+        rounds = (
+            await _run_corrections(
+                backlog_bench,
+                pool,
+                backlog,
+                corrections=corrections,
+                rounds=corrections_runs,
+                rng=random.Random(f"{run_id}-c"),
+                now=now,
+            )
+            if corrections > 0
+            else []
         )
     finally:
         await pool.close()
@@ -860,15 +1031,18 @@ async def run_budget_benchmark(
     print(f"\nload average at the end {_load()}")
     _report_latency(latency, rate=rate)
     _report_throughput(
-        usage=Measurement("usage consumer", len(backlog.records), usage.seconds),
-        budget=Measurement("budget consumer", len(backlog.records), budget.seconds),
-        runs=(usage, budget),
+        usage=Measurement("usage consumer", len(backlog.records), drained.usage.seconds),
+        budget=Measurement("budget consumer", len(backlog.records), drained.budget.seconds),
+        runs=(drained.usage, drained.budget),
         checks=(
-            f"usage table holds {stored:,} of {backlog.unique:,} unique events; budget consumer "
-            f"counted {counted:,}; {backlog_outbox}"
+            f"usage table holds {drained.stored:,} of {backlog.unique:,} unique events; budget "
+            f"consumer counted {drained.counted:,}; {backlog_outbox}"
         ),
     )
     _report_memory(memory)
+    if rounds:
+        for line in corrections_lines(rounds):
+            print(line)
 
 
 def _load() -> str:

@@ -103,6 +103,20 @@ def _add_budget(benchmarks: Commands) -> None:
         type=Path,
         help="run the budget consumer under pyinstrument (dev extra); .html or text report",
     )
+    budget.add_argument(
+        "--corrections",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="the budget consumer on the backlog with N corrections mixed in (the mix of "
+        "bench ingest --corrections) and without, alternately [0: skip]",
+    )
+    budget.add_argument(
+        "--corrections-runs",
+        type=positive_int,
+        default=3,
+        help="rounds of without/with corrections; medians and spreads over them",
+    )
     budget.set_defaults(run=_runs("llm_usage.bench.budget", "run_budget_benchmark"))
 
 

@@ -55,6 +55,7 @@ from llm_usage.bench.support import (
     machine_busy_cpu_seconds,
     machine_cores,
     publish_backlog,
+    verify_judged,
     with_corrections,
 )
 from llm_usage.core.errors import UserFacingError
@@ -432,7 +433,7 @@ async def run_ingest_benchmark(
                     pool,
                     len(unique_events),
                 )
-                await _verify_judged(pool, corrections)
+                await verify_judged(pool, corrections, consumer="usage")
                 print(f"  (k) {corrections:,} corrections mixed in: {consumer_line(corrected)}")
             figures.append(RunFigures(consumer, naive, ceiling, estimated, corrected))
     finally:
@@ -651,17 +652,6 @@ async def _wait_until_drained(
             if time.perf_counter() - reached_at > _STALL_SECONDS:
                 raise AssertionError(f"offsets at the end, but {stored} of {unique} rows stored")
         await asyncio.sleep(_OFFSETS_POLL_SECONDS)
-
-
-async def _verify_judged(pool: asyncpg.Pool, expected: int) -> None:
-    """Every correction applied, or parked for an event that came after it (the wait's retry is
-    not timed)."""
-    judged = await pool.fetchval(
-        "SELECT (SELECT count(*) FROM usage_corrections WHERE verdict = 'applied') "
-        "+ (SELECT count(*) FROM correction_waits WHERE consumer = 'usage')"
-    )
-    if judged != expected:
-        raise AssertionError(f"the consumer judged {judged} corrections, expected {expected}")
 
 
 async def _verify_stored(pool: asyncpg.Pool, expected: int) -> None:

@@ -366,3 +366,25 @@ def with_corrections(
         if position < len(stream):
             mixed.append(stream[position])
     return mixed
+
+
+# What each consumer keeps of a correction it applied (a correction it could not apply yet waits
+# in `correction_waits` under its name).
+_APPLIED_CORRECTIONS = {
+    "usage": "SELECT count(*) FROM usage_corrections WHERE verdict = 'applied'",
+    "budget": "SELECT count(*) FROM budget_corrections",
+}
+
+
+async def verify_judged(pool: asyncpg.Pool, expected: int, *, consumer: str) -> None:
+    """Every correction `consumer` read applied, or parked for an event (or, for the budget, a
+    usage verdict) that came after it: the wait's retry is not timed."""
+    judged = await pool.fetchval(
+        f"SELECT ({_APPLIED_CORRECTIONS[consumer]}) "
+        "+ (SELECT count(*) FROM correction_waits WHERE consumer = $1)",
+        consumer,
+    )
+    if judged != expected:
+        raise AssertionError(
+            f"the {consumer} consumer judged {judged} corrections, expected {expected}"
+        )

@@ -14,11 +14,14 @@ import pytest
 
 from llm_usage.bench.budget import (
     ArrivedAlert,
+    CorrectionsRound,
     LatencySummary,
     MemoryRun,
     alert_latencies,
     build_workload,
     check_alerts,
+    corrections_lines,
+    corrections_round_line,
     due_count,
     latency_split,
     limit_for,
@@ -159,6 +162,8 @@ def test_every_policy_of_a_workload_crosses_both_levels() -> None:
         assert first == workload.index_of[value["gateway_request_id"]]
         assert first <= index
         assert workload.records[index][0] == value["tenant_id"].encode()
+    # The events beside their records, for the corrections mixed into the same backlog.
+    assert [(key, value) for key, value, _ in workload.stream] == workload.records
 
 
 def _arrived(alert_id: str, triggered_by: str | None, at: float) -> ArrivedAlert:
@@ -255,3 +260,40 @@ def test_the_memory_figure_counts_only_with_batches_near_the_batch_size() -> Non
     thin = memory_verdict(_memory_run(batches=100, batch_events=200_000))
     assert "batches averaged 10% of 20,000: not a figure at the batch size" in thin
     assert "not a figure" in memory_verdict(_memory_run(batches=0, batch_events=0))
+
+
+def test_the_corrected_backlog_is_compared_by_its_events_and_its_records() -> None:
+    # 200,000 events and 10,000 corrections: 10.0 s without, 10.5 s with them.
+    run = CorrectionsRound(
+        events=200_000, corrections=10_000, plain_seconds=10.0, corrected_seconds=10.5
+    )
+    assert run.plain_rate == 20_000
+    assert run.corrected_rate == pytest.approx(200_000 / 10.5)  # events only
+    assert run.corrected_records_rate == 20_000  # corrections included
+    assert run.ratio == pytest.approx(10.0 / 10.5)
+    assert corrections_round_line(2, run) == (
+        "  round 2: without 20,000 events/s (10.00 s); with 10,000 corrections 19,048 events/s, "
+        "20,000 records/s (10.50 s); with/without 0.952"
+    )
+
+
+def test_the_corrections_goal_is_judged_on_the_median_round() -> None:
+    def run(corrected_seconds: float) -> CorrectionsRound:
+        return CorrectionsRound(
+            events=200_000,
+            corrections=10_000,
+            plain_seconds=10.0,
+            corrected_seconds=corrected_seconds,
+        )
+
+    lines = corrections_lines([run(10.5), run(12.5), run(10.0)])
+    assert "10,000 corrections mixed into the backlog and without, 3 rounds" in lines[0]
+    assert lines[1] == "  without      20,000 (20,000-20,000) events/s"
+    assert lines[2] == (
+        "  with         19,048 (16,000-20,000) events/s (events only), "
+        "20,000 (16,800-21,000) records/s"
+    )
+    assert lines[3] == "  with/without 0.952 (0.800-1.000)   target >= 0.9: met"
+    slow = corrections_lines([run(12.5), run(12.0), run(10.0)])
+    assert slow[3] == "  with/without 0.833 (0.800-1.000)   target >= 0.9: MISSED"
+    assert "1 round (median" in corrections_lines([run(10.0)])[0]

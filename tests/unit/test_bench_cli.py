@@ -51,6 +51,12 @@ async def test_each_benchmark_gets_every_option_it_takes(
 def test_an_option_reaches_its_benchmark_as_parsed() -> None:
     args = _parse("budget", "--profile-consumer", "out.html", "--rate", "7")
     assert (str(args.profile_consumer), args.rate) == ("out.html", 7)
+    args = _parse("budget", "--corrections", "10000", "--corrections-runs", "2")
+    assert (args.corrections, args.corrections_runs) == (10_000, 2)
+    assert (_parse("budget").corrections, _parse("budget").corrections_runs) == (0, 3)
+    for bad in (("--corrections", "-1"), ("--corrections-runs", "0")):
+        with pytest.raises(SystemExit):
+            _parse("budget", *bad)
 
 
 def test_checks_takes_its_hot_rates_as_a_list_of_rates() -> None:
