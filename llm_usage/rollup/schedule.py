@@ -6,6 +6,7 @@ side task of the shared process shell, so a bug stops the worker with one line."
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -160,6 +161,10 @@ class RollupScheduler:
         self._clock = clock
         self._next_preview: datetime | None = None
         self._next_reconcile: datetime | None = None
+        if settings.reconcile_interval_minutes <= 0:
+            # Off: no success will ever be recorded, and LLMUsageReconcileStale must not fire
+            # for that (NaN compares false in its expression).
+            metrics.reconcile_last_success.set(math.nan)
 
     async def tick(self) -> None:
         """One round of work as the leader: close what is due, refresh the preview if due."""

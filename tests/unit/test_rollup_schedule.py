@@ -4,6 +4,7 @@ process shell stops the worker with one line), and a lost lease ends the leaders
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -157,9 +158,17 @@ async def test_a_failed_reconcile_is_logged_and_tried_again_later_never_raised(
     assert registry.get_sample_value("llm_usage_reconcile_last_success_timestamp_seconds")
 
 
-async def test_an_interval_of_0_never_reconciles(reconciles: Reconciles) -> None:
-    await scheduler(0, CollectorRegistry()).reconcile_if_due(NOW)
+async def test_an_interval_of_0_never_reconciles_and_is_the_default(
+    reconciles: Reconciles,
+) -> None:
+    registry = CollectorRegistry()
+    await scheduler(0, registry).reconcile_if_due(NOW)
     assert reconciles.calls == []
+    assert Settings().reconcile_interval_minutes == 0
+    # No success is ever recorded: NaN, so that LLMUsageReconcileStale compares false.
+    stale = registry.get_sample_value("llm_usage_reconcile_last_success_timestamp_seconds")
+    assert stale is not None
+    assert math.isnan(stale)
 
 
 async def test_a_replica_that_stops_leading_reports_no_drift_of_its_own(
