@@ -480,38 +480,54 @@ async def forget_waits(
         )
 
 
-async def waiting_tenants(connection: Connection, consumer: str, *, limit: int = 1000) -> list[str]:
+# A replica retries only the records of the topic it consumes (None: of every topic).
+_OF_TOPIC = "($T::text IS NULL OR record_topic = $T)"
+
+
+async def waiting_tenants(
+    connection: Connection, consumer: str, *, topic: str | None = None, limit: int = 1000
+) -> list[str]:
     """Tenants with corrections waiting for `consumer`."""
     rows = await connection.fetch(
-        "SELECT DISTINCT tenant_id FROM correction_waits WHERE consumer = $1 LIMIT $2",
+        "SELECT DISTINCT tenant_id FROM correction_waits WHERE consumer = $1 AND "
+        + _OF_TOPIC.replace("$T", "$3")
+        + " LIMIT $2",
         consumer,
         limit,
+        topic,
     )
     return [row[0] for row in rows]
 
 
-async def waiting_events(connection: Connection, consumer: str, tenant_id: str) -> list[EventKey]:
+async def waiting_events(
+    connection: Connection, consumer: str, tenant_id: str, *, topic: str | None = None
+) -> list[EventKey]:
     """The events a tenant's waiting corrections name (to lock their buckets first)."""
     rows = await connection.fetch(
         "SELECT DISTINCT gateway_request_id FROM correction_waits "
-        "WHERE consumer = $1 AND tenant_id = $2",
+        "WHERE consumer = $1 AND tenant_id = $2 AND " + _OF_TOPIC.replace("$T", "$3"),
         consumer,
         tenant_id,
+        topic,
     )
     return [(tenant_id, row[0]) for row in rows]
 
 
-async def claim_waits(connection: Connection, consumer: str, tenant_id: str) -> list[Waiting]:
+async def claim_waits(
+    connection: Connection, consumer: str, tenant_id: str, *, topic: str | None = None
+) -> list[Waiting]:
     """Lock a tenant's waiting corrections for the transaction, skipping rows another replica
     holds; in the order their records were first seen."""
     rows = await connection.fetch(
         "SELECT tenant_id, correction_id, gateway_request_id, record_topic, record_partition, "
         "record_offset, record_key, record_value, first_seen_at, wait_until "
-        "FROM correction_waits WHERE consumer = $1 AND tenant_id = $2 "
-        "ORDER BY first_seen_at, record_topic, record_partition, record_offset "
+        "FROM correction_waits WHERE consumer = $1 AND tenant_id = $2 AND "
+        + _OF_TOPIC.replace("$T", "$3")
+        + " ORDER BY first_seen_at, record_topic, record_partition, record_offset "
         "FOR UPDATE SKIP LOCKED",
         consumer,
         tenant_id,
+        topic,
     )
     return [Waiting(*row) for row in rows]
 
@@ -522,10 +538,15 @@ class WaitSummary:
     oldest_first_seen_at: datetime | None
 
 
-async def wait_summary(connection: Connection, consumer: str) -> WaitSummary:
+async def wait_summary(
+    connection: Connection, consumer: str, *, topic: str | None = None
+) -> WaitSummary:
     """How many corrections wait for `consumer`, and since when the oldest does."""
     row = await connection.fetchrow(
-        "SELECT count(*), min(first_seen_at) FROM correction_waits WHERE consumer = $1", consumer
+        "SELECT count(*), min(first_seen_at) FROM correction_waits WHERE consumer = $1 AND "
+        + _OF_TOPIC.replace("$T", "$2"),
+        consumer,
+        topic,
     )
     assert row is not None
     return WaitSummary(row[0], row[1])

@@ -54,13 +54,16 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     error (the next round tries again)."""
     try:
         async with connection_from(context.pool) as connection:
-            for tenant_id in await waiting_tenants(connection, BUDGET):
+            topic = context.settings.usage_topic  # only the records this replica consumes
+            for tenant_id in await waiting_tenants(connection, BUDGET, topic=topic):
                 async with connection.transaction():
-                    results = await _retry_tenant(connection, tenant_id, now=context.clock())
+                    results = await _retry_tenant(
+                        connection, tenant_id, now=context.clock(), topic=topic
+                    )
                 for result in results:  # committed
                     if result != DEFERRED:  # counted once, when it was parked
                         metrics.count(result)
-            summary = await wait_summary(connection, BUDGET)
+            summary = await wait_summary(connection, BUDGET, topic=topic)
     except Exception as error:
         if not is_transient(error):
             raise
@@ -76,15 +79,17 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     return True
 
 
-async def _retry_tenant(connection: Connection, tenant_id: str, *, now: datetime) -> list[str]:
+async def _retry_tenant(
+    connection: Connection, tenant_id: str, *, now: datetime, topic: str | None = None
+) -> list[str]:
     """Try the tenant's parked corrections that no other replica is trying; what became of
     each."""
-    events = set(await waiting_events(connection, BUDGET, tenant_id))
+    events = set(await waiting_events(connection, BUDGET, tenant_id, topic=topic))
     await lock_correction_buckets(connection, sorted(events))
     # A row parked since `events` was read is left to the next round: its bucket is not held.
     claimed = [
         waiting
-        for waiting in await claim_waits(connection, BUDGET, tenant_id)
+        for waiting in await claim_waits(connection, BUDGET, tenant_id, topic=topic)
         if (waiting.tenant_id, waiting.gateway_request_id) in events
     ]
     received: list[Received] = []

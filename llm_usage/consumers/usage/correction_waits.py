@@ -57,6 +57,7 @@ def correction_waits(metrics: CorrectionMetrics) -> SideTask:
                     now=context.clock(),
                     wait_seconds=settings.correction_wait_seconds,
                     metrics=metrics,
+                    topic=settings.usage_topic,
                 )
             except Exception as error:
                 if not is_transient(error):
@@ -86,18 +87,22 @@ async def retry_round(
     now: datetime,
     wait_seconds: float,
     metrics: CorrectionMetrics | None = None,
+    topic: str | None = None,
 ) -> RoundResult:
-    """One round over every tenant with waiting corrections, one transaction a tenant."""
+    """One round over every tenant with waiting corrections (of records of `topic`, the one
+    the replica consumes; None: every topic), one transaction a tenant."""
     result = RoundResult()
     async with connection_from(pool) as connection:
-        tenants = await waiting_tenants(connection, CONSUMER)
+        tenants = await waiting_tenants(connection, CONSUMER, topic=topic)
     for tenant in tenants:
         async with connection_from(pool) as connection, connection.transaction():
-            events = await waiting_events(connection, CONSUMER, tenant)
+            events = await waiting_events(connection, CONSUMER, tenant, topic=topic)
             await lock_correction_buckets(connection, events)
             locked = set(events)
             waits = [
-                w for w in await claim_waits(connection, CONSUMER, tenant) if _event(w) in locked
+                w
+                for w in await claim_waits(connection, CONSUMER, tenant, topic=topic)
+                if _event(w) in locked
             ]
             copies = [copy for copy in map(_copy, waits) if copy is not None]
             if not copies:
@@ -130,7 +135,7 @@ async def retry_round(
                 metrics.count("unknown", len(expired))
     if metrics is not None:
         async with connection_from(pool) as connection:
-            summary = await wait_summary(connection, CONSUMER)
+            summary = await wait_summary(connection, CONSUMER, topic=topic)
         metrics.waiting.labels(metrics.consumer).set(summary.waiting)
         oldest = summary.oldest_first_seen_at
         metrics.oldest_wait.labels(metrics.consumer).set(
