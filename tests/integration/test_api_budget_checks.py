@@ -37,7 +37,6 @@ from tests.api_support import bearer, token
 from tests.integration.budget_check_support import Api, block_policy, serving
 from tests.integration.pipeline import unique
 
-GATEWAY = bearer(token("gateway", sub="gateway@test", expires_in=3600))
 CHECKS = 500
 
 
@@ -49,7 +48,9 @@ async def client(api: Api) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def post_check(http: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
-    return await http.post("/v1/budget-checks", json=body, headers=GATEWAY)
+    return await http.post(
+        "/v1/budget-checks", json=body, headers=bearer(token("gateway", sub="gateway@test"))
+    )
 
 
 async def check_all(http: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:

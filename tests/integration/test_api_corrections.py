@@ -38,7 +38,11 @@ from tests.integration.pipeline import (
     unique,
 )
 
-ADMIN = bearer(token("platform-admin", sub="ops@example.com"))
+
+def admin_header() -> dict[str, str]:
+    """A platform admin's header, minted when used: a token minted at import would expire while
+    a long run reaches this module."""
+    return bearer(token("platform-admin", sub="ops@example.com"))
 
 
 def _corrections(gateway_request_id: str) -> str:
@@ -93,10 +97,10 @@ async def test_members_read_only_their_own_tenants_events(pool: asyncpg.Pool) ->
         assert (await client.get(url)).status_code == 401
         # A platform admin: the id window names the tenant, or it names it itself.
         for params in ({}, {"tenant_id": tenant}):
-            admin = await client.get(url, params=params, headers=ADMIN)
+            admin = await client.get(url, params=params, headers=admin_header())
             assert admin.status_code == 200, admin.text
             assert admin.json()["event"]["gateway_request_id"] == event["gateway_request_id"]
-        elsewhere = await client.get(url, params={"tenant_id": other}, headers=ADMIN)
+        elsewhere = await client.get(url, params={"tenant_id": other}, headers=admin_header())
         assert elsewhere.status_code == 404
 
 
@@ -107,7 +111,7 @@ async def test_an_unstored_event_is_a_404_that_says_whether_a_correction_waits(
     missing = unique("req")
     async with api_client(pool, settings=topics.settings) as (client, _):
         # Nothing names the tenant: the window does not know the id.
-        unnamed = await client.get(f"/v1/usage-events/{missing}", headers=ADMIN)
+        unnamed = await client.get(f"/v1/usage-events/{missing}", headers=admin_header())
         assert unnamed.status_code == 422
         assert unnamed.json()["detail"][0]["loc"] == ["query", "tenant_id"]
         assert "pass tenant_id" in unnamed.json()["detail"][0]["msg"]
@@ -119,7 +123,7 @@ async def test_an_unstored_event_is_a_404_that_says_whether_a_correction_waits(
         posted = await client.post(
             _corrections(missing),
             json={"action": "void", "reason": "x", "tenant_id": tenant},
-            headers=ADMIN,
+            headers=admin_header(),
         )
         assert posted.status_code == 404
         await park_correction(pool, tenant, missing, unique("c"))
@@ -197,7 +201,7 @@ async def test_a_malformed_correction_is_a_422_and_publishes_nothing(
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with api_client(pool, settings=topics.settings) as (client, _):
         answer = await client.post(
-            _corrections(event["gateway_request_id"]), content=content, headers=ADMIN
+            _corrections(event["gateway_request_id"]), content=content, headers=admin_header()
         )
     assert answer.status_code == 422, answer.text
     assert answer.json()["detail"][0]["loc"] == location, answer.json()
@@ -226,7 +230,7 @@ async def test_an_amend_is_published_complete_with_the_events_time_and_the_calle
                 "fields": {"input_tokens": 2000, "user_id": None},
                 "reason": "billed in the wrong unit",
             },
-            headers=ADMIN,
+            headers=admin_header(),
         )
     assert answer.status_code == 202, answer.text
     body = answer.json()
@@ -283,7 +287,7 @@ async def test_an_amend_starts_from_the_current_effective_values(
                 "reason": "repriced",
                 "tenant_id": tenant,
             },
-            headers=ADMIN,
+            headers=admin_header(),
         )
     assert answer.status_code == 202, answer.text
     [record] = await _published(topics)
@@ -317,7 +321,9 @@ async def test_a_void_with_its_own_id_and_time_is_published_as_sent_and_repeats_
     }
     async with api_client(pool, settings=topics.settings) as (client, _):
         answers = [
-            await client.post(_corrections(event["gateway_request_id"]), json=body, headers=ADMIN)
+            await client.post(
+                _corrections(event["gateway_request_id"]), json=body, headers=admin_header()
+            )
             for _ in range(2)
         ]
     assert [answer.status_code for answer in answers] == [202, 202]
@@ -412,11 +418,13 @@ async def test_a_voided_event_says_so_and_still_shows_its_figures(pool: asyncpg.
     await set_effective(pool, event, replace(as_stored(event), voided=True), winner="c")
     async with api_client(pool) as (client, _):
         shown = (
-            await client.get(f"/v1/usage-events/{event['gateway_request_id']}", headers=ADMIN)
+            await client.get(
+                f"/v1/usage-events/{event['gateway_request_id']}", headers=admin_header()
+            )
         ).json()
-        [item] = (await client.get(f"/v1/tenants/{tenant}/usage/events", headers=ADMIN)).json()[
-            "items"
-        ]
+        [item] = (
+            await client.get(f"/v1/tenants/{tenant}/usage/events", headers=admin_header())
+        ).json()["items"]
     assert shown["voided"] is True
     assert shown["effective"]["voided"] is True
     assert shown["effective"]["customer_charge_usd"] == "0.0054"
@@ -433,7 +441,7 @@ async def test_an_event_past_the_id_window_is_found_by_its_tenant_with_or_withou
     )
     url = f"/v1/usage-events/{event['gateway_request_id']}"
     async with api_client(pool, settings=topics.settings) as (client, _):
-        unnamed = await client.get(url, headers=ADMIN)
+        unnamed = await client.get(url, headers=admin_header())
         assert unnamed.status_code == 422
         for params in (
             {"tenant_id": tenant},
@@ -441,12 +449,12 @@ async def test_an_event_past_the_id_window_is_found_by_its_tenant_with_or_withou
             # A wrong hint only costs the slower search.
             {"tenant_id": tenant, "event_occurred_at": utc_text(clock.now() - timedelta(days=3))},
         ):
-            answer = await client.get(url, params=params, headers=ADMIN)
+            answer = await client.get(url, params=params, headers=admin_header())
             assert answer.status_code == 200, (params, answer.text)
         posted = await client.post(
             _corrections(event["gateway_request_id"]),
             json={"action": "void", "reason": "old", "tenant_id": tenant},
-            headers=ADMIN,
+            headers=admin_header(),
         )
         assert posted.status_code == 202, posted.text
     [record] = await _published(topics)
@@ -461,7 +469,7 @@ async def test_an_unreachable_broker_is_a_503_naming_the_correction_id(pool: asy
         answer = await client.post(
             _corrections(event["gateway_request_id"]),
             json={"action": "void", "reason": "x", "correction_id": "c-retry"},
-            headers=ADMIN,
+            headers=admin_header(),
         )
     assert answer.status_code == 503
     assert "c-retry" in answer.json()["detail"]
@@ -483,10 +491,12 @@ async def test_the_serve_api_process_publishes_a_correction(
         answer = await client.post(
             _corrections(event["gateway_request_id"]),
             json={"action": "amend", "fields": {"agent_id": "agent-2"}, "reason": "moved"},
-            headers=ADMIN,
+            headers=admin_header(),
         )
         assert answer.status_code == 202, answer.text
-        shown = await client.get(f"/v1/usage-events/{event['gateway_request_id']}", headers=ADMIN)
+        shown = await client.get(
+            f"/v1/usage-events/{event['gateway_request_id']}", headers=admin_header()
+        )
         assert shown.status_code == 200
     [record] = await _published(topics)
     decoded = decode_usage_topic_record(record.value, now=clock.now())
