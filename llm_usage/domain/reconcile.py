@@ -17,7 +17,6 @@ from enum import StrEnum
 from typing import Any, Final, NamedTuple, TypeAlias
 
 from llm_usage.domain.budgets import (
-    SCOPE_FIELDS,
     AlertLevel,
     BudgetWindow,
     CounterKey,
@@ -28,7 +27,6 @@ from llm_usage.domain.budgets import (
 from llm_usage.domain.corrections import Correction, Effective, effective_after, winner
 from llm_usage.domain.holds import hold_counters
 from llm_usage.domain.money import EXACT_CONTEXT, usd_to_cents
-from llm_usage.domain.periods import month_start, period_of
 
 
 class DriftKind(StrEnum):
@@ -87,7 +85,6 @@ DIMENSION_FIGURES: Final = (
     "charge_usd",
     "estimated_charge_usd",
 )
-_DIMENSION_INDEX: Final = {name: i for i, name in enumerate(DIMENSION_FIGURES)}
 
 
 @dataclass(frozen=True)
@@ -166,55 +163,12 @@ def _json(value: object) -> Any:
     return value
 
 
-# ---- what the events make of the period: the one pass's rows -----------------------------
+# ---- the keys of what the events make of the period ----------------------------------------
 
 # (tenant_id, dimension, UTC day, key) -> DIMENSION_FIGURES, as usage_daily_dimensions holds.
 DimensionKey: TypeAlias = tuple[str, str, date, str | None]
 TotalsKey: TypeAlias = tuple[str, str | None, date]
 InvoiceKey: TypeAlias = tuple[str, str | None, str]  # tenant, deployment, month
-
-
-def expected_totals(sets: Mapping[DimensionKey, Sequence[Any]]) -> dict[TotalsKey, list[Any]]:
-    """`usage_daily_totals` as the deployment set makes it (TOTAL_FIGURES)."""
-    return {
-        (tenant, key, day): [figures[_DIMENSION_INDEX[name]] for name in TOTAL_FIGURES]
-        for (tenant, dimension, day, key), figures in sets.items()
-        if dimension == "deployment"
-    }
-
-
-def expected_spend(
-    sets: Mapping[DimensionKey, Sequence[Any]], *, horizon: date
-) -> dict[SpendKey, Decimal]:
-    """Every budget counter the events make, daily and monthly, from the deployment, user and
-    agent sets (null attributions count toward no scope) and the tenant (the deployment set's
-    sum); days before the budget `horizon` count toward no counter."""
-    charge = _DIMENSION_INDEX["charge_usd"]
-    scopes = {field.removesuffix("_id"): scope.value for scope, field in SCOPE_FIELDS}
-    spend: dict[SpendKey, Decimal] = defaultdict(Decimal)
-    add = EXACT_CONTEXT.add
-    for (tenant, dimension, day, key), figures in sets.items():
-        if day < horizon or dimension not in scopes:
-            continue
-        named = [] if key is None else [(scopes[dimension], key)]
-        if dimension == "deployment":
-            named.append(("tenant", tenant))
-        for scope_type, scope_id in named:
-            for window, start in (("daily", day), ("monthly", month_start(day))):
-                counter = (tenant, scope_type, scope_id, window, start)
-                spend[counter] = add(spend[counter], figures[charge])
-    return dict(spend)
-
-
-def monthly_charges(sets: Mapping[DimensionKey, Sequence[Any]]) -> dict[InvoiceKey, Decimal]:
-    """The exact charge per (tenant, deployment, month): what its invoice lines bill."""
-    charge = _DIMENSION_INDEX["charge_usd"]
-    totals: dict[InvoiceKey, Decimal] = defaultdict(Decimal)
-    for (tenant, dimension, day, key), figures in sets.items():
-        if dimension == "deployment":
-            month = (tenant, key, period_of(day))
-            totals[month] = EXACT_CONTEXT.add(totals[month], figures[charge])
-    return dict(totals)
 
 
 # ---- comparisons ---------------------------------------------------------------------------
@@ -286,25 +240,22 @@ INVOICE_KEY_NAMES: Final = ("tenant_id", "deployment_id", "period")
 
 
 def compare_usage(
-    sets: Mapping[DimensionKey, Sequence[Any]],
-    totals: Mapping[TotalsKey, Sequence[Any]],
-    dimensions: Mapping[DimensionKey, Sequence[Any]],
+    totals: tuple[Mapping[TotalsKey, Sequence[Any]], Mapping[TotalsKey, Sequence[Any]]],
+    dimensions: tuple[Mapping[DimensionKey, Sequence[Any]], Mapping[DimensionKey, Sequence[Any]]],
 ) -> list[Drift]:
-    """`usage_daily_totals` and `usage_daily_dimensions` against the one pass."""
-    return compare_rows(
-        DriftKind.USAGE_TOTAL, TOTALS_KEY_NAMES, TOTAL_FIGURES, expected_totals(sets), totals
-    ) + compare_rows(
-        DriftKind.USAGE_DIMENSION, DIMENSION_KEY_NAMES, DIMENSION_FIGURES, sets, dimensions
+    """`usage_daily_totals` and `usage_daily_dimensions` against the one pass: each an
+    (expected, found) pair of rows (storage hands over only those that differ)."""
+    return compare_rows(DriftKind.USAGE_TOTAL, TOTALS_KEY_NAMES, TOTAL_FIGURES, *totals) + (
+        compare_rows(DriftKind.USAGE_DIMENSION, DIMENSION_KEY_NAMES, DIMENSION_FIGURES, *dimensions)
     )
 
 
 def compare_counters(
-    expected: Mapping[SpendKey, Decimal], counters: Mapping[SpendKey, Decimal], *, horizon: date
+    expected: Mapping[SpendKey, Decimal], counters: Mapping[SpendKey, Decimal]
 ) -> list[Drift]:
-    """Budget counters of periods from the `horizon` on (earlier ones are pruned, and events of
-    their days count toward none)."""
-    current = {key: value for key, value in counters.items() if key[4] >= horizon}
-    return compare_values(DriftKind.BUDGET_COUNTER, COUNTER_KEY_NAMES, expected, current)
+    """Budget counters of periods from the budget horizon on (earlier ones are pruned, and
+    events of their days count toward none: storage leaves both out)."""
+    return compare_values(DriftKind.BUDGET_COUNTER, COUNTER_KEY_NAMES, expected, counters)
 
 
 def expected_invoices(

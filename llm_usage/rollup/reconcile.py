@@ -41,8 +41,6 @@ from llm_usage.domain.reconcile import (
     compare_waits,
     confirmed,
     expected_invoices,
-    expected_spend,
-    monthly_charges,
     needs_confirming,
 )
 from llm_usage.kafka.alert_topic import read_alerts
@@ -144,7 +142,7 @@ async def reconcile(
     for chunk in chunks:
         rows = await _read(pool, chunk)
         events += rows.events
-        found = judge(rows, chunk.month, chunk.tenants, horizon=horizon, topic=topic)
+        found = judge(rows, chunk.month, chunk.tenants, topic=topic)
         drifts += found
         if needs_confirming(found):
             lagging.append(chunk)
@@ -156,7 +154,7 @@ async def reconcile(
         again: list[Drift] = []
         for chunk in lagging:
             rows = await _read(pool, chunk)
-            again += judge(rows, chunk.month, chunk.tenants, horizon=horizon, topic=topic)
+            again += judge(rows, chunk.month, chunk.tenants, topic=topic)
         drifts = confirmed(drifts, again)
     return ReconcileReport(
         list(periods), drifts, events, time.perf_counter() - started, waited, read_topic
@@ -175,20 +173,21 @@ def judge(
     month: Month,
     tenants: Sequence[str],
     *,
-    horizon: date,
     topic: TopicAlerts | None,
 ) -> list[Drift]:
     """Every drift of one chunk's snapshot (and of the topic's alerts of its tenants)."""
-    spend = expected_spend(rows.sets, horizon=horizon)
-    drifts = compare_usage(rows.sets, rows.totals, rows.dimensions)
-    drifts += compare_counters(spend, rows.counters, horizon=horizon)
+    drifts = compare_usage(
+        (rows.totals.expected, rows.totals.found),
+        (rows.dimensions.expected, rows.dimensions.found),
+    )
+    drifts += compare_counters(rows.counters.expected, rows.counters.found)
     if rows.closed is not None:
         drifts += compare_invoices(*_invoices(rows, month))
     on_topic = None
     if topic is not None:
         on_topic = topic.of(tenants, month.first_day, month.next_month)
     drifts += compare_alerts(
-        alerts_due(spend, rows.policies),
+        alerts_due(rows.spend, rows.policies),
         rows.outbox,
         on_topic,
         retained_since=None if topic is None else topic.retained_since,
@@ -216,7 +215,7 @@ def _invoices(rows: ChunkRows, month: Month) -> tuple[dict[InvoiceKey, int], dic
         (tenant, deployment, period): charge.period_charge_usd
         for (tenant, deployment), charge in charges.items()
     }
-    expected = expected_invoices(monthly_charges(rows.sets), period_charges)
+    expected = expected_invoices(rows.charges, period_charges)
     billed_lines = billed_so_far(closed.lines)
     billed: dict[InvoiceKey, int] = {key: b.cents for key, b in billed_lines.items()}
     marked = set(closed.marked)

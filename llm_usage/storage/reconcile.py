@@ -1,6 +1,7 @@
-"""Reconcile's reads (design: corrections-reconcile.md §10.2): the period's tenants, then per
-chunk of tenants one pass over their events and the stored rows derived from them, all in one
-`REPEATABLE READ READ ONLY` transaction (plain MVCC reads: no worker ever waits for them).
+"""Reconcile's reads (design: corrections-reconcile.md §10.2, §18): the period's tenants, then per
+chunk of tenants one pass over their events compared in the server with the stored rows derived
+from them (only what differs comes back), all in one `REPEATABLE READ READ ONLY` transaction
+(plain MVCC reads: no worker ever waits for them).
 
 Chunks are ranges of tenants in the database's order (`tenants_of_period`), so every statement
 keeps an index range scan on its leading `tenant_id`.
@@ -8,26 +9,27 @@ keeps an index range scan on its leading `tenant_id`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any, Final
 
-from llm_usage.domain.budgets import SpendKey
+from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, ScopeType, SpendKey
 from llm_usage.domain.corrections import Correction, Effective
 from llm_usage.domain.invoices import InvoiceLine
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.reconcile import (
+    DIMENSION_FIGURES,
     EFFECTIVE_FIELDS,
+    TOTAL_FIGURES,
     BudgetRecord,
-    DimensionKey,
     EventKey,
+    InvoiceKey,
     OpenHold,
     OutboxAlert,
     Policy,
     StuckWait,
-    TotalsKey,
 )
 from llm_usage.domain.usage import Usage
 from llm_usage.storage.corrections import correction_of
@@ -79,47 +81,169 @@ _TENANTS_CITUS: Final = (
 # voided ones left out.
 _EVENTS: Final = "llm_usage_events_effective"
 _SET_COLUMNS: Final = ", ".join(d.column for d in Dimension)
-
-# Q1, the one pass: every dimension's daily sums in one scan (hashed grouping sets).
-_SETS = f"""
-    SELECT grouping({_SET_COLUMNS}) AS g, tenant_id, day, {_SET_COLUMNS},
-           count(*) AS requests, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-           sum(cached_input_tokens)::bigint, sum(reasoning_tokens)::bigint,
-           sum(total_tokens)::bigint, sum(customer_charge_usd),
-           coalesce(sum(customer_charge_usd) FILTER (WHERE charge_estimated), 0)
-    FROM (SELECT *, (occurred_at AT TIME ZONE 'UTC')::date AS day
-          FROM {_EVENTS}
-          WHERE tenant_id >= $1 AND tenant_id <= $2
-            AND occurred_at >= $3 AND occurred_at < $4 AND NOT voided) AS e
-    GROUP BY GROUPING SETS ({", ".join(f"(tenant_id, day, {d.column})" for d in Dimension)})
-"""
-# Citus runs grouping sets only in a query routed to one shard: one tenant at a time there.
-_SETS_OF_TENANT: Final = _SETS.replace(
-    "WHERE tenant_id >= $1 AND tenant_id <= $2", "WHERE tenant_id = $1 AND $1 = $2"
-)
 # grouping() sets a bit, first argument highest, for each column the row is not grouped by.
 _ALL_GROUPED: Final = (1 << len(Dimension)) - 1
 _SET_OF_GROUPING: Final = {
     _ALL_GROUPED - (1 << (len(Dimension) - 1 - i)): d for i, d in enumerate(Dimension)
 }
+# The dimensions whose keys are budget scopes (storage names both alike), and the tenant's.
+_SCOPES: Final = {
+    d.value: scope.value for scope, column in SCOPE_FIELDS for d in Dimension if d.column == column
+}
+_TOTAL_COLUMNS: Final = ", ".join(TOTAL_FIGURES)
+_DIMENSION_COLUMNS: Final = ", ".join(DIMENSION_FIGURES)
 
-_TOTALS = """
-    SELECT tenant_id, deployment_id, day, charge_usd, input_tokens, output_tokens, requests,
-           estimated_charge_usd
-    FROM usage_daily_totals
-    WHERE tenant_id >= $1 AND tenant_id <= $2 AND day >= $3 AND day < $4
+
+def _case(on: str, values: Mapping[Any, str]) -> str:
+    return f"CASE {on} " + " ".join(f"WHEN {g} THEN {v}" for g, v in values.items()) + " END"
+
+
+def _figures(alias: str, names: Sequence[str]) -> str:
+    """The figures of a row as numeric[], NULL when the row is missing on that side."""
+    array = ", ".join(f"{alias}.{name}::numeric" for name in names)
+    return f"CASE WHEN {alias}.tenant_id IS NULL THEN NULL ELSE ARRAY[{array}] END"
+
+
+def _differ(names: Sequence[str]) -> str:
+    """Whether a row's figures differ, a missing row counting as zeros on its side (so a stored
+    row of zeros equals a missing expected one)."""
+    return (
+        f"ROW({', '.join(f'coalesce(x.{n}, 0)' for n in names)}) IS DISTINCT FROM "
+        f"ROW({', '.join(f'coalesce(s.{n}, 0)' for n in names)})"
+    )
+
+
+def _same_key(column: str) -> str:
+    """Equal keys, nulls equal too, in a form a hash join takes (a FULL JOIN needs one)."""
+    return (
+        f"(x.{column} IS NULL) = (s.{column} IS NULL) "
+        f"AND coalesce(x.{column}, '') = coalesce(s.{column}, '')"
+    )
+
+
+# Q1, the one pass, and its comparison with everything stored from it, in one statement that
+# returns only what differs (design §18): the month's events of the chunk are read once (every
+# dimension's daily sums, hashed grouping sets), the stored aggregates and counters once each,
+# and joined in the server. $1..$2 the chunk's tenants, $3..$4 the month's instants, $5..$6 its
+# days, $7 the budget horizon (earlier days count toward no counter; earlier counters are pruned).
+_COMPARE = f"""
+    WITH sets AS MATERIALIZED (
+        SELECT grouping({_SET_COLUMNS}) AS g, tenant_id, day, {_SET_COLUMNS},
+               count(*) AS requests, sum(input_tokens)::bigint AS input_tokens,
+               sum(output_tokens)::bigint AS output_tokens,
+               sum(cached_input_tokens)::bigint AS cached_input_tokens,
+               sum(reasoning_tokens)::bigint AS reasoning_tokens,
+               sum(total_tokens)::bigint AS total_tokens, sum(customer_charge_usd) AS charge_usd,
+               coalesce(sum(customer_charge_usd) FILTER (WHERE charge_estimated), 0)
+                   AS estimated_charge_usd
+        FROM (SELECT *, (occurred_at AT TIME ZONE 'UTC')::date AS day
+              FROM {_EVENTS}
+              WHERE TENANTS AND occurred_at >= $3 AND occurred_at < $4 AND NOT voided) AS e
+        GROUP BY GROUPING SETS ({", ".join(f"(tenant_id, day, {d.column})" for d in Dimension)})
+    ),
+    dims AS MATERIALIZED (
+        SELECT tenant_id, {_case("g", {g: f"'{d.value}'" for g, d in _SET_OF_GROUPING.items()})}
+                   AS dimension,
+               day, {_case("g", {g: d.column for g, d in _SET_OF_GROUPING.items()})} AS key,
+               {_DIMENSION_COLUMNS}
+        FROM sets
+    ),
+    stored_dims AS (
+        SELECT tenant_id, dimension, day, key, {_DIMENSION_COLUMNS} FROM usage_daily_dimensions
+        WHERE TENANTS AND day >= $5 AND day < $6
+    ),
+    d_dims AS (
+        SELECT 'dimension' AS kind, coalesce(x.tenant_id, s.tenant_id) AS tenant_id,
+               coalesce(x.dimension, s.dimension) AS a, coalesce(x.key, s.key) AS key,
+               NULL::text AS b, coalesce(x.day, s.day) AS day,
+               {_figures("x", DIMENSION_FIGURES)} AS expected,
+               {_figures("s", DIMENSION_FIGURES)} AS found
+        FROM dims AS x FULL JOIN stored_dims AS s
+            ON x.tenant_id = s.tenant_id AND x.dimension = s.dimension AND x.day = s.day
+               AND {_same_key("key")}
+        WHERE {_differ(DIMENSION_FIGURES)}
+    ),
+    totals AS (
+        SELECT tenant_id, key AS deployment_id, day, {_TOTAL_COLUMNS} FROM dims
+        WHERE dimension = 'deployment'
+    ),
+    stored_totals AS (
+        SELECT tenant_id, deployment_id, day, {_TOTAL_COLUMNS} FROM usage_daily_totals
+        WHERE TENANTS AND day >= $5 AND day < $6
+    ),
+    d_totals AS (
+        SELECT 'total', coalesce(x.tenant_id, s.tenant_id), NULL::text,
+               coalesce(x.deployment_id, s.deployment_id), NULL::text, coalesce(x.day, s.day),
+               {_figures("x", TOTAL_FIGURES)}, {_figures("s", TOTAL_FIGURES)}
+        FROM totals AS x FULL JOIN stored_totals AS s
+            ON x.tenant_id = s.tenant_id AND x.day = s.day AND {_same_key("deployment_id")}
+        WHERE {_differ(TOTAL_FIGURES)}
+    ),
+    charged AS (
+        SELECT tenant_id, {_case("dimension", {f"'{d}'": f"'{t}'" for d, t in _SCOPES.items()})}
+                   AS scope_type, key AS scope_id, day, charge_usd
+        FROM dims WHERE dimension IN ({", ".join(f"'{d}'" for d in _SCOPES)})
+                    AND key IS NOT NULL AND day >= $7
+        UNION ALL
+        SELECT tenant_id, '{ScopeType.TENANT.value}', tenant_id, day, charge_usd FROM dims
+        WHERE dimension = 'deployment' AND day >= $7
+    ),
+    spend AS (
+        SELECT c.tenant_id, c.scope_type, c.scope_id, w."window", w.period_start,
+               sum(c.charge_usd) AS spend_usd
+        FROM charged AS c
+        CROSS JOIN LATERAL (VALUES ('{BudgetWindow.DAILY.value}', c.day),
+                                   ('{BudgetWindow.MONTHLY.value}',
+                                    c.day - (extract(day FROM c.day)::int - 1)))
+            AS w("window", period_start)
+        GROUP BY 1, 2, 3, 4, 5
+    ),
+    stored_spend AS (
+        SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
+        FROM budget_spend
+        WHERE TENANTS AND period_start >= $5 AND period_start < $6 AND period_start >= $7
+    ),
+    d_spend AS (
+        SELECT 'counter', coalesce(x.tenant_id, s.tenant_id), coalesce(x.scope_type, s.scope_type),
+               coalesce(x.scope_id, s.scope_id), coalesce(x."window", s."window"),
+               coalesce(x.period_start, s.period_start),
+               ARRAY[coalesce(x.spend_usd, 0)], ARRAY[coalesce(s.spend_usd, 0)]
+        FROM spend AS x FULL JOIN stored_spend AS s
+            ON x.tenant_id = s.tenant_id AND x.scope_type = s.scope_type
+               AND x.scope_id = s.scope_id AND x."window" = s."window"
+               AND x.period_start = s.period_start
+        WHERE coalesce(x.spend_usd, 0) <> coalesce(s.spend_usd, 0)
+    )
+    SELECT * FROM d_dims
+    UNION ALL SELECT * FROM d_totals
+    UNION ALL SELECT * FROM d_spend
+    -- What the alerts are judged with: the expected spend of every counter with a policy.
+    UNION ALL
+    SELECT 'spend', x.tenant_id, x.scope_type, x.scope_id, x."window", x.period_start,
+           ARRAY[x.spend_usd], NULL
+    FROM spend AS x
+    WHERE EXISTS (SELECT FROM budget_policies AS p
+                  WHERE p.tenant_id = x.tenant_id AND TENANTS_P
+                    AND p.scope_type = x.scope_type AND p.scope_id = x.scope_id)
+    -- What a closed month's invoices are judged with: the exact charge per deployment.
+    UNION ALL
+    SELECT 'charge', tenant_id, NULL, key, NULL, min(day), ARRAY[sum(charge_usd)], NULL
+    FROM dims WHERE dimension = 'deployment' GROUP BY tenant_id, key
+    UNION ALL
+    SELECT 'events', NULL, NULL, NULL, NULL, NULL, ARRAY[coalesce(sum(requests), 0)], NULL
+    FROM dims WHERE dimension = 'deployment'
 """
-_DIMENSIONS = """
-    SELECT tenant_id, dimension, day, key, requests, input_tokens, output_tokens,
-           cached_input_tokens, reasoning_tokens, total_tokens, charge_usd, estimated_charge_usd
-    FROM usage_daily_dimensions
-    WHERE tenant_id >= $1 AND tenant_id <= $2 AND day >= $3 AND day < $4
-"""
-_COUNTERS = """
-    SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
-    FROM budget_spend
-    WHERE tenant_id >= $1 AND tenant_id <= $2 AND period_start >= $3 AND period_start < $4
-"""
+_COMPARE_CHUNK: Final = _COMPARE.replace(
+    "TENANTS_P", "p.tenant_id >= $1 AND p.tenant_id <= $2"
+).replace("TENANTS", "tenant_id >= $1 AND tenant_id <= $2")
+# Citus runs grouping sets only in a query routed to one shard: one tenant at a time there,
+# every table filtered by it.
+_COMPARE_TENANT: Final = _COMPARE.replace("TENANTS_P", "p.tenant_id = $1 AND $1 = $2").replace(
+    "TENANTS", "tenant_id = $1 AND $1 = $2"
+)
+# The hashed sets and joins of one chunk: spilling them to disk is slower, not wrong.
+_WORK_MEM: Final = "SET LOCAL work_mem = '256MB'"
+
 _OUTBOX = f"""
     SELECT alert_id, tenant_id, published_at IS NOT NULL AS published,
            published_at IS NULL
@@ -221,27 +345,30 @@ class CorrectionRows:
 
 
 @dataclass
-class ChunkRows:
-    """Everything one chunk's snapshot holds."""
+class Differing:
+    """Rows that differ between what the events make and what is stored, by key: a side
+    without the row has no entry."""
 
-    sets: dict[DimensionKey, list[Any]]
-    totals: dict[TotalsKey, list[Any]]
-    dimensions: dict[DimensionKey, list[Any]]
-    counters: dict[SpendKey, Decimal]
+    expected: dict[Any, Any] = field(default_factory=dict)
+    found: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChunkRows:
+    """Everything one chunk's snapshot holds (the aggregates and counters: only what differs)."""
+
+    totals: Differing  # TotalsKey -> TOTAL_FIGURES
+    dimensions: Differing  # DimensionKey -> DIMENSION_FIGURES
+    counters: Differing  # SpendKey -> spend, from the budget horizon on
+    spend: dict[SpendKey, Decimal]  # the expected spend of every counter with a policy
+    charges: dict[InvoiceKey, Decimal]  # the exact charge per (tenant, deployment, month)
+    events: int  # read by the one pass
     outbox: list[OutboxAlert]
     policies: list[Policy]
     held: dict[SpendKey, Decimal]
     open_holds: list[OpenHold]
     closed: ClosedMonthRows | None  # None: the month is open
     corrections: CorrectionRows = field(default_factory=lambda: CorrectionRows({}, {}, {}))
-
-    @property
-    def events(self) -> int:
-        """Events read by the one pass (the deployment set counts each once)."""
-        return sum(
-            figures[0] for (_, dimension, _, _), figures in self.sets.items()
-            if dimension == Dimension.DEPLOYMENT.value
-        )  # fmt: skip
 
 
 async def tenants_of_period(connection: Connection, month: Month) -> list[str]:
@@ -275,31 +402,35 @@ async def read_chunk(
     records are read for events from the budget `horizon` on."""
     lo, hi = tenants[0], tenants[-1]
     days = (lo, hi, month.first_day, month.next_month)
-    sets: dict[DimensionKey, list[Any]] = {}
     period = (_midnight(month.first_day), _midnight(month.next_month))
+    await connection.execute(_WORK_MEM)
+    compare = (month.first_day, month.next_month, horizon)
     if await citus_installed(connection):
-        set_rows = [
+        rows = [
             row
             for tenant in tenants
-            for row in await connection.fetch(_SETS_OF_TENANT, tenant, tenant, *period)
+            for row in await connection.fetch(_COMPARE_TENANT, tenant, tenant, *period, *compare)
         ]
     else:
-        set_rows = await connection.fetch(_SETS, lo, hi, *period)
-    for row in set_rows:
-        dimension = _SET_OF_GROUPING[row["g"]]
-        key = (row["tenant_id"], dimension.value, row["day"], row[dimension.column])
-        sets[key] = list(row.values())[3 + len(Dimension) :]
-    totals = {
-        (r[0], r[1], r[2]): [r[3], r[4], r[5], r[6], r[7]]
-        for r in await connection.fetch(_TOTALS, *days)
-    }
-    dimensions = {
-        (r[0], r[1], r[2], r[3]): list(r.values())[4:]
-        for r in await connection.fetch(_DIMENSIONS, *days)
-    }
-    counters = {
-        (r[0], r[1], r[2], r[3], r[4]): r[5] for r in await connection.fetch(_COUNTERS, *days)
-    }
+        rows = await connection.fetch(_COMPARE_CHUNK, lo, hi, *period, *compare)
+    totals, dimensions, counters = Differing(), Differing(), Differing()
+    spend: dict[SpendKey, Decimal] = {}
+    charges: dict[InvoiceKey, Decimal] = {}
+    events = 0
+    for kind, tenant, a, key, b, day, expected, found in rows:
+        if kind == "dimension":
+            _differing(dimensions, (tenant, a, day, key), DIMENSION_FIGURES, expected, found)
+        elif kind == "total":
+            _differing(totals, (tenant, key, day), TOTAL_FIGURES, expected, found)
+        elif kind == "counter":
+            counters.expected[(tenant, a, key, b, day)] = expected[0]
+            counters.found[(tenant, a, key, b, day)] = found[0]
+        elif kind == "spend":
+            spend[(tenant, a, key, b, day)] = expected[0]
+        elif kind == "charge":
+            charges[(tenant, key, month.period)] = expected[0]
+        else:
+            events += int(expected[0])
     outbox = [OutboxAlert(*r.values()) for r in await connection.fetch(_OUTBOX, *days)]
     policies = [Policy(*r.values()) for r in await connection.fetch(_POLICIES, lo, hi)]
     held = {(r[0], r[1], r[2], r[3], r[4]): r[5] for r in await connection.fetch(_HELD, *days)}
@@ -307,8 +438,38 @@ async def read_chunk(
     closed_rows = await _closed_month(connection, month, tenants) if closed else None
     corrections = await _corrections(connection, lo, hi, period, horizon)
     return ChunkRows(
-        sets, totals, dimensions, counters, outbox, policies, held, holds, closed_rows, corrections
+        totals,
+        dimensions,
+        counters,
+        spend,
+        charges,
+        events,
+        outbox,
+        policies,
+        held,
+        holds,
+        closed_rows,
+        corrections,
     )
+
+
+_MONEY: Final = frozenset({"charge_usd", "estimated_charge_usd"})
+
+
+def _differing(
+    into: Differing,
+    key: tuple[Any, ...],
+    names: Sequence[str],
+    expected: list[Decimal] | None,
+    found: list[Decimal] | None,
+) -> None:
+    """A differing row's figures, counts back to int from the statement's numeric[]."""
+    for side, figures in ((into.expected, expected), (into.found, found)):
+        if figures is not None:
+            side[key] = [
+                value if name in _MONEY else int(value)
+                for name, value in zip(names, figures, strict=True)
+            ]
 
 
 async def _corrections(

@@ -118,7 +118,7 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
     missing, unpublished, off_topic, not_stored, twice, held = (
         unique(n) for n in ("miss", "unpub", "offt", "nost", "twice", "held")
     )
-    corrected, waiting = unique("corr"), unique("wait")
+    corrected, waiting, extra = unique("corr"), unique("wait"), unique("extra")
     alerting = [clean, missing, unpublished, off_topic, not_stored, twice]
     for tenant in alerting:
         await _policy(pool, tenant, "0.019")  # a warning only
@@ -215,6 +215,27 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         today.date(),
     )
 
+    # Rows of zeros (everything in them voided) equal no row at all; a counter no event makes
+    # is all drift.
+    await pool.execute(
+        "INSERT INTO usage_daily_totals (tenant_id, deployment_id, day, charge_usd, input_tokens, "
+        "output_tokens, requests) VALUES ($1, 'dep-zero', $2, 0, 0, 0, 0)",
+        clean,
+        today.date(),
+    )
+    await pool.execute(
+        "INSERT INTO usage_daily_dimensions (tenant_id, dimension, day, key, requests, "
+        "input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens, "
+        "charge_usd) VALUES ($1, 'user', $2, NULL, 0, 0, 0, 0, 0, 0, 0)",
+        clean,
+        today.date() - timedelta(days=1) if today.day > 1 else today.date() + timedelta(days=1),
+    )
+    await pool.execute(
+        'INSERT INTO budget_spend (tenant_id, scope_type, scope_id, "window", period_start, '
+        "spend_usd) VALUES ($1, 'user', 'u-ghost', 'monthly', $2, 0.5)",
+        extra,
+        clock.this_month(),
+    )
     await pool.execute("DELETE FROM budget_corrections WHERE tenant_id = $1", corrected)
     await pool.execute(
         "UPDATE usage_event_effective SET reasoning_tokens = reasoning_tokens + 1 "
@@ -259,6 +280,7 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
         corrected: [("usage_dimension", {"reasoning_tokens": -1})] * 7
         + [("correction_effective", {"reasoning_tokens": 1}), ("correction_budget", -1)],
         waiting: [("correction_stuck", 1)],
+        extra: [("budget_counter", "0.5")],
     }
     keys = {d.tenant_id: d.as_json()["key"] for d in report.drifts}
     assert keys[counter] == {
@@ -270,7 +292,7 @@ async def test_no_drift_on_what_the_consumers_wrote_and_each_injected_drift_name
     }
     assert keys[totals] == {"tenant_id": totals, "deployment_id": "dep-2", "day": day}
     assert keys[invoice] == {"tenant_id": invoice, "deployment_id": None, "period": months[0]}
-    assert report.by_kind["budget_counter"] == 1
+    assert report.by_kind["budget_counter"] == 2
 
     # The command: one tenant clean (exit 0), one drifting (exit 1), as JSON lines.
     env = {

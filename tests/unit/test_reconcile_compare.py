@@ -33,15 +33,11 @@ from llm_usage.domain.reconcile import (
     compare_waits,
     confirmed,
     expected_invoices,
-    expected_spend,
-    expected_totals,
-    monthly_charges,
     needs_confirming,
 )
 
 DAY = date(2031, 5, 14)
 MONTH = date(2031, 5, 1)
-HORIZON = date(2031, 4, 1)
 D = Decimal
 
 
@@ -64,26 +60,33 @@ SETS = {
 }
 
 
+# The daily totals the deployment set makes.
+TOTALS = {
+    ("t1", "dep-1", DAY): [D("0.0154"), 200, 20, 2, D(0)],
+    ("t2", None, DAY): [D("1.005"), 100, 10, 1, D(0)],
+}
+
+
 def stored_totals() -> dict[tuple[str, str | None, date], list[object]]:
-    return {key: list(value) for key, value in expected_totals(SETS).items()}
+    return {key: list(value) for key, value in TOTALS.items()}
 
 
-def test_the_one_pass_makes_the_daily_totals_from_the_deployment_set() -> None:
-    assert expected_totals(SETS) == {
-        ("t1", "dep-1", DAY): [D("0.0154"), 200, 20, 2, D(0)],
-        ("t2", None, DAY): [D("1.005"), 100, 10, 1, D(0)],
-    }
+def usage(
+    totals: dict[tuple[str, str | None, date], list[object]],
+    dimensions: dict[tuple[str, str, date, str | None], list[object]],
+) -> list[Drift]:
+    return compare_usage((TOTALS, totals), (SETS, dimensions))
 
 
 def test_agreeing_rows_are_no_drift() -> None:
     dimensions = {key: list(value) for key, value in SETS.items()}
-    assert compare_usage(SETS, stored_totals(), dimensions) == []
+    assert usage(stored_totals(), dimensions) == []
 
 
 def test_a_totals_row_off_names_its_figures_with_the_exact_difference() -> None:
     totals = stored_totals()
     totals[("t1", "dep-1", DAY)][0] = D("0.0155")
-    [drift] = compare_usage(SETS, totals, dict(SETS))
+    [drift] = usage(totals, dict(SETS))
     assert drift.kind is DriftKind.USAGE_TOTAL
     assert drift.key == (("tenant_id", "t1"), ("deployment_id", "dep-1"), ("day", DAY))
     assert drift.difference == {"charge_usd": D("0.0001")}
@@ -96,7 +99,7 @@ def test_a_totals_row_off_names_its_figures_with_the_exact_difference() -> None:
 def test_a_missing_totals_row_is_every_figure_negative() -> None:
     totals = stored_totals()
     del totals[("t2", None, DAY)]
-    [drift] = compare_usage(SETS, totals, dict(SETS))
+    [drift] = usage(totals, dict(SETS))
     assert drift.found is None
     assert drift.difference == {
         "charge_usd": D("-1.005"),
@@ -112,7 +115,7 @@ def test_an_extra_row_and_a_row_of_zeros() -> None:
     totals = stored_totals()
     totals[("t3", "dep-9", DAY)] = [D(0), 0, 0, 0, D(0)]  # zeros: no drift
     totals[("t4", "dep-9", DAY)] = [D("0.5"), 1, 1, 1, D(0)]
-    [drift] = compare_usage(SETS, totals, dict(SETS))
+    [drift] = usage(totals, dict(SETS))
     assert drift.expected is None
     assert drift.key[0] == ("tenant_id", "t4")
 
@@ -120,29 +123,23 @@ def test_an_extra_row_and_a_row_of_zeros() -> None:
 def test_a_changed_dimension_row() -> None:
     dimensions = {key: list(value) for key, value in SETS.items()}
     dimensions[("t1", "user", DAY, "u-1")][0] = 2
-    [drift] = compare_usage(SETS, stored_totals(), dimensions)
+    [drift] = usage(stored_totals(), dimensions)
     assert drift.kind is DriftKind.USAGE_DIMENSION
     assert drift.key == (("tenant_id", "t1"), ("dimension", "user"), ("day", DAY), ("key", "u-1"))
     assert drift.difference == {"requests": 1}
 
 
-def test_spend_per_scope_and_window_from_the_sets() -> None:
-    spend = expected_spend(SETS, horizon=HORIZON)
-    assert spend[("t1", "tenant", "t1", "daily", DAY)] == D("0.0154")
-    assert spend[("t1", "deployment", "dep-1", "monthly", MONTH)] == D("0.0154")
-    assert spend[("t1", "user", "u-1", "daily", DAY)] == D("0.0054")
-    assert not any(key[1] == "agent" for key in spend)  # null attributions count nowhere
-    assert len(spend) == 2 * 3 + 2  # t1: tenant, dep-1, u-1; t2: tenant (no deployment)
-    assert expected_spend(SETS, horizon=DAY + timedelta(days=1)) == {}
-
-
 def test_a_counter_off_by_a_cent_and_a_missing_counter() -> None:
-    spend = expected_spend(SETS, horizon=HORIZON)
+    spend = {
+        ("t1", "tenant", "t1", "daily", DAY): D("0.0154"),
+        ("t1", "user", "u-1", "monthly", MONTH): D("0.0054"),
+        ("t2", "tenant", "t2", "daily", DAY): D("1.005"),
+    }
     counters = dict(spend)
     counters[("t1", "user", "u-1", "monthly", MONTH)] += D("0.01")
     del counters[("t2", "tenant", "t2", "daily", DAY)]
-    counters[("t1", "tenant", "t1", "daily", date(2031, 3, 31))] = D(5)  # before the horizon
-    drifts = compare_counters(spend, counters, horizon=HORIZON)
+    counters[("t3", "tenant", "t3", "daily", DAY)] = D(0)  # a counter of zero: no drift
+    drifts = compare_counters(spend, counters)
     assert [(d.key[1:3], d.expected, d.found, d.difference) for d in drifts] == [
         ((("scope_type", "user"), ("scope_id", "u-1")), D("0.0054"), D("0.0154"), D("0.0100")),
         ((("scope_type", "tenant"), ("scope_id", "t2")), D("1.005"), 0, D("-1.005")),
@@ -154,8 +151,7 @@ def test_a_counter_off_by_a_cent_and_a_missing_counter() -> None:
 
 
 def test_closed_month_invoices_bill_the_rounded_total_or_the_period_charge() -> None:
-    charges = monthly_charges(SETS)
-    assert charges == {("t1", "dep-1", "2031-05"): D("0.0154"), ("t2", None, "2031-05"): D("1.005")}
+    charges = {("t1", "dep-1", "2031-05"): D("0.0154"), ("t2", None, "2031-05"): D("1.005")}
     expected = expected_invoices(charges, {("t2", None, "2031-05"): D("20")})
     assert expected == {("t1", "dep-1", "2031-05"): 2, ("t2", None, "2031-05"): 2000}
     assert compare_invoices(expected, dict(expected)) == []
@@ -267,12 +263,12 @@ def counter_drift(difference: str) -> Drift:
 
 
 def test_lagging_candidates_count_only_when_read_again_with_the_same_difference() -> None:
-    usage = compare_usage(SETS, {}, dict(SETS))
+    usage_drifts = usage({}, dict(SETS))
     stays, moves, goes = counter_drift("0.01"), counter_drift("0.02"), counter_drift("0.03")
-    first = [*usage, stays, moves]
+    first = [*usage_drifts, stays, moves]
     assert needs_confirming(first) == [stays, moves]
     second = [stays, counter_drift("0.05")]
-    assert confirmed(first, second) == [*usage, stays]
+    assert confirmed(first, second) == [*usage_drifts, stays]
     assert confirmed([goes], []) == []
 
 
