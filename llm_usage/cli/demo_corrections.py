@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Final
 
+import asyncpg
+
 from llm_usage.cli.events import publish_asked_correction
 from llm_usage.cli.reconcile import DEFAULT_CONFIRM_SECONDS, DriftFoundError, print_report
 from llm_usage.core.clock import worker_clock
@@ -110,57 +112,55 @@ async def _publish(
 
 
 async def _apply(settings: Settings, published: list[_Published]) -> list[EventHistory]:
-    """Run the usage consumer, then the budget consumer (which applies a correction once the
-    usage consumer has judged it) until idle, while polling until both applied every
-    correction; each event's history."""
-    consumers = asyncio.create_task(_usage_then_budget(settings))
-    try:
-        return await _applied_by_both(settings, published, consumers)
-    finally:
-        code = await consumers
-        if code != 0:
-            raise SystemExit(code)
-
-
-async def _usage_then_budget(settings: Settings) -> int:
-    code = await consume_until_idle(settings, "usage")
-    return code if code != 0 else await consume_until_idle(settings, "budget")
-
-
-async def _applied_by_both(
-    settings: Settings, published: list[_Published], consumers: asyncio.Task[int]
-) -> list[EventHistory]:
+    """Run the usage consumer until idle and, once it has applied every correction, the budget
+    consumer (it applies a correction only after the usage consumer's verdict); poll the
+    database meanwhile, for at most APPLY_SECONDS in all; each event's history."""
     deadline = time.monotonic() + APPLY_SECONDS
-    keys = [(each.event.tenant_id, each.event.gateway_request_id) for each in published]
     pool = await create_pool(settings.database_url, size=1)
+    consumers = [asyncio.create_task(consume_until_idle(settings, "usage"))]
     try:
-        while True:
-            ended = consumers.done()
-            async with pool.acquire() as connection:
-                histories = [await event_history(connection, each.event) for each in published]
-                counted = await applied_to_events(connection, keys)
-            waiting = []
-            for each, history in zip(published, histories, strict=True):
-                usage = _verdict(history, each.correction_id)
-                budget = (
-                    "applied"
-                    if (each.event.tenant_id, each.correction_id) in counted
-                    else "not yet"
-                )
-                if (usage, budget) != ("applied", "applied"):
-                    waiting.append(
-                        f"{each.correction_id} (usage consumer: {usage}, budget consumer: {budget})"
-                    )
-            if not waiting:
-                return histories
-            if ended or time.monotonic() > deadline:
-                raise CorrectionsNotAppliedError(
-                    f"the consumers did not apply the demo's corrections within {APPLY_SECONDS:g} "
-                    f"s: {'; '.join(waiting)}"
-                )
-            await asyncio.sleep(_POLL_SECONDS)
+        await _applied(pool, published, consumers[-1], deadline, by_budget=False)
+        consumers.append(asyncio.create_task(consume_until_idle(settings, "budget")))
+        return await _applied(pool, published, consumers[-1], deadline, by_budget=True)
     finally:
         await pool.close()
+        for code in [await each for each in consumers]:
+            if code != 0:
+                raise SystemExit(code)
+
+
+async def _applied(
+    pool: asyncpg.Pool,
+    published: list[_Published],
+    consumer: asyncio.Task[int],
+    deadline: float,
+    *,
+    by_budget: bool,
+) -> list[EventHistory]:
+    """Poll until the usage consumer (`by_budget`: and the budget consumer) applied every
+    correction; CorrectionsNotAppliedError once `consumer` ended or the deadline passed."""
+    keys = [(each.event.tenant_id, each.event.gateway_request_id) for each in published]
+    while True:
+        ended = consumer.done()
+        async with pool.acquire() as connection:
+            histories = [await event_history(connection, each.event) for each in published]
+            counted = await applied_to_events(connection, keys) if by_budget else set()
+        waiting = []
+        for each, history in zip(published, histories, strict=True):
+            states = [f"usage consumer: {_verdict(history, each.correction_id)}"]
+            if by_budget:
+                applied = (each.event.tenant_id, each.correction_id) in counted
+                states.append(f"budget consumer: {'applied' if applied else 'not yet'}")
+            if any(not state.endswith(": applied") for state in states):
+                waiting.append(f"{each.correction_id} ({', '.join(states)})")
+        if not waiting:
+            return histories
+        if ended or time.monotonic() > deadline:
+            raise CorrectionsNotAppliedError(
+                f"the consumers did not apply the demo's corrections within {APPLY_SECONDS:g} s: "
+                + "; ".join(waiting)
+            )
+        await asyncio.sleep(_POLL_SECONDS)
 
 
 def _verdict(history: EventHistory, correction_id: str) -> str:

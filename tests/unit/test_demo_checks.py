@@ -1,9 +1,17 @@
-"""The demo's reconcile section: a drift is printed and ends the demo with exit 1."""
+"""The demo's corrections and reconcile sections: corrections the consumers did not apply, and
+a drift, each end the demo with exit 1."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import cast
 
+import asyncpg
 import pytest
 
 from llm_usage.cli import demo_corrections
@@ -14,6 +22,7 @@ from llm_usage.domain.periods import current_period
 from llm_usage.domain.reconcile import Drift, DriftKind
 from llm_usage.local.demo import DemoRun
 from llm_usage.rollup.reconcile import ReconcileReport
+from llm_usage.storage.usage_event_pages import StoredUsageEvent
 from tests import clock
 
 TENANTS = ["acme-0", "globex-0", "initech-0"]
@@ -80,3 +89,62 @@ def test_the_demo_command_exits_1_on_drift(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(demo_corrections, "show_reconcile", drifted)
 
     assert run(["demo"]) == 1
+
+
+class _Pool:
+    """`acquire()` as asyncpg's pool answers it; the connection is never used."""
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[object]:
+        yield object()
+
+
+async def _consumer_ended() -> int:
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("verdict", "by_budget", "budget_applied", "waiting"),
+    [
+        (None, False, False, "usage consumer: not yet"),
+        ("unknown", False, False, "usage consumer: unknown"),
+        ("applied", True, False, "usage consumer: applied, budget consumer: not yet"),
+    ],
+)
+async def test_corrections_not_applied_once_the_consumer_ended_stop_the_demo(
+    monkeypatch: pytest.MonkeyPatch,
+    verdict: str | None,
+    by_budget: bool,
+    budget_applied: bool,
+    waiting: str,
+) -> None:
+    event = cast(StoredUsageEvent, SimpleNamespace(tenant_id="t", gateway_request_id="e"))
+    entries = [] if verdict is None else [SimpleNamespace(correction_id="c", verdict=verdict)]
+
+    async def history(_connection: object, _event: object) -> object:
+        return SimpleNamespace(corrections=entries)
+
+    async def counted(_connection: object, _keys: object) -> set[tuple[str, str]]:
+        return {("t", "c")} if budget_applied else set()
+
+    monkeypatch.setattr(demo_corrections, "event_history", history)
+    monkeypatch.setattr(demo_corrections, "applied_to_events", counted)
+    consumer = asyncio.create_task(_consumer_ended())
+    await consumer
+    published = [demo_corrections._Published(event, "c", "void")]
+
+    with pytest.raises(demo_corrections.CorrectionsNotAppliedError) as raised:
+        await demo_corrections._applied(
+            cast(asyncpg.Pool, _Pool()),
+            published,
+            consumer,
+            time.monotonic() + 60,
+            by_budget=by_budget,
+        )
+    assert str(raised.value).endswith(f"c ({waiting})")
+
+    entries = [SimpleNamespace(correction_id="c", verdict="applied")]
+    budget_applied = True
+    assert await demo_corrections._applied(
+        cast(asyncpg.Pool, _Pool()), published, consumer, time.monotonic(), by_budget=by_budget
+    ) == [SimpleNamespace(corrections=entries)]
