@@ -1,5 +1,6 @@
 """`llm-usage demo`: what `make run` runs (the stream and the consumers are
-`llm_usage/local/demo.py`; the invoice lines and the page, `llm_usage/cli/demo_page.py`)."""
+`llm_usage/local/demo.py`; a void, an amend and reconcile, `llm_usage/cli/demo_corrections.py`;
+the invoice lines and the page, `llm_usage/cli/demo_page.py`)."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def add_parser(commands: Commands) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> None:
     # Their stacks, when it runs.
+    from llm_usage.cli.demo_corrections import show_corrections, show_reconcile  # noqa: PLC0415
     from llm_usage.cli.demo_page import show_invoice_lines, show_page  # noqa: PLC0415
     from llm_usage.local.demo import print_next_steps, run_demo  # noqa: PLC0415
 
-    run = run_demo()
+    run = show_corrections(run_demo())
     show_invoice_lines(run)
+    show_reconcile(run)
     show_page(run, serve=args.open)
     if not args.open:
         print_next_steps()

@@ -34,7 +34,7 @@ from llm_usage.domain.ids import is_clean_id, is_storable_text
 
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
-    from llm_usage.schemas.correction_request import InvalidCorrectionError
+    from llm_usage.schemas.correction_request import CorrectionAsked, InvalidCorrectionError
     from llm_usage.storage.pool import Connection
     from llm_usage.storage.usage_event_pages import StoredUsageEvent
 
@@ -190,11 +190,7 @@ def _cell(value: object) -> str:
 async def events_correct(settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
     from llm_usage.schemas.correction_request import (  # noqa: PLC0415 - when a command runs
         CorrectionAsked,
-        EventKey,
-        InvalidCorrectionError,
-        correction_event,
     )
-    from llm_usage.storage.event_history import effective_values  # noqa: PLC0415
 
     gateway_request_id = checked_request_id(args.gateway_request_id)
     tenant_id = None if args.tenant is None else checked_tenant(args.tenant)
@@ -208,15 +204,14 @@ async def events_correct(settings: Settings, args: argparse.Namespace, out: Text
         occurred_at=checked_instant("--occurred-at", args.occurred_at) or now,
         correction_id=str(uuid.uuid4()) if args.correction_id is None else args.correction_id,
     )
-    async with budget_tables(settings, tables=_TABLES) as connection:
-        event = await _stored_event(connection, tenant_id, gateway_request_id, hint)
-        current = await effective_values(connection, event)
-    key = EventKey(event.tenant_id, event.gateway_request_id, event.occurred_at)
-    try:
-        published, value = correction_event(asked, event=key, current=current, now=now)
-    except InvalidCorrectionError as error:
-        raise ConfigurationError(_flag_error(error)) from None
-    await publish_correction(settings, event.tenant_id, value, correction_id=asked.correction_id)
+    event, published = await publish_asked_correction(
+        settings,
+        asked,
+        tenant_id=tenant_id,
+        gateway_request_id=gateway_request_id,
+        hint=hint,
+        now=now,
+    )
     if args.json:
         print(json.dumps({"correction_id": asked.correction_id, "event": published}), file=out)
     else:
@@ -227,6 +222,37 @@ async def events_correct(settings: Settings, args: argparse.Namespace, out: Text
             "shows it once applied",
             file=out,
         )
+
+
+async def publish_asked_correction(
+    settings: Settings,
+    asked: CorrectionAsked,
+    *,
+    tenant_id: str | None,
+    gateway_request_id: str,
+    hint: datetime | None,
+    now: datetime,
+) -> tuple[StoredUsageEvent, dict[str, Any]]:
+    """Find the stored event (`tenant_id` None: the id window's), fill the correction from its
+    current effective values, publish it and wait for the ack; the event and what was
+    published. What `events void|amend` does, and the demo with it."""
+    from llm_usage.schemas.correction_request import (  # noqa: PLC0415 - when a command runs
+        EventKey,
+        InvalidCorrectionError,
+        correction_event,
+    )
+    from llm_usage.storage.event_history import effective_values  # noqa: PLC0415
+
+    async with budget_tables(settings, tables=_TABLES) as connection:
+        event = await _stored_event(connection, tenant_id, gateway_request_id, hint)
+        current = await effective_values(connection, event)
+    key = EventKey(event.tenant_id, event.gateway_request_id, event.occurred_at)
+    try:
+        published, value = correction_event(asked, event=key, current=current, now=now)
+    except InvalidCorrectionError as error:
+        raise ConfigurationError(_flag_error(error)) from None
+    await publish_correction(settings, event.tenant_id, value, correction_id=asked.correction_id)
+    return event, published
 
 
 def _flag_error(error: InvalidCorrectionError) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 from llm_usage.cli.args import Commands, checked_period, checked_tenant, number_of_seconds
 from llm_usage.core.clock import worker_clock
@@ -24,6 +24,10 @@ from llm_usage.domain.periods import current_period
 if TYPE_CHECKING:
     from llm_usage.core.settings import Settings
     from llm_usage.rollup.reconcile import ReconcileReport
+
+
+# How long a lagging candidate is given before it is read again (the demo uses it too).
+DEFAULT_CONFIRM_SECONDS: Final = 5.0
 
 
 class DriftFoundError(PipelineError):
@@ -48,7 +52,7 @@ def add_parser(commands: Commands) -> None:
     parser.add_argument(
         "--confirm-seconds",
         type=number_of_seconds,
-        default=5.0,
+        default=DEFAULT_CONFIRM_SECONDS,
         metavar="S",
         help="wait before reading lagging candidates again (default 5; 0: no second read)",
     )

@@ -152,7 +152,9 @@ async def _publish_and_consume(
         watch.run(expected=expected_alerts, consumers_done=consumers_done)
     )
     try:
-        codes = await asyncio.gather(*(_consume(settings, name) for name in ("usage", "budget")))
+        codes = await asyncio.gather(
+            *(consume_until_idle(settings, name) for name in ("usage", "budget"))
+        )
     finally:
         consumers_done.set()
         await watching
@@ -164,7 +166,8 @@ async def _publish_and_consume(
     return watch.alerts
 
 
-async def _consume(settings: Settings, consumer: str) -> int:
+async def consume_until_idle(settings: Settings, consumer: str) -> int:
+    """Run `llm-usage consume <consumer> --exit-when-idle` as a child process; its exit code."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,

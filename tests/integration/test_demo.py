@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from collections import defaultdict
 from decimal import Decimal
 
 import asyncpg
@@ -79,31 +80,93 @@ async def _read_until(stream: asyncio.StreamReader, last_line: str) -> str:
 
 
 async def _assert_lines_are_the_streams_exact_sums(output: str, database_url: str) -> None:
-    """Each invoice line is the exact sum of what the run stored for it, rounded once half up,
-    and there is one line for every (tenant, deployment) of the run."""
+    """Each invoice line is the exact sum of what the run's events count for now (the voided
+    one nothing, the amended one its new charge), rounded once half up, and there is one line
+    for every (tenant, deployment) of the run; the corrected events' rows are kept as stored,
+    and reconcile read the run's events."""
     [run_id] = re.findall(
         r"^== What landed in llm_usage_events \(demo run ([0-9a-f]{8})\)", output, re.M
     )
     connection = await asyncpg.connect(database_url)
     try:
-        rows = await connection.fetch(
+        effective = await connection.fetch(
             """
             SELECT tenant_id, deployment_id, sum(customer_charge_usd) AS exact
-            FROM llm_usage_events WHERE gateway_request_id LIKE $1
+            FROM llm_usage_events_effective
+            WHERE gateway_request_id LIKE $1 AND NOT voided
             GROUP BY tenant_id, deployment_id
+            """,
+            f"demo-{run_id}-%",
+        )
+        stored = await connection.fetch(
+            """
+            SELECT tenant_id, deployment_id, gateway_request_id, customer_charge_usd
+            FROM llm_usage_events WHERE gateway_request_id LIKE $1
             """,
             f"demo-{run_id}-%",
         )
     finally:
         await connection.close()
     expected = {
-        (row["tenant_id"], row["deployment_id"] or "(none)"): Decimal(row["exact"]) for row in rows
+        (row["tenant_id"], row["deployment_id"] or "(none)"): Decimal(row["exact"])
+        for row in effective
     }
     lines = invoice_lines(output)
     assert set(lines) == set(expected), output
     for key, (exact, amount) in lines.items():
         assert exact == expected[key], (key, output)
         assert amount == round_half_up(expected[key], 2), (key, output)
+
+    # The corrections moved the lines of their events by exactly their difference, and the
+    # original rows are untouched.
+    rows = {row["gateway_request_id"]: row for row in stored}
+    as_stored: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for row in stored:
+        as_stored[row["tenant_id"], row["deployment_id"] or "(none)"] += row["customer_charge_usd"]
+    moved: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for _, request_id, tenant, before, after in corrections(output):
+        row = rows[request_id]
+        assert (row["tenant_id"], row["customer_charge_usd"]) == (tenant, before), output
+        moved[tenant, row["deployment_id"] or "(none)"] += before - after
+    assert sum(moved.values()) > 0
+    for key, (exact, _) in lines.items():
+        assert exact == as_stored[key] - moved[key], (key, output)
+
+    [(_, events)] = reconciled(output)
+    # The one pass reads the run's stored events (the voided one counts for nothing).
+    assert len(stored) - 1 <= events <= len(stored), output
+
+
+def corrections(output: str) -> list[tuple[str, str, str, Decimal, Decimal]]:
+    """The printed corrections: (action, event id, tenant, charge before, charge after)."""
+    return [
+        (
+            match["action"],
+            match["id"],
+            match["tenant"],
+            Decimal(match["before"]),
+            Decimal(0) if match["voided"] else Decimal(match["after"]),
+        )
+        for match in re.finditer(
+            r"^  (?P<action>void|amend)\s+(?P<id>demo-[0-9a-f]{8}-\d{8})  "
+            r"(?P<tenant>initech-[0-9a-f]{8})  charge (?P<before>\d+\.\d+) -> "
+            r"(?:(?P<voided>0 \(voided\))|(?P<after>\d+\.\d+))  'demo: [^']+'$",
+            output,
+            re.MULTILINE,
+        )
+    ]
+
+
+def reconciled(output: str) -> list[tuple[int, int]]:
+    """The printed reconcile summaries: (drifts, events read)."""
+    return [
+        (int(drifts), int(events))
+        for drifts, events in re.findall(
+            r"^  reconcile \d{4}-\d\d: (\d+) drift\(s\)(?: \([^)]*\))?; (\d+) events in ",
+            output,
+            re.MULTILINE,
+        )
+    ]
 
 
 def invoice_lines(output: str) -> dict[tuple[str, str], tuple[Decimal, Decimal]]:
@@ -170,6 +233,25 @@ def assert_demo_summary(output: str) -> None:
     assert_alerts(output)
     lines = invoice_lines(output)
     assert {tenant.rsplit("-", 1)[0] for tenant, _ in lines} == {"acme", "globex", "initech"}
+    assert_corrections_and_reconcile(output)
+
+
+def assert_corrections_and_reconcile(output: str) -> None:
+    """A void and an amend (to half the charge) of two stored events, applied, before the
+    invoice lines; then reconcile, with no drift."""
+    done = corrections(output)
+    assert [action for action, *_ in done] == ["void", "amend"], output
+    [(_, voided, _, before, after), (_, amended, _, amended_before, amended_after)] = done
+    assert voided != amended
+    assert before > 0
+    assert after == 0
+    assert amended_before > 0
+    assert amended_after == amended_before / 2
+    assert output.index("== Corrections") < output.index("== Invoice lines")
+    assert "row stays in llm_usage_events as stored" in output
+    [(drifts, events)] = reconciled(output)
+    assert (drifts, events > 0) == (0, True), output
+    assert output.index("== Invoice lines") < output.index("== Reconcile")
 
 
 def test_make_run_works_when_9092_and_5432_are_taken_and_says_where_it_runs() -> None:
