@@ -73,7 +73,7 @@ async def measure_reconcile(
     from llm_usage.bench.support import bench_database  # noqa: PLC0415
     from llm_usage.domain.budgets import budget_horizon  # noqa: PLC0415
     from llm_usage.domain.periods import period_of  # noqa: PLC0415
-    from llm_usage.rollup.reconcile import reconcile  # noqa: PLC0415
+    from llm_usage.rollup.reconcile import COMMAND_READERS, reconcile  # noqa: PLC0415
     from llm_usage.storage.migrate import migrate  # noqa: PLC0415
     from llm_usage.storage.pool import create_pool  # noqa: PLC0415
 
@@ -88,12 +88,18 @@ async def measure_reconcile(
         await _fill_spend(connection, budget_horizon(now))
     finally:
         await connection.close()
-    pool = await create_pool(url, size=1)
+    pool = await create_pool(url, size=COMMAND_READERS)
     reports = []
     try:
         for run in range(1, repeats + 1):
             report = await reconcile(
-                pool, settings, periods=periods, confirm_seconds=0, read_topic=False, now=now
+                pool,
+                settings,
+                periods=periods,
+                confirm_seconds=0,
+                read_topic=False,
+                now=now,
+                readers=COMMAND_READERS,
             )
             reports.append(report)
             print(

@@ -63,13 +63,16 @@ def add_parser(commands: Commands) -> None:
 async def run_reconcile_command(args: argparse.Namespace, settings: Settings) -> None:
     import asyncpg  # noqa: PLC0415 - the database stack, when the command runs
 
-    from llm_usage.rollup.reconcile import reconcile  # noqa: PLC0415 - the rollup's stack
+    from llm_usage.rollup.reconcile import (  # noqa: PLC0415 - the rollup's stack
+        COMMAND_READERS,
+        reconcile,
+    )
     from llm_usage.storage.pool import create_pool  # noqa: PLC0415
 
     now = worker_clock()()
     period = checked_period(args.period) if args.period else current_period(now)
     tenant = checked_tenant(args.tenant) if args.tenant else None
-    pool = await create_pool(settings.database_url, size=1)
+    pool = await create_pool(settings.database_url, size=COMMAND_READERS)
     try:
         report = await reconcile(
             pool,
@@ -79,6 +82,7 @@ async def run_reconcile_command(args: argparse.Namespace, settings: Settings) ->
             confirm_seconds=max(args.confirm_seconds, 0.0),
             read_topic=not args.no_topic,
             now=now,
+            readers=COMMAND_READERS,
         )
     except (TransientError, OSError) as error:
         raise ServiceUnreachableError(

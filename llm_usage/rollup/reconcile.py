@@ -62,6 +62,11 @@ STUCK_MARGIN_SECONDS = 300.0
 # Tenants per snapshot: short enough that no snapshot holds back the counters' pruning for long.
 TENANTS_PER_CHUNK = 200
 
+# Chunks a command reads at once, each a statement on a connection of its own: the comparison is
+# CPU-bound in the database, and two keep two of its cores busy. The scheduled run reads one at
+# a time and leaves the rollup's other connection to its jobs.
+COMMAND_READERS = 2
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -109,10 +114,11 @@ async def reconcile(
     confirm_seconds: float,
     read_topic: bool = True,
     now: datetime | None = None,
+    readers: int = 1,
 ) -> ReconcileReport:
     """Reconcile the months `periods` (YYYY-MM) of every tenant (or one); `now` (the workers'
     clock by default) sets the budget horizon: counters of earlier periods are pruned, and
-    not compared."""
+    not compared. Up to `readers` chunks are read at once, each on a connection of `pool`."""
     started = time.perf_counter()
     horizon = budget_horizon(now or worker_clock()())
     async with connection_from(pool) as connection:
@@ -139,8 +145,7 @@ async def reconcile(
     drifts: list[Drift] = compare_waits(stuck)
     events = 0
     lagging: list[_Chunk] = []
-    for chunk in chunks:
-        rows = await _read(pool, chunk)
+    for chunk, rows in zip(chunks, await _read_all(pool, chunks, readers), strict=True):
         events += rows.events
         found = judge(rows, chunk.month, chunk.tenants, topic=topic)
         drifts += found
@@ -152,13 +157,24 @@ async def reconcile(
         waited = confirm_seconds
         topic = await read_alerts(settings) if read_topic else None
         again: list[Drift] = []
-        for chunk in lagging:
-            rows = await _read(pool, chunk)
+        for chunk, rows in zip(lagging, await _read_all(pool, lagging, readers), strict=True):
             again += judge(rows, chunk.month, chunk.tenants, topic=topic)
         drifts = confirmed(drifts, again)
     return ReconcileReport(
         list(periods), drifts, events, time.perf_counter() - started, waited, read_topic
     )
+
+
+async def _read_all(pool: asyncpg.Pool, chunks: Sequence[_Chunk], readers: int) -> list[ChunkRows]:
+    """Every chunk's rows, in order, `readers` at a time (each chunk's are drifts and a few
+    small maps: holding them all is cheap)."""
+    turns = asyncio.Semaphore(readers)
+
+    async def read(chunk: _Chunk) -> ChunkRows:
+        async with turns:
+            return await _read(pool, chunk)
+
+    return list(await asyncio.gather(*(read(chunk) for chunk in chunks)))
 
 
 async def _read(pool: asyncpg.Pool, chunk: _Chunk) -> ChunkRows:
