@@ -158,13 +158,13 @@ async def test_a_failed_reconcile_is_logged_and_tried_again_later_never_raised(
     assert registry.get_sample_value("llm_usage_reconcile_last_success_timestamp_seconds")
 
 
-async def test_an_interval_of_0_never_reconciles_and_is_the_default(
+async def test_an_interval_of_0_never_reconciles_and_hourly_is_the_default(
     reconciles: Reconciles,
 ) -> None:
     registry = CollectorRegistry()
     await scheduler(0, registry).reconcile_if_due(NOW)
     assert reconciles.calls == []
-    assert Settings().reconcile_interval_minutes == 0
+    assert Settings().reconcile_interval_minutes == 60
     # No success is ever recorded: NaN, so that LLMUsageReconcileStale compares false.
     stale = registry.get_sample_value("llm_usage_reconcile_last_success_timestamp_seconds")
     assert stale is not None
