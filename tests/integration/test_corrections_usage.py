@@ -18,11 +18,13 @@ from prometheus_client import CollectorRegistry
 from llm_usage.consumers.usage.correction_waits import retry_round
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
+from llm_usage.domain.corrections import Action, Correction
 from llm_usage.domain.periods import add_months, period_of
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
+from llm_usage.storage.corrections import find_events
 from llm_usage.storage.usage_totals import move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
@@ -519,3 +521,47 @@ async def test_two_replicas_correcting_one_event_at_once_apply_each_correction_o
     assert (await effective(pool, event))["input_tokens"] == 6
     assert len(await history(pool, tenant)) == 6
     await assert_aggregates_are_the_effective_events(pool, tenant)
+
+
+@pytest.mark.parametrize("citus", [False, True], ids=["one-node-form", "citus-form"])
+async def test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_only(
+    pool: asyncpg.Pool, citus: bool
+) -> None:
+    tenant, other = unique("tenant"), unique("tenant")
+    hinted, mis_hinted, unhinted, foreign = (usage_event(tenant) for _ in range(4))
+    await land(pool, hinted, mis_hinted, unhinted, foreign)
+    wrong = datetime.fromisoformat(mis_hinted["occurred_at"]) - timedelta(days=1)
+
+    def asked(event: dict[str, Any], hint: datetime | None, *, of: str = tenant) -> Correction:
+        return Correction(
+            tenant_id=of,
+            correction_id=unique("c"),
+            gateway_request_id=event["gateway_request_id"],
+            action=Action.VOID,
+            fields={},
+            reason="r",
+            actor="a",
+            occurred_at=clock.now(),
+            event_occurred_at=hint,
+        )
+
+    async with pool.acquire() as connection:
+        found = await find_events(
+            connection,
+            [
+                asked(hinted, datetime.fromisoformat(hinted["occurred_at"])),
+                asked(mis_hinted, wrong),  # a wrong hint: the window's time finds it
+                asked(unhinted, None),  # no hint: the window's time finds it
+                asked(foreign, None, of=other),  # the window's row is another tenant's
+            ],
+            citus=citus,
+        )
+
+    assert set(found.rows) == {
+        (tenant, e["gateway_request_id"]) for e in (hinted, mis_hinted, unhinted)
+    }
+    assert all(row.tenant_id == tenant for row in found.rows.values())
+    assert found.rows[(tenant, mis_hinted["gateway_request_id"])].occurred_at == (
+        datetime.fromisoformat(mis_hinted["occurred_at"])
+    )
+    assert found.slow_lookups == 1  # the other tenant's correction, without a hint, walked

@@ -265,13 +265,15 @@ async def apply_corrections(
     *,
     now: datetime,
     wait_seconds: float,
+    citus: bool | None = None,
 ) -> AppliedCorrections:
     """Judge and apply `copies` in the caller's transaction (design §5.1 steps 1-6); the
-    caller moves the aggregates by the deltas returned (`move_aggregates`)."""
+    caller moves the aggregates by the deltas returned (`move_aggregates`). `citus`: the
+    database is a Citus coordinator (None: asked when events are looked up)."""
     await lock_correction_buckets(connection, (c.event for _, c in copies))
     known = await judged(connection, list(dict.fromkeys(c.key for _, c in copies)))
     judging = judge(copies, known)
-    found = await find_events(connection, [c for _, c in judging.candidates])
+    found = await find_events(connection, [c for _, c in judging.candidates], citus=citus)
     applicable = [c for _, c in judging.candidates if c.event in found.rows]
     waiting = [(r, c) for r, c in judging.candidates if c.event not in found.rows]
     closed: Collection[str] = ()
