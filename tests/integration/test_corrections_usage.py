@@ -24,7 +24,12 @@ from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
-from llm_usage.storage.corrections import find_events
+from llm_usage.storage.corrections import (
+    CORRECTION_LOCK_CLASS,
+    find_events,
+    lock_correction_buckets,
+    try_lock_correction_buckets,
+)
 from llm_usage.storage.usage_totals import move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
@@ -565,3 +570,33 @@ async def test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_onl
         datetime.fromisoformat(mis_hinted["occurred_at"])
     )
     assert found.slow_lookups == 1  # the other tenant's correction, without a hint, walked
+
+
+async def test_a_side_task_takes_only_the_buckets_no_batch_holds_without_waiting(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    events = [(tenant, unique("req")) for _ in range(40)]
+    buckets = {
+        (row["t"], row["g"]): row["b"]
+        for row in await pool.fetch(
+            "SELECT t, g, hashtext(t || '/' || g) & 255 AS b "
+            "FROM unnest($1::text[], $2::text[]) AS u(t, g)",
+            [e[0] for e in events],
+            [e[1] for e in events],
+        )
+    }
+    held = buckets[events[0]]
+    async with pool.acquire() as batch, batch.transaction():
+        await lock_correction_buckets(batch, events[:1])
+        async with pool.acquire() as side, side.transaction():
+            taken = await asyncio.wait_for(try_lock_correction_buckets(side, events), 5)
+            locks = await side.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 "
+                "AND pid = pg_backend_pid()",
+                CORRECTION_LOCK_CLASS,
+            )
+
+    assert taken == {e for e in events if buckets[e] != held}
+    assert taken  # 40 ids over 256 buckets: most are not in the held one
+    assert locks == len({buckets[e] for e in taken})
