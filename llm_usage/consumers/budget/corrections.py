@@ -40,6 +40,7 @@ from llm_usage.storage.budget_corrections import (
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import move_counters
 from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
 
 log = structlog.get_logger(__name__)
@@ -129,7 +130,9 @@ async def _apply_ready(
 ) -> None:
     """Move the counters for the corrections the usage consumer applied; a correction whose
     event is not counted yet waits (a move before the count it corrects could go below 0)."""
-    counted = await window_counted(connection, {c.event for c in ready.values()})
+    if citus is None:
+        citus = await citus_installed(connection)
+    counted = await window_counted(connection, {c.event for c in ready.values()}, citus=citus)
     for position, correction in list(ready.items()):
         if not counted.get(correction.event, True):  # no window row: older than it, counted
             results[position] = DEFERRED
