@@ -30,7 +30,9 @@ from llm_usage.domain.periods import period_of
 from llm_usage.runtime.correction_metrics import CORRECTION_RESULTS, correction_metrics
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.decoding import decode_usage_topic_record
+from llm_usage.storage.budget_corrections import window_counted
 from llm_usage.storage.budget_spend import move_counters
+from llm_usage.storage.flavour import citus_installed
 from tests import clock
 from tests.integration import test_budget_consumer
 from tests.integration.pipeline import (
@@ -480,3 +482,32 @@ async def test_both_consumers_agree_on_a_stream_of_corrections(
     }
     assert await counters(pool, tenant) == expected(at, spend)
     await assert_reconciled(pool, topics.settings, [period_of(clock.this_month())], tenant)
+
+
+@pytest.mark.parametrize("citus", [False, True], ids=["one-node-form", "citus-form"])
+async def test_window_counted_reads_each_id_of_its_tenant_only(
+    pool: asyncpg.Pool, citus: bool
+) -> None:
+    tenant, other = unique("tenant"), unique("tenant")
+    counted, uncounted, missing = unique("req"), unique("req"), unique("req")
+    await pool.execute(
+        "INSERT INTO usage_event_ids (gateway_request_id, tenant_id, deployment_id, "
+        "input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens, "
+        "customer_charge_usd, occurred_at, counted) "
+        "SELECT g, $1, 'd', 1, 1, 0, 0, 2, 1, $2, c "
+        "FROM unnest($3::text[], $4::boolean[]) AS u(g, c)",
+        tenant,
+        clock.now(),
+        [counted, uncounted],
+        [True, False],
+    )
+    async with pool.acquire() as connection:
+        if not citus and await citus_installed(connection):
+            pytest.skip("Citus refuses the one-node form (a LATERAL probe of a distributed table)")
+        found = await window_counted(
+            connection,
+            [(tenant, counted), (tenant, uncounted), (tenant, missing), (other, counted)],
+            citus=citus,
+        )
+
+    assert found == {(tenant, counted): True, (tenant, uncounted): False}

@@ -18,11 +18,19 @@ from prometheus_client import CollectorRegistry
 from llm_usage.consumers.usage.correction_waits import retry_round
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.core.faults import FAULT_EXIT_CODE, FAULT_VARIABLE
+from llm_usage.domain.corrections import Action, Correction
 from llm_usage.domain.periods import add_months, period_of
 from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
+from llm_usage.storage.corrections import (
+    CORRECTION_LOCK_CLASS,
+    find_events,
+    lock_correction_buckets,
+    try_lock_correction_buckets,
+)
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.usage_totals import move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
@@ -519,3 +527,79 @@ async def test_two_replicas_correcting_one_event_at_once_apply_each_correction_o
     assert (await effective(pool, event))["input_tokens"] == 6
     assert len(await history(pool, tenant)) == 6
     await assert_aggregates_are_the_effective_events(pool, tenant)
+
+
+@pytest.mark.parametrize("citus", [False, True], ids=["one-node-form", "citus-form"])
+async def test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_only(
+    pool: asyncpg.Pool, citus: bool
+) -> None:
+    tenant, other = unique("tenant"), unique("tenant")
+    hinted, mis_hinted, unhinted, foreign = (usage_event(tenant) for _ in range(4))
+    await land(pool, hinted, mis_hinted, unhinted, foreign)
+    wrong = datetime.fromisoformat(mis_hinted["occurred_at"]) - timedelta(days=1)
+
+    def asked(event: dict[str, Any], hint: datetime | None, *, of: str = tenant) -> Correction:
+        return Correction(
+            tenant_id=of,
+            correction_id=unique("c"),
+            gateway_request_id=event["gateway_request_id"],
+            action=Action.VOID,
+            fields={},
+            reason="r",
+            actor="a",
+            occurred_at=clock.now(),
+            event_occurred_at=hint,
+        )
+
+    async with pool.acquire() as connection:
+        if not citus and await citus_installed(connection):
+            pytest.skip("Citus refuses the one-node form (a LATERAL probe of a distributed table)")
+        found = await find_events(
+            connection,
+            [
+                asked(hinted, datetime.fromisoformat(hinted["occurred_at"])),
+                asked(mis_hinted, wrong),  # a wrong hint: the window's time finds it
+                asked(unhinted, None),  # no hint: the window's time finds it
+                asked(foreign, None, of=other),  # the window's row is another tenant's
+            ],
+            citus=citus,
+        )
+
+    assert set(found.rows) == {
+        (tenant, e["gateway_request_id"]) for e in (hinted, mis_hinted, unhinted)
+    }
+    assert all(row.tenant_id == tenant for row in found.rows.values())
+    assert found.rows[(tenant, mis_hinted["gateway_request_id"])].occurred_at == (
+        datetime.fromisoformat(mis_hinted["occurred_at"])
+    )
+    assert found.slow_lookups == 1  # the other tenant's correction, without a hint, walked
+
+
+async def test_a_side_task_takes_only_the_buckets_no_batch_holds_without_waiting(
+    pool: asyncpg.Pool,
+) -> None:
+    tenant = unique("tenant")
+    events = [(tenant, unique("req")) for _ in range(40)]
+    buckets = {
+        (row["t"], row["g"]): row["b"]
+        for row in await pool.fetch(
+            "SELECT t, g, hashtext(t || '/' || g) & 255 AS b "
+            "FROM unnest($1::text[], $2::text[]) AS u(t, g)",
+            [e[0] for e in events],
+            [e[1] for e in events],
+        )
+    }
+    held = buckets[events[0]]
+    async with pool.acquire() as batch, batch.transaction():
+        await lock_correction_buckets(batch, events[:1])
+        async with pool.acquire() as side, side.transaction():
+            taken = await asyncio.wait_for(try_lock_correction_buckets(side, events), 5)
+            locks = await side.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 "
+                "AND pid = pg_backend_pid()",
+                CORRECTION_LOCK_CLASS,
+            )
+
+    assert taken == {e for e in events if buckets[e] != held}
+    assert taken  # 40 ids over 256 buckets: most are not in the held one
+    assert locks == len({buckets[e] for e in taken})

@@ -202,6 +202,34 @@ def test_any_order_one_at_a_time_ends_in_the_winners_contribution(
     assert state[(event.tenant_id, event.occurred_at, event.gateway_request_id)].effective == final
 
 
+@settings(max_examples=200, deadline=None)
+@given(corrections(), st.randoms(use_true_random=False), st.booleans())
+def test_a_batch_of_corrections_moves_the_aggregates_from_before_to_its_winner(
+    cs: list[Correction], random: Any, corrected_before: bool
+) -> None:
+    order = list(cs)
+    random.shuffle(order)
+    current: dict[Any, EffectiveNow] = {}
+    if corrected_before:  # the event was voided earlier than any of these
+        voided = effective_after(original(EVENT), correction("c-old", Action.VOID, at=EVENT_AT))
+        current = {KEY: EffectiveNow(voided, (EVENT_AT, "c-old"), 1)}
+
+    batch = plan_corrections(order, EVENTS, current)
+
+    before = current[KEY].effective if current else original(EVENT)
+    final = effective_after(original(EVENT), winner(cs))  # c-old is earlier than any of cs
+    totals = add_totals(
+        totals_contribution(EVENT, final), totals_contribution(EVENT, before), sign=-1
+    )
+    dimensions = add_dimensions(
+        dimensions_contribution(EVENT, final), dimensions_contribution(EVENT, before), sign=-1
+    )
+    assert batch.totals == totals
+    assert batch.dimensions == dimensions
+    assert batch.effective[KEY].effective == final
+    assert batch.effective[KEY].corrections == len(cs) + len(current)
+
+
 def judged_as(verdict: Verdict, c: Correction) -> JudgedCorrection:
     return JudgedCorrection(verdict, c, won=True, late=False, billed_in=None, received_at=LATER)
 

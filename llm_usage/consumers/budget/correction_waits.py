@@ -2,8 +2,9 @@
 usage consumer has judged it and its event is counted; an `unknown` verdict drops it.
 
 Every `CORRECTION_RETRY_SECONDS` each replica takes the waiting corrections tenant by tenant, one
-transaction each: the tenant's correction buckets first (the lock order of the batches), then its
-parked rows that no other replica holds (`SKIP LOCKED`), then the same steps as a batch.
+transaction each: the tenant's correction buckets first (the lock order of the batches; only those
+free, without waiting: a bucket a batch holds is tried again next round), then its parked rows that
+no other replica holds (`SKIP LOCKED`), then the same steps as a batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llm_usage.storage.corrections import (
     Waiting,
     claim_waits,
     forget_waits,
-    lock_correction_buckets,
+    try_lock_correction_buckets,
     wait_summary,
     waiting_events,
     waiting_tenants,
@@ -84,9 +85,10 @@ async def _retry_tenant(
 ) -> list[str]:
     """Try the tenant's parked corrections that no other replica is trying; what became of
     each."""
-    events = set(await waiting_events(connection, BUDGET, tenant_id, topic=topic))
-    await lock_correction_buckets(connection, sorted(events))
-    # A row parked since `events` was read is left to the next round: its bucket is not held.
+    parked = await waiting_events(connection, BUDGET, tenant_id, topic=topic)
+    events = await try_lock_correction_buckets(connection, parked)
+    # A row parked since `parked` was read, or whose bucket a batch holds, is left to the next
+    # round: its bucket is not held.
     claimed = [
         waiting
         for waiting in await claim_waits(connection, BUDGET, tenant_id, topic=topic)

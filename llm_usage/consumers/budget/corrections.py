@@ -40,6 +40,7 @@ from llm_usage.storage.budget_corrections import (
 from llm_usage.storage.budget_outbox import insert_alerts
 from llm_usage.storage.budget_spend import move_counters
 from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
 
 log = structlog.get_logger(__name__)
@@ -74,10 +75,15 @@ class Received:
 
 
 async def apply_corrections(
-    connection: Connection, received: Sequence[Received], *, now: datetime
+    connection: Connection,
+    received: Sequence[Received],
+    *,
+    now: datetime,
+    citus: bool | None = None,
 ) -> list[str]:
     """Apply the corrections the usage consumer applied and whose events are counted, in order;
-    return what became of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order."""
+    return what became of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order. `citus`:
+    the database is a Citus coordinator (None: asked when an event is looked up)."""
     done = await applied_to_events(connection, {item.correction.event for item in received})
     keys = {item.correction.key for item in received}
     verdicts = await judged(connection, sorted(keys | done))
@@ -109,7 +115,7 @@ async def apply_corrections(
             if key in verdicts:
                 applied = verdicts[key].correction
                 history.setdefault(applied.event, []).append(applied)
-        await _apply_ready(connection, ready, history, results, now=now)
+        await _apply_ready(connection, ready, history, results, now=now, citus=citus)
     return results
 
 
@@ -120,10 +126,13 @@ async def _apply_ready(
     results: list[str],
     *,
     now: datetime,
+    citus: bool | None,
 ) -> None:
     """Move the counters for the corrections the usage consumer applied; a correction whose
     event is not counted yet waits (a move before the count it corrects could go below 0)."""
-    counted = await window_counted(connection, {c.event for c in ready.values()})
+    if citus is None:
+        citus = await citus_installed(connection)
+    counted = await window_counted(connection, {c.event for c in ready.values()}, citus=citus)
     for position, correction in list(ready.items()):
         if not counted.get(correction.event, True):  # no window row: older than it, counted
             results[position] = DEFERRED
@@ -131,7 +140,7 @@ async def _apply_ready(
     if not ready:
         return
     # Where the usage consumer found each event (`event_occurred_at`): one probe of its key.
-    found = await find_events(connection, list(ready.values()))
+    found = await find_events(connection, list(ready.values()), citus=citus)
 
     horizon = budget_horizon(now)
     net: dict[SpendKey, Decimal] = {}

@@ -211,7 +211,8 @@ class BudgetCounter:
         """Apply the batch's corrections after its events (a correction may follow its event in
         the same batch); park those that must wait, forget the parked copies of the others.
         Return what became of each."""
-        results = await apply_corrections(connection, corrections, now=now)
+        citus = await self._flavour.citus(connection)
+        results = await apply_corrections(connection, corrections, now=now, citus=citus)
         until = now + timedelta(seconds=self._correction_wait_seconds)
         waiting: list[Waiting] = []
         for item, result in zip(corrections, results, strict=True):

@@ -31,7 +31,7 @@ from llm_usage.storage.corrections import (
     Waiting,
     claim_waits,
     forget_waits,
-    lock_correction_buckets,
+    try_lock_correction_buckets,
     wait_summary,
     waiting_events,
     waiting_tenants,
@@ -97,8 +97,8 @@ async def retry_round(
     for tenant in tenants:
         async with connection_from(pool) as connection, connection.transaction():
             events = await waiting_events(connection, CONSUMER, tenant, topic=topic)
-            await lock_correction_buckets(connection, events)
-            locked = set(events)
+            # Only the buckets no batch holds, without waiting (the others: next round).
+            locked = await try_lock_correction_buckets(connection, events)
             waits = [
                 w
                 for w in await claim_waits(connection, CONSUMER, tenant, topic=topic)

@@ -188,7 +188,11 @@ class UsageRecorder:
             applied = None
             if corrections:  # after the events (it may correct one of them), before the sums
                 applied = await apply_corrections(
-                    connection, corrections, now=now, wait_seconds=self._correction_wait_seconds
+                    connection,
+                    corrections,
+                    now=now,
+                    wait_seconds=self._correction_wait_seconds,
+                    citus=citus,
                 )
                 outcome = outcome.merge(applied.outcome)
                 await move_aggregates(connection, stored_now, applied)
