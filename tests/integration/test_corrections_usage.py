@@ -30,7 +30,6 @@ from llm_usage.storage.corrections import (
     lock_correction_buckets,
     try_lock_correction_buckets,
 )
-from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.usage_totals import move_daily_totals
 from tests import clock
 from tests.integration.pipeline import (
@@ -552,8 +551,6 @@ async def test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_onl
         )
 
     async with pool.acquire() as connection:
-        if not citus and await citus_installed(connection):
-            pytest.skip("Citus refuses the one-node form (a LATERAL probe of a distributed table)")
         found = await find_events(
             connection,
             [
