@@ -6,6 +6,7 @@ that changed after the archive keep the month and every row."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,6 +25,7 @@ from llm_usage.archive.targets import local_target
 from llm_usage.archive.verify import read_manifest, verify_archive
 from llm_usage.domain.periods import add_months, period_of
 from llm_usage.domain.retention import partition_name
+from llm_usage.storage import distribution
 from llm_usage.storage.migrate import migrate
 from tests import clock
 from tests.integration.pipeline import unique, usage_event
@@ -66,6 +68,8 @@ async def corrected(empty_database_url: str) -> AsyncIterator[_Corrected]:
     assert pool is not None
     async with pool.acquire() as connection:
         await migrate(connection, retention_months=1)
+        if os.environ.get("LLM_USAGE_TEST_CITUS") == "1":  # `make test-citus`: distributed
+            await distribution.distribute(connection)
     oldest = await pool.fetchval(
         "SELECT min(month) FROM usage_event_months WHERE state = 'attached'"
     )
