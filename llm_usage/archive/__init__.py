@@ -9,6 +9,8 @@ back into a plain table for an audit.
 - `targets`: where archives live: a local directory or an S3-compatible object store.
 - `export`: a partition table to Parquet files and their manifest, in bounded memory.
 - `verify`: every file read back against the manifest, and against the table when it is there.
+- `corrections`: the month's `usage_corrections` and `usage_event_effective` rows, archived
+  beside its events, deleted with its partition, restored beside its events (design §4, A11).
 - `restore`: an archived month into `restored_usage_events_YYYY_MM`, never the live table.
 - `retention`: the step `llm-usage maintain` runs between DETACH and DROP (archive once, verify
   against the table every time; drop only on an OK report).

@@ -117,7 +117,7 @@ def totals_of(table: pa.Table | pa.RecordBatch) -> Totals:
     )
 
 
-class _HashingSink(io.RawIOBase):
+class HashingSink(io.RawIOBase):
     """Forwards writes to `stream`, counting bytes and hashing them (one pass, no read-back)."""
 
     def __init__(self, stream: IO[bytes]) -> None:
@@ -142,7 +142,7 @@ class _HashingSink(io.RawIOBase):
 @dataclass
 class _SliceWriter:
     number: int
-    sink: _HashingSink
+    sink: HashingSink
     writer: pq.ParquetWriter
     pending: list[pa.RecordBatch] = field(default_factory=list)
     pending_rows: int = 0
@@ -290,19 +290,26 @@ async def archive_table(
     async with snapshot:
         outside = await connection.fetchval(
             f"SELECT count(*) FROM {name} WHERE occurred_at < $1 OR occurred_at >= $2",
-            *_month_bounds(month),
+            *month_bounds(month),
         )
         if outside:
             raise ArchiveError(
                 f"{table} holds {outside} rows outside {period}; it is not that month's partition"
             )
         files = await _export(connection, query, target, directory)
+        # The month's corrections, from the same snapshot (they leave with the month).
+        from llm_usage.archive.corrections import export_corrections  # noqa: PLC0415 - a cycle
+
+        corrections = await export_corrections(
+            connection, month=month, target=target, directory=directory
+        )
     manifest = Manifest(
         month=month,
         source_table=table,
         files=files,
         columns=list(ARCHIVE_COLUMNS),
         created_at=(now or datetime.now(UTC)).astimezone(UTC).isoformat(),
+        corrections=corrections,
     )
     await asyncio.to_thread(_write_manifest, target, manifest_path, manifest)
     return manifest
@@ -313,7 +320,7 @@ def _write_manifest(target: ArchiveTarget, path: str, manifest: Manifest) -> Non
         stream.write(manifest.to_json().encode("utf-8"))
 
 
-def _month_bounds(month: date) -> tuple[datetime, datetime]:
+def month_bounds(month: date) -> tuple[datetime, datetime]:
     start = datetime(month.year, month.month, 1, tzinfo=UTC)
     end = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
     return start, end
@@ -386,7 +393,7 @@ class _SliceWriters:
                 context = self._target.writing(f"{self._directory}/{slice_file_name(number)}")
                 stream = context.__enter__()
                 self._contexts.append(context)
-                sink = _HashingSink(stream)
+                sink = HashingSink(stream)
                 parquet = pq.ParquetWriter(
                     sink, ARCHIVE_SCHEMA, compression="zstd", write_statistics=True
                 )

@@ -128,16 +128,46 @@ class ArchivedFile:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ArchivedFile:
-        sha = data.get("sha256")
-        path = data.get("path")
-        if not isinstance(sha, str) or len(sha) != 64:
-            raise ManifestError("a file's sha256 is not 64 hex digits")
-        if not isinstance(path, str) or not path or "/" in path or path.startswith("."):
-            raise ManifestError(f"a file's path {path!r} is not a plain file name")
+        path, sha = _path_and_sha256(data)
         return cls(
             slice=_count(data, "slice"),
             path=path,
             totals=Totals.from_json(data),
+            bytes=_count(data, "bytes"),
+            sha256=sha,
+        )
+
+
+@dataclass(frozen=True)
+class CorrectionFile:
+    """The month's rows of a corrections table (`usage_corrections`, `usage_event_effective`),
+    archived beside its events in one Parquet file: its table, path, rows, bytes, checksum."""
+
+    table: str
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "path": self.path,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CorrectionFile:
+        path, sha = _path_and_sha256(data)
+        table = data.get("table")
+        if not isinstance(table, str) or not table:
+            raise ManifestError(f"a corrections file's table {table!r} is not a name")
+        return cls(
+            table=table,
+            path=path,
+            rows=_count(data, "rows"),
             bytes=_count(data, "bytes"),
             sha256=sha,
         )
@@ -152,6 +182,8 @@ class Manifest:
     files: Sequence[ArchivedFile]
     columns: Sequence[str]
     created_at: str  # ISO 8601, UTC
+    # The month's corrections (an archive of an earlier release has none listed).
+    corrections: Sequence[CorrectionFile] = ()
 
     @property
     def totals(self) -> Totals:
@@ -172,6 +204,7 @@ class Manifest:
             "money": "decimal128(38,18): every value the contract admits (12 + 18 digits), exact",
             "files": [file.to_json() for file in self.files],
             "totals": self.totals.to_json(),
+            "corrections": [entry.to_json() for entry in self.corrections],
         }
         return json.dumps(document, indent=2) + "\n"
 
@@ -200,12 +233,16 @@ class Manifest:
         columns = data.get("columns")
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise ManifestError("no list of columns")
+        corrections_data = data.get("corrections", [])
+        if not isinstance(corrections_data, list):
+            raise ManifestError("'corrections' is not a list")
         manifest = cls(
             month=first_day,
             source_table=str(data.get("source_table", "")),
             files=files,
             columns=columns,
             created_at=str(data.get("created_at", "")),
+            corrections=[CorrectionFile.from_json(_object(item)) for item in corrections_data],
         )
         stated = Totals.from_json(_mapping(data, "totals"))
         if stated != manifest.totals:
@@ -214,6 +251,16 @@ class Manifest:
                 + "; ".join(stated.differences(manifest.totals, mine="totals", theirs="files"))
             )
         return manifest
+
+
+def _path_and_sha256(data: Mapping[str, Any]) -> tuple[str, str]:
+    sha = data.get("sha256")
+    path = data.get("path")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ManifestError("a file's sha256 is not 64 hex digits")
+    if not isinstance(path, str) or not path or "/" in path or path.startswith("."):
+        raise ManifestError(f"a file's path {path!r} is not a plain file name")
+    return path, sha
 
 
 def _refuse_float(text: str) -> Any:

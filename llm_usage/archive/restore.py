@@ -1,5 +1,6 @@
 """An archived month back in PostgreSQL for an audit: `restored_usage_events_YYYY_MM`, a plain
-table with the archive's columns, never the live `llm_usage_events`.
+table with the archive's columns, never the live `llm_usage_events`; its corrections beside it
+in `restored_usage_corrections_YYYY_MM` and `restored_usage_event_effective_YYYY_MM`.
 
 The files are verified against the manifest first; a damaged archive is refused, not loaded.
 The table is created and filled in one transaction: it is there whole, or not at all.
@@ -15,7 +16,9 @@ from datetime import date
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from llm_usage.archive.corrections import CORRECTION_TABLES, correction_spec
 from llm_usage.archive.export import ARCHIVE_COLUMNS
+from llm_usage.archive.manifest import CorrectionFile
 from llm_usage.archive.targets import ArchiveError, ArchiveTarget
 from llm_usage.archive.verify import read_manifest, verify_archive
 from llm_usage.domain.periods import period_of
@@ -26,6 +29,11 @@ _BATCH_ROWS = 32 * 1024
 
 def restored_table_name(month: date) -> str:
     return f"restored_usage_events_{month.year:04d}_{month.month:02d}"
+
+
+def restored_table_names(month: date) -> list[str]:
+    """Every table a restore of `month` creates: its events', then its corrections'."""
+    return [restored_table_name(month), *(spec.restored_name(month) for spec in CORRECTION_TABLES)]
 
 
 def _columns_of(target: ArchiveTarget, path: str) -> list[str]:
@@ -87,4 +95,36 @@ async def restore_month(connection: Connection, target: ArchiveTarget, month: da
                 f"loaded {loaded} rows of {period}, the manifest says {manifest_rows}; "
                 "nothing was restored"
             )
+        for entry in manifest.corrections:
+            await _restore_corrections(connection, target, month, entry)
     return int(loaded)
+
+
+async def _restore_corrections(
+    connection: Connection, target: ArchiveTarget, month: date, entry: CorrectionFile
+) -> None:
+    """The month's rows of a corrections table into `restored_<table>_YYYY_MM`."""
+    spec = correction_spec(entry)
+    if spec is None:  # verified already: cannot happen
+        raise ArchiveError(f"{entry.path}: {entry.table} is not a corrections table")
+    name = spec.restored_name(month)
+    if await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+        raise ArchiveError(f"{name} already exists; drop it to restore {period_of(month)} again")
+    columns = ", ".join(f"{column} {pg_type}" for column, pg_type in spec.columns.items())
+    await connection.execute(f"CREATE TABLE {name} ({columns})")
+    path = f"{target.month_dir(period_of(month))}/{entry.path}"
+    blocks = _csv_blocks(target, path, list(spec.columns))
+
+    async def csv_source() -> AsyncIterator[bytes]:
+        while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+            yield block
+
+    await connection.copy_to_table(
+        name, source=csv_source(), columns=list(spec.columns), format="csv"
+    )
+    loaded = await connection.fetchval(f"SELECT count(*) FROM {name}")
+    if loaded != entry.rows:
+        raise ArchiveError(
+            f"loaded {loaded} rows of {entry.path}, the manifest says {entry.rows}; "
+            "nothing was restored"
+        )

@@ -12,10 +12,11 @@ import asyncio
 from dataclasses import dataclass
 from datetime import date
 
+from llm_usage.archive.corrections import delete_corrections
 from llm_usage.archive.export import archive_table
 from llm_usage.archive.manifest import MANIFEST_NAME
 from llm_usage.archive.targets import ArchiveTarget
-from llm_usage.archive.verify import VerifyReport, verify_archive
+from llm_usage.archive.verify import VerifyReport, read_manifest, verify_archive
 from llm_usage.domain.periods import period_of
 from llm_usage.domain.retention import oldest_kept_month, partition_name
 from llm_usage.storage.partitions import (
@@ -55,7 +56,8 @@ class RetiredMonth:
 async def retire_months(
     connection: Connection, *, today: date, retention_months: int, target: ArchiveTarget
 ) -> list[RetiredMonth]:
-    """Every month older than the oldest kept: detached, archived, verified, dropped — or, when
+    """Every month older than the oldest kept: detached, archived (with its corrections),
+    verified, dropped with its corrections — or, when
     the archive does not match the table, detached and kept, with the differences. Each step
     is recorded (`usage_event_months.state`), so a run stopped anywhere resumes where it was.
     The legacy partition (everything before the partitioned table existed) is left alone."""
@@ -72,6 +74,10 @@ async def retire_months(
         )
         if report.ok:
             await set_month_state(connection, month, "archived")
-            await drop_detached(connection, month)
+            manifest = await asyncio.to_thread(read_manifest, target, month)
+            # The month's corrections leave with its events, in one transaction: both or none.
+            async with connection.transaction():
+                await delete_corrections(connection, month, manifest.corrections)
+                await drop_detached(connection, month)
         retired.append(RetiredMonth(month, report))
     return retired

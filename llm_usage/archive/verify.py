@@ -15,9 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from llm_usage.archive.corrections import correction_spec, live_differences
 from llm_usage.archive.export import (
     ARCHIVE_SCHEMA,
     EARLIER_ARCHIVE_SCHEMA,
+    TIME_TYPE,
+    month_bounds,
     quoted_table,
     totals_of,
 )
@@ -27,6 +30,7 @@ from llm_usage.archive.manifest import (
     SLICES,
     TOKEN_COLUMNS,
     ArchivedFile,
+    CorrectionFile,
     Manifest,
     ManifestError,
     Totals,
@@ -85,15 +89,9 @@ def check_file(target: ArchiveTarget, month: date, entry: ArchivedFile) -> list[
     every row. Reads the file twice: once as bytes (checksum), once as Parquet."""
     path = f"{target.month_dir(period_of(month))}/{entry.path}"
     name = entry.path
-    try:
-        digest, size = _checksum(target, path)
-    except FileNotFoundError:
+    found = _bytes_differences(target, path, entry)
+    if found is None:
         return [f"{name}: missing"]
-    found = []
-    if size != entry.bytes:
-        found.append(f"{name}: {size} bytes, the manifest says {entry.bytes}")
-    if digest != entry.sha256:
-        found.append(f"{name}: sha256 {digest}, the manifest says {entry.sha256}")
     try:
         totals, stray = _read_totals(target, path, month, entry.slice)
     except (pa.ArrowException, OSError) as error:
@@ -103,6 +101,54 @@ def check_file(target: ArchiveTarget, month: date, entry: ArchivedFile) -> list[
         for d in entry.totals.differences(totals, mine="the manifest", theirs="the file")
     ]
     found += [f"{name}: {s}" for s in stray]
+    return found
+
+
+def check_correction_file(target: ArchiveTarget, month: date, entry: CorrectionFile) -> list[str]:
+    """One corrections file against its manifest entry: bytes, checksum, columns, rows, and the
+    month of every row."""
+    name = entry.path
+    spec = correction_spec(entry)
+    if spec is None:
+        return [f"{name}: {entry.table} is not a corrections table archived as {name}"]
+    path = f"{target.month_dir(period_of(month))}/{name}"
+    found = _bytes_differences(target, path, entry)
+    if found is None:
+        return [f"{name}: missing"]
+    start, end = (pa.scalar(bound, TIME_TYPE) for bound in month_bounds(month))
+    rows = outside = 0
+    try:
+        with target.open_input(path) as stream:
+            parquet = pq.ParquetFile(stream)
+            if not parquet.schema_arrow.equals(spec.schema):
+                return [*found, f"{name}: its columns are not {spec.table}'s"]
+            for batch in parquet.iter_batches(batch_size=64 * 1024):
+                rows += batch.num_rows
+                when = batch.column(spec.month_column)
+                stray = pc.or_(pc.less(when, start), pc.greater_equal(when, end))
+                outside += pc.sum(pc.fill_null(stray, True)).as_py() or 0
+    except (pa.ArrowException, OSError) as error:
+        return [*found, f"{name}: not readable as Parquet ({error})"]
+    if rows != entry.rows:
+        found.append(f"{name}: rows: {entry.rows} in the manifest, {rows} in the file")
+    if outside:
+        found.append(f"{name}: {outside} rows outside {period_of(month)}")
+    return found
+
+
+def _bytes_differences(
+    target: ArchiveTarget, path: str, entry: ArchivedFile | CorrectionFile
+) -> list[str] | None:
+    """The file's size and sha256 against its manifest entry (None: the file is missing)."""
+    try:
+        digest, size = _checksum(target, path)
+    except FileNotFoundError:
+        return None
+    found = []
+    if size != entry.bytes:
+        found.append(f"{entry.path}: {size} bytes, the manifest says {entry.bytes}")
+    if digest != entry.sha256:
+        found.append(f"{entry.path}: sha256 {digest}, the manifest says {entry.sha256}")
     return found
 
 
@@ -181,11 +227,15 @@ async def verify_archive(
     slices = sorted(entry.slice for entry in manifest.files)
     if slices != list(range(SLICES)):
         report.differences.append(f"the manifest lists slices {slices}, not 0..{SLICES - 1}")
-    listed = {entry.path for entry in manifest.files}
+    listed = {entry.path for entry in manifest.files} | {c.path for c in manifest.corrections}
     for entry in manifest.files:
         if entry.path != slice_file_name(entry.slice):
             report.differences.append(f"{entry.path}: is not the name of slice {entry.slice}")
         report.differences += await asyncio.to_thread(check_file, target, month, entry)
+    for correction in manifest.corrections:
+        report.differences += await asyncio.to_thread(
+            check_correction_file, target, month, correction
+        )
     present = await asyncio.to_thread(target.files_in, target.month_dir(manifest.period))
     report.differences += [
         f"{name}: in the archive but not in the manifest"
@@ -203,4 +253,6 @@ async def verify_archive(
                     in_table.get(number, Totals()), mine="the archive", theirs=table
                 )
             ]
+        # The month's corrections are still live until the month is dropped.
+        report.differences += await live_differences(connection, month, manifest.corrections)
     return report

@@ -25,12 +25,13 @@ import pytest
 
 from llm_usage.archive.export import ARCHIVE_COLUMNS, LATER_COLUMNS, archive_table
 from llm_usage.archive.manifest import MANIFEST_NAME, SLICES, Manifest, tenant_slice
-from llm_usage.archive.restore import restore_month, restored_table_name
+from llm_usage.archive.restore import restore_month, restored_table_name, restored_table_names
 from llm_usage.archive.retention import archive_and_verify
 from llm_usage.archive.targets import ArchiveError, ArchiveTarget, local_target, s3_target
 from llm_usage.archive.verify import table_totals, verify_archive
 from llm_usage.cli.main import run as cli_run
 from llm_usage.core.errors import LocalServiceError, ServiceUnreachableError
+from llm_usage.storage.pool import Connection
 from tests.tools.versitygw import S3Server, running_versitygw
 from tests.unavailable import service_unavailable
 
@@ -88,6 +89,11 @@ def _events(count: int) -> list[tuple[Any, ...]]:
     return rows
 
 
+async def _drop_restored(connection: Connection) -> None:
+    for name in restored_table_names(MONTH):
+        await connection.execute(f"DROP TABLE IF EXISTS {name}")
+
+
 @pytest.fixture
 async def month_table(pool: asyncpg.Pool) -> AsyncIterator[str]:
     """A plain table shaped like the detached partition of March 2024, filled with 5,000 events."""
@@ -100,7 +106,7 @@ async def month_table(pool: asyncpg.Pool) -> AsyncIterator[str]:
     yield name
     async with pool.acquire() as connection:
         await connection.execute(f"DROP TABLE IF EXISTS {name}")
-        await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+        await _drop_restored(connection)
 
 
 async def _archive_verify_restore(pool: asyncpg.Pool, table: str, target: ArchiveTarget) -> None:
@@ -125,7 +131,7 @@ async def _archive_verify_restore(pool: asyncpg.Pool, table: str, target: Archiv
         text = target.read_bytes(f"{target.month_dir('2024-03')}/{MANIFEST_NAME}")
         assert Manifest.from_json(text).totals == manifest.totals
 
-        await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+        await _drop_restored(connection)
         assert await restore_month(connection, target, MONTH) == 5_000
         restored = restored_table_name(MONTH)
         columns = ", ".join(ARCHIVE_COLUMNS)
@@ -148,7 +154,14 @@ async def test_a_month_is_archived_verified_and_restored_equal(
     target = local_target(tmp_path / "archive")
     await _archive_verify_restore(pool, month_table, target)
     names = target.files_in(target.month_dir("2024-03"))
-    assert names == sorted([MANIFEST_NAME, *(f"slice-{n:02d}.parquet" for n in range(SLICES))])
+    assert names == sorted(
+        [
+            MANIFEST_NAME,
+            *(f"slice-{n:02d}.parquet" for n in range(SLICES)),
+            "corrections.parquet",  # the month's corrections, none here (design §4)
+            "effective.parquet",
+        ]
+    )
 
 
 async def test_an_empty_month_is_sixteen_empty_files_that_verify_and_restore(
@@ -165,11 +178,11 @@ async def test_an_empty_month_is_sixteen_empty_files_that_verify_and_restore(
             assert len(manifest.files) == SLICES
             report = await verify_archive(target, MONTH, connection=connection, table=name)
             assert report.differences == []
-            await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+            await _drop_restored(connection)
             assert await restore_month(connection, target, MONTH) == 0
         finally:
             await connection.execute(f"DROP TABLE {name}")
-            await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+            await _drop_restored(connection)
 
 
 async def test_the_retention_step_archives_once_and_verifies_every_time(
@@ -334,7 +347,7 @@ async def test_the_archive_commands(  # noqa: PLR0917
     target = local_target(tmp_path / "archive")
     async with pool.acquire() as connection:
         await archive_table(connection, table=month_table, month=MONTH, target=target)
-        await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+        await _drop_restored(connection)
 
     assert await _cli(["archive", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -457,7 +470,7 @@ async def test_an_archive_of_the_release_before_estimated_charges_verifies_and_r
     async with pool.acquire() as connection:
         report = await verify_archive(target, MONTH, connection=connection, table=month_table)
         assert report.ok, report.differences
-        await connection.execute(f"DROP TABLE IF EXISTS {restored_table_name(MONTH)}")
+        await _drop_restored(connection)
         assert await restore_month(connection, target, MONTH) == 5_000
         restored = restored_table_name(MONTH)
         flags = await connection.fetch(

@@ -3,6 +3,7 @@ float, a stable tenant slice, and differences named exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import date
 from decimal import Decimal
@@ -17,6 +18,7 @@ from llm_usage.archive.manifest import (
     SLICES,
     TOKEN_COLUMNS,
     ArchivedFile,
+    CorrectionFile,
     Manifest,
     ManifestError,
     Totals,
@@ -120,6 +122,34 @@ def test_a_manifest_with_a_float_or_totals_that_do_not_add_up_is_refused() -> No
         Manifest.from_json(json.dumps(data))
     with pytest.raises(ManifestError, match="not a manifest"):
         Manifest.from_json("[1,")
+
+
+def test_the_corrections_files_round_trip_and_an_earlier_manifest_lists_none() -> None:
+    manifest = dataclasses.replace(
+        _manifest([Totals()] * SLICES),
+        corrections=[
+            CorrectionFile("usage_corrections", "corrections.parquet", 2, 900, "a" * 64),
+            CorrectionFile("usage_event_effective", "effective.parquet", 0, 800, "b" * 64),
+        ],
+    )
+    text = manifest.to_json()
+    assert Manifest.from_json(text).corrections == manifest.corrections
+    data = json.loads(text)
+    assert data["corrections"][0] == {
+        "table": "usage_corrections",
+        "path": "corrections.parquet",
+        "rows": 2,
+        "bytes": 900,
+        "sha256": "a" * 64,
+    }
+    del data["corrections"]  # as an earlier release wrote it
+    assert Manifest.from_json(json.dumps(data)).corrections == []
+    data["corrections"] = [{**manifest.corrections[0].to_json(), "rows": -1}]
+    with pytest.raises(ManifestError, match="'rows' is not a whole number"):
+        Manifest.from_json(json.dumps(data))
+    data["corrections"] = [{**manifest.corrections[0].to_json(), "path": "a/b.parquet"}]
+    with pytest.raises(ManifestError, match="not a plain file name"):
+        Manifest.from_json(json.dumps(data))
 
 
 def test_differences_name_the_figure_and_both_values() -> None:
