@@ -59,7 +59,8 @@ CALENDAR_TESTS := tests/unit tests/integration/test_alerts_docs_example.py \
 	tests/integration/test_price_checks.py \
 	tests/integration/test_corrections_usage.py \
 	tests/integration/test_corrections_rollup.py tests/integration/test_reconcile.py \
-	tests/integration/test_api_corrections.py tests/integration/test_cli_events.py
+	tests/integration/test_api_corrections.py tests/integration/test_cli_events.py \
+	tests/integration/test_archive_corrections.py
 test-calendar: install
 	set -e; for now in $$($(PY) -m tests.clock); do \
 		LLM_USAGE_TEST_NOW=$$now $(PY) -m pytest -q $(CALENDAR_TESTS); \
@@ -106,7 +107,7 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	tests/integration/test_corrections_usage.py \
 	tests/integration/test_corrections_budget.py \
 	"tests/integration/test_corrections_rollup.py::test_corrections_of_closed_months_keep_every_month_billed_at_its_exact_total[1]" \
-	tests/integration/test_reconcile.py
+	tests/integration/test_reconcile.py tests/integration/test_archive_corrections.py
 # Deselected, each for a reason of Citus's:
 # - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
 #   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.
