@@ -57,8 +57,8 @@ async def retire_months(
     connection: Connection, *, today: date, retention_months: int, target: ArchiveTarget
 ) -> list[RetiredMonth]:
     """Every month older than the oldest kept: detached, archived (with its corrections),
-    verified, dropped with its corrections — or, when
-    the archive does not match the table, detached and kept, with the differences. Each step
+    verified, dropped with its corrections — or, when the archive does not match the table,
+    detached and kept, with the differences. Each step
     is recorded (`usage_event_months.state`), so a run stopped anywhere resumes where it was.
     The legacy partition (everything before the partitioned table existed) is left alone."""
     states = await month_states(connection)
