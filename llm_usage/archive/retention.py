@@ -58,9 +58,9 @@ async def retire_months(
 ) -> list[RetiredMonth]:
     """Every month older than the oldest kept: detached, archived (with its corrections),
     verified, dropped with its corrections — or, when the archive does not match the table,
-    detached and kept, with the differences. Each step
-    is recorded (`usage_event_months.state`), so a run stopped anywhere resumes where it was.
-    The legacy partition (everything before the partitioned table existed) is left alone."""
+    detached and kept, with the differences. Each step is recorded (`usage_event_months.state`),
+    so a run stopped anywhere resumes where it was. The legacy partition (everything before the
+    partitioned table existed) is left alone."""
     states = await month_states(connection)
     oldest = oldest_kept_month(today, retention_months)
     retired = []
