@@ -13,7 +13,7 @@ from pydantic_core import ErrorDetails
 from llm_usage.domain.corrections import Correction
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.schemas.dead_letter import DeadLetterReason, Rejection
-from llm_usage.schemas.fast_decoding import fast_decode
+from llm_usage.schemas.fast_decoding import fast_decode, fast_decode_correction
 from llm_usage.schemas.period_charge import (
     PERIOD_CHARGE_EVENT_TYPE,
     PeriodChargeEvent,
@@ -171,12 +171,16 @@ def decode_usage_topic_record(
     (`llm_usage_corrected`), or the `Rejection` saying why it is refused.
 
     A usage event costs what `decode_usage_event` costs: the fast path refuses every other event
-    type, and only then does the reference look at `event_type`.
+    type, and only then does a plain correction take its own fast path, then the reference look
+    at `event_type`.
     """
     if value is not None and len(value) <= MAX_EVENT_BYTES:
         row = fast_decode(value, now=now)
         if row is not None:
             return row
+        correction = fast_decode_correction(value, now=now)
+        if correction is not None:
+            return correction
     data = _json_object(value)
     if isinstance(data, Rejection):
         return data

@@ -22,7 +22,9 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 from pydantic_core import PydanticCustomError
 
+from llm_usage.domain.corrections import Action, Correction
 from llm_usage.domain.money import cents_to_usd, usd_to_cents
+from llm_usage.schemas.usage_correction import MAX_REASON_LENGTH
 from llm_usage.schemas.usage_event import (
     BIGINT_MAX,
     EVENT_FIELD_COUNT,
@@ -250,3 +252,104 @@ def _occurred_at(value: str, now: datetime) -> datetime:
     if not FIRST_STORABLE_INSTANT <= utc <= LAST_STORABLE_INSTANT or utc - now > MAX_FUTURE_SKEW:
         raise _NotSureError
     return utc
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrections (`llm_usage_corrected`): the same idea. Only the plain shape is vouched for: no
+# escape anywhere in the record, no field the struct does not know (the reference ignores them,
+# the fast path leaves them to it), no null among the amended figures, and not both the charge
+# and its cents; the reference decides and words everything else.
+
+_Reason = Annotated[str, Meta(min_length=1, max_length=MAX_REASON_LENGTH)]
+_Actor = Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_LENGTH)]
+
+
+class _AmendFields(Struct, kw_only=True, forbid_unknown_fields=True):
+    input_tokens: _Count = UNSET
+    output_tokens: _Count = UNSET
+    cached_input_tokens: _Count = UNSET
+    reasoning_tokens: _Count = UNSET
+    total_tokens: _Count = UNSET
+    customer_charge_usd: Raw | UnsetType = UNSET
+    customer_charge_cents: _Count = UNSET
+    deployment_id: _Text = UNSET
+    user_id: _Text = UNSET
+    agent_id: _Text = UNSET
+
+
+class _Correction(Struct, kw_only=True, forbid_unknown_fields=True):
+    event_type: Literal["llm_usage_corrected"]
+    schema_version: Literal[1] | UnsetType = UNSET
+    correction_id: _Id
+    gateway_request_id: _Id
+    tenant_id: _Id
+    action: Literal["void", "amend"]
+    fields: _AmendFields | UnsetType | None = UNSET
+    reason: _Reason
+    actor: _Actor
+    occurred_at: str
+    event_occurred_at: str | UnsetType | None = UNSET
+
+
+_CORRECTION_DECODER = msgspec.json.Decoder(_Correction)
+_CORRECTION_FIELDS: Final = _Correction.__struct_fields__
+_AMEND_FIELDS: Final = _AmendFields.__struct_fields__
+_ACTIONS: Final = {"void": Action.VOID, "amend": Action.AMEND}
+
+
+def fast_decode_correction(value: bytes, *, now: datetime) -> Correction | None:
+    """The stored values of the correction in `value` if it plainly keeps every rule; None when
+    the reference (`UsageCorrectionEvent`) must decide."""
+    if b"\\" in value:  # an escape: the quotes below could not be counted
+        return None
+    try:
+        event = _CORRECTION_DECODER.decode(value)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    values = msgspec.structs.astuple(event)
+    sent = event.fields
+    amended = (
+        {}
+        if sent is None or sent is UNSET
+        else {
+            name: value
+            for name, value in zip(_AMEND_FIELDS, msgspec.structs.astuple(sent), strict=True)
+            if value is not UNSET
+        }
+    )
+    names = len(_CORRECTION_FIELDS) - values.count(UNSET) + len(amended)
+    strings = list(map(type, values)).count(str) + list(map(type, amended.values())).count(str)
+    strings += _quoted(amended.get("customer_charge_usd"))
+    if value.count(b'"') != 2 * (names + strings):  # a name given twice, or an odd shape
+        return None
+    try:
+        return _correction(event, amended, now)
+    except (_NotSureError, ArithmeticError, ValueError, OverflowError):
+        return None
+
+
+def _correction(event: _Correction, amended: dict[str, object], now: datetime) -> Correction:
+    for each in (event.correction_id, event.gateway_request_id, event.tenant_id):
+        _require_clean_id(each)
+    if (event.action == "amend") != bool(amended) or None in (
+        amended.get(name, 0) for name in _AMEND_FIELDS[:7]
+    ):
+        raise _NotSureError  # a void with fields, an amend without, or a null figure
+    if "customer_charge_usd" in amended:
+        if "customer_charge_cents" in amended:
+            raise _NotSureError  # the reference checks that they agree
+        amended["customer_charge_usd"] = _exact(amended["customer_charge_usd"])  # type: ignore[arg-type]
+    about = event.event_occurred_at
+    if about is UNSET:
+        about = None
+    return Correction(
+        tenant_id=event.tenant_id,
+        correction_id=event.correction_id,
+        gateway_request_id=event.gateway_request_id,
+        action=_ACTIONS[event.action],
+        fields=amended,
+        reason=event.reason,
+        actor=event.actor,
+        occurred_at=_occurred_at(event.occurred_at, now),
+        event_occurred_at=None if about is None else _occurred_at(about, now),
+    )
