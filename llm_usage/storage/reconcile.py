@@ -46,35 +46,48 @@ from llm_usage.storage.usage_dimensions import Dimension
 # An outbox row unpublished for longer than this is one the relay should have sent.
 UNPUBLISHED_AFTER_SECONDS: Final = 300
 
-# Every tenant with anything in the period: a skip scan of its events (one index probe per
-# tenant and partition, not a scan of the month) and the tables derived from them.
-_TENANTS = """
-    WITH RECURSIVE skip AS (
-        (SELECT tenant_id FROM llm_usage_events
-         WHERE occurred_at >= $1 AND occurred_at < $2 ORDER BY tenant_id LIMIT 1)
-        UNION ALL
-        SELECT (SELECT e.tenant_id FROM llm_usage_events AS e
-                WHERE e.tenant_id > skip.tenant_id AND e.occurred_at >= $1 AND e.occurred_at < $2
-                ORDER BY e.tenant_id LIMIT 1)
-        FROM skip WHERE skip.tenant_id IS NOT NULL
-    )
-    SELECT tenant_id FROM skip WHERE tenant_id IS NOT NULL
+# Every tenant with anything in the period. The two large tables, the events and the budget
+# counters, are read by a skip scan (one index probe per tenant, not a scan of the month); the
+# others are small.
+_SCANNED: Final = (
+    ("llm_usage_events", "occurred_at >= $1 AND occurred_at < $2"),
+    ("budget_spend", "period_start >= $3 AND period_start < $4"),
+)
+_SMALL: Final = """
     UNION SELECT tenant_id FROM usage_daily_totals WHERE day >= $3 AND day < $4
-    UNION SELECT tenant_id FROM budget_spend WHERE period_start >= $3 AND period_start < $4
     UNION SELECT tenant_id FROM invoice_lines WHERE original_period = $5
     UNION SELECT tenant_id FROM period_charges WHERE period = $5
     UNION SELECT tenant_id FROM budget_alert_outbox WHERE period_start >= $3 AND period_start < $4
     ORDER BY tenant_id
 """
-# Citus plans a recursive CTE only with a filter on the distribution column: on a coordinator
-# the month's events are listed by their tenants instead (each worker scans its shards).
-_TENANTS_CITUS: Final = (
-    _TENANTS[: _TENANTS.index("WITH RECURSIVE")]
-    + (
-        "SELECT DISTINCT tenant_id FROM llm_usage_events "
-        "WHERE occurred_at >= $1 AND occurred_at < $2"
+
+
+def _skip_scan(name: str, table: str, where: str) -> str:
+    return f"""{name} AS (
+        (SELECT tenant_id FROM {table} WHERE {where} ORDER BY tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT t.tenant_id FROM {table} AS t
+                WHERE t.tenant_id > {name}.tenant_id AND {where} ORDER BY t.tenant_id LIMIT 1)
+        FROM {name} WHERE {name}.tenant_id IS NOT NULL
+    )"""
+
+
+_TENANTS: Final = (
+    "WITH RECURSIVE "
+    + ", ".join(_skip_scan(f"skip{i}", table, where) for i, (table, where) in enumerate(_SCANNED))
+    + "".join(
+        f"\n    {'UNION ' if i else ''}SELECT tenant_id FROM skip{i} WHERE tenant_id IS NOT NULL"
+        for i in range(len(_SCANNED))
     )
-    + _TENANTS[_TENANTS.index("\n    UNION SELECT tenant_id FROM usage_daily_totals") :]
+    + _SMALL
+)
+# Citus plans a recursive CTE only with a filter on the distribution column: on a coordinator
+# the large tables are listed by their tenants instead (each worker scans its shards).
+_TENANTS_CITUS: Final = (
+    "\n    UNION ".join(
+        f"SELECT DISTINCT tenant_id FROM {table} WHERE {where}" for table, where in _SCANNED
+    )
+    + _SMALL
 )
 
 # The events the period's numbers are made of: each with its corrections applied (0016's view),
@@ -82,9 +95,12 @@ _TENANTS_CITUS: Final = (
 _EVENTS: Final = "llm_usage_events_effective"
 _SET_COLUMNS: Final = ", ".join(d.column for d in Dimension)
 # Only what the sums need: a narrow row is cheaper to sort and to pass between processes.
+# The keys compare by byte (COLLATE "C"): the sorts of the grouping sets then take the fast
+# path of memcmp and abbreviated keys, whatever the database's collation.
 _EVENT_COLUMNS: Final = (
-    f"tenant_id, {_SET_COLUMNS}, input_tokens, output_tokens, cached_input_tokens, "
-    "reasoning_tokens, total_tokens, customer_charge_usd, charge_estimated"
+    ", ".join(f'{c} COLLATE "C" AS {c}' for c in ("tenant_id", *(d.column for d in Dimension)))
+    + ", input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens, "
+    "customer_charge_usd, charge_estimated"
 )
 # grouping() sets a bit, first argument highest, for each column the row is not grouped by.
 _ALL_GROUPED: Final = (1 << len(Dimension)) - 1
@@ -126,14 +142,29 @@ def _same_key(column: str) -> str:
     )
 
 
+# The dimension rows that are a budget scope's daily charge, and the scope's type; the
+# deployment rows, whose sum is the tenant's. Days before the budget horizon ($7) count toward
+# no counter.
+_SCOPE_TYPE: Final = _case("dimension", {f"'{d}'": f"'{t}'" for d, t in _SCOPES.items()})
+_SCOPE_DIMENSIONS: Final = ", ".join(f"'{d}'" for d in _SCOPES)
+_SCOPE_ROWS: Final = f"dimension IN ({_SCOPE_DIMENSIONS}) AND key IS NOT NULL AND day >= $7"
+_TENANT_ROWS: Final = "dimension = 'deployment' AND day >= $7"
+
+# Which dimension a grouping set's row is, and its key: the sets' rows are the dimension rows.
+_GROUPING: Final = f"grouping({_SET_COLUMNS})"
+_DIMENSION_OF_SET: Final = _case(
+    _GROUPING, {g: f"'{d.value}'" for g, d in _SET_OF_GROUPING.items()}
+)
+_KEY_OF_SET: Final = _case(_GROUPING, {g: d.column for g, d in _SET_OF_GROUPING.items()})
+
 # Q1, the one pass, and its comparison with everything stored from it, in one statement that
 # returns only what differs (design §18): the month's events of the chunk are read once (every
-# dimension's daily sums, hashed grouping sets), the stored aggregates and counters once each,
+# dimension's daily sums, by grouping sets), the stored aggregates and counters once each,
 # and joined in the server. $1..$2 the chunk's tenants, $3..$4 the month's instants, $5..$6 its
 # days, $7 the budget horizon (earlier days count toward no counter; earlier counters are pruned).
 _COMPARE = f"""
-    WITH sets AS MATERIALIZED (
-        SELECT grouping({_SET_COLUMNS}) AS g, tenant_id, day, {_SET_COLUMNS},
+    WITH dims AS MATERIALIZED (
+        SELECT tenant_id, {_DIMENSION_OF_SET} AS dimension, day, {_KEY_OF_SET} AS key,
                count(*) AS requests, sum(input_tokens)::bigint AS input_tokens,
                sum(output_tokens)::bigint AS output_tokens,
                sum(cached_input_tokens)::bigint AS cached_input_tokens,
@@ -145,13 +176,6 @@ _COMPARE = f"""
               FROM {_EVENTS}
               WHERE TENANTS AND occurred_at >= $3 AND occurred_at < $4 AND NOT voided) AS e
         GROUP BY GROUPING SETS ({", ".join(f"(tenant_id, day, {d.column})" for d in Dimension)})
-    ),
-    dims AS MATERIALIZED (
-        SELECT tenant_id, {_case("g", {g: f"'{d.value}'" for g, d in _SET_OF_GROUPING.items()})}
-                   AS dimension,
-               day, {_case("g", {g: d.column for g, d in _SET_OF_GROUPING.items()})} AS key,
-               {_DIMENSION_COLUMNS}
-        FROM sets
     ),
     stored_dims AS (
         SELECT tenant_id, dimension, day, key, {_DIMENSION_COLUMNS} FROM usage_daily_dimensions
@@ -184,24 +208,23 @@ _COMPARE = f"""
             ON x.tenant_id = s.tenant_id AND x.day = s.day AND {_same_key("deployment_id")}
         WHERE {_differ(TOTAL_FIGURES)}
     ),
-    charged AS (  -- each scope's charge a day: one dimension row, or the tenant's deployments'
-        SELECT tenant_id, {_case("dimension", {f"'{d}'": f"'{t}'" for d, t in _SCOPES.items()})}
-                   AS scope_type, key AS scope_id, day, charge_usd
-        FROM dims WHERE dimension IN ({", ".join(f"'{d}'" for d in _SCOPES)})
-                    AND key IS NOT NULL AND day >= $7
+    spend AS (  -- each counter's expected spend: its scope's day, or its month, of charges
+        SELECT tenant_id, {_SCOPE_TYPE} AS scope_type, key AS scope_id,
+               '{BudgetWindow.DAILY.value}' AS "window", day AS period_start,
+               charge_usd AS spend_usd
+        FROM dims WHERE {_SCOPE_ROWS}
         UNION ALL
-        SELECT tenant_id, '{ScopeType.TENANT.value}', tenant_id, day, sum(charge_usd) FROM dims
-        WHERE dimension = 'deployment' AND day >= $7
-        GROUP BY tenant_id, day
-    ),
-    spend AS (
-        SELECT tenant_id, scope_type, scope_id, '{BudgetWindow.DAILY.value}' AS "window",
-               day AS period_start, charge_usd AS spend_usd
-        FROM charged
+        SELECT tenant_id, '{ScopeType.TENANT.value}', tenant_id, '{BudgetWindow.DAILY.value}',
+               day, sum(charge_usd)
+        FROM dims WHERE {_TENANT_ROWS} GROUP BY tenant_id, day
+        UNION ALL  -- one month: its monthly counters all start on its first day
+        SELECT tenant_id, {_SCOPE_TYPE}, key, '{BudgetWindow.MONTHLY.value}', $5::date,
+               sum(charge_usd)
+        FROM dims WHERE {_SCOPE_ROWS} GROUP BY tenant_id, dimension, key
         UNION ALL
-        SELECT tenant_id, scope_type, scope_id, '{BudgetWindow.MONTHLY.value}',
-               $5::date, sum(charge_usd)  -- one month: its counters all start on its first day
-        FROM charged GROUP BY tenant_id, scope_type, scope_id
+        SELECT tenant_id, '{ScopeType.TENANT.value}', tenant_id, '{BudgetWindow.MONTHLY.value}',
+               $5::date, sum(charge_usd)
+        FROM dims WHERE {_TENANT_ROWS} GROUP BY tenant_id
     ),
     stored_spend AS (
         SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd
