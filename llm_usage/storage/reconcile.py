@@ -75,9 +75,9 @@ def _skip_scan(name: str, table: str, where: str) -> str:
 _TENANTS: Final = (
     "WITH RECURSIVE "
     + ", ".join(_skip_scan(f"skip{i}", table, where) for i, (table, where) in enumerate(_SCANNED))
-    + "".join(
-        f"\n    {'UNION ' if i else ''}SELECT tenant_id FROM skip{i} WHERE tenant_id IS NOT NULL"
-        for i in range(len(_SCANNED))
+    + "\n    "
+    + "\n    UNION ".join(
+        f"SELECT tenant_id FROM skip{i} WHERE tenant_id IS NOT NULL" for i in range(len(_SCANNED))
     )
     + _SMALL
 )

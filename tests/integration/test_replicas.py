@@ -66,7 +66,9 @@ async def test_one_id_on_two_partitions_is_stored_once_whichever_replica_wins(
         message="the group never gave each replica one partition:\n"
         + "\n\n".join(replica.log_tail() for replica in replicas),
     )
-    owner_of = {held_partitions(replica)[0]: index for index, replica in enumerate(replicas)}
+    # The partition each replica holds for the race: once the first replica leaves the group,
+    # the other is given both before it, too, goes idle and stops.
+    partition_of = {index: held_partitions(replica)[0] for index, replica in enumerate(replicas)}
 
     tenant = unique("tenant")
     event = usage_event(tenant, customer_charge_usd="0.0054")
@@ -106,9 +108,6 @@ async def test_one_id_on_two_partitions_is_stored_once_whichever_replica_wins(
     assert sorted(recorded) == [0, 1], stopped
     winner = recorded.index(1)
     loser = 1 - winner
-    # The partitions each replica held during the race: once the first replica leaves the group,
-    # the other is given both before it, too, goes idle and stops.
-    partition_of = {index: partition for partition, index in owner_of.items()}
     won_partition, lost_partition = partition_of[winner], partition_of[loser]
 
     # The loser did lose the race (its COPY failed and it landed again), and only the loser.
