@@ -7,13 +7,14 @@ them in the same order and cannot deadlock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from typing import NamedTuple
 
 from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, SpendKey
 from llm_usage.domain.money import EXACT_CONTEXT
+from llm_usage.domain.periods import utc_day
 from llm_usage.storage.pool import Connection
 
 # A batch's events reach PostgreSQL by one binary COPY into a session-local staging table (it
@@ -132,20 +133,6 @@ _COUNT_STAGED_CITUS = _replaced(
 )
 
 
-def _added_to_counters(amount: str, source: str) -> str:
-    """The upsert that adds `amount` of each row of `source` to its counter, in key order."""
-    return f"""
-        INSERT INTO budget_spend
-            (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
-        SELECT tenant_id, scope_type, scope_id, "window", period_start, {amount}
-        FROM {source}
-        ORDER BY tenant_id COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C",
-            "window" COLLATE "C", period_start
-        ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
-            DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
-        RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd"""
-
-
 # Every scope an event names (its tenant, and each attribution that is not null), in its own
 # UTC day and month; summed exactly (numeric); added to the counters in key order. The addition
 # and the value after it come from one statement per row under the row's lock, so
@@ -153,35 +140,98 @@ def _added_to_counters(amount: str, source: str) -> str:
 # Only counters whose scope has a policy with a limit for their window come back, with it: the
 # others cannot alert, and a batch touches thousands of counters. An event of a day before the
 # budget horizon ($1, storage/budget_pruning.py) counts in no period: those are not evaluated.
+#
+# The rows summed are the batch's counted events (the staging table) and the signed charges
+# of its corrections (design §6.5: the event's effective charge before a correction taken back,
+# the one after it added), so an event and a correction of it in one batch cost one write of
+# their counter. PostgreSQL checks `spend_usd >= 0` on the row an INSERT … ON CONFLICT proposes
+# before it finds the conflict, so a counter whose sum is negative cannot ride the upsert: the
+# upsert proposes 0 for it, which locks it in key order (the one lock order of every writer of
+# these rows) without writing it (`WHERE … <> 0`), and the statement hands it back for
+# `_LOWER` to subtract under that lock. `raised_usd`, the sum of the positive charges, bounds
+# how high a counter went inside the batch: an event may cross a level that a correction after
+# it takes back.
 _SCOPES_OF_EVENT = ", ".join(f"('{scope.value}', b.{field})" for scope, field in SCOPE_FIELDS)
 _WINDOWS = ", ".join(f"('{window.value}')" for window in BudgetWindow)
-_ADD_STAGED_TO_COUNTERS = f"""
+_COUNTED_SOURCE = """
+        SELECT tenant_id, deployment_id, user_id, agent_id, day, charge_usd
+        FROM budget_event_batch"""
+_MOVES_SOURCE = """
+        SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::date[],
+                             $7::numeric[])
+            AS m(tenant_id, deployment_id, user_id, agent_id, day, charge_usd)"""
+
+
+def _add_to_counters(source: str) -> str:
+    return f"""
     WITH contributions AS (
         SELECT b.tenant_id, s.scope_type, s.scope_id, w."window",
             CASE w."window" WHEN 'daily' THEN b.day
                 ELSE date_trunc('month', b.day)::date END AS period_start,
             b.charge_usd
-        FROM budget_event_batch AS b
+        FROM ({source}) AS b
         CROSS JOIN LATERAL (VALUES {_SCOPES_OF_EVENT}) AS s(scope_type, scope_id)
         CROSS JOIN (VALUES {_WINDOWS}) AS w("window")
         WHERE s.scope_id IS NOT NULL AND b.day >= $1
     ), increments AS (
         SELECT tenant_id, scope_type, scope_id, "window", period_start,
-            sum(charge_usd) AS increment_usd
+            sum(charge_usd) AS increment_usd,
+            coalesce(sum(charge_usd) FILTER (WHERE charge_usd > 0), 0) AS raised_usd
         FROM contributions
         GROUP BY tenant_id, scope_type, scope_id, "window", period_start
-    ), added AS ({_added_to_counters("increment_usd", "increments")}
+    ), added AS (
+        INSERT INTO budget_spend
+            (tenant_id, scope_type, scope_id, "window", period_start, spend_usd)
+        SELECT tenant_id, scope_type, scope_id, "window", period_start,
+            greatest(increment_usd, 0)
+        FROM increments
+        ORDER BY tenant_id COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C",
+            "window" COLLATE "C", period_start
+        ON CONFLICT (tenant_id, scope_type, scope_id, "window", period_start)
+            DO UPDATE SET spend_usd = budget_spend.spend_usd + EXCLUDED.spend_usd
+            WHERE EXCLUDED.spend_usd <> 0
+        RETURNING tenant_id, scope_type, scope_id, "window", period_start, spend_usd
     ), limited AS (
-        SELECT added.*, i.increment_usd, p.warn_threshold_pct,
+        SELECT added.*, i.increment_usd, i.raised_usd, p.warn_threshold_pct,
             CASE added."window" WHEN 'daily' THEN p.daily_limit_usd
                 ELSE p.monthly_limit_usd END AS limit_usd
         FROM added
         JOIN increments AS i USING (tenant_id, scope_type, scope_id, "window", period_start)
         JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
+        WHERE i.increment_usd >= 0
     )
     SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd, increment_usd,
-        limit_usd, warn_threshold_pct
+        raised_usd, limit_usd, warn_threshold_pct
     FROM limited WHERE limit_usd IS NOT NULL
+    UNION ALL
+    SELECT tenant_id, scope_type, scope_id, "window", period_start, NULL, increment_usd,
+        raised_usd, NULL, NULL
+    FROM increments WHERE increment_usd < 0
+"""
+
+
+_ADD_STAGED_TO_COUNTERS = _add_to_counters(_COUNTED_SOURCE)
+_ADD_MOVES_TO_COUNTERS = _add_to_counters(_MOVES_SOURCE)
+_ADD_BOTH_TO_COUNTERS = _add_to_counters(f"{_COUNTED_SOURCE}\n        UNION ALL{_MOVES_SOURCE}")
+# The counters whose sum is negative, lowered under the locks the upsert took. A counter that
+# held less (a bug: a correction takes back only what was counted) fails the CHECK instead of
+# going below 0.
+_LOWER = """
+    WITH lowered AS (
+        UPDATE budget_spend AS s SET spend_usd = s.spend_usd + m.delta_usd
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
+            AS m(tenant_id, scope_type, scope_id, "window", period_start, delta_usd)
+        WHERE s.tenant_id = m.tenant_id AND s.scope_type = m.scope_type
+          AND s.scope_id = m.scope_id AND s."window" = m."window"
+          AND s.period_start = m.period_start
+        RETURNING s.tenant_id, s.scope_type, s.scope_id, s."window", s.period_start, s.spend_usd
+    )
+    SELECT l.tenant_id, l.scope_type, l.scope_id, l."window", l.period_start, l.spend_usd,
+        p.warn_threshold_pct,
+        CASE l."window" WHEN 'daily' THEN p.daily_limit_usd ELSE p.monthly_limit_usd END
+            AS limit_usd
+    FROM lowered AS l
+    JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
 """
 
 StagedEvent = tuple[
@@ -212,78 +262,74 @@ class LimitedCounter(NamedTuple):
     after_usd: Decimal
     limit_usd: Decimal
     warn_threshold_pct: int
+    # The most it can have reached inside the batch (before + the positive charges), when a
+    # correction took back some of what the batch added; None: `after_usd`.
+    peak_usd: Decimal | None = None
 
 
-async def add_staged_to_counters(
-    connection: Connection, *, evaluated_from: date
+class ChargeMove(NamedTuple):
+    """A signed charge to the counters of every scope it names, in its UTC day and month: half
+    of what a correction moves (consumers/budget/counting.py's `correction_moves`)."""
+
+    gateway_request_id: str
+    tenant_id: str
+    deployment_id: str | None
+    user_id: str | None
+    agent_id: str | None
+    occurred_at: datetime
+    customer_charge_usd: Decimal
+
+
+def _moves_arguments(moves: Sequence[ChargeMove]) -> list[list[object]]:
+    return [
+        [m.tenant_id for m in moves],
+        [m.deployment_id for m in moves],
+        [m.user_id for m in moves],
+        [m.agent_id for m in moves],
+        [utc_day(m.occurred_at) for m in moves],
+        [m.customer_charge_usd for m in moves],
+    ]
+
+
+async def add_to_counters(
+    connection: Connection,
+    *,
+    evaluated_from: date,
+    staged: bool = True,
+    moves: Sequence[ChargeMove] = (),
 ) -> dict[SpendKey, LimitedCounter]:
-    """Add the staged events of days from `evaluated_from` on to every counter they touch
-    (creating it at 0). Return, for every counter whose scope's policy sets a limit for its
-    window, its value before and after, and that limit. A key is (tenant_id, scope_type,
-    scope_id, window, period_start)."""
-    subtract = EXACT_CONTEXT.subtract
-    limited: dict[SpendKey, LimitedCounter] = {}
-    for row in await connection.fetch(_ADD_STAGED_TO_COUNTERS, evaluated_from):
-        tenant_id, scope_type, scope_id, window, start, after, increment, limit, pct = row
-        key = (tenant_id, scope_type, scope_id, window, start)
-        limited[key] = LimitedCounter(subtract(after, increment), after, limit, pct)
-    return limited
-
-
-# A signed move of counters (corrections, design §6.5). PostgreSQL checks `spend_usd >= 0` on the
-# row an INSERT … ON CONFLICT proposes before it finds the conflict, so a negative move cannot
-# ride today's upsert. The first statement therefore walks every key of the move in key order —
-# the one lock order of every writer of these rows — adding the positive amounts and 0 to the
-# others (which locks them, and creates a missing key at 0); the second subtracts the negative
-# amounts from rows this transaction already holds. A negative move of a counter that held less
-# (a bug: a correction removes only what was counted) fails the CHECK instead of going below 0.
-_MOVE_KEYS = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
-            AS m(tenant_id, scope_type, scope_id, "window", period_start, delta_usd)"""
-_MOVE_UP = f"""
-    WITH moves AS (
-        SELECT * FROM {_MOVE_KEYS}
-    ), added AS ({_added_to_counters("greatest(delta_usd, 0)", "moves")}
-    )
-    SELECT a.tenant_id, a.scope_type, a.scope_id, a."window", a.period_start, a.spend_usd,
-        m.delta_usd, p.warn_threshold_pct,
-        CASE a."window" WHEN 'daily' THEN p.daily_limit_usd
-            ELSE p.monthly_limit_usd END AS limit_usd
-    FROM added AS a
-    JOIN moves AS m USING (tenant_id, scope_type, scope_id, "window", period_start)
-    JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
-    WHERE m.delta_usd > 0
-"""
-_MOVE_DOWN = f"""
-    UPDATE budget_spend AS s SET spend_usd = s.spend_usd + m.delta_usd
-    FROM {_MOVE_KEYS}
-    WHERE s.tenant_id = m.tenant_id AND s.scope_type = m.scope_type
-      AND s.scope_id = m.scope_id AND s."window" = m."window"
-      AND s.period_start = m.period_start
-"""
-
-
-def _move_arguments(moves: list[tuple[SpendKey, Decimal]]) -> list[list[object]]:
-    """The moves as the statements' six arrays: the key's five columns and the amount."""
-    columns: list[list[object]] = [[key[i] for key, _ in moves] for i in range(5)]
-    return [*columns, [delta for _, delta in moves]]
-
-
-async def move_counters(
-    connection: Connection, net: Mapping[SpendKey, Decimal]
-) -> dict[SpendKey, LimitedCounter]:
-    """Move each counter of `net` by its signed amount; return, for every counter moved up whose
-    scope's policy sets a limit for its window, its value before and after, and that limit."""
-    moves = sorted((key, delta) for key, delta in net.items() if delta)
-    if not moves:
+    """Add the staged events (`staged`: the transaction staged some) and the signed `moves` of
+    days from `evaluated_from` on to every counter they touch (creating it at 0). Return, for
+    every counter whose scope's policy sets a limit for its window, its value before and after,
+    and that limit. A key is (tenant_id, scope_type, scope_id, window, period_start)."""
+    if moves:
+        statement = _ADD_BOTH_TO_COUNTERS if staged else _ADD_MOVES_TO_COUNTERS
+        arguments = _moves_arguments(moves)
+    elif staged:
+        statement, arguments = _ADD_STAGED_TO_COUNTERS, []
+    else:
         return {}
-    subtract = EXACT_CONTEXT.subtract
+    subtract, add = EXACT_CONTEXT.subtract, EXACT_CONTEXT.add
     limited: dict[SpendKey, LimitedCounter] = {}
-    for row in await connection.fetch(_MOVE_UP, *_move_arguments(moves)):
-        tenant_id, scope_type, scope_id, window, start, after, delta, pct, limit = row
-        if limit is not None:
-            key = (tenant_id, scope_type, scope_id, window, start)
-            limited[key] = LimitedCounter(subtract(after, delta), after, limit, pct)
-    down = [(key, delta) for key, delta in moves if delta < 0]
-    if down:
-        await connection.execute(_MOVE_DOWN, *_move_arguments(down))
+    lowered: dict[SpendKey, tuple[Decimal, Decimal]] = {}
+    for row in await connection.fetch(statement, evaluated_from, *arguments):
+        tenant_id, scope_type, scope_id, window, start, after, increment, raised, limit, pct = row
+        key = (tenant_id, scope_type, scope_id, window, start)
+        if after is None:
+            lowered[key] = (increment, raised)
+            continue
+        before = subtract(after, increment)
+        peak = None if raised == increment else add(before, raised)
+        limited[key] = LimitedCounter(before, after, limit, pct, peak)
+    if lowered:
+        keys = sorted(lowered)
+        columns: list[list[object]] = [[key[i] for key in keys] for i in range(5)]
+        amounts = [lowered[key][0] for key in keys]
+        for row in await connection.fetch(_LOWER, *columns, amounts):
+            tenant_id, scope_type, scope_id, window, start, after, pct, limit = row
+            if limit is not None:
+                key = (tenant_id, scope_type, scope_id, window, start)
+                increment, raised = lowered[key]
+                before = subtract(after, increment)
+                limited[key] = LimitedCounter(before, after, limit, pct, add(before, raised))
     return limited

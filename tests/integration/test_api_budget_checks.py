@@ -27,7 +27,7 @@ from llm_usage.domain.periods import utc_day
 from llm_usage.domain.prices import new_price
 from llm_usage.storage.budget_holds import held_by_counter
 from llm_usage.storage.budget_spend import (
-    add_staged_to_counters,
+    add_to_counters,
     count_staged_events,
     stage_events,
 )
@@ -96,7 +96,7 @@ async def count_event(
             ],
         )  # fmt: skip
         assert not await count_staged_events(connection)
-        await add_staged_to_counters(connection, evaluated_from=utc_day(occurred_at))
+        await add_to_counters(connection, evaluated_from=utc_day(occurred_at))
 
 
 async def holds_of(pool: asyncpg.Pool, tenant: str) -> dict[str, asyncpg.Record]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.domain.budgets import BudgetWindow, period_start, scopes_of
 from llm_usage.domain.periods import utc_day
-from llm_usage.storage.budget_spend import add_staged_to_counters, stage_events
+from llm_usage.storage.budget_spend import add_to_counters, stage_events
 from tests.integration.pipeline import unique
 
 _NO_TOKENS = (0, 0, 0, 0, 0)  # the token counts only tell conflicts apart; counting ignores them
@@ -43,7 +43,7 @@ async def _add_once_per_tenant(pool: asyncpg.Pool, tenants: list[str]) -> tuple[
                 for tenant in tenants
             ),
         )
-        await add_staged_to_counters(connection, evaluated_from=date.min)
+        await add_to_counters(connection, evaluated_from=date.min)
         return await connection.fetchval(_UPDATES), await connection.fetchval(_HOT_UPDATES)
 
 
@@ -140,7 +140,7 @@ async def test_the_counters_postgresql_adds_are_those_the_python_walk_derives(
                     for e in events
                 ),
             )
-            await add_staged_to_counters(connection, evaluated_from=date.min)
+            await add_to_counters(connection, evaluated_from=date.min)
             rows = await connection.fetch(
                 'SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd '
                 "FROM budget_spend WHERE tenant_id LIKE $1",

@@ -26,12 +26,12 @@ from llm_usage.consumers.budget.handler import BudgetCounter
 from llm_usage.consumers.usage.recorder import UsageRecorder
 from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.corrections import Correction
-from llm_usage.domain.periods import period_of
+from llm_usage.domain.periods import period_of, utc_day
 from llm_usage.runtime.correction_metrics import CORRECTION_RESULTS, correction_metrics
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.storage.budget_corrections import window_counted
-from llm_usage.storage.budget_spend import move_counters
+from llm_usage.storage.budget_spend import ChargeMove, add_to_counters
 from tests import clock
 from tests.integration import test_budget_consumer
 from tests.integration.pipeline import (
@@ -344,29 +344,55 @@ async def test_a_reused_correction_id_moves_nothing(pool: asyncpg.Pool) -> None:
     )
 
 
-async def test_move_counters_locks_in_key_order_and_never_goes_below_zero(
+async def test_moves_lower_a_counter_under_its_lock_and_never_below_zero(
     pool: asyncpg.Pool,
 ) -> None:
+    """A counter whose moves sum below 0 is lowered by the second statement; the counters come
+    back with their value before, after, and at most (for an event a later move takes back)."""
     tenant = unique("tenant")
     month = clock.this_month()
+    at = clock.earlier_today()
     await set_policy(pool, tenant, "tenant", tenant, monthly="10")
-    up = (tenant, "tenant", tenant, "monthly", month)
-    down = (tenant, "deployment", "dep-1", "monthly", month)
+    await set_policy(pool, tenant, "deployment", "dep-1", monthly="1")
+    tenant_month = (tenant, "tenant", tenant, "monthly", month)
+    deployment_month = (tenant, "deployment", "dep-1", "monthly", month)
+    horizon = budget_horizon(clock.now())
+
+    def move(request_id: str, deployment_id: str | None, amount: str) -> ChargeMove:
+        return ChargeMove(request_id, tenant, deployment_id, None, None, at, Decimal(amount))
+
     async with pool.acquire() as connection, connection.transaction():
-        created = await move_counters(connection, {down: Decimal("2"), up: Decimal("1")})
-        assert [(k, c.before_usd, c.after_usd) for k, c in created.items()] == [
-            (up, Decimal(0), Decimal(1))
-        ]
-        limited = await move_counters(connection, {down: Decimal("-1.5"), up: Decimal("8")})
-    assert set(limited) == {up}
-    assert (limited[up].before_usd, limited[up].after_usd) == (Decimal("1"), Decimal("9"))
+        created = await add_to_counters(
+            connection, evaluated_from=horizon, staged=False, moves=[move("r1", "dep-1", "2")]
+        )
+        assert {k: (c.before_usd, c.after_usd, c.peak_usd) for k, c in created.items()} == {
+            tenant_month: (Decimal(0), Decimal(2), None),
+            deployment_month: (Decimal(0), Decimal(2), None),
+        }
+        limited = await add_to_counters(
+            connection,
+            evaluated_from=horizon,
+            staged=False,
+            moves=[move("r2", None, "8"), move("r1", "dep-1", "-1.5")],
+        )
+    assert {k: (c.before_usd, c.after_usd, c.peak_usd) for k, c in limited.items()} == {
+        tenant_month: (Decimal(2), Decimal("8.5"), Decimal(10)),
+        deployment_month: (Decimal(2), Decimal("0.5"), Decimal(2)),
+    }
     assert await counters(pool, tenant) == {
-        ("tenant", tenant, "monthly", month): Decimal("9"),
+        ("tenant", tenant, "monthly", month): Decimal("8.5"),
+        ("tenant", tenant, "daily", utc_day(at)): Decimal("8.5"),
         ("deployment", "dep-1", "monthly", month): Decimal("0.5"),
+        ("deployment", "dep-1", "daily", utc_day(at)): Decimal("0.5"),
     }
     with pytest.raises(asyncpg.CheckViolationError):
         async with pool.acquire() as connection, connection.transaction():
-            await move_counters(connection, {down: Decimal("-0.6")})
+            await add_to_counters(
+                connection,
+                evaluated_from=horizon,
+                staged=False,
+                moves=[move("r1", "dep-1", "-0.6")],
+            )
 
 
 # Three partitions, and the alerts topic the relay publishes to.

@@ -67,6 +67,29 @@ def test_a_counter_below_the_warning_after_the_batch_crosses_nothing() -> None:
     assert alerts_crossed(contributions, limited, emitted_at=NOW) == []
 
 
+def test_a_level_an_event_reaches_alerts_though_a_correction_later_in_the_batch_takes_it_back() -> (
+    None
+):
+    # Events first, then the corrections: the counter ends below the warning, but went past
+    # the limit on the way (its peak: before + the positive charges).
+    contributions = {
+        TENANT_MONTH: [Contribution("e", D("3.5")), Contribution("c", D("-3"))],
+    }
+    back_down = LimitedCounter(D("7"), D("7.5"), D(10), 80, peak_usd=D("10.5"))
+    alerts = alerts_crossed(contributions, {TENANT_MONTH: back_down}, emitted_at=NOW)
+    assert [(a.level, a.spend_usd, a.triggered_by) for a in alerts] == [
+        (AlertLevel.WARNING, D("10.5"), "e"),
+        (AlertLevel.EXCEEDED, D("10.5"), "e"),
+    ]
+    # Without its peak the same counter would look as if it crossed nothing.
+    assert (
+        alerts_crossed(
+            contributions, {TENANT_MONTH: back_down._replace(peak_usd=None)}, emitted_at=NOW
+        )
+        == []
+    )
+
+
 def test_the_watcher_builds_alerts_only_for_levels_reached_at_rest_that_never_alerted() -> None:
     counter = CounterKey.from_spend_key(TENANT_MONTH)
     windows = [

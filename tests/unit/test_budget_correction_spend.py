@@ -1,4 +1,4 @@
-"""What a corrected event is worth to the budget counters, and the move a correction makes
+"""What a corrected event is worth to the budget counters, and the moves a correction makes
 (consumers/budget/counting.py): pure, exact, nothing before the budget horizon."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_usage.consumers.budget.counting import spend_contribution, spend_delta
+from llm_usage.consumers.budget.counting import correction_moves, spend_contribution
 from llm_usage.domain.budgets import SpendKey
 from llm_usage.domain.corrections import Action, Correction, Effective, effective_after, winner
+from llm_usage.storage.budget_spend import ChargeMove
 
 AT = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)  # the last second of a month
 DAY, MONTH = date(2026, 11, 30), date(2026, 11, 1)
@@ -64,11 +65,41 @@ def test_the_horizon_day_itself_still_counts() -> None:
     assert spend_contribution("t1", AT, EVENT, horizon=DAY)
 
 
+def spend_delta(
+    old: dict[SpendKey, Decimal], new: dict[SpendKey, Decimal]
+) -> dict[SpendKey, Decimal]:
+    """`new` minus `old` per counter; counters that do not move are left out."""
+    moved = {key: new.get(key, Decimal(0)) - old.get(key, Decimal(0)) for key in old | new}
+    return {key: amount for key, amount in moved.items() if amount}
+
+
+def counters_moved(moves: list[ChargeMove], horizon: date = HORIZON) -> dict[SpendKey, Decimal]:
+    """What the moves add to each counter, expanded by the rule the counters' SQL follows."""
+    total: dict[SpendKey, Decimal] = {}
+    for move in moves:
+        as_event = replace(
+            EVENT,
+            deployment_id=move.deployment_id,
+            user_id=move.user_id,
+            agent_id=move.agent_id,
+            customer_charge_usd=move.customer_charge_usd,
+        )
+        for key, amount in spend_contribution(
+            move.tenant_id, move.occurred_at, as_event, horizon=horizon
+        ).items():
+            total[key] = total.get(key, Decimal(0)) + amount
+    return {key: amount for key, amount in total.items() if amount}
+
+
+def moves_of(before: Effective, after: Effective) -> list[ChargeMove]:
+    return correction_moves("req-1", "t1", AT, before, after)
+
+
 def test_the_move_is_the_exact_difference_and_leaves_out_what_does_not_move() -> None:
     before = spend_contribution("t1", AT, EVENT, horizon=HORIZON)
     moved = replace(EVENT, user_id="u-2", customer_charge_usd=Decimal("0.000000000000000001"))
     after = spend_contribution("t1", AT, moved, horizon=HORIZON)
-    delta = spend_delta(before, after)
+    delta = counters_moved(moves_of(EVENT, moved))
     down, up = Decimal("-0.42"), Decimal("0.000000000000000001")
     change = Decimal("-0.419999999999999999")
     assert delta == {
@@ -80,7 +111,37 @@ def test_the_move_is_the_exact_difference_and_leaves_out_what_does_not_move() ->
             for w, s in (("daily", DAY), ("monthly", MONTH))
         },
     }
-    assert spend_delta(before, before) == {}
+    assert delta == spend_delta(before, after)
+    assert moves_of(EVENT, EVENT) == []
+
+
+def test_a_changed_charge_under_the_same_attribution_is_one_move_of_the_difference() -> None:
+    halved = replace(EVENT, customer_charge_usd=Decimal("0.21"), input_tokens=1)
+    assert moves_of(EVENT, halved) == [
+        ChargeMove("req-1", "t1", "dep-1", "u-1", None, AT, Decimal("-0.21"))
+    ]
+    # Tokens alone move no counter.
+    assert moves_of(EVENT, replace(EVENT, input_tokens=1, total_tokens=51)) == []
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (EVENT, replace(EVENT, voided=True), [Decimal("-0.42")]),
+        (replace(EVENT, voided=True), EVENT, [Decimal("0.42")]),
+        (replace(EVENT, voided=True), replace(EVENT, voided=True), []),
+        (EVENT, replace(EVENT, agent_id="a-1"), [Decimal("-0.42"), Decimal("0.42")]),
+    ],
+)
+def test_a_void_takes_the_charge_back_and_a_revival_or_a_move_of_scope_adds_it(
+    before: Effective, after: Effective, expected: list[Decimal]
+) -> None:
+    moves = moves_of(before, after)
+    assert [move.customer_charge_usd for move in moves] == expected
+    assert counters_moved(moves) == spend_delta(
+        spend_contribution("t1", AT, before, horizon=HORIZON),
+        spend_contribution("t1", AT, after, horizon=HORIZON),
+    )
 
 
 _charges = st.decimals(min_value=0, max_value=Decimal("1000"), places=6)
@@ -136,13 +197,7 @@ def test_moves_in_any_order_end_in_the_winners_contribution(
         before = effective_after(EVENT, winner(so_far))
         so_far.append(correction)
         after = effective_after(EVENT, winner(so_far))
-        _add(
-            counters,
-            spend_delta(
-                spend_contribution("t1", AT, before, horizon=HORIZON),
-                spend_contribution("t1", AT, after, horizon=HORIZON),
-            ),
-        )
+        _add(counters, counters_moved(moves_of(before, after)))
         assert all(amount >= 0 for amount in counters.values())  # never below zero
     final = effective_after(EVENT, winner(applied))
     expected = {k: v for k, v in spend_contribution("t1", AT, final, horizon=HORIZON).items() if v}

@@ -88,10 +88,11 @@ def _warning_threshold(limit_usd: Decimal, warn_threshold_pct: int) -> Decimal:
 
 
 def may_cross(counter: LimitedCounter) -> bool:
-    """Whether some level lies in (before, after]: most counters are below the warning after
-    the batch too, or past the limit before it."""
+    """Whether some level lies in (before, the most the batch took it to]: most counters are
+    below the warning after the batch too, or past the limit before it."""
+    peak = counter.after_usd if counter.peak_usd is None else counter.peak_usd
     return (
-        counter.after_usd >= _warning_threshold(counter.limit_usd, counter.warn_threshold_pct)
+        peak >= _warning_threshold(counter.limit_usd, counter.warn_threshold_pct)
         and counter.before_usd < counter.limit_usd
     )
 

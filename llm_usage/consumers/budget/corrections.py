@@ -13,15 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Final
 
 import structlog
 
-from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
-from llm_usage.consumers.budget.counting import spend_contribution, spend_delta
-from llm_usage.consumers.budget.crossing import Contribution
-from llm_usage.domain.budgets import SpendKey, budget_horizon
+from llm_usage.consumers.budget.counting import correction_moves
+from llm_usage.consumers.budget.spend import add_and_alert
 from llm_usage.domain.corrections import (
     Correction,
     Verdict,
@@ -30,15 +27,13 @@ from llm_usage.domain.corrections import (
     same_correction,
     winner,
 )
-from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.runtime.handler import BatchResult, Record
 from llm_usage.storage.budget_corrections import (
     applied_to_events,
     record_applied,
     window_counted,
 )
-from llm_usage.storage.budget_outbox import insert_alerts
-from llm_usage.storage.budget_spend import move_counters
+from llm_usage.storage.budget_spend import ChargeMove
 from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
@@ -74,6 +69,15 @@ class Received:
     record: Record | None = None
 
 
+@dataclass
+class PlannedCorrections:
+    """What became of a batch's corrections, and what the applied ones move."""
+
+    results: list[str]  # `APPLIED`, `DEFERRED`, ... in the corrections' order
+    moves: list[ChargeMove]  # the signed charges of the applied ones, in their order
+    applied: list[tuple[str, str, str]]  # (tenant_id, correction_id, gateway_request_id)
+
+
 async def apply_corrections(
     connection: Connection,
     received: Sequence[Received],
@@ -81,9 +85,23 @@ async def apply_corrections(
     now: datetime,
     citus: bool | None = None,
 ) -> list[str]:
-    """Apply the corrections the usage consumer applied and whose events are counted, in order;
-    return what became of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order. `citus`:
-    the database is a Citus coordinator (None: asked when an event is looked up)."""
+    """Apply the corrections the usage consumer applied and whose events are counted, in order:
+    move the counters, alert what the moves cross, remember them as applied. Return what became
+    of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order. `citus`: the database is a
+    Citus coordinator (None: asked when an event is looked up)."""
+    planned = await plan_corrections(connection, received, citus=citus)
+    await add_and_alert(connection, [], planned.moves, now=now, staged=False)
+    await record_applied(connection, planned.applied, now=now)
+    return planned.results
+
+
+async def plan_corrections(
+    connection: Connection, received: Sequence[Received], *, citus: bool | None = None
+) -> PlannedCorrections:
+    """Judge the corrections against the usage consumer's verdicts and this consumer's records,
+    and plan the moves of those it may apply now; the caller adds the moves to the counters and
+    then records `applied` (`record_applied`). `citus`: the database is a Citus coordinator
+    (None: asked when an event is looked up)."""
     done = await applied_to_events(connection, {item.correction.event for item in received})
     keys = {item.correction.key for item in received}
     verdicts = await judged(connection, sorted(keys | done))
@@ -109,27 +127,28 @@ async def apply_corrections(
         else:
             ready[position] = verdict.correction
             results.append(APPLIED)  # unless its event is not counted, or no longer stored
+    planned = PlannedCorrections(results, [], [])
     if ready:
         history: dict[EventKey, list[Correction]] = {}
         for key in done:
             if key in verdicts:
                 applied = verdicts[key].correction
                 history.setdefault(applied.event, []).append(applied)
-        await _apply_ready(connection, ready, history, results, now=now, citus=citus)
-    return results
+        await _plan_ready(connection, ready, history, planned, citus=citus)
+    return planned
 
 
-async def _apply_ready(
+async def _plan_ready(
     connection: Connection,
     ready: dict[int, Correction],
     history: dict[EventKey, list[Correction]],
-    results: list[str],
+    planned: PlannedCorrections,
     *,
-    now: datetime,
     citus: bool | None,
 ) -> None:
-    """Move the counters for the corrections the usage consumer applied; a correction whose
-    event is not counted yet waits (a move before the count it corrects could go below 0)."""
+    """Plan the counters' moves for the corrections the usage consumer applied; a correction
+    whose event is not counted yet waits (a move before the count it corrects could go below 0)."""
+    results = planned.results
     if citus is None:
         citus = await citus_installed(connection)
     counted = await window_counted(connection, {c.event for c in ready.values()}, citus=citus)
@@ -141,11 +160,6 @@ async def _apply_ready(
         return
     # Where the usage consumer found each event (`event_occurred_at`): one probe of its key.
     found = await find_events(connection, list(ready.values()), citus=citus)
-
-    horizon = budget_horizon(now)
-    net: dict[SpendKey, Decimal] = {}
-    contributions: dict[SpendKey, list[Contribution]] = {}
-    recorded: list[tuple[str, str, str]] = []
     for position, correction in ready.items():
         stored = found.rows.get(correction.event)
         if stored is None:  # its month left the database since the usage consumer applied it
@@ -163,22 +177,11 @@ async def _apply_ready(
         applied.append(correction)
         last = winner(applied)
         after = effective_after(figures, last)
-        moved = spend_delta(
-            spend_contribution(stored.tenant_id, stored.occurred_at, before, horizon=horizon),
-            spend_contribution(stored.tenant_id, stored.occurred_at, after, horizon=horizon),
-        )
-        for key, amount in moved.items():
-            net[key] = EXACT_CONTEXT.add(net.get(key, Decimal(0)), amount)
-            contributions.setdefault(key, []).append(
-                Contribution(correction.gateway_request_id, amount)
+        planned.moves.extend(
+            correction_moves(
+                stored.gateway_request_id, stored.tenant_id, stored.occurred_at, before, after
             )
+        )
         won = last is not None and last.key == correction.key
         results[position] = APPLIED if won else SUPERSEDED
-        recorded.append((*correction.key, correction.gateway_request_id))
-
-    limited = await move_counters(connection, net)
-    crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
-    if crossing:
-        wanted = {key: contributions[key] for key in crossing}
-        await insert_alerts(connection, alerts_crossed(wanted, crossing, emitted_at=now))
-    await record_applied(connection, recorded, now=now)
+        planned.applied.append((*correction.key, correction.gateway_request_id))

@@ -5,7 +5,7 @@ Inside a batch a counter is a plain `SpendKey` tuple, not a `CounterKey`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Protocol
@@ -15,6 +15,7 @@ from llm_usage.domain.budgets import SCOPE_FIELDS, BudgetWindow, ScopeType, Spen
 from llm_usage.domain.corrections import Effective
 from llm_usage.domain.money import EXACT_CONTEXT
 from llm_usage.domain.periods import month_end, utc_day
+from llm_usage.storage.budget_spend import ChargeMove
 
 _TENANT = ScopeType.TENANT.value
 _DAILY = BudgetWindow.DAILY.value
@@ -78,13 +79,43 @@ def contributions_to(
     return found
 
 
+def correction_moves(
+    gateway_request_id: str,
+    tenant_id: str,
+    occurred_at: datetime,
+    before: Effective,
+    after: Effective,
+) -> list[ChargeMove]:
+    """What a correction moves on the counters, as signed charges of its event: the effective
+    charge before it taken back and the one after it added; one move of the difference when the
+    attribution stays; nothing when the counters see no change. Their counters' sum is
+    `spend_delta` of the two `spend_contribution`s (the counters expand them in PostgreSQL)."""
+    old = None if before.voided else (before.deployment_id, before.user_id, before.agent_id)
+    new = None if after.voided else (after.deployment_id, after.user_id, after.agent_id)
+    if old is not None and old == new:
+        change = EXACT_CONTEXT.subtract(after.customer_charge_usd, before.customer_charge_usd)
+        if not change:
+            return []
+        return [ChargeMove(gateway_request_id, tenant_id, *new, occurred_at, change)]
+    moves: list[ChargeMove] = []
+    if old is not None:
+        taken = EXACT_CONTEXT.minus(before.customer_charge_usd)
+        moves.append(ChargeMove(gateway_request_id, tenant_id, *old, occurred_at, taken))
+    if new is not None:
+        moves.append(
+            ChargeMove(gateway_request_id, tenant_id, *new, occurred_at, after.customer_charge_usd)
+        )
+    return moves
+
+
 def spend_contribution(
     tenant_id: str, occurred_at: datetime, event: Effective, *, horizon: date
 ) -> dict[SpendKey, Decimal]:
     """What an event with these effective values adds to the counters: its charge to every scope
     it names (`SCOPE_FIELDS`: the tenant, each attribution that is not null) in its own UTC day
     and month. Nothing when it is voided, or its day is before the budget `horizon` (such days
-    count in no period)."""
+    count in no period). The rule the counters' expansion in PostgreSQL
+    (storage/budget_spend.py) and `correction_moves` are tested against."""
     if event.voided or utc_day(occurred_at) < horizon:
         return {}
     scopes = [
@@ -99,15 +130,3 @@ def spend_contribution(
         if scope_id is not None
         for window in BudgetWindow
     }
-
-
-def spend_delta(
-    old: Mapping[SpendKey, Decimal], new: Mapping[SpendKey, Decimal]
-) -> dict[SpendKey, Decimal]:
-    """`new` minus `old` per counter, exactly; counters that do not move are left out."""
-    moved: dict[SpendKey, Decimal] = {}
-    for key in old.keys() | new.keys():
-        difference = EXACT_CONTEXT.subtract(new.get(key, Decimal(0)), old.get(key, Decimal(0)))
-        if difference:
-            moved[key] = difference
-    return moved

@@ -13,20 +13,19 @@ from datetime import datetime, timedelta
 import asyncpg
 from prometheus_client import CollectorRegistry
 
-from llm_usage.consumers.budget.alerts import alerts_crossed, may_cross
 from llm_usage.consumers.budget.corrections import (
     BATCH_RESULTS,
     BUDGET,
     DEFERRED,
+    PlannedCorrections,
     Received,
-    apply_corrections,
+    plan_corrections,
 )
-from llm_usage.consumers.budget.counting import contributions_to
 from llm_usage.consumers.budget.hold_outcomes import observe_ended_holds
 from llm_usage.consumers.budget.metrics import HoldMetrics
+from llm_usage.consumers.budget.spend import add_and_alert
 from llm_usage.core.faults import crash_here
 from llm_usage.core.settings import Settings
-from llm_usage.domain.budgets import budget_horizon
 from llm_usage.domain.corrections import Correction
 from llm_usage.domain.period_charges import PeriodCharge
 from llm_usage.domain.periods import utc_day
@@ -37,14 +36,9 @@ from llm_usage.runtime.pricing import PriceBook, PriceSnapshot
 from llm_usage.schemas.dead_letter import Rejection
 from llm_usage.schemas.decoding import decode_usage_topic_record
 from llm_usage.schemas.usage_event import UnpricedEvent, UsageRow
+from llm_usage.storage.budget_corrections import record_applied
 from llm_usage.storage.budget_holds import EndedHold, release_counted_holds
-from llm_usage.storage.budget_outbox import insert_alerts
-from llm_usage.storage.budget_spend import (
-    StagedEvent,
-    add_staged_to_counters,
-    count_staged_events,
-    stage_events,
-)
+from llm_usage.storage.budget_spend import StagedEvent, count_staged_events, stage_events
 from llm_usage.storage.corrections import (
     Waiting,
     forget_waits,
@@ -157,9 +151,15 @@ class BudgetCounter:
             if corrections:  # the first locks of the transaction (design §7)
                 await lock_correction_buckets(connection, (c.correction.event for c in corrections))
             if events:
-                new_events = await self._count(connection, events, counts, now=now)
-            if corrections:
-                corrected = await self._correct(connection, corrections, now=now)
+                new_events = await self._count(connection, events, counts)
+            # After the count: a correction may follow its event in the same batch.
+            planned = await self._plan(connection, corrections, now=now) if corrections else None
+            moves = planned.moves if planned is not None else []
+            if new_events or moves:  # one addition for both: a counter is written once
+                await add_and_alert(connection, new_events, moves, now=now, staged=bool(new_events))
+            if planned is not None:
+                await record_applied(connection, planned.applied, now=now)
+                corrected = planned.results
             # Last, so the holds' counter rows (which every check locks) are held only for the
             # moment before COMMIT, not while the spend counters are upserted.
             crash_here(FAULT_BEFORE_HOLD_RELEASE)
@@ -177,45 +177,27 @@ class BudgetCounter:
         return BatchOutcome(counts)
 
     async def _count(
-        self,
-        connection: Connection,
-        events: dict[str, UsageRow],
-        counts: Counter[BatchResult],
-        *,
-        now: datetime,
+        self, connection: Connection, events: dict[str, UsageRow], counts: Counter[BatchResult]
     ) -> list[UsageRow]:
-        """Count the events not counted before, add them to their counters and insert the alerts
-        they cross; return them."""
+        """Count the events not counted before, leaving them staged for the counters; return
+        them."""
         await stage_events(connection, map(_staged, events.values()))
         citus = await self._flavour.citus(connection)
         counted_before = await count_staged_events(connection, citus=citus)
         counts[BatchResult.RECORDED] += len(events) - len(counted_before)
         counts[BatchResult.DUPLICATE] += len(counted_before)
-        if len(counted_before) == len(events):
-            return []
-        new_events = [
-            event for request_id, event in events.items() if request_id not in counted_before
-        ]
-        limited = await add_staged_to_counters(connection, evaluated_from=budget_horizon(now))
-        crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
-        if crossing:
-            # Which event crossed: the batch's new events, in order, on the counters that
-            # cross (a handful in a batch of thousands).
-            contributions = contributions_to(crossing, new_events)
-            await insert_alerts(connection, alerts_crossed(contributions, crossing, emitted_at=now))
-        return new_events
+        return [event for request_id, event in events.items() if request_id not in counted_before]
 
-    async def _correct(
+    async def _plan(
         self, connection: Connection, corrections: list[Received], *, now: datetime
-    ) -> list[str]:
-        """Apply the batch's corrections after its events (a correction may follow its event in
-        the same batch); park those that must wait, forget the parked copies of the others.
-        Return what became of each."""
+    ) -> PlannedCorrections:
+        """Judge the batch's corrections and plan their moves; park those that must wait,
+        forget the parked copies of the others."""
         citus = await self._flavour.citus(connection)
-        results = await apply_corrections(connection, corrections, now=now, citus=citus)
+        planned = await plan_corrections(connection, corrections, citus=citus)
         until = now + timedelta(seconds=self._correction_wait_seconds)
         waiting: list[Waiting] = []
-        for item, result in zip(corrections, results, strict=True):
+        for item, result in zip(corrections, planned.results, strict=True):
             if result == DEFERRED:
                 assert item.record is not None  # a batch's corrections come from its records
                 waiting.append(
@@ -225,7 +207,7 @@ class BudgetCounter:
         waits = {(w.tenant_id, w.correction_id) for w in waiting}
         resolved = {item.correction.key for item in corrections} - waits
         await forget_waits(connection, BUDGET, sorted(resolved))
-        return results
+        return planned
 
     def _report(self, ended: Sequence[EndedHold], events: dict[str, UsageRow]) -> None:
         """Count the committed batch's settled holds; an event's day only for those."""
