@@ -133,6 +133,20 @@ _ADD = """
 """
 
 
+# The rising step of a move (`move_daily_dimensions`): the same upsert, but a row whose rising
+# figures are all 0 (it only falls) is locked in key order without being written; `_LOWER`
+# writes it once.
+_RAISE = (
+    _ADD.rstrip()
+    + """
+    WHERE EXCLUDED.requests <> 0 OR EXCLUDED.input_tokens <> 0 OR EXCLUDED.output_tokens <> 0
+       OR EXCLUDED.cached_input_tokens <> 0 OR EXCLUDED.reasoning_tokens <> 0
+       OR EXCLUDED.total_tokens <> 0 OR EXCLUDED.charge_usd <> 0
+       OR EXCLUDED.estimated_charge_usd <> 0
+"""
+)
+
+
 async def add_to_daily_dimensions(
     connection: Connection, sums: Mapping[DimensionKey, Sequence[Any]]
 ) -> None:
@@ -187,13 +201,13 @@ async def move_daily_dimensions(
 ) -> None:
     """Move the aggregate by signed sums (a batch's events plus its corrections' deltas), after
     `move_daily_totals` (which took the months' locks); for batches with corrections only.
-    The upsert of every key's rising figures locks the rows in key order, then the falling
-    figures lower the rows it locked."""
+    The upsert of every key's rising figures locks the rows in key order (writing only those
+    that rise), then the falling figures lower the rows it locked."""
     keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
     if not keys:
         return
     rising = {k: [max(f, 0) for f in net[k]] for k in keys}
-    await connection.execute(_ADD, *_columns(keys, rising))
+    await connection.execute(_RAISE, *_columns(keys, rising))
     falling = {k: [min(f, 0) for f in net[k]] for k in keys}
     lowered = [k for k in keys if any(falling[k])]
     if lowered:

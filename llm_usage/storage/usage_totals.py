@@ -102,6 +102,24 @@ _ADD = """
 """
 
 
+# The rising step of a move (`move_daily_totals`): the same upsert, but a row whose rising
+# figures are all 0 (it only falls) is locked in key order without being written; `_LOWER`
+# writes it once.
+_LAST_SET = """
+            estimated_charge_usd = t.estimated_charge_usd + EXCLUDED.estimated_charge_usd
+    ), late AS ("""
+_RAISE = _ADD.replace(
+    _LAST_SET,
+    """
+            estimated_charge_usd = t.estimated_charge_usd + EXCLUDED.estimated_charge_usd
+        WHERE EXCLUDED.charge_usd <> 0 OR EXCLUDED.input_tokens <> 0
+           OR EXCLUDED.output_tokens <> 0 OR EXCLUDED.requests <> 0
+           OR EXCLUDED.estimated_charge_usd <> 0
+    ), late AS (""",
+)
+assert _LAST_SET in _ADD  # _ADD changed: change its rising form too
+
+
 async def lock_months_shared(connection: Connection, days: Iterable[date]) -> None:
     """Take the shared lock of every month of `days`, in order, for the rest of the transaction:
     what a batch does before it adds to those months (or marks them late)."""
@@ -181,14 +199,14 @@ async def move_daily_totals(connection: Connection, net: Mapping[TotalsKey, Usag
     marking the closed months any of them touches; for batches with corrections only.
 
     Two statements after the months' locks: the upsert of every key's rising figures (it locks
-    every row in key order, as a plain batch does, and marks the late months), then the update
-    of the falling figures of the rows it locked.
+    every row in key order, as a plain batch does, writes only those that rise, and marks the
+    late months), then the update of the falling figures of the rows it locked.
     """
     keys = _sorted_keys(k for k, usage in net.items() if usage != Usage())
     if not keys:
         return
     await lock_months_shared(connection, (k[2] for k in keys))
-    await connection.execute(_ADD, *_columns(keys, {k: _rising(net[k]) for k in keys}))
+    await connection.execute(_RAISE, *_columns(keys, {k: _rising(net[k]) for k in keys}))
     falling = {k: _falling(net[k]) for k in keys}
     lowered = [k for k in keys if falling[k] != Usage()]
     if lowered:

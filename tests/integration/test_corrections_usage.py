@@ -483,6 +483,25 @@ async def test_signed_moves_lower_existing_rows_and_refuse_to_go_below_zero(
     assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1210, 0, 1, Decimal(0))}
 
 
+async def test_a_row_that_only_falls_is_locked_by_the_rising_step_and_written_once(
+    pool: asyncpg.Pool,
+) -> None:
+    """The rising upsert locks a falling row in key order without writing it; the lowering
+    writes it: one new row version, not two."""
+    await clock.clear_of_midnight()
+    tenant = unique("tenant")
+    day = clock.today()
+    await land(pool, usage_event(tenant, deployment_id=None, customer_charge_usd="0.50"))
+    falling = Usage(Decimal("-0.25"), -10, 0, 0, Decimal(0))
+    async with pool.acquire() as connection, connection.transaction():
+        await move_daily_totals(connection, {(tenant, None, day): falling})
+        updated = await connection.fetchval(
+            "SELECT pg_stat_get_xact_tuples_updated('usage_daily_totals'::regclass)"
+        )
+    assert updated == 1
+    assert await totals(pool, tenant) == {None: (Decimal("0.25"), 1190, 300, 1, Decimal(0))}
+
+
 async def test_a_replayed_unknown_correction_applies_once_its_event_is_stored(
     pool: asyncpg.Pool,
 ) -> None:
