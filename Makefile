@@ -109,14 +109,16 @@ CITUS_TESTS := tests/integration/test_citus.py \
 	"tests/integration/test_corrections_rollup.py::test_corrections_of_closed_months_keep_every_month_billed_at_its_exact_total[1]" \
 	tests/integration/test_reconcile.py tests/integration/test_archive_corrections.py
 # Deselected, each for a reason of Citus's:
-# - test_daily_total_updates_are_hot counts HOT updates in the coordinator's statistics of
-#   usage_daily_totals; on Citus its rows, and their updates, are in the workers' shards.
+# - test_daily_total_updates_are_hot and test_a_row_that_only_falls_is_locked_by_the_rising_step_and_written_once
+#   count updates in the coordinator's statistics of usage_daily_totals; on Citus its rows, and
+#   their updates, are in the workers' shards.
 # - test_two_replicas_apply_one_correction_once waits until two sessions wait on a lock in the
 #   coordinator's pg_stat_activity; on Citus they wait on the workers, where the rows are.
 # - the one-node forms of find_events and window_counted: Citus refuses their LATERAL probe of a
 #   distributed table, and the consumers use the Citus forms there (tested as [citus-form]).
 CITUS_DESELECT := \
 	--deselect tests/integration/test_late_marks.py::test_daily_total_updates_are_hot \
+	--deselect tests/integration/test_corrections_usage.py::test_a_row_that_only_falls_is_locked_by_the_rising_step_and_written_once \
 	--deselect tests/integration/test_corrections_budget.py::test_two_replicas_apply_one_correction_once \
 	--deselect "tests/integration/test_corrections_usage.py::test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_only[one-node-form]" \
 	--deselect "tests/integration/test_corrections_budget.py::test_window_counted_reads_each_id_of_its_tenant_only[one-node-form]"
