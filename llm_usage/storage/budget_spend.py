@@ -150,7 +150,8 @@ _COUNT_STAGED_CITUS = _replaced(
 # these rows) without writing it (`WHERE … <> 0`), and the statement hands it back for
 # `_LOWER` to subtract under that lock. `raised_usd`, the sum of the positive charges, bounds
 # how high a counter went inside the batch: an event may cross a level that a correction after
-# it takes back.
+# it takes back. A counter whose charges cancel exactly but went up on the way is handed back
+# too, for `_LOWER` to read (the upsert neither writes nor returns it).
 _SCOPES_OF_EVENT = ", ".join(f"('{scope.value}', b.{field})" for scope, field in SCOPE_FIELDS)
 _WINDOWS = ", ".join(f"('{window.value}')" for window in BudgetWindow)
 _COUNTED_SOURCE = """
@@ -206,31 +207,40 @@ def _add_to_counters(source: str) -> str:
     UNION ALL
     SELECT tenant_id, scope_type, scope_id, "window", period_start, NULL, increment_usd,
         raised_usd, NULL, NULL
-    FROM increments WHERE increment_usd < 0
+    FROM increments WHERE increment_usd < 0 OR (increment_usd = 0 AND raised_usd > 0)
 """
 
 
 _ADD_STAGED_TO_COUNTERS = _add_to_counters(_COUNTED_SOURCE)
 _ADD_MOVES_TO_COUNTERS = _add_to_counters(_MOVES_SOURCE)
 _ADD_BOTH_TO_COUNTERS = _add_to_counters(f"{_COUNTED_SOURCE}\n        UNION ALL{_MOVES_SOURCE}")
-# The counters whose sum is negative, lowered under the locks the upsert took. A counter that
-# held less (a bug: a correction takes back only what was counted) fails the CHECK instead of
-# going below 0.
-_LOWER = """
+# The counters whose sum is negative, lowered under the locks the upsert took, and those whose
+# charges cancelled, read under them (a new statement, so its snapshot holds what was locked).
+# A counter that held less (a bug: a correction takes back only what was counted) fails the
+# CHECK instead of going below 0.
+_MOVED_KEYS = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
+            AS m(tenant_id, scope_type, scope_id, "window", period_start, delta_usd)"""
+_MOVED_ROW = """s.tenant_id = m.tenant_id AND s.scope_type = m.scope_type
+          AND s.scope_id = m.scope_id AND s."window" = m."window"
+          AND s.period_start = m.period_start"""
+_LOWER = f"""
     WITH lowered AS (
         UPDATE budget_spend AS s SET spend_usd = s.spend_usd + m.delta_usd
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::date[], $6::numeric[])
-            AS m(tenant_id, scope_type, scope_id, "window", period_start, delta_usd)
-        WHERE s.tenant_id = m.tenant_id AND s.scope_type = m.scope_type
-          AND s.scope_id = m.scope_id AND s."window" = m."window"
-          AND s.period_start = m.period_start
+        FROM {_MOVED_KEYS}
+        WHERE {_MOVED_ROW} AND m.delta_usd < 0
         RETURNING s.tenant_id, s.scope_type, s.scope_id, s."window", s.period_start, s.spend_usd
+    ), cancelled AS (
+        SELECT s.tenant_id, s.scope_type, s.scope_id, s."window", s.period_start, s.spend_usd
+        FROM budget_spend AS s JOIN {_MOVED_KEYS} ON {_MOVED_ROW}
+        WHERE m.delta_usd = 0
+    ), moved AS (
+        SELECT * FROM lowered UNION ALL SELECT * FROM cancelled
     )
     SELECT l.tenant_id, l.scope_type, l.scope_id, l."window", l.period_start, l.spend_usd,
         p.warn_threshold_pct,
         CASE l."window" WHEN 'daily' THEN p.daily_limit_usd ELSE p.monthly_limit_usd END
             AS limit_usd
-    FROM lowered AS l
+    FROM moved AS l
     JOIN budget_policies AS p USING (tenant_id, scope_type, scope_id)
 """
 
@@ -262,8 +272,8 @@ class LimitedCounter(NamedTuple):
     after_usd: Decimal
     limit_usd: Decimal
     warn_threshold_pct: int
-    # The most it can have reached inside the batch (before + the positive charges), when a
-    # correction took back some of what the batch added; None: `after_usd`.
+    # At least the most it reached inside the batch (before + the positive charges), when the
+    # batch's charges were not all positive (a correction took some back); None: `after_usd`.
     peak_usd: Decimal | None = None
 
 
@@ -295,13 +305,14 @@ async def add_to_counters(
     connection: Connection,
     *,
     evaluated_from: date,
-    staged: bool = True,
+    staged: bool,
     moves: Sequence[ChargeMove] = (),
 ) -> dict[SpendKey, LimitedCounter]:
-    """Add the staged events (`staged`: the transaction staged some) and the signed `moves` of
-    days from `evaluated_from` on to every counter they touch (creating it at 0). Return, for
-    every counter whose scope's policy sets a limit for its window, its value before and after,
-    and that limit. A key is (tenant_id, scope_type, scope_id, window, period_start)."""
+    """Add the staged events (`staged`: the transaction staged some) and then the signed `moves`
+    of days from `evaluated_from` on to every counter they touch (creating it at 0). Return, for
+    every counter they touch whose scope's policy sets a limit for its window, its value before
+    and after, that limit, and its peak when some charge was negative. A key is (tenant_id,
+    scope_type, scope_id, window, period_start)."""
     if moves:
         statement = _ADD_BOTH_TO_COUNTERS if staged else _ADD_MOVES_TO_COUNTERS
         arguments = _moves_arguments(moves)
@@ -311,7 +322,7 @@ async def add_to_counters(
         return {}
     subtract, add = EXACT_CONTEXT.subtract, EXACT_CONTEXT.add
     limited: dict[SpendKey, LimitedCounter] = {}
-    lowered: dict[SpendKey, tuple[Decimal, Decimal]] = {}
+    lowered: dict[SpendKey, tuple[Decimal, Decimal]] = {}  # falling, or cancelled out
     for row in await connection.fetch(statement, evaluated_from, *arguments):
         tenant_id, scope_type, scope_id, window, start, after, increment, raised, limit, pct = row
         key = (tenant_id, scope_type, scope_id, window, start)
@@ -321,6 +332,8 @@ async def add_to_counters(
         before = subtract(after, increment)
         peak = None if raised == increment else add(before, raised)
         limited[key] = LimitedCounter(before, after, limit, pct, peak)
+    for key in lowered.keys() & limited.keys():  # cancelled out on a row created at 0
+        del lowered[key]
     if lowered:
         keys = sorted(lowered)
         columns: list[list[object]] = [[key[i] for key in keys] for i in range(5)]

@@ -117,7 +117,8 @@ _RAISE = _ADD.replace(
            OR EXCLUDED.estimated_charge_usd <> 0
     ), late AS (""",
 )
-assert _LAST_SET in _ADD  # _ADD changed: change its rising form too
+if _RAISE == _ADD:  # _ADD changed: change its rising form too
+    raise AssertionError("the rising form of usage_totals' upsert no longer applies")
 
 
 async def lock_months_shared(connection: Connection, days: Iterable[date]) -> None:

@@ -96,7 +96,7 @@ async def count_event(
             ],
         )  # fmt: skip
         assert not await count_staged_events(connection)
-        await add_to_counters(connection, evaluated_from=utc_day(occurred_at))
+        await add_to_counters(connection, evaluated_from=utc_day(occurred_at), staged=True)
 
 
 async def holds_of(pool: asyncpg.Pool, tenant: str) -> dict[str, asyncpg.Record]:

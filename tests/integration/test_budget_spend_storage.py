@@ -43,7 +43,7 @@ async def _add_once_per_tenant(pool: asyncpg.Pool, tenants: list[str]) -> tuple[
                 for tenant in tenants
             ),
         )
-        await add_to_counters(connection, evaluated_from=date.min)
+        await add_to_counters(connection, evaluated_from=date.min, staged=True)
         return await connection.fetchval(_UPDATES), await connection.fetchval(_HOT_UPDATES)
 
 
@@ -140,7 +140,7 @@ async def test_the_counters_postgresql_adds_are_those_the_python_walk_derives(
                     for e in events
                 ),
             )
-            await add_to_counters(connection, evaluated_from=date.min)
+            await add_to_counters(connection, evaluated_from=date.min, staged=True)
             rows = await connection.fetch(
                 'SELECT tenant_id, scope_type, scope_id, "window", period_start, spend_usd '
                 "FROM budget_spend WHERE tenant_id LIKE $1",

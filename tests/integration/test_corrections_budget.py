@@ -299,6 +299,40 @@ async def test_a_move_up_alerts_once_and_a_move_down_never(pool: asyncpg.Pool) -
     ]
 
 
+@pytest.mark.parametrize(
+    ("spent_before", "charge", "crossed"),
+    [
+        ("0.50", "0.60", ["warning", "exceeded"]),  # the counter exists: it nets to 0
+        (None, "0.90", ["warning"]),  # it does not: created at 0
+    ],
+)
+async def test_a_level_an_event_crosses_alerts_though_its_void_in_the_same_batch_takes_it_back(
+    pool: asyncpg.Pool, spent_before: str | None, charge: str, crossed: list[str]
+) -> None:
+    tenant = unique("tenant")
+    await set_policy(pool, tenant, "deployment", "dep-1", monthly="1.00")
+    if spent_before is not None:
+        earlier = usage_event(tenant, customer_charge_usd=spent_before)
+        await store(pool, earlier)
+        await budget(pool).record_batch(records(earlier))
+    event = usage_event(tenant, customer_charge_usd=charge)
+    await store(pool, event)
+    void = correction(event, "void")
+    await judge(pool, void)
+
+    outcome = await budget(pool).record_batch(records(event, void))
+
+    assert +outcome.counts == {"recorded": 2}
+    spent = Decimal(spent_before or 0)
+    assert [(level, Decimal(spend), by) for level, spend, by in await outbox(pool, tenant)] == [
+        (level, spent + Decimal(charge), event["gateway_request_id"]) for level in crossed
+    ]
+    month = clock.month_of(datetime.fromisoformat(event["occurred_at"]))
+    assert (await counters(pool, tenant)).get(("deployment", "dep-1", "monthly", month)) == (
+        None if spent_before is None else spent
+    )
+
+
 async def outbox(pool: asyncpg.Pool, tenant: str) -> list[tuple[str, str, str]]:
     """The tenant's alerts as decided: level, spend then and the id that crossed it."""
     rows = await pool.fetch(
@@ -384,6 +418,29 @@ async def test_moves_lower_a_counter_under_its_lock_and_never_below_zero(
         ("tenant", tenant, "daily", utc_day(at)): Decimal("8.5"),
         ("deployment", "dep-1", "monthly", month): Decimal("0.5"),
         ("deployment", "dep-1", "daily", utc_day(at)): Decimal("0.5"),
+    }
+    async with pool.acquire() as connection, connection.transaction():
+        # Up and then further down on one counter: it falls, and its peak is what it rose to.
+        # Exactly back where it was on another: read, not written, with its peak.
+        limited = await add_to_counters(
+            connection,
+            evaluated_from=horizon,
+            staged=False,
+            moves=[move("r3", "dep-1", "0.2"), move("r1", "dep-1", "-0.4")],
+        )
+    assert {k: (c.before_usd, c.after_usd, c.peak_usd) for k, c in limited.items()} == {
+        tenant_month: (Decimal("8.5"), Decimal("8.3"), Decimal("8.7")),
+        deployment_month: (Decimal("0.5"), Decimal("0.3"), Decimal("0.7")),
+    }
+    async with pool.acquire() as connection, connection.transaction():
+        limited = await add_to_counters(
+            connection,
+            evaluated_from=horizon,
+            staged=False,
+            moves=[move("r4", None, "0.1"), move("r2", None, "-0.1")],
+        )
+    assert {k: (c.before_usd, c.after_usd, c.peak_usd) for k, c in limited.items()} == {
+        tenant_month: (Decimal("8.3"), Decimal("8.3"), Decimal("8.4")),
     }
     with pytest.raises(asyncpg.CheckViolationError):
         async with pool.acquire() as connection, connection.transaction():

@@ -124,6 +124,13 @@ def test_a_changed_charge_under_the_same_attribution_is_one_move_of_the_differen
     assert moves_of(EVENT, replace(EVENT, input_tokens=1, total_tokens=51)) == []
 
 
+def test_an_event_without_a_charge_moves_no_counter_whatever_the_correction() -> None:
+    free = replace(EVENT, customer_charge_usd=Decimal(0), customer_charge_cents=0)
+    assert moves_of(free, replace(free, voided=True)) == []
+    assert moves_of(free, replace(free, user_id="u-2")) == []
+    assert moves_of(replace(free, voided=True), free) == []
+
+
 @pytest.mark.parametrize(
     ("before", "after", "expected"),
     [

@@ -90,7 +90,7 @@ async def apply_corrections(
     of each (`APPLIED`, `DEFERRED`, ...), in `received`'s order. `citus`: the database is a
     Citus coordinator (None: asked when an event is looked up)."""
     planned = await plan_corrections(connection, received, citus=citus)
-    await add_and_alert(connection, [], planned.moves, now=now, staged=False)
+    await add_and_alert(connection, [], planned.moves, now=now)
     await record_applied(connection, planned.applied, now=now)
     return planned.results
 

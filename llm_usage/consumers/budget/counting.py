@@ -88,8 +88,9 @@ def correction_moves(
 ) -> list[ChargeMove]:
     """What a correction moves on the counters, as signed charges of its event: the effective
     charge before it taken back and the one after it added; one move of the difference when the
-    attribution stays; nothing when the counters see no change. Their counters' sum is
-    `spend_delta` of the two `spend_contribution`s (the counters expand them in PostgreSQL)."""
+    attribution stays; no charge of 0, so nothing when the counters see no change. Their
+    counters add up to `spend_contribution(after) - spend_contribution(before)` (PostgreSQL
+    expands them)."""
     old = None if before.voided else (before.deployment_id, before.user_id, before.agent_id)
     new = None if after.voided else (after.deployment_id, after.user_id, after.agent_id)
     if old is not None and old == new:
@@ -98,10 +99,10 @@ def correction_moves(
             return []
         return [ChargeMove(gateway_request_id, tenant_id, *new, occurred_at, change)]
     moves: list[ChargeMove] = []
-    if old is not None:
+    if old is not None and before.customer_charge_usd:
         taken = EXACT_CONTEXT.minus(before.customer_charge_usd)
         moves.append(ChargeMove(gateway_request_id, tenant_id, *old, occurred_at, taken))
-    if new is not None:
+    if new is not None and after.customer_charge_usd:
         moves.append(
             ChargeMove(gateway_request_id, tenant_id, *new, occurred_at, after.customer_charge_usd)
         )

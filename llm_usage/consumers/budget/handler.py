@@ -156,7 +156,7 @@ class BudgetCounter:
             planned = await self._plan(connection, corrections, now=now) if corrections else None
             moves = planned.moves if planned is not None else []
             if new_events or moves:  # one addition for both: a counter is written once
-                await add_and_alert(connection, new_events, moves, now=now, staged=bool(new_events))
+                await add_and_alert(connection, new_events, moves, now=now)
             if planned is not None:
                 await record_applied(connection, planned.applied, now=now)
                 corrected = planned.results

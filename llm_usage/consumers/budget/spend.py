@@ -20,13 +20,12 @@ async def add_and_alert(
     moves: Sequence[ChargeMove],
     *,
     now: datetime,
-    staged: bool,
 ) -> None:
-    """Add the staged events (`counted`, when `staged`) and then `moves` to their counters, and
-    insert the alerts they cross, each triggered by the first event or correction that reaches
-    its level (events first, in order, then the corrections)."""
+    """Add the staged events (`counted`: the ones the transaction staged and counted) and then
+    `moves` to their counters, and insert the alerts they cross, each triggered by the first
+    event or correction that reaches its level (events first, in order, then the corrections)."""
     limited = await add_to_counters(
-        connection, evaluated_from=budget_horizon(now), staged=staged, moves=moves
+        connection, evaluated_from=budget_horizon(now), staged=bool(counted), moves=moves
     )
     crossing = {key: counter for key, counter in limited.items() if may_cross(counter)}
     if crossing:
