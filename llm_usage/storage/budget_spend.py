@@ -69,10 +69,10 @@ _COUNT_STAGED = f"""
     ), counted_now AS (
         INSERT INTO usage_event_ids AS w (gateway_request_id, tenant_id, deployment_id,
             input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens,
-            customer_charge_usd, occurred_at, counted)
+            customer_charge_usd, occurred_at, user_id, agent_id, attributed, counted)
         SELECT b.gateway_request_id, b.tenant_id, b.deployment_id, b.input_tokens,
             b.output_tokens, b.cached_input_tokens, b.reasoning_tokens, b.total_tokens,
-            b.charge_usd, b.occurred_at, true
+            b.charge_usd, b.occurred_at, b.user_id, b.agent_id, true, true
         FROM budget_event_batch AS b
         WHERE b.occurred_at >= (SELECT starts FROM floor)
 {_CORRELATED_TESTS}

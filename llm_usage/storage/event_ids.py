@@ -15,6 +15,9 @@ from llm_usage.schemas.usage_event import CONFLICT_FIELDS, UsageRow
 from llm_usage.storage.pool import Connection
 
 WINDOW_COLUMNS = ("gateway_request_id", *CONFLICT_FIELDS)
+# What a writer of the window stores: the conflict fields, and the rest of the attribution
+# (marked `attributed`: rows written before migration 0017 lack it).
+WRITTEN_COLUMNS = (*WINDOW_COLUMNS, "user_id", "agent_id", "attributed")
 
 _FIELDS = ", ".join(CONFLICT_FIELDS)
 # One round trip per chunk, one probe per key and tier: for each (id, tenant, time) the chunk
@@ -107,15 +110,15 @@ _LOOK_UP_STORED_CITUS = f"""
 _WINDOW_NAMES = [f"w_{f}" for f in CONFLICT_FIELDS]
 _STORED_NAMES = [f"e_{f}" for f in CONFLICT_FIELDS]
 _INSERT_NEW_IDS = f"""
-    INSERT INTO usage_event_ids ({", ".join(WINDOW_COLUMNS)})
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-        $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[], $10::timestamptz[])
-        AS new_ids({", ".join(WINDOW_COLUMNS)})
+    INSERT INTO usage_event_ids ({", ".join(WRITTEN_COLUMNS)})
+    SELECT *, true FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+        $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[], $10::timestamptz[], $11::text[],
+        $12::text[]) AS new_ids({", ".join(WRITTEN_COLUMNS[:-1])})
     ORDER BY gateway_request_id COLLATE "C"
     ON CONFLICT (gateway_request_id) DO NOTHING
     RETURNING gateway_request_id
 """
-_WINDOW_VALUES = operator.attrgetter(*WINDOW_COLUMNS)
+_WINDOW_VALUES = operator.attrgetter(*WRITTEN_COLUMNS[:-1])
 
 Fields = Mapping[str, Any]
 TierOneKey = tuple[str, Any, str]  # (tenant_id, occurred_at, gateway_request_id)
@@ -185,8 +188,8 @@ async def copy_new_ids(connection: Connection, events: Sequence[UsageRow]) -> No
     if events:
         await connection.copy_records_to_table(
             "usage_event_ids",
-            records=map(_WINDOW_VALUES, events),
-            columns=list(WINDOW_COLUMNS),
+            records=((*_WINDOW_VALUES(event), True) for event in events),
+            columns=list(WRITTEN_COLUMNS),
         )
 
 

@@ -30,7 +30,7 @@ from llm_usage.domain.periods import period_of, utc_day
 from llm_usage.runtime.correction_metrics import CORRECTION_RESULTS, correction_metrics
 from llm_usage.runtime.handler import Record
 from llm_usage.schemas.decoding import decode_usage_topic_record
-from llm_usage.storage.budget_corrections import window_counted
+from llm_usage.storage.budget_corrections import WindowEvent, window_events
 from llm_usage.storage.budget_spend import ChargeMove, add_to_counters
 from tests import clock
 from tests.integration import test_budget_consumer
@@ -528,11 +528,16 @@ async def test_the_consumer_follows_the_usage_verdict_and_drops_an_unknown(
     assert [r[0] for r in applied] == [raised["correction_id"]]
 
 
+@pytest.mark.parametrize(
+    "window_rows", ["attributed", "before-0017"], ids=["window-attributed", "window-before-0017"]
+)
 async def test_both_consumers_agree_on_a_stream_of_corrections(
-    topics: PipelineTopics, pool: asyncpg.Pool
+    topics: PipelineTopics, pool: asyncpg.Pool, window_rows: str
 ) -> None:
     """The usage consumer's verdicts, then the budget consumer's counters: reconcile finds the
-    counters equal to the effective events, and the applied corrections all counted."""
+    counters equal to the effective events, and the applied corrections all counted. The budget
+    consumer reads the events' attribution from the id window, or from the stored events when
+    the window's rows were written before they kept it (migration 0017)."""
     await clock.clear_of_midnight()
     tenant = unique("tenant")
     at = clock.earlier_today()
@@ -553,6 +558,13 @@ async def test_both_consumers_agree_on_a_stream_of_corrections(
     )
     usage = await spawn_consumer(topics, "--exit-when-idle", "3", env=topics.environment())
     assert await usage.finished(within=120) == 0, usage.log_tail()
+    if window_rows == "before-0017":
+        forgotten = await pool.execute(
+            "UPDATE usage_event_ids SET user_id = NULL, agent_id = NULL, attributed = false "
+            "WHERE tenant_id = $1 AND attributed",
+            tenant,
+        )
+        assert forgotten == "UPDATE 3"
     await run_until_idle(topics)
 
     spend = {
@@ -567,27 +579,33 @@ async def test_both_consumers_agree_on_a_stream_of_corrections(
 
 
 @pytest.mark.parametrize("citus", [False, True], ids=["one-node-form", "citus-form"])
-async def test_window_counted_reads_each_id_of_its_tenant_only(
+async def test_window_events_reads_each_id_of_its_tenant_only(
     pool: asyncpg.Pool, citus: bool
 ) -> None:
     tenant, other = unique("tenant"), unique("tenant")
     counted, uncounted, missing = unique("req"), unique("req"), unique("req")
+    at = clock.now()
     await pool.execute(
-        "INSERT INTO usage_event_ids (gateway_request_id, tenant_id, deployment_id, "
-        "input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, total_tokens, "
-        "customer_charge_usd, occurred_at, counted) "
-        "SELECT g, $1, 'd', 1, 1, 0, 0, 2, 1, $2, c "
-        "FROM unnest($3::text[], $4::boolean[]) AS u(g, c)",
+        "INSERT INTO usage_event_ids (gateway_request_id, tenant_id, deployment_id, user_id, "
+        "agent_id, attributed, input_tokens, output_tokens, cached_input_tokens, "
+        "reasoning_tokens, total_tokens, customer_charge_usd, occurred_at, counted) "
+        "SELECT g, $1, 'd', u, null, a, 1, 1, 0, 0, 2, 1.25, $2, c "
+        "FROM unnest($3::text[], $4::boolean[], $5::text[], $6::boolean[]) AS x(g, c, u, a)",
         tenant,
-        clock.now(),
+        at,
         [counted, uncounted],
         [True, False],
+        ["user-1", None],
+        [True, False],  # the second as written before migration 0017
     )
     async with pool.acquire() as connection:
-        found = await window_counted(
+        found = await window_events(
             connection,
             [(tenant, counted), (tenant, uncounted), (tenant, missing), (other, counted)],
             citus=citus,
         )
 
-    assert found == {(tenant, counted): True, (tenant, uncounted): False}
+    assert found == {
+        (tenant, counted): WindowEvent(True, True, "d", "user-1", None, Decimal("1.25"), at),
+        (tenant, uncounted): WindowEvent(False, False, "d", None, None, Decimal("1.25"), at),
+    }

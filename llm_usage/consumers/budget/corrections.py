@@ -21,6 +21,7 @@ from llm_usage.consumers.budget.counting import correction_moves
 from llm_usage.consumers.budget.spend import add_and_alert
 from llm_usage.domain.corrections import (
     Correction,
+    Effective,
     Verdict,
     effective_after,
     original,
@@ -29,12 +30,19 @@ from llm_usage.domain.corrections import (
 )
 from llm_usage.runtime.handler import BatchResult, Record
 from llm_usage.storage.budget_corrections import (
+    WindowEvent,
     applied_to_events,
     record_applied,
-    window_counted,
+    window_events,
 )
 from llm_usage.storage.budget_spend import ChargeMove
-from llm_usage.storage.corrections import CorrectionKey, EventKey, find_events, judged
+from llm_usage.storage.corrections import (
+    CorrectionKey,
+    EventKey,
+    FoundEvents,
+    find_events,
+    judged,
+)
 from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection
 
@@ -151,18 +159,29 @@ async def _plan_ready(
     results = planned.results
     if citus is None:
         citus = await citus_installed(connection)
-    counted = await window_counted(connection, {c.event for c in ready.values()}, citus=citus)
+    window = await window_events(connection, {c.event for c in ready.values()}, citus=citus)
     for position, correction in list(ready.items()):
-        if not counted.get(correction.event, True):  # no window row: older than it, counted
+        row = window.get(correction.event)  # none: older than the window, so counted
+        if row is not None and not row.counted:
             results[position] = DEFERRED
             del ready[position]
     if not ready:
         return
-    # Where the usage consumer found each event (`event_occurred_at`): one probe of its key.
-    found = await find_events(connection, list(ready.values()), citus=citus)
+    # The window's row has what the moves read of an event, unless written before it kept the
+    # whole attribution; then the stored event does (one probe of its key).
+    unattributed = [c for c in ready.values() if not _attributed(window.get(c.event))]
+    found = (
+        await find_events(connection, unattributed, citus=citus)
+        if unattributed
+        else FoundEvents({})
+    )
     for position, correction in ready.items():
-        stored = found.rows.get(correction.event)
-        if stored is None:  # its month left the database since the usage consumer applied it
+        row = window.get(correction.event)
+        if row is not None and row.attributed:
+            figures, occurred_at = _counted_figures(row), row.occurred_at
+        elif (stored := found.rows.get(correction.event)) is not None:
+            figures, occurred_at = original(stored), stored.occurred_at
+        else:  # its month left the database since the usage consumer applied it
             log.warning(
                 "A correction's event is no longer stored; it moves no counter.",
                 tenant_id=correction.tenant_id,
@@ -171,7 +190,6 @@ async def _plan_ready(
             )
             results[position] = UNKNOWN
             continue
-        figures = original(stored)
         applied = history.setdefault(correction.event, [])
         before = effective_after(figures, winner(applied))
         applied.append(correction)
@@ -179,9 +197,32 @@ async def _plan_ready(
         after = effective_after(figures, last)
         planned.moves.extend(
             correction_moves(
-                stored.gateway_request_id, stored.tenant_id, stored.occurred_at, before, after
+                correction.gateway_request_id, correction.tenant_id, occurred_at, before, after
             )
         )
         won = last is not None and last.key == correction.key
         results[position] = APPLIED if won else SUPERSEDED
         planned.applied.append((*correction.key, correction.gateway_request_id))
+
+
+def _attributed(row: WindowEvent | None) -> bool:
+    return row is not None and row.attributed
+
+
+def _counted_figures(row: WindowEvent) -> Effective:
+    """The event as the counters counted it, from its window row: its attribution and charge,
+    all that `correction_moves` reads of the effective values. The row holds no cents and no
+    estimate flag, and the counters no token counts: those read as none."""
+    return Effective(
+        deployment_id=row.deployment_id,
+        user_id=row.user_id,
+        agent_id=row.agent_id,
+        input_tokens=0,
+        output_tokens=0,
+        cached_input_tokens=0,
+        reasoning_tokens=0,
+        total_tokens=0,
+        customer_charge_usd=row.customer_charge_usd,
+        customer_charge_cents=None,
+        charge_estimated=False,
+    )
