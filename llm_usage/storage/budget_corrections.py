@@ -1,7 +1,8 @@
 """The budget consumer's own records of corrections (design §6): which corrections it applied
 to the counters (`budget_corrections`, its idempotency record) and what the id window holds of
-an event: whether it is counted, and the attribution and charge it was counted with. The usage consumer's verdicts, the events and the waits are read and written
-through storage/corrections.py.
+an event: whether it is counted, and the attribution and charge it was counted with. The usage
+consumer's verdicts, the events and the waits are read and written through
+storage/corrections.py.
 
 Every read takes the whole batch's keys at once: one round trip per kind per batch.
 """

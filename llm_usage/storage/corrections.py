@@ -559,10 +559,17 @@ async def forget_waits(
 _OF_TOPIC = "($T::text IS NULL OR record_topic = $T)"
 
 
+# How many tenants' waiting corrections one retry transaction takes: a round is a few
+# transactions rather than one per tenant (in bench budget ~100 tenants wait at once), each
+# still about as large as a batch's share of corrections.
+TENANTS_PER_RETRY = 100
+
+
 async def waiting_tenants(
     connection: Connection, consumer: str, *, topic: str | None = None, limit: int = 1000
-) -> list[str]:
-    """Tenants with corrections waiting for `consumer`."""
+) -> list[list[str]]:
+    """Tenants with corrections waiting for `consumer`, in groups of `TENANTS_PER_RETRY`: one
+    retry transaction each."""
     rows = await connection.fetch(
         "SELECT DISTINCT tenant_id FROM correction_waits WHERE consumer = $1 AND "
         + _OF_TOPIC.replace("$T", "$3")
@@ -571,37 +578,49 @@ async def waiting_tenants(
         limit,
         topic,
     )
-    return [row[0] for row in rows]
+    tenants = [row[0] for row in rows]
+    return [
+        tenants[start : start + TENANTS_PER_RETRY]
+        for start in range(0, len(tenants), TENANTS_PER_RETRY)
+    ]
 
 
 async def waiting_events(
-    connection: Connection, consumer: str, tenant_id: str, *, topic: str | None = None
+    connection: Connection,
+    consumer: str,
+    tenant_ids: Sequence[str],
+    *,
+    topic: str | None = None,
 ) -> list[EventKey]:
-    """The events a tenant's waiting corrections name (to lock their buckets first)."""
+    """The events the tenants' waiting corrections name (to lock their buckets first)."""
     rows = await connection.fetch(
-        "SELECT DISTINCT gateway_request_id FROM correction_waits "
-        "WHERE consumer = $1 AND tenant_id = $2 AND " + _OF_TOPIC.replace("$T", "$3"),
+        "SELECT DISTINCT tenant_id, gateway_request_id FROM correction_waits "
+        "WHERE consumer = $1 AND tenant_id = ANY($2::text[]) AND " + _OF_TOPIC.replace("$T", "$3"),
         consumer,
-        tenant_id,
+        list(tenant_ids),
         topic,
     )
-    return [(tenant_id, row[0]) for row in rows]
+    return [(row[0], row[1]) for row in rows]
 
 
 async def claim_waits(
-    connection: Connection, consumer: str, tenant_id: str, *, topic: str | None = None
+    connection: Connection,
+    consumer: str,
+    tenant_ids: Sequence[str],
+    *,
+    topic: str | None = None,
 ) -> list[Waiting]:
-    """Lock a tenant's waiting corrections for the transaction, skipping rows another replica
+    """Lock the tenants' waiting corrections for the transaction, skipping rows another replica
     holds; in the order their records were first seen."""
     rows = await connection.fetch(
         "SELECT tenant_id, correction_id, gateway_request_id, record_topic, record_partition, "
         "record_offset, record_key, record_value, first_seen_at, wait_until "
-        "FROM correction_waits WHERE consumer = $1 AND tenant_id = $2 AND "
+        "FROM correction_waits WHERE consumer = $1 AND tenant_id = ANY($2::text[]) AND "
         + _OF_TOPIC.replace("$T", "$3")
         + " ORDER BY first_seen_at, record_topic, record_partition, record_offset "
         "FOR UPDATE SKIP LOCKED",
         consumer,
-        tenant_id,
+        list(tenant_ids),
         topic,
     )
     return [Waiting(*row) for row in rows]

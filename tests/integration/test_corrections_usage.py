@@ -24,6 +24,7 @@ from llm_usage.domain.usage import Usage
 from llm_usage.rollup.run import close_month, run_rollup
 from llm_usage.runtime.correction_metrics import correction_metrics
 from llm_usage.runtime.handler import BatchOutcome, DeadLetter, Record
+from llm_usage.storage import corrections as corrections_storage
 from llm_usage.storage.corrections import (
     CORRECTION_LOCK_CLASS,
     find_events,
@@ -339,6 +340,30 @@ async def test_a_correction_of_an_earlier_batch_waits_for_its_event(pool: asyncp
     await assert_aggregates_are_the_effective_events(pool, tenant)
     waiting = await pool.fetchval(
         "SELECT count(*) FROM correction_waits WHERE tenant_id = $1", tenant
+    )
+    assert waiting == 0
+
+
+async def test_a_round_takes_the_waits_of_several_tenants_in_groups(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's transactions each take a group of tenants; every group's waits apply."""
+    monkeypatch.setattr(corrections_storage, "TENANTS_PER_RETRY", 2)
+    tenants = [unique("tenant") for _ in range(3)]
+    events = [usage_event(tenant) for tenant in tenants]
+    for event in events:
+        amend = correction(event, fields={"customer_charge_usd": "1"}, hint=False)
+        assert (await land(pool, amend)).counts == {"deferred": 1}
+    await land(pool, *events)
+
+    outcome = await retry_round(pool, Collected(), now=clock.now(), wait_seconds=900)
+
+    assert outcome.results["applied"] >= 3  # and any other test's waits whose event came
+    for tenant in tenants:
+        assert await totals(pool, tenant) == {"dep-1": (Decimal(1), 1200, 300, 1, Decimal(0))}
+        await assert_aggregates_are_the_effective_events(pool, tenant)
+    waiting = await pool.fetchval(
+        "SELECT count(*) FROM correction_waits WHERE tenant_id = ANY($1::text[])", tenants
     )
     assert waiting == 0
 

@@ -1,10 +1,11 @@
 """The budget consumer's parked corrections, retried (design §6): a correction waits until the
 usage consumer has judged it and its event is counted; an `unknown` verdict drops it.
 
-Every `CORRECTION_RETRY_SECONDS` each replica takes the waiting corrections tenant by tenant, one
-transaction each: the tenant's correction buckets first (the lock order of the batches; only those
-free, without waiting: a bucket a batch holds is tried again next round), then its parked rows that
-no other replica holds (`SKIP LOCKED`), then the same steps as a batch.
+Every `CORRECTION_RETRY_SECONDS` each replica takes the waiting corrections of up to
+`TENANTS_PER_RETRY` tenants (storage/corrections.py) at a time, one transaction each: their
+correction buckets first (the lock order of the batches; only those free, without waiting: a
+bucket a batch holds is tried again next round), then their parked rows that no other replica
+holds (`SKIP LOCKED`), then the same steps as a batch.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     try:
         async with connection_from(context.pool) as connection:
             topic = context.settings.usage_topic  # only the records this replica consumes
-            for tenant_id in await waiting_tenants(connection, BUDGET, topic=topic):
+            for tenant_ids in await waiting_tenants(connection, BUDGET, topic=topic):
                 async with connection.transaction():
-                    results = await _retry_tenant(
-                        connection, tenant_id, now=context.clock(), topic=topic
+                    results = await _retry_tenants(
+                        connection, tenant_ids, now=context.clock(), topic=topic
                     )
                 for result in results:  # committed
                     if result != DEFERRED:  # counted once, when it was parked
@@ -80,18 +81,18 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     return True
 
 
-async def _retry_tenant(
-    connection: Connection, tenant_id: str, *, now: datetime, topic: str | None = None
+async def _retry_tenants(
+    connection: Connection, tenant_ids: list[str], *, now: datetime, topic: str | None = None
 ) -> list[str]:
-    """Try the tenant's parked corrections that no other replica is trying; what became of
+    """Try the tenants' parked corrections that no other replica is trying; what became of
     each."""
-    parked = await waiting_events(connection, BUDGET, tenant_id, topic=topic)
+    parked = await waiting_events(connection, BUDGET, tenant_ids, topic=topic)
     events = await try_lock_correction_buckets(connection, parked)
     # A row parked since `parked` was read, or whose bucket a batch holds, is left to the next
     # round: its bucket is not held.
     claimed = [
         waiting
-        for waiting in await claim_waits(connection, BUDGET, tenant_id, topic=topic)
+        for waiting in await claim_waits(connection, BUDGET, tenant_ids, topic=topic)
         if (waiting.tenant_id, waiting.gateway_request_id) in events
     ]
     received: list[Received] = []

@@ -90,18 +90,19 @@ async def retry_round(
     topic: str | None = None,
 ) -> RoundResult:
     """One round over every tenant with waiting corrections (of records of `topic`, the one
-    the replica consumes; None: every topic), one transaction a tenant."""
+    the replica consumes; None: every topic), one transaction a group of tenants
+    (`waiting_tenants`)."""
     result = RoundResult()
     async with connection_from(pool) as connection:
-        tenants = await waiting_tenants(connection, CONSUMER, topic=topic)
-    for tenant in tenants:
+        groups = await waiting_tenants(connection, CONSUMER, topic=topic)
+    for tenants in groups:
         async with connection_from(pool) as connection, connection.transaction():
-            events = await waiting_events(connection, CONSUMER, tenant, topic=topic)
+            events = await waiting_events(connection, CONSUMER, tenants, topic=topic)
             # Only the buckets no batch holds, without waiting (the others: next round).
             locked = await try_lock_correction_buckets(connection, events)
             waits = [
                 w
-                for w in await claim_waits(connection, CONSUMER, tenant, topic=topic)
+                for w in await claim_waits(connection, CONSUMER, tenants, topic=topic)
                 if _event(w) in locked
             ]
             copies = [copy for copy in map(_copy, waits) if copy is not None]
