@@ -121,7 +121,7 @@ CITUS_DESELECT := \
 	--deselect tests/integration/test_corrections_usage.py::test_a_row_that_only_falls_is_locked_by_the_rising_step_and_written_once \
 	--deselect tests/integration/test_corrections_budget.py::test_two_replicas_apply_one_correction_once \
 	--deselect "tests/integration/test_corrections_usage.py::test_find_events_takes_the_hint_else_the_window_of_the_same_tenant_only[one-node-form]" \
-	--deselect "tests/integration/test_corrections_budget.py::test_window_counted_reads_each_id_of_its_tenant_only[one-node-form]"
+	--deselect "tests/integration/test_corrections_budget.py::test_window_events_reads_each_id_of_its_tenant_only[one-node-form]"
 test-citus: install
 	LLM_USAGE_TEST_CITUS=1 $(PY) -m pytest -q $(CITUS_TESTS) $(CITUS_DESELECT)
 

@@ -603,27 +603,38 @@ async def waiting_events(
     return [(row[0], row[1]) for row in rows]
 
 
+_CLAIM_WAITS = (
+    "SELECT tenant_id, correction_id, gateway_request_id, record_topic, record_partition, "
+    "record_offset, record_key, record_value, first_seen_at, wait_until "
+    "FROM correction_waits WHERE consumer = $1 AND tenant_id {tenants} AND "
+    + _OF_TOPIC.replace("$T", "$3")
+    + " ORDER BY first_seen_at, record_topic, record_partition, record_offset "
+    "FOR UPDATE SKIP LOCKED"
+)
+_CLAIM_TENANTS_WAITS = _CLAIM_WAITS.format(tenants="= ANY($2::text[])")
+# Citus locks rows (FOR UPDATE) only in a query routed to one shard: one tenant a statement.
+_CLAIM_TENANT_WAITS = _CLAIM_WAITS.format(tenants="= $2")
+
+
 async def claim_waits(
     connection: Connection,
     consumer: str,
     tenant_ids: Sequence[str],
     *,
     topic: str | None = None,
+    citus: bool = False,
 ) -> list[Waiting]:
     """Lock the tenants' waiting corrections for the transaction, skipping rows another replica
-    holds; in the order their records were first seen."""
-    rows = await connection.fetch(
-        "SELECT tenant_id, correction_id, gateway_request_id, record_topic, record_partition, "
-        "record_offset, record_key, record_value, first_seen_at, wait_until "
-        "FROM correction_waits WHERE consumer = $1 AND tenant_id = ANY($2::text[]) AND "
-        + _OF_TOPIC.replace("$T", "$3")
-        + " ORDER BY first_seen_at, record_topic, record_partition, record_offset "
-        "FOR UPDATE SKIP LOCKED",
-        consumer,
-        list(tenant_ids),
-        topic,
-    )
-    return [Waiting(*row) for row in rows]
+    holds; in the order their records were first seen (tenant by tenant on Citus, a statement
+    each). `citus`: the database is a Citus coordinator."""
+    if not citus:
+        rows = await connection.fetch(_CLAIM_TENANTS_WAITS, consumer, list(tenant_ids), topic)
+        return [Waiting(*row) for row in rows]
+    claimed: list[Waiting] = []
+    for tenant_id in tenant_ids:
+        rows = await connection.fetch(_CLAIM_TENANT_WAITS, consumer, tenant_id, topic)
+        claimed.extend(Waiting(*row) for row in rows)
+    return claimed
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from llm_usage.storage.corrections import (
     waiting_events,
     waiting_tenants,
 )
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import Connection, connection_from
 
 log = structlog.get_logger(__name__)
@@ -57,10 +58,11 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
     try:
         async with connection_from(context.pool) as connection:
             topic = context.settings.usage_topic  # only the records this replica consumes
+            citus = await citus_installed(connection)
             for tenant_ids in await waiting_tenants(connection, BUDGET, topic=topic):
                 async with connection.transaction():
                     results = await _retry_tenants(
-                        connection, tenant_ids, now=context.clock(), topic=topic
+                        connection, tenant_ids, now=context.clock(), topic=topic, citus=citus
                     )
                 for result in results:  # committed
                     if result != DEFERRED:  # counted once, when it was parked
@@ -82,7 +84,12 @@ async def retry_once(context: ConsumerContext, metrics: CorrectionMetrics) -> bo
 
 
 async def _retry_tenants(
-    connection: Connection, tenant_ids: list[str], *, now: datetime, topic: str | None = None
+    connection: Connection,
+    tenant_ids: list[str],
+    *,
+    now: datetime,
+    topic: str | None = None,
+    citus: bool = False,
 ) -> list[str]:
     """Try the tenants' parked corrections that no other replica is trying; what became of
     each."""
@@ -92,7 +99,7 @@ async def _retry_tenants(
     # round: its bucket is not held.
     claimed = [
         waiting
-        for waiting in await claim_waits(connection, BUDGET, tenant_ids, topic=topic)
+        for waiting in await claim_waits(connection, BUDGET, tenant_ids, topic=topic, citus=citus)
         if (waiting.tenant_id, waiting.gateway_request_id) in events
     ]
     received: list[Received] = []
@@ -103,7 +110,7 @@ async def _retry_tenants(
             unreadable.append((waiting.tenant_id, waiting.correction_id))
         else:
             received.append(Received(correction))
-    results = await apply_corrections(connection, received, now=now)
+    results = await apply_corrections(connection, received, now=now, citus=citus)
     resolved = [
         item.correction.key
         for item, result in zip(received, results, strict=True)

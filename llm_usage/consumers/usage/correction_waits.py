@@ -37,6 +37,7 @@ from llm_usage.storage.corrections import (
     waiting_tenants,
     write_verdicts,
 )
+from llm_usage.storage.flavour import citus_installed
 from llm_usage.storage.pool import connection_from
 
 log = structlog.get_logger(__name__)
@@ -95,6 +96,7 @@ async def retry_round(
     result = RoundResult()
     async with connection_from(pool) as connection:
         groups = await waiting_tenants(connection, CONSUMER, topic=topic)
+        citus = await citus_installed(connection)
     for tenants in groups:
         async with connection_from(pool) as connection, connection.transaction():
             events = await waiting_events(connection, CONSUMER, tenants, topic=topic)
@@ -102,14 +104,14 @@ async def retry_round(
             locked = await try_lock_correction_buckets(connection, events)
             waits = [
                 w
-                for w in await claim_waits(connection, CONSUMER, tenants, topic=topic)
+                for w in await claim_waits(connection, CONSUMER, tenants, topic=topic, citus=citus)
                 if _event(w) in locked
             ]
             copies = [copy for copy in map(_copy, waits) if copy is not None]
             if not copies:
                 continue
             applied = await apply_corrections(
-                connection, copies, now=now, wait_seconds=wait_seconds
+                connection, copies, now=now, wait_seconds=wait_seconds, citus=citus
             )
             await move_aggregates(connection, [], applied)
             deadlines = {(w.tenant_id, w.correction_id): w.wait_until for w in waits}
