@@ -34,7 +34,7 @@ from llm_usage.runtime.handler import (
     ConsumerSpec,
     Record,
 )
-from llm_usage.runtime.process import run_consumer
+from llm_usage.runtime.process import run_consumer, tune_collector_for_batches
 from llm_usage.schemas.usage_correction import CORRECTION_EVENT_TYPE
 from llm_usage.testing.processes import WorkerProcess
 
@@ -140,7 +140,18 @@ class LandingClock:
 
 
 async def time_consumer(settings: Settings, spec: ConsumerSpec) -> TimedRun:
-    """Run `spec` in this process until it has been idle for a second; time its busy part."""
+    """Run `spec` in this process until it has been idle for a second; time its busy part. The
+    garbage collector runs as `llm-usage consume` sets it for a consumer's process (cli/consume.py)
+    while the consumer runs, and as before after it."""
+    thresholds = gc.get_threshold()
+    tune_collector_for_batches()
+    try:
+        return await _time_consumer(settings, spec)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+async def _time_consumer(settings: Settings, spec: ConsumerSpec) -> TimedRun:
     clocks: list[LandingClock] = []
 
     def make_handler(context: ConsumerContext) -> BatchHandler:
