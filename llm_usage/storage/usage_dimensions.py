@@ -206,10 +206,12 @@ async def move_daily_dimensions(
     keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
     if not keys:
         return
-    rising = {k: [max(f, 0) for f in net[k]] for k in keys}
+    # Only a correction's key can fall (a few in a batch of thousands): the others rise as
+    # they are.
+    lowered = [k for k in keys if min(net[k]) < 0]
+    falling = {k: [min(f, 0) for f in net[k]] for k in lowered}
+    rising = {**net, **{k: [max(f, 0) for f in net[k]] for k in lowered}}
     await connection.execute(_RAISE, *_columns(keys, rising))
-    falling = {k: [min(f, 0) for f in net[k]] for k in keys}
-    lowered = [k for k in keys if any(falling[k])]
     if lowered:
         await connection.execute(_LOWER, *_columns(lowered, falling))
 

@@ -207,8 +207,9 @@ async def move_daily_totals(connection: Connection, net: Mapping[TotalsKey, Usag
     if not keys:
         return
     await lock_months_shared(connection, (k[2] for k in keys))
-    await connection.execute(_RAISE, *_columns(keys, {k: _rising(net[k]) for k in keys}))
-    falling = {k: _falling(net[k]) for k in keys}
-    lowered = [k for k in keys if falling[k] != Usage()]
+    # Only a correction's key can fall (a few in a batch): the others rise as they are.
+    lowered = [k for k in keys if min(_figures(net[k])) < 0]
+    rising = {**net, **{k: _rising(net[k]) for k in lowered}}
+    await connection.execute(_RAISE, *_columns(keys, rising))
     if lowered:
-        await connection.execute(_LOWER, *_columns(lowered, falling))
+        await connection.execute(_LOWER, *_columns(lowered, {k: _falling(net[k]) for k in lowered}))

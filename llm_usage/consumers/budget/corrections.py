@@ -118,15 +118,16 @@ async def plan_corrections(
     ready: dict[int, Correction] = {}  # position -> the usage consumer's copy of it
     for position, item in enumerate(received):
         correction = item.correction
-        if correction.key in first:  # an earlier copy in this batch decides
-            same = same_correction(first[correction.key], correction)
+        key = correction.key
+        if key in first:  # an earlier copy in this batch decides
+            same = same_correction(first[key], correction)
             results.append(DUPLICATE if same else CONFLICT)
             continue
-        first[correction.key] = correction
-        verdict = verdicts.get(correction.key)
+        first[key] = correction
+        verdict = verdicts.get(key)
         if verdict is not None and not same_correction(verdict.correction, correction):
             results.append(CONFLICT)
-        elif correction.key in done:
+        elif key in done:
             results.append(DUPLICATE)
         elif verdict is None:
             results.append(DEFERRED)

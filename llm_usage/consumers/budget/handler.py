@@ -171,9 +171,9 @@ class BudgetCounter:
                 ]
                 ended = await release_counted_holds(connection, counted, now=now)
         self._report(ended, events)
-        for result in corrected:
-            counts[BATCH_RESULTS[result]] += 1
-            self._corrections.count(result)
+        for result, n in Counter(corrected).items():
+            counts[BATCH_RESULTS[result]] += n
+            self._corrections.count(result, n)
         return BatchOutcome(counts)
 
     async def _count(
