@@ -197,18 +197,24 @@ def _columns(keys: list[DimensionKey], sums: Mapping[DimensionKey, Sequence[Any]
 
 
 async def move_daily_dimensions(
-    connection: Connection, net: Mapping[DimensionKey, Sequence[Any]]
+    connection: Connection,
+    net: Mapping[DimensionKey, Sequence[Any]],
+    *,
+    may_fall: Iterable[DimensionKey] | None = None,
 ) -> None:
     """Move the aggregate by signed sums (a batch's events plus its corrections' deltas), after
     `move_daily_totals` (which took the months' locks); for batches with corrections only.
     The upsert of every key's rising figures locks the rows in key order (writing only those
-    that rise), then the falling figures lower the rows it locked."""
+    that rise), then the falling figures lower the rows it locked. `may_fall`: the only keys
+    that can hold a figure below 0, the corrections' (stored events' sums never do); None:
+    any key."""
     keys = _sorted_dimension_keys(k for k, figures in net.items() if any(figures))
     if not keys:
         return
-    # Only a correction's key can fall (a few in a batch of thousands): the others rise as
-    # they are.
-    lowered = [k for k in keys if min(net[k]) < 0]
+    # Only a correction's key can fall (a few hundred in a batch of thousands): the others
+    # rise as they are.
+    candidates = keys if may_fall is None else _sorted_dimension_keys(set(may_fall) & net.keys())
+    lowered = [k for k in candidates if min(net[k]) < 0]
     falling = {k: [min(f, 0) for f in net[k]] for k in lowered}
     rising = {**net, **{k: [max(f, 0) for f in net[k]] for k in lowered}}
     await connection.execute(_RAISE, *_columns(keys, rising))

@@ -339,4 +339,4 @@ async def move_aggregates(
     totals = add_totals(daily_totals(stored), applied.totals)
     dimensions = add_dimensions(daily_dimensions(stored), applied.dimensions)
     await move_daily_totals(connection, totals)
-    await move_daily_dimensions(connection, dimensions)
+    await move_daily_dimensions(connection, dimensions, may_fall=applied.dimensions.keys())
