@@ -240,6 +240,11 @@ async def _create_database(admin_dsn: str, name: str) -> str:
     return admin_dsn.replace("/postgres?", f"/{name}?", 1)
 
 
+# The migrations that make the new identity: the id window, the partitioned table, and the
+# window's attribution.
+_NEW_IDENTITY = ("0008", "0009", "0017")
+
+
 async def _migrate(dsn: str, schema: str, today: date) -> None:
     connection = await asyncpg.connect(dsn)
     try:
@@ -250,10 +255,11 @@ async def _migrate(dsn: str, schema: str, today: date) -> None:
             "CREATE TABLE schema_migrations (version text PRIMARY KEY, "
             "applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        # The old identity (0008 and 0009 left out); the daily totals' later changes (0010 on)
-        # apply to both schemas, so that the comparison is of the identity alone.
+        # The old identity (0008 and 0009 left out, and 0017, which adds to 0008's id window);
+        # the daily totals' later changes (0010 on) apply to both schemas, so that the comparison
+        # is of the identity alone.
         for migration in bundled_migrations():
-            if migration.version.startswith(("0008", "0009")):
+            if migration.version.startswith(_NEW_IDENTITY):
                 continue
             async with connection.transaction():
                 await connection.execute(migration.sql)
