@@ -127,6 +127,7 @@ async def serve_api(
         lifespan="off",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
+        timeout_keep_alive=settings.api_keep_alive_seconds,
     )
     host, port = listener.getsockname()[:2]
     _log.info(LISTENING, host=host, port=port, usage_topic=settings.usage_topic)

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     # Several `serve api` processes on one host share API_PORT (SO_REUSEPORT; the kernel spreads
     # connections): one process per core without a process manager.
     api_reuse_port: bool = False
+    # How long an idle client connection stays open: longer than the idle timeouts of the
+    # clients and proxies in front (Go's pool 90 s, ingress-nginx and an AWS ALB 60 s, httpx 5 s).
+    # The client must be the side that closes, or a request it sends on a connection the server
+    # is closing fails (uvicorn's own 5 s raced httpx's 5 s in CI).
+    api_keep_alive_seconds: int = Field(default=120, ge=1, le=3600)
     api_jwt_secret: SecretStr | None = None
     api_jwt_jwks_file: str | None = None
     api_jwt_audience: str = Field(default="llm-usage-pipeline", min_length=1)

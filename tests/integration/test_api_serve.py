@@ -4,6 +4,7 @@ one line for what a person got wrong, exit 0 on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -49,13 +50,13 @@ async def _run(*args: str, environment: dict[str, str]) -> tuple[int, str]:
     return process.returncode, stderr.decode()
 
 
-@pytest.fixture
-async def server(
-    database_url: str, pool: asyncpg.Pool
+@contextlib.asynccontextmanager
+async def _serving(
+    database_url: str, **extra: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llm_usage", "serve", "api",
-        env=_environment(database_url, API_JWT_SECRET=SECRET),
+        env=_environment(database_url, API_JWT_SECRET=SECRET, **extra),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stderr is not None
@@ -73,6 +74,14 @@ async def server(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.fixture
+async def server(
+    database_url: str, pool: asyncpg.Pool
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    async with _serving(database_url) as served:
+        yield served
 
 
 async def test_it_serves_probes_metrics_and_v1_then_stops_on_sigterm(
@@ -109,6 +118,59 @@ async def test_it_serves_probes_metrics_and_v1_then_stops_on_sigterm(
 
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+@contextlib.asynccontextmanager
+async def _connection(
+    base: str,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One TCP connection to the API, for requests that must share it."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+
+
+async def _healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One keep-alive `GET /healthz` on an open connection: its body, or b"" if it was closed."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+    await writer.drain()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    except asyncio.IncompleteReadError:
+        return b""
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return await reader.readexactly(length)
+
+
+async def test_an_idle_connection_outlives_the_clients_idle_timeouts(
+    server: tuple[asyncio.subprocess.Process, str],
+) -> None:
+    """A gateway's pool (httpx 5 s, Go 90 s) reuses a connection idle for longer than uvicorn's
+    own 5 s: the server must not be the side that closes it, or a request sent as it closes is
+    lost. The same connection answers after 6 s idle."""
+    async with _connection(server[1]) as (reader, writer):
+        assert await _healthz(reader, writer) == b"ok\n"
+        await asyncio.sleep(6)
+        assert await _healthz(reader, writer) == b"ok\n"
+
+
+async def test_api_keep_alive_seconds_closes_idle_connections(database_url: str) -> None:
+    async with (
+        _serving(database_url, API_KEEP_ALIVE_SECONDS="1") as (_, base),
+        _connection(base) as (reader, writer),
+    ):
+        assert await _healthz(reader, writer) == b"ok\n"
+        await asyncio.sleep(0.3)
+        assert await _healthz(reader, writer) == b"ok\n"
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed after 1 s idle
 
 
 @pytest.mark.parametrize(
