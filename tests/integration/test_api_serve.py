@@ -155,11 +155,16 @@ async def test_an_idle_connection_outlives_the_clients_idle_timeouts(
 ) -> None:
     """A gateway's pool (httpx 5 s, Go 90 s) reuses a connection idle for longer than uvicorn's
     own 5 s: the server must not be the side that closes it, or a request sent as it closes is
-    lost. The same connection answers after 6 s idle."""
-    async with _connection(server[1]) as (reader, writer):
+    lost. The same connection answers after 6 s idle; and an idle connection does not hold up
+    a stop: SIGTERM closes it and the process ends."""
+    process, base = server
+    async with _connection(base) as (reader, writer):
         assert await _healthz(reader, writer) == b"ok\n"
         await asyncio.sleep(6)
         assert await _healthz(reader, writer) == b"ok\n"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(reader.read(), 10) == b""
 
 
 async def test_api_keep_alive_seconds_closes_idle_connections(database_url: str) -> None:
